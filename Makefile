@@ -1,0 +1,40 @@
+# Two entry points (see README): `make dev` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install dev test test-fast bench faults browser-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make dev: install, then run the whole stack on the embedded broker + ClickHouse with demo traffic
+dev: install
+	$(VENV)/bin/spendstream dev --demo
+
+## make test: install, then run every test (unit, integration, e2e, faults at CI size, browser)
+test: install browser-deps
+	$(PY) -m pytest -q -p no:cacheprovider
+
+## fast feedback while developing: pure unit tests only
+test-fast: install
+	$(PY) -m pytest -q tests/unit
+
+## headless Chromium for the dashboard test (Debian package; skipped when not root and absent)
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: browser tests will be skipped"; }
+
+bench: install
+	$(PY) -m bench
+
+faults: install
+	SPENDSTREAM_FAULTS_EVENTS=1000000 $(PY) -m pytest -q -m faults tests/faults
+
+clean:
+	rm -rf $(VENV) .spendstream .pytest_cache

