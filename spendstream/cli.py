@@ -134,14 +134,18 @@ def simulate(
     duration: Annotated[float, typer.Option(help="seconds to run (0 = until --events)")] = 0.0,
     events: Annotated[int, typer.Option(help="events to send (0 = until --duration)")] = 0,
     batch: Annotated[int, typer.Option(help="events per request (1 = single posts)")] = 50,
-    tenants: Annotated[int, typer.Option(help="number of tenants (needs an admin key to make keys)")] = 1,
+    tenants: Annotated[int, typer.Option(help="number of tenants (one API key each, see --api-key)")] = 1,
     projects: int = 3,
     agents: int = 10,
     users: int = 20,
-    runaway: Annotated[bool, typer.Option(help="one agent bursts at 10x")] = False,
-    record: Annotated[Optional[str], typer.Option(help="write acknowledged event ids here (NDJSON)")] = None,
+    runaway: Annotated[bool, typer.Option(help="one agent sends half of all traffic")] = False,
+    record: Annotated[Optional[str], typer.Option(help="append every acknowledged event here (NDJSON), the truth of the run")] = None,
     gateway_url: Annotated[Optional[str], typer.Option(envvar="SPENDSTREAM_GATEWAY_URL")] = None,
-    api_key: Annotated[Optional[str], typer.Option(envvar="SPENDSTREAM_API_KEY")] = None,
+    api_key: Annotated[
+        Optional[str], typer.Option(envvar="SPENDSTREAM_API_KEY", help="API key; comma-separate one per tenant")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="live progress bar")] = True,
+    seed: Annotated[int, typer.Option(help="random seed of the fleet")] = 7,
 ) -> None:
     """Send realistic fleet traffic to the gateway, with a live progress bar."""
     from spendstream.simulate import run_cli
@@ -150,6 +154,7 @@ def simulate(
         run_cli(
             rate=rate, duration=duration, events=events, batch=batch, tenants=tenants, projects=projects,
             agents=agents, users=users, runaway=runaway, record=record, gateway_url=gateway_url, api_key=api_key,
+            progress=progress, seed=seed,
         )
     )
 
