@@ -3,8 +3,9 @@ from spendstream.contracts import TOKEN_PARENTS
 
 
 def test_fleet_is_deterministic_and_valid():
-    a = [Fleet(seed=3).event() for _ in range(200)]
-    b = [Fleet(seed=3).event() for _ in range(200)]
+    fa, fb = Fleet(seed=3), Fleet(seed=3)
+    a = [fa.event() for _ in range(200)]
+    b = [fb.event() for _ in range(200)]
     assert [e["event_id"] for e in a] == [e["event_id"] for e in b]
     assert len({e["event_id"] for e in a}) == 200
     for ev in a:
