@@ -1,0 +1,72 @@
+"""The query API: analytics, export, pricing, projects/keys, analysts' SQL and the dashboard.
+
+``create_app(settings)`` builds the FastAPI app; its lifespan owns the ClickHouse async client
+(``app.state.ch``), the settings (``app.state.settings``) and the API key store (``app.state.keys``).
+Routers of other domains (budgets, webhooks, alerts) are included when their modules exist.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from query_api.errors import install_error_handlers
+from query_api.metrics import ApiMetrics, MetricsMiddleware
+from spendstream.settings import Settings
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+#: always present, in the order they appear in the OpenAPI document
+CORE_ROUTERS = ("health",)
+#: owned by the budgets issue; included when present
+OPTIONAL_ROUTERS = ("budgets", "webhooks", "alerts")
+
+
+def _router_modules() -> list[str]:
+    names = [f"query_api.routers.{n}" for n in CORE_ROUTERS]
+    names += [f"query_api.routers.{n}" for n in OPTIONAL_ROUTERS if importlib.util.find_spec(f"query_api.routers.{n}")]
+    return names
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from spendstream.clickhouse import get_async_client
+        from spendstream.keys import KeyStore
+
+        app.state.settings = settings
+        app.state.ch = await get_async_client(settings)
+        app.state.keys = KeyStore(settings)
+        await app.state.keys.start()
+        try:
+            yield
+        finally:
+            await app.state.keys.stop()
+            await app.state.ch.close()
+
+    app = FastAPI(
+        title="Spendstream query API",
+        version="1",
+        summary="Analytics, export, pricing, projects and keys, analysts' SQL, and the live dashboard.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = ApiMetrics()
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    install_error_handlers(app)
+    for module in _router_modules():
+        app.include_router(importlib.import_module(module).router)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    return app

@@ -1,0 +1,110 @@
+"""Domain errors of the query API and their one mapping to HTTP.
+
+Routers and pure modules raise these; ``install_error_handlers`` renders every one of them (and
+FastAPI's own request validation errors) as ``{"error": code, "field": name|null, "message": text}``
+so a client always learns which field was wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("spendstream.query_api")
+
+
+class DomainError(Exception):
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def body(self) -> dict:
+        return {"error": self.code, "field": self.field, "message": self.message}
+
+
+class InvalidField(DomainError):
+    status = 422
+    code = "invalid_field"
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message, field)
+
+
+class NotFound(DomainError):
+    status = 404
+    code = "not_found"
+
+    def __init__(self, what: str):
+        super().__init__(f"{what} not found")
+
+
+class Conflict(DomainError):
+    status = 409
+    code = "conflict"
+
+
+class Unauthorized(DomainError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(DomainError):
+    status = 403
+    code = "forbidden"
+
+
+class QueryRefused(DomainError):
+    """An analyst's SQL was refused before or by ClickHouse (not allowed, invalid, too big)."""
+
+    status = 400
+    code = "query_refused"
+
+    def __init__(self, message: str):
+        super().__init__(message, "sql")
+
+
+class UpstreamUnavailable(DomainError):
+    status = 503
+    code = "clickhouse_unavailable"
+
+
+def _loc_to_field(loc: tuple) -> str | None:
+    # FastAPI prefixes the source ("query", "body", "path", "header"); the client only knows names.
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("query", "body", "path", "header", "cookie") else [
+        str(p) for p in loc
+    ]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def _domain(_: Request, exc: DomainError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        field = _loc_to_field(tuple(first.get("loc", ())))
+        message = f"{field}: {first['msg']}" if field else first["msg"]
+        details = [{"field": _loc_to_field(tuple(e.get("loc", ()))), "message": e["msg"]} for e in errors]
+        return JSONResponse(
+            {"error": "invalid_field", "field": field, "message": message, "details": details}, status_code=422
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            {"error": code, "field": None, "message": str(exc.detail)}, status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )

@@ -1,0 +1,1 @@
+"""One router per domain; ``query_api.app`` includes them."""
