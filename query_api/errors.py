@@ -7,14 +7,10 @@ so a client always learns which field was wrong.
 
 from __future__ import annotations
 
-import logging
+from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger("spendstream.query_api")
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 class DomainError(Exception):
@@ -85,6 +81,12 @@ def _loc_to_field(loc: tuple) -> str | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    # imported here so the pure modules (filters, logic) can raise these errors without the web stack
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
