@@ -7,6 +7,7 @@ Routers of other domains (budgets, webhooks, alerts) are included when their mod
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 from contextlib import asynccontextmanager
@@ -18,12 +19,14 @@ from fastapi.staticfiles import StaticFiles
 
 from query_api.errors import install_error_handlers
 from query_api.metrics import ApiMetrics, MetricsMiddleware
+from spendstream.clickhouse import get_async_client, get_client
+from spendstream.keys import KeyStore, load_live_keys
 from spendstream.settings import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
 
 #: always present, in the order they appear in the OpenAPI document
-CORE_ROUTERS = ("health",)
+CORE_ROUTERS = ("health", "sql")
 #: owned by the budgets issue; included when present
 OPTIONAL_ROUTERS = ("budgets", "webhooks", "alerts")
 
@@ -37,18 +40,22 @@ def _router_modules() -> list[str]:
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from spendstream.clickhouse import get_async_client
-        from spendstream.keys import KeyStore
-
         app.state.settings = settings
         app.state.ch = await get_async_client(settings)
-        app.state.keys = KeyStore(settings)
+        # spendstream.keys speaks the sync client; its calls run in worker threads
+        app.state.ch_sync = get_client(settings)
+
+        async def load_keys():
+            return await asyncio.to_thread(load_live_keys, app.state.ch_sync)
+
+        app.state.keys = KeyStore.from_settings(settings, load_keys)
         await app.state.keys.start()
         try:
             yield
         finally:
-            await app.state.keys.stop()
+            await app.state.keys.close()
             await app.state.ch.close()
+            app.state.ch_sync.close()
 
     app = FastAPI(
         title="Spendstream query API",

@@ -45,7 +45,10 @@ KeysDep = Annotated[KeyStore, Depends(get_keys)]
 
 
 def require(scope: str) -> Callable[..., Awaitable[Principal]]:
-    """Dependency: the caller's principal, after checking it holds ``scope`` (admin implies all)."""
+    """Dependency: the caller's principal, after checking it holds ``scope``.
+
+    As at the gateway, a key has exactly the scopes it lists (the bootstrap admin key has all).
+    """
 
     async def dependency(
         keys: KeysDep,
@@ -58,7 +61,7 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
         principal = await keys.authenticate(secret)
         if principal is None:
             raise Unauthorized("invalid or revoked API key")
-        if scope not in principal.scopes and "admin" not in principal.scopes:
+        if not principal.allows(scope):
             raise Forbidden(f"this key lacks the '{scope}' scope")
         return principal
 

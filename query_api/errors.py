@@ -7,6 +7,7 @@ so a client always learns which field was wrong.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -63,6 +64,17 @@ class QueryRefused(DomainError):
     status = 400
     code = "query_refused"
 
+    def __init__(self, message: str, reason: str = "clickhouse"):
+        super().__init__(message, "sql")
+        self.reason = reason  # a short label for metrics: statement, clause, table, function, ...
+
+
+class QueryFailed(DomainError):
+    """ClickHouse accepted an analyst's statement but could not run it (unknown column, timeout...)."""
+
+    status = 400
+    code = "query_failed"
+
     def __init__(self, message: str):
         super().__init__(message, "sql")
 
@@ -70,6 +82,27 @@ class QueryRefused(DomainError):
 class UpstreamUnavailable(DomainError):
     status = 503
     code = "clickhouse_unavailable"
+
+
+_CH_CODE = re.compile(r"Code: (\d+)\.")
+_CH_TRAILER = re.compile(r"(?:[. ]*\((?:version [^)]*|for url [^)]*|[A-Z_]+)\))+[. ]*$")
+
+
+def clickhouse_message(exc: Exception) -> tuple[int | None, str]:
+    """(error code, the message a person needs) from a clickhouse-connect exception's text.
+
+    The server nests "Code: N. DB::Exception:" prefixes and appends version/URL trailers; only
+    the innermost message and the error name are kept.
+    """
+    text = str(exc)
+    code = _CH_CODE.search(text)
+    marker = text.rfind("DB::Exception: ")
+    message = text[marker + len("DB::Exception: "):] if marker != -1 else text
+    names = re.findall(r"\(([A-Z_]{3,})\)", message)
+    message = _CH_TRAILER.sub("", message).strip()
+    if names:
+        message += f" ({names[-1]})"
+    return (int(code.group(1)) if code else None), message
 
 
 def _loc_to_field(loc: tuple) -> str | None:

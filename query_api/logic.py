@@ -54,15 +54,13 @@ def _ceil(t: datetime, grain: int) -> datetime:
     return floor if floor == t else floor + timedelta(seconds=grain)
 
 
-def plan_segments(start: datetime, end: datetime, coarsest: int) -> list[Segment]:
-    """Cover [start, end) with as few, as coarse segments as possible, none coarser than ``coarsest``.
+def plan_segments(start: datetime, end: datetime, grains: Iterable[int]) -> list[Segment]:
+    """Cover [start, end) with as few, as coarse segments as possible, using the given aggregate
+    grains (RAW covers whatever none of them can).
 
     Adjacent segments never overlap and leave no gap; the result is ordered by time.
     """
-    if start >= end:
-        return []
-    grains = [g for g in AGGREGATE_GRAINS if g <= coarsest]
-    return _cover(start, end, grains)
+    return _cover(start, end, sorted(set(grains) - {RAW}, reverse=True))
 
 
 def _cover(start: datetime, end: datetime, grains: list[int]) -> list[Segment]:

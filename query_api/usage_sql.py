@@ -1,0 +1,196 @@
+"""SQL for usage analytics, built from a plan: which table answers each time segment, with which
+keys and measures. Pure string building; every value from a request is a bound parameter.
+
+A query is the UNION ALL of one sub-select per segment (see ``logic.plan_segments``), each summing
+the measures of its own table, and an outer select adding them up per key. The aggregates
+(``usage_minute``/``usage_hourly``/``usage_daily``/``usage_tags_daily``, kept by materialized
+views) hold partial sums until merged, so they are always read with ``sum()`` and GROUP BY.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+from query_api.errors import InvalidField
+from query_api.filters import DIMENSIONS, Filters, Params, attribute_conditions, tenant_condition
+from query_api.logic import DAY, HOUR, MINUTE, RAW, coarsest_grain, plan_segments
+
+TOKEN_COLUMNS = (
+    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens",
+    "reasoning_tokens", "input_audio_tokens", "output_audio_tokens",
+)
+COST_COLUMNS = (
+    "cost_nanos", "cost_input_nanos", "cost_output_nanos", "cost_cache_read_nanos", "cost_cache_write_nanos",
+    "cost_reasoning_nanos", "cost_input_audio_nanos", "cost_output_audio_nanos", "cost_request_nanos",
+)
+#: measure -> (expression over an aggregate table, expression over usage_events)
+MEASURES: dict[str, tuple[str, str]] = {
+    "calls": ("sum(calls)", "count()"),
+    "errors": ("sum(errors)", "countIf(status = 'error')"),
+    "unpriced": ("sum(unpriced)", "countIf(pricing_status = 'unknown_model')"),
+    **{c: (f"sum({c})", f"sum({c})") for c in TOKEN_COLUMNS + COST_COLUMNS},
+    "latency_ms_sum": ("sum(latency_ms_sum)", "sum(ifNull(latency_ms, 0))"),
+    "latency_count": ("sum(latency_count)", "count(latency_ms)"),
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    table: str
+    grain: int
+    time_column: str
+    dims: frozenset[str]
+    #: rows are per (tag_key, tag_value): answers at most one tag (a filter or a breakdown key)
+    tagged: bool = False
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_ALL_BUT_USER = frozenset(DIMENSIONS) - {"user"}
+RAW_SOURCE = Source("usage_events", RAW, "timestamp", frozenset(DIMENSIONS))
+AGGREGATES: tuple[Source, ...] = (
+    Source("usage_daily", DAY, "bucket", frozenset(DIMENSIONS)),
+    Source("usage_hourly", HOUR, "bucket", frozenset(DIMENSIONS)),
+    Source("usage_minute", MINUTE, "bucket", _ALL_BUT_USER),
+    Source("usage_tags_daily", DAY, "bucket", _ALL_BUT_USER, tagged=True),
+)
+
+
+@dataclass(frozen=True)
+class GroupBy:
+    """A breakdown key: a dimension, or the value of one tag."""
+
+    dimension: str | None = None
+    tag_key: str | None = None
+
+    @classmethod
+    def parse(cls, by: str) -> GroupBy:
+        if by.startswith("tag:"):
+            key = by[4:]
+            if not key:
+                raise InvalidField("by", "tag breakdowns need a key: tag:<key>")
+            return cls(tag_key=key)
+        if by not in DIMENSIONS:
+            raise InvalidField("by", f"expected one of {', '.join(DIMENSIONS)} or tag:<key>")
+        return cls(dimension=by)
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    filters: Filters
+    group: GroupBy | None = None
+    granularity: str | None = None
+    #: False answers everything from usage_events (the benchmark's baseline)
+    use_aggregates: bool = True
+
+
+def _tag_keys(q: UsageQuery) -> set[str]:
+    keys = {k for k, _ in q.filters.tags}
+    if q.group and q.group.tag_key is not None:
+        keys.add(q.group.tag_key)
+    return keys
+
+
+def eligible_sources(q: UsageQuery) -> dict[int, Source]:
+    """The aggregate per grain that can answer ``q`` exactly (raw events answer anything)."""
+    if not q.use_aggregates:
+        return {}
+    needed = set(q.filters.dimension_names())
+    if q.group and q.group.dimension:
+        needed.add(q.group.dimension)
+    tag_keys = _tag_keys(q)
+    # one tag key with at most one value filter: the tag table has one row per (key, value)
+    single_tag = len(tag_keys) == 1 and len(q.filters.tags) <= 1
+    if tag_keys and not single_tag:
+        return {}
+    coarsest = coarsest_grain(q.granularity, q.filters.tz, q.filters.start, q.filters.end)
+    chosen: dict[int, Source] = {}
+    for src in AGGREGATES:
+        if src.grain > coarsest or not needed <= src.dims or src.tagged != bool(tag_keys):
+            continue
+        chosen.setdefault(src.grain, src)
+    return chosen
+
+
+def bucket_expression(granularity: str, column: str, params: Params, tz: ZoneInfo) -> str:
+    """Epoch seconds of the start, in ``tz``, of the bucket holding ``column``."""
+    if granularity == "minute":
+        return f"toUnixTimestamp(toStartOfMinute({column}))"
+    zone = params.add(tz.key, "String", "tz")
+    local = f"toTimeZone({column}, {zone})"
+    return {
+        "hour": f"toUnixTimestamp(toStartOfHour({local}))",
+        "day": f"toUnixTimestamp(toStartOfDay({local}))",
+        "week": f"toUnixTimestamp(toDateTime(toMonday({local}), {zone}))",
+        "month": f"toUnixTimestamp(toDateTime(toStartOfMonth({local}), {zone}))",
+    }[granularity]
+
+
+def _instant(t: datetime, params: Params, hint: str) -> str:
+    millis = (t - _EPOCH) // timedelta(milliseconds=1)
+    return f"fromUnixTimestamp64Milli({params.add(millis, 'Int64', hint)}, 'UTC')"
+
+
+@dataclass
+class Built:
+    sql: str
+    params: dict[str, object]
+    #: the tables the segments were answered from, in time order (for tests and the benchmark)
+    tables: list[str] = field(default_factory=list)
+
+
+def _segment_select(q: UsageQuery, src: Source, start: datetime, end: datetime, tenant: str, params: Params) -> str:
+    keys = []
+    if q.granularity:
+        keys.append(f"{bucket_expression(q.granularity, src.time_column, params, q.filters.tz)} AS bucket_start")
+    conds = [
+        tenant_condition(tenant, params),
+        f"{src.time_column} >= {_instant(start, params, 'from')}",
+        f"{src.time_column} < {_instant(end, params, 'to')}",
+    ]
+    # tag filters/keys: the tag table names them as columns, the raw table as map entries
+    filters_without_tags = Filters(q.filters.start, q.filters.end, q.filters.tz, q.filters.dims, ())
+    conds += attribute_conditions(filters_without_tags, params)
+    for key, value in q.filters.tags:
+        k, v = params.add(key, "String", "tag_key"), params.add(value, "String", "tag_value")
+        conds.append(f"tag_key = {k} AND tag_value = {v}" if src.tagged else f"mapContains(tags, {k}) AND tags[{k}] = {v}")
+    if q.group and q.group.dimension:
+        keys.append(f"`{q.group.dimension}` AS group_key")
+    elif q.group and q.group.tag_key is not None:
+        k = params.add(q.group.tag_key, "String", "group_tag")
+        if src.tagged:
+            conds.append(f"tag_key = {k}")
+            keys.append("tag_value AS group_key")
+        else:
+            conds.append(f"mapContains(tags, {k})")
+            keys.append(f"tags[{k}] AS group_key")
+    measures = [f"{agg if src.grain else raw} AS {name}" for name, (agg, raw) in MEASURES.items()]
+    sql = f"SELECT {', '.join(keys + measures)} FROM {src.table} WHERE {' AND '.join(conds)}"
+    if keys:
+        sql += " GROUP BY " + ", ".join(k.rsplit(" AS ", 1)[1] for k in keys)
+    return sql
+
+
+def build_usage_query(
+    q: UsageQuery, tenant: str, *, order_by: str | None = None, limit: int | None = None
+) -> Built:
+    """The SQL answering ``q`` for ``tenant``: one row per key (bucket and/or group), all measures."""
+    sources = eligible_sources(q)
+    segments = plan_segments(q.filters.start, q.filters.end, sources)
+    params = Params()
+    parts, tables = [], []
+    for seg in segments:
+        src = sources.get(seg.grain, RAW_SOURCE)
+        parts.append(_segment_select(q, src, seg.start, seg.end, tenant, params))
+        tables.append(src.table)
+    keys = (["bucket_start"] if q.granularity else []) + (["group_key"] if q.group else [])
+    outer = ", ".join(keys + [f"sum({m}) AS {m}" for m in MEASURES])
+    sql = f"SELECT {outer} FROM ({' UNION ALL '.join(parts)})"
+    if keys:
+        sql += " GROUP BY " + ", ".join(keys)
+    if order_by:
+        sql += f" ORDER BY {order_by}"
+    if limit is not None:
+        sql += f" LIMIT {params.add(limit, 'UInt32', 'limit')}"
+    return Built(sql, params.values, tables)
