@@ -64,7 +64,7 @@ TRANSPORT_PARAMS = frozenset(
         "http_zlib_compression_level", "send_progress_in_http_headers",
         "http_headers_progress_interval_ms", "cancel_http_readonly_queries_on_client_close",
         "http_native_compression_disable_checksumming_on_decompress", "add_http_cors_header",
-        "stacktrace", "max_query_size",
+        "stacktrace",
     }
 )
 # Formats whose per-block encodings concatenate into one valid stream; other formats (JSON,
@@ -545,8 +545,10 @@ class Lease:
         self.conn = conn
         self.session = session
 
-    def prepare(self, statement: str, settings: dict[str, str], database: str | None, readonly: bool) -> Any:
+    def prepare(self, statement: str, settings: dict[str, str], database: str | None, readonly: bool) -> str:
         """Refuse what a server refuses, then put the request's settings in force; returns the query class."""
+        if not statement.strip():
+            raise ClickHouseError.named("SYNTAX_ERROR", "Empty query")
         info = self.conn.classify_query(statement)
         if info["statement_count"] > 1:
             raise ClickHouseError.named(
@@ -561,7 +563,7 @@ class Lease:
             )
         if self.session is None:
             if settings:
-                _run(self.conn, settings_statement(dict(settings)))
+                _run(self.conn, settings_statement(dict(settings)))  # a fresh connection: nothing to restore
             if database:
                 _run(self.conn, f"USE {quote_identifier(database)}")
         elif query_class == "CONTROL":
@@ -572,12 +574,16 @@ class Lease:
         return query_class
 
     def execute(
-        self, text: str | bytes, params: dict[str, str], request_settings: dict[str, str], database: str | None,
+        self, text: bytes, params: dict[str, str], request_settings: dict[str, str], database: str | None,
         default_format: str, readonly: bool, stream: bool,
     ) -> Outcome:
-        sql = text.decode() if isinstance(text, bytes) and _is_utf8(text) else text
-        query_class = self.prepare(sql if isinstance(sql, str) else sql.decode(errors="replace"), request_settings, database, readonly)
-        explicit = explicit_output_format(sql, self.engine.output_formats) if isinstance(sql, str) else None
+        try:
+            sql: str | bytes = text.decode()
+        except UnicodeDecodeError:
+            sql = text  # binary parameter values bound into the text: chDB takes such SQL as bytes
+        readable = text.decode(errors="replace")
+        query_class = self.prepare(readable, request_settings, database, readonly)
+        explicit = explicit_output_format(readable, self.engine.output_formats)
         fmt = explicit or default_format
         produces_rows = query_class == "READ_ONLY" or explicit is not None
         if produces_rows and stream and fmt in STREAMABLE_FORMATS:
@@ -635,12 +641,8 @@ class Lease:
         self.conn.insert_cancel(inserter)
 
 
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
+class EngineUnavailable(Exception):
+    pass
 
 
 class ChdbEngine:
@@ -655,7 +657,13 @@ class ChdbEngine:
         os.makedirs(path, exist_ok=True)
         self.path = path
         # The engine shuts down when its last connection closes; this one keeps it up between requests.
-        self._anchor = chdb_native.connect(path)
+        try:
+            self._anchor = chdb_native.connect(path)
+        except RuntimeError as exc:
+            raise EngineUnavailable(
+                f"cannot open chDB data path {os.path.abspath(path)} (one process per path: is another embedded "
+                f"ClickHouse using it?): {exc}"
+            ) from None
         self.version, self.timezone, compression = (
             _run(self._anchor, "SELECT version(), timezone(), getSetting('enable_http_compression')")
             .bytes().decode().strip().split("\t")
@@ -746,6 +754,7 @@ class QueryRequest:
                 )
         try:
             timeout = float(values.get("session_timeout") or DEFAULT_SESSION_TIMEOUT_S)
+            # also a setting the engine's parser enforces, so it stays among the settings
             max_query_size = int(values.get("max_query_size") or MAX_QUERY_SIZE)
         except ValueError as exc:
             raise ClickHouseError.named("BAD_ARGUMENTS", f"Invalid HTTP parameter: {exc}") from None
@@ -1066,7 +1075,10 @@ def run_forever(host: str, port: int, path: str) -> None:
 
     try:
         import uvloop
-
-        uvloop.run(main())
     except ImportError:
-        asyncio.run(main())
+        uvloop = None
+    try:
+        (uvloop.run if uvloop else asyncio.run)(main())
+    except EngineUnavailable as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None

@@ -292,6 +292,19 @@ def test_truncated_insert_body_commits_nothing(server: EmbeddedClickHouse, clien
     assert client.command("SELECT count() FROM cut") == 1000
 
 
+def test_basic_auth_when_credentials_are_configured(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPENDSTREAM_EMBEDDED_CH_USER", "spendstream")
+    monkeypatch.setenv("SPENDSTREAM_EMBEDDED_CH_PASSWORD", "s3cret")
+    with EmbeddedClickHouse(str(tmp_path / "auth")) as ch:
+        assert httpx.get(ch.url + "/ping").text == "Ok.\n"  # health checks need no credentials
+        with pytest.raises(DatabaseError) as err:
+            clickhouse_connect.get_client(host=ch.host, port=ch.port, username="spendstream", password="wrong")
+        assert err.value.code == 516
+        c = clickhouse_connect.get_client(host=ch.host, port=ch.port, username="spendstream", password="s3cret")
+        assert c.command("SELECT 1") == 1
+        c.close()
+
+
 def test_data_survives_kill_and_restart(server: EmbeddedClickHouse, database: str) -> None:
     c = clickhouse_connect.get_client(host=server.host, port=server.port, database=database)
     c.command(USAGE_DDL)
