@@ -18,6 +18,7 @@ from query_api.errors import InvalidField
 DIMENSIONS: tuple[str, ...] = ("project", "agent", "user", "provider", "model")
 DEFAULT_RANGE = timedelta(days=30)
 MAX_TAG_FILTERS = 8
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -120,8 +121,12 @@ def tenant_condition(tenant: str, params: Params) -> str:
     return f"tenant = {params.add(tenant, 'String', 'tenant')}"
 
 
-def attribute_conditions(filters: Filters, params: Params, *, tags_column: str | None = "tags") -> list[str]:
-    """Dimension and tag conditions (never the time range: each source has its own time column)."""
+def attribute_conditions(filters: Filters, params: Params, *, tag_columns: bool = False) -> list[str]:
+    """Dimension and tag conditions (never the time range: each source has its own time column).
+
+    Tags are read from the ``tags`` map, or with ``tag_columns`` from the ``tag_key``/``tag_value``
+    columns of the tag aggregate. Either way a tag filter matches events that carry the key.
+    """
     conds = []
     for dim, values in filters.dims:
         if len(values) == 1:
@@ -129,14 +134,17 @@ def attribute_conditions(filters: Filters, params: Params, *, tags_column: str |
         else:
             conds.append(f"`{dim}` IN {params.add(list(values), 'Array(String)', dim)}")
     for key, value in filters.tags:
-        if tags_column is None:
-            raise ValueError("tag filters need a source that keeps tags")
-        conds.append(f"{tags_column}[{params.add(key, 'String', 'tag_key')}] = {params.add(value, 'String', 'tag_value')}")
+        k, v = params.add(key, "String", "tag_key"), params.add(value, "String", "tag_value")
+        conds.append(f"tag_key = {k} AND tag_value = {v}" if tag_columns else f"mapContains(tags, {k}) AND tags[{k}] = {v}")
     return conds
 
 
-def time_conditions(column: str, start: datetime, end: datetime, params: Params, ch_type: str) -> list[str]:
-    return [
-        f"{column} >= {params.add(start, ch_type, 'from')}",
-        f"{column} < {params.add(end, ch_type, 'to')}",
-    ]
+def millis(t: datetime) -> int:
+    """Epoch milliseconds of an instant (naive datetimes from ClickHouse are UTC)."""
+    aware = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return (aware - _EPOCH) // timedelta(milliseconds=1)
+
+
+def instant_param(t: datetime, params: Params, hint: str) -> str:
+    """A DateTime64(3, 'UTC') value bound as epoch milliseconds (exact, whatever the server zone)."""
+    return f"fromUnixTimestamp64Milli({params.add(millis(t), 'Int64', hint)}, 'UTC')"

@@ -10,11 +10,11 @@ views) hold partial sums until merged, so they are always read with ``sum()`` an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from query_api.errors import InvalidField
-from query_api.filters import DIMENSIONS, Filters, Params, attribute_conditions, tenant_condition
+from query_api.filters import DIMENSIONS, Filters, Params, attribute_conditions, instant_param, tenant_condition
 from query_api.logic import DAY, HOUR, MINUTE, RAW, coarsest_grain, plan_segments
 
 TOKEN_COLUMNS = (
@@ -46,7 +46,6 @@ class Source:
     tagged: bool = False
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ALL_BUT_USER = frozenset(DIMENSIONS) - {"user"}
 RAW_SOURCE = Source("usage_events", RAW, "timestamp", frozenset(DIMENSIONS))
 AGGREGATES: tuple[Source, ...] = (
@@ -127,11 +126,6 @@ def bucket_expression(granularity: str, column: str, params: Params, tz: ZoneInf
     }[granularity]
 
 
-def _instant(t: datetime, params: Params, hint: str) -> str:
-    millis = (t - _EPOCH) // timedelta(milliseconds=1)
-    return f"fromUnixTimestamp64Milli({params.add(millis, 'Int64', hint)}, 'UTC')"
-
-
 @dataclass
 class Built:
     sql: str
@@ -146,15 +140,10 @@ def _segment_select(q: UsageQuery, src: Source, start: datetime, end: datetime, 
         keys.append(f"{bucket_expression(q.granularity, src.time_column, params, q.filters.tz)} AS bucket_start")
     conds = [
         tenant_condition(tenant, params),
-        f"{src.time_column} >= {_instant(start, params, 'from')}",
-        f"{src.time_column} < {_instant(end, params, 'to')}",
+        f"{src.time_column} >= {instant_param(start, params, 'from')}",
+        f"{src.time_column} < {instant_param(end, params, 'to')}",
+        *attribute_conditions(q.filters, params, tag_columns=src.tagged),
     ]
-    # tag filters/keys: the tag table names them as columns, the raw table as map entries
-    filters_without_tags = Filters(q.filters.start, q.filters.end, q.filters.tz, q.filters.dims, ())
-    conds += attribute_conditions(filters_without_tags, params)
-    for key, value in q.filters.tags:
-        k, v = params.add(key, "String", "tag_key"), params.add(value, "String", "tag_value")
-        conds.append(f"tag_key = {k} AND tag_value = {v}" if src.tagged else f"mapContains(tags, {k}) AND tags[{k}] = {v}")
     if q.group and q.group.dimension:
         keys.append(f"`{q.group.dimension}` AS group_key")
     elif q.group and q.group.tag_key is not None:

@@ -1,0 +1,191 @@
+"""Usage analytics: overview, timeseries, breakdown and raw events, all tenant-scoped.
+
+Figures come from the aggregate tables whenever they can answer (see ``query_api.usage_sql``);
+the raw events only fill sub-minute edges and what no aggregate keeps.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+
+from query_api.deps import CH, Principal, require
+from query_api.errors import InvalidField
+from query_api.filters import Filters, Params, attribute_conditions, instant_param, millis, parse_filters, tenant_condition
+from query_api.logic import bucket_starts, decode_cursor, encode_cursor, money, zero_fill
+from query_api.usage_sql import COST_COLUMNS, MEASURES, TOKEN_COLUMNS, GroupBy, UsageQuery, build_usage_query
+
+router = APIRouter(prefix="/v1/analytics", tags=["analytics"])
+
+Reader = Annotated[Principal, Depends(require("read"))]
+
+
+def usage_filters(
+    from_: Annotated[str | None, Query(alias="from", description="RFC 3339 or YYYY-MM-DD (inclusive); default: 30 days before `to`")] = None,
+    to: Annotated[str | None, Query(description="RFC 3339 or YYYY-MM-DD (exclusive; a date means through that day); default: now")] = None,
+    tz: Annotated[str | None, Query(description="IANA zone for dates and buckets; default UTC")] = None,
+    project: Annotated[list[str] | None, Query(description="repeatable: any of these")] = None,
+    agent: Annotated[list[str] | None, Query()] = None,
+    user: Annotated[list[str] | None, Query()] = None,
+    provider: Annotated[list[str] | None, Query()] = None,
+    model: Annotated[list[str] | None, Query()] = None,
+    tag: Annotated[list[str] | None, Query(description="key:value, repeatable: all must match")] = None,
+) -> Filters:
+    return parse_filters(
+        start=from_, end=to, tz=tz,
+        dims={"project": project, "agent": agent, "user": user, "provider": provider, "model": model},
+        tags=tag, now=datetime.now(timezone.utc),
+    )
+
+
+FiltersDep = Annotated[Filters, Depends(usage_filters)]
+
+
+def measures_view(row: dict[str, Any]) -> dict[str, Any]:
+    """Measures of one row as the API shows them: money exact, ratios derived from sums."""
+    calls, cost = int(row["calls"]), int(row["cost_nanos"])
+    out: dict[str, Any] = {"calls": calls, **money("cost", cost)}
+    out["cost_breakdown"] = {
+        c.removeprefix("cost_").removesuffix("_nanos"): money("cost", int(row[c]))["cost_usd"] for c in COST_COLUMNS[1:]
+    }
+    out["tokens"] = {c.removesuffix("_tokens"): int(row[c]) for c in TOKEN_COLUMNS}
+    out["errors"] = int(row["errors"])
+    out["error_rate"] = row["errors"] / calls if calls else 0.0
+    out["unpriced_events"] = int(row["unpriced"])
+    out |= {f"avg_{k}": v for k, v in money("cost_per_call", cost // calls if calls else 0).items()}
+    out["avg_latency_ms"] = row["latency_ms_sum"] / row["latency_count"] if row["latency_count"] else None
+    return out
+
+
+EMPTY_ROW = {m: 0 for m in MEASURES}
+
+
+async def run_usage(ch: CH, q: UsageQuery, tenant: str, **kw: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    built = build_usage_query(q, tenant, **kw)
+    result = await ch.query(built.sql, parameters=built.params)
+    return list(result.named_results()), built.tables
+
+
+def _range(filters: Filters) -> dict[str, str]:
+    return {"from": filters.start.isoformat(), "to": filters.end.isoformat(), "tz": filters.tz.key}
+
+
+@router.get("/overview", summary="Totals over the range: cost, calls, tokens, errors, latency, unpriced")
+async def overview(principal: Reader, ch: CH, filters: FiltersDep) -> dict:
+    rows, tables = await run_usage(ch, UsageQuery(filters), principal.tenant)
+    return {**_range(filters), **measures_view(rows[0] if rows else EMPTY_ROW), "sources": sorted(set(tables))}
+
+
+@router.get("/timeseries", summary="Zero-filled buckets of the range, in a time zone")
+async def timeseries(
+    principal: Reader,
+    ch: CH,
+    filters: FiltersDep,
+    granularity: Literal["minute", "hour", "day", "week", "month"] = "day",
+) -> dict:
+    starts = bucket_starts(filters.start, filters.end, granularity, filters.tz)
+    rows, tables = await run_usage(ch, UsageQuery(filters, granularity=granularity), principal.tenant)
+    by_bucket = {int(r["bucket_start"]): r for r in rows}
+    points = [
+        {"start": s.astimezone(filters.tz).isoformat(), **measures_view(r)}
+        for s, r in zero_fill(starts, by_bucket, EMPTY_ROW)
+    ]
+    return {**_range(filters), "granularity": granularity, "points": points, "sources": sorted(set(tables))}
+
+
+ORDERS = {"cost": "cost_nanos", "calls": "calls", "tokens": "total_tokens", "errors": "errors", "name": "group_key"}
+
+
+def breakdown_order(order: str) -> str:
+    """``-cost`` (default: most expensive first), ``calls``, ``name``...; ties broken by name."""
+    descending = order.startswith("-")
+    key = order.lstrip("-")
+    if key not in ORDERS:
+        raise InvalidField("order", f"expected one of {', '.join(ORDERS)} (prefix '-' for descending)")
+    column = ORDERS[key]
+    if column == "total_tokens":
+        column = "(input_tokens + output_tokens)"
+    return f"{column} {'DESC' if descending else 'ASC'}, group_key ASC"
+
+
+@router.get("/breakdown", summary="Measures per project, agent, user, provider, model or tag value")
+async def breakdown(
+    principal: Reader,
+    ch: CH,
+    filters: FiltersDep,
+    by: Annotated[str, Query(description="project|agent|user|provider|model|tag:<key>")] = "agent",
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    order: Annotated[str, Query(description="cost|calls|tokens|errors|name, '-' prefix = descending")] = "-cost",
+) -> dict:
+    group = GroupBy.parse(by)
+    rows, tables = await run_usage(
+        ch, UsageQuery(filters, group=group), principal.tenant, order_by=breakdown_order(order), limit=limit
+    )
+    return {
+        **_range(filters), "by": by, "order": order,
+        "groups": [{"key": r["group_key"], **measures_view(r)} for r in rows],
+        "sources": sorted(set(tables)),
+    }
+
+
+EVENT_COLUMNS = (
+    "event_id", "timestamp", "project", "agent", "user", "session_id", "operation", "tags", "provider", "model",
+    *TOKEN_COLUMNS, *COST_COLUMNS, "price_id", "pricing_status", "price_source", "status", "latency_ms", "received_at",
+)
+
+
+def events_select(filters: Filters, tenant: str, params: Params, columns: tuple[str, ...] = EVENT_COLUMNS) -> str:
+    """SELECT of raw events matching ``filters``, newest first by (timestamp, event_id)."""
+    conds = [
+        tenant_condition(tenant, params),
+        f"timestamp >= {instant_param(filters.start, params, 'from')}",
+        f"timestamp < {instant_param(filters.end, params, 'to')}",
+        *attribute_conditions(filters, params),
+    ]
+    cols = ", ".join(f"`{c}`" for c in columns)
+    return f"SELECT {cols} FROM usage_events WHERE {' AND '.join(conds)}"
+
+
+def _iso(t: datetime) -> str:
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat(timespec="milliseconds")
+
+
+def event_view(row: dict[str, Any]) -> dict[str, Any]:
+    out = {k: row[k] for k in EVENT_COLUMNS if k not in COST_COLUMNS}
+    out["timestamp"] = _iso(row["timestamp"])
+    out["received_at"] = _iso(row["received_at"])
+    out |= money("cost", int(row["cost_nanos"]))
+    out["cost_breakdown"] = {
+        c.removeprefix("cost_").removesuffix("_nanos"): money("cost", int(row[c]))["cost_usd"] for c in COST_COLUMNS[1:]
+    }
+    return out
+
+
+@router.get("/events", summary="Raw priced events, newest first, with keyset pagination")
+async def events(
+    principal: Reader,
+    ch: CH,
+    filters: FiltersDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> dict:
+    params = Params()
+    sql = events_select(filters, principal.tenant, params)
+    if cursor:
+        ts, event_id = decode_cursor(cursor)
+        sql += (
+            f" AND (timestamp, event_id) < (fromUnixTimestamp64Milli({params.add(ts, 'Int64', 'cursor_ts')}, 'UTC'), "
+            f"{params.add(event_id, 'String', 'cursor_id')})"
+        )
+    # one extra row says whether another page exists
+    sql += f" ORDER BY timestamp DESC, event_id DESC LIMIT {params.add(limit + 1, 'UInt32', 'limit')}"
+    result = await ch.query(sql, parameters=params.values)
+    rows = list(result.named_results())
+    page, more = rows[:limit], len(rows) > limit
+    next_cursor = None
+    if more:
+        last = page[-1]
+        next_cursor = encode_cursor(millis(last["timestamp"]), last["event_id"])
+    return {**_range(filters), "events": [event_view(r) for r in page], "next_cursor": next_cursor}

@@ -1,0 +1,138 @@
+"""GET /v1/analytics/export: raw events or a breakdown as CSV, JSON, NDJSON or Parquet, streamed.
+
+ClickHouse encodes the rows (CSV, JSONEachRow, Parquet with its own row groups) and this service
+passes its response through chunk by chunk, so memory stays flat whatever the row count. JSON is
+ClickHouse's NDJSON with the brackets and commas of an array added on the way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from clickhouse_connect.driver.exceptions import ClickHouseError
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import StreamingResponse
+
+from query_api.deps import CH, Principal, require
+from query_api.errors import QueryFailed, clickhouse_message
+from query_api.filters import Filters, Params
+from query_api.routers.analytics import FiltersDep, breakdown_order, events_select
+from query_api.usage_sql import COST_COLUMNS, MEASURES, TOKEN_COLUMNS, GroupBy, UsageQuery, build_usage_query
+
+router = APIRouter(prefix="/v1/analytics", tags=["analytics"])
+
+#: format -> (ClickHouse output format, media type, file extension)
+FORMATS: dict[str, tuple[str, str, str]] = {
+    "csv": ("CSV", "text/csv; charset=utf-8", "csv"),
+    "json": ("JSONEachRow", "application/json", "json"),
+    "ndjson": ("JSONEachRow", "application/x-ndjson", "ndjson"),
+    "parquet": ("Parquet", "application/vnd.apache.parquet", "parquet"),
+}
+# exact money as a decimal (Decimal(38, 9) in Parquet, digits in text) next to integer nano-USD
+_USD = "toDecimal128(cost_nanos, 9) / 1000000000"
+_EXPORT_SETTINGS = {
+    "output_format_json_quote_decimals": 1,  # money stays an exact string in JSON
+    "output_format_json_quote_64bit_integers": 0,
+    "output_format_parquet_compression_method": "zstd",
+}
+EVENT_EXPORT_COLUMNS = (
+    "event_id", "timestamp", "project", "agent", "user", "session_id", "operation", "tags", "provider", "model",
+    *TOKEN_COLUMNS, *COST_COLUMNS, "price_id", "pricing_status", "price_source", "status", "latency_ms",
+)
+
+
+def events_export_sql(filters: Filters, tenant: str, params: Params) -> tuple[str, list[str]]:
+    inner = events_select(filters, tenant, params, EVENT_EXPORT_COLUMNS)
+    names = ["event_id", "timestamp", "cost_usd", *[c for c in EVENT_EXPORT_COLUMNS if c not in ("event_id", "timestamp")]]
+    select = ", ".join(_USD + " AS cost_usd" if n == "cost_usd" else f"`{n}`" for n in names)
+    return f"SELECT {select} FROM ({inner}) ORDER BY timestamp, event_id", names
+
+
+def breakdown_export_sql(q: UsageQuery, tenant: str, order: str, limit: int | None) -> tuple[str, dict[str, Any], list[str]]:
+    built = build_usage_query(q, tenant, order_by=breakdown_order(order), limit=limit)
+    key = q.group.dimension or f"tag_{q.group.tag_key}"
+    measures = [m for m in MEASURES if m not in ("latency_ms_sum", "latency_count")]
+    names = [key, "cost_usd", *measures, "avg_latency_ms"]
+    select = ", ".join(
+        ["group_key AS `key`", f"{_USD} AS cost_usd", *measures,
+         "if(latency_count = 0, NULL, latency_ms_sum / latency_count) AS avg_latency_ms"]
+    )
+    sql = f"SELECT {select} FROM ({built.sql})"
+    return sql, built.params, ["key" if n == key else n for n in names]
+
+
+def _csv_header(names: list[str]) -> bytes:
+    return (",".join('"' + n.replace('"', '""') + '"' for n in names) + "\n").encode()
+
+
+async def _chunks(stream: Any) -> AsyncIterator[bytes]:
+    async with stream:
+        async for chunk in stream:
+            yield chunk
+
+
+async def _json_array(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """NDJSON in, one JSON array out; a chunk at a time, never the whole body."""
+    yield b"["
+    pending, first = b"", True
+    async for chunk in chunks:
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        rows = [line for line in lines if line]
+        if rows:
+            yield (b"" if first else b",\n") + b",\n".join(rows)
+            first = False
+    if pending.strip():
+        yield (b"" if first else b",\n") + pending
+    yield b"]\n"
+
+
+async def _with_prefix(prefix: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield prefix
+    async for chunk in chunks:
+        yield chunk
+
+
+@router.get(
+    "/export",
+    summary="Download raw events or a breakdown (csv, json, ndjson, parquet), streamed",
+    response_class=StreamingResponse,
+    responses={200: {"content": {m: {} for _, m, _ in FORMATS.values()}}},
+)
+async def export(
+    principal: Annotated[Principal, Depends(require("read"))],
+    ch: CH,
+    filters: FiltersDep,
+    format: Literal["csv", "json", "ndjson", "parquet"] = "csv",
+    data: Annotated[Literal["events", "breakdown"], Query(description="raw events, or the breakdown `by`")] = "events",
+    by: Annotated[str, Query(description="breakdown key: project|agent|user|provider|model|tag:<key>")] = "agent",
+    order: Annotated[str, Query(description="breakdown order, as /breakdown")] = "-cost",
+    limit: Annotated[int | None, Query(ge=1, description="breakdown rows (default all)")] = None,
+) -> StreamingResponse:
+    ch_format, media_type, ext = FORMATS[format]
+    if data == "events":
+        params = Params()
+        sql, names = events_export_sql(filters, principal.tenant, params)
+        parameters: dict[str, Any] = params.values
+    else:
+        sql, parameters, names = breakdown_export_sql(
+            UsageQuery(filters, group=GroupBy.parse(by)), principal.tenant, order, limit
+        )
+    try:
+        # opened before answering, so a failing query is a proper error response, not a cut stream
+        stream = await ch.raw_stream(sql, parameters=parameters, settings=_EXPORT_SETTINGS, fmt=ch_format)
+    except ClickHouseError as exc:
+        raise QueryFailed(clickhouse_message(exc)[1]) from None
+    body = _chunks(stream)
+    if format == "json":
+        body = _json_array(body)
+    elif format == "csv":
+        body = _with_prefix(_csv_header(names), body)
+    stamp = f"{filters.start:%Y%m%dT%H%M%SZ}-{filters.end:%Y%m%dT%H%M%SZ}"
+    label = data if data == "events" else "breakdown-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", by)
+    filename = f"spendstream-{label}-{stamp}.{ext}"
+    return StreamingResponse(
+        body, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{filename}"'}
+    )

@@ -1,0 +1,180 @@
+"""Prices: the catalog, the effective price of a model at an instant, tenant overrides, and the
+models seen without a price. Pricing itself is ``spendstream.pricing``; this router stores
+overrides in ClickHouse ``price_overrides`` (the pricing stage reloads them) and reads them back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from pydantic import BaseModel, Field
+
+from query_api.deps import CH, Principal, require
+from query_api.errors import InvalidField, NotFound
+from query_api.filters import parse_instant, parse_tz
+from spendstream.pricing.catalog import Catalog
+from spendstream.pricing.logic import effective_price, list_prices
+from spendstream.pricing.overrides import PRICE_COLUMNS, OverrideBook, PriceOverride, TenantOverrides
+
+router = APIRouter(prefix="/v1/pricing", tags=["pricing"])
+
+Reader = Annotated[Principal, Depends(require("read"))]
+Admin = Annotated[Principal, Depends(require("admin"))]
+
+#: price_overrides columns, read back under the names PriceOverride.from_row expects
+_OVERRIDE_SELECT = (
+    "SELECT id, tenant, provider, model, effective_from, effective_to, "
+    + ", ".join(PRICE_COLUMNS.values())
+    + ", request_usd AS per_request_usd, note, created_at FROM price_overrides FINAL WHERE tenant = {tenant:String}"
+)
+
+
+def get_catalog(request: Request) -> Catalog:
+    """The genai-prices catalog the lifespan compiled."""
+    return request.app.state.catalog
+
+
+CatalogDep = Annotated[Catalog, Depends(get_catalog)]
+
+
+async def tenant_override_rows(ch: CH, tenant: str) -> list[dict[str, Any]]:
+    result = await ch.query(_OVERRIDE_SELECT + " ORDER BY provider, model, effective_from", parameters={"tenant": tenant})
+    return list(result.named_results())
+
+
+async def tenant_overrides(ch: CH, tenant: str, catalog: Catalog) -> TenantOverrides:
+    book = OverrideBook.from_rows(await tenant_override_rows(ch, tenant), catalog)
+    return book.for_tenant(tenant)
+
+
+@router.get("", summary="The price catalog (USD per million tokens, decimal strings) and your overrides")
+async def prices(
+    principal: Reader,
+    ch: CH,
+    catalog: CatalogDep,
+    provider: Annotated[str | None, Query(description="only this catalog provider id")] = None,
+) -> dict:
+    models = list_prices(catalog)
+    if provider:
+        models = [m for m in models if m["provider_id"] == provider]
+    overrides = [PriceOverride.from_row(r).describe() for r in await tenant_override_rows(ch, principal.tenant)]
+    return {"catalog": catalog.source, "models": models, "overrides": overrides}
+
+
+@router.get("/overrides", summary="Your price overrides")
+async def overrides(principal: Reader, ch: CH) -> dict:
+    rows = await tenant_override_rows(ch, principal.tenant)
+    return {"overrides": [PriceOverride.from_row(r).describe() | {"note": r["note"]} for r in rows]}
+
+
+class OverrideIn(BaseModel):
+    id: str | None = Field(None, max_length=128, description="an existing override's id replaces it; absent = new")
+    provider: str = Field(min_length=1, max_length=128)
+    model: str = Field(min_length=1, max_length=256)
+    effective_from: str = Field(description="RFC 3339; events at or after it use this price")
+    effective_to: str | None = Field(None, description="RFC 3339, exclusive; absent = open-ended")
+    per_mtok: dict[str, str] = Field(
+        default_factory=dict,
+        description="USD per million tokens as decimal strings, by class: " + ", ".join(PRICE_COLUMNS),
+    )
+    per_request_usd: str | None = Field(None, description="USD per request, decimal string")
+    note: str = Field("", max_length=1000)
+
+
+def _validated(body: OverrideIn, tenant: str, override_id: str) -> PriceOverride:
+    utc = parse_tz("UTC")
+    start = parse_instant("effective_from", body.effective_from, utc, end_of_day=False)
+    end = parse_instant("effective_to", body.effective_to, utc, end_of_day=False) if body.effective_to else None
+    row = {
+        "id": override_id, "tenant": tenant, "provider": body.provider, "model": body.model,
+        "effective_from": start, "effective_to": end, "per_request_usd": body.per_request_usd,
+    }
+    unknown = set(body.per_mtok) - set(PRICE_COLUMNS)
+    if unknown:
+        raise InvalidField("per_mtok", f"unknown token classes {sorted(unknown)}; known: {', '.join(PRICE_COLUMNS)}")
+    row |= {PRICE_COLUMNS[atom]: value for atom, value in body.per_mtok.items()}
+    try:
+        return PriceOverride.from_row(row)
+    except ValueError as exc:
+        message = str(exc)
+        field = next((f for f in ("effective_to", "per_request_usd", *PRICE_COLUMNS.values()) if f in message), "per_mtok")
+        raise InvalidField(field, message) from None
+
+
+@router.put("/overrides", summary="Create or replace a price override (admin); the pricing stage picks it up within seconds")
+async def put_override(body: OverrideIn, principal: Admin, ch: CH) -> dict:
+    override = _validated(body, principal.tenant, body.id or uuid.uuid4().hex)
+    now = datetime.now(timezone.utc)
+    given = {PRICE_COLUMNS[a]: Decimal(v) for a, v in override.per_mtok.items()}
+    columns = [
+        "tenant", "id", "provider", "model", "effective_from", "effective_to", *PRICE_COLUMNS.values(),
+        "request_usd", "note", "created_at", "deleted", "version",
+    ]
+    values = [
+        override.tenant, override.id, override.provider, override.model, override.effective_from,
+        override.effective_to, *(given.get(c) for c in PRICE_COLUMNS.values()), override.per_request,
+        body.note, now, 0, _version(now),
+    ]
+    await ch.insert("price_overrides", [values], column_names=columns)
+    return override.describe() | {"note": body.note}
+
+
+@router.delete("/overrides/{override_id}", status_code=204, summary="Delete a price override (admin)")
+async def delete_override(override_id: str, principal: Admin, ch: CH) -> None:
+    rows = [r for r in await tenant_override_rows(ch, principal.tenant) if r["id"] == override_id]
+    if not rows:
+        raise NotFound(f"price override {override_id!r}")
+    row = rows[0]
+    now = datetime.now(timezone.utc)
+    columns = ["tenant", "id", "provider", "model", "effective_from", "deleted", "version", "created_at"]
+    await ch.insert(
+        "price_overrides",
+        [[row["tenant"], row["id"], row["provider"], row["model"], row["effective_from"], 1, _version(now), now]],
+        column_names=columns,
+    )
+
+
+def _version(now: datetime) -> int:
+    # the schema's convention: write time in microseconds, so the latest write wins
+    return int(now.timestamp() * 1_000_000)
+
+
+@router.get("/unpriced", summary="Models seen without a price, with event counts and the time range to re-price")
+async def unpriced(principal: Reader, ch: CH, catalog: CatalogDep) -> dict:
+    result = await ch.query(
+        "SELECT provider, model, sum(events) AS events, min(first_seen) AS first_seen, max(last_seen) AS last_seen "
+        "FROM unpriced_models WHERE tenant = {tenant:String} GROUP BY provider, model ORDER BY events DESC, provider, model",
+        parameters={"tenant": principal.tenant},
+    )
+    overrides_now = await tenant_overrides(ch, principal.tenant, catalog)
+    models = []
+    for r in result.named_results():
+        now_price = effective_price(catalog, overrides_now, r["provider"], r["model"])
+        models.append({
+            "provider": r["provider"], "model": r["model"], "events": int(r["events"]),
+            "first_seen": _iso(r["first_seen"]), "last_seen": _iso(r["last_seen"]),
+            # a price added since (override or newer catalog) makes the range ready to re-price
+            "priced_now": now_price["price_source"] != "none",
+        })
+    return {"models": models}
+
+
+def _iso(t: datetime) -> str:
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat(timespec="milliseconds")
+
+
+@router.get("/{provider}/{model:path}", summary="The price an event of this model gets now, or at `at`")
+async def price_of(
+    principal: Reader,
+    ch: CH,
+    catalog: CatalogDep,
+    provider: Annotated[str, Path()],
+    model: Annotated[str, Path(description="may contain '/', e.g. an OpenRouter id")],
+    at: Annotated[str | None, Query(description="RFC 3339 or YYYY-MM-DD; default now")] = None,
+) -> dict:
+    instant = parse_instant("at", at, parse_tz("UTC"), end_of_day=False) if at else datetime.now(timezone.utc)
+    return effective_price(catalog, await tenant_overrides(ch, principal.tenant, catalog), provider, model, instant)
