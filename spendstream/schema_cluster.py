@@ -3,7 +3,8 @@
 The single-node files in clickhouse/schema/ stay the only source; ``migrate --cluster NAME``
 passes every statement through :func:`cluster_statements`:
 
-- ``CREATE DATABASE``/``CREATE VIEW``: the same statement ``ON CLUSTER``.
+- ``CREATE DATABASE``, ``CREATE VIEW`` and ``CREATE OR REPLACE VIEW``: the same statement
+  ``ON CLUSTER`` (views read the public, Distributed names).
 - ``CREATE TABLE {db}.t (...) ENGINE = XMergeTree(args) ...``: a local table ``{db}.t_local`` with
   ``ReplicatedXMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}', args)`` on
   every node, plus ``{db}.t`` as ``Distributed(cluster, db, t_local[, cityHash64(tenant)])`` with the
@@ -41,7 +42,7 @@ LOCAL_SUFFIX = "_local"
 
 CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _CREATE_DATABASE = re.compile(r"^CREATE\s+DATABASE\s+IF\s+NOT\s+EXISTS\s+(\S+)(.*)$", re.S | re.I)
-_CREATE_VIEW = re.compile(r"^CREATE\s+VIEW\s+IF\s+NOT\s+EXISTS\s+(\S+)\s+(AS\s.*)$", re.S | re.I)
+_CREATE_VIEW = re.compile(r"^(CREATE\s+VIEW\s+IF\s+NOT\s+EXISTS|CREATE\s+OR\s+REPLACE\s+VIEW)\s+(\S+)\s+(AS\s.*)$", re.S | re.I)
 _CREATE_TABLE = re.compile(r"^CREATE\s+TABLE\s+IF\s+NOT\s+EXISTS\s+\{db\}\.(\w+)\s*(\(.*)$", re.S | re.I)
 _CREATE_MV = re.compile(
     r"^CREATE\s+MATERIALIZED\s+VIEW\s+IF\s+NOT\s+EXISTS\s+(\{db\}\.\w+)\s+TO\s+\{db\}\.(\w+)\s+(AS\s.*)$", re.S | re.I
@@ -69,7 +70,7 @@ def cluster_statements(statement: str, cluster: str, *, cluster_wide: bool = Fal
     if m := _CREATE_DATABASE.match(statement):
         return [f"CREATE DATABASE IF NOT EXISTS {m[1]} {on_cluster}{m[2]}"]
     if m := _CREATE_VIEW.match(statement):
-        return [f"CREATE VIEW IF NOT EXISTS {m[1]} {on_cluster} {m[2]}"]
+        return [f"{m[1]} {m[2]} {on_cluster} {m[3]}"]
     if m := _CREATE_MV.match(statement):
         select = m[3]
         if not _MV_SOURCE.search(select):
@@ -87,7 +88,7 @@ def cluster_statements(statement: str, cluster: str, *, cluster_wide: bool = Fal
         return derived
     raise ClusterSchemaError(
         "no cluster form for this statement (expected CREATE DATABASE/TABLE/VIEW/MATERIALIZED VIEW "
-        f"IF NOT EXISTS or ALTER TABLE on {{db}}-qualified names): {statement[:200]}"
+        f"IF NOT EXISTS, CREATE OR REPLACE VIEW, or ALTER TABLE on {{db}}-qualified names): {statement[:200]}"
     )
 
 
