@@ -152,8 +152,8 @@ def test_image_holds_every_package_and_the_schema_where_the_code_looks(tmp_path:
     assert re.search(r"pip install [^&]*-e /app", runtime_runs)
     assert all(dest.startswith("/app/") for dest in copies.values())
 
-    # Rebuild the runtime's /app from the COPY lines and ask the code, as the image would,
-    # where its repository root is: the schema files must be there.
+    # Rebuild the runtime's /app from the COPY lines and ask the migrator, as the image would,
+    # where it reads the schema from: the schema files must be there.
     app_root = tmp_path / "app"
     for source, dest in copies.items():
         target = app_root / Path(dest).relative_to("/app")
@@ -163,14 +163,15 @@ def test_image_holds_every_package_and_the_schema_where_the_code_looks(tmp_path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO_ROOT / source, target)
     probe = subprocess.run(
-        [sys.executable, "-c", "from spendstream.settings import REPO_ROOT; print(REPO_ROOT)"],
+        [sys.executable, "-c", "from spendstream.migrate import SCHEMA_DIR; print(SCHEMA_DIR)"],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(app_root)},
         capture_output=True, text=True, check=True,
     )
-    image_root = Path(probe.stdout.strip())
-    assert image_root == app_root
+    image_schema_dir = Path(probe.stdout.strip())
+    assert image_schema_dir == app_root / "clickhouse" / "schema"
     schema = sorted(p.name for p in (REPO_ROOT / "clickhouse" / "schema").glob("*.sql"))
-    assert sorted(p.name for p in (image_root / "clickhouse" / "schema").glob("*.sql")) == schema
+    assert schema
+    assert sorted(p.name for p in image_schema_dir.glob("*.sql")) == schema
 
 
 def test_dockerignore_keeps_what_the_image_copies() -> None:
