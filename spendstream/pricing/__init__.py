@@ -1,6 +1,7 @@
 """Exact pricing of usage events from the genai-prices catalog plus tenant overrides. Pure: no IO.
 
-Start-up: ``catalog = default_catalog()``; on override changes: ``book = OverrideBook.from_rows(rows, catalog)``;
+Start-up: ``catalog = default_catalog()``;
+on override changes: ``book = OverrideBook.from_rows(rows, catalog)``;
 per event: ``price(event, catalog, book.for_tenant(tenant))``.
 """
 

@@ -31,7 +31,7 @@ fixed answer or a short list of time-of-day windows (DeepSeek off-peak) to test 
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
@@ -85,7 +85,9 @@ _REGISTRY = UnitRegistry(unit_data)
 _ATOM_UNITS: tuple[UnitDef, ...] = tuple(_REGISTRY.units[k] for k in ATOM_USAGE_KEYS)
 #: which atoms each reported usage key contains (keys contract v1 does not report count 0)
 _ATOMS_IN_USAGE_KEY: dict[str, tuple[int, ...]] = {
-    key: tuple(i for i, atom in enumerate(_ATOM_UNITS) if _REGISTRY.units[key].dimensions.items() <= atom.dimensions.items())
+    key: tuple(
+        i for i, atom in enumerate(_ATOM_UNITS) if _REGISTRY.units[key].dimensions.items() <= atom.dimensions.items()
+    )
     for key in ATOM_USAGE_KEYS
 }
 _EXACT = 80  # digits: every compile-time Decimal operation below is exact at this precision
@@ -127,10 +129,6 @@ class PriceRow:
             scale = 10 ** max(0, digits)
             bands = tuple(tuple(int(v * scale) for v in band) for band in nanos)
         return cls(price_id, scale, tuple(thresholds), bands, tuple(tuple(b) for b in per_mtok), per_request)
-
-    def band_index(self, input_tokens: int) -> int:
-        # the number of tier starts strictly below input_tokens: "input_tokens > start" selects a tier
-        return bisect_left(self.thresholds, input_tokens)
 
     def describe(self) -> dict[str, Any]:
         """Decimal-string view for APIs: effective USD per million tokens of every class."""
@@ -423,10 +421,10 @@ class Catalog:
 def _compile_provider(provider: gp.Provider) -> _Provider:
     models = tuple(
         (
-            compile_match(model.match),
-            CatalogModel(provider.id, model.id, model.name, compile_schedule(f"{provider.id}/{model.id}", model.prices)),
+            compile_match(m.match),
+            CatalogModel(provider.id, m.id, m.name, compile_schedule(f"{provider.id}/{m.id}", m.prices)),
         )
-        for model in provider.models
+        for m in provider.models
     )
     return _Provider(
         id=provider.id,

@@ -126,7 +126,8 @@ def price(event: dict[str, Any], catalog: Catalog, overrides: TenantOverrides | 
         raise PricingError(f"{exc.args[0]} is required") from None
     except (TypeError, AttributeError) as exc:
         raise PricingError(f"provider, model and token counts have the wrong type: {exc}") from None
-    if min(plain_input, cache_read, cache_write_5m, cache_write_1h, input_audio, plain_output, reasoning, output_audio) < 0:
+    parts = (plain_input, cache_read, cache_write_5m, cache_write_1h, input_audio, plain_output, reasoning, output_audio)
+    if min(parts) < 0:
         raise PricingError(
             "token counts must be >= 0 and fit their parents: cache_read + cache_write + input_audio <= input_tokens, "
             "cache_write_1h <= cache_write, reasoning + output_audio <= output_tokens"
@@ -148,6 +149,7 @@ def price(event: dict[str, Any], catalog: Catalog, overrides: TenantOverrides | 
             return PricedLine(_zero_cost(), 0, "", "unknown_model", "none")
         return _client_line(cost_usd, None)
 
+    # the number of tier starts strictly below input_tokens: "input_tokens > start" selects a tier
     band = bisect_left(row.thresholds, input_tokens) if row.thresholds else 0
     r = row.bands[band]
     nums = [  # in _CLASS_ORDER; r is in ATOMS order plus the request rate

@@ -172,13 +172,6 @@ class TenantOverrides:
     def active(self, resolution: Resolution, at_us: int) -> PriceOverride | None:
         return active_override(self.windows_for(resolution), at_us)
 
-    def overrides(self) -> list[PriceOverride]:
-        seen: dict[str, PriceOverride] = {}
-        for windows in self._by_key.values():
-            for window in windows:
-                seen.setdefault(window.override.id, window.override)
-        return sorted(seen.values(), key=lambda o: (o.provider, o.model, o.effective_from))
-
 
 def active_override(windows: tuple[_Window, ...], at_us: int) -> PriceOverride | None:
     for window in windows:
@@ -230,11 +223,12 @@ class OverrideBook:
             tenant = grouped.setdefault(override.tenant, {})
             for key in keys:
                 tenant.setdefault(key, []).append(window)
+        def latest_first(windows: list[_Window]) -> tuple[_Window, ...]:
+            return tuple(sorted(windows, key=lambda w: (w.from_us, w.override.id), reverse=True))
+
         return cls(
             {
-                tenant: TenantOverrides(
-                    {key: tuple(sorted(ws, key=lambda w: (w.from_us, w.override.id), reverse=True)) for key, ws in by_key.items()}
-                )
+                tenant: TenantOverrides({key: latest_first(windows) for key, windows in by_key.items()})
                 for tenant, by_key in grouped.items()
             }
         )

@@ -37,14 +37,14 @@ def load_corpus() -> list[dict[str, Any]]:
     return [json.loads(line) for line in CORPUS.read_text().splitlines() if line.strip()]
 
 
+def genai_price(event: dict[str, Any], provider: str, model: str) -> gp.PriceCalculation:
+    """genai-prices' own price of the event's usage at the event's time."""
+    at = datetime.fromisoformat(event["timestamp"])
+    return calc_price(genai_usage(event), model, provider_id=provider, genai_request_timestamp=at)
+
+
 def reference(event: dict[str, Any]) -> gp.PriceCalculation:
-    tags = event["tags"]
-    return calc_price(
-        genai_usage(event),
-        tags["corpus.ref_model"],
-        provider_id=tags["corpus.ref_provider"],
-        genai_request_timestamp=datetime.fromisoformat(event["timestamp"]),
-    )
+    return genai_price(event, event["tags"]["corpus.ref_provider"], event["tags"]["corpus.ref_model"])
 
 
 @pytest.fixture(scope="module")

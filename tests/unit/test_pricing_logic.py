@@ -6,13 +6,12 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from genai_prices import calc_price
 from genai_prices.data import providers
 from genai_prices.data_snapshot import get_snapshot
 
 from spendstream.contracts import COST_CLASSES, PRICE_SOURCES, PRICING_STATUSES, usd_to_nanos
 from spendstream.pricing import PricingError, default_catalog, effective_price, list_prices, price
-from test_pricing_corpus import genai_usage  # pytest puts tests/unit on sys.path
+from test_pricing_corpus import genai_price  # pytest puts tests/unit on sys.path
 
 TS = "2026-02-03T04:05:06.789Z"
 
@@ -58,19 +57,18 @@ def test_each_class_is_what_its_tokens_cost():
 def test_per_request_price_is_booked_under_request():
     event = {"provider": "perplexity", "model": "sonar", "timestamp": TS, "input_tokens": 100, "output_tokens": 10}
     line = price(event, default_catalog())
-    calc = calc_price(genai_usage(event), "sonar", provider_id="perplexity", genai_request_timestamp=datetime.fromisoformat(TS))
     assert line.cost["request"] == 12_000_000  # $12 per thousand requests
-    assert line.cost_nanos == usd_to_nanos(calc.total_price)
+    assert line.cost_nanos == usd_to_nanos(genai_price(event, "perplexity", "sonar").total_price)
 
 
 def test_off_peak_windows_switch_at_their_edges():
     catalog = default_catalog()
     seen = set()
-    for ts in ("2026-02-03T00:29:59.999Z", "2026-02-03T00:30:00.000Z", "2026-02-03T16:29:59.999Z", "2026-02-03T16:30:00.000Z"):
-        event = {"provider": "deepseek", "model": "deepseek-chat", "timestamp": ts, "input_tokens": 10**6, "output_tokens": 10**6}
+    for clock in ("00:29:59.999", "00:30:00.000", "16:29:59.999", "16:30:00.000"):
+        event = {"provider": "deepseek", "model": "deepseek-chat", "timestamp": f"2026-02-03T{clock}Z"}
+        event.update(input_tokens=10**6, output_tokens=10**6)
         line = price(event, catalog)
-        calc = calc_price(genai_usage(event), "deepseek-chat", provider_id="deepseek", genai_request_timestamp=datetime.fromisoformat(ts))
-        assert line.cost_nanos == usd_to_nanos(calc.total_price), ts
+        assert line.cost_nanos == usd_to_nanos(genai_price(event, "deepseek", "deepseek-chat").total_price), clock
         seen.add(line.price_id)
     assert seen == {"deepseek/deepseek-chat@base", "deepseek/deepseek-chat@00:30-16:30"}
 

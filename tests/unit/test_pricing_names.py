@@ -10,6 +10,9 @@ from spendstream.pricing.catalog import Catalog
 from spendstream.pricing.normalize import model_ref_candidates, provider_alias_key
 
 
+FIREWORKS_DEEPSEEK = "accounts/fireworks/models/deepseek-v3p2"
+
+
 def genai_model(provider: str, model: str) -> tuple[str, str]:
     found_provider, found_model = get_snapshot().find_provider_model(model, None, provider, None)
     return found_provider.id, found_model.id
@@ -34,7 +37,7 @@ def genai_model(provider: str, model: str) -> tuple[str, str]:
         # Azure AI Foundry asset ids, OpenRouter routing suffixes, Fireworks spelled the LiteLLM way
         ("azure", "azureml://registries/azure-openai/models/gpt-4o/versions/2024-08-06", ("azure", "gpt-4o")),
         ("openrouter", "openai/gpt-4o:nitro", ("openrouter", "openai/gpt-4o")),
-        ("fireworks_ai", "accounts/fireworks/models/deepseek-v3p2", ("fireworks", "accounts/fireworks/models/deepseek-v3p2")),
+        ("fireworks_ai", FIREWORKS_DEEPSEEK, ("fireworks", FIREWORKS_DEEPSEEK)),
         ("x_ai", "grok-3-mini", ("x-ai", "grok-3-mini")),
         # a provider genai-prices does not know: the model prefix or genai-prices' model-only rule decides
         ("my-llm-proxy", "openai/gpt-4o-mini", ("openai", "gpt-4o-mini")),

@@ -70,7 +70,7 @@ def test_other_tenants_keep_catalog_prices(book):
 
 def test_unpriced_classes_fall_back_to_their_parent_class(book):
     line = price(
-        event("2026-05-17T12:00:00.000Z", cache_read_tokens=200_000, cache_write_tokens=100_000, reasoning_tokens=50_000),
+        event("2026-05-17T12:00:00Z", cache_read_tokens=200_000, cache_write_tokens=100_000, reasoning_tokens=50_000),
         default_catalog(),
         book.for_tenant("acme"),
     )
@@ -98,7 +98,8 @@ def test_latest_effective_from_wins_and_custom_models_get_priced():
     assert price(event("2026-05-10T00:00:00.000Z"), default_catalog(), tenant).price_id == "override:old"
     assert price(event("2026-05-20T00:00:00.000Z"), default_catalog(), tenant).price_id == "override:newer"
 
-    custom = {"provider": "ACME-LLM", "model": "House-Model-7", "timestamp": "2026-05-20T00:00:00.000Z", "input_tokens": 10, "output_tokens": 3}
+    custom = {"provider": "ACME-LLM", "model": "House-Model-7", "timestamp": "2026-05-20T00:00:00.000Z"}
+    custom.update(input_tokens=10, output_tokens=3)
     line = price(custom, default_catalog(), tenant)
     assert (line.pricing_status, line.price_source) == ("priced", "override")
     assert line.cost_nanos == 10_000_000 + 3 * 7_000  # $0.01 per request + 3 output tokens at $7/MTok
@@ -120,11 +121,13 @@ def test_sub_nano_prices_round_half_even_and_keep_the_breakdown_summing():
 
 def test_effective_price_reports_the_override_then_the_catalog(book):
     tenant = book.for_tenant("acme")
-    during = effective_price(default_catalog(), tenant, "anthropic", "claude-3-5-sonnet-20241022", "2026-05-02T00:00:00Z")
+    model = "claude-3-5-sonnet-20241022"
+    during = effective_price(default_catalog(), tenant, "anthropic", model, "2026-05-02T00:00:00Z")
     assert during["price_source"] == "override"
     assert during["per_mtok"]["input"] == "1.5" and during["per_mtok"]["cache_read"] == "1.5"
     assert during["valid_to"] == "2026-06-01T00:00:00+00:00"
-    after = effective_price(default_catalog(), tenant, "anthropic", "claude-3-5-sonnet-20241022", datetime(2026, 6, 1, tzinfo=UTC))
+    assert PriceOverride.from_row(row()).describe()["per_mtok_given"] == {"input": "1.5", "output": "7"}
+    after = effective_price(default_catalog(), tenant, "anthropic", model, datetime(2026, 6, 1, tzinfo=UTC))
     assert after["price_source"] == "catalog"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from fractions import Fraction
 
-from genai_prices import calc_price
 from genai_prices.data import providers
 from genai_prices.data_snapshot import get_snapshot
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 from spendstream.contracts import COST_CLASSES, usd_to_nanos
 from spendstream.pricing import default_catalog, price
 from spendstream.pricing.logic import allocate, round_half_even
-from test_pricing_corpus import corpus_script, genai_usage  # pytest puts tests/unit on sys.path
+from test_pricing_corpus import corpus_script, genai_price  # pytest puts tests/unit on sys.path
 
 #: (provider id, a name genai-prices resolves to exactly that model) for every reachable model
 MODELS = [
@@ -59,13 +58,7 @@ def usage_events(draw):
 @given(usage_events())
 def test_random_usage_on_random_models_equals_calc_price(event):
     line = price(event, default_catalog())
-    calc = calc_price(
-        genai_usage(event),
-        event["model"],
-        provider_id=event["provider"],
-        genai_request_timestamp=datetime.fromisoformat(event["timestamp"]),
-    )
-    assert line.cost_nanos == usd_to_nanos(calc.total_price)
+    assert line.cost_nanos == usd_to_nanos(genai_price(event, event["provider"], event["model"]).total_price)
     assert sum(line.cost.values()) == line.cost_nanos
     assert line.pricing_status == "priced"
 
@@ -75,7 +68,9 @@ def _name_variants():
     providers_sent = st.sampled_from(
         [p.id for p in providers] + ["litellm", "bedrock", "vertex_ai", "azure_openai", "together_ai", "xai", "Gemini"]
     )
-    spelling = st.sampled_from([str, str.upper, lambda s: f" {s}", lambda s: s + "-20250101", lambda s: s.replace("-", "")])
+    spelling = st.sampled_from(
+        [str, str.upper, lambda s: f" {s}", lambda s: s + "-20250101", lambda s: s.replace("-", "")]
+    )
     return st.tuples(providers_sent, refs, spelling)
 
 
@@ -116,10 +111,9 @@ def test_timestamps_with_offsets_use_the_utc_date():
     catalog = default_catalog()
     event = {"provider": "anthropic", "model": "claude-opus-4-6", "input_tokens": 1000, "output_tokens": 1000}
     for local in ("2026-03-12T23:30:00-02:00", "2026-03-13T00:30:00+02:00", "2026-03-12T23:59:59.999Z"):
-        instant = datetime.fromisoformat(local)
-        line = price({**event, "timestamp": local}, catalog)
-        calc = calc_price(genai_usage(event), "claude-opus-4-6", provider_id="anthropic", genai_request_timestamp=instant)
-        assert line.cost_nanos == usd_to_nanos(calc.total_price), local
+        timed = {**event, "timestamp": local}
+        expected = usd_to_nanos(genai_price(timed, "anthropic", "claude-opus-4-6").total_price)
+        assert price(timed, catalog).cost_nanos == expected, local
     assert price({**event, "timestamp": "2026-03-12T23:30:00-02:00"}, catalog).price_id != price(
         {**event, "timestamp": "2026-03-12T23:30:00Z"}, catalog
     ).price_id
