@@ -50,7 +50,7 @@ DEFAULT_SESSION_TIMEOUT_S = 60
 MAX_SESSION_TIMEOUT_S = 3600
 MAX_URI_BYTES = 1_048_576  # ClickHouse's http_max_uri_size: params and inserts travel in the URL
 
-INSERT_BATCH_BYTES = 1 << 20  # compressed bytes handed to the engine per call; amortises thread hops
+INSERT_BATCH_BYTES = 1 << 20  # body bytes (as sent, maybe compressed) per engine call; amortises thread hops
 WORKER_THREADS = 8
 SHUTDOWN_GRACE_S = 10.0
 
@@ -65,6 +65,8 @@ TRANSPORT_PARAMS = frozenset(
         "http_headers_progress_interval_ms", "cancel_http_readonly_queries_on_client_close",
         "http_native_compression_disable_checksumming_on_decompress", "add_http_cors_header",
         "stacktrace",
+        # enforced per request by the server: once SET on a session, readonly could never be reset
+        "readonly",
     }
 )
 # Formats whose per-block encodings concatenate into one valid stream; other formats (JSON,
@@ -614,8 +616,8 @@ class Lease:
     def cancel_stream(self, handle: Any) -> None:
         self.conn.streaming_cancel_query(handle)
 
-    def begin_insert(self, split: InsertSplit, settings: dict[str, str], database: str | None) -> Any:
-        self.prepare(split.statement, settings, database, readonly=False)
+    def begin_insert(self, split: InsertSplit, settings: dict[str, str], database: str | None, readonly: bool) -> Any:
+        self.prepare(split.statement, settings, database, readonly)
         try:
             return self.conn.send_insert(split.statement, split.format)
         except RuntimeError as exc:
@@ -742,6 +744,7 @@ class QueryRequest:
     wait_end_of_query: bool
     compress_response: bool
     max_query_size: int
+    readonly: bool
 
     @classmethod
     def parse(cls, values: dict[str, str], query_id: str, compress_by_default: bool) -> QueryRequest:
@@ -775,6 +778,7 @@ class QueryRequest:
             wait_end_of_query=_truthy(values.get("wait_end_of_query")),
             compress_response=_truthy(values["enable_http_compression"]) if "enable_http_compression" in values else compress_by_default,
             max_query_size=max_query_size,
+            readonly=(values.get("readonly") or "0").strip() != "0",
         )
 
 
@@ -897,9 +901,9 @@ class ClickHouseHttp:
     async def _serve_query(self, request: web.BaseRequest, query_id: str) -> web.StreamResponse:
         values, body_was_form = await self._request_values(request)
         req = QueryRequest.parse(values, query_id, self.engine.http_compression)
-        readonly = request.method != "POST"
+        readonly = request.method != "POST" or req.readonly
         body = RequestBody(
-            None if readonly or body_was_form else request,
+            None if request.method != "POST" or body_was_form else request,
             body_decoder(request.headers.get("Content-Encoding")),
         )
         encoding = response_encoding(request.headers.get("Accept-Encoding"), req.compress_response)
@@ -911,13 +915,13 @@ class ClickHouseHttp:
                 if split is not None:
                     # ClickHouse reads the query parameter, a line break, then the body
                     prefix = query_bytes[split.data_start :]
-                    return await self._insert(lease, req, split, body, prefix=prefix + b"\n" if prefix else b"")
+                    return await self._insert(lease, req, split, body, readonly, prefix=prefix + b"\n" if prefix else b"")
                 rest = await body.read_all(req.max_query_size)
                 text = query_bytes + b"\n" + rest if rest else query_bytes
             else:
                 head, split, exhausted = await body.read_head(req.max_query_size)
                 if split is not None:
-                    return await self._insert(lease, req, split, body, prefix=head[split.data_start :], exhausted=exhausted)
+                    return await self._insert(lease, req, split, body, readonly, head[split.data_start :], exhausted)
                 text = head if exhausted else await body.read_all(req.max_query_size, prefix=head)
             if len(text) > req.max_query_size:
                 raise _query_too_large(req.max_query_size)
@@ -965,9 +969,10 @@ class ClickHouseHttp:
                 await self.engine.call(lease.cancel_stream, handle)
 
     async def _insert(
-        self, lease: Lease, req: QueryRequest, split: InsertSplit, body: RequestBody, prefix: bytes, exhausted: bool = False
+        self, lease: Lease, req: QueryRequest, split: InsertSplit, body: RequestBody, readonly: bool, prefix: bytes,
+        exhausted: bool = False,
     ) -> web.StreamResponse:
-        inserter = await self.engine.call(lease.begin_insert, split, req.settings, req.database)
+        inserter = await self.engine.call(lease.begin_insert, split, req.settings, req.database, readonly)
         done = False
         pending: asyncio.Future | None = None
         try:

@@ -71,10 +71,17 @@ def test_errors_have_clickhouse_shape_over_plain_http(server: EmbeddedClickHouse
     assert response.text.startswith("Code: 60. DB::Exception: ")
     assert "(UNKNOWN_TABLE) (version 26." in response.text
 
-    # GET is read-only, as on a ClickHouse server
-    response = httpx.get(server.url, params={"query": "CREATE TABLE get_made_this (a Int8) ENGINE = Memory"})
-    assert response.status_code == 403
-    assert response.headers["X-ClickHouse-Exception-Code"] == "164"
+    # GET is read-only, as on a ClickHouse server, and so is any request with readonly=1
+    httpx.post(server.url, content="CREATE TABLE ro (a Int8) ENGINE = Memory").raise_for_status()
+    for refused in (
+        httpx.get(server.url, params={"query": "CREATE TABLE get_made_this (a Int8) ENGINE = Memory"}),
+        httpx.get(server.url, params={"query": "INSERT INTO ro VALUES (1)"}),
+        httpx.post(server.url, params={"readonly": "1"}, content="INSERT INTO ro VALUES (2)"),
+    ):
+        assert refused.status_code == 403
+        assert refused.headers["X-ClickHouse-Exception-Code"] == "164"
+    assert httpx.post(server.url, content="SELECT count() FROM ro").text == "0\n"
+    httpx.post(server.url, content="DROP TABLE ro").raise_for_status()
 
     response = httpx.get(server.url, params={"query": "SELECT 40 + {n:UInt8}", "param_n": "2"})
     assert (response.status_code, response.text, response.headers["X-ClickHouse-Format"]) == (200, "42\n", "TabSeparated")
