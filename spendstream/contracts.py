@@ -16,11 +16,19 @@ pricing stage handles one raw partition in order, so downstream stages drop any 
 whose ``src.offset`` is not above the highest one they already applied for ``src.partition``.
 That makes redelivery after a pricing crash a no-op without Kafka transactions (Tansu has none).
 
+usage.dlq record (one per input record, or per record's rejected events, a stage could not use)
+    key   = the input record's key
+    value = orjson {"v": 1, "stage": str, "reason": str,
+                    "src": {"topic": str, "partition": int, "offset": int},
+                    "value_b64": base64 of the input value       # the whole record was unusable
+                    | "events": [{"reason": str, "event": ...}]}  # only these events were
+
 Money is integer nano-USD (1e-9 USD) everywhere on the wire and in ClickHouse.
 """
 
 from __future__ import annotations
 
+import base64
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, TypedDict
 
@@ -129,3 +137,26 @@ def priced_envelope(raw: dict[str, Any], partition: int, offset: int, events: li
         "src": {"partition": partition, "offset": offset},
         "events": events,
     }
+
+
+def dlq_envelope(
+    stage: str,
+    reason: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    *,
+    value: bytes | None = None,
+    events: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "v": SCHEMA_VERSION,
+        "stage": stage,
+        "reason": reason,
+        "src": {"topic": topic, "partition": partition, "offset": offset},
+    }
+    if events is not None:
+        out["events"] = events
+    else:
+        out["value_b64"] = base64.b64encode(value or b"").decode()
+    return out
