@@ -18,7 +18,8 @@ without a cache-read price pay the input price, and reasoning tokens pay the out
 ``output_reasoning_mtok`` is set. Rates are stored as integers in ``1/scale`` nano-USD per token.
 
 Contract v1 has no cached-audio count, so audio and cache atoms are disjoint: the usage handed to
-genai-prices for comparison sets ``cache_audio_read_tokens=0`` (see tests/unit/test_pricing_corpus.py).
+genai-prices for comparison sets ``cache_audio_read_tokens=0`` (``genai_usage`` in
+tests/fixtures/make_pricing_corpus.py).
 
 Tiers: genai-prices applies a tier to *all* tokens of a priced unit once the request's total
 ``input_tokens`` is strictly above the tier's start. The distinct starts of a row split input
@@ -27,6 +28,10 @@ sizes into bands; each band has its own rate vector.
 Price changes: a model's ``ConditionalPrice`` list is tried last to first, the first active
 constraint wins, else the first entry. The start dates split time into intervals, each with a
 fixed answer or a short list of time-of-day windows (DeepSeek off-peak) to test in order.
+
+Not priced: usage contract v1 does not report (seconds of audio, images, web searches, ...), and
+genai-prices' request-context ``price_variants`` (service tiers): events carry no tier, and
+calc_price without a ``price_context`` ignores them as well.
 """
 
 from __future__ import annotations
@@ -163,10 +168,13 @@ def compile_model_price(price_id: str, model_price: gp.ModelPrice) -> PriceRow:
         for key, value in model_price.__dict__.items()
         if value is not None and not key.startswith("_")
     ]
-    # genai-prices refuses rows whose priced units lack ancestors or joins; refuse them here too
+    # rows genai-prices would refuse to price (missing ancestor or join prices) and shapes this
+    # compiler does not handle fail the build loudly, so a genai-prices upgrade cannot misprice
     validate_priced_units([unit for unit, _ in priced], _REGISTRY)
     token_units = [(u, v) for u, v in priced if u.usage_key != REQUESTS_KEY]
     request_price = next((v for u, v in priced if u.usage_key == REQUESTS_KEY), None)
+    if isinstance(request_price, gp.TieredPrices):
+        raise ValueError(f"{price_id}: tiered per-request prices are not supported")
     thresholds = sorted({t.start for _, v in priced if isinstance(v, gp.TieredPrices) for t in v.tiers})
 
     # leaf decomposition, most specific unit first, on usage vectors over the atoms
@@ -192,7 +200,7 @@ def compile_model_price(price_id: str, model_price: gp.ModelPrice) -> PriceRow:
                     if weight:
                         rates[atom] += unit_rate * weight
             per_mtok.append(tuple(rates))
-        per_request = Decimal(0) if request_price is None else _price_at(request_price, 0) / 1000
+        per_request = Decimal(0) if request_price is None else request_price / 1000
     return PriceRow.from_rates(price_id, thresholds, per_mtok, per_request)
 
 
@@ -384,9 +392,9 @@ class Catalog:
         return next((p for p in self.providers if p.alias_key == key), None)
 
     def _resolve(self, provider_name: str, model_name: str) -> Resolution:
-        ref = model_name.lower().strip()
+        ref = model_name.lower()  # genai-prices does not strip model names, only provider ids
         provider_id = provider_name.lower().strip()
-        raw_key = (provider_id, ref)
+        raw_key = (provider_id, ref.strip())
         if provider_id == "litellm" and "/" in ref:
             prefix, rest = ref.split("/", 1)
             if prefix and self._provider_by_id(prefix) is not None:

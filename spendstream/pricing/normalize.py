@@ -116,6 +116,7 @@ def model_ref_candidates(model_ref: str) -> list[tuple[str | None, str]]:
             ref = new_ref
             out.append((hint, ref))
 
+    add(ref.strip())
     if ref.startswith("arn:"):
         add(ref.rsplit("/", 1)[-1])
     add(_ROUTING_SUFFIX.sub("", ref))
