@@ -5,42 +5,21 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
-from ingest_gateway.errors import GatewayError, Unauthenticated
-from ingest_gateway.http import json_response
-from ingest_gateway.logic import BodyError
+from ingest_gateway.ingest import IngestMiddleware
 from ingest_gateway.metrics import GatewayMetrics
+from ingest_gateway.openapi import add_ingest_path
 from ingest_gateway.publisher import Publisher
-from ingest_gateway.routers import events, health
+from ingest_gateway.routers import health
 from spendstream.keys import KeyStore, StoredKey, clickhouse_loader
 from spendstream.settings import Settings
 
 log = logging.getLogger(__name__)
 
 KeyLoader = Callable[[], Awaitable[list[StoredKey]]]
-
-
-def install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
-    """Every domain error becomes ``{"error": code, "message": ...}`` with its status, here only."""
-
-    def respond(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-        metrics.requests.labels(status).inc()
-        return json_response({"error": code, "message": message}, status, headers)
-
-    @app.exception_handler(BodyError)
-    async def body_error(_: Request, exc: BodyError) -> Response:
-        return respond(exc.status, exc.code, exc.message)
-
-    @app.exception_handler(GatewayError)
-    async def gateway_error(_: Request, exc: GatewayError) -> Response:
-        headers = {}
-        if exc.retry_after_s is not None:
-            headers["Retry-After"] = str(exc.retry_after_s)
-        if isinstance(exc, Unauthenticated):
-            headers["WWW-Authenticate"] = "Bearer"
-        return respond(exc.status, exc.code, exc.message, headers)
 
 
 def create_app(settings: Settings, key_loader: KeyLoader | None = None) -> FastAPI:
@@ -50,12 +29,11 @@ def create_app(settings: Settings, key_loader: KeyLoader | None = None) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = Publisher(settings, metrics)
-        keys = KeyStore.from_settings(
-            settings, key_loader or clickhouse_loader(settings), on_reload=_key_metrics(metrics)
-        )
+        keys = KeyStore.from_settings(settings, key_loader or clickhouse_loader(settings), on_reload=_key_metrics(metrics))
         await publisher.start()
         await keys.start()
         app.state.publisher, app.state.keys = publisher, keys
+        metrics.in_flight_events.set_function(lambda: publisher.in_flight)
         try:
             yield
         finally:
@@ -69,9 +47,17 @@ def create_app(settings: Settings, key_loader: KeyLoader | None = None) -> FastA
         lifespan=lifespan,
     )
     app.state.metrics = metrics
-    install_error_handlers(app, metrics)
-    app.include_router(events.build_router(settings))
+    app.add_middleware(IngestMiddleware, settings=settings)
     app.include_router(health.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_ingest_path(
+                FastAPI.openapi(app), settings.gateway.max_events_per_request, settings.gateway.max_body_bytes
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -1,6 +1,8 @@
-"""Domain errors of the gateway. ``app.install_error_handlers`` maps them all to HTTP in one place."""
+"""Domain errors of the gateway and, in ``to_http``, the one place they become HTTP answers."""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class GatewayError(Exception):
@@ -13,6 +15,15 @@ class GatewayError(Exception):
         self.message = message
 
 
+class BodyError(GatewayError):
+    """The request body as a whole is unusable (malformed, too large, wrong type); ``status`` says how."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
 class Unauthenticated(GatewayError):
     status = 401
     code = "unauthenticated"
@@ -21,6 +32,11 @@ class Unauthenticated(GatewayError):
 class Forbidden(GatewayError):
     status = 403
     code = "forbidden"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    code = "method_not_allowed"
 
 
 class Saturated(GatewayError):
@@ -37,3 +53,15 @@ class BrokerUnavailable(GatewayError):
     status = 503
     code = "broker_unavailable"
     retry_after_s = 5
+
+
+def to_http(exc: GatewayError) -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
+    """``(status, {"error", "message"}, extra headers)`` of a domain error."""
+    headers = []
+    if exc.retry_after_s is not None:
+        headers.append((b"retry-after", str(exc.retry_after_s).encode()))
+    if isinstance(exc, Unauthenticated):
+        headers.append((b"www-authenticate", b"Bearer"))
+    if isinstance(exc, MethodNotAllowed):
+        headers.append((b"allow", b"POST"))
+    return exc.status, {"error": exc.code, "message": exc.message}, headers

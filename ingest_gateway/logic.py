@@ -1,22 +1,33 @@
 """Request bodies -> validated, normalised contract v1 events. Pure: no Kafka/HTTP/ClickHouse imports.
 
-Validation is hand-written over the dicts orjson returns: it reports every problem of an event
-(not only the first), names each field, and costs a few microseconds per event.
+One source of truth for the event shape: the msgspec ``Event`` struct (types, lengths, ranges,
+unknown fields), decoded straight from the request bytes in C, followed by ``_finish`` for what a
+type cannot say (blank strings, time window, provider/model, token subsets, provider ``usage``).
+A whole valid batch costs about 2 µs per event; when any event fails, the body is decoded again
+element by element so every rejection names its event and field.
+
+The normalised event is the same struct, encoded with ``omit_defaults``: absent optional fields
+and zero token subsets are left out of the wire format; ``agent``, ``status``, ``input_tokens``
+and ``output_tokens`` are always present.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
+import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import orjson
+import msgspec
+from msgspec import Meta
 
-from ingest_gateway.usage import FieldErrors, normalise_usage, token_count_error
+from ingest_gateway.errors import BodyError
+from ingest_gateway.usage import MAX_TOKENS, FieldErrors, normalise_usage
 from spendstream.contracts import TOKEN_FIELDS, TOKEN_PARENTS
 
 MAX_FUTURE = timedelta(minutes=5)
@@ -32,28 +43,54 @@ MAX_COST_USD = Decimal(1_000_000)
 MAX_LATENCY_MS = 2**31 - 1
 STATUSES = ("ok", "error")
 
-EVENT_FIELDS: frozenset[str] = frozenset(
-    (
-        "event_id", "timestamp", "project", "agent", "user", "session_id", "operation", "tags",
-        "provider", "model", "usage", "cost_usd", "latency_ms", "status", *TOKEN_FIELDS,
-    )
-)  # fmt: skip
-_TOKEN_FIELD_SET = frozenset(TOKEN_FIELDS)
-_SUBSETS = frozenset(TOKEN_PARENTS)
-_ATTRIBUTION_FIELDS = ("user", "session_id", "operation")
-
 JSON_TYPES = ("application/json",)
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/jsonlines")
 
+_Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LEN)]
+_Name = Annotated[str, Meta(min_length=1, max_length=MAX_MODEL_LEN)]
+_Attribution = Annotated[str, Meta(max_length=MAX_ATTRIBUTION_LEN)]
+_Tokens = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
+_Tags = Annotated[
+    dict[Annotated[str, Meta(max_length=MAX_TAG_KEY_LEN)], Annotated[str, Meta(max_length=MAX_TAG_VALUE_LEN)]],
+    Meta(max_length=MAX_TAGS),
+]
 
-class BodyError(Exception):
-    """The request as a whole is unusable; ``status`` is the HTTP status it maps to."""
 
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Contract v1 event as received and, after ``_finish``, as published (see module doc)."""
+
+    event_id: _Id | None = None
+    timestamp: str | None = None
+    project: _Id
+    agent: _Id | None = None
+    user: _Attribution | None = None
+    session_id: _Attribution | None = None
+    operation: _Attribution | None = None
+    tags: _Tags | None = None
+    provider: _Name | None = None
+    model: _Name
+    input_tokens: _Tokens | None = None
+    output_tokens: _Tokens | None = None
+    cache_read_tokens: _Tokens = 0
+    cache_write_tokens: _Tokens = 0
+    cache_write_1h_tokens: _Tokens = 0
+    reasoning_tokens: _Tokens = 0
+    input_audio_tokens: _Tokens = 0
+    output_audio_tokens: _Tokens = 0
+    usage: dict[str, Any] | None = None
+    cost_usd: str | float | int | None = None
+    latency_ms: Annotated[int, Meta(ge=0, le=MAX_LATENCY_MS)] | None = None
+    status: Literal["ok", "error"] | None = None
+
+
+EVENT_FIELDS: frozenset[str] = frozenset(Event.__struct_fields__)
+assert EVENT_FIELDS >= set(TOKEN_FIELDS), "Event must carry every contract token field"
+
+_decode_list = msgspec.json.Decoder(list[Event]).decode
+_decode_one = msgspec.json.Decoder(Event).decode
+_decode_raw_list = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_decode_any = msgspec.json.Decoder().decode
+encode = msgspec.json.Encoder().encode
 
 
 # ---------------------------------------------------------------- body
@@ -97,42 +134,68 @@ def decode_content(body: bytes, content_encoding: str | None, max_bytes: int) ->
     return out
 
 
-def _malformed(exc: orjson.JSONDecodeError, line_offset: int = 0) -> BodyError:
-    line = exc.lineno + line_offset
-    return BodyError(
-        400, "malformed_json", f"malformed JSON at line {line}, column {exc.colno} (byte {exc.pos}): {exc.msg}"
-    )
+_BYTE_POS = re.compile(r"\(byte (\d+)\)")
 
 
-def parse_events(body: bytes, ndjson: bool, max_events: int) -> list[Any]:
-    """The raw event objects of a body: one object, an array, or NDJSON lines."""
-    if ndjson:
-        items: list[Any] = []
-        for lineno, line in enumerate(body.split(b"\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                items.append(orjson.loads(line))
-            except orjson.JSONDecodeError as exc:
-                raise _malformed(exc, lineno - 1) from None
-            if len(items) > max_events:
-                break
+def _malformed(exc: msgspec.DecodeError, doc: bytes, line_offset: int = 0) -> BodyError:
+    m = _BYTE_POS.search(str(exc))
+    pos = int(m.group(1)) if m else len(doc)
+    line = doc.count(b"\n", 0, pos) + 1
+    column = pos - (doc.rfind(b"\n", 0, pos) + 1) + 1
+    reason = str(exc).replace("JSON is malformed: ", "")
+    reason = _BYTE_POS.sub("", reason).strip()
+    return BodyError(400, "malformed_json", f"malformed JSON at line {line + line_offset}, column {column}: {reason}")
+
+
+def _too_many(max_events: int) -> BodyError:
+    return BodyError(413, "too_many_events", f"more than {max_events} events in one request")
+
+
+def _json_items(body: bytes, max_events: int) -> tuple[list[Event] | None, list[msgspec.Raw]]:
+    """(typed events, []) when the whole body is valid, else (None, the raw elements)."""
+    start = body.lstrip()[:1]
+    try:
+        if start == b"[":
+            events = _decode_list(body)
+            if len(events) > max_events:
+                raise _too_many(max_events)
+            return events, []
+        if start == b"{":
+            return [_decode_one(body)], []
+    except msgspec.ValidationError:  # (a DecodeError subclass, so caught first)
+        pass  # some event is invalid: the slow path below finds which
+    except msgspec.DecodeError as exc:
+        raise _malformed(exc, body) from None
+    try:
+        _decode_any(body)  # typed decoding stops at the first invalid value; syntax errors may follow
+    except msgspec.DecodeError as exc:
+        raise _malformed(exc, body) from None
+    if start == b"[":
+        raws = _decode_raw_list(body)
+    elif start == b"{":
+        raws = [msgspec.Raw(body)]
     else:
+        raise BodyError(400, "bad_body", "body must be an event object or an array of event objects")
+    if len(raws) > max_events:
+        raise _too_many(max_events)
+    return None, raws
+
+
+def _ndjson_items(body: bytes, max_events: int) -> tuple[list[Event] | None, list[msgspec.Raw]]:
+    numbered = [(n, line) for n, line in enumerate(body.split(b"\n"), 1) if line.strip()]
+    if len(numbered) > max_events:
+        raise _too_many(max_events)
+    lines = [line for _, line in numbered]
+    try:
+        return _decode_list(b"[" + b",".join(lines) + b"]"), []
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass
+    for lineno, line in numbered:  # find the line to name, or fall back to per-event errors
         try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise _malformed(exc) from None
-        if type(doc) is dict:
-            items = [doc]
-        elif type(doc) is list:
-            items = doc
-        else:
-            raise BodyError(400, "bad_body", "body must be an event object or an array of event objects")
-    if not items:
-        raise BodyError(400, "no_events", "body holds no events")
-    if len(items) > max_events:
-        raise BodyError(413, "too_many_events", f"more than {max_events} events in one request")
-    return items
+            _decode_any(line)
+        except msgspec.DecodeError as exc:
+            raise _malformed(exc, line, lineno - 1) from None
+    return None, [msgspec.Raw(line) for line in lines]
 
 
 # ---------------------------------------------------------------- ids and time
@@ -155,30 +218,42 @@ def format_timestamp(dt: datetime) -> str:
     )
 
 
-def _is_canonical(ts: str) -> bool:
-    return len(ts) == 24 and ts[23] == "Z" and ts[19] == "." and ts[10] == "T"
-
-
-@dataclass(frozen=True)
 class RequestContext:
     """What every event of one request shares: the receive time and the future limit."""
 
-    received_at: datetime
-    received_at_str: str = field(init=False)
-    received_ms: int = field(init=False)
-    latest: datetime = field(init=False)
+    __slots__ = ("received_ms", "received_at_str", "latest")
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "received_at_str", format_timestamp(self.received_at))
-        object.__setattr__(self, "received_ms", int(self.received_at.timestamp() * 1000))
-        object.__setattr__(self, "latest", self.received_at + MAX_FUTURE)
+    def __init__(self, received_ns: int):
+        self.received_ms = received_ns // 1_000_000
+        seconds, ms = divmod(self.received_ms, 1000)
+        self.received_at_str = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+        self.latest = datetime.fromtimestamp(received_ns / 1e9, timezone.utc) + MAX_FUTURE
 
     @classmethod
     def now(cls) -> RequestContext:
-        return cls(datetime.now(timezone.utc))
+        return cls(time.time_ns())
 
 
-# ---------------------------------------------------------------- names
+def _timestamp(value: str, ctx: RequestContext, errors: FieldErrors) -> str | None:
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        errors.append({"field": "timestamp", "message": f"not an RFC 3339 timestamp: {value[:64]!r}"})
+        return None
+    if dt.tzinfo is None:
+        errors.append({"field": "timestamp", "message": "must be an RFC 3339 date-time with a UTC offset or Z"})
+    elif dt > ctx.latest:
+        errors.append({"field": "timestamp", "message": "more than 5 minutes in the future"})
+    elif dt < EARLIEST:
+        errors.append({"field": "timestamp", "message": "before 1970-01-01T00:00:00Z"})
+    elif len(value) == 24 and value[23] == "Z" and value[19] == "." and value[10] == "T":
+        return value  # already canonical: the common case costs no formatting
+    else:
+        return format_timestamp(dt)
+    return None
+
+
+# ---------------------------------------------------------------- names and amounts
 
 
 def normalise_names(provider: str | None, model: str) -> tuple[str | None, str]:
@@ -192,67 +267,13 @@ def normalise_names(provider: str | None, model: str) -> tuple[str | None, str]:
         provider = provider.strip().lower()
     if "/" in model:
         prefix, rest = model.split("/", 1)
-        if provider is None or provider == prefix:
+        if prefix and rest and (provider is None or provider == prefix):
             provider, model = prefix, rest
     return provider, model
 
 
-# ---------------------------------------------------------------- events
-
-
-def _short_str(v: Any, max_len: int) -> bool:
-    """The common case, checked inline-cheap: a non-blank string of at most ``max_len``."""
-    return type(v) is str and 0 < len(v) <= max_len and not v.isspace()
-
-
-def _str_error(value: Any, max_len: int, min_len: int = 0) -> str | None:
-    if type(value) is not str:
-        return "must be a string"
-    if len(value) > max_len:
-        return f"must be at most {max_len} characters"
-    if min_len and (not value or value.isspace()):
-        return "must not be empty"
-    return None
-
-
-def _unknown_field_errors(raw: dict[str, Any]) -> FieldErrors:
-    errors = []
-    for name in sorted(map(str, raw.keys() - EVENT_FIELDS)):
-        close = difflib.get_close_matches(name, EVENT_FIELDS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        errors.append({"field": name, "message": f"unknown field {name!r}{hint}"})
-    return errors
-
-
-def _timestamp(value: Any, ctx: RequestContext, errors: FieldErrors) -> str | None:
-    if type(value) is not str:
-        errors.append({"field": "timestamp", "message": "must be an RFC 3339 string"})
-        return None
-    try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        errors.append({"field": "timestamp", "message": f"not an RFC 3339 timestamp: {value[:64]!r}"})
-        return None
-    if dt.tzinfo is None:
-        errors.append({"field": "timestamp", "message": "must be an RFC 3339 date-time with a UTC offset or Z"})
-        return None
-    if dt > ctx.latest:
-        errors.append({"field": "timestamp", "message": "more than 5 minutes in the future"})
-        return None
-    if dt < EARLIEST:
-        errors.append({"field": "timestamp", "message": "before 1970-01-01T00:00:00Z"})
-        return None
-    return value if _is_canonical(value) else format_timestamp(dt)
-
-
-def _cost(value: Any, errors: FieldErrors) -> str | None:
-    if type(value) is str:
-        text = value.strip()
-    elif type(value) is int or type(value) is float:
-        text = repr(value)  # shortest round-trip form: what the client wrote
-    else:
-        errors.append({"field": "cost_usd", "message": "must be a decimal string or a number"})
-        return None
+def _cost(value: str | float | int, errors: FieldErrors) -> str | None:
+    text = value.strip() if type(value) is str else repr(value)  # repr: the shortest round-trip form
     try:
         d = Decimal(text)
     except InvalidOperation:
@@ -264,165 +285,142 @@ def _cost(value: Any, errors: FieldErrors) -> str | None:
     return format(d.normalize(), "f") if d else "0"
 
 
-def _tags(value: Any, errors: FieldErrors) -> dict[str, str] | None:
-    if type(value) is not dict:
-        errors.append({"field": "tags", "message": "must be an object of string values"})
-        return None
-    if len(value) > MAX_TAGS:
-        errors.append({"field": "tags", "message": f"at most {MAX_TAGS} tags"})
-        return None
-    for k, v in value.items():
-        if len(k) > MAX_TAG_KEY_LEN:
-            errors.append({"field": f"tags.{k[:32]}", "message": f"tag key longer than {MAX_TAG_KEY_LEN}"})
-        elif type(v) is not str:
-            errors.append({"field": f"tags.{k}", "message": "tag values must be strings"})
-        elif len(v) > MAX_TAG_VALUE_LEN:
-            errors.append({"field": f"tags.{k}", "message": f"tag value longer than {MAX_TAG_VALUE_LEN}"})
-    return value
+# ---------------------------------------------------------------- events
 
 
-def _token_consistency(out: dict[str, Any], errors: FieldErrors) -> None:
-    if _SUBSETS.isdisjoint(out):
-        return
+def _blank(errors: FieldErrors, name: str) -> None:
+    errors.append({"field": name, "message": "must not be blank"})
+
+
+def _token_consistency(ev: Event, errors: FieldErrors) -> None:
+    cache_write = ev.cache_write_tokens
+    if (
+        ev.cache_read_tokens + cache_write <= ev.input_tokens
+        and ev.input_audio_tokens <= ev.input_tokens
+        and ev.cache_write_1h_tokens <= cache_write
+        and ev.reasoning_tokens + ev.output_audio_tokens <= ev.output_tokens
+    ):
+        return  # consistent (the common case, checked without naming anything)
     for sub, parent in TOKEN_PARENTS.items():
-        n = out.get(sub, 0)
-        if n > out.get(parent, 0):
-            errors.append({"field": sub, "message": f"{sub} ({n}) exceeds {parent} ({out.get(parent, 0)})"})
-    cached = out.get("cache_read_tokens", 0) + out.get("cache_write_tokens", 0)
-    if cached > out.get("input_tokens", 0):
+        n, total = getattr(ev, sub), getattr(ev, parent)
+        if n > total:
+            errors.append({"field": sub, "message": f"{sub} ({n}) exceeds {parent} ({total})"})
+    cached = ev.cache_read_tokens + ev.cache_write_tokens
+    if cached > ev.input_tokens:
         errors.append(
             {
                 "field": "input_tokens",
-                "message": f"input_tokens ({out.get('input_tokens', 0)}) is less than cache_read_tokens + "
-                f"cache_write_tokens ({cached}): input_tokens must include cache tokens",
+                "message": f"input_tokens ({ev.input_tokens}) is less than cache_read_tokens + cache_write_tokens "
+                f"({cached}): input_tokens must include cache tokens",
             }
         )
-    extra = out.get("reasoning_tokens", 0) + out.get("output_audio_tokens", 0)
-    if extra > out.get("output_tokens", 0):
+    extra = ev.reasoning_tokens + ev.output_audio_tokens
+    if extra > ev.output_tokens:
         errors.append(
             {
                 "field": "output_tokens",
-                "message": f"output_tokens ({out.get('output_tokens', 0)}) is less than reasoning_tokens + "
-                f"output_audio_tokens ({extra}): output_tokens must include them",
+                "message": f"output_tokens ({ev.output_tokens}) is less than reasoning_tokens + output_audio_tokens "
+                f"({extra}): output_tokens must include them",
             }
         )
 
 
-def validate_event(raw: Any, ctx: RequestContext) -> tuple[dict[str, Any] | None, FieldErrors]:
-    """``(normalised event, [])`` or ``(None, [{"field", "message"}, ...])``. Never raises."""
-    if type(raw) is not dict:
-        return None, [{"field": "event", "message": "each event must be a JSON object"}]
+def _apply_usage(ev: Event, errors: FieldErrors) -> None:
+    given = [f for f in TOKEN_FIELDS if getattr(ev, f)] + [
+        f for f in ("input_tokens", "output_tokens") if getattr(ev, f) == 0
+    ]
+    if given:
+        errors.append(
+            {"field": "usage", "message": f"give either usage or token fields, not both (also got {', '.join(given)})"}
+        )
+        return
+    counts, usage_errors = normalise_usage(ev.usage)
+    if usage_errors:
+        errors.extend(usage_errors)
+        return
+    for name, value in counts.items():
+        setattr(ev, name, value)
+    ev.usage = None
+
+
+def _finish(ev: Event, ctx: RequestContext) -> FieldErrors:
+    """Complete a type-checked event in place (defaults, normal forms); return what is wrong with it."""
     errors: FieldErrors = []
-    if not raw.keys() <= EVENT_FIELDS:
-        errors.extend(_unknown_field_errors(raw))
-    get = raw.get
-    out: dict[str, Any] = {}
+    if ev.event_id is None:
+        ev.event_id = uuid7(ctx.received_ms)
+    elif ev.event_id.isspace():
+        _blank(errors, "event_id")
+    ev.timestamp = ctx.received_at_str if ev.timestamp is None else _timestamp(ev.timestamp, ctx, errors)
+    if ev.project.isspace():
+        _blank(errors, "project")
+    if ev.agent is None:
+        ev.agent = "default"
+    elif ev.agent.isspace():
+        _blank(errors, "agent")
+    if ev.status is None:
+        ev.status = "ok"
 
-    v = get("event_id")
-    if v is None:
-        out["event_id"] = uuid7(ctx.received_ms)
-    elif _short_str(v, MAX_ID_LEN):
-        out["event_id"] = v
-    else:
-        errors.append({"field": "event_id", "message": _str_error(v, MAX_ID_LEN, 1)})
-
-    v = get("timestamp")
-    out["timestamp"] = ctx.received_at_str if v is None else _timestamp(v, ctx, errors)
-
-    v = get("project")
-    if v is None:
-        errors.append({"field": "project", "message": "field required"})
-    elif _short_str(v, MAX_ID_LEN):
-        out["project"] = v
-    else:
-        errors.append({"field": "project", "message": _str_error(v, MAX_ID_LEN, 1)})
-
-    v = get("agent")
-    if v is None:
-        out["agent"] = "default"
-    elif _short_str(v, MAX_ID_LEN):
-        out["agent"] = v
-    else:
-        errors.append({"field": "agent", "message": _str_error(v, MAX_ID_LEN, 1)})
-
-    for name in _ATTRIBUTION_FIELDS:
-        v = get(name)
-        if v is not None:
-            if type(v) is str and len(v) <= MAX_ATTRIBUTION_LEN:
-                out[name] = v
-            else:
-                errors.append({"field": name, "message": _str_error(v, MAX_ATTRIBUTION_LEN)})
-
-    v = get("tags")
-    if v is not None:
-        out["tags"] = _tags(v, errors)
-
-    provider = get("provider")
-    if provider is not None and not _short_str(provider, MAX_MODEL_LEN):
-        errors.append({"field": "provider", "message": _str_error(provider, MAX_MODEL_LEN, 1)})
-        provider = None
-    model = get("model")
-    if model is None:
-        errors.append({"field": "model", "message": "field required"})
-    elif not _short_str(model, MAX_MODEL_LEN):
-        errors.append({"field": "model", "message": _str_error(model, MAX_MODEL_LEN, 1)})
-    else:
-        provider, out["model"] = normalise_names(provider, model)
-        if provider:
-            out["provider"] = provider
-        elif "provider" not in raw:
+    ev.provider, ev.model = normalise_names(ev.provider, ev.model)
+    if not ev.model:
+        _blank(errors, "model")
+    if not ev.provider:
+        if ev.provider is None:
             errors.append({"field": "provider", "message": "field required (or give model as 'provider/model')"})
         else:
-            errors.append({"field": "provider", "message": "must not be empty"})
+            _blank(errors, "provider")
 
-    usage = get("usage")
-    token_names = raw.keys() & _TOKEN_FIELD_SET
-    if usage is not None:
-        given = sorted(f for f in token_names if raw[f] is not None)
-        if given:
-            errors.append(
-                {"field": "usage", "message": f"give either usage or token fields, not both (also got {', '.join(given)})"}
-            )
-        else:
-            counts, usage_errors = normalise_usage(usage)
-            errors.extend(usage_errors)
-            out.update(counts)
-    else:
-        for name in token_names:
-            v = raw[name]
-            if v is not None:
-                if (problem := token_count_error(v)) is None:
-                    if v or name in ("input_tokens", "output_tokens"):
-                        out[name] = v
-                else:
-                    errors.append({"field": name, "message": problem})
-        out.setdefault("input_tokens", 0)
-        out.setdefault("output_tokens", 0)
+    if ev.usage is not None:
+        _apply_usage(ev, errors)
+    if ev.input_tokens is None:
+        ev.input_tokens = 0
+    if ev.output_tokens is None:
+        ev.output_tokens = 0
     if not errors:
-        _token_consistency(out, errors)
+        _token_consistency(ev, errors)
 
-    v = get("cost_usd")
-    if v is not None:
-        out["cost_usd"] = _cost(v, errors)
+    if ev.cost_usd is not None:
+        ev.cost_usd = _cost(ev.cost_usd, errors)
+    return errors
 
-    v = get("latency_ms")
-    if v is not None:
-        if type(v) is int and 0 <= v <= MAX_LATENCY_MS:
-            out["latency_ms"] = v
-        else:
-            errors.append({"field": "latency_ms", "message": f"must be an integer between 0 and {MAX_LATENCY_MS}"})
 
-    v = get("status")
-    if v is None:
-        out["status"] = "ok"
-    elif v in STATUSES and type(v) is str:
-        out["status"] = v
-    else:
-        errors.append({"field": "status", "message": "must be 'ok' or 'error'"})
+# ---------------------------------------------------------------- rejections
 
-    if errors:
-        return None, errors
-    return out, errors
+
+_AT_PATH = re.compile(r" - at `\$\.?([^`\[]*)[^`]*`$")
+_AT_KEY = re.compile(r" - at `key` in `\$\.([^`\[]*)[^`]*`$")
+_NAMED = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
+
+
+def _type_errors(raw: msgspec.Raw, exc: msgspec.ValidationError) -> FieldErrors:
+    """Field errors of an event msgspec refused, naming every unknown field (not just the first)."""
+    message = str(exc).replace(" | null", "")
+    try:
+        obj = _decode_any(raw)
+    except msgspec.DecodeError:
+        obj = None
+    if type(obj) is dict and not obj.keys() <= EVENT_FIELDS:
+        errors = []
+        for name in sorted(obj.keys() - EVENT_FIELDS):
+            close = difflib.get_close_matches(name, EVENT_FIELDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            errors.append({"field": name, "message": f"unknown field {name!r}{hint}"})
+        return errors
+    if m := _AT_KEY.search(message):
+        return [{"field": m.group(1), "message": message[: m.start()] + " (a key)"}]
+    if m := _AT_PATH.search(message):
+        return [{"field": m.group(1) or "event", "message": message[: m.start()]}]
+    if m := _NAMED.search(message):
+        return [{"field": m.group(1), "message": message}]
+    return [{"field": "event", "message": message.replace("`object`", "a JSON object (one event)")}]
+
+
+def _claimed_id(raw: msgspec.Raw) -> str | None:
+    try:
+        obj = _decode_any(raw)
+    except msgspec.DecodeError:
+        return None
+    claimed = obj.get("event_id") if type(obj) is dict else None
+    return claimed if type(claimed) is str else None
 
 
 # ---------------------------------------------------------------- requests
@@ -432,7 +430,7 @@ def validate_event(raw: Any, ctx: RequestContext) -> tuple[dict[str, Any] | None
 class Validated:
     """Outcome of one request's events: accepted ones grouped by project, rejections by index."""
 
-    by_project: dict[str, list[dict[str, Any]]]
+    by_project: dict[str, list[Event]]
     event_ids: list[str]
     rejected: list[dict[str, Any]]
 
@@ -441,25 +439,49 @@ class Validated:
         return len(self.event_ids)
 
 
-def validate_events(items: list[Any], ctx: RequestContext) -> Validated:
-    by_project: dict[str, list[dict[str, Any]]] = {}
+def validate_body(body: bytes, ndjson: bool, max_events: int, ctx: RequestContext) -> Validated:
+    """Parse and validate a request body; BodyError for problems of the request as a whole."""
+    if not body.strip():
+        raise BodyError(400, "no_events", "body holds no events")
+    events, raws = _ndjson_items(body, max_events) if ndjson else _json_items(body, max_events)
+    by_project: dict[str, list[Event]] = {}
     event_ids: list[str] = []
     rejected: list[dict[str, Any]] = []
-    for index, raw in enumerate(items):
-        event, errors = validate_event(raw, ctx)
-        if event is None:
-            claimed = raw.get("event_id") if type(raw) is dict else None
-            rejected.append(
-                {"index": index, "event_id": claimed if type(claimed) is str else None, "errors": errors}
-            )
+    if events is None:
+        events = []
+        for index, raw in enumerate(raws):
+            try:
+                events.append(_decode_one(raw))
+            except msgspec.ValidationError as exc:
+                rejected.append({"index": index, "event_id": _claimed_id(raw), "errors": _type_errors(raw, exc)})
+                events.append(None)  # type: ignore[arg-type]  # keeps indexes aligned
+    if not events:
+        raise BodyError(400, "no_events", "body holds no events")
+    for index, ev in enumerate(events):
+        if ev is None:
             continue
-        event_ids.append(event["event_id"])
-        group = by_project.get(event["project"])
+        claimed = ev.event_id
+        errors = _finish(ev, ctx)
+        if errors:
+            rejected.append({"index": index, "event_id": claimed, "errors": errors})
+            continue
+        event_ids.append(ev.event_id)  # type: ignore[arg-type]
+        group = by_project.get(ev.project)
         if group is None:
-            by_project[event["project"]] = [event]
+            by_project[ev.project] = [ev]
         else:
-            group.append(event)
+            group.append(ev)
+    rejected.sort(key=lambda r: r["index"])
     return Validated(by_project, event_ids, rejected)
+
+
+def validate_event(obj: Any, ctx: RequestContext | None = None) -> tuple[dict[str, Any] | None, FieldErrors]:
+    """One JSON-able object through the same path as a request: ``(normalised, [])`` or ``(None, errors)``."""
+    result = validate_body(msgspec.json.encode([obj]), False, 1, ctx or RequestContext.now())
+    if result.rejected:
+        return None, result.rejected[0]["errors"]
+    (event,) = next(iter(result.by_project.values()))
+    return msgspec.to_builtins(event), []
 
 
 def rejection_reasons(rejected: list[dict[str, Any]]) -> list[str]:

@@ -44,7 +44,7 @@ class GatewayMetrics:
         )
         self.in_flight_events = Gauge(
             "spendstream_gateway_in_flight_events",
-            "Events handed to the producer and not yet acknowledged",
+            "Events handed to the producer and not yet acknowledged (read at scrape time)",
             registry=self.registry,
         )
         self.keys_loaded = Gauge(

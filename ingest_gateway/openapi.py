@@ -156,25 +156,59 @@ class ErrorBody(BaseModel):
     message: str
 
 
-def _error(description: str, retry: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {"model": ErrorBody, "description": description}
-    if retry:
-        out["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait"}}
-    return out
+def _json(ref: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}
 
 
-RESPONSES: dict[int | str, dict[str, Any]] = {
-    202: {"model": IngestResult, "description": "every valid event is acknowledged by Kafka; invalid ones are listed"},
-    400: {
-        "description": "every event invalid (IngestResult), or the body is malformed (ErrorBody naming line/column)",
-        "content": {
-            "application/json": {"schema": {"anyOf": [{"$ref": "#/components/schemas/IngestResult"}, {"$ref": "#/components/schemas/ErrorBody"}]}}
+_RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait before retrying"}}
+
+
+def _responses() -> dict[str, Any]:
+    def error(description: str, **extra: Any) -> dict[str, Any]:
+        return {"description": description, "content": _json("ErrorBody"), **extra}
+
+    return {
+        "202": {"description": "every valid event is acknowledged by Kafka; invalid ones are listed",
+                "content": _json("IngestResult")},
+        "400": {
+            "description": "every event invalid (IngestResult), or the body is malformed (ErrorBody naming line/column)",
+            "content": {"application/json": {"schema": {"anyOf": [
+                {"$ref": "#/components/schemas/IngestResult"}, {"$ref": "#/components/schemas/ErrorBody"}]}}},
         },
-    },
-    401: _error("missing or unknown API key"),
-    403: _error("the API key lacks the `ingest` scope"),
-    413: _error("too many events or too many bytes"),
-    415: _error("unsupported Content-Type or Content-Encoding"),
-    429: _error("too many events waiting for the broker; retry after Retry-After seconds", retry=True),
-    503: _error("the broker did not acknowledge; nothing was accepted; retry after Retry-After seconds", retry=True),
-}
+        "401": error("missing or unknown API key", headers={"WWW-Authenticate": {"schema": {"type": "string"}}}),
+        "403": error("the API key lacks the `ingest` scope"),
+        "413": error("too many events or too many bytes"),
+        "415": error("unsupported Content-Type or Content-Encoding"),
+        "429": error("too many events waiting for the broker; retry after Retry-After seconds", headers=_RETRY_AFTER),
+        "503": error("the broker did not acknowledge; nothing was accepted; retry after Retry-After seconds",
+                     headers=_RETRY_AFTER),
+    }  # fmt: skip
+
+
+def add_ingest_path(schema: dict[str, Any], max_events: int, max_bytes: int) -> dict[str, Any]:
+    """Describe ``POST /v1/events`` (served by ``ingest.IngestMiddleware``) in an OpenAPI document."""
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for model in (IngestResult, ErrorBody):
+        model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(model_schema.pop("$defs", {}))
+        schemas[model.__name__] = model_schema
+    components.setdefault("securitySchemes", {})["ApiKey"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an API key with the `ingest` scope: `Authorization: Bearer ss_<id>_<secret>`",
+    }
+    schema.setdefault("paths", {})["/v1/events"] = {
+        "post": {
+            "tags": ["ingest"],
+            "summary": "Ingest usage events",
+            "description": "Validate and normalise events, publish the valid ones to `spendstream.usage.raw`, and "
+            "answer 202 once Kafka acknowledged all of them. Invalid events are listed with the fields at fault; "
+            "when none is valid the answer is 400. Retrying with the returned `event_ids` is safe.",
+            "operationId": "ingest_events",
+            "security": [{"ApiKey": []}],
+            **request_body(max_events, max_bytes),
+            "responses": _responses(),
+        }
+    }
+    return schema

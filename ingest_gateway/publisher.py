@@ -1,17 +1,25 @@
-"""Publishing accepted events to usage.raw: one aiokafka producer, bounded in-flight events."""
+"""Publishing accepted events to usage.raw: one aiokafka producer, bounded in-flight events.
+
+Requests that arrive in the same event-loop turn are coalesced: their events for one
+``tenant/project`` go out in one envelope record (the value format of contracts.py is unchanged;
+an envelope simply holds the events of several requests). Per-record overhead in aiokafka and the
+broker is what limits single-event posts, so this multiplies their throughput. Every request still
+waits until each record holding its events is acknowledged (acks=all) before it is answered.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from ingest_gateway.errors import BrokerUnavailable, Saturated
+from ingest_gateway.logic import encode
 from ingest_gateway.metrics import GatewayMetrics
 from spendstream.contracts import raw_envelope, record_key
 from spendstream.kafka import producer_kwargs
@@ -28,22 +36,42 @@ _READY_CACHE_S = 1.0
 
 
 def encode_records(
-    tenant: str, received_at: str, by_project: dict[str, list[dict[str, Any]]], max_bytes: int = MAX_RECORD_BYTES
+    tenant: str, project: str, received_at: str, events: Sequence[Any], max_bytes: int = MAX_RECORD_BYTES
 ) -> list[tuple[bytes, bytes]]:
-    """``(key, value)`` records of contract v1: one envelope per project, split if too large."""
+    """``(key, value)`` envelope records of contract v1 for one project, split if too large."""
+    key = record_key(tenant, project)
     records = []
-    for project, events in by_project.items():
-        key = record_key(tenant, project)
-        pending = [events]
-        while pending:
-            chunk = pending.pop()
-            value = orjson.dumps(raw_envelope(tenant, project, received_at, chunk))
-            if len(value) > max_bytes and len(chunk) > 1:
-                half = len(chunk) // 2
-                pending += [chunk[half:], chunk[:half]]  # popped in order: first half first
-            else:
-                records.append((key, value))
+    pending = [list(events)]
+    while pending:
+        chunk = pending.pop()
+        value = encode(raw_envelope(tenant, project, received_at, chunk))
+        if len(value) > max_bytes and len(chunk) > 1:
+            half = len(chunk) // 2
+            pending += [chunk[half:], chunk[:half]]  # popped in order: first half first
+        else:
+            records.append((key, value))
     return records
+
+
+class _Ticket:
+    """One request waiting for the acks of every record that holds any of its events."""
+
+    __slots__ = ("future", "remaining")
+
+    def __init__(self, future: asyncio.Future[None]):
+        self.future = future
+        self.remaining = 0
+
+
+class _Batch:
+    """Events of one tenant/project gathered during one event-loop turn."""
+
+    __slots__ = ("received_at", "events", "tickets")
+
+    def __init__(self, received_at: str):
+        self.received_at = received_at
+        self.events: list[Any] = []
+        self.tickets: list[_Ticket] = []
 
 
 class Publisher:
@@ -59,6 +87,8 @@ class Publisher:
         self._connector: asyncio.Task[None] | None = None
         self._ready_at = 0.0
         self._ready = False
+        self._pending: dict[tuple[str, str], _Batch] = {}
+        self._sending: set[asyncio.Task[None]] = set()
         self.in_flight = 0
 
     async def start(self) -> None:
@@ -88,6 +118,8 @@ class Publisher:
         return True
 
     async def close(self) -> None:
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
         if self._connector is not None:
             self._connector.cancel()
             try:
@@ -112,26 +144,72 @@ class Publisher:
             self._ready_at = time.monotonic()
         return self._ready
 
-    async def publish(self, records: list[tuple[bytes, bytes]], n_events: int) -> None:
-        """Send and wait for every ack, or raise BrokerUnavailable (503) / Saturated (429)."""
-        producer = self._producer
-        if producer is None:
+    async def publish(self, tenant: str, received_at: str, by_project: dict[str, list[Any]], n_events: int) -> None:
+        """Return once the broker acknowledged every event; else BrokerUnavailable (503) / Saturated (429)."""
+        if self._producer is None:
             raise BrokerUnavailable(f"not connected to Kafka at {self._settings.kafka_bootstrap}")
         # a request larger than the whole bound still goes through when nothing else is waiting
         if self.in_flight + n_events > self._max_in_flight and self.in_flight:
             raise Saturated(f"{self.in_flight} events are waiting for broker acknowledgement; retry shortly")
+        loop = asyncio.get_running_loop()
+        ticket = _Ticket(loop.create_future())
+        if not self._pending:
+            loop.call_soon(self._flush)
+        for project, events in by_project.items():
+            batch = self._pending.get((tenant, project))
+            if batch is None:
+                batch = self._pending[(tenant, project)] = _Batch(received_at)
+            batch.events += events
+            batch.tickets.append(ticket)
         self.in_flight += n_events
-        self._metrics.in_flight_events.set(self.in_flight)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
-                acks = [await producer.send(self._topic, value, key=key) for key, value in records]
-                await asyncio.gather(*acks)
+                await ticket.future
         except TimeoutError:
             raise BrokerUnavailable(f"Kafka did not acknowledge within {self._timeout_s}s") from None
-        except KafkaError as exc:
-            raise BrokerUnavailable(f"Kafka refused the write: {exc}") from None
         finally:
             self.in_flight -= n_events
-            self._metrics.in_flight_events.set(self.in_flight)
         self._metrics.publish_latency.observe(time.perf_counter() - started)
+
+    def _flush(self) -> None:
+        batches, self._pending = self._pending, {}
+        task = asyncio.get_running_loop().create_task(self._send(batches))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batches: dict[tuple[str, str], _Batch]) -> None:
+        producer = self._producer
+        planned = []
+        for (tenant, project), batch in batches.items():
+            records = encode_records(tenant, project, batch.received_at, batch.events)
+            for ticket in batch.tickets:
+                ticket.remaining += len(records)
+            planned.append((batch.tickets, records))
+        # all counts are set before the first send, so no early ack can release a ticket too soon
+        for tickets, records in planned:
+            for key, value in records:
+                try:
+                    if producer is None:
+                        raise BrokerUnavailable("the Kafka producer is closed")
+                    ack = await producer.send(self._topic, value, key=key)
+                except Exception as exc:  # every failure to hand over a record fails its requests
+                    self._fail(tickets, exc)
+                    break
+                ack.add_done_callback(lambda fut, tickets=tickets: self._acked(tickets, fut))
+
+    def _acked(self, tickets: list[_Ticket], ack: asyncio.Future[Any]) -> None:
+        if ack.cancelled() or ack.exception() is not None:
+            self._fail(tickets, ack.exception() if not ack.cancelled() else None)
+            return
+        for ticket in tickets:
+            ticket.remaining -= 1
+            if ticket.remaining == 0 and not ticket.future.done():
+                ticket.future.set_result(None)
+
+    @staticmethod
+    def _fail(tickets: list[_Ticket], exc: BaseException | None) -> None:
+        error = exc if isinstance(exc, BrokerUnavailable) else BrokerUnavailable(f"Kafka refused the write: {exc!r}")
+        for ticket in tickets:
+            if not ticket.future.done():
+                ticket.future.set_exception(error)

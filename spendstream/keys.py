@@ -252,6 +252,7 @@ class KeyStore:
         self._reloading: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self.loaded = load is None
+        self._healthy = True
         self.last_success: float | None = None
 
     @classmethod
@@ -301,10 +302,18 @@ class KeyStore:
         try:
             keys = await self._load()
         except Exception as exc:  # ClickHouse down or schema missing: keep serving what we have
-            log.warning("API key reload failed, serving %d cached keys: %s", len(self._by_id), exc)
+            # one warning per outage, not one per refresh period; metrics count every failure
+            log.log(
+                logging.WARNING if self._healthy else logging.DEBUG,
+                "API key reload failed, serving %d cached keys: %s", len(self._by_id), exc,
+            )
+            self._healthy = False
             if self._on_reload:
                 self._on_reload(None)
             return
+        if not self._healthy:
+            log.info("API keys reloaded: %d live keys", len(keys))
+        self._healthy = True
         self._by_id = {k.principal.key_id: k for k in keys}
         self.loaded = True
         self.last_success = time.monotonic()

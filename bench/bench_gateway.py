@@ -1,0 +1,257 @@
+"""Gateway benchmark: batches of 500 into the embedded broker, and single posts vs a bare FastAPI endpoint.
+
+    .venv/bin/python bench/bench_gateway.py [--duration 10] [--connections-batch 8] [--connections-single 64]
+
+Needs ``wrk`` (Debian package ``wrk``; installed here when missing and running as root). Starts
+its own embedded broker and, one after the other, three uvicorn servers with identical settings
+(uvloop, httptools, one worker, no access log) in separate processes:
+
+1. the gateway (``spendstream gateway``, bootstrap admin key, no ClickHouse), loaded by wrk with
+   POST bodies of 500 events (a Lua script cycles through pre-generated distinct bodies);
+2. the same gateway with single-event bodies;
+3. a bare FastAPI app whose ``POST /v1/events`` reads the body and answers a constant 202.
+
+Throughput counts only what the gateway reports accepted (acknowledged by the broker, from its
+``/metrics``), and the records on ``spendstream.usage.raw`` are read back and counted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from spendstream.embedded.kafka import EmbeddedKafka, free_port  # noqa: E402
+
+ADMIN_KEY = "bench-admin-key-" + uuid.uuid4().hex
+LUA = r"""
+local bodies = {}
+init = function(args)
+  for line in io.lines(args[1]) do bodies[#bodies + 1] = line end
+  i = 0
+end
+request = function()
+  i = i % #bodies + 1
+  return wrk.format("POST", "/v1/events", {
+    ["Content-Type"] = "application/json",
+    ["Authorization"] = "Bearer KEY",
+  }, bodies[i])
+end
+"""
+
+
+def make_event(i: int) -> dict:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "project": f"project-{i % 3}",
+        "agent": f"agent-{i % 25}",
+        "user": f"user-{i % 200}",
+        "session_id": f"s-{i % 1000}",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "input_tokens": 1000 + i % 5000,
+        "output_tokens": 200 + i % 700,
+        "cache_read_tokens": i % 900,
+        "latency_ms": 300 + i % 2000,
+        "tags": {"env": "prod", "team": f"team-{i % 4}"},
+    }
+
+
+def write_bodies(path: Path, batch: int, count: int) -> None:
+    with path.open("wb") as f:
+        for b in range(count):
+            events = [make_event(b * batch + j) for j in range(batch)]
+            f.write(orjson.dumps(events if batch > 1 else events[0]) + b"\n")
+
+
+BARE_APP = '''
+from fastapi import FastAPI, Request, Response
+app = FastAPI()
+@app.post("/v1/events", status_code=202)
+async def events(request: Request) -> Response:
+    await request.body()
+    return Response(b'{"accepted":1}', status_code=202, media_type="application/json")
+'''
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (contention on a shared box does not inflate it)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def server(cmd: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[tuple[str, int]]:
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code in (200, 404):
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wrk(url: str, script: Path, bodies: Path, connections: int, duration: float, pid: int) -> dict:
+    cpu_before = cpu_seconds(pid)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "-s", str(script), url, "--", str(bodies)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    pct = {p: _ms(v, unit) for p, v, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    return {
+        "cpu_us_per_request": (cpu_seconds(pid) - cpu_before) / requests * 1e6,
+        "rps": rps,
+        "p50_ms": pct.get("50"),
+        "p99_ms": pct.get("99"),
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(1) if errors else "",
+    }
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def accepted_total(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    m = re.search(r"^spendstream_gateway_events_accepted_total ([\d.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+async def count_on_topic(bootstrap: str) -> tuple[int, int]:
+    """(records, events) on usage.raw, reading until the topic is idle (not end_offsets: Tansu bug)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        "spendstream.usage.raw", bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    records = events = 0
+    try:
+        while True:
+            batch = await consumer.getmany(timeout_ms=2000, max_records=5000)
+            if not batch:
+                return records, events
+            for msgs in batch.values():
+                for m in msgs:
+                    records += 1
+                    events += len(orjson.loads(m.value)["events"])
+    finally:
+        await consumer.stop()
+
+
+def ensure_wrk() -> None:
+    if shutil.which("wrk"):
+        return
+    if os.geteuid() != 0:
+        sys.exit("wrk not found: apt-get install wrk")
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--connections-batch", type=int, default=8)
+    ap.add_argument("--connections-single", type=int, default=64)
+    args = ap.parse_args()
+    ensure_wrk()
+    work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    script = work / "post.lua"
+    script.write_text(LUA.replace("KEY", ADMIN_KEY))
+    batch_bodies, single_bodies = work / "batch.ndjson", work / "single.ndjson"
+    write_bodies(batch_bodies, args.batch, 64)
+    write_bodies(single_bodies, 1, 5000)
+    python = sys.executable
+    base_env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    uvicorn_flags = ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    results: dict[str, dict] = {}
+
+    with EmbeddedKafka(log_path=work / "tansu.log") as broker:
+        port = free_port()
+        env = {
+            **base_env,
+            "SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+            "SPENDSTREAM_KAFKA__PROFILE": "embedded",
+            "SPENDSTREAM_CLICKHOUSE__URL": "http://127.0.0.1:1",
+            "SPENDSTREAM_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY,
+            "SPENDSTREAM_GATEWAY__PORT": str(port),
+            "SPENDSTREAM_LOG_LEVEL": "WARNING",
+        }
+        with server([python, "-m", "spendstream.cli", "gateway"], env, port, work / "gateway.log") as (url, pid):
+            wrk(url, script, batch_bodies, args.connections_batch, 2, pid)  # warm-up
+            before = accepted_total(url)
+            r = wrk(url, script, batch_bodies, args.connections_batch, args.duration, pid)
+            r["events_per_s"] = (accepted_total(url) - before) / args.duration
+            results["batch"] = r
+            before = accepted_total(url)
+            r = wrk(url, script, single_bodies, args.connections_single, args.duration, pid)
+            r["events_per_s"] = (accepted_total(url) - before) / args.duration
+            results["single"] = r
+            total_accepted = accepted_total(url)
+        records, events = asyncio.run(count_on_topic(broker.bootstrap))
+
+        bare_port = free_port()
+        (work / "bare_app.py").write_text(BARE_APP)
+        bare_cmd = [python, "-m", "uvicorn", "bare_app:app", "--app-dir", str(work), "--port", str(bare_port), *uvicorn_flags]
+        with server(bare_cmd, base_env, bare_port, work / "bare.log") as (url, pid):
+            wrk(url, script, single_bodies, args.connections_single, 2, pid)
+            results["bare"] = wrk(url, script, single_bodies, args.connections_single, args.duration, pid)
+
+    b, s, bare = results["batch"], results["single"], results["bare"]
+    print(f"load average at end: {os.getloadavg()[0]:.2f} (2 cores, shared)")
+    print(f"batch {args.batch}: {b['events_per_s']:,.0f} events/s accepted ({b['rps']:.0f} req/s), "
+          f"p50 {b['p50_ms']:.1f} ms, p99 {b['p99_ms']:.1f} ms, non-2xx {b['non_2xx']} {b['socket_errors']}")
+    print(f"single:  {s['rps']:,.0f} req/s ({s['events_per_s']:,.0f} events/s accepted), "
+          f"p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, non-2xx {s['non_2xx']} {s['socket_errors']}")
+    print(f"bare:    {bare['rps']:,.0f} req/s, p50 {bare['p50_ms']:.2f} ms, p99 {bare['p99_ms']:.2f} ms")
+    print(f"single / bare = {s['rps'] / bare['rps']:.2f} (req/s)")
+    print(f"gateway CPU per request: batch {b['cpu_us_per_request'] / args.batch:.1f} us/event "
+          f"(= {args.batch * 1e6 / b['cpu_us_per_request']:,.0f} events/s per busy core), "
+          f"single {s['cpu_us_per_request']:.0f} us vs bare {bare['cpu_us_per_request']:.0f} us "
+          f"(bare/single = {bare['cpu_us_per_request'] / s['cpu_us_per_request']:.2f})")
+    print(f"on usage.raw: {records} records holding {events} events; gateway reported {total_accepted:.0f} accepted")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
