@@ -191,9 +191,12 @@ def test_sessions_keep_their_own_set(server: EmbeddedClickHouse) -> None:
 
 async def test_concurrent_use_of_one_session_is_refused_like_clickhouse(server: EmbeddedClickHouse) -> None:
     params = {"session_id": f"s-{uuid.uuid4()}"}
+    marker = f"held_{uuid.uuid4().hex[:10]}"
+    running = f"SELECT count() FROM system.processes WHERE query LIKE '%{marker}%' AND query NOT LIKE '%system.processes%'"
     async with httpx.AsyncClient(base_url=server.url) as http:
-        slow = asyncio.create_task(http.post("/", params=params, content="SELECT sleep(0.5)"))
-        await asyncio.sleep(0.2)  # not a readiness wait: the point is to overlap the slow query
+        slow = asyncio.create_task(http.post("/", params=params, content=f"SELECT sleep(1) AS {marker}"))
+        while (await http.post("/", content=running)).text != "1\n":  # until the slow query holds the session
+            pass
         busy = await http.post("/", params=params, content="SELECT 1")
         assert (await slow).status_code == 200
     assert busy.status_code == 500
@@ -279,21 +282,26 @@ def test_truncated_insert_body_commits_nothing(server: EmbeddedClickHouse, clien
     client.command("CREATE TABLE cut (a Int64) ENGINE = MergeTree ORDER BY a")
     block = client.raw_query("SELECT number AS a FROM numbers(1000)", fmt="Native")
     session = f"cut-{uuid.uuid4()}"
-    query = f"INSERT INTO {client.database}.cut FORMAT Native".replace(" ", "%20")
+    query = f"INSERT INTO {client.database}.cut FORMAT Native"
+    running = f"SELECT count() FROM system.processes WHERE query = '{query}'"
 
     def send_chunked(terminated: bool) -> None:
         with socket.create_connection((server.host, server.port)) as sock:
             sock.sendall(
-                f"POST /?session_id={session}&query={query} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+                f"POST /?session_id={session}&query={query.replace(' ', '%20')} HTTP/1.1\r\n"
+                "Host: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
                 + f"{len(block):x}\r\n".encode() + block + b"\r\n" + (b"0\r\n\r\n" if terminated else b"")
             )
             if terminated:
                 assert sock.recv(12) == b"HTTP/1.1 200"
-        # the insert holds the session until the server has finished with it
+                return
+            while client.command(running) != 1:  # the server is inside the insert, data in hand
+                pass
+        # the connection dropped before the terminating chunk; the insert holds the session until cancelled
         while httpx.post(server.url, params={"session_id": session}, content="SELECT 1").status_code != 200:
             pass
 
-    send_chunked(terminated=False)  # a whole Native block, then the connection drops
+    send_chunked(terminated=False)
     assert client.command("SELECT count() FROM cut") == 0
     send_chunked(terminated=True)
     assert client.command("SELECT count() FROM cut") == 1000
