@@ -244,12 +244,18 @@ def apply_migrations(
         validate_cluster_name(cluster)
     migrations = load_migrations(schema_dir)
 
-    def execute(statements: Iterable[str], *, cluster_wide: bool = False, beat: Callable[[], None] = lambda: None):
+    def derived(statements: Iterable[str], *, cluster_wide: bool = False) -> list[str]:
+        """The SQL to run for ``statements``: as written, or their cluster form."""
+        out = []
         for statement in statements:
-            derived = cluster_statements(statement, cluster, cluster_wide=cluster_wide) if cluster else [statement]
-            for sql in derived:
-                beat()
-                client.command(render(sql, database))
+            for sql in cluster_statements(statement, cluster, cluster_wide=cluster_wide) if cluster else [statement]:
+                out.append(render(sql, database))
+        return out
+
+    def execute(statements: Iterable[str], *, cluster_wide: bool = False, beat: Callable[[], None] = lambda: None):
+        for sql in derived(statements, cluster_wide=cluster_wide):
+            beat()
+            client.command(sql)
 
     if dry_run:
         applied = _applied(client, database) if _has_migrations_table(client, database) else {}
@@ -258,12 +264,12 @@ def apply_migrations(
         for m in pending:
             echo(f"pending: {m.name}")
             if cluster:
-                for statement in m.statements:
-                    for sql in cluster_statements(statement, cluster):
-                        echo(render(sql, database) + ";")
+                for sql in derived(m.statements):
+                    echo(sql + ";")
         ttl_change = _usage_ttl_change(client, database, settings.clickhouse.usage_ttl_days, cluster)
         if ttl_change:
-            echo(f"pending: {render(ttl_change, database)}")
+            for sql in derived([ttl_change]):
+                echo(f"pending: {sql}")
         if not pending and not ttl_change:
             echo(f"{database}: up to date ({len(migrations)} files applied)")
         return [m.name for m in pending]

@@ -304,9 +304,20 @@ def test_analyst_views_show_only_the_tenant_in_log_comment(client, migrated: str
     assert client.query(f"SELECT sum(calls) FROM {tenant_db}.usage_daily", settings=scoped).result_rows == [(30,)]
     # current state only: p1's latest version is deleted
     assert client.query(f"SELECT id, name FROM {tenant_db}.projects", settings=scoped).result_rows == [("p2", "two")]
-    # readonly = 1 keeps the statement from choosing another tenant
+
+
+@pytest.mark.xfail(
+    not os.environ.get("SPENDSTREAM_TEST_CLICKHOUSE"),
+    strict=True,
+    reason="the embedded ClickHouse enforces readonly itself (refuses writes) but still lets a statement's "
+    "SETTINGS change log_comment; ClickHouse refuses that (READONLY). /v1/sql also refuses SETTINGS clauses.",
+)
+def test_readonly_keeps_a_statement_from_choosing_another_tenant(client, migrated: str) -> None:
     with pytest.raises(DatabaseError, match="readonly"):
-        client.query(f"SELECT count() FROM {tenant_db}.usage_events SETTINGS log_comment = 'view-b'", settings=scoped)
+        client.query(
+            f"SELECT count() FROM {migrated}_tenant.usage_events SETTINGS log_comment = 'view-b'",
+            settings={"log_comment": "view-a", "readonly": 1},
+        )
 
 
 # --- migrator behaviour ---------------------------------------------------------------------------
@@ -370,27 +381,27 @@ def test_cli_exits_non_zero_naming_the_edited_file(settings: Settings, migrated:
     assert "0005_alert_history.sql was edited" in result.stderr
 
 
-def _run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
+MIGRATE_CLI = [sys.executable, "-m", "spendstream.cli", "migrate"]
+
+
+def _cli_env(settings: Settings) -> dict[str, str]:
+    return {
         **os.environ,
         "SPENDSTREAM_CLICKHOUSE__URL": settings.clickhouse_url,
         "SPENDSTREAM_CLICKHOUSE__DATABASE": settings.clickhouse.database,
     }
-    return subprocess.run(
-        [sys.executable, "-m", "spendstream.cli", "migrate", *args],
-        env=env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
-    )  # fmt: skip
+
+
+def _run_cli(settings: Settings) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(MIGRATE_CLI, env=_cli_env(settings), capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
 
 
 def test_two_migrator_processes_apply_each_file_once(client, fresh) -> None:
     settings, _ = fresh
-    env = {
-        **os.environ,
-        "SPENDSTREAM_CLICKHOUSE__URL": settings.clickhouse_url,
-        "SPENDSTREAM_CLICKHOUSE__DATABASE": settings.clickhouse.database,
-    }
-    cmd = [sys.executable, "-m", "spendstream.cli", "migrate"]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(MIGRATE_CLI, env=_cli_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     applied = [line.split()[1] for out, _ in outputs for line in out.splitlines() if line.startswith("applied ")]
