@@ -1,0 +1,185 @@
+"""Sink wiring: usage.priced -> ClickHouse ``usage_events`` (and through it, every MV).
+
+Records are buffered un-acked until ``sink_batch_rows`` rows are pending or the oldest has
+waited ``sink_batch_seconds``. A flush then follows OpenMeter's order:
+1. pause: consumption stops while the flush runs (the agent awaits it, or holds the lock),
+2. dedupe in batch: drop records at or below the src watermark (also within the batch),
+3. write: one single-block insert per partition range with its dedupe token, retried with
+   backoff until ClickHouse takes it (an outage stalls the sink; it never skips a batch),
+4. commit: ack the records; Faust commits acked offsets.
+Watermarks are re-read from ``ingest_progress`` after every partition assignment (another worker
+may have written meanwhile). Records that are not priced envelopes go to usage.dlq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import faust
+import orjson
+from clickhouse_connect.driver.exceptions import ClickHouseError
+from prometheus_client import Counter, Histogram
+
+from spendstream.contracts import dlq_envelope
+from spendstream.settings import Settings
+from spendstream.topics import USAGE_DLQ, USAGE_PRICED
+from stream_processors.producer import StageProducer
+from stream_processors.retry import retry_forever
+from stream_processors.sink.logic import (
+    BadRecord,
+    Insert,
+    PricedRecord,
+    TimestampParser,
+    Watermarks,
+    decode_priced,
+    dedupe_token,
+    plan_inserts,
+)
+from stream_processors.sink.writer import ENCODING_ERRORS, UsageEventsWriter
+
+log = logging.getLogger(__name__)
+
+STAGE = "sink"
+#: errors worth retrying: anything ClickHouse or the connection to it says
+RETRYABLE = (ClickHouseError, OSError)
+
+ROWS = Counter("spendstream_sink_rows_total", "Rows inserted into usage_events")
+RECORDS = Counter("spendstream_sink_records_total", "usage.priced records by outcome", ["outcome"])
+FLUSH_SECONDS = Histogram(
+    "spendstream_sink_flush_seconds", "Time to write and ack one flush",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)  # fmt: skip
+
+
+class Sink:
+    def __init__(self, settings: Settings, topic: str):
+        self.topic = topic
+        self.batch_rows = settings.processors.sink_batch_rows
+        self.batch_seconds = settings.processors.sink_batch_seconds
+        self.writer = UsageEventsWriter(settings)
+        self.output = StageProducer(settings, STAGE)
+        self.parse_ts = TimestampParser()
+        self.stream: faust.StreamT | None = None
+        self.pending: list[tuple[faust.EventT, PricedRecord | BadRecord]] = []
+        self.pending_rows = 0
+        self.oldest: float | None = None
+        self.lock = asyncio.Lock()
+        self.watermarks = Watermarks()
+        #: src partitions whose watermark was read from ClickHouse since the last assignment
+        self.seeded: set[int] = set()
+
+    async def run(self, stream: faust.StreamT) -> None:
+        await self.output.start()
+        self.stream = stream.noack()
+        try:
+            async for event in self.stream.events():
+                m = event.message
+                try:
+                    item: PricedRecord | BadRecord = decode_priced(
+                        m.partition, m.offset, int(m.timestamp * 1000), m.value, self.parse_ts
+                    )
+                    self.pending_rows += item.rows
+                except BadRecord as exc:
+                    item = exc
+                self.pending.append((event, item))
+                if self.oldest is None:
+                    self.oldest = time.monotonic()
+                if self.pending_rows >= self.batch_rows or len(self.pending) >= self.batch_rows:
+                    await self.flush()
+        finally:
+            await self.output.stop()
+            self.writer.close()
+
+    async def flush_if_due(self) -> None:
+        if self.oldest is not None and time.monotonic() - self.oldest >= self.batch_seconds:
+            await self.flush()
+
+    def on_assigned(self) -> None:
+        self.seeded.clear()
+
+    async def flush(self) -> None:
+        async with self.lock:
+            batch = self.pending
+            if not batch:
+                return
+            self.pending, self.pending_rows, self.oldest = [], 0, None
+            started = time.perf_counter()
+            records = [item for _, item in batch if isinstance(item, PricedRecord)]
+            bad = [(event, item) for event, item in batch if isinstance(item, BadRecord)]
+            if bad:
+                await self.send_dlq(
+                    [(e.message.partition, e.message.offset, e.message.key, e.message.value, str(err)) for e, err in bad]
+                )
+            await self.seed_watermarks({r.src_partition for r in records})
+            new, replays = self.watermarks.split_new(records)
+            for insert in plan_inserts(self.topic, new, self.batch_rows):
+                await self.write(insert)
+                self.watermarks.advance(insert.records)
+            assert self.stream is not None
+            for event, _ in batch:
+                await self.stream.ack(event)
+            RECORDS.labels("stored").inc(len(new))
+            RECORDS.labels("replay_skipped").inc(len(replays))
+            RECORDS.labels("dlq").inc(len(bad))
+            FLUSH_SECONDS.observe(time.perf_counter() - started)
+
+    async def seed_watermarks(self, src_partitions: set[int]) -> None:
+        missing = sorted(src_partitions - self.seeded)
+        if not missing:
+            return
+        async for attempt in retry_forever(STAGE, "read ingest_progress", RETRYABLE):
+            with attempt:
+                stored = await asyncio.to_thread(self.writer.load_watermarks, missing)
+        self.watermarks.seed(stored)
+        self.seeded.update(missing)
+        log.info("src watermarks from ClickHouse: %s", {p: stored.get(p) for p in missing})
+
+    async def write(self, insert: Insert) -> None:
+        try:
+            columns = await asyncio.to_thread(self.writer.encode, insert)
+            await self.insert_until_stored(insert, columns)
+        except ENCODING_ERRORS as exc:
+            if len(insert.records) > 1:
+                # Some record cannot be encoded: store the others one by one, dead-letter it.
+                for record in insert.records:
+                    await self.write(Insert(insert.partition, dedupe_token(self.topic, insert.partition, record, record), [record]))
+                return
+            record = insert.records[0]
+            await self.send_dlq([(record.partition, record.offset, None, orjson.dumps(record.envelope), f"cannot store: {exc!r}")])
+
+    async def insert_until_stored(self, insert: Insert, columns: list) -> None:
+        async for attempt in retry_forever(STAGE, "clickhouse insert", RETRYABLE):
+            with attempt:
+                await asyncio.to_thread(self.writer.insert, insert, columns)
+        ROWS.inc(insert.rows)
+
+    async def send_dlq(self, items: list[tuple[int, int, bytes | None, bytes | None, str]]) -> None:
+        """Dead-letter (partition, offset, key, value, reason) items of usage.priced."""
+        await self.output.send_all(
+            [
+                (USAGE_DLQ.name, partition, key,
+                 orjson.dumps(dlq_envelope(STAGE, reason, self.topic, partition, offset, value=value)))
+                for partition, offset, key, value, reason in items
+            ]
+        )  # fmt: skip
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    priced = app.topic(
+        USAGE_PRICED.name, key_serializer="raw", value_serializer="raw", partitions=settings.kafka.partitions
+    )
+    sink = Sink(settings, USAGE_PRICED.name)
+
+    @app.agent(priced, name="sink")
+    async def store(stream: faust.StreamT) -> None:
+        await sink.run(stream)
+
+    @app.timer(min(0.1, settings.processors.sink_batch_seconds / 4))
+    async def flush_when_due() -> None:
+        await sink.flush_if_due()
+
+    @app.on_partitions_assigned.connect
+    async def reseed(sender: faust.App, assigned: set, **kwargs) -> None:
+        sink.on_assigned()
