@@ -35,11 +35,13 @@ def _view(row: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.post("", status_code=201, summary="Create a key for your tenant; the response holds the secret, once")
-async def create(body: KeyIn, principal: Admin, request: Request) -> dict:
+async def create(body: KeyIn, principal: Admin, request: Request, keys: KeysDep) -> dict:
     try:
         key_id, key = await asyncio.to_thread(create_key, request.app.state.ch_sync, principal.tenant, body.scopes, body.name)
     except InvalidKeyRequest as exc:
         raise InvalidField("scopes", str(exc)) from None
+    # usable here at once; the gateway learns it at its next reload (or on first use)
+    await keys.reload()
     return {"id": key_id, "key": key, "tenant": principal.tenant, "scopes": sorted(body.scopes), "name": body.name}
 
 
