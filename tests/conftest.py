@@ -58,7 +58,7 @@ def embedded_clickhouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[An
     # imported here so broker-only tests never load chDB
     from spendstream.embedded.clickhouse import EmbeddedClickHouse
 
-    server = EmbeddedClickHouse(path=tmp_path_factory.mktemp("chdb"), port=None).start()
+    server = EmbeddedClickHouse(path=str(tmp_path_factory.mktemp("chdb")), port=None).start()
     yield server
     server.stop()
 

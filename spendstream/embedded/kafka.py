@@ -17,9 +17,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 from spendstream.settings import Settings
 
@@ -51,13 +52,13 @@ async def _metadata_ok(bootstrap: str) -> bool:
     try:
         await client.bootstrap()
         return bool(client.cluster.brokers())
-    except KafkaError:
+    except (KafkaError, OSError):
         return False
     finally:
         await client.close()
 
 
-def _run_coroutine_blocking(coro_factory) -> bool:
+def _run_coroutine_blocking(coro_factory: Callable[[], Coroutine[Any, Any, bool]]) -> bool:
     # start() may be called from inside a running event loop (async fixtures, the dev
     # supervisor), where asyncio.run() is refused: run the probe on a private thread instead.
     result: list[bool] = []
