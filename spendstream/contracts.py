@@ -160,3 +160,60 @@ def dlq_envelope(
     else:
         out["value_b64"] = base64.b64encode(value or b"").decode()
     return out
+
+
+# --- budget alerts ------------------------------------------------------------------------------
+# Produced by the budgets stage (issue 6 part A), consumed by the notify stage (part B).
+#
+# spendstream.budget.alerts record
+#     key   = alert_id (utf-8)
+#     value = orjson {
+#         "v": 1,
+#         "alert_id": str,        # budget_alert_id(): stable per (budget, window start, threshold
+#                                 # or "forecast"); the SAME alert may be sent again (see below)
+#         "kind": "threshold" | "forecast",
+#         "tenant": str,
+#         "budget_id": str, "budget_name": str,
+#         "scope": {"project"?, "agent"?, "user"?, "provider"?, "model"?, "tag"?: "key=value"},
+#                                 # only the set fields; {} = the whole tenant
+#         "window": "daily"|"weekly"|"monthly"|"rolling_1h"|"rolling_24h"|"total",
+#         "timezone": IANA name,
+#         "window_start": RFC 3339 UTC,   # rolling windows: crossing minute's end - window length
+#         "window_end": RFC 3339 UTC | null,   # null for "total"
+#         "threshold": decimal str (percent, e.g. "80") | null for forecast,
+#         "spent_usd": decimal str, "limit_usd": decimal str,   # 9 fractional digits
+#         "spent_nanos": int, "limit_nanos": int,
+#         "percent_used": decimal str (2 fractional digits, rounded down),
+#         "projected_usd": decimal str | null, "projected_nanos": int | null,  # forecast: projected
+#                                 # end-of-window spend; threshold alerts: null
+#         "projected_at": RFC 3339 UTC | null,   # forecast: expected time the limit is crossed
+#         "top": [{"kind": "agent"|"model", "name": str, "spent_usd": str}, ...],
+#                                 # up to 3 agents then up to 3 models (name = "provider/model"),
+#                                 # by spend in the window at the crossing, highest first
+#         "event_id": str,        # the event that crossed it (forecast: the event that triggered it)
+#         "event_time": RFC 3339 UTC,     # that event's timestamp
+#         "channels": [webhook id | e-mail address, ...],   # the budget's channels at the time
+#         "created_at": RFC 3339 UTC,     # when the budgets stage emitted it
+#     }
+#
+# Delivery guarantee: at least once, deduplicated by alert_id. The budgets stage sends the alert
+# (and waits for the ack) BEFORE it records the threshold as fired in its state; a crash between
+# the two sends the same alert again with the same alert_id (figures are recomputed from the
+# same input, so they are equal). Consumers (notify) must deliver each alert_id at most once
+# per channel: the generic webhook's idempotency key and PagerDuty's dedup_key are the alert_id.
+#
+# History: the budgets stage also writes every alert to ClickHouse `budget_alerts` (after the
+# topic ack; ReplacingMergeTree by (tenant, alert_id) collapses re-sends). `scope` there is the
+# same flat map; `top` is the JSON of the list above. notify only writes `alert_deliveries`.
+
+BUDGET_ALERT_KINDS = ("threshold", "forecast")
+BUDGET_WINDOWS = ("daily", "weekly", "monthly", "rolling_1h", "rolling_24h", "total")
+BUDGET_SCOPE_FIELDS = ("project", "agent", "user", "provider", "model", "tag")
+
+
+def budget_alert_id(budget_id: str, window_start_ms: int, threshold: str) -> str:
+    """Stable id of the alert for one (budget, window start, threshold-percent or "forecast")."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{budget_id}|{window_start_ms}|{threshold}".encode()).hexdigest()
+    return f"al_{digest[:32]}"
