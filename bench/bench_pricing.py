@@ -106,7 +106,7 @@ def main() -> None:
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC with `{command}`",
         f"(Python {platform.python_version()}, genai-prices {genai_prices_version}, {os.cpu_count()} cores"
-        f" shared with other work, process pinned to CPU {cpu}).",
+        f" shared with other work, load average {os.getloadavg()[0]:.1f} at the end; process pinned to CPU {cpu}).",
         f"Events: tests/fixtures/pricing_corpus.ndjson, {len(events)} events ("
         + ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
         + ").",
