@@ -92,6 +92,13 @@ def check_ast(lines: list[str], tenant_db: str) -> None:
     if not nodes:
         raise _refuse("statement", "empty statement")
     root = nodes[0]
+    if not root.kind.isidentifier():
+        # EXPLAIN AST answers in TabSeparated, one node name per line, unless the statement's own
+        # FORMAT clause chose another output format for it (an INSERT's canonical text has one too)
+        raise _refuse(
+            "clause", "only SELECT statements are allowed, without FORMAT, INTO OUTFILE or SETTINGS clauses; "
+            "choose the format with the request"
+        )
     if root.kind not in _STATEMENT_ROOTS:
         raise _refuse("statement", f"only SELECT statements are allowed (got {root.kind.removesuffix('Query') or 'an empty statement'})")
     # the root's children are the union list, then FORMAT / INTO OUTFILE / SETTINGS when present

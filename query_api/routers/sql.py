@@ -48,21 +48,36 @@ def _run_settings(principal: Principal, database: str, max_seconds: float) -> di
     }
 
 
+def _as_query_error(exc: ClickHouseError, step: str | None) -> QueryRefused | QueryFailed:
+    """``step`` names the check that was running, so its errors are refusals."""
+    code, message = clickhouse_message(exc)
+    if code in _TIMEOUT_CODES:
+        return QueryFailed(f"the statement ran longer than the time limit: {message}")
+    if step:
+        return QueryRefused(f"refused by ClickHouse's {step}: {message}")
+    if code in _REFUSAL_CODES:
+        return QueryRefused(message)
+    return QueryFailed(message)
+
+
 async def _ask(
-    ch: CH, sql: str, settings: dict[str, Any], parameters: dict | None = None, *, refusing: str | None = None
+    ch: CH, sql: str, settings: dict[str, Any], parameters: dict | None = None, *, step: str | None = None
 ) -> Any:
-    """Run one step; ``refusing`` names the check this step is, so its errors are refusals."""
     try:
         return await ch.query(sql, parameters=parameters, settings=settings)
     except ClickHouseError as exc:
-        code, message = clickhouse_message(exc)
-        if code in _TIMEOUT_CODES:
-            raise QueryFailed(f"the statement ran longer than the time limit: {message}") from None
-        if refusing:
-            raise QueryRefused(f"refused by ClickHouse's {refusing}: {message}") from None
-        if code in _REFUSAL_CODES:
-            raise QueryRefused(message) from None
-        raise QueryFailed(message) from None
+        raise _as_query_error(exc, step) from None
+
+
+async def _explain_ast(ch: CH, canonical: str, settings: dict[str, Any]) -> list[str]:
+    # A raw query without a format: the client appends no "FORMAT Native" of its own, so the tree
+    # is exactly the analyst's statement (any FORMAT / INTO OUTFILE in it shows up as a node).
+    # TabSeparated escapes newlines inside values, so each line is one node.
+    try:
+        body = await ch.raw_query(f"EXPLAIN AST {canonical}", settings=settings)
+    except ClickHouseError as exc:
+        raise _as_query_error(exc, "parser") from None
+    return body.decode("utf-8", "replace").splitlines()
 
 
 async def guarded_statement(ch: CH, sql: str, run: dict[str, Any], tenant_db: str, refused_counter: Any) -> str:
@@ -72,13 +87,11 @@ async def guarded_statement(ch: CH, sql: str, run: dict[str, Any], tenant_db: st
     settings = run | {"readonly": 2}
     try:
         canonical = (
-            await _ask(ch, "SELECT formatQuerySingleLine({sql:String})", settings, {"sql": sql}, refusing="parser")
+            await _ask(ch, "SELECT formatQuerySingleLine({sql:String})", settings, {"sql": sql}, step="parser")
         ).result_rows[0][0]
-        # EXPLAIN as a subquery: the client's own "FORMAT Native" lands on the outer SELECT, and
-        # ClickHouse refuses output options (FORMAT, INTO OUTFILE) in the analyst's text
-        ast = await _ask(ch, f"SELECT explain FROM (EXPLAIN AST {canonical})", settings, refusing="parser")
-        check_ast([r[0] for r in ast.result_rows], tenant_db)
-        tree = await _ask(ch, f"SELECT explain FROM (EXPLAIN QUERY TREE {canonical})", settings, refusing="analyzer")
+        check_ast(await _explain_ast(ch, canonical, settings), tenant_db)
+        # a SELECT from here on: as a subquery, EXPLAIN's rows come back like any result
+        tree = await _ask(ch, f"SELECT explain FROM (EXPLAIN QUERY TREE {canonical})", settings, step="analyzer")
         check_query_tree([r[0] for r in tree.result_rows], tenant_db)
     except QueryRefused as exc:
         refused_counter.labels(exc.reason).inc()
