@@ -85,7 +85,7 @@ class IngestMiddleware:
             status, body, headers = to_http(exc)
         except ClientGone:
             return
-        metrics.requests.labels(status).inc()
+        metrics.request_count(status).inc()
         metrics.request_latency.observe(time.perf_counter() - started)
         payload = logic.encode(body)
         await send(

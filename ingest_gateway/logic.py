@@ -14,6 +14,7 @@ and ``output_tokens`` are always present.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 import time
@@ -56,7 +57,7 @@ _Tags = Annotated[
 ]
 
 
-class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     """Contract v1 event as received and, after ``_finish``, as published (see module doc)."""
 
     event_id: _Id | None = None
@@ -221,17 +222,30 @@ def format_timestamp(dt: datetime) -> str:
 class RequestContext:
     """What every event of one request shares: the receive time and the future limit."""
 
-    __slots__ = ("received_ms", "received_at_str", "latest")
+    __slots__ = ("received_ns", "received_ms", "received_at_str", "_latest")
 
     def __init__(self, received_ns: int):
+        self.received_ns = received_ns
         self.received_ms = received_ns // 1_000_000
         seconds, ms = divmod(self.received_ms, 1000)
-        self.received_at_str = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
-        self.latest = datetime.fromtimestamp(received_ns / 1e9, timezone.utc) + MAX_FUTURE
+        self.received_at_str = f"{_second_prefix(seconds)}.{ms:03d}Z"
+        self._latest: datetime | None = None
+
+    @property
+    def latest(self) -> datetime:
+        """Latest event time accepted (computed only for events that carry a timestamp)."""
+        if self._latest is None:
+            self._latest = datetime.fromtimestamp(self.received_ns / 1e9, timezone.utc) + MAX_FUTURE
+        return self._latest
 
     @classmethod
     def now(cls) -> RequestContext:
         return cls(time.time_ns())
+
+
+@functools.lru_cache(maxsize=4)
+def _second_prefix(unix_seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(unix_seconds))
 
 
 def _timestamp(value: str, ctx: RequestContext, errors: FieldErrors) -> str | None:

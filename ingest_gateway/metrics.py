@@ -5,6 +5,8 @@ Each app gets its own registry so several apps (tests, the benchmark) can live i
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -30,6 +32,7 @@ class GatewayMetrics:
             ["status"],
             registry=self.registry,
         )
+        self._request_counts: dict[int, Any] = {}
         self.request_latency = Histogram(
             "spendstream_gateway_request_seconds",
             "POST /v1/events latency, from the first body byte to the response",
@@ -57,3 +60,10 @@ class GatewayMetrics:
             "Failed reloads of API keys from ClickHouse (the last good set keeps serving)",
             registry=self.registry,
         )
+
+    def request_count(self, status: int) -> Any:
+        """The requests counter of one status (label lookups cost more than the increment)."""
+        child = self._request_counts.get(status)
+        if child is None:
+            child = self._request_counts[status] = self.requests.labels(status)
+        return child
