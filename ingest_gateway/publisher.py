@@ -44,17 +44,17 @@ def encode_records(
 ) -> list[tuple[bytes, bytes]]:
     """``(key, value)`` envelope records of contract v1 for one project, split if too large."""
     key = record_key(tenant, project)
-    records = []
-    pending = [list(events)]
-    while pending:
-        chunk = pending.pop()
-        value = encode(raw_envelope(tenant, project, received_at, chunk))
-        if len(value) > max_bytes and len(chunk) > 1:
-            half = len(chunk) // 2
-            pending += [chunk[half:], chunk[:half]]  # popped in order: first half first
-        else:
-            records.append((key, value))
-    return records
+    value = encode(raw_envelope(tenant, project, received_at, events))
+    if len(value) <= max_bytes or len(events) == 1:
+        return [(key, value)]
+    # one spare part because events differ in size; a part still too large splits again
+    parts = -(-len(value) // max_bytes) + 1
+    step = -(-len(events) // parts)
+    return [
+        record
+        for start in range(0, len(events), step)
+        for record in encode_records(tenant, project, received_at, events[start : start + step], max_bytes)
+    ]
 
 
 class _Ticket:
@@ -95,6 +95,7 @@ class Publisher:
         self._pending: dict[tuple[str, str], _Batch] = {}
         self._sending: set[asyncio.Task[None]] = set()
         self._waiting: deque[_Ticket] = deque()
+        self._event_bytes = 400.0  # encoded size of one event, re-estimated at every flush
         self._expirer: asyncio.Task[None] | None = None
         self.in_flight = 0
 
@@ -205,7 +206,13 @@ class Publisher:
         producer = self._producer
         planned = []
         for (tenant, project), batch in batches.items():
-            records = encode_records(tenant, project, batch.received_at, batch.events)
+            # pre-split by the last observed event size: encoding an oversized envelope only to
+            # split it would cost a second encode
+            step = max(1, int(MAX_RECORD_BYTES * 0.8 / self._event_bytes))
+            records = []
+            for start in range(0, len(batch.events), step):
+                records += encode_records(tenant, project, batch.received_at, batch.events[start : start + step])
+            self._event_bytes = max(64.0, sum(len(value) for _, value in records) / len(batch.events))
             for ticket in batch.tickets:
                 ticket.remaining += len(records)
             planned.append((batch.tickets, records))
