@@ -1,0 +1,229 @@
+"""The pricing stage as `spendstream processors --stages pricing` on a real broker and ClickHouse.
+
+- client retries (the same event ids in later records, and twice in one record) come out priced
+  exactly once; garbage goes to the DLQ and the stage keeps going;
+- SIGKILL mid-stream and right after the last output (before its offsets were committed): the
+  replayed records are byte-identical to the first copies, and after the downstream src-watermark
+  filter every event id is there exactly once; the dedupe state survives the restarts;
+- tenant overrides written to ClickHouse apply without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import orjson
+import pytest
+from stage_support import (
+    StageWorker,
+    committed_offsets,
+    log_ends,
+    make_event,
+    produce,
+    raw_record,
+    read_topic,
+    stage_settings,  # noqa: F401 - fixture
+)
+
+from spendstream.clickhouse import get_client
+from spendstream.topics import USAGE_DLQ, USAGE_PRICED, USAGE_RAW
+from stream_processors.sink.logic import PricedRecord, Watermarks
+
+pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
+
+TENANT = "acme"
+GROUP = "spendstream-pricing"
+
+
+def priced_event_ids(records) -> list[str]:
+    return [e["event_id"] for r in records for e in orjson.loads(r.value)["events"]]
+
+
+def first_copies(records) -> list:
+    """What a downstream stage applies: per src partition, records above the src watermark."""
+    marks = Watermarks()
+    decoded = [PricedRecord(r.partition, r.offset, r.timestamp, orjson.loads(r.value)) for r in records]
+    new, _ = marks.split_new(decoded)  # records are in log order per partition
+    kept = {(d.partition, d.offset) for d in new}
+    return [r for r in records if (r.partition, r.offset) in kept]
+
+
+async def test_client_retries_are_priced_once_and_garbage_is_dead_lettered(stage_settings, tmp_path):
+    s = stage_settings
+    rng = random.Random(7)
+    records, sent = [], []
+    n_good = 0
+    for i in range(240):
+        project = f"proj-{i % 6}"
+        events = [make_event(f"{project}-{i}-{j}", project, i * 5 + j) for j in range(5)]
+        if i % 5 == 4 and sent:  # a client retry: an earlier request of the same project again
+            events = rng.choice([e for e in sent if e[0]["project"] == project] or [events])
+        elif i % 7 == 0:
+            events = events + [events[0]]  # the same event twice in one request
+        sent.append(events)
+        records.append(raw_record(TENANT, project, events))
+        n_good += 1
+        if i % 60 == 30:
+            records.append((b"acme/proj-0", b"\x00not json"))
+            records.append((b"acme/proj-1", orjson.dumps({"v": 1, "tenant": TENANT, "events": []})))
+    unknown = make_event("mystery-1", "proj-0", 1, provider="acme-ai", model="secret-model")
+    records.append(raw_record(TENANT, "proj-0", [unknown]))
+    n_good += 1
+    expected_ids = {e["event_id"] for events in sent for e in events} | {"mystery-1"}
+    await produce(s, USAGE_RAW.name, records)
+
+    worker = StageWorker(s, "pricing", tmp_path)
+    try:
+        await asyncio.to_thread(worker.wait_healthy)
+        priced = await read_topic(s, USAGE_PRICED.name, lambda rs: len(rs) >= n_good, what="one per raw record")
+        dlq = await read_topic(s, USAGE_DLQ.name, lambda rs: len(rs) >= 8, what="garbage dead-lettered")
+        assert worker.alive()
+        metrics = worker.metrics()
+    finally:
+        worker.stop()
+
+    srcs = [orjson.loads(r.value)["src"] for r in priced]
+    assert len({(x["partition"], x["offset"]) for x in srcs}) == len(priced) == n_good
+    ids = priced_event_ids(priced)
+    assert Counter(ids).most_common(1)[0][1] == 1
+    assert set(ids) == expected_ids
+    reasons = sorted(orjson.loads(r.value)["reason"].split(":")[0] for r in dlq)
+    assert reasons == ["missing or invalid project"] * 4 + ["not JSON"] * 4
+    assert metrics["spendstream_pricing_unknown_model_events_total"] == 1
+    assert metrics['spendstream_pricing_events_total{outcome="duplicate"}'] == sum(len(e) for e in sent) - len(expected_ids) + 1
+
+
+async def test_sigkill_mid_stream_and_before_commit(stage_settings, tmp_path):
+    s = stage_settings
+    rng = random.Random(11)
+    all_ids: list[str] = []
+
+    def batch(name: str, n_records: int) -> list[tuple[bytes, bytes]]:
+        out = []
+        for i in range(n_records):
+            project = f"proj-{i % 8}"
+            events = [make_event(f"{project}-{name}{i}-{j}", project, i * 8 + j) for j in range(8)]
+            all_ids.extend(e["event_id"] for e in events)
+            out.append(raw_record(TENANT, project, events))
+        return out
+
+    await produce(s, USAGE_RAW.name, batch("a", 1500))
+    worker = StageWorker(s, "pricing", tmp_path)
+    try:
+        # 1. a kill at a random point while the stage works through the backlog
+        await asyncio.to_thread(worker.wait_healthy)
+        await read_topic(s, USAGE_PRICED.name, lambda rs: len(rs) >= 100, what="first output")
+        await asyncio.sleep(rng.uniform(0.0, 0.5))
+        worker.kill()
+        # 2. a kill right after the last output, before its offsets are committed (Faust commits
+        #    on the next message or after its commit interval): the tail must be replayed
+        for attempt in range(5):
+            worker.restart()
+            await asyncio.to_thread(worker.wait_healthy)
+            raw_ends = log_ends(await read_topic(s, USAGE_RAW.name, lambda rs: len(rs) >= 1500 + 20 * attempt))
+            await read_topic(s, USAGE_PRICED.name, lambda rs: covers(rs, raw_ends), what="every raw record priced")
+            worker.kill()
+            committed = await committed_offsets(s, GROUP, USAGE_RAW.name)
+            if any((committed[p] or 0) < end for p, end in raw_ends.items()):
+                break
+            # the tail got committed before the kill: give the stage more input and try again
+            await produce(s, USAGE_RAW.name, batch(f"r{attempt}x", 20))
+        else:
+            raise AssertionError("could not kill the stage between its output and its commit")
+        worker.restart()
+        await asyncio.to_thread(worker.wait_healthy)
+        await wait_committed(s, raw_ends)
+        # 3. the dedupe state survived: retries of first-run ids are dropped, new ids priced
+        retried = [make_event(i, i.rsplit("-", 2)[0], 0) for i in rng.sample(all_ids, 50)]
+        fresh = [make_event(f"fresh-{j}", "proj-0", j) for j in range(5)]
+        await produce(s, USAGE_RAW.name, [raw_record(TENANT, e["project"], [e]) for e in retried + fresh])
+        n_raw = sum(raw_ends.values()) + len(retried) + len(fresh)
+        priced = await read_topic(
+            s, USAGE_PRICED.name, lambda rs: len({src_of(r) for r in rs}) >= n_raw, what="retries and fresh events priced"
+        )
+    finally:
+        worker.stop()
+
+    copies: dict[tuple[int, int], set[bytes]] = defaultdict(set)
+    count: Counter = Counter()
+    for r in priced:
+        copies[src_of(r)].add(r.value)
+        count[src_of(r)] += 1
+    assert all(len(values) == 1 for values in copies.values()), "a replayed record differs from its first copy"
+    assert max(count.values()) >= 2, "no record was replayed"
+    applied = priced_event_ids(first_copies(priced))
+    assert Counter(applied).most_common(1)[0][1] == 1
+    assert sorted(applied) == sorted(all_ids + [e["event_id"] for e in fresh])
+
+
+def src_of(record) -> tuple[int, int]:
+    src = orjson.loads(record.value)["src"]
+    return src["partition"], src["offset"]
+
+
+def covers(records, ends: dict[int, int]) -> bool:
+    seen = {src_of(r) for r in records}
+    return all((p, o) in seen for p, end in ends.items() for o in range(end))
+
+
+async def wait_committed(s, ends: dict[int, int], timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        committed = await committed_offsets(s, GROUP, USAGE_RAW.name)
+        if all((committed[p] or 0) >= end for p, end in ends.items()):
+            return
+        assert loop.time() < deadline, f"offsets {committed} never reached {ends}"
+        await asyncio.sleep(0.2)
+
+
+async def test_overrides_written_to_clickhouse_apply_without_restart(stage_settings, tmp_path):
+    s = stage_settings.model_copy(update={"pricing": stage_settings.pricing.model_copy(update={"overrides_reload_s": 0.2})})
+    worker = StageWorker(s, "pricing", tmp_path)
+    try:
+        await asyncio.to_thread(worker.wait_healthy)
+        await produce(s, USAGE_RAW.name, [raw_record(TENANT, "proj-0", [make_event("before", "proj-0", 1)])])
+        before = await read_topic(s, USAGE_PRICED.name, lambda rs: len(rs) >= 1)
+        assert orjson.loads(before[0].value)["events"][0]["price_source"] == "catalog"
+
+        client = get_client(s)
+        client.insert(
+            "price_overrides",
+            [[TENANT, "ovr-1", "openai", "gpt-4o", datetime(2025, 1, 1, tzinfo=timezone.utc), Decimal("1"),
+              Decimal("2"), 1, 1]],
+            column_names=["tenant", "id", "provider", "model", "effective_from", "input_mtok", "output_mtok", "version",
+                          "deleted"],
+        )  # fmt: skip
+        client.close()
+        # the row is deleted=1 first: a deleted override must not apply ...
+        await produce(s, USAGE_RAW.name, [raw_record(TENANT, "proj-0", [make_event("deleted", "proj-0", 2)])])
+        deleted = await read_topic(s, USAGE_PRICED.name, lambda rs: len(rs) >= 2)
+        assert orjson.loads(deleted[-1].value)["events"][0]["price_source"] == "catalog"
+        # ... its next version (deleted=0) does, within a reload period
+        client = get_client(s)
+        client.insert(
+            "price_overrides",
+            [[TENANT, "ovr-1", "openai", "gpt-4o", datetime(2025, 1, 1, tzinfo=timezone.utc), Decimal("1"),
+              Decimal("2"), 2, 0]],
+            column_names=["tenant", "id", "provider", "model", "effective_from", "input_mtok", "output_mtok", "version",
+                          "deleted"],
+        )  # fmt: skip
+        client.close()
+        for attempt in range(50):
+            event = make_event(f"after-{attempt}", "proj-0", 3)
+            await produce(s, USAGE_RAW.name, [raw_record(TENANT, "proj-0", [event])])
+            out = await read_topic(s, USAGE_PRICED.name, lambda rs: len(rs) >= 3 + attempt)
+            priced = orjson.loads(out[-1].value)["events"][0]
+            if priced["price_source"] == "override":
+                break
+            await asyncio.sleep(0.1)
+        assert (priced["price_id"], priced["cost_nanos"]) == (
+            "override:ovr-1",
+            event["input_tokens"] * 1000 + event["output_tokens"] * 2000,
+        )
+    finally:
+        worker.stop()
