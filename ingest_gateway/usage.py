@@ -162,7 +162,7 @@ def normalise_usage(usage: Any, path: str = "usage") -> tuple[dict[str, int], Fi
         counts = _openai_chat(usage, r, path)
     elif "promptTokenCount" in usage or "candidatesTokenCount" in usage:
         counts = _gemini(usage, r, path)
-    elif "input_tokens" in usage:
+    elif "input_tokens" in usage or not _ANTHROPIC_MARKERS.isdisjoint(usage):
         anthropic = not _ANTHROPIC_MARKERS.isdisjoint(usage)
         if anthropic and not _OPENAI_RESPONSES_MARKERS.isdisjoint(usage):
             return {}, [
