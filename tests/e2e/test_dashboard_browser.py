@@ -1,0 +1,115 @@
+"""The dashboard in headless Chromium (Debian package) against a running query API with seeded data:
+charts render from the API's figures, a filter narrows them, and the screenshot is not blank."""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
+from query_api_stack import QueryApiServer, insert_events, make_events, migrate  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.clickhouse,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (make browser-deps installs it)"),
+]
+ADMIN_KEY = "ss_browser_admin_" + "z" * 24
+SCREENSHOT_DIR = Path(os.environ.get("SPENDSTREAM_SCREENSHOT_DIR", "/tmp"))
+
+
+@pytest.fixture(scope="module")
+def dashboard(make_settings):
+    settings = make_settings(bootstrap_admin_key=ADMIN_KEY, bootstrap_tenant="acme")
+    migrate(settings)
+    now = datetime.now(timezone.utc)
+    events = make_events("acme", 1500, now - timedelta(days=6), now - timedelta(minutes=1), seed=21)
+    insert_events(settings, events)
+    with QueryApiServer(settings) as server:
+        yield server, events
+
+
+def test_dashboard_renders_filters_and_screenshots(dashboard, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    server, events = dashboard
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            external = []
+            page.on("request", lambda r: external.append(r.url) if not r.url.startswith(server.url) else None)
+            page.goto(server.url + "/")
+            page.fill("#api-key", ADMIN_KEY)
+            page.click("#key-form button[type=submit]")
+            page.wait_for_selector("body[data-loaded]")
+            page.wait_for_function("document.querySelectorAll('#spend-chart rect.bar').length > 0")
+
+            total = sum(e["cost_nanos"] for e in events)
+            assert page.get_attribute('[data-field="cost"]', "title") == f"{total / 1e9:.9f} USD"
+            bars = page.eval_on_selector_all("#spend-chart rect.bar", "els => els.map(e => Number(e.dataset.value))")
+            assert sum(v > 0 for v in bars) >= 6 and sum(bars) == pytest.approx(total / 1e9, rel=1e-9)
+            agents = page.eval_on_selector_all("#by-agent li .name", "els => els.map(e => e.textContent)")
+            assert sorted(agents) == sorted({e["agent"] for e in events})
+            assert page.locator("#by-model li").count() == len({e["model"] for e in events})
+            unpriced = page.eval_on_selector_all("#unpriced tbody td:nth-child(2)", "els => els.map(e => e.textContent)")
+            assert set(unpriced) == {"mystery-model"}
+            # budgets/alerts endpoints are optional: their panels stay hidden when absent
+            assert page.locator("#budgets-panel").is_hidden() or page.locator("#budgets .budget").count() >= 0
+
+            loaded = page.get_attribute("body", "data-loaded")
+            page.select_option("select[name=agent]", "acme-agent-2")
+            page.wait_for_function(f"document.body.dataset.loaded !== '{loaded}'")
+            filtered = sum(e["cost_nanos"] for e in events if e["agent"] == "acme-agent-2")
+            page.wait_for_function(
+                "want => document.querySelector('[data-field=cost]').title === want", arg=f"{filtered / 1e9:.9f} USD"
+            )
+            assert page.eval_on_selector_all("#by-agent li .name", "els => els.map(e => e.textContent)") == ["acme-agent-2"]
+            assert page.evaluate("sessionStorage.getItem('spendstream.apiKey')") == ADMIN_KEY
+            assert external == [], f"the dashboard loaded something from elsewhere: {external}"
+
+            shot = SCREENSHOT_DIR / "spendstream-dashboard.png"
+            page.screenshot(path=str(shot), full_page=True)
+            stats = pixel_stats(browser.new_page(), shot)
+        finally:
+            browser.close()
+    assert stats["width"] >= 1000 and stats["height"] >= 600
+    assert stats["colours"] > 20, stats
+    assert stats["top_share"] < 0.9, f"one colour covers almost the whole screenshot: {stats}"
+
+
+def pixel_stats(page, path: Path) -> dict:
+    """Decode the PNG in the browser itself; count colours and the share of the commonest one."""
+    src = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    return page.evaluate(
+        """async (src) => {
+            const img = new Image();
+            img.src = src;
+            await img.decode();
+            const canvas = document.createElement("canvas");
+            canvas.width = img.width;
+            canvas.height = img.height;
+            const ctx = canvas.getContext("2d");
+            ctx.drawImage(img, 0, 0);
+            const d = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+            const counts = new Map();
+            let n = 0;
+            for (let i = 0; i < d.length; i += 4 * 7) {
+                const k = (d[i] << 16) | (d[i + 1] << 8) | d[i + 2];
+                counts.set(k, (counts.get(k) || 0) + 1);
+                n++;
+            }
+            const top = Math.max(...counts.values());
+            return {width: canvas.width, height: canvas.height, colours: counts.size, top_share: top / n};
+        }""",
+        src,
+    )
