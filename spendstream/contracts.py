@@ -29,6 +29,7 @@ Money is integer nano-USD (1e-9 USD) everywhere on the wire and in ClickHouse.
 from __future__ import annotations
 
 import base64
+import hashlib
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, TypedDict
 
@@ -202,6 +203,20 @@ def dlq_envelope(
 # same input, so they are equal). Consumers (notify) must deliver each alert_id at most once
 # per channel: the generic webhook's idempotency key and PagerDuty's dedup_key are the alert_id.
 #
+# spendstream.budget.state record (compacted; read by the gateway's budget check)
+#     key   = "<budget_id>|<window_start_ms>" (calendar and total windows; total starts at 0)
+#             | "<budget_id>|rolling" (rolling windows)
+#     value = orjson {"v": 1, "tenant", "budget_id", "window", "timezone", "limit_nanos",
+#                     "window_start": ms, "window_end": ms | null, "spent_nanos": int,
+#                     "updated_at": ms,
+#                     "buckets": [[minute_start_ms, nanos], ...]}   # rolling windows only
+#
+# spendstream.budget.deltas record (internal to the budgets stage: usage.priced repartitioned)
+#     key   = budget_id
+#     value = orjson {"v": 1, "tenant", "budget_id", "src": {"partition": usage.raw partition},
+#                     "records": [[raw offset, [[event_id, ts_ms, cost_nanos, agent,
+#                                               "provider/model"], ...]], ...]}
+#
 # History: the budgets stage also writes every alert to ClickHouse `budget_alerts` (after the
 # topic ack; ReplacingMergeTree by (tenant, alert_id) collapses re-sends). `scope` there is the
 # same flat map; `top` is the JSON of the list above. notify only writes `alert_deliveries`.
@@ -212,8 +227,8 @@ BUDGET_SCOPE_FIELDS = ("project", "agent", "user", "provider", "model", "tag")
 
 
 def budget_alert_id(budget_id: str, window_start_ms: int, threshold: str) -> str:
-    """Stable id of the alert for one (budget, window start, threshold-percent or "forecast")."""
-    import hashlib
-
+    """Stable id of the alert for one (budget, window start, threshold label). The budgets stage
+    labels thresholds "<percent>@<limit_nanos>" (a threshold re-armed by a new limit is a new
+    alert) and forecasts "forecast"."""
     digest = hashlib.sha256(f"{budget_id}|{window_start_ms}|{threshold}".encode()).hexdigest()
     return f"al_{digest[:32]}"
