@@ -79,6 +79,9 @@ class ProcessorsSettings(BaseModel):
     sink_batch_rows: int = Field(10_000, ge=1)
     sink_batch_seconds: float = Field(1.0, gt=0)
     allowed_lateness_hours: float = Field(48.0, ge=0)
+    budgets_reload_s: float = Field(
+        1.0, gt=0, description="how often the budgets stage and the gateway's budget check re-read `budgets`"
+    )
     webhook_allow_private: bool = Field(False, description="allow webhooks to loopback/private ranges")
     webhook_timeout_s: float = Field(5.0, gt=0)
     webhook_retry_horizon_s: float = Field(3600.0, gt=0)
