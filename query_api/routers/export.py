@@ -36,6 +36,8 @@ _EXPORT_SETTINGS = {
     "output_format_json_quote_decimals": 1,  # money stays an exact string in JSON
     "output_format_json_quote_64bit_integers": 0,
     "output_format_parquet_compression_method": "zstd",
+    # row groups of 100k rows, so readers (and ClickHouse while writing) hold a slice, not the file
+    "output_format_parquet_row_group_size": 100_000,
 }
 EVENT_EXPORT_COLUMNS = (
     "event_id", "timestamp", "project", "agent", "user", "session_id", "operation", "tags", "provider", "model",
