@@ -140,12 +140,17 @@ def raw_record(tenant: str, project: str, events: list[dict[str, Any]]) -> tuple
     return record_key(tenant, project), orjson.dumps(raw_envelope(tenant, project, "2025-06-01T10:00:00.000Z", events))
 
 
-async def produce(settings: Settings, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> None:
+async def produce(
+    settings: Settings, topic: str, records: Iterable[tuple[bytes | None, bytes] | tuple[bytes | None, bytes, int]]
+) -> None:
+    """Send (key, value) records (partition by key) or (key, value, partition); wait for all acks."""
     await ensure_topics(settings)
     producer = AIOKafkaProducer(**producer_kwargs(settings))
     await producer.start()
     try:
-        futures = [await producer.send(topic, value, key=key) for key, value in records]
+        futures = [
+            await producer.send(topic, r[1], key=r[0], partition=r[2] if len(r) > 2 else None) for r in records
+        ]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -226,6 +231,19 @@ def assert_aggregates_match(totals: dict[str, tuple[int, ...]]) -> None:
     for table in AGG_TABLES:
         assert totals[table] == totals["usage_events"], f"{table} {totals[table]} != usage_events {totals['usage_events']}"
     assert totals["tags:usage_tags_daily"] == totals["tags:usage_events"]
+
+
+async def wait_committed(
+    settings: Settings, group: str, topic: str, ends: dict[int, int], timeout: float = 60.0
+) -> None:
+    """Until ``group`` committed every partition of ``topic`` up to ``ends``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        committed = await committed_offsets(settings, group, topic)
+        if all((committed[p] or 0) >= end for p, end in ends.items()):
+            return
+        assert time.monotonic() < deadline, f"{group}: offsets {committed} never reached {ends}"
+        await asyncio.sleep(0.2)
 
 
 async def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int | None]:

@@ -27,6 +27,7 @@ from stage_support import (
     raw_record,
     read_topic,
     stage_settings,  # noqa: F401 - fixture
+    wait_committed,
 )
 
 from spendstream.clickhouse import get_client
@@ -136,7 +137,7 @@ async def test_sigkill_mid_stream_and_before_commit(stage_settings, tmp_path):
             raise AssertionError("could not kill the stage between its output and its commit")
         worker.restart()
         await asyncio.to_thread(worker.wait_healthy)
-        await wait_committed(s, raw_ends)
+        await wait_committed(s, GROUP, USAGE_RAW.name, raw_ends)
         # 3. the dedupe state survived: retries of first-run ids are dropped, new ids priced
         retried = [make_event(i, i.rsplit("-", 2)[0], 0) for i in rng.sample(all_ids, 50)]
         fresh = [make_event(f"fresh-{j}", "proj-0", j) for j in range(5)]
@@ -168,17 +169,6 @@ def src_of(record) -> tuple[int, int]:
 def covers(records, ends: dict[int, int]) -> bool:
     seen = {src_of(r) for r in records}
     return all((p, o) in seen for p, end in ends.items() for o in range(end))
-
-
-async def wait_committed(s, ends: dict[int, int], timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        committed = await committed_offsets(s, GROUP, USAGE_RAW.name)
-        if all((committed[p] or 0) >= end for p, end in ends.items()):
-            return
-        assert loop.time() < deadline, f"offsets {committed} never reached {ends}"
-        await asyncio.sleep(0.2)
 
 
 async def test_overrides_written_to_clickhouse_apply_without_restart(stage_settings, tmp_path):
