@@ -30,6 +30,9 @@ def iso(make_settings):
     client = get_client(settings)
     try:
         _, key_b = create_key(client, "tenant_b", ["read", "admin"], "b")
+        # one column, so `x IN db.table` passes analysis and only the query-tree check can refuse it
+        client.command(f"CREATE TABLE {settings.clickhouse.database}.tenant_names (tenant String) ENGINE = Memory")
+        client.command(f"INSERT INTO {settings.clickhouse.database}.tenant_names VALUES ('{SECRET}')")
     finally:
         client.close()
     with QueryApiServer(settings) as server, server.client(key_b) as b_client:
@@ -112,6 +115,8 @@ REFUSED = [
     ("SELECT * FROM usage_events WHERE event_id IN (SELECT event_id FROM {db}.usage_events)", "not available"),
     ("SELECT (SELECT groupArray(event_id) FROM {db}.usage_events)", "not available"),
     ("SELECT tenant FROM usage_events WHERE tenant IN {db}.api_keys", "refused"),
+    ("SELECT tenant FROM usage_events WHERE tenant NOT IN {db}.tenant_names", "only the tenant views"),
+    ("SELECT count() FROM usage_events WHERE 'x' IN {db}.tenant_names", "only the tenant views"),
     ("SELECT * FROM file('/etc/passwd', 'LineAsString')", "table function file()"),
     ("SELECT file('/etc/passwd')", "function file()"),
     ("SELECT * FROM url('http://127.0.0.1:1/x', 'CSV', 'a String')", "table function url()"),
