@@ -146,6 +146,7 @@ def simulate(
     ] = None,
     progress: Annotated[bool, typer.Option(help="live progress bar")] = True,
     seed: Annotated[int, typer.Option(help="random seed of the fleet")] = 7,
+    burst_every: Annotated[float, typer.Option(help="every this many seconds, 2 s at 4x the rate (0 = no bursts)")] = 0.0,
 ) -> None:
     """Send realistic fleet traffic to the gateway, with a live progress bar."""
     from spendstream.simulate import run_cli
@@ -154,7 +155,7 @@ def simulate(
         run_cli(
             rate=rate, duration=duration, events=events, batch=batch, tenants=tenants, projects=projects,
             agents=agents, users=users, runaway=runaway, record=record, gateway_url=gateway_url, api_key=api_key,
-            progress=progress, seed=seed,
+            progress=progress, seed=seed, burst_every=burst_every,
         )
     )
 

@@ -1,9 +1,18 @@
 """`spendstream dev`: the whole stack on the embedded broker and ClickHouse, supervised.
 
 ``Stack`` is also what the e2e tests, the fault suite and the benchmarks start, so every one of
-them runs the same processes the same way: each component is a `spendstream <command>` child
-process with its settings passed as SPENDSTREAM_* environment variables, a health check, and a
-restart when it dies (logged).
+them runs the same processes the same way: each component is a child process (`spendstream
+<command>`, or the Tansu binary itself for the embedded broker) with its settings passed as
+SPENDSTREAM_* environment variables, a health check, and a restart when it dies (logged).
+
+The embedded broker keeps everything in memory, so a broker (re)start begins a new log: usage.raw
+offsets start again at 0. ClickHouse's ``ingest_progress`` still holds the highest usage.raw
+offset stored per partition, and the sink drops every priced record at or below it as a replay
+(spendstream/contracts.py) — it would silently drop new events until the new log caught up. So
+whenever this stack (re)starts the embedded broker, it stops the stream stages, empties
+``ingest_progress`` and starts the stages again (see ``Stack._forget_old_broker_log``). That is
+only right because the old log is gone for good; against a real (durable) broker offsets never
+restart and ``ingest_progress`` must never be touched, so nothing else does this.
 """
 
 from __future__ import annotations
@@ -19,22 +28,30 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import httpx
+from pydantic import BaseModel, SecretStr
 
+from spendstream.embedded import free_port
 from spendstream.settings import Settings
 
 log = logging.getLogger("spendstream.dev")
 
 #: stream stages, each run as its own worker process so one can be killed on purpose
 STAGES = ("pricing", "budgets", "notify", "sink")
+#: started first, in this order; everything else needs them
+INFRASTRUCTURE = ("kafka", "clickhouse")
+STOP_GRACE_S = 10.0
+
+__all__ = ["STAGES", "Stack", "child_env", "free_port", "implemented_stages", "local_settings", "run_dev"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def implemented_stages() -> tuple[str, ...]:
+    """The stages whose package has its ``agents`` module (all of them, once the product is whole)."""
+    from importlib.util import find_spec
+
+    return tuple(stage for stage in STAGES if find_spec(f"stream_processors.{stage}.agents") is not None)
 
 
 def _http_ok(url: str) -> Callable[[], bool]:
@@ -68,10 +85,17 @@ class Component:
     after_start: Callable[[], None] | None = None
     proc: subprocess.Popen | None = None
     restarts: int = 0
+    paused: bool = False
+    #: healthy and its after_start done; False from each (re)spawn until then
+    ready: bool = False
 
 
 class Stack:
-    """Start, supervise, kill and restart the embedded stack's processes."""
+    """Start, supervise, kill and restart the embedded stack's processes.
+
+    ``history`` lists what happened to the processes as ``(unix time, component, what)``, what
+    being started / killed / died / restarted / paused / resumed / broker-log-reset.
+    """
 
     def __init__(self, settings: Settings, data_dir: Path, components: tuple[str, ...] | None = None):
         self.settings = settings
@@ -81,8 +105,9 @@ class Stack:
         self.env = child_env(settings)
         self._components = {c.name: c for c in self._plan() if components is None or c.name in components}
         self._stopping = threading.Event()
-        self._lock = threading.Lock()
         self._supervisor: threading.Thread | None = None
+        self._broker_started = False
+        self.history: list[tuple[float, str, str]] = []
 
     # -- the plan ---------------------------------------------------------------------------
     def _plan(self) -> list[Component]:
@@ -90,10 +115,16 @@ class Stack:
         cli = [sys.executable, "-m", "spendstream.cli"]
         comps: list[Component] = []
         if s.kafka.embedded:
+            from spendstream.embedded.kafka import resolve_binary
+
+            # The Tansu binary itself, not `spendstream embedded-kafka`: that wrapper starts Tansu in
+            # a session of its own, so killing or pausing the wrapper would not reach the broker.
             port = s.kafka.embedded_port
+            listener = f"tcp://127.0.0.1:{port}"
             comps.append(
-                Component("kafka", cli + ["embedded-kafka", "--port", str(port)], _tcp_ok(port),
-                          after_start=self._ensure_topics)
+                Component("kafka", [resolve_binary(s.kafka.broker_bin or None), "broker", "--listener-url", listener,
+                                    "--advertised-listener-url", listener],
+                          _tcp_ok(port), after_start=self._on_broker_start)
             )
         if s.clickhouse.embedded:
             port = s.clickhouse.embedded_port
@@ -121,6 +152,10 @@ class Stack:
     def query_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.query_api.port}"
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._components)
+
     def _ensure_topics(self) -> None:
         from spendstream.topics import ensure_topics_sync
 
@@ -132,35 +167,106 @@ class Stack:
         if migrate_main(self.settings) != 0:
             raise RuntimeError("migrations failed; see the message above")
 
+    # -- the memory-only broker -------------------------------------------------------------
+    @property
+    def _resets_ingest_progress(self) -> bool:
+        """This stack runs the embedded broker and the sink that reads ``ingest_progress``."""
+        return "kafka" in self._components and "sink" in self._components
+
+    def _on_broker_start(self) -> None:
+        self._ensure_topics()
+        if self._broker_started and self._resets_ingest_progress:
+            self._forget_old_broker_log()
+        self._broker_started = True
+
+    def _forget_old_broker_log(self) -> None:
+        """After the embedded broker restarted: stages off, ingest_progress emptied, stages on.
+
+        The stages go first: a running sink keeps the old watermarks in memory. Their consumer
+        groups, changelogs and dedupe state went with the old broker too, so they start fresh."""
+        stages = [c for c in self._components.values() if c.name in STAGES]
+        for comp in stages:
+            self._terminate(comp)
+        self._reset_ingest_progress()
+        for comp in stages:
+            self._spawn(comp)
+        for comp in stages:
+            self._wait_healthy(comp, 90.0)
+
+    def _reset_ingest_progress(self) -> None:
+        from spendstream.clickhouse import get_client
+
+        client = get_client(self.settings, database="default")
+        try:
+            client.command(f"TRUNCATE TABLE IF EXISTS `{self.settings.clickhouse.database}`.ingest_progress")
+        finally:
+            client.close()
+        self._note("clickhouse", "broker-log-reset (ingest_progress truncated)")
+        log.warning("embedded broker started with a new, empty log: ingest_progress emptied so the sink "
+                    "does not take new offsets for replays")
+
     # -- process control --------------------------------------------------------------------
+    def _note(self, name: str, what: str) -> None:
+        self.history.append((time.time(), name, what))
+
     def _spawn(self, comp: Component) -> None:
+        if self._stopping.is_set():
+            raise RuntimeError("the stack is stopping")
+        comp.ready = False
         logf = open(self.log_dir / f"{comp.name}.log", "ab")
         comp.proc = subprocess.Popen(
-            comp.argv, env={**os.environ, **self.env, **comp.env}, stdout=logf, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            comp.argv, env={**os.environ, **self.env, **comp.env}, stdin=subprocess.DEVNULL, stdout=logf,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )
+        comp.paused = False
         logf.close()
 
     def _wait_healthy(self, comp: Component, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        needs = [c for c in self._components.values() if c.name in INFRASTRUCTURE and c is not comp]
         while not comp.healthy():
             if comp.proc is not None and comp.proc.poll() is not None:
                 raise RuntimeError(f"{comp.name} exited with {comp.proc.returncode}; see {self.log_dir / comp.name}.log")
+            if comp.name not in INFRASTRUCTURE and any(c.proc is not None and c.proc.poll() is not None for c in needs):
+                # waiting would not help: the supervisor's next sweep restarts the broker/ClickHouse first
+                raise RuntimeError(f"{comp.name}: a component it needs died meanwhile")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{comp.name} not healthy after {timeout:.0f}s; see {self.log_dir / comp.name}.log")
             time.sleep(0.1)
         if comp.after_start:
             comp.after_start()
+        comp.ready = True
+
+    def _terminate(self, comp: Component, grace: float = STOP_GRACE_S) -> None:
+        if comp.proc is None or comp.proc.poll() is not None:
+            return
+        if comp.paused:
+            os.killpg(comp.proc.pid, signal.SIGCONT)  # a stopped process never sees SIGTERM
+        os.killpg(comp.proc.pid, signal.SIGTERM)
+        try:
+            comp.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(comp.proc.pid, signal.SIGKILL)
+            comp.proc.wait()
 
     def start_component(self, name: str, timeout: float = 60.0) -> None:
         comp = self._components[name]
         self._spawn(comp)
         self._wait_healthy(comp, timeout)
+        self._note(name, "started")
 
     def start(self, timeout: float = 90.0, supervise: bool = True) -> "Stack":
-        for name in self._components:
+        infrastructure = [n for n in INFRASTRUCTURE if n in self._components]
+        for name in infrastructure:
             log.info("starting %s", name)
             self.start_component(name, timeout)
+        if self._resets_ingest_progress:
+            # a fresh memory-only log, but ClickHouse may hold a previous run's data
+            self._reset_ingest_progress()
+        for name in self._components:
+            if name not in infrastructure:
+                log.info("starting %s", name)
+                self.start_component(name, timeout)
         if supervise:
             self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
             self._supervisor.start()
@@ -170,14 +276,48 @@ class Stack:
         """Kill a component on purpose; the supervisor restarts it."""
         comp = self._components[name]
         if comp.proc is not None and comp.proc.poll() is None:
+            self._note(name, f"killed ({signal.Signals(sig).name})")
             os.killpg(comp.proc.pid, sig)
             comp.proc.wait()
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP a component: it keeps its memory (the embedded broker's log) but answers nothing.
+        The supervisor leaves a paused process alone; :meth:`resume` continues it."""
+        comp = self._components[name]
+        assert comp.proc is not None and comp.proc.poll() is None, f"{name} is not running"
+        os.killpg(comp.proc.pid, signal.SIGSTOP)
+        comp.paused = True
+        self._note(name, "paused (SIGSTOP)")
+
+    def resume(self, name: str) -> None:
+        comp = self._components[name]
+        assert comp.proc is not None
+        os.killpg(comp.proc.pid, signal.SIGCONT)
+        comp.paused = False
+        self._note(name, "resumed (SIGCONT)")
 
     def restarts(self, name: str) -> int:
         return self._components[name].restarts
 
+    def pid(self, name: str) -> int | None:
+        proc = self._components[name].proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
     def is_healthy(self, name: str) -> bool:
         return self._components[name].healthy()
+
+    def wait_healthy(self, names: tuple[str, ...] | None = None, timeout: float = 120.0) -> None:
+        """Block until every named component (default: all) runs and answers its health check."""
+        deadline = time.monotonic() + timeout
+        pending = list(names or self._components)
+        while pending:
+            comp = self._components[pending[0]]
+            if comp.ready and comp.proc is not None and comp.proc.poll() is None and comp.healthy():
+                pending.pop(0)
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not healthy after {timeout:.0f}s: {pending}; logs in {self.log_dir}")
+            time.sleep(0.1)
 
     def _supervise(self) -> None:
         while not self._stopping.wait(0.2):
@@ -185,56 +325,90 @@ class Stack:
                 if self._stopping.is_set():
                     return
                 if comp.proc is not None and comp.proc.poll() is not None:
-                    with self._lock:
-                        comp.restarts += 1
-                        log.warning("%s died (exit %s); restarting (#%d)", comp.name, comp.proc.returncode,
-                                    comp.restarts)
-                        try:
-                            self._spawn(comp)
-                            self._wait_healthy(comp, 90.0)
-                        except (RuntimeError, TimeoutError) as exc:
-                            log.error("restart of %s failed: %s", comp.name, exc)
+                    comp.restarts += 1
+                    self._note(comp.name, f"died (exit {comp.proc.returncode})")
+                    log.warning("%s died (exit %s); restarting (#%d)", comp.name, comp.proc.returncode,
+                                comp.restarts)
+                    try:
+                        self._spawn(comp)
+                        self._wait_healthy(comp, 90.0)
+                        self._note(comp.name, "restarted")
+                    except Exception as exc:  # noqa: BLE001 - keep supervising; next sweep retries
+                        log.error("restart of %s failed: %s", comp.name, exc)
 
     def stop(self) -> None:
         self._stopping.set()
         if self._supervisor:
-            self._supervisor.join(timeout=5)
+            self._supervisor.join(timeout=STOP_GRACE_S)
         for comp in reversed(list(self._components.values())):
-            if comp.proc is None or comp.proc.poll() is not None:
-                continue
-            os.killpg(comp.proc.pid, signal.SIGTERM)
-            try:
-                comp.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(comp.proc.pid, signal.SIGKILL)
-                comp.proc.wait()
+            self._terminate(comp)
 
     def __enter__(self) -> "Stack":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.stop()
 
 
 def child_env(settings: Settings) -> dict[str, str]:
-    """The settings a child needs, as SPENDSTREAM_* variables (the children read nothing else)."""
+    """Every setting as a SPENDSTREAM_* variable, embedded addresses resolved: the children read
+    nothing else, so a child sees exactly ``settings``."""
     s = settings
-    env = {
-        "SPENDSTREAM_ENV": s.env,
-        "SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS": s.kafka_bootstrap,
-        "SPENDSTREAM_KAFKA__PROFILE": "embedded" if s.kafka.embedded else s.kafka.profile,
-        "SPENDSTREAM_KAFKA__PARTITIONS": str(s.kafka.partitions),
-        "SPENDSTREAM_CLICKHOUSE__URL": s.clickhouse_url,
-        "SPENDSTREAM_CLICKHOUSE__DATABASE": s.clickhouse.database,
-        "SPENDSTREAM_GATEWAY__PORT": str(s.gateway.port),
-        "SPENDSTREAM_QUERY_API__PORT": str(s.query_api.port),
-        "SPENDSTREAM_BOOTSTRAP_ADMIN_KEY": s.bootstrap_admin_key.get_secret_value(),
-        "SPENDSTREAM_BOOTSTRAP_TENANT": s.bootstrap_tenant,
-    }
+    env: dict[str, str] = {}
+
+    def put(name: str, value: Any) -> None:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[name] = str(value)
+
+    for name in type(s).model_fields:
+        value = getattr(s, name)
+        if isinstance(value, BaseModel):
+            for sub in type(value).model_fields:
+                put(f"SPENDSTREAM_{name.upper()}__{sub.upper()}", getattr(value, sub))
+        else:
+            put(f"SPENDSTREAM_{name.upper()}", value)
+    env["SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS"] = s.kafka_bootstrap
+    env["SPENDSTREAM_KAFKA__PROFILE"] = "embedded" if s.kafka.embedded else s.kafka.profile
+    env["SPENDSTREAM_CLICKHOUSE__URL"] = s.clickhouse_url
     if s.env == "dev":
         # local webhook receivers are normal in development
         env["SPENDSTREAM_PROCESSORS__WEBHOOK_ALLOW_PRIVATE"] = "true"
     return env
+
+
+def _free_port_run(count: int) -> int:
+    """A port p with p .. p+count-1 all free right now (the stages listen on web_port + i)."""
+    while True:
+        first = free_port()
+        try:
+            for port in range(first + 1, first + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+
+
+def local_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings for a stack of its own under ``data_dir`` (tests, benchmarks): embedded broker and
+    ClickHouse, a free port for everything, ``env="dev"``. Nested sections are given as dicts
+    and merged over these, e.g. ``local_settings(d, processors={"sink_batch_seconds": 0.2})``."""
+    base: dict[str, Any] = {
+        "env": "dev",
+        "data_dir": str(data_dir),
+        "bootstrap_admin_key": "ss_local_" + secrets.token_urlsafe(24),
+        "kafka": {"bootstrap_servers": "", "profile": "embedded", "embedded_port": free_port()},
+        "clickhouse": {"url": "", "embedded_port": free_port(), "data_path": str(data_dir / "clickhouse")},
+        "gateway": {"port": free_port()},
+        "query_api": {"port": free_port()},
+        "processors": {"web_port": _free_port_run(len(STAGES))},
+    }
+    for section, value in overrides.items():
+        base[section] = {**base[section], **value} if isinstance(value, dict) and section in base else value
+    return Settings(**base)
 
 
 def _dev_admin_key(data_dir: Path, settings: Settings) -> str:

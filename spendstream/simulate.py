@@ -4,7 +4,11 @@ The truth of a run is what the gateway acknowledged: every event of a 202 respon
 listed as rejected is written to ``--record`` (one JSON event per line, with its tenant key
 index), so tests and benchmarks can compare ClickHouse against exactly the acknowledged events.
 A request that fails (503/429/timeout) is retried with the SAME event ids, as real clients do,
-which also exercises the pipeline's dedupe.
+which also exercises the pipeline's dedupe. Events carry their own timestamp (the time they were
+generated), as agents' events do, so a recorded event can be priced again exactly.
+
+Traffic shape: a steady ``rate`` with optional bursts (``burst_every`` seconds, ``burst_factor``
+times the rate for ``burst_seconds``) and optionally one runaway agent sending half of it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator
+from datetime import datetime, timezone
+from typing import IO, Any, Callable, Iterator
 
 import httpx
 import orjson
@@ -35,6 +40,11 @@ MODEL_MIX: tuple[tuple[str, str, bool, float], ...] = (
 )
 FOREVER_S = 1e12
 OPERATIONS = ("chat", "plan", "tool_call", "summarise", "embed_query")
+
+
+def now_rfc3339() -> str:
+    """The current time as the gateway writes event times: UTC, milliseconds, ``Z``."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -63,6 +73,7 @@ class Fleet:
         output_tokens = int(r.lognormvariate(5.5, 0.9)) + 1
         ev: dict[str, Any] = {
             "event_id": str(uuid.UUID(int=r.getrandbits(128), version=4)),
+            "timestamp": now_rfc3339(),
             "project": f"project-{agent_idx % self.projects}",
             "agent": "runaway-agent" if (self.runaway and agent_idx == 0) else f"agent-{agent_idx}",
             "user": f"user-{r.randrange(self.users)}",
@@ -96,9 +107,13 @@ class Counters:
     failed_requests: int = 0
 
 
+#: ``on_answer(status, monotonic time)`` is told of every answer; status 0 = no HTTP answer
+AnswerHook = Callable[[int, float], None]
+
+
 async def _post_until_answered(
     client: httpx.AsyncClient, url: str, key: str, batch: list[dict[str, Any]], counters: Counters,
-    deadline: float,
+    deadline: float, on_answer: AnswerHook | None = None,
 ) -> dict[str, Any] | None:
     """POST one batch; on 429/503/transport errors retry the same body until the deadline."""
     body = orjson.dumps(batch if len(batch) > 1 else batch[0])
@@ -107,13 +122,16 @@ async def _post_until_answered(
     while True:
         try:
             resp = await client.post(url, content=body, headers=headers)
+            if on_answer is not None:
+                on_answer(resp.status_code, time.monotonic())
             if resp.status_code in (202, 400):
                 return resp.json()
             if resp.status_code not in (429, 503):
                 raise RuntimeError(f"gateway answered {resp.status_code}: {resp.text[:300]}")
             delay = min(float(resp.headers.get("Retry-After", delay)), 2.0)
         except httpx.TransportError:
-            pass
+            if on_answer is not None:
+                on_answer(0, time.monotonic())
         if time.monotonic() > deadline:
             counters.failed_requests += 1
             return None
@@ -122,12 +140,28 @@ async def _post_until_answered(
         delay = min(delay * 2, 2.0)
 
 
+@dataclass(frozen=True)
+class Bursts:
+    """Every ``every`` seconds the rate is ``factor`` times higher for ``seconds`` seconds."""
+
+    every: float
+    seconds: float = 2.0
+    factor: float = 4.0
+
+    def rate_at(self, base: float, elapsed: float) -> float:
+        return base * self.factor if elapsed % self.every < self.seconds else base
+
+
 async def run(
     gateway_url: str, api_keys: list[str], *, rate: float, duration: float, events: int, batch: int,
     fleet: Fleet, record: IO[bytes] | None = None, concurrency: int = 16, progress: bool = True,
-    retry_horizon_s: float = 120.0,
+    retry_horizon_s: float = 120.0, bursts: Bursts | None = None, on_answer: AnswerHook | None = None,
 ) -> Counters:
-    """Send traffic; returns the counters. Stops at ``events`` sent or after ``duration`` seconds."""
+    """Send traffic; returns the counters. Stops at ``events`` sent or after ``duration`` seconds.
+
+    ``rate`` 0 sends as fast as ``concurrency`` requests in flight allow. Every request is
+    retried (same event ids) until answered or ``retry_horizon_s`` passed; ``on_answer`` sees
+    every answer, retries included."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     if not events and not duration:
@@ -142,7 +176,7 @@ async def run(
     async def send(key_idx: int, items: list[dict[str, Any]]) -> None:
         try:
             answer = await _post_until_answered(client, url, api_keys[key_idx], items, counters,
-                                                time.monotonic() + retry_horizon_s)
+                                                time.monotonic() + retry_horizon_s, on_answer)
             if answer is None:
                 return
             rejected = {r["index"] for r in answer.get("rejected", [])}
@@ -161,6 +195,7 @@ async def run(
     )
     total = events or (int(rate * duration) if rate and duration < FOREVER_S else None)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    due = start  # when the next request is due (pacing by schedule, so slow answers don't lower the rate)
     async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
         with bar:
             task_id = bar.add_task("send", total=total, stats="")
@@ -169,12 +204,12 @@ async def run(
                 if (events and counters.sent >= events) or (duration and elapsed >= duration):
                     break
                 n = min(batch, events - counters.sent) if events else batch
-                items = next(gen)[:n]
                 if rate:
-                    # pace by schedule (not by sleeping per request), so slow answers don't lower the rate
-                    due = start + (counters.sent + n) / rate
+                    current = bursts.rate_at(rate, due - start) if bursts else rate
+                    due += n / current
                     if due > time.monotonic():
                         await asyncio.sleep(due - time.monotonic())
+                items = next(gen)[:n]
                 await sem.acquire()
                 counters.sent += n
                 t = asyncio.create_task(send(fleet.rng.randrange(len(api_keys)), items))
@@ -195,7 +230,7 @@ def _stats(c: Counters, elapsed: float) -> str:
 def run_cli(
     *, rate: float, duration: float, events: int, batch: int, tenants: int, projects: int, agents: int,
     users: int, runaway: bool, record: str | None, gateway_url: str | None, api_key: str | None,
-    progress: bool = True, seed: int = 7,
+    progress: bool = True, seed: int = 7, burst_every: float = 0.0,
 ) -> int:
     import sys
 
@@ -214,7 +249,8 @@ def run_cli(
     out = open(record, "ab") if record else None
     try:
         counters = asyncio.run(
-            run(gateway_url, keys, rate=rate, duration=duration, events=events, batch=batch, fleet=fleet, record=out, progress=progress)
+            run(gateway_url, keys, rate=rate, duration=duration, events=events, batch=batch, fleet=fleet, record=out,
+                progress=progress, bursts=Bursts(burst_every) if burst_every else None)
         )
     except KeyboardInterrupt:
         return 130

@@ -22,18 +22,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from spendstream.embedded import free_port
 from spendstream.settings import Settings
 
 
 class BrokerStartError(RuntimeError):
     """The broker process exited or did not answer a metadata request in time."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS considers free right now (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def resolve_binary(explicit: str | None = None) -> str:
