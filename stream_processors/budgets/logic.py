@@ -36,6 +36,7 @@ partition and drops events at or below it (the replay rule of spendstream/contra
 from __future__ import annotations
 
 import heapq
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
@@ -788,3 +789,52 @@ def state_lookup_key(budget: Budget, now_ms: int) -> bytes:
     if budget.window in ROLLING_MS:
         return state_key(budget.id, "rolling")
     return state_key(budget.id, current_window(budget, now_ms)[0])
+
+
+# ---------------------------------------------------------------- repartitioning
+
+
+def stable_partition(key: str, partitions: int) -> int:
+    """The partition of a budget.deltas key (budget id) or budget.alerts key (alert id): a stable
+    hash, so a budget's deltas and its table entry always live on one partition, whoever sends."""
+    return zlib.crc32(key.encode()) % partitions
+
+
+@dataclass
+class RepartitionResult:
+    deltas: list[Delta] = field(default_factory=list)
+    events: int = 0
+    matched: int = 0
+    bad_records: int = 0
+
+
+def build_deltas(index: ScopeIndex, values: Iterable[bytes | None], parse_ts: Callable[[str], int]) -> RepartitionResult:
+    """usage.priced values (in partition order) -> one delta per (budget, raw partition) holding
+    every matching event, grouped by raw record. Values that are not priced envelopes are
+    counted and skipped (the sink sends them to the DLQ)."""
+    result = RepartitionResult()
+    by_key: dict[tuple[str, int], Delta] = {}
+    for value in values:
+        try:
+            env = orjson.loads(value or b"")
+            tenant, src, events = env["tenant"], env["src"], env["events"]
+            src_partition, src_offset = src["partition"], src["offset"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            result.bad_records += 1
+            continue
+        matched: dict[str, list[SpendEvent]] = {}
+        for ev in events:
+            result.events += 1
+            for b in index.match(tenant, Attribution.of_event(ev)):
+                matched.setdefault(b.id, []).append(SpendEvent(
+                    ev["event_id"], parse_ts(ev["timestamp"]), ev.get("cost_nanos", 0), ev.get("agent", ""),
+                    f"{ev.get('provider', '')}/{ev.get('model', '')}",
+                ))  # fmt: skip
+        for budget_id, spend in matched.items():
+            result.matched += len(spend)
+            delta = by_key.get((budget_id, src_partition))
+            if delta is None:
+                delta = by_key[(budget_id, src_partition)] = Delta(tenant, budget_id, src_partition, [])
+                result.deltas.append(delta)
+            delta.records.append((src_offset, spend))
+    return result

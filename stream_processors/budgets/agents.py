@@ -1,0 +1,212 @@
+"""Budgets stage wiring: usage.priced -> budget.deltas -> per-budget state -> budget.state / budget.alerts.
+
+A tenant-wide budget spans projects, i.e. usage.priced partitions, so the stage repartitions:
+1. ``repartition`` (usage.priced, keyed tenant/project): match each event to its budgets through
+   the scope index and send one delta per (budget, raw partition) of the batch to
+   spendstream.budget.deltas, keyed and partitioned by budget id; ack after the delta acks.
+2. ``keep_state`` (budget.deltas): the table ``budget_state`` (key budget id, co-partitioned with
+   budget.deltas) holds each budget's windows, fired thresholds and per-raw-partition watermarks.
+   Per batch, per budget: apply the deltas (replays dropped by the watermarks), then
+   a. send the alerts and the changed budget.state records, await the acks,
+   b. record the alerts in ClickHouse ``budget_alerts`` (idempotent by alert_id),
+   c. write the table entry once (one changelog record per budget per batch),
+   d. ack the input (Faust commits only after flushing the changelog).
+   A crash before (c) replays the batch from the last saved state: the same alerts with the
+   same alert_ids are sent again (notify delivers an alert_id once), nothing is missed and no
+   spend is counted twice.
+
+Budget configs are re-read from ClickHouse every ``budgets_reload_s``; nothing is processed
+before the first successful load. Deltas of a budget that no longer exists are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import faust
+import orjson
+from clickhouse_connect.driver.exceptions import ClickHouseError
+from prometheus_client import Counter, Gauge, Histogram
+
+from spendstream.clickhouse import get_client
+from spendstream.settings import Settings
+from spendstream.topics import BUDGET_ALERTS, BUDGET_DELTAS, BUDGET_STATE, USAGE_PRICED
+from stream_processors.budgets.logic import (
+    BudgetState,
+    Delta,
+    ScopeIndex,
+    alert_value,
+    build_deltas,
+    stable_partition,
+)
+from stream_processors.budgets.store import insert_alerts, load_budgets
+from stream_processors.producer import StageProducer
+from stream_processors.retry import retry_forever
+from stream_processors.sink.logic import TimestampParser
+
+log = logging.getLogger(__name__)
+
+STAGE = "budgets"
+
+EVENTS = Counter("spendstream_budgets_events_total", "Priced events seen by the budgets stage, by outcome", ["outcome"])
+ALERTS = Counter("spendstream_budgets_alerts_total", "Alerts sent to spendstream.budget.alerts", ["kind"])
+BAD_RECORDS = Counter("spendstream_budgets_bad_records_total", "usage.priced records that are not priced envelopes")
+BATCH_SECONDS = Histogram("spendstream_budgets_state_batch_seconds", "Time to apply and write one batch of deltas")
+BUDGETS_LOADED = Gauge("spendstream_budgets_loaded", "Live budgets known to the stage", multiprocess_mode="max")
+ALERT_DELAY = Histogram(
+    "spendstream_budgets_alert_delay_seconds", "Crossing event's time to the alert being sent (event time lag)",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600, 3600),
+)  # fmt: skip
+
+
+class BudgetBook:
+    """The live budgets, reloaded from ClickHouse; ``ready`` once the first load succeeded."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.index = ScopeIndex()
+        self.ready = asyncio.Event()
+        self._client: Any = None
+
+    def _load(self) -> ScopeIndex:
+        if self._client is None:
+            self._client = get_client(self.settings)
+        try:
+            return ScopeIndex(load_budgets(self._client))
+        except Exception:
+            self._client.close()
+            self._client = None
+            raise
+
+    async def reload_forever(self) -> None:
+        while True:
+            try:
+                index = await asyncio.to_thread(self._load)
+            except Exception as exc:  # noqa: BLE001 - any ClickHouse trouble: keep the last set
+                log.warning("reading budgets failed (%r); %s", exc,
+                            "keeping the last set" if self.ready.is_set() else "the stage waits for it")
+            else:
+                if len(index) != len(self.index):
+                    log.info("budgets loaded: %d", len(index))
+                self.index = index
+                BUDGETS_LOADED.set(len(index))
+                self.ready.set()
+            await asyncio.sleep(self.settings.processors.budgets_reload_s)
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    p = settings.processors
+    partitions = settings.kafka.partitions
+    lateness_ms = int(p.allowed_lateness_hours * 3_600_000)
+    book = BudgetBook(settings)
+    parse_ts = TimestampParser()
+    # one producer for both agents: started by whichever agent comes first, closed after the
+    # consumers stopped
+    output = StageProducer(settings, STAGE)
+    output_lock = asyncio.Lock()
+    alerts_client: list[Any] = []
+
+    async def start_output() -> None:
+        async with output_lock:
+            await output.start()
+
+    @app.on_before_shutdown.connect
+    async def stop_output(sender: faust.App, **kwargs: Any) -> None:
+        await output.stop()
+
+    priced = app.topic(USAGE_PRICED.name, key_serializer="raw", value_serializer="raw", partitions=partitions)
+    deltas_topic = app.topic(BUDGET_DELTAS.name, key_serializer="raw", value_serializer="raw", partitions=partitions)
+    table = app.Table(
+        "budget_state", key_type=bytes, value_type=bytes, partitions=partitions,
+        help="per budget: windows' spend, fired thresholds, raw-partition watermarks (see budgets/logic.py)",
+    )  # fmt: skip
+
+    @app.task
+    async def reload_budgets() -> None:
+        await book.reload_forever()
+
+    @app.agent(priced, name="budgets-repartition")
+    async def repartition(stream: faust.StreamT) -> None:
+        await start_output()
+        await book.ready.wait()
+        async for events in stream.noack_take(p.batch_max_records, within=p.batch_max_seconds):
+            result = build_deltas(book.index, [e.message.value for e in events], parse_ts)
+            await output.send_all([
+                (BUDGET_DELTAS.name, stable_partition(d.budget_id, partitions), d.budget_id.encode(), d.encode())
+                for d in result.deltas
+            ])  # fmt: skip
+            EVENTS.labels("seen").inc(result.events)
+            BAD_RECORDS.inc(result.bad_records)
+            for event in events:
+                await stream.ack(event)
+
+    def record_alerts(values: list[dict[str, Any]]) -> None:
+        if not alerts_client:
+            alerts_client.append(get_client(settings))
+        try:
+            insert_alerts(alerts_client[0], values)
+        except Exception:
+            alerts_client.pop().close()
+            raise
+
+    async def handle(events: list[faust.EventT]) -> None:
+        started = time.perf_counter()
+        now_ms = int(time.time() * 1000)
+        grouped: dict[str, tuple[int, list[Delta]]] = {}
+        for event in events:
+            delta = Delta.decode(event.message.value)
+            grouped.setdefault(delta.budget_id, (event.message.partition, []))[1].append(delta)
+        alerts: list[dict[str, Any]] = []
+        records: list[tuple[str, int, bytes, bytes]] = []
+        writes: list[tuple[int, bytes, bytes]] = []
+        for budget_id, (partition, deltas) in grouped.items():
+            budget = book.index.budgets.get(budget_id)
+            if budget is None:
+                EVENTS.labels("budget_gone").inc(sum(len(evs) for d in deltas for _, evs in d.records))
+                continue
+            key = budget_id.encode()
+            saved = table.data.get(key)
+            state = BudgetState.loads(saved) if saved else BudgetState()
+            result = state.apply(budget, deltas, now_ms, lateness_ms)
+            EVENTS.labels("applied").inc(result.applied)
+            EVENTS.labels("replayed").inc(result.replayed)
+            EVENTS.labels("late").inc(result.late)
+            alerts += [alert_value(a, now_ms) for a in result.alerts]
+            for alert in result.alerts:
+                ALERT_DELAY.observe(max(0.0, (now_ms - alert.event.ts_ms) / 1000))
+            records += [(BUDGET_STATE.name, partition, k, v) for k, v in state.state_records(budget, result.touched, now_ms)]
+            writes.append((partition, key, state.dumps()))
+        await output.send_all(
+            [(BUDGET_ALERTS.name, stable_partition(a["alert_id"], partitions), a["alert_id"].encode(), orjson.dumps(a))
+             for a in alerts] + records
+        )  # fmt: skip
+        for a in alerts:
+            ALERTS.labels(a["kind"]).inc()
+        if alerts:
+            async for attempt in retry_forever(STAGE, "clickhouse budget_alerts", (ClickHouseError, OSError)):
+                with attempt:
+                    await asyncio.to_thread(record_alerts, alerts)
+        for partition, key, value in writes:
+            table.data[key] = value
+            table.send_changelog(partition, key, value)
+        BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    @app.agent(deltas_topic, name="budgets-state")
+    async def keep_state(stream: faust.StreamT) -> None:
+        await start_output()
+        await book.ready.wait()
+        async for events in stream.noack_take(p.batch_max_records, within=p.batch_max_seconds):
+            try:
+                await handle(events)
+            except Exception as exc:
+                # Alerts may be out while the state is not saved: only a restart (state from the
+                # changelog, batch replayed) is safe; it re-sends the same alert_ids.
+                log.exception("budget state batch failed; stopping the worker")
+                await app.crash(exc)
+                return
+            for event in events:
+                await stream.ack(event)
+

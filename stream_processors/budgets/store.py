@@ -1,0 +1,73 @@
+"""ClickHouse IO of budgets: read the live budget configs, record alerts in ``budget_alerts``.
+
+Sync clickhouse-connect calls: the budgets stage and the gateway run them in worker threads.
+ClickHouse ``budgets`` is the durable source of truth (the embedded broker keeps nothing across
+a restart), so readers poll it every ``settings.processors.budgets_reload_s`` instead of
+following a config topic; a change is live everywhere within about that period.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from stream_processors.budgets.logic import Budget, budget_from_row, scope_columns
+
+BUDGETS_SQL = "SELECT * FROM budgets FINAL WHERE deleted = 0"
+
+ALERT_COLUMNS = (
+    "tenant", "alert_id", "kind", "budget_id", "budget_name", "scope", "window_start", "window_end", "threshold",
+    "spent_nanos", "limit_nanos", "percent_used", "projected_nanos", "projected_at", "event_id", "top", "fired_at",
+)  # fmt: skip
+
+
+def load_budgets(client: Any) -> list[Budget]:
+    return [budget_from_row(row) for row in client.query(BUDGETS_SQL).named_results()]
+
+
+def _instant(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text).astimezone(timezone.utc)
+
+
+def alert_row(value: dict[str, Any]) -> list[Any]:
+    """A budget.alerts value (contracts.py) -> a ``budget_alerts`` row in ALERT_COLUMNS order."""
+    return [
+        value["tenant"], value["alert_id"], value["kind"], value["budget_id"], value["budget_name"], value["scope"],
+        _instant(value["window_start"]), _instant(value["window_end"]), Decimal(value["threshold"] or 0),
+        value["spent_nanos"], value["limit_nanos"], Decimal(value["percent_used"]), value["projected_nanos"],
+        _instant(value["projected_at"]), value["event_id"], orjson.dumps(value["top"]).decode(),
+        _instant(value["created_at"]),
+    ]  # fmt: skip
+
+
+def insert_alerts(client: Any, values: list[dict[str, Any]]) -> None:
+    """Idempotent: a re-sent alert has the same (tenant, alert_id), collapsed by ReplacingMergeTree."""
+    client.insert("budget_alerts", [alert_row(v) for v in values], column_names=list(ALERT_COLUMNS))
+
+
+BUDGET_COLUMNS = (
+    "tenant", "id", "name", "scope_project", "scope_agent", "scope_user", "scope_provider", "scope_model",
+    "scope_tag_key", "scope_tag_value", "window", "timezone", "limit_nanos", "thresholds", "forecast", "channels",
+    "enforce", "created_at", "updated_at", "deleted", "version",
+)  # fmt: skip
+
+
+def budget_row(
+    budget: Budget, created_at: datetime, updated_at: datetime, version: int, deleted: bool = False
+) -> list[Any]:
+    """A ``budgets`` row in BUDGET_COLUMNS order (a change inserts the whole row with a higher version)."""
+    cols = scope_columns(budget.scope)
+    return [
+        budget.tenant, budget.id, budget.name, *(cols[c] for c in BUDGET_COLUMNS[3:10]), budget.window,
+        budget.timezone, budget.limit_nanos, list(budget.thresholds), budget.forecast, list(budget.channels),
+        budget.enforce, created_at, updated_at, int(deleted), version,
+    ]  # fmt: skip
+
+
+def insert_budget(client: Any, budget: Budget, version: int) -> None:
+    """Create or replace ``budget`` (sync client; tests and tools)."""
+    now = datetime.now(timezone.utc)
+    client.insert("budgets", [budget_row(budget, now, now, version)], column_names=list(BUDGET_COLUMNS))
