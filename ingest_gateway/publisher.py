@@ -114,9 +114,18 @@ class Publisher:
             await ensure_topics(self._settings, (USAGE_RAW,))
         except Exception as exc:  # no admin rights or broker down: the producer attempt decides
             log.warning("could not ensure topic %s: %s", self._topic, exc)
-        # no linger: requests are already coalesced per event-loop turn (see module doc), and aiokafka
-        # keeps one produce request in flight per broker, so records queue into batches meanwhile
-        producer = AIOKafkaProducer(**producer_kwargs(self._settings, compression_type=COMPRESSION, linger_ms=0))
+        producer = AIOKafkaProducer(
+            **producer_kwargs(
+                self._settings,
+                compression_type=COMPRESSION,
+                # no linger: requests are already coalesced per event-loop turn (see module doc), and
+                # aiokafka keeps one produce request in flight per broker, so records batch meanwhile
+                linger_ms=0,
+                # give up on a record when its request got its 503, so a retried request rarely
+                # duplicates a late write, and shutdown with the broker gone is bounded
+                request_timeout_ms=int(self._timeout_s * 1000),
+            )
+        )
         try:
             await producer.start()
         except (KafkaError, OSError) as exc:
@@ -138,7 +147,10 @@ class Publisher:
                 except asyncio.CancelledError:
                     pass
         if self._producer is not None:
-            await self._producer.stop()
+            try:
+                await asyncio.wait_for(self._producer.stop(), self._timeout_s + 5)
+            except asyncio.TimeoutError:
+                log.warning("Kafka producer did not stop within %.0fs; undelivered records dropped", self._timeout_s + 5)
             self._producer = None
 
     async def ready(self) -> bool:

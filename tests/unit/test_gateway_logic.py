@@ -56,6 +56,12 @@ def test_defaults_and_generated_id():
     assert "cache_read_tokens" not in ev  # zero subsets are left out of the wire format
 
 
+def test_receive_time_is_utc_now():
+    parsed = datetime.fromisoformat(RequestContext.now().received_at_str)
+    assert parsed.tzinfo == timezone.utc
+    assert abs((parsed - datetime.now(timezone.utc)).total_seconds()) < 2
+
+
 def test_uuid7_is_unique_and_time_ordered():
     ids = [uuid7(1_700_000_000_000 + i) for i in range(200)]
     assert len(set(ids)) == 200

@@ -2,94 +2,31 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from genai_prices import extract_usage
 
 from ingest_gateway.usage import normalise_usage
+from spendstream.settings import REPO_ROOT
 
-OPENAI_CHAT_O3 = {  # o3-mini chat completion: cached prompt + hidden reasoning
-    "prompt_tokens": 2006,
-    "completion_tokens": 300,
-    "total_tokens": 2306,
-    "prompt_tokens_details": {"cached_tokens": 1920, "audio_tokens": 0},
-    "completion_tokens_details": {
-        "reasoning_tokens": 192,
-        "audio_tokens": 0,
-        "accepted_prediction_tokens": 0,
-        "rejected_prediction_tokens": 0,
-    },
-}
-OPENAI_CHAT_AUDIO = {  # gpt-4o-audio-preview
-    "prompt_tokens": 540,
-    "completion_tokens": 830,
-    "total_tokens": 1370,
-    "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 400},
-    "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 700},
-}
-OPENAI_RESPONSES = {
-    "input_tokens": 5000,
-    "input_tokens_details": {"cached_tokens": 4096},
-    "output_tokens": 1200,
-    "output_tokens_details": {"reasoning_tokens": 1024},
-    "total_tokens": 6200,
-}
-ANTHROPIC_CACHED = {  # messages API with a 1h and a 5m cache breakpoint, then a cache hit
-    "input_tokens": 21,
-    "cache_creation_input_tokens": 2051,
-    "cache_read_input_tokens": 10000,
-    "cache_creation": {"ephemeral_5m_input_tokens": 51, "ephemeral_1h_input_tokens": 2000},
-    "output_tokens": 393,
-    "service_tier": "standard",
-    "server_tool_use": {"web_search_requests": 0},
-}
-GEMINI_THINKING = {  # gemini-2.5-flash with thinking and implicit caching
-    "promptTokenCount": 1500,
-    "candidatesTokenCount": 200,
-    "thoughtsTokenCount": 1000,
-    "cachedContentTokenCount": 1024,
-    "totalTokenCount": 2700,
-    "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 1400}, {"modality": "AUDIO", "tokenCount": 100}],
-    "cacheTokensDetails": [{"modality": "TEXT", "tokenCount": 1024}],
-    "candidatesTokensDetails": [{"modality": "TEXT", "tokenCount": 200}],
-}
+#: shared with tests/integration/test_gateway_kafka.py: real-shaped usage objects and their expected fields
+PAYLOADS = {k: v for k, v in json.loads((REPO_ROOT / "tests/fixtures/provider_usage.json").read_text()).items()
+            if not k.startswith("_")}  # fmt: skip
+GEMINI_THINKING = PAYLOADS["gemini_thinking_cached"]["usage"]
+
+
+@pytest.mark.parametrize("name", sorted(PAYLOADS))
+def test_fixture_payloads_normalise_to_their_expected_fields(name):
+    counts, errors = normalise_usage(PAYLOADS[name]["usage"])
+    assert errors == []
+    assert counts == PAYLOADS[name]["expected"]
 
 
 @pytest.mark.parametrize(
     ("usage", "expected"),
     [
-        (OPENAI_CHAT_O3, {"input_tokens": 2006, "output_tokens": 300, "cache_read_tokens": 1920, "reasoning_tokens": 192}),
-        (
-            OPENAI_CHAT_AUDIO,
-            {"input_tokens": 540, "output_tokens": 830, "input_audio_tokens": 400, "output_audio_tokens": 700},
-        ),
-        (
-            OPENAI_RESPONSES,
-            {"input_tokens": 5000, "output_tokens": 1200, "cache_read_tokens": 4096, "reasoning_tokens": 1024},
-        ),
-        # Anthropic counts input EXCLUDING cache: 21 + 2051 written + 10000 read
-        (
-            ANTHROPIC_CACHED,
-            {
-                "input_tokens": 12072,
-                "output_tokens": 393,
-                "cache_read_tokens": 10000,
-                "cache_write_tokens": 2051,
-                "cache_write_1h_tokens": 2000,
-            },
-        ),
-        # Gemini: cached content is inside promptTokenCount, thoughts are outside candidatesTokenCount
-        (
-            GEMINI_THINKING,
-            {
-                "input_tokens": 1500,
-                "output_tokens": 1200,
-                "cache_read_tokens": 1024,
-                "reasoning_tokens": 1000,
-                "input_audio_tokens": 100,
-            },
-        ),
-        ({"usageMetadata": GEMINI_THINKING}, {"input_tokens": 1500, "output_tokens": 1200, "cache_read_tokens": 1024,
-                                              "reasoning_tokens": 1000, "input_audio_tokens": 100}),  # fmt: skip
+        ({"usageMetadata": GEMINI_THINKING}, PAYLOADS["gemini_thinking_cached"]["expected"]),
         # older SDKs send explicit nulls for absent cache counts
         (
             {"input_tokens": 10, "cache_creation_input_tokens": None, "cache_read_input_tokens": None, "output_tokens": 3},
@@ -102,9 +39,9 @@ GEMINI_THINKING = {  # gemini-2.5-flash with thinking and implicit caching
             {"input_tokens": 35, "output_tokens": 1, "cache_write_tokens": 30, "cache_write_1h_tokens": 20},
         ),  # fmt: skip
         ({"prompt_tokens": 8, "total_tokens": 8}, {"input_tokens": 8, "output_tokens": 0}),  # embeddings
+        ({"input_tokens": 8, "output_tokens": 2}, {"input_tokens": 8, "output_tokens": 2}),  # no cache: flavours agree
     ],
-    ids=["openai-chat-cached-reasoning", "openai-chat-audio", "openai-responses", "anthropic-cache",
-         "gemini-thinking", "gemini-wrapped", "anthropic-nulls", "anthropic-split-only", "openai-embeddings"],  # fmt: skip
+    ids=["gemini-wrapped", "anthropic-nulls", "anthropic-split-only", "openai-embeddings", "plain-input-output"],
 )
 def test_provider_usage_normalises_to_contract_fields(usage, expected):
     counts, errors = normalise_usage(usage)
@@ -112,21 +49,17 @@ def test_provider_usage_normalises_to_contract_fields(usage, expected):
     assert counts == expected
 
 
-@pytest.mark.parametrize(
-    ("response", "provider", "flavor", "ours"),
-    [
-        ({"model": "o3-mini", "usage": OPENAI_CHAT_O3}, "openai", "chat", OPENAI_CHAT_O3),
-        ({"model": "gpt-4o-audio-preview", "usage": OPENAI_CHAT_AUDIO}, "openai", "chat", OPENAI_CHAT_AUDIO),
-        ({"model": "o3", "usage": OPENAI_RESPONSES}, "openai", "responses", OPENAI_RESPONSES),
-        ({"model": "claude-sonnet-4-5", "usage": ANTHROPIC_CACHED}, "anthropic", "default", ANTHROPIC_CACHED),
-        ({"modelVersion": "gemini-2.5-flash", "usageMetadata": GEMINI_THINKING}, "google", "default", GEMINI_THINKING),
-    ],
-)
-def test_agrees_with_genai_prices_extractors(response, provider, flavor, ours):
+@pytest.mark.parametrize("name", sorted(PAYLOADS))
+def test_agrees_with_genai_prices_extractors(name):
     """The price catalog's own extractors count the same tokens (where both have the class)."""
-    extracted = extract_usage(response, provider_id=provider, api_flavor=flavor)
-    usage = extracted.usage
-    counts, errors = normalise_usage(ours)
+    case = PAYLOADS[name]
+    response = (
+        {"modelVersion": case["model"], "usageMetadata": case["usage"]}
+        if case["provider"] == "google"
+        else {"model": case["model"], "usage": case["usage"]}
+    )
+    usage = extract_usage(response, provider_id=case["provider"], api_flavor=case["api_flavor"]).usage
+    counts, errors = normalise_usage(case["usage"])
     assert errors == []
     assert counts["input_tokens"] == usage.input_tokens
     assert counts["output_tokens"] == (usage.output_tokens or 0)
