@@ -1,0 +1,116 @@
+"""Notify stage wiring: spendstream.budget.alerts -> Notifier (webhooks, e-mail) -> alert_deliveries.
+
+Offsets: an alert record is acked when every one of its channels is final (delivered, gave_up or
+refused) and that outcome is recorded in ``alert_deliveries``. Alerts are delivered concurrently
+(one task each, up to ``MAX_PENDING_ALERTS``), so a channel that is still retrying holds back the
+committed offset of its partition but not the delivery of the alerts behind it. After a crash or
+a rebalance the alerts from the committed offset on are read again; ``Notifier`` then skips the
+channels that ``alert_deliveries`` shows as final and continues the others (attempt numbers and
+retry horizon included). A re-sent alert (the budgets stage sends an alert again after its own
+crash, with the same alert_id) goes the same way. See notifier.py for the exact guarantee.
+
+``stream_wait_empty`` is off for this app: Faust would otherwise block a rebalance or shutdown
+until every alert in flight is final, which can take up to the retry horizon. Instead, the
+deliveries of revoked partitions are cancelled (the new owner resumes them from the record).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+
+import faust
+from prometheus_client import Counter
+
+from spendstream.settings import Settings
+from spendstream.topics import BUDGET_ALERTS
+from stream_processors.notify.delivery import Sender
+from stream_processors.notify.logic import BadAlert, parse_alert
+from stream_processors.notify.notifier import Notifier
+from stream_processors.notify.store import DeliveryStore
+
+log = logging.getLogger(__name__)
+
+#: alerts consumed but not yet final; at this many the stage stops reading (backpressure)
+MAX_PENDING_ALERTS = 10_000
+
+BAD_RECORDS = Counter("spendstream_notify_bad_records_total", "budget.alerts records that are not alerts (skipped)")
+
+
+class NotifyStage:
+    def __init__(self, app: faust.App, settings: Settings):
+        self.app = app
+        self.settings = settings
+        self.topic_name = BUDGET_ALERTS.name
+        self.notifier: Notifier | None = None
+        #: per partition: waiters that ack an alert record once its alert is final
+        self.waiters: dict[int, dict[asyncio.Task, str]] = defaultdict(dict)
+
+    async def run(self, stream: faust.StreamT) -> None:
+        self.notifier = Notifier(self.settings, DeliveryStore(self.settings), Sender(self.settings))
+        stream = stream.noack()
+        slots = asyncio.Semaphore(MAX_PENDING_ALERTS)
+        try:
+            async for event in stream.events():
+                try:
+                    alert = parse_alert(event.message.value)
+                except BadAlert as exc:
+                    BAD_RECORDS.inc()
+                    log.error("skipping budget.alerts %d@%d: %s", event.message.partition, event.message.offset, exc)
+                    await stream.ack(event)
+                    continue
+                await slots.acquire()
+                delivery = self.notifier.submit(alert)
+                waiter = asyncio.create_task(self._ack_when_final(stream, event, delivery, slots))
+                self.waiters[event.message.partition][waiter] = alert.alert_id
+        finally:
+            for waiters in self.waiters.values():
+                for waiter in waiters:
+                    waiter.cancel()
+            await self.notifier.close()
+
+    async def _ack_when_final(
+        self, stream: faust.StreamT, event: faust.EventT, delivery: asyncio.Future, slots: asyncio.Semaphore
+    ) -> None:
+        partition = event.message.partition
+        try:
+            await delivery
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug, not an IO error (those are retried)
+            log.exception("delivering alert %r failed; stopping the worker", event.message.key)
+            await self.app.crash(exc)
+            return
+        else:
+            await stream.ack(event)
+        finally:
+            slots.release()
+            self.waiters[partition].pop(asyncio.current_task(), None)
+
+    def on_revoked(self, partitions: set[int]) -> None:
+        assert self.notifier is not None
+        for partition in partitions:
+            waiters = self.waiters.pop(partition, {})
+            for waiter in waiters:
+                waiter.cancel()
+            self.notifier.cancel(waiters.values())
+            if waiters:
+                log.info("partition %d revoked: %d alert(s) in flight handed over", partition, len(waiters))
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    app.conf.stream_wait_empty = False
+    alerts = app.topic(
+        BUDGET_ALERTS.name, key_serializer="raw", value_serializer="raw", partitions=settings.kafka.partitions
+    )
+    stage = NotifyStage(app, settings)
+
+    @app.agent(alerts, name="notify")
+    async def notify(stream: faust.StreamT) -> None:
+        await stage.run(stream)
+
+    @app.on_partitions_revoked.connect
+    async def handover(sender: faust.App, revoked: set, **kwargs) -> None:
+        if stage.notifier is not None:
+            stage.on_revoked({tp.partition for tp in revoked if tp.topic == stage.topic_name})
