@@ -248,7 +248,7 @@ class KeyStore:
         self._miss_reload_s = miss_reload_s
         self._miss_wait_s = miss_wait_s
         self._on_reload = on_reload
-        self._last_attempt = 0.0
+        self._last_miss_reload = 0.0
         self._reloading: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self.loaded = load is None
@@ -298,7 +298,6 @@ class KeyStore:
 
     async def _reload_once(self) -> None:
         assert self._load is not None
-        self._last_attempt = time.monotonic()
         try:
             keys = await self._load()
         except Exception as exc:  # ClickHouse down or schema missing: keep serving what we have
@@ -336,7 +335,9 @@ class KeyStore:
         if principal is not None or self._load is None:
             return principal
         key_id = key_id_of(key)
-        if key_id and key_id not in self._by_id and time.monotonic() - self._last_attempt >= self._miss_reload_s:
+        now = time.monotonic()
+        if key_id and key_id not in self._by_id and now - self._last_miss_reload >= self._miss_reload_s:
+            self._last_miss_reload = now
             try:
                 await asyncio.wait_for(self.reload(), self._miss_wait_s)
             except asyncio.TimeoutError:
