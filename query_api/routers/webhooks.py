@@ -1,0 +1,185 @@
+"""Alert channels of a tenant: webhooks (generic signed JSON, Slack, PagerDuty) and e-mail.
+
+A webhook URL is checked against SSRF when it is created (http/https only, no credentials, and
+every address the host resolves to must be public unless ``processors.webhook_allow_private``);
+the notify stage checks it again before every delivery (DNS may change). Secrets are never
+returned, except a generated signing secret, once, in the creation response.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Depends, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from query_api.deps import CH, Principal, SettingsDep, require
+from query_api.errors import InvalidField, NotFound
+from stream_processors.notify.delivery import Sender, resolve_checked
+from stream_processors.notify.logic import (
+    PAGERDUTY_EVENTS_URL,
+    Channel,
+    UnsafeTarget,
+    sample_alert,
+    valid_email,
+)
+
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+
+Reader = Annotated[Principal, Depends(require("read"))]
+Admin = Annotated[Principal, Depends(require("admin"))]
+
+_COLUMNS = ("id", "format", "url", "email", "secret", "created_at", "updated_at")
+_WRITE_COLUMNS = ["tenant", "id", "format", "url", "email", "secret", "created_at", "updated_at", "deleted", "version"]
+
+
+class WebhookIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(None, max_length=2048, description="http(s) URL; PagerDuty defaults to the Events API v2")
+    format: Literal["generic", "slack", "pagerduty", "email"] | None = Field(
+        None, description="default: generic for a url, email for an email"
+    )
+    secret: str | None = Field(
+        None, min_length=8, max_length=512,
+        description="generic: HMAC-SHA256 signing key (generated and returned once when absent); "
+        "pagerduty: the integration's routing key",
+    )
+    email: str | None = Field(None, max_length=254, description="an e-mail channel instead of a URL")
+
+
+def _iso(t: datetime) -> str:
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat(timespec="milliseconds")
+
+
+def _mask(text: str) -> str:
+    return "" if not text else ("****" + text[-4:] if len(text) >= 12 else "****")
+
+
+def _masked_url(fmt: str, url: str) -> str:
+    """Slack URLs are themselves the credential (the path is the token), and a query string may
+    carry one too: only the host and the path's end are shown for those."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    base = f"{parts.scheme}://{parts.netloc}"
+    if fmt == "slack":
+        return f"{base}/{_mask(parts.path)}"
+    return base + parts.path + ("?****" if parts.query else "")
+
+
+def _view(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "format": row["format"],
+        "url": _masked_url(row["format"], row["url"]),
+        "email": row["email"],
+        "secret": _mask(row["secret"]),
+        "created_at": _iso(row["created_at"]),
+        "updated_at": _iso(row["updated_at"]),
+    }
+
+
+async def _find(ch: CH, tenant: str, webhook_id: str | None = None) -> list[dict[str, Any]]:
+    sql = f"SELECT {', '.join(_COLUMNS)} FROM webhooks FINAL WHERE tenant = {{tenant:String}} AND deleted = 0"
+    params: dict[str, Any] = {"tenant": tenant}
+    if webhook_id is not None:
+        sql += " AND id = {id:String}"
+        params["id"] = webhook_id
+    result = await ch.query(sql + " ORDER BY created_at DESC, id", parameters=params)
+    return list(result.named_results())
+
+
+async def _one(ch: CH, tenant: str, webhook_id: str) -> dict[str, Any]:
+    found = await _find(ch, tenant, webhook_id)
+    if not found:
+        raise NotFound(f"webhook {webhook_id!r}")
+    return found[0]
+
+
+async def _checked_channel(body: WebhookIn, settings: SettingsDep) -> tuple[str, str, str, str]:
+    """(format, url, email, secret) of a valid request; raises InvalidField naming the field."""
+    if body.email is not None:
+        if body.url is not None:
+            raise InvalidField("url", "give either url or email, not both")
+        if body.format not in (None, "email"):
+            raise InvalidField("format", "an email channel has format 'email'")
+        if body.secret is not None:
+            raise InvalidField("secret", "e-mail channels take no secret")
+        if not valid_email(body.email):
+            raise InvalidField("email", "not a plain e-mail address (name@example.com)")
+        return "email", "", body.email, ""
+    fmt = body.format or "generic"
+    if fmt == "email":
+        raise InvalidField("email", "required for format 'email'")
+    url = body.url or (PAGERDUTY_EVENTS_URL if fmt == "pagerduty" else None)
+    if url is None:
+        raise InvalidField("url", "required (or give an email)")
+    if fmt == "pagerduty" and not body.secret:
+        raise InvalidField("secret", "the PagerDuty integration's routing key is required")
+    p = settings.processors
+    try:
+        await resolve_checked(url, p.webhook_allow_private, p.webhook_timeout_s)
+    except UnsafeTarget as exc:
+        raise InvalidField("url", f"not allowed: {exc}") from None
+    except OSError as exc:
+        raise InvalidField("url", str(exc)) from None
+    return fmt, url, "", body.secret or ""
+
+
+@router.post("", status_code=201, summary="Create an alert channel (admin)")
+async def create_webhook(body: WebhookIn, principal: Admin, ch: CH, settings: SettingsDep) -> dict:
+    fmt, url, email, secret = await _checked_channel(body, settings)
+    generated = fmt == "generic" and not secret
+    if generated:
+        secret = "whsec_" + secrets.token_urlsafe(32)
+    webhook_id = "wh_" + secrets.token_hex(8)
+    now = datetime.now(timezone.utc)
+    row = [principal.tenant, webhook_id, fmt, url, email, secret, now, now, 0, int(now.timestamp() * 1e6)]
+    await ch.insert("webhooks", [row], column_names=_WRITE_COLUMNS)
+    out = _view(dict(zip(_WRITE_COLUMNS, row)))
+    if generated:
+        out["secret"] = secret  # shown once: the receiver needs it to verify signatures
+    return out
+
+
+@router.get("", summary="Your alert channels (secrets masked)")
+async def list_webhooks(principal: Reader, ch: CH) -> dict:
+    return {"webhooks": [_view(r) for r in await _find(ch, principal.tenant)]}
+
+
+@router.get("/{webhook_id}", summary="One alert channel (secret masked)")
+async def get_webhook(webhook_id: str, principal: Reader, ch: CH) -> dict:
+    return _view(await _one(ch, principal.tenant, webhook_id))
+
+
+@router.delete("/{webhook_id}", status_code=204, summary="Delete an alert channel (admin)")
+async def delete_webhook(webhook_id: str, principal: Admin, ch: CH) -> Response:
+    row = await _one(ch, principal.tenant, webhook_id)
+    now = datetime.now(timezone.utc)
+    values = {**row, "tenant": principal.tenant, "updated_at": now, "deleted": 1, "version": int(now.timestamp() * 1e6)}
+    await ch.insert("webhooks", [[values[c] for c in _WRITE_COLUMNS]], column_names=_WRITE_COLUMNS)
+    return Response(status_code=204)
+
+
+@router.post("/{webhook_id}/test", summary="Send a signed test alert now and return the result (admin)")
+async def test_webhook(webhook_id: str, principal: Admin, ch: CH, settings: SettingsDep) -> dict:
+    row = await _one(ch, principal.tenant, webhook_id)
+    channel = Channel(row["id"], row["format"], url=row["url"], email=row["email"], secret=row["secret"])
+    alert = sample_alert(principal.tenant, datetime.now(timezone.utc))
+    sender = Sender(settings)
+    try:
+        result = await sender.send(channel, alert)
+    finally:
+        await sender.close()
+    return {
+        "alert_id": alert.alert_id,
+        "delivered": result.delivered,
+        "result": result.verdict,
+        "http_status": result.http_status,
+        "error": result.error,
+        "duration_ms": result.duration_ms,
+    }
