@@ -309,8 +309,7 @@ def _blank(errors: FieldErrors, name: str) -> None:
 def _token_consistency(ev: Event, errors: FieldErrors) -> None:
     cache_write = ev.cache_write_tokens
     if (
-        ev.cache_read_tokens + cache_write <= ev.input_tokens
-        and ev.input_audio_tokens <= ev.input_tokens
+        ev.cache_read_tokens + cache_write + ev.input_audio_tokens <= ev.input_tokens
         and ev.cache_write_1h_tokens <= cache_write
         and ev.reasoning_tokens + ev.output_audio_tokens <= ev.output_tokens
     ):
@@ -319,13 +318,14 @@ def _token_consistency(ev: Event, errors: FieldErrors) -> None:
         n, total = getattr(ev, sub), getattr(ev, parent)
         if n > total:
             errors.append({"field": sub, "message": f"{sub} ({n}) exceeds {parent} ({total})"})
-    cached = ev.cache_read_tokens + ev.cache_write_tokens
-    if cached > ev.input_tokens:
+    # the parts are disjoint (the pricing stage prices each once), so together they fit too
+    parts = ev.cache_read_tokens + ev.cache_write_tokens + ev.input_audio_tokens
+    if parts > ev.input_tokens:
         errors.append(
             {
                 "field": "input_tokens",
-                "message": f"input_tokens ({ev.input_tokens}) is less than cache_read_tokens + cache_write_tokens "
-                f"({cached}): input_tokens must include cache tokens",
+                "message": f"input_tokens ({ev.input_tokens}) is less than cache_read_tokens + cache_write_tokens + "
+                f"input_audio_tokens ({parts}): input_tokens must include them",
             }
         )
     extra = ev.reasoning_tokens + ev.output_audio_tokens

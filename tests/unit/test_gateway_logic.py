@@ -26,6 +26,7 @@ from ingest_gateway.logic import (
 )
 from ingest_gateway.publisher import encode_records
 from spendstream.contracts import TOKEN_FIELDS, TOKEN_PARENTS, record_key
+from spendstream.settings import REPO_ROOT
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
 CTX = RequestContext(int(NOW.timestamp() * 1e9))
@@ -163,10 +164,14 @@ def test_a_subset_larger_than_its_parent_is_rejected(subset, parent):
     assert any(e["field"] == subset and parent in e["message"] for e in errors), errors
 
 
-def test_cache_reads_and_writes_together_must_fit_in_input():
-    errors = rejected({**BASE, "input_tokens": 100, "cache_read_tokens": 60, "cache_write_tokens": 50})
+@pytest.mark.parametrize(
+    "parts",
+    [{"cache_read_tokens": 60, "cache_write_tokens": 50}, {"cache_read_tokens": 60, "input_audio_tokens": 41}],
+)
+def test_the_parts_of_input_must_fit_in_it_together(parts):
+    errors = rejected({**BASE, "input_tokens": 100, **parts})
     assert errors == [{"field": "input_tokens", "message": errors[0]["message"]}]
-    assert "must include cache tokens" in errors[0]["message"]
+    assert "must include them" in errors[0]["message"]
 
 
 def test_unknown_fields_are_all_named_with_hints():
@@ -311,6 +316,10 @@ def test_validator_never_raises_and_answers_event_or_field_errors(event):
     assert set(normalised) <= EVENT_FIELDS - {"usage"}
     for sub, parent in TOKEN_PARENTS.items():
         assert normalised.get(sub, 0) <= normalised.get(parent, 0)
+    # what the pricing stage requires of an event it prices
+    parts = sum(normalised.get(k, 0) for k in ("cache_read_tokens", "cache_write_tokens", "input_audio_tokens"))
+    assert parts <= normalised["input_tokens"]
+    assert normalised.get("reasoning_tokens", 0) + normalised.get("output_audio_tokens", 0) <= normalised["output_tokens"]
     # normalising is idempotent: the published form validates to itself
     assert validate_event(normalised, CTX) == (normalised, [])
 
@@ -321,3 +330,37 @@ def test_every_event_of_a_body_is_accepted_or_rejected_once(events):
     result = validate_body(msgspec.json.encode(events), False, 100, CTX)
     assert result.accepted + len(result.rejected) == len(events)
     assert [r["index"] for r in result.rejected] == sorted({r["index"] for r in result.rejected})
+
+
+# ------------------------------------------------------------------ the next stage
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    from spendstream.pricing.catalog import default_catalog
+
+    return default_catalog()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_events)
+def test_every_accepted_event_is_priceable(catalog, event):
+    """The pricing stage never sends to the DLQ what the gateway acknowledged."""
+    from spendstream.pricing.logic import price
+
+    normalised, _ = validate_event(event, CTX)
+    if normalised is not None:
+        line = price(normalised, catalog)  # raises PricingError (a DLQ reason) for a contract breach
+        assert line.cost_nanos == sum(line.cost.values()) and line.cost_nanos >= 0
+
+
+@pytest.mark.parametrize("name", ["openai_chat_cached_reasoning", "openai_chat_audio", "openai_responses",
+                                  "anthropic_cache_write_and_read", "gemini_thinking_cached"])  # fmt: skip
+def test_provider_fixture_events_are_priced_by_the_catalog(catalog, name):
+    from spendstream.pricing.logic import price
+
+    case = orjson.loads((REPO_ROOT / "tests/fixtures/provider_usage.json").read_bytes())[name]
+    event = ok({"project": "p", "provider": case["provider"], "model": case["model"], "usage": case["usage"],
+                "timestamp": "2025-06-01T00:00:00Z"})  # fmt: skip
+    line = price(event, catalog)
+    assert line.pricing_status == "priced" and line.cost_nanos > 0, line
