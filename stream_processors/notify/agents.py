@@ -101,6 +101,8 @@ class NotifyStage:
 
 def register(app: faust.App, settings: Settings) -> None:
     app.conf.stream_wait_empty = False
+    # httpx logs every request at INFO; attempts are counted and recorded in alert_deliveries
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     alerts = app.topic(
         BUDGET_ALERTS.name, key_serializer="raw", value_serializer="raw", partitions=settings.kafka.partitions
     )

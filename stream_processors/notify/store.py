@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -55,11 +56,14 @@ class DeliveryStore:
     def __init__(self, settings: Settings):
         self._settings = settings
         self._client: AsyncClient | None = None
+        # deliveries start concurrently: without it each would open (and leak) its own client
+        self._connecting = asyncio.Lock()
         self._channels: dict[tuple[str, str], tuple[float, Channel]] = {}
 
     async def _ch(self) -> AsyncClient:
-        if self._client is None:
-            self._client = await get_async_client(self._settings)
+        async with self._connecting:
+            if self._client is None:
+                self._client = await get_async_client(self._settings)
         return self._client
 
     async def close(self) -> None:

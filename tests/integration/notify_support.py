@@ -28,6 +28,7 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 
 from spendstream.clickhouse import get_client
+from spendstream.devstack import child_env
 from spendstream.embedded.kafka import free_port
 from spendstream.settings import Settings
 
@@ -158,13 +159,11 @@ class NotifyWorker:
     """``spendstream processors --stages notify`` as a child process in its own process group."""
 
     def __init__(self, settings: Settings, log_path: Path):
-        from stream_processors.main import settings_env
-
         self.health_url = f"http://127.0.0.1:{settings.processors.web_port}/healthz"
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "spendstream.cli", "processors", "--stages", "notify"],
-                env={**os.environ, **settings_env(settings)}, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **child_env(settings)}, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         self.log_path = log_path
