@@ -115,7 +115,11 @@ class IngestMiddleware:
             metrics.events_rejected.labels(reason).inc()
         if result.accepted:
             publisher: Publisher = state.publisher
-            await publisher.publish(principal.tenant, ctx.received_at_str, result.by_project, result.accepted)
+            try:
+                await publisher.publish(principal.tenant, ctx.received_at_str, result.by_project, result.accepted)
+            except GatewayError as exc:  # 503/429: none of the request's events counts as accepted
+                metrics.events_rejected.labels(exc.code).inc(result.accepted)
+                raise
             metrics.events_accepted.inc(result.accepted)
         answer = {"accepted": result.accepted, "event_ids": result.event_ids, "rejected": result.rejected}
         return (202 if result.accepted else 400), answer, []

@@ -22,7 +22,7 @@ class GatewayMetrics:
         )
         self.events_rejected = Counter(
             "spendstream_gateway_events_rejected",
-            "Events rejected, by reason (the first field named, or a request-level reason)",
+            "Events not accepted, by reason: the first field named, or broker_unavailable / saturated",
             ["reason"],
             registry=self.registry,
         )

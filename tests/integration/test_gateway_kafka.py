@@ -150,6 +150,7 @@ async def test_broker_stopped_answers_503_and_reports_nothing_accepted(make_sett
     assert int(answer.headers["retry-after"]) > 0
     assert 0.9 <= waited < 5, waited  # the configured send timeout, not aiokafka's 30 s
     assert re.search(r"^spendstream_gateway_events_accepted_total 1\.0$", metrics, re.M)
+    assert 'spendstream_gateway_events_rejected_total{reason="broker_unavailable"} 2.0' in metrics
     assert ready.status_code == 503 and ready.json()["broker"] is False
 
 
