@@ -27,7 +27,11 @@ from schemathesis.checks import (
 
 from ingest_gateway.app import create_app
 
-pytestmark = pytest.mark.kafka
+pytestmark = [
+    pytest.mark.kafka,
+    # schemathesis draws from `random` inside its strategies (its own code, not this test)
+    pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning"),
+]
 
 ADMIN = "fuzz-admin-key-0123456789abcdef"
 EXAMPLES = {"/v1/events": 120}  # per generation mode; the probes have little to vary
