@@ -20,7 +20,7 @@ from query_api.errors import Forbidden, Unauthorized
 from spendstream.keys import KeyStore, Principal
 from spendstream.settings import Settings
 
-__all__ = ["CH", "KeysDep", "Principal", "SettingsDep", "get_ch", "get_keys", "get_settings", "require"]
+__all__ = ["CH", "Admin", "KeysDep", "Principal", "Reader", "SettingsDep", "get_ch", "get_keys", "get_settings", "require"]
 
 # Both schemes are declared so the OpenAPI page offers them; the gateway accepts the same two.
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api key>")
@@ -67,3 +67,8 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
 
     dependency.__name__ = f"require_{scope}"
     return dependency
+
+
+#: the principal of a key with the ``read`` / ``admin`` scope
+Reader = Annotated[Principal, Depends(require("read"))]
+Admin = Annotated[Principal, Depends(require("admin"))]

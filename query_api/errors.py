@@ -118,6 +118,7 @@ def install_error_handlers(app: FastAPI) -> None:
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(DomainError)
@@ -134,6 +135,20 @@ def install_error_handlers(app: FastAPI) -> None:
         details = [{"field": _loc_to_field(tuple(e.get("loc", ()))), "message": e["msg"]} for e in errors]
         return JSONResponse(
             {"error": "invalid_field", "field": field, "message": message, "details": details}, status_code=422
+        )
+
+    # ClickHouse failures no router turned into a domain error: down (503) or refusing (502)
+    @app.exception_handler(OperationalError)
+    async def _clickhouse_down(_: Request, exc: OperationalError) -> JSONResponse:
+        return JSONResponse(
+            {"error": "clickhouse_unavailable", "field": None, "message": "ClickHouse is not reachable; retry shortly"},
+            status_code=503, headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(ClickHouseError)
+    async def _clickhouse_error(_: Request, exc: ClickHouseError) -> JSONResponse:
+        return JSONResponse(
+            {"error": "clickhouse_error", "field": None, "message": clickhouse_message(exc)[1]}, status_code=502
         )
 
     @app.exception_handler(StarletteHTTPException)

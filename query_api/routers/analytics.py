@@ -11,16 +11,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 
-from query_api.deps import CH, Principal, require
+from query_api.deps import CH, Reader
 from query_api.errors import InvalidField
 from query_api.filters import Filters, Params, attribute_conditions, instant_param, millis, parse_filters, tenant_condition
-from query_api.logic import bucket_starts, decode_cursor, encode_cursor, money, zero_fill
+from query_api.logic import bucket_starts, decode_cursor, encode_cursor, iso_utc, money, zero_fill
 from query_api.usage_sql import COST_COLUMNS, MEASURES, TOKEN_COLUMNS, GroupBy, UsageQuery, build_usage_query
 
 router = APIRouter(prefix="/v1/analytics", tags=["analytics"])
-
-Reader = Annotated[Principal, Depends(require("read"))]
-
 
 def usage_filters(
     from_: Annotated[str | None, Query(alias="from", description="RFC 3339 or YYYY-MM-DD (inclusive); default: 30 days before `to`")] = None,
@@ -148,14 +145,10 @@ def events_select(filters: Filters, tenant: str, params: Params, columns: tuple[
     return f"SELECT {cols} FROM usage_events WHERE {' AND '.join(conds)}"
 
 
-def _iso(t: datetime) -> str:
-    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat(timespec="milliseconds")
-
-
 def event_view(row: dict[str, Any]) -> dict[str, Any]:
     out = {k: row[k] for k in EVENT_COLUMNS if k not in COST_COLUMNS}
-    out["timestamp"] = _iso(row["timestamp"])
-    out["received_at"] = _iso(row["received_at"])
+    out["timestamp"] = iso_utc(row["timestamp"])
+    out["received_at"] = iso_utc(row["received_at"])
     out |= money("cost", int(row["cost_nanos"]))
     out["cost_breakdown"] = {
         c.removeprefix("cost_").removesuffix("_nanos"): money("cost", int(row[c]))["cost_usd"] for c in COST_COLUMNS[1:]

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from query_api.deps import CH, Principal, require
+from query_api.deps import CH, Reader
 from query_api.errors import QueryFailed, clickhouse_message
 from query_api.filters import Filters, Params
 from query_api.routers.analytics import FiltersDep, breakdown_order, events_select
@@ -104,7 +104,7 @@ async def _with_prefix(prefix: bytes, chunks: AsyncIterator[bytes]) -> AsyncIter
     responses={200: {"content": {m: {} for _, m, _ in FORMATS.values()}}},
 )
 async def export(
-    principal: Annotated[Principal, Depends(require("read"))],
+    principal: Reader,
     ch: CH,
     filters: FiltersDep,
     format: Literal["csv", "json", "ndjson", "parquet"] = "csv",

@@ -4,20 +4,17 @@ the gateway at its next key reload (``gateway.key_cache_refresh_s``, 2 s by defa
 from __future__ import annotations
 
 import asyncio
-from datetime import timezone
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from query_api.deps import KeysDep, Principal, require
+from query_api.deps import Admin, KeysDep
 from query_api.errors import InvalidField, NotFound
+from query_api.logic import iso_utc
 from spendstream.keys import InvalidKeyRequest, create_key, list_keys, revoke_key
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
-
-Admin = Annotated[Principal, Depends(require("admin"))]
-
 
 class KeyIn(BaseModel):
     scopes: list[str] = Field(min_length=1, description="any of ingest, read, admin")
@@ -28,9 +25,8 @@ def _view(row: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in row.items() if k != "tenant"}
     out["scopes"] = sorted(out["scopes"])
     for k in ("created_at", "revoked_at"):
-        t = out.get(k)
-        if t is not None:
-            out[k] = (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat(timespec="milliseconds")
+        if out.get(k) is not None:
+            out[k] = iso_utc(out[k])
     return out
 
 

@@ -13,17 +13,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
 
-from query_api.deps import CH, Principal, require
+from query_api.deps import CH, Admin, Reader
 from query_api.errors import InvalidField, NotFound
 from query_api.filters import parse_instant, parse_tz
+from query_api.logic import iso_utc
 from spendstream.pricing.catalog import Catalog
 from spendstream.pricing.logic import effective_price, list_prices
 from spendstream.pricing.overrides import PRICE_COLUMNS, OverrideBook, PriceOverride, TenantOverrides
 
 router = APIRouter(prefix="/v1/pricing", tags=["pricing"])
-
-Reader = Annotated[Principal, Depends(require("read"))]
-Admin = Annotated[Principal, Depends(require("admin"))]
 
 #: price_overrides columns, read back under the names PriceOverride.from_row expects
 _OVERRIDE_SELECT = (
@@ -156,15 +154,11 @@ async def unpriced(principal: Reader, ch: CH, catalog: CatalogDep) -> dict:
         now_price = effective_price(catalog, overrides_now, r["provider"], r["model"])
         models.append({
             "provider": r["provider"], "model": r["model"], "events": int(r["events"]),
-            "first_seen": _iso(r["first_seen"]), "last_seen": _iso(r["last_seen"]),
+            "first_seen": iso_utc(r["first_seen"]), "last_seen": iso_utc(r["last_seen"]),
             # a price added since (override or newer catalog) makes the range ready to re-price
             "priced_now": now_price["price_source"] != "none",
         })
     return {"models": models}
-
-
-def _iso(t: datetime) -> str:
-    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat(timespec="milliseconds")
 
 
 @router.get("/{provider}/{model:path}", summary="The price an event of this model gets now, or at `at`")

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from query_api.deps import CH, Principal, require
+from query_api.deps import CH, Admin, Reader
 from query_api.errors import Conflict, NotFound
+from query_api.logic import iso_utc
 
 router = APIRouter(prefix="/v1/projects", tags=["projects"])
-
-Reader = Annotated[Principal, Depends(require("read"))]
-Admin = Annotated[Principal, Depends(require("admin"))]
 
 _COLUMNS = ("id", "name", "description", "created_at", "updated_at")
 
@@ -29,11 +27,7 @@ class ProjectIn(BaseModel):
 
 
 def _view(row: dict[str, Any]) -> dict[str, Any]:
-    out = dict(row)
-    for k in ("created_at", "updated_at"):
-        t = out[k]
-        out[k] = (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat(timespec="milliseconds")
-    return out
+    return {**row, "created_at": iso_utc(row["created_at"]), "updated_at": iso_utc(row["updated_at"])}
 
 
 async def _find(ch: CH, tenant: str, project_id: str | None = None) -> list[dict[str, Any]]:

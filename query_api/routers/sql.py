@@ -7,15 +7,15 @@ import csv
 import io
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import orjson
 from clickhouse_connect.driver.exceptions import ClickHouseError
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from query_api.deps import CH, Principal, SettingsDep, require
+from query_api.deps import CH, Principal, Reader, SettingsDep
 from query_api.errors import QueryFailed, QueryRefused, clickhouse_message
 from query_api.sqlguard import TENANT_VIEWS, check_ast, check_query_tree
 
@@ -109,6 +109,14 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _csv_text(columns: list[str], rows: list) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([_csv_cell(v) for v in row] for row in rows)
+    return out.getvalue()
+
+
 def _csv_cell(value: Any) -> Any:
     if isinstance(value, (datetime, date)):
         return value.isoformat()
@@ -131,7 +139,7 @@ def _csv_cell(value: Any) -> Any:
 async def run_sql(
     body: SqlRequest,
     request: Request,
-    principal: Annotated[Principal, Depends(require("read"))],
+    principal: Reader,
     ch: CH,
     settings: SettingsDep,
 ) -> Response:
@@ -151,22 +159,17 @@ async def run_sql(
         raise QueryFailed(f"the statement ran longer than {limits.sql_max_seconds:g} s") from None
     rows = result.result_rows[:max_rows]
     truncated = len(result.result_rows) > max_rows
-    columns = list(result.column_names)
     headers = {"X-Spendstream-Truncated": "true" if truncated else "false"}
     if body.format == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows([_csv_cell(v) for v in row] for row in rows)
-        return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers=headers)
+        # up to sql_max_rows rows: encoded in a worker thread, off the event loop
+        text = await asyncio.to_thread(_csv_text, list(result.column_names), rows)
+        return Response(text, media_type="text/csv; charset=utf-8", headers=headers)
     payload = {
-        "columns": [{"name": n, "type": t.name} for n, t in zip(columns, result.column_types)],
+        "columns": [{"name": n, "type": t.name} for n, t in zip(result.column_names, result.column_types)],
         "rows": rows,
         "row_count": len(rows),
         "truncated": truncated,
         "statement": canonical,
     }
-    return Response(
-        orjson.dumps(payload, default=_json_default, option=orjson.OPT_NON_STR_KEYS),
-        media_type="application/json", headers=headers,
-    )
+    content = await asyncio.to_thread(orjson.dumps, payload, _json_default, orjson.OPT_NON_STR_KEYS)
+    return Response(content, media_type="application/json", headers=headers)

@@ -1,6 +1,6 @@
 """Pure planning of the query API: segments, grains, buckets in time zones, cursors, money."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
