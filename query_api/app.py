@@ -16,6 +16,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from query_api.errors import install_error_handlers
 from query_api.metrics import ApiMetrics, MetricsMiddleware
@@ -59,7 +60,8 @@ def create_app(settings: Settings) -> FastAPI:
             await app.state.ch.close()
             app.state.ch_sync.close()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load Swagger UI / ReDoc from the package, not from a CDN
+    app = FastAPIOffline(
         title="Spendstream query API",
         version="1",
         summary="Analytics, export, pricing, projects and keys, analysts' SQL, and the live dashboard.",

@@ -398,6 +398,8 @@ def test_health_metrics_and_openapi(stack):
         for path in ("/v1/analytics/overview", "/v1/analytics/timeseries", "/v1/analytics/breakdown",
                      "/v1/analytics/events", "/v1/analytics/export", "/v1/sql", "/v1/pricing/unpriced", "/v1/keys"):
             assert path in paths
-        assert c.get("/docs").status_code == 200
+        docs = c.get("/docs")
+        assert docs.status_code == 200 and "cdn" not in docs.text and "https://" not in docs.text
+        assert c.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
         page = c.get("/")
         assert page.status_code == 200 and "<html" in page.text.lower()
