@@ -9,11 +9,12 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from ingest_gateway.budget_view import BudgetView
 from ingest_gateway.ingest import IngestMiddleware
 from ingest_gateway.metrics import GatewayMetrics
 from ingest_gateway.openapi import add_ingest_path
 from ingest_gateway.publisher import Publisher
-from ingest_gateway.routers import health
+from ingest_gateway.routers import budget_check, health
 from spendstream.keys import KeyStore, StoredKey, clickhouse_loader
 from spendstream.settings import Settings
 
@@ -30,13 +31,16 @@ def create_app(settings: Settings, key_loader: KeyLoader | None = None) -> FastA
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = Publisher(settings, metrics)
         keys = KeyStore.from_settings(settings, key_loader or clickhouse_loader(settings), on_reload=_key_metrics(metrics))
+        budget_view = BudgetView(settings)
         await publisher.start()
         await keys.start()
-        app.state.publisher, app.state.keys = publisher, keys
+        await budget_view.start()
+        app.state.publisher, app.state.keys, app.state.budget_view = publisher, keys, budget_view
         metrics.in_flight_events.set_function(lambda: publisher.in_flight)
         try:
             yield
         finally:
+            await budget_view.close()
             await keys.close()
             await publisher.close()
 
@@ -49,6 +53,7 @@ def create_app(settings: Settings, key_loader: KeyLoader | None = None) -> FastA
     app.state.metrics = metrics
     app.add_middleware(IngestMiddleware, settings=settings)
     app.include_router(health.router)
+    app.include_router(budget_check.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
