@@ -26,6 +26,7 @@ import asyncio
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -200,11 +201,12 @@ def ensure_wrk() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per measurement round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per scenario; medians are reported")
     ap.add_argument("--batch", type=int, default=500, help="events per batch request")
     ap.add_argument("--connections-batch", type=int, default=8)
     ap.add_argument("--connections-single", type=int, default=64)
-    ap.add_argument("--batch-workers", type=int, default=2, help="gateway processes for the batch run")
+    ap.add_argument("--batch-workers", type=int, default=2, help="gateway processes for the batch scenario")
     ap.add_argument("--single-workers", type=int, default=1, help="processes of the gateway AND the bare app")
     args = ap.parse_args()
     ensure_wrk()
@@ -216,62 +218,77 @@ def main() -> None:
     write_bodies(single_bodies, 1, 5000)
     python = sys.executable
     base_env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    uvicorn_flags = ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
-    results: dict[str, dict] = {}
     published = 0  # events in requests wrk saw answered 2xx, warm-ups included
 
-    def measure(name: str, url: str, pid: int, bodies: Path, connections: int, per_request: int) -> None:
+    def load(url: str, pid: int, bodies: Path, connections: int, per_request: int, seconds: float) -> dict:
         nonlocal published
-        warm = wrk(url, script, bodies, connections, 2, pid)
-        r = wrk(url, script, bodies, connections, args.duration, pid)
-        if per_request:
-            published += (warm["requests"] - warm["non_2xx"] + r["requests"] - r["non_2xx"]) * per_request
+        r = wrk(url, script, bodies, connections, seconds, pid)
+        published += (r["requests"] - r["non_2xx"]) * per_request
         r["events_per_s"] = (r["requests"] - r["non_2xx"]) * per_request / r["seconds"]
-        results[name] = r
+        return r
 
+    def gateway_cmd(broker: EmbeddedKafka, port: int, workers: int) -> tuple[list[str], dict[str, str]]:
+        env = {
+            **base_env,
+            "SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+            "SPENDSTREAM_KAFKA__PROFILE": "embedded",
+            "SPENDSTREAM_CLICKHOUSE__URL": "http://127.0.0.1:1",
+            "SPENDSTREAM_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY,
+            "SPENDSTREAM_GATEWAY__PORT": str(port),
+            "SPENDSTREAM_GATEWAY__WORKERS": str(workers),
+            "SPENDSTREAM_LOG_LEVEL": "WARNING",
+        }
+        return [python, "-m", "spendstream.cli", "gateway"], env
+
+    batch: list[dict] = []
+    single: list[dict] = []
+    bare: list[dict] = []
     with EmbeddedKafka(log_path=work / "tansu.log") as broker:
-        for name, bodies, connections, per_request, workers in (
-            ("batch", batch_bodies, args.connections_batch, args.batch, args.batch_workers),
-            ("single", single_bodies, args.connections_single, 1, args.single_workers),
-        ):
-            port = free_port()
-            env = {
-                **base_env,
-                "SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
-                "SPENDSTREAM_KAFKA__PROFILE": "embedded",
-                "SPENDSTREAM_CLICKHOUSE__URL": "http://127.0.0.1:1",
-                "SPENDSTREAM_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY,
-                "SPENDSTREAM_GATEWAY__PORT": str(port),
-                "SPENDSTREAM_GATEWAY__WORKERS": str(workers),
-                "SPENDSTREAM_LOG_LEVEL": "WARNING",
-            }
-            cmd = [python, "-m", "spendstream.cli", "gateway"]
-            with server(cmd, env, port, work / f"gateway-{name}.log") as (url, pid):
-                measure(name, url, pid, bodies, connections, per_request)
-        records, events = asyncio.run(count_on_topic(broker.bootstrap))
+        port = free_port()
+        with server(*gateway_cmd(broker, port, args.batch_workers), port, work / "gateway-batch.log") as (url, pid):
+            load(url, pid, batch_bodies, args.connections_batch, args.batch, 2)  # warm-up
+            for _ in range(args.rounds):
+                batch.append(load(url, pid, batch_bodies, args.connections_batch, args.batch, args.duration))
 
-        bare_port = free_port()
+        # single posts: gateway and bare app up together, measured in alternation so that load
+        # from other jobs on the shared machine hits both alike
+        port, bare_port = free_port(), free_port()
         (work / "bare_app.py").write_text(BARE_APP)
         bare_cmd = [python, "-m", "uvicorn", "bare_app:app", "--app-dir", str(work), "--port", str(bare_port),
-                    "--workers", str(args.single_workers), *uvicorn_flags]  # fmt: skip
-        with server(bare_cmd, base_env, bare_port, work / "bare.log") as (url, pid):
-            measure("bare", url, pid, single_bodies, args.connections_single, 0)
+                    "--workers", str(args.single_workers), "--loop", "uvloop", "--http", "httptools",
+                    "--no-access-log", "--log-level", "warning"]  # fmt: skip
+        with (
+            server(*gateway_cmd(broker, port, args.single_workers), port, work / "gateway-single.log") as (url, pid),
+            server(bare_cmd, base_env, bare_port, work / "bare.log") as (bare_url, bare_pid),
+        ):
+            load(url, pid, single_bodies, args.connections_single, 1, 2)
+            load(bare_url, bare_pid, single_bodies, args.connections_single, 0, 2)
+            for _ in range(args.rounds):
+                single.append(load(url, pid, single_bodies, args.connections_single, 1, args.duration))
+                bare.append(load(bare_url, bare_pid, single_bodies, args.connections_single, 0, args.duration))
+        records, events = asyncio.run(count_on_topic(broker.bootstrap))
 
-    b, s, bare = results["batch"], results["single"], results["bare"]
-    print(f"load average at end: {os.getloadavg()[0]:.2f} (2 cores, shared with other jobs)")
+    def med(rows: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    ratios = [s["rps"] / b["rps"] for s, b in zip(single, bare)]
+    print(f"load average at end: {os.getloadavg()[0]:.2f} (2 cores, shared with other jobs); "
+          f"{args.rounds} rounds of {args.duration:.0f} s, medians")
     print(f"batch of {args.batch}, {args.batch_workers} gateway workers, {args.connections_batch} connections: "
-          f"{b['events_per_s']:,.0f} events/s ({b['rps']:.0f} req/s), p50 {b['p50_ms']:.1f} ms, "
-          f"p99 {b['p99_ms']:.1f} ms, non-2xx {b['non_2xx']} {b['socket_errors']}")
-    print(f"single events, {args.single_workers} worker, {args.connections_single} connections: gateway "
-          f"{s['rps']:,.0f} req/s (p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, non-2xx {s['non_2xx']}) | "
-          f"bare FastAPI {bare['rps']:,.0f} req/s (p50 {bare['p50_ms']:.2f} ms, p99 {bare['p99_ms']:.2f} ms) | "
-          f"ratio {s['rps'] / bare['rps']:.2f}")
-    print(f"CPU (all server processes): batch {b['cpu_us_per_request'] / args.batch:.1f} us/event "
-          f"(= {args.batch * 1e6 / b['cpu_us_per_request']:,.0f} events/s per busy core); single "
-          f"{s['cpu_us_per_request']:.0f} us/request vs bare {bare['cpu_us_per_request']:.0f} us/request "
-          f"(ratio {bare['cpu_us_per_request'] / s['cpu_us_per_request']:.2f})")
+          f"{med(batch, 'events_per_s'):,.0f} events/s (rounds: {', '.join(format(r['events_per_s'], ',.0f') for r in batch)}), "
+          f"p50 {med(batch, 'p50_ms'):.1f} ms, p99 {med(batch, 'p99_ms'):.1f} ms, "
+          f"non-2xx {sum(r['non_2xx'] for r in batch)}")
+    print(f"single events, {args.single_workers} worker(s) each, {args.connections_single} connections: "
+          f"gateway {med(single, 'rps'):,.0f} req/s (p50 {med(single, 'p50_ms'):.2f} ms, p99 {med(single, 'p99_ms'):.2f} ms, "
+          f"non-2xx {sum(r['non_2xx'] for r in single)}) | bare FastAPI {med(bare, 'rps'):,.0f} req/s "
+          f"(p50 {med(bare, 'p50_ms'):.2f} ms, p99 {med(bare, 'p99_ms'):.2f} ms) | gateway/bare per round: "
+          f"{', '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}")
+    print(f"CPU of the server processes: batch {med(batch, 'cpu_us_per_request') / args.batch:.1f} us/event "
+          f"(= {args.batch * 1e6 / med(batch, 'cpu_us_per_request'):,.0f} events/s per busy core); single "
+          f"{med(single, 'cpu_us_per_request'):.0f} us/request vs bare {med(bare, 'cpu_us_per_request'):.0f} us/request "
+          f"(bare/gateway {med(bare, 'cpu_us_per_request') / med(single, 'cpu_us_per_request'):.2f})")
     print(f"usage.raw: {records} records holding {events} events; wrk saw {published} events answered 202 "
-          f"(the topic may hold up to one in-flight request per connection more)")
+          f"(the topic may also hold requests still in flight when a wrk run ended)")
     shutil.rmtree(work, ignore_errors=True)
 
 
