@@ -15,7 +15,9 @@ from query_api.deps import CH, Reader
 from query_api.errors import InvalidField
 from query_api.filters import Filters, Params, attribute_conditions, instant_param, millis, parse_filters, tenant_condition
 from query_api.logic import bucket_starts, decode_cursor, encode_cursor, iso_utc, money, zero_fill
-from query_api.usage_sql import COST_COLUMNS, MEASURES, TOKEN_COLUMNS, GroupBy, UsageQuery, build_usage_query
+from query_api.usage_sql import (
+    CORE_MEASURES, COST_COLUMNS, OVERVIEW_MEASURES, TOKEN_COLUMNS, GroupBy, UsageQuery, build_usage_query,
+)
 
 router = APIRouter(prefix="/v1/analytics", tags=["analytics"])
 
@@ -41,22 +43,22 @@ FiltersDep = Annotated[Filters, Depends(usage_filters)]
 
 
 def measures_view(row: dict[str, Any]) -> dict[str, Any]:
-    """Measures of one row as the API shows them: money exact, ratios derived from sums."""
+    """Measures of one row as the API shows them: money exact, ratios derived from sums.
+
+    Token classes and the cost breakdown appear for the measures the row has.
+    """
     calls, cost = int(row["calls"]), int(row["cost_nanos"])
     out: dict[str, Any] = {"calls": calls, **money("cost", cost)}
-    out["cost_breakdown"] = {
-        c.removeprefix("cost_").removesuffix("_nanos"): money("cost", int(row[c]))["cost_usd"] for c in COST_COLUMNS[1:]
-    }
-    out["tokens"] = {c.removesuffix("_tokens"): int(row[c]) for c in TOKEN_COLUMNS}
+    costs = [c for c in COST_COLUMNS[1:] if c in row]
+    if costs:
+        out["cost_breakdown"] = {c.removeprefix("cost_").removesuffix("_nanos"): money("cost", int(row[c]))["cost_usd"] for c in costs}
+    out["tokens"] = {c.removesuffix("_tokens"): int(row[c]) for c in TOKEN_COLUMNS if c in row}
     out["errors"] = int(row["errors"])
     out["error_rate"] = row["errors"] / calls if calls else 0.0
     out["unpriced_events"] = int(row["unpriced"])
     out |= {f"avg_{k}": v for k, v in money("cost_per_call", cost // calls if calls else 0).items()}
     out["avg_latency_ms"] = row["latency_ms_sum"] / row["latency_count"] if row["latency_count"] else None
     return out
-
-
-EMPTY_ROW = {m: 0 for m in MEASURES}
 
 
 async def run_usage(ch: CH, q: UsageQuery, tenant: str, **kw: Any) -> tuple[list[dict[str, Any]], list[str]]:
@@ -71,8 +73,9 @@ def _range(filters: Filters) -> dict[str, str]:
 
 @router.get("/overview", summary="Totals over the range: cost, calls, tokens, errors, latency, unpriced")
 async def overview(principal: Reader, ch: CH, filters: FiltersDep) -> dict:
-    rows, tables = await run_usage(ch, UsageQuery(filters), principal.tenant)
-    return {**_range(filters), **measures_view(rows[0] if rows else EMPTY_ROW), "sources": sorted(set(tables))}
+    rows, tables = await run_usage(ch, UsageQuery(filters, measures=OVERVIEW_MEASURES), principal.tenant)
+    # an aggregation without GROUP BY always answers one row (zeros over no events)
+    return {**_range(filters), **measures_view(rows[0]), "sources": sorted(set(tables))}
 
 
 @router.get("/timeseries", summary="Zero-filled buckets of the range, in a time zone")
@@ -87,7 +90,7 @@ async def timeseries(
     by_bucket = {int(r["bucket_start"]): r for r in rows}
     points = [
         {"start": s.astimezone(filters.tz).isoformat(), **measures_view(r)}
-        for s, r in zero_fill(starts, by_bucket, EMPTY_ROW)
+        for s, r in zero_fill(starts, by_bucket, dict.fromkeys(CORE_MEASURES, 0))
     ]
     return {**_range(filters), "granularity": granularity, "points": points, "sources": sorted(set(tables))}
 

@@ -53,7 +53,7 @@ def events_export_sql(filters: Filters, tenant: str, params: Params) -> tuple[st
 
 
 def breakdown_export_sql(q: UsageQuery, tenant: str, order: str, limit: int | None) -> tuple[str, dict[str, Any], list[str]]:
-    built = build_usage_query(q, tenant, order_by=breakdown_order(order), limit=limit)
+    built = build_usage_query(UsageQuery(q.filters, q.group, measures=tuple(MEASURES)), tenant, order_by=breakdown_order(order), limit=limit)
     key = q.group.dimension or f"tag_{q.group.tag_key}"
     measures = [m for m in MEASURES if m not in ("latency_ms_sum", "latency_count")]
     names = [key, "cost_usd", *measures, "avg_latency_ms"]

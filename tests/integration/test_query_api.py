@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from query_api.logic import encode_cursor
+from query_api.usage_sql import TOKEN_COLUMNS
 from spendstream.clickhouse import get_client
 from spendstream.keys import create_key
 from query_api_stack import QueryApiServer, insert_events, make_events, migrate  # pytest puts tests/integration on sys.path
@@ -71,9 +72,8 @@ def expected(events: list[dict]) -> dict:
         "errors": sum(e["status"] == "error" for e in events),
         "unpriced_events": sum(e["pricing_status"] == "unknown_model" for e in events),
         "input": sum(e["input_tokens"] for e in events),
-        "cache_read": sum(e["cache_read_tokens"] for e in events),
+        "output": sum(e["output_tokens"] for e in events),
         "latency": sum(latencies) / len(latencies) if latencies else None,
-        "cost_cache_write": sum(e["cost_cache_write_nanos"] for e in events),
     }
 
 
@@ -86,9 +86,8 @@ def observed(m: dict) -> dict:
         "errors": m["errors"],
         "unpriced_events": m["unpriced_events"],
         "input": m["tokens"]["input"],
-        "cache_read": m["tokens"]["cache_read"],
+        "output": m["tokens"]["output"],
         "latency": m["avg_latency_ms"],
-        "cost_cache_write": nanos(m["cost_breakdown"]["cache_write"]),
     }
 
 
@@ -126,6 +125,8 @@ def test_overview_equals_sums_over_raw_rows(stack, query, filters):
     body = r.json()
     assert_same(observed(body), want)
     assert body["error_rate"] == pytest.approx(want["errors"] / want["calls"])
+    # the overview has every token class
+    assert body["tokens"] == {c.removesuffix("_tokens"): sum(e[c] for e in rows) for c in TOKEN_COLUMNS}
     assert nanos(body["avg_cost_per_call_usd"]) == want["cost_nanos"] // want["calls"]
 
 
