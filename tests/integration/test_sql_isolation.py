@@ -4,6 +4,7 @@ through any analytics endpoint, the export, or analysts' SQL however it is writt
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timezone
 
 import pytest
@@ -22,7 +23,9 @@ SECRET = "secretcorp"
 
 @pytest.fixture(scope="module")
 def iso(make_settings):
-    settings = make_settings(bootstrap_admin_key="ss_bootstrap_isolation_" + "k" * 20, bootstrap_tenant="ops")
+    settings = make_settings(
+        bootstrap_admin_key="ss_bootstrap_isolation_" + "k" * 20, bootstrap_tenant="ops", query_api={"sql_max_seconds": 1.0}
+    )
     migrate(settings)
     a = make_events("tenant_a", 400, START, END, seed=11, prefix=SECRET)
     b = make_events("tenant_b", 300, START, END, seed=12, prefix="bee")
@@ -186,3 +189,11 @@ def test_row_limit_truncates_and_says_so(iso):
 def test_unknown_columns_fail_with_clickhouse_message(iso):
     r = sql(iso, "SELECT no_such_column FROM usage_events")
     assert r.status_code == 400 and "no_such_column" in r.json()["message"]
+
+
+def test_time_limit_stops_a_long_statement(iso):
+    started = time.monotonic()
+    r = sql(iso, "SELECT sum(cityHash64(number)) FROM numbers(100000000000)")
+    assert r.status_code == 400 and r.json()["error"] == "query_failed"
+    assert "time limit" in r.json()["message"]
+    assert time.monotonic() - started < 10
