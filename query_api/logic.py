@@ -19,14 +19,13 @@ import binascii
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Iterator
 from zoneinfo import ZoneInfo
 
 import orjson
 
 from query_api.errors import InvalidField
 
-Granularity = Literal["minute", "hour", "day", "week", "month"]
 GRANULARITIES: tuple[str, ...] = ("minute", "hour", "day", "week", "month")
 MAX_BUCKETS = 20_000
 

@@ -1,8 +1,9 @@
 """SQL for usage analytics, built from a plan: which table answers each time segment, with which
 keys and measures. Pure string building; every value from a request is a bound parameter.
 
-A query is the UNION ALL of one sub-select per segment (see ``logic.plan_segments``), each summing
-the measures of its own table, and an outer select adding them up per key. The aggregates
+A query is the UNION ALL of one sub-select per table that answers some segment of the range (see
+``logic.plan_segments``), each summing the measures of its own rows, and an outer select adding
+them up per key. The aggregates
 (``usage_minute``/``usage_hourly``/``usage_daily``/``usage_tags_daily``, kept by materialized
 views) hold partial sums until merged, so they are always read with ``sum()`` and GROUP BY.
 """

@@ -154,7 +154,7 @@ async def run_sql(
         result = await asyncio.wait_for(
             _ask(ch, canonical, run), timeout=limits.sql_max_seconds + 5
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         # chDB cannot cancel a running query: the client gives up, the engine finishes on its own
         raise QueryFailed(f"the statement ran longer than {limits.sql_max_seconds:g} s") from None
     rows = result.result_rows[:max_rows]
