@@ -5,6 +5,12 @@ usage.raw record
     value = orjson {"v": 1, "tenant": str, "project": str, "received_at": RFC 3339 str,
                     "events": [NormalisedEvent, ...]}        # all events share tenant/project
 
+    As the gateway publishes them: every event has event_id, timestamp, project, agent, provider,
+    model, input_tokens, output_tokens and status; optional fields that are absent and token
+    subsets that are 0 are left out (read them with ``.get(name, 0)``). An envelope may hold the
+    events of several requests of the tenant that arrived together (the gateway coalesces them);
+    ``received_at`` is then the first one's receive time.
+
 usage.priced record (exactly one per usage.raw record, so replays after a crash are identical)
     key   = same as the raw record
     value = orjson {"v": 1, "tenant", "project", "received_at",
