@@ -1,12 +1,15 @@
 """Sink wiring: usage.priced -> ClickHouse ``usage_events`` (and through it, every MV).
 
 Records are buffered un-acked until ``sink_batch_rows`` rows are pending or the oldest has
-waited ``sink_batch_seconds``. A flush then follows OpenMeter's order:
-1. pause: consumption stops while the flush runs (the agent awaits it, or holds the lock),
+waited ``sink_batch_seconds``. A flush follows OpenMeter's order:
+1. pause: the batch goes to the writer task; the agent consumes the next batch meanwhile (so
+   decoding overlaps ClickHouse's work) but stops while a second batch waits for the writer,
 2. dedupe in batch: drop records at or below the src watermark (also within the batch),
-3. write: one single-block insert per partition range with its dedupe token, retried with
-   backoff until ClickHouse takes it (an outage stalls the sink; it never skips a batch),
-4. commit: ack the records; Faust commits acked offsets.
+3. write: single-block inserts of at most ``sink_batch_rows`` rows with a dedupe token from their
+   offset ranges, retried with backoff until ClickHouse takes them (an outage stalls the sink;
+   it never skips a batch),
+4. commit: ack the batch's records; Faust commits acked offsets. Batches are written and acked
+   one at a time, in order.
 Watermarks are re-read from ``ingest_progress`` after every partition assignment (another worker
 may have written meanwhile). Records that are not priced envelopes go to usage.dlq.
 """
@@ -48,13 +51,18 @@ RETRYABLE = (ClickHouseError, OSError)
 ROWS = Counter("spendstream_sink_rows_total", "Rows inserted into usage_events")
 RECORDS = Counter("spendstream_sink_records_total", "usage.priced records by outcome", ["outcome"])
 FLUSH_SECONDS = Histogram(
-    "spendstream_sink_flush_seconds", "Time to write and ack one flush",
+    "spendstream_sink_flush_seconds", "Time to store and ack one batch",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )  # fmt: skip
 
 
 class Sink:
-    def __init__(self, settings: Settings, topic: str):
+    """Consumes into ``pending``; a flush hands the batch to the writer task, which stores and acks
+    batches one at a time, in order, while the next batch is being consumed (at most one batch
+    waits for the writer: then consumption pauses)."""
+
+    def __init__(self, app: faust.App, settings: Settings, topic: str):
+        self.app = app
         self.topic = topic
         self.batch_rows = settings.processors.sink_batch_rows
         self.batch_seconds = settings.processors.sink_batch_seconds
@@ -65,7 +73,7 @@ class Sink:
         self.pending: list[tuple[faust.EventT, PricedRecord | BadRecord]] = []
         self.pending_rows = 0
         self.oldest: float | None = None
-        self.lock = asyncio.Lock()
+        self.batches: asyncio.Queue[list[tuple[faust.EventT, PricedRecord | BadRecord]]] = asyncio.Queue(maxsize=1)
         self.watermarks = Watermarks()
         #: src partitions whose watermark was read from ClickHouse since the last assignment
         self.seeded: set[int] = set()
@@ -73,6 +81,7 @@ class Sink:
     async def run(self, stream: faust.StreamT) -> None:
         await self.output.start()
         self.stream = stream.noack()
+        writer = asyncio.create_task(self.write_batches(), name="sink-writer")
         try:
             async for event in self.stream.events():
                 m = event.message
@@ -89,6 +98,7 @@ class Sink:
                 if self.pending_rows >= self.batch_rows or len(self.pending) >= self.batch_rows:
                     await self.flush()
         finally:
+            writer.cancel()
             await self.output.stop()
             self.writer.close()
 
@@ -96,34 +106,50 @@ class Sink:
         if self.oldest is not None and time.monotonic() - self.oldest >= self.batch_seconds:
             await self.flush()
 
+    async def flush(self) -> None:
+        """Pause: hand the pending records to the writer (waits while it still holds a batch)."""
+        batch = self.pending
+        if not batch:
+            return
+        self.pending, self.pending_rows, self.oldest = [], 0, None
+        await self.batches.put(batch)
+
     def on_assigned(self) -> None:
         self.seeded.clear()
 
-    async def flush(self) -> None:
-        async with self.lock:
-            batch = self.pending
-            if not batch:
+    async def write_batches(self) -> None:
+        while True:
+            batch = await self.batches.get()
+            try:
+                await self.write_batch(batch)
+            except Exception as exc:
+                # ClickHouse and Kafka trouble is retried until it passes, so this is a bug.
+                # Nothing of this batch was acked: a restart replays it.
+                log.exception("sink writer failed; stopping the worker")
+                await self.app.crash(exc)
                 return
-            self.pending, self.pending_rows, self.oldest = [], 0, None
-            started = time.perf_counter()
-            records = [item for _, item in batch if isinstance(item, PricedRecord)]
-            bad = [(event, item) for event, item in batch if isinstance(item, BadRecord)]
-            if bad:
-                await self.send_dlq(
-                    [(e.message.partition, e.message.offset, e.message.key, e.message.value, str(err)) for e, err in bad]
-                )
-            await self.seed_watermarks({r.src_partition for r in records})
-            new, replays = self.watermarks.split_new(records)
-            for insert in plan_inserts(self.topic, new, self.batch_rows):
-                await self.write(insert)
-                self.watermarks.advance(insert.records)
-            assert self.stream is not None
-            for event, _ in batch:
-                await self.stream.ack(event)
-            RECORDS.labels("stored").inc(len(new))
-            RECORDS.labels("replay_skipped").inc(len(replays))
-            RECORDS.labels("dlq").inc(len(bad))
-            FLUSH_SECONDS.observe(time.perf_counter() - started)
+
+    async def write_batch(self, batch: list[tuple[faust.EventT, PricedRecord | BadRecord]]) -> None:
+        """Dedupe in batch, write, then commit (ack) -- in that order."""
+        started = time.perf_counter()
+        records = [item for _, item in batch if isinstance(item, PricedRecord)]
+        bad = [(event, item) for event, item in batch if isinstance(item, BadRecord)]
+        if bad:
+            await self.send_dlq(
+                [(e.message.partition, e.message.offset, e.message.key, e.message.value, str(err)) for e, err in bad]
+            )
+        await self.seed_watermarks({r.src_partition for r in records})
+        new, replays = self.watermarks.split_new(records)
+        for insert in plan_inserts(self.topic, new, self.batch_rows):
+            await self.write(insert)
+            self.watermarks.advance(insert.records)
+        assert self.stream is not None
+        for event, _ in batch:
+            await self.stream.ack(event)
+        RECORDS.labels("stored").inc(len(new))
+        RECORDS.labels("replay_skipped").inc(len(replays))
+        RECORDS.labels("dlq").inc(len(bad))
+        FLUSH_SECONDS.observe(time.perf_counter() - started)
 
     async def seed_watermarks(self, src_partitions: set[int]) -> None:
         missing = sorted(src_partitions - self.seeded)
@@ -144,7 +170,7 @@ class Sink:
             if len(insert.records) > 1:
                 # Some record cannot be encoded: store the others one by one, dead-letter it.
                 for record in insert.records:
-                    await self.write(Insert(insert.partition, dedupe_token(self.topic, insert.partition, record, record), [record]))
+                    await self.write(Insert(dedupe_token(self.topic, [record]), [record]))
                 return
             record = insert.records[0]
             await self.send_dlq([(record.partition, record.offset, None, orjson.dumps(record.envelope), f"cannot store: {exc!r}")])
@@ -170,7 +196,7 @@ def register(app: faust.App, settings: Settings) -> None:
     priced = app.topic(
         USAGE_PRICED.name, key_serializer="raw", value_serializer="raw", partitions=settings.kafka.partitions
     )
-    sink = Sink(settings, USAGE_PRICED.name)
+    sink = Sink(app, settings, USAGE_PRICED.name)
 
     @app.agent(priced, name="sink")
     async def store(stream: faust.StreamT) -> None:

@@ -6,9 +6,9 @@ A flush takes the records consumed since the last one and
    the highest one stored for its ``src.partition`` is a replay, either of a pricing-stage record
    re-priced after a crash (see spendstream/contracts.py) or of one this sink stored before it
    crashed and had not committed yet,
-3. cuts the rest into inserts (:func:`plan_inserts`): per usage.priced partition, at record
-   boundaries, at most ``max_rows`` rows each, every one carrying an ``insert_deduplication_token``
-   derived from its offset range, so an insert retried after an error is a no-op in ClickHouse,
+3. cuts the rest into inserts (:func:`plan_inserts`) at record boundaries, at most ``max_rows``
+   rows each, every one carrying an ``insert_deduplication_token`` derived from the offset ranges
+   it holds, so an insert retried after an error is a no-op in ClickHouse,
 4. turns each insert into columns (:func:`to_columns`).
 """
 
@@ -146,19 +146,24 @@ class Watermarks:
                 self._high[p] = o
 
 
-def dedupe_token(topic: str, partition: int, first: PricedRecord, last: PricedRecord) -> str:
-    """``insert_deduplication_token`` for the records ``first``..``last`` of one partition.
+def dedupe_token(topic: str, records: list[PricedRecord]) -> str:
+    """``insert_deduplication_token`` for an insert of ``records``: each usage.priced partition's
+    offset range in it, e.g. ``spendstream.usage.priced:0:10-17@1718000000123,2:4-9@1718000000345``.
 
-    The offset range says which records; the first record's Kafka timestamp tells apart two logs
+    The ranges say which records; the first record's Kafka timestamp per range tells apart two logs
     that reuse offsets (the memory-only embedded broker restarts at offset 0 while ClickHouse keeps
-    its dedup log), where the bare range would make ClickHouse silently drop a new batch.
+    its dedup log), where bare ranges would make ClickHouse silently drop a new batch.
     """
-    return f"{topic}:{partition}:{first.offset}-{last.offset}@{first.timestamp_ms}"
+    ranges: dict[int, tuple[PricedRecord, PricedRecord]] = {}
+    for record in records:
+        first = ranges[record.partition][0] if record.partition in ranges else record
+        ranges[record.partition] = (first, record)
+    parts = (f"{p}:{first.offset}-{last.offset}@{first.timestamp_ms}" for p, (first, last) in sorted(ranges.items()))
+    return f"{topic}:" + ",".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
 class Insert:
-    partition: int
     token: str
     records: list[PricedRecord]
 
@@ -168,24 +173,23 @@ class Insert:
 
 
 def plan_inserts(topic: str, records: list[PricedRecord], max_rows: int) -> list[Insert]:
-    """Group records by usage.priced partition (offset order kept) and cut each group at record
-    boundaries into inserts of at most ``max_rows`` rows (a single larger record stays whole).
-    Records without events are left out: they store nothing."""
-    by_partition: dict[int, list[PricedRecord]] = {}
-    for record in records:
-        if record.rows:
-            by_partition.setdefault(record.partition, []).append(record)
+    """Cut records into inserts of at most ``max_rows`` rows at record boundaries (a single larger
+    record stays whole), keeping their order, so each partition's records stay in offset order.
+    One insert spans partitions: every insert costs ClickHouse a fixed overhead per MV. Records
+    without events are left out: they store nothing."""
     inserts: list[Insert] = []
-    for partition, group in sorted(by_partition.items()):
-        chunk: list[PricedRecord] = []
-        rows = 0
-        for record in group:
-            if chunk and rows + record.rows > max_rows:
-                inserts.append(Insert(partition, dedupe_token(topic, partition, chunk[0], chunk[-1]), chunk))
-                chunk, rows = [], 0
-            chunk.append(record)
-            rows += record.rows
-        inserts.append(Insert(partition, dedupe_token(topic, partition, chunk[0], chunk[-1]), chunk))
+    chunk: list[PricedRecord] = []
+    rows = 0
+    for record in records:
+        if not record.rows:
+            continue
+        if chunk and rows + record.rows > max_rows:
+            inserts.append(Insert(dedupe_token(topic, chunk), chunk))
+            chunk, rows = [], 0
+        chunk.append(record)
+        rows += record.rows
+    if chunk:
+        inserts.append(Insert(dedupe_token(topic, chunk), chunk))
     return inserts
 
 

@@ -120,11 +120,11 @@ def test_seed_overrides_the_partitions_read_from_clickhouse():
 # ---------------------------------------------------------------- insert planning
 
 
-def test_one_insert_per_partition_with_an_offset_range_token():
+def test_an_insert_spans_partitions_and_its_token_names_each_offset_range():
     records = [rec(10, 1, partition=1), rec(5, 1, partition=0), rec(11, 2, partition=1), rec(6, 2, partition=0)]
-    inserts = plan_inserts(TOPIC, records, max_rows=100)
-    assert [(i.partition, [r.offset for r in i.records]) for i in inserts] == [(0, [5, 6]), (1, [10, 11])]
-    assert [i.token for i in inserts] == [f"{TOPIC}:0:5-6@1000", f"{TOPIC}:1:10-11@1000"]
+    (insert,) = plan_inserts(TOPIC, records, max_rows=100)
+    assert insert.records == records  # arrival order: each partition stays in offset order
+    assert insert.token == f"{TOPIC}:0:5-6@1000,1:10-11@1000"
 
 
 def test_inserts_are_cut_at_record_boundaries_and_empty_records_skipped():
@@ -132,15 +132,16 @@ def test_inserts_are_cut_at_record_boundaries_and_empty_records_skipped():
     inserts = plan_inserts(TOPIC, records, max_rows=6)
     assert [[r.offset for r in i.records] for i in inserts] == [[0, 2], [3, 4]]
     assert [i.rows for i in inserts] == [6, 6]
+    assert [i.token for i in inserts] == [f"{TOPIC}:0:0-2@1000", f"{TOPIC}:0:3-4@1000"]
     # a record larger than the limit stays whole
     assert [i.rows for i in plan_inserts(TOPIC, [rec(0, 0, 9)], max_rows=4)] == [9]
 
 
 def test_token_is_deterministic_and_tells_apart_logs_that_reuse_offsets():
     a, b = rec(0, 0, ts_ms=1_000), rec(3, 1, ts_ms=1_500)
-    assert dedupe_token(TOPIC, 0, a, b) == dedupe_token(TOPIC, 0, a, b) == f"{TOPIC}:0:0-3@1000"
+    assert dedupe_token(TOPIC, [a, b]) == dedupe_token(TOPIC, [a, b]) == f"{TOPIC}:0:0-3@1000"
     # the same offsets after the memory-only broker restarted carry later timestamps
-    assert dedupe_token(TOPIC, 0, rec(0, 0, ts_ms=9_000), b) != dedupe_token(TOPIC, 0, a, b)
+    assert dedupe_token(TOPIC, [rec(0, 0, ts_ms=9_000), b]) != dedupe_token(TOPIC, [a, b])
 
 
 # ---------------------------------------------------------------- columns
