@@ -10,8 +10,7 @@ import time
 
 import orjson
 import pytest
-
-from gateway_support import events_by_id, gateway, read_raw  # pytest puts tests/integration on sys.path
+from gateway_support import events_by_id, gateway, read_raw  # tests/integration is on sys.path
 
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.settings import REPO_ROOT
