@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev test test-fast bench faults browser-deps clean
+.PHONY: install dev test test-fast bench faults acceptance browser-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: install
 
 faults: install
 	SPENDSTREAM_FAULTS_EVENTS=1000000 $(PY) -m pytest -q -m faults tests/faults
+
+## full-size pipeline runs: 100k events gateway -> pricing -> sink, 200k-event sink SIGKILL test
+acceptance: install
+	SPENDSTREAM_E2E_EVENTS=100000 SPENDSTREAM_SINK_CRASH_EVENTS=200000 $(PY) -m pytest -q -p no:cacheprovider tests/e2e/test_pipeline.py tests/integration/test_sink.py
 
 clean:
 	rm -rf $(VENV) .spendstream .pytest_cache

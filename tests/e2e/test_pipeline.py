@@ -6,6 +6,8 @@ and a ClickHouse database of this test's own.
   exactly once: count and sum(cost_nanos) equal the input, and every aggregate equals usage_events.
 - The pricing corpus (tests/fixtures/pricing_corpus.ndjson) through the pipeline: every stored cost
   equals genai-prices' own calc_price at the event's time, to the nano-USD.
+- `spendstream processors --stages pricing,sink` (several stages, one command) runs them as
+  children behind one /healthz and /metrics.
 
 CI size: 5,000 events. The acceptance size: ``SPENDSTREAM_E2E_EVENTS=100000``.
 """
@@ -23,7 +25,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from stage_support import assert_aggregates_match, make_event, migrate, read_topic, stored_totals, wait_committed
+from stage_support import (
+    FAST_PROCESSORS,
+    StageWorker,
+    assert_aggregates_match,
+    make_event,
+    migrate,
+    produce,
+    raw_record,
+    read_topic,
+    stored_totals,
+    wait_committed,
+)
 
 from spendstream.clickhouse import get_client
 from spendstream.contracts import usd_to_nanos
@@ -157,3 +170,28 @@ async def test_pricing_corpus_costs_equal_calc_price_after_the_pipeline(pipeline
             mismatches.append((event["event_id"], event["provider"], event["model"], got, want))
     assert not mismatches, mismatches
     assert checked >= 450
+
+
+async def test_one_processors_command_runs_each_stage_as_a_child(make_settings, tmp_path):
+    """`spendstream processors --stages pricing,sink`: one child per stage; the parent serves the
+    combined /healthz and /metrics on the configured port and stops its children on SIGTERM."""
+    broker = EmbeddedKafka(log_path=tmp_path / "tansu.log").start()
+    try:
+        settings = make_settings(kafka={"bootstrap_servers": broker.bootstrap}, processors=FAST_PROCESSORS)
+        migrate(settings)
+        events = [make_event(f"multi-{i}", f"proj-{i % 3}", i) for i in range(300)]
+        await produce(settings, USAGE_RAW.name, [raw_record("acme", e["project"], [e]) for e in events])
+        worker = StageWorker(settings, "pricing,sink", tmp_path)
+        try:
+            await asyncio.to_thread(worker.wait_healthy)
+            await drained(settings, len(events))
+            metrics = worker.metrics()
+            group = os.getpgid(worker.proc.pid)
+        finally:
+            assert worker.stop() == 0
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)  # no child outlived the parent
+    finally:
+        broker.stop()
+    assert metrics["spendstream_pricing_records_total"] == len(events)
+    assert metrics["spendstream_sink_rows_total"] == len(events)

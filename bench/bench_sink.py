@@ -1,0 +1,191 @@
+"""Sink throughput into ClickHouse, and freshness of the whole write path.
+
+    .venv/bin/python -m bench.bench_sink [--rows 500000] [--per-record 50] [--write-results]
+    .venv/bin/python -m bench.bench_sink --freshness [--rate 1000] [--seconds 30] [--write-results]
+
+Throughput: a fresh embedded broker (4 partitions) and ClickHouse; usage.priced is loaded first
+with ``--rows`` priced events (what the pricing stage writes, ``--per-record`` events per record),
+then `spendstream processors --stages sink` starts with the default settings (10k rows / 1 s
+batches). Rate = rows / (time the sink's row counter reached ``--rows`` - time it reported
+ready): decode, src-watermark filter, column conversion, Native encoding and the insert through
+the embedded ClickHouse's HTTP interface, including its five materialized views.
+
+Freshness: gateway, pricing and sink as `spendstream dev` runs them (default settings). Requests
+of 50 events are posted at ``--rate`` events/s; each request's events carry an agent name of
+their own, and a poller queries ``usage_minute`` every 20 ms: freshness = first seen there - the
+gateway's 202.
+
+``--write-results`` replaces the "Sink" or "Freshness" section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import statistics
+import threading
+import time
+
+import httpx
+
+from bench.stage_bench import embedded_stack, machine, replace_section
+from spendstream.clickhouse import get_client
+from spendstream.devstack import Stack
+from spendstream.pricing import default_catalog
+from spendstream.topics import USAGE_PRICED, USAGE_RAW
+from stage_support import StageWorker, assert_aggregates_match, make_event, produce, raw_record, stored_totals
+from stream_processors.pricing.logic import PricingStage, RawRecord
+
+TARGET_ROWS = 100_000
+TARGET_P99 = 2.0
+
+
+def priced_backlog(rows: int, per_record: int, partitions: int) -> list[tuple[bytes, bytes, int]]:
+    stage = PricingStage(default_catalog(), USAGE_RAW.name, 48 * 3_600_000)
+    out = []
+    offsets = [0] * partitions
+    for n, start in enumerate(range(0, rows, per_record)):
+        p = n % partitions
+        project = f"proj-{p}"
+        events = [make_event(f"bench-{i}", project, i) for i in range(start, min(start + per_record, rows))]
+        key, value = raw_record("bench", project, events)
+        priced = stage.process([RawRecord(p, offsets[p], key, value)], 0).priced[0]
+        offsets[p] += 1
+        out.append((key, priced.value, p))
+    return out
+
+
+def throughput(rows: int, per_record: int) -> dict:
+    with embedded_stack() as (settings, work):
+        backlog = priced_backlog(rows, per_record, settings.kafka.partitions)
+        asyncio.run(produce(settings, USAGE_PRICED.name, backlog))
+        worker = StageWorker(settings, "sink", work)
+        try:
+            worker.wait_healthy(120)
+            ready = time.monotonic()
+            while worker.metrics().get("spendstream_sink_rows_total", 0) < rows:
+                assert worker.alive(), worker.log_tail()
+                time.sleep(0.05)
+            seconds = time.monotonic() - ready
+            flushes = worker.metrics()["spendstream_sink_flush_seconds_count"]
+        finally:
+            worker.stop()
+        totals = stored_totals(settings)
+        assert totals["event_ids"] == (rows, rows)
+        assert_aggregates_match(totals)
+    return {"rows": rows, "per_record": per_record, "seconds": seconds, "rate": rows / seconds, "flushes": flushes}
+
+
+def freshness(rate: float, seconds: float) -> dict:
+    key = "ss_bench_" + secrets.token_urlsafe(12)
+    with embedded_stack() as (base, work):
+        settings = base.model_copy(update={"bootstrap_admin_key": type(base.bootstrap_admin_key)(key)})
+        stack = Stack(settings, work / "stack", components=("gateway", "pricing", "sink"))
+        stack.start(supervise=False)
+        accepted: dict[str, float] = {}
+        seen: dict[str, float] = {}
+        stop = threading.Event()
+
+        def poll() -> None:
+            client = get_client(settings)
+            while not stop.is_set():
+                rows = client.query("SELECT DISTINCT agent FROM usage_minute WHERE agent LIKE 'fresh-%'").result_rows
+                now = time.monotonic()
+                for (agent,) in rows:
+                    seen.setdefault(agent, now)
+                stop.wait(0.02)
+            client.close()
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            per_request = 50
+            interval = per_request / rate
+            with httpx.Client(base_url=stack.gateway_url, headers={"Authorization": f"Bearer {key}"}) as http:
+                start = time.monotonic()
+                n = 0
+                while time.monotonic() - start < seconds:
+                    agent = f"fresh-{n}"
+                    body = [make_event(f"{agent}-{j}", f"proj-{n % 10}", n * per_request + j, agent=agent)
+                            for j in range(per_request)]  # fmt: skip
+                    response = http.post("/v1/events", json=body)
+                    assert response.status_code == 202, response.text
+                    accepted[agent] = time.monotonic()
+                    n += 1
+                    # open loop: the next request goes out on schedule, whatever the pipeline does
+                    time.sleep(max(0.0, start + n * interval - time.monotonic()))
+            deadline = time.monotonic() + 30
+            while len(seen) < len(accepted) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            poller.join()
+            stack.stop()
+    latencies = sorted(seen[a] - accepted[a] for a in accepted if a in seen)
+    assert len(latencies) == len(accepted), f"{len(accepted) - len(latencies)} requests never became visible"
+    return {
+        "requests": len(accepted), "events": len(accepted) * per_request, "rate": rate,
+        "p50": statistics.median(latencies), "p99": latencies[int(0.99 * (len(latencies) - 1))], "max": latencies[-1],
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=500_000)
+    parser.add_argument("--per-record", type=int, default=50)
+    parser.add_argument("--freshness", action="store_true")
+    parser.add_argument("--rate", type=float, default=1000.0, help="events/s posted (freshness)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long to post (freshness)")
+    parser.add_argument("--write-results", action="store_true")
+    args = parser.parse_args()
+    if args.freshness:
+        r = freshness(args.rate, args.seconds)
+        print(r)
+        title = "Freshness"
+        lines = [
+            f"## {title}",
+            "",
+            f"Measured {machine()}, with `.venv/bin/python -m bench.bench_sink --freshness --rate {args.rate:g}"
+            f" --seconds {args.seconds:g}`.",
+            "Gateway, pricing and sink as child processes (`spendstream.devstack.Stack`, default settings:"
+            " pricing batches 0.2 s, sink batches 10k rows / 1 s) on the embedded broker and ClickHouse.",
+            f"{r['requests']:,} requests of 50 events ({r['events']:,} events) at {r['rate']:g} events/s;"
+            " freshness = first seen in `usage_minute` (polled every 20 ms) - the gateway's 202.",
+            "",
+            "| p50 | p99 | max |",
+            "|---|---|---|",
+            f"| {r['p50']:.2f} s | {r['p99']:.2f} s | {r['max']:.2f} s |",
+            "",
+            f"- Target p99 ≤ {TARGET_P99:g} s: " + ("**PASS**" if r["p99"] <= TARGET_P99 else "**FAIL**") + ".",
+            "- Most of it is batching by design: the sink flushes every `SPENDSTREAM_PROCESSORS__SINK_BATCH_SECONDS`"
+            " (1 s) unless 10k rows are pending first.",
+        ]
+    else:
+        r = throughput(args.rows, args.per_record)
+        print(r)
+        title = "Sink"
+        lines = [
+            f"## {title}",
+            "",
+            f"Measured {machine()}, with `.venv/bin/python -m bench.bench_sink --rows {args.rows}"
+            f" --per-record {args.per_record}`.",
+            "One worker (`spendstream processors --stages sink`, default settings: 10k rows / 1 s per flush) draining"
+            " a backlog of priced records from the embedded broker (4 partitions) into the embedded ClickHouse"
+            " over HTTP: `usage_events` plus its five materialized views (minute/hour/day/tags/ingest progress).",
+            "",
+            "| rows | events per record | seconds | rows/s | flushes |",
+            "|---|---|---|---|---|",
+            f"| {r['rows']:,} | {r['per_record']} | {r['seconds']:.2f} | {r['rate']:,.0f} | {r['flushes']:.0f} |",
+            "",
+            f"- Target ≥ {TARGET_ROWS:,} rows/s: " + ("**PASS**" if r["rate"] >= TARGET_ROWS else "**FAIL**") + ".",
+            "- Afterwards usage_events holds every row once and each aggregate's totals equal usage_events' (checked).",
+        ]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.write_results:
+        replace_section(title, report)
+
+
+if __name__ == "__main__":
+    main()
