@@ -18,11 +18,12 @@ from pathlib import Path
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from spendstream.kafka import faust_settings
+from spendstream.kafka import apply_faust_embedded_profile, faust_settings
 from spendstream.settings import Settings
 
 
 def create_app(settings: Settings, stage: str) -> faust.App:
+    apply_faust_embedded_profile(settings)
     datadir = Path(settings.data_dir) / "faust" / stage
     # Faust creates only the last level itself
     datadir.parent.mkdir(parents=True, exist_ok=True)
