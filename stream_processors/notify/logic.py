@@ -277,6 +277,14 @@ def email_message(alert: Alert, to: str, sender: str, now: datetime) -> EmailMes
     return msg
 
 
+def created_at(alert: Alert) -> datetime | None:
+    """When the budgets stage emitted the alert (its ``created_at``), if the value carries one."""
+    try:
+        return datetime.fromisoformat(alert.fields["created_at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def sample_alert(tenant: str, now: datetime) -> Alert:
     """A sample threshold alert marked ``"test": true``, for POST /v1/webhooks/{id}/test."""
     stamp = now.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -33,12 +33,15 @@ from prometheus_client import Counter, Gauge, Histogram
 from spendstream.settings import Settings
 from stream_processors.notify.delivery import AttemptResult, Sender
 from stream_processors.notify.logic import (
+    DELIVERED,
+    FAILED,
     FINAL_OUTCOMES,
     REFUSED,
     Alert,
     Channel,
     RetryPolicy,
     attempt_outcome,
+    created_at,
 )
 from stream_processors.notify.store import Attempt, ChannelHistory, DeliveryStore
 from stream_processors.retry import retry_forever
@@ -57,6 +60,10 @@ ALERTS = Counter("spendstream_notify_alerts_total", "Alerts by how they ended", 
 ATTEMPT_SECONDS = Histogram(
     "spendstream_notify_attempt_seconds", "Duration of one delivery attempt", ["format"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)  # fmt: skip
+ALERT_AGE = Histogram(
+    "spendstream_notify_alert_age_seconds", "Alert emitted by the budgets stage -> delivered to a channel", ["format"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )  # fmt: skip
 IN_FLIGHT = Gauge("spendstream_notify_alerts_in_flight", "Alerts with a channel not yet final", multiprocess_mode="livesum")
 
@@ -169,7 +176,10 @@ class Notifier:
     ) -> None:
         ATTEMPTS.labels(fmt or "unknown", outcome).inc()
         ATTEMPT_SECONDS.labels(fmt or "unknown").observe(result.duration_ms / 1000)
-        if outcome not in ("delivered", "failed"):
+        emitted = created_at(alert)
+        if outcome == DELIVERED and emitted is not None:
+            ALERT_AGE.labels(fmt).observe((datetime.now(timezone.utc) - emitted).total_seconds())
+        if outcome not in (DELIVERED, FAILED):
             log.warning("alert %s to %s: %s after %d attempt(s): %s", alert.alert_id, channel_id, outcome, attempt,
                         result.error)
         row = Attempt(alert.tenant, alert.alert_id, channel_id, fmt, attempt, attempted_at, outcome,

@@ -42,6 +42,7 @@ class Received:
     body: bytes
     at: float  # time.monotonic() on arrival
     status: int  # what the receiver answered
+    wall: float  # time.time() on arrival, to compare with timestamps in the body
 
     def json(self) -> Any:
         return orjson.loads(self.body)
@@ -72,13 +73,13 @@ class Receiver:
     async def _handle(self, request: web.Request) -> web.Response:
         path = request.path
         body = await request.read()
-        arrived = time.monotonic()
+        arrived, wall = time.monotonic(), time.time()
         delay = self._delays.get(path, 0.0)
         if delay:
             await asyncio.sleep(delay)
         script = self._scripts.get(path, [200])
         status = script.pop(0) if len(script) > 1 else script[0]
-        self.requests.append(Received(path, dict(request.headers), body, arrived, status))
+        self.requests.append(Received(path, dict(request.headers), body, arrived, status, wall))
         return web.Response(status=status, text="ok" if status < 300 else "nope", headers=self._headers.get(path))
 
     async def __aenter__(self) -> Receiver:

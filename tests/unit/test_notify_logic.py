@@ -29,6 +29,7 @@ from stream_processors.notify.logic import (
     attempt_outcome,
     build_request,
     classify_http,
+    created_at,
     email_message,
     human_usd,
     is_email_channel,
@@ -319,3 +320,8 @@ def test_valid_email(address, ok):
 
 def test_channels_are_told_apart_by_at_sign():
     assert is_email_channel("oncall@example.com") and not is_email_channel("wh_0011223344556677")
+
+
+def test_created_at_is_read_when_present():
+    assert created_at(parse_alert(RAW)) == datetime(2024, 3, 31, 9, 15, 2, 456000, tzinfo=timezone.utc)
+    assert created_at(alert(created_at=None)) is None and created_at(alert(created_at="soon")) is None
