@@ -1,0 +1,155 @@
+"""SIGKILL components at random during a simulate run; nothing acknowledged is lost or counted twice.
+
+Size: ``SPENDSTREAM_FAULTS_EVENTS`` events (CI default in faults_support; `make faults`: 1M) and
+``SPENDSTREAM_FAULTS_KILLS`` kills (6 at CI size, 20 at full size), spread over the run, one at a
+time: each victim is restarted by the Stack's supervisor and healthy again before the next kill.
+The schedule comes from ``SPENDSTREAM_FAULTS_SEED`` (random unless set; logged, so a failure can
+be replayed with the same schedule and fleet).
+
+Checked at the end, against what the gateway acknowledged (the simulate record):
+- usage_events holds exactly the acknowledged event ids, once each, each at the cost the pricing
+  core computes from the recorded event; per tenant count and sum(cost_nanos) equal;
+- every aggregate table (MV target) has the same totals as usage_events;
+- every (budget, window, threshold) the acknowledged spend crossed reached the local webhook
+  receiver, each with one alert_id, and nothing else did (when the budgets and notify stages are
+  in place).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from faults_support import (
+    EVENTS,
+    FULL_SIZE,
+    KILLS,
+    SEED,
+    BudgetPlan,
+    Receiver,
+    Truth,
+    alerts_in_place,
+    check_alerts,
+    check_clickhouse_against,
+    create_alerting,
+    estimate_cost_per_event,
+    kill_schedule,
+    run_kills,
+    wait_stored,
+    wait_until,
+)
+
+from spendstream.clickhouse import get_client
+from spendstream.devstack import INFRASTRUCTURE, Stack, implemented_stages, local_settings
+from spendstream.keys import create_key
+from spendstream.simulate import Fleet, run
+
+pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.clickhouse,
+              pytest.mark.timeout(7200 if FULL_SIZE else 900)]
+
+log = logging.getLogger("spendstream.faults")
+
+#: what the issue names; the broker is paused, not killed (test_broker_pause.py)
+KILL_TARGETS = ("gateway", "pricing", "budgets", "notify", "sink", "clickhouse")
+#: a restart cycle (kill, restart, rebalance) takes seconds: leave each kill this much traffic
+SECONDS_PER_KILL = 12.0
+MAX_RATE = 3_000.0
+MAIN_FLEET = {"projects": 5, "agents": 20, "users": 50, "runaway": True}
+TRICKLE_RATE = 20.0
+
+
+def test_sigkill_components_during_a_run_loses_nothing(tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    rate = min(MAX_RATE, EVENTS / (KILLS * SECONDS_PER_KILL))
+    planned_s = EVENTS / rate
+    settings = local_settings(tmp_path, log_level="WARNING")
+    components = (*INFRASTRUCTURE, "gateway", *implemented_stages(), "query-api")
+    targets = [name for name in KILL_TARGETS if name in components]
+    schedule = kill_schedule(rng, targets, KILLS, planned_s)
+    log.warning("fault run: seed %d (replay: SPENDSTREAM_FAULTS_SEED=%d), %d events at %.0f/s, components %s, "
+                "kill schedule %s", SEED, SEED, EVENTS, rate, components, json.dumps(schedule))
+    (tmp_path / "kill-schedule.json").write_text(json.dumps({"seed": SEED, "schedule": schedule}))
+    record = tmp_path / "acknowledged.ndjson"
+    receiver = Receiver()
+    try:
+        with Stack(settings, tmp_path, components) as stack:
+            keys = tenant_keys(stack)
+            tenants = list(keys)
+            plans = budget_plans(tenants, rate, planned_s) if alerts_in_place(stack) else []
+            if plans:
+                create_alerting(stack, keys, receiver, plans)
+            else:
+                log.warning("budgets/notify/query-api not all in the stack (%s): alerts are not checked", components)
+
+            kills_done: list[tuple[float, str]] = []
+
+            async def traffic() -> tuple:
+                started = time.monotonic()
+                with record.open("ab") as out:
+                    # record's tenant_key is the index into the keys given: the same list for both
+                    key_list = list(keys.values())
+                    main = run(stack.gateway_url, key_list, rate=rate, duration=0, events=EVENTS, batch=100,
+                               fleet=Fleet(**MAIN_FLEET, seed=SEED), record=out, progress=False,
+                               retry_horizon_s=900.0)
+                    trickle = run(stack.gateway_url, key_list, rate=TRICKLE_RATE, duration=0, batch=1,
+                                  events=int(TRICKLE_RATE * planned_s), fleet=Fleet(projects=2, agents=3, seed=SEED + 1),
+                                  record=out, progress=False, retry_horizon_s=900.0)
+                    return await asyncio.gather(main, trickle,
+                                                asyncio.to_thread(run_kills, stack, schedule, started, kills_done))
+
+            main_counters, trickle_counters, _ = asyncio.run(traffic())
+            for counters in (main_counters, trickle_counters):
+                assert counters.failed_requests == 0, f"requests given up after retrying: {counters}"
+                assert counters.rejected == 0, counters
+            assert [name for _, name in kills_done] == [name for _, name in schedule]
+            for name in set(targets):
+                assert stack.restarts(name) == sum(1 for _, n in kills_done if n == name), stack.history
+
+            truth = Truth.load(record, tenants)
+            assert truth.duplicates_in_record == 0
+            assert len(truth.events) == main_counters.accepted + trickle_counters.accepted
+            wait_stored(stack, len(truth.events), timeout=600 if FULL_SIZE else 180)
+            figures = check_clickhouse_against(stack, truth)
+            if plans:
+                figures["alerts"] = check_alerts(receiver, truth, plans)
+            log.warning("fault run passed: %s; kills %s", figures, kills_done)
+    finally:
+        receiver.close()
+
+
+def tenant_keys(stack: Stack) -> dict[str, str]:
+    """The bootstrap tenant's admin key and a second tenant's key (created in ClickHouse, as
+    `spendstream keys create` does), once the gateway has loaded it."""
+    client = get_client(stack.settings)
+    try:
+        _, second = create_key(client, "acme", "ingest,read,admin", name="faults")
+    finally:
+        client.close()
+
+    def known() -> bool:
+        resp = httpx.post(stack.gateway_url + "/v1/events", content=b"[]",
+                          headers={"Authorization": f"Bearer {second}", "Content-Type": "application/json"})
+        return resp.status_code not in (401, 403)
+
+    wait_until("the gateway to load the new key", known, 30)
+    return {stack.settings.bootstrap_tenant: stack.settings.bootstrap_admin_key.get_secret_value(), "acme": second}
+
+
+def budget_plans(tenants: list[str], rate: float, seconds: float) -> list[BudgetPlan]:
+    """Budgets sized from the fleet's mean cost so that, at the end of the run, spend stands at
+    ~125 %, ~65 % and ~90 % of their limits: some thresholds crossed mid-run, some never."""
+    per_event = estimate_cost_per_event(MAIN_FLEET, sample=10_000)
+    per_tenant = per_event * rate * seconds / 2  # requests pick one of the two tenants at random
+    first, second = tenants
+    return [
+        BudgetPlan(first, {}, "total", int(per_tenant / 1.25)),
+        # agent 0 (the runaway, half the traffic) and every 5th other agent are project-0: ~60 %
+        BudgetPlan(first, {"project": "project-0"}, "daily", int(per_tenant * 0.6 / 0.65)),
+        BudgetPlan(second, {"agent": "runaway-agent"}, "total", int(per_tenant * 0.5 / 0.9)),
+    ]
