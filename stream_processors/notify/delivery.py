@@ -26,6 +26,7 @@ import httpx
 
 from spendstream.settings import Settings
 from stream_processors.notify.logic import (
+    WEBHOOK_FORMATS,
     Alert,
     Channel,
     UnsafeTarget,
@@ -109,6 +110,8 @@ class Sender:
     async def send(self, channel: Channel, alert: Alert) -> AttemptResult:
         if channel.format == "email":
             return await self._mail(channel, alert)
+        if channel.format not in WEBHOOK_FORMATS:
+            return AttemptResult("refused", 0, error=f"unknown channel format {channel.format!r}")
         return await self._post(channel, alert)
 
     async def _post(self, channel: Channel, alert: Alert) -> AttemptResult:

@@ -112,7 +112,8 @@ class Notifier:
         return task
 
     def _finished(self, alert_id: str, task: asyncio.Task) -> None:
-        self._running.pop(alert_id, None)
+        if self._running.get(alert_id) is task:
+            del self._running[alert_id]
         IN_FLIGHT.dec()
         if not task.cancelled() and task.exception() is None:
             self._done[alert_id] = None
@@ -123,7 +124,8 @@ class Notifier:
         """Stop delivering these alerts (their partition went to another worker, which resumes
         them from alert_deliveries)."""
         for alert_id in alert_ids:
-            task = self._running.get(alert_id)
+            # forgotten now, not when the task has unwound: the alert may be submitted again at once
+            task = self._running.pop(alert_id, None)
             if task is not None:
                 task.cancel()
 

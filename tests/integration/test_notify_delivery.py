@@ -176,13 +176,14 @@ async def test_timeouts_are_retried_and_retry_after_is_honoured(settings, receiv
 async def test_non_retryable_answers_and_unknown_channels_are_final(settings, receiver, tenant):
     insert_webhook(settings, tenant, "wh_404", "generic", receiver.script("/gone", [404]))
     insert_webhook(settings, "someone_else", "wh_theirs", "generic", receiver.script("/theirs", [200]))
+    insert_webhook(settings, tenant, "wh_future", "teams", receiver.script("/future", [200]))  # a format this version lacks
     notifier = make_notifier(settings)
     try:
-        outcome = await notifier.submit(new_alert(tenant, ["wh_404", "wh_theirs", "wh_missing"]))
+        outcome = await notifier.submit(new_alert(tenant, ["wh_404", "wh_theirs", "wh_missing", "wh_future"]))
     finally:
         await notifier.close()
-    assert outcome == {"wh_404": "gave_up", "wh_theirs": "refused", "wh_missing": "refused"}
-    assert len(receiver.at("/gone")) == 1 and receiver.at("/theirs") == []
+    assert outcome == {"wh_404": "gave_up", "wh_theirs": "refused", "wh_missing": "refused", "wh_future": "refused"}
+    assert len(receiver.at("/gone")) == 1 and receiver.at("/theirs") == receiver.at("/future") == []
     rows = {r["channel"]: r for r in deliveries(settings, tenant)}
     assert rows["wh_404"]["error"] == "HTTP 404: nope (not retried)"
     assert rows["wh_theirs"]["error"].startswith("no such webhook")
@@ -256,3 +257,20 @@ async def test_the_same_alert_submitted_twice_at_once_is_delivered_once(settings
         await notifier.close()
     assert len(receiver.at("/once")) == 1
     assert [r["outcome"] for r in deliveries(settings, tenant)] == ["delivered"]
+
+
+async def test_an_alert_cancelled_on_handover_can_be_submitted_again_at_once(settings, receiver, tenant):
+    """A revoked partition comes back: its alerts are submitted again before the cancelled runs unwound."""
+    insert_webhook(settings, tenant, "wh_back", "generic", receiver.script("/back", [200]))
+    notifier = make_notifier(settings)
+    try:
+        alert = new_alert(tenant, ["wh_back"])
+        first = notifier.submit(alert)
+        notifier.cancel([alert.alert_id])
+        again = notifier.submit(alert)
+        assert again is not first
+        assert await again == {"wh_back": "delivered"}
+        assert first.cancelled()
+    finally:
+        await notifier.close()
+    assert len(receiver.at("/back")) == 1
