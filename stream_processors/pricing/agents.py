@@ -46,25 +46,38 @@ OVERRIDES_LOADED_AT = Gauge(
     "spendstream_pricing_overrides_loaded_timestamp_seconds", "When price_overrides was last read",
     multiprocess_mode="max",
 )
+OVERRIDES_RELOAD_FAILURES = Counter(
+    "spendstream_pricing_overrides_reload_failures_total", "Reads of price_overrides that failed (last set kept)"
+)
 OVERRIDES_REJECTED = Gauge(
     "spendstream_pricing_overrides_rejected", "price_overrides rows that failed validation",
     multiprocess_mode="livesum",
 )
 
 
-def load_override_rows(settings: Settings) -> list[dict[str, Any]]:
-    """Current rows of ``price_overrides`` (latest version, not deleted); blocking."""
-    from spendstream.clickhouse import get_client
+class OverrideRows:
+    """Reads the current ``price_overrides`` rows (latest version, not deleted); blocking. Keeps
+    one client between reads and drops it after an error, so the next read reconnects."""
 
-    client = get_client(settings)
-    try:
-        rows = list(client.query("SELECT * FROM price_overrides FINAL WHERE deleted = 0").named_results())
-    finally:
-        client.close()
-    for row in rows:
-        # the table's column for the per-request price; OverrideBook reads per_request_usd
-        row.setdefault("per_request_usd", row.get("request_usd"))
-    return rows
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self._client: Any = None
+
+    def read(self) -> list[dict[str, Any]]:
+        from spendstream.clickhouse import get_client
+
+        if self._client is None:
+            self._client = get_client(self._settings)
+        try:
+            rows = list(self._client.query("SELECT * FROM price_overrides FINAL WHERE deleted = 0").named_results())
+        except Exception:
+            self._client.close()
+            self._client = None
+            raise
+        for row in rows:
+            # the table's column for the per-request price; OverrideBook reads per_request_usd
+            row.setdefault("per_request_usd", row.get("request_usd"))
+        return rows
 
 
 def register(app: faust.App, settings: Settings) -> None:
@@ -94,13 +107,16 @@ def register(app: faust.App, settings: Settings) -> None:
             DEDUPE_IDS.set(len(stage.index))
         log.info("dedupe index rebuilt: %d ids in %d chunks", len(stage.index), stage.index.chunk_count)
 
+    override_rows = OverrideRows(settings)
+
     @app.task
     async def reload_overrides() -> None:
         last_rows: list[dict[str, Any]] | None = None
         while True:
             try:
-                rows = await asyncio.to_thread(load_override_rows, settings)
+                rows = await asyncio.to_thread(override_rows.read)
             except Exception as exc:  # noqa: BLE001 - any ClickHouse trouble: keep the last set
+                OVERRIDES_RELOAD_FAILURES.inc()
                 log.warning("reading price_overrides failed (%r); %s", exc,
                             "keeping the last set" if overrides_ready.is_set() else "pricing waits for it")
             else:

@@ -5,13 +5,15 @@
 - SIGKILL mid-stream and right after the last output (before its offsets were committed): the
   replayed records are byte-identical to the first copies, and after the downstream src-watermark
   filter every event id is there exactly once; the dedupe state survives the restarts;
-- tenant overrides written to ClickHouse apply without a restart.
+- tenant overrides written to ClickHouse apply without a restart; a ClickHouse outage keeps the
+  last set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -19,10 +21,12 @@ from decimal import Decimal
 import orjson
 import pytest
 from stage_support import (
+    FAST_PROCESSORS,
     StageWorker,
     committed_offsets,
     log_ends,
     make_event,
+    migrate,
     produce,
     raw_record,
     read_topic,
@@ -31,6 +35,8 @@ from stage_support import (
 )
 
 from spendstream.clickhouse import get_client
+from spendstream.embedded.clickhouse import EmbeddedClickHouse
+from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.topics import USAGE_DLQ, USAGE_PRICED, USAGE_RAW
 from stream_processors.sink.logic import PricedRecord, Watermarks
 
@@ -171,49 +177,71 @@ def covers(records, ends: dict[int, int]) -> bool:
     return all((p, o) in seen for p, end in ends.items() for o in range(end))
 
 
-async def test_overrides_written_to_clickhouse_apply_without_restart(stage_settings, tmp_path):
-    s = stage_settings.model_copy(update={"pricing": stage_settings.pricing.model_copy(update={"overrides_reload_s": 0.2})})
+async def metric_reaches(worker: StageWorker, name: str, value: float, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while worker.metrics().get(name, 0) < value:
+        assert loop.time() < deadline, f"{name} never reached {value}"
+        await asyncio.sleep(0.05)
+
+
+def write_override(settings, version: int, deleted: int) -> None:
+    client = get_client(settings)
+    try:
+        client.insert(
+            "price_overrides",
+            [[TENANT, "ovr-1", "openai", "gpt-4o", datetime(2025, 1, 1, tzinfo=timezone.utc), Decimal("1"),
+              Decimal("2"), version, deleted]],
+            column_names=["tenant", "id", "provider", "model", "effective_from", "input_mtok", "output_mtok",
+                          "version", "deleted"],
+        )  # fmt: skip
+    finally:
+        client.close()
+
+
+async def test_overrides_apply_without_restart_and_survive_a_clickhouse_outage(make_settings, tmp_path):
+    clickhouse = EmbeddedClickHouse(path=str(tmp_path / "chdb")).start()
+    broker = EmbeddedKafka(log_path=tmp_path / "tansu.log").start()
+    s = make_settings(
+        kafka={"bootstrap_servers": broker.bootstrap}, clickhouse={"url": clickhouse.url},
+        processors=FAST_PROCESSORS, pricing={"overrides_reload_s": 0.2},
+    )  # fmt: skip
+    migrate(s)
     worker = StageWorker(s, "pricing", tmp_path)
+    sent = 0
+
+    async def price_one(name: str) -> dict:
+        nonlocal sent
+        await produce(s, USAGE_RAW.name, [raw_record(TENANT, "proj-0", [make_event(name, "proj-0", sent)])])
+        sent += 1
+        out = await read_topic(s, USAGE_PRICED.name, lambda rs: len(rs) >= sent)  # one partition: in order
+        return orjson.loads(out[-1].value)["events"][0]
+
+    async def price_until_override(prefix: str) -> dict:
+        for attempt in range(50):
+            priced = await price_one(f"{prefix}-{attempt}")
+            if priced["price_source"] == "override":
+                return priced
+        raise AssertionError("the override never applied")
+
     try:
         await asyncio.to_thread(worker.wait_healthy)
-        await produce(s, USAGE_RAW.name, [raw_record(TENANT, "proj-0", [make_event("before", "proj-0", 1)])])
-        before = await read_topic(s, USAGE_PRICED.name, lambda rs: len(rs) >= 1)
-        assert orjson.loads(before[0].value)["events"][0]["price_source"] == "catalog"
-
-        client = get_client(s)
-        client.insert(
-            "price_overrides",
-            [[TENANT, "ovr-1", "openai", "gpt-4o", datetime(2025, 1, 1, tzinfo=timezone.utc), Decimal("1"),
-              Decimal("2"), 1, 1]],
-            column_names=["tenant", "id", "provider", "model", "effective_from", "input_mtok", "output_mtok", "version",
-                          "deleted"],
-        )  # fmt: skip
-        client.close()
-        # the row is deleted=1 first: a deleted override must not apply ...
-        await produce(s, USAGE_RAW.name, [raw_record(TENANT, "proj-0", [make_event("deleted", "proj-0", 2)])])
-        deleted = await read_topic(s, USAGE_PRICED.name, lambda rs: len(rs) >= 2)
-        assert orjson.loads(deleted[-1].value)["events"][0]["price_source"] == "catalog"
-        # ... its next version (deleted=0) does, within a reload period
-        client = get_client(s)
-        client.insert(
-            "price_overrides",
-            [[TENANT, "ovr-1", "openai", "gpt-4o", datetime(2025, 1, 1, tzinfo=timezone.utc), Decimal("1"),
-              Decimal("2"), 2, 0]],
-            column_names=["tenant", "id", "provider", "model", "effective_from", "input_mtok", "output_mtok", "version",
-                          "deleted"],
-        )  # fmt: skip
-        client.close()
-        for attempt in range(50):
-            event = make_event(f"after-{attempt}", "proj-0", 3)
-            await produce(s, USAGE_RAW.name, [raw_record(TENANT, "proj-0", [event])])
-            out = await read_topic(s, USAGE_PRICED.name, lambda rs: len(rs) >= 3 + attempt)
-            priced = orjson.loads(out[-1].value)["events"][0]
-            if priced["price_source"] == "override":
-                break
-            await asyncio.sleep(0.1)
+        assert (await price_one("before"))["price_source"] == "catalog"
+        # a deleted override must not apply; its next version (deleted=0) does, without a restart
+        await asyncio.to_thread(write_override, s, 1, 1)
+        await metric_reaches(worker, "spendstream_pricing_overrides_loaded_timestamp_seconds", time.time())
+        assert (await price_one("deleted"))["price_source"] == "catalog"
+        await asyncio.to_thread(write_override, s, 2, 0)
+        priced = await price_until_override("after")
         assert (priced["price_id"], priced["cost_nanos"]) == (
-            "override:ovr-1",
-            event["input_tokens"] * 1000 + event["output_tokens"] * 2000,
+            "override:ovr-1", priced["input_tokens"] * 1000 + priced["output_tokens"] * 2000
         )
+        # ClickHouse down: the stage keeps pricing with the last overrides it read
+        await asyncio.to_thread(clickhouse.stop)
+        await metric_reaches(worker, "spendstream_pricing_overrides_reload_failures_total", 1)
+        assert (await price_one("outage"))["price_source"] == "override"
+        assert worker.alive()
     finally:
         worker.stop()
+        broker.stop()
+        clickhouse.stop()
