@@ -4,9 +4,9 @@ Offsets: an alert record is acked when every one of its channels is final (deliv
 refused) and that outcome is recorded in ``alert_deliveries``. Alerts are delivered concurrently
 (one task each, up to ``MAX_PENDING_ALERTS``), so a channel that is still retrying holds back the
 committed offset of its partition but not the delivery of the alerts behind it. After a crash or
-a rebalance the alerts from the committed offset on are read again; ``Notifier`` then skips the
-channels that ``alert_deliveries`` shows as final and continues the others (attempt numbers and
-retry horizon included). A re-sent alert (the budgets stage sends an alert again after its own
+a rebalance the alerts from the committed offset on are read again; ``Notifier`` (its delivery
+history re-read from ``alert_deliveries`` at every assignment) then skips the channels recorded
+as final and continues the others (attempt numbers and retry horizon included). A re-sent alert (the budgets stage sends an alert again after its own
 crash, with the same alert_id) goes the same way. See notifier.py for the exact guarantee.
 
 ``stream_wait_empty`` is off for this app: Faust would otherwise block a rebalance or shutdown
@@ -49,6 +49,7 @@ class NotifyStage:
 
     async def run(self, stream: faust.StreamT) -> None:
         self.notifier = Notifier(self.settings, DeliveryStore(self.settings), Sender(self.settings))
+        self.notifier.start()
         stream = stream.noack()
         slots = asyncio.Semaphore(MAX_PENDING_ALERTS)
         try:
@@ -116,3 +117,9 @@ def register(app: faust.App, settings: Settings) -> None:
     async def handover(sender: faust.App, revoked: set, **kwargs) -> None:
         if stage.notifier is not None:
             stage.on_revoked({tp.partition for tp in revoked if tp.topic == stage.topic_name})
+
+    @app.on_partitions_assigned.connect
+    async def take_over(sender: faust.App, assigned: set, **kwargs) -> None:
+        # the previous owner of these partitions may have delivered some of their alerts
+        if stage.notifier is not None:
+            stage.notifier.reload_history()

@@ -2,9 +2,11 @@
 
 ``Notifier.submit(alert)`` starts (or joins) one task per alert; that task runs one task per
 channel and finishes when every channel is final (delivered, gave_up or refused). Each channel:
-1. reads what ``alert_deliveries`` already holds for (alert, channel): a final outcome means
-   "done before" (a re-sent alert, or a replay after a crash) and nothing is sent; otherwise the
-   attempt count and the retry horizon continue from the recorded attempts;
+1. checks what ``alert_deliveries`` held for (alert, channel) when the history was last loaded
+   (``reload_history``: at start and at every partition assignment, the attempts of the last
+   ``history_window``): a final outcome means "done before" (a re-sent alert, or a replay after a
+   crash) and nothing is sent; otherwise the attempt count and the retry horizon continue from
+   the recorded attempts. Alerts finished since then are remembered in memory;
 2. looks the channel up (webhook id -> ``webhooks`` row, tenant-scoped; or an e-mail address);
 3. attempts delivery while holding the endpoint's slot (``PER_ENDPOINT_CONCURRENCY`` requests at
    a time per webhook URL, or per SMTP server), so a slow endpoint only delays its own deliveries;
@@ -25,7 +27,7 @@ import logging
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from prometheus_client import Counter, Gauge, Histogram
@@ -43,7 +45,7 @@ from stream_processors.notify.logic import (
     attempt_outcome,
     created_at,
 )
-from stream_processors.notify.store import Attempt, ChannelHistory, DeliveryStore
+from stream_processors.notify.store import CHANNEL_REFRESH_S, Attempt, ChannelHistory, DeliveryStore, Histories
 from stream_processors.retry import retry_forever
 
 log = logging.getLogger(__name__)
@@ -88,9 +90,47 @@ class Notifier:
         self.sender = sender
         self.policy = policy or RetryPolicy(horizon_s=settings.processors.webhook_retry_horizon_s)
         self.rand = rand
+        # re-sent alerts come within minutes (the budgets stage's restart); an alert still retrying
+        # is re-read until its horizon has passed
+        self.history_window = timedelta(
+            seconds=max(settings.processors.dedupe_window_hours * 3600, 2 * self.policy.horizon_s)
+        )
         self._running: dict[str, asyncio.Task[dict[str, str]]] = {}
         self._done: OrderedDict[str, None] = OrderedDict()
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self._histories: Histories = {}
+        self._history_loaded = asyncio.Event()
+        self._background: dict[str, asyncio.Task] = {}
+
+    def start(self) -> None:
+        """Load the delivery history and keep the webhooks fresh (call from the running loop)."""
+        self.reload_history()
+        self._background["channels"] = asyncio.create_task(self._refresh_channels_forever(), name="notify-channels")
+
+    def reload_history(self) -> None:
+        """Deliveries wait until the record of the recent past is read again (after a partition
+        assignment: another worker may have delivered the partition's alerts meanwhile)."""
+        self._history_loaded.clear()
+        previous = self._background.pop("history", None)
+        if previous is not None:
+            previous.cancel()
+        self._background["history"] = asyncio.create_task(self._load_history(), name="notify-history")
+
+    async def _load_history(self) -> None:
+        since = datetime.now(timezone.utc) - self.history_window
+        async for attempt in retry_forever(STAGE, "read alert_deliveries", RETRYABLE_STORE_ERRORS):
+            with attempt:
+                self._histories = await self.store.load_histories(since)
+        self._history_loaded.set()
+        log.info("delivery history loaded: %d alerts since %s", len(self._histories), since.isoformat())
+
+    async def _refresh_channels_forever(self) -> None:
+        while True:
+            try:
+                await self.store.refresh_channels()
+            except RETRYABLE_STORE_ERRORS as exc:
+                log.warning("reading webhooks failed (%r); keeping the last set", exc)
+            await asyncio.sleep(CHANNEL_REFRESH_S)
 
     def submit(self, alert: Alert) -> asyncio.Future[dict[str, str]]:
         """Deliver ``alert`` to its channels; the future resolves to {channel: final outcome}
@@ -130,7 +170,7 @@ class Notifier:
                 task.cancel()
 
     async def close(self) -> None:
-        tasks = list(self._running.values())
+        tasks = [*self._running.values(), *self._background.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -138,9 +178,8 @@ class Notifier:
         await self.store.close()
 
     async def _deliver(self, alert: Alert) -> dict[str, str]:
-        async for attempt in retry_forever(STAGE, "read alert_deliveries", RETRYABLE_STORE_ERRORS):
-            with attempt:
-                history = await self.store.history(alert.tenant, alert.alert_id)
+        await self._history_loaded.wait()
+        history = self._histories.get((alert.tenant, alert.alert_id), {})
         outcomes = await asyncio.gather(*(self._deliver_to(alert, c, history.get(c)) for c in alert.channels))
         result = dict(zip(alert.channels, outcomes))
         ALERTS.labels("finished").inc()

@@ -1,11 +1,16 @@
-"""The notify stage's ClickHouse side: channel look-ups (``webhooks``) and the delivery record
+"""The notify stage's ClickHouse side: channels (``webhooks``) and the delivery record
 (``alert_deliveries``). The stage writes nothing else: ``budget_alerts`` is the budgets stage's.
+
+Nothing here runs per alert on the way to a receiver, except the first look-up of a webhook
+created since the last refresh: the delivery record of the recent past is read in one query
+(``load_histories``, at each partition assignment) and the live webhooks every
+``CHANNEL_REFRESH_S`` (``refresh_channels``). Under load the embedded ClickHouse answers in
+hundreds of milliseconds, which a per-alert query would add to every alert's latency.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -15,14 +20,16 @@ from spendstream.clickhouse import get_async_client
 from spendstream.settings import Settings
 from stream_processors.notify.logic import Channel, is_email_channel
 
-#: how long a webhook row is served from memory: a deleted or changed webhook takes effect
-#: within this time (look-ups of unknown ids are never cached)
-CHANNEL_CACHE_S = 10.0
+#: how often the live webhooks are re-read: a deleted or changed webhook takes effect within it
+CHANNEL_REFRESH_S = 5.0
 
 DELIVERY_COLUMNS = (
     "tenant", "alert_id", "channel", "format", "attempt", "attempted_at", "outcome", "http_status", "error",
     "duration_ms",
 )  # fmt: skip
+
+#: (tenant, alert_id) -> channel -> what the record says about it
+Histories = dict[tuple[str, str], dict[str, "ChannelHistory"]]
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ class DeliveryStore:
         self._client: AsyncClient | None = None
         # deliveries start concurrently: without it each would open (and leak) its own client
         self._connecting = asyncio.Lock()
-        self._channels: dict[tuple[str, str], tuple[float, Channel]] = {}
+        self._channels: dict[tuple[str, str], Channel] = {}
 
     async def _ch(self) -> AsyncClient:
         async with self._connecting:
@@ -71,13 +78,23 @@ class DeliveryStore:
             client, self._client = self._client, None
             await client.close()
 
+    async def refresh_channels(self) -> None:
+        """Replace the cached webhooks with every live one (a deleted webhook drops out)."""
+        ch = await self._ch()
+        result = await ch.query("SELECT tenant, id, format, url, email, secret FROM webhooks FINAL WHERE deleted = 0")
+        self._channels = {
+            (tenant, webhook_id): Channel(webhook_id, fmt, url=url, email=email, secret=secret)
+            for tenant, webhook_id, fmt, url, email, secret in result.result_rows
+        }
+
     async def channel(self, tenant: str, channel_id: str) -> Channel | None:
         """The channel a budget's entry names, or None if the tenant has no such (live) webhook."""
         if is_email_channel(channel_id):
             return Channel(channel_id, "email", email=channel_id)
         cached = self._channels.get((tenant, channel_id))
-        if cached and cached[0] > time.monotonic():
-            return cached[1]
+        if cached is not None:
+            return cached
+        # created since the last refresh (or unknown): ask now
         ch = await self._ch()
         result = await ch.query(
             "SELECT format, url, email, secret FROM webhooks FINAL"
@@ -85,24 +102,24 @@ class DeliveryStore:
             parameters={"tenant": tenant, "id": channel_id},
         )
         if not result.result_rows:
-            self._channels.pop((tenant, channel_id), None)
             return None
         fmt, url, email, secret = result.result_rows[0]
-        found = Channel(channel_id, fmt, url=url, email=email, secret=secret)
-        self._channels[(tenant, channel_id)] = (time.monotonic() + CHANNEL_CACHE_S, found)
+        found = self._channels[(tenant, channel_id)] = Channel(channel_id, fmt, url=url, email=email, secret=secret)
         return found
 
-    async def history(self, tenant: str, alert_id: str) -> dict[str, ChannelHistory]:
+    async def load_histories(self, since: datetime) -> Histories:
+        """Every (alert, channel) with an attempt recorded at or after ``since``."""
         ch = await self._ch()
         result = await ch.query(
-            "SELECT channel, max(attempt), argMax(outcome, attempt), min(attempted_at) FROM alert_deliveries"
-            " WHERE tenant = {tenant:String} AND alert_id = {alert_id:String} GROUP BY channel",
-            parameters={"tenant": tenant, "alert_id": alert_id},
+            "SELECT tenant, alert_id, channel, max(attempt), argMax(outcome, attempt), min(attempted_at)"
+            " FROM alert_deliveries WHERE attempted_at >= {since:DateTime64(3, 'UTC')}"
+            " GROUP BY tenant, alert_id, channel",
+            parameters={"since": since},
         )
-        return {
-            channel: ChannelHistory(int(attempts), outcome, _utc(first))
-            for channel, attempts, outcome, first in result.result_rows
-        }
+        out: Histories = {}
+        for tenant, alert_id, channel, attempts, outcome, first in result.result_rows:
+            out.setdefault((tenant, alert_id), {})[channel] = ChannelHistory(int(attempts), outcome, _utc(first))
+        return out
 
     async def record(self, attempt: Attempt) -> None:
         ch = await self._ch()

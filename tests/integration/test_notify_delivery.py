@@ -58,7 +58,9 @@ def tenant() -> str:
 
 def make_notifier(settings, policy=FAST, **processors):
     s = settings.model_copy(update={"processors": settings.processors.model_copy(update=processors)}) if processors else settings
-    return Notifier(s, DeliveryStore(s), Sender(s), policy=policy)
+    notifier = Notifier(s, DeliveryStore(s), Sender(s), policy=policy)
+    notifier.start()
+    return notifier
 
 
 def new_alert(tenant, channels, **changes):
