@@ -207,12 +207,13 @@ def raw_insert(settings: Settings, bodies: Bodies, rows: int = 200_000, per_inse
                 client.insert(table, columns, column_names=list(COLUMNS), column_oriented=True)
             out[label] = rows / (time.monotonic() - started)
         one_row = [col[:1] for col in columns]
-        samples = []
-        for _ in range(100):
-            started = time.monotonic()
-            client.insert("usage_events", one_row, column_names=list(COLUMNS), column_oriented=True)
-            samples.append(time.monotonic() - started)
-        out["insert_one"] = Latency.of(samples)
+        for table, label in (("plain", "insert_one_plain"), ("usage_events", "insert_one")):
+            samples = []
+            for _ in range(100):
+                started = time.monotonic()
+                client.insert(table, one_row, column_names=list(COLUMNS), column_oriented=True)
+                samples.append(time.monotonic() - started)
+            out[label] = Latency.of(samples)
         samples = []
         for _ in range(200):
             started = time.monotonic()

@@ -60,6 +60,7 @@ TARGET_FRESHNESS_P99_MS = 1_000
 TARGET_ALERT_P99_MS = 1_000
 TARGET_BUDGET_CHECK_P99_MS = 5
 PROBE_PROJECT = "bench-probe"
+SHORT_SINK_WINDOW_S = 0.25
 
 
 @dataclass
@@ -78,6 +79,11 @@ class Figures:
     hot: dict[str, HotSpots] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     external_sections: list[str] = field(default_factory=list)
+    #: label -> (p50 ms, p99 ms), read back from the sections the other benchmarks wrote
+    alerts: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: the product settings that shape the figures
+    settings: dict[str, float] = field(default_factory=dict)
+    budget_checks: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 # -- the stack ------------------------------------------------------------------------------------
@@ -242,31 +248,55 @@ async def freshness(stack: Stack, bodies: Bodies, background_events_s: float, se
                 n += 1
                 await asyncio.sleep(0.1)
 
-    jobs = [probes()]
-    if background_events_s:
-        jobs.append(paced(stack.gateway_url + "/v1/events", key, bodies, seconds=seconds,
-                          events_per_s=background_events_s))
-    await asyncio.gather(*jobs)
-    probing_done.set()
-    await asyncio.to_thread(poller.join)
+    with StoredCounter(stack) as stored:
+        before = stored.latest
+        jobs = [probes()]
+        if background_events_s:
+            jobs.append(paced(stack.gateway_url + "/v1/events", key, bodies, seconds=seconds,
+                              events_per_s=background_events_s))
+        done = await asyncio.gather(*jobs)
+        probing_done.set()
+        await asyncio.to_thread(poller.join)
+        if background_events_s:
+            await drain(stored, before + done[1].accepted)  # the next scenario starts from an empty pipeline
     missing = set(acked) - set(seen)
     if missing:
         raise RuntimeError(f"{len(missing)} acknowledged probes never appeared in usage_minute")
     return Latency.of([max(0.0, seen[a] - acked[a]) for a in acked])
 
 
-def run_external(script: str, args: list[str], figures: Figures, section: str) -> None:
-    """Another engineer's benchmark that writes its own section; this section links to it."""
+def run_external(script: str, section: str, what: str, figures: Figures) -> bool:
+    """Another engineer's benchmark (it starts a stack of its own and writes its ``section``)."""
     if importlib.util.find_spec(f"bench.{script}") is None:
-        figures.notes.append(f"`bench/{script}.py` is not in the repository yet: {section.lower()} not measured.")
-        return
-    cmd = [sys.executable, "-m", f"bench.{script}", *args, "--write-results"]
-    print("running", " ".join(cmd), flush=True)
-    result = subprocess.run(cmd, cwd=ROOT)
-    if result.returncode == 0:
-        figures.external_sections.append(f"{section}: see its section (`{' '.join(cmd[1:])}`).")
-    else:
-        figures.notes.append(f"`{' '.join(cmd[1:])}` failed with exit code {result.returncode}.")
+        figures.notes.append(f"`bench/{script}.py` is not in the repository yet: {what} not measured.")
+        return False
+    cmd = [sys.executable, "-m", f"bench.{script}", "--write-results"]
+    print("running", " ".join(cmd[1:]), flush=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        figures.notes.append(f"{what}: `python -m bench.{script} --write-results` failed; no figures.")
+        return False
+    figures.external_sections.append(f"{what}: measured by `python -m bench.{script} --write-results` in this run, "
+                                     f"see the \"{section}\" section.")
+    return True
+
+
+def section_rows(section: str) -> dict[str, tuple[float, float]]:
+    """(p50 ms, p99 ms) by first cell of the table rows of a RESULTS.md section whose third and
+    fourth cells are the p50 and p99 in ms (the Alerts and Budgets sections' layout)."""
+    text = RESULTS.read_text()
+    start = text.find(f"## {section}\n")
+    if start < 0:
+        return {}
+    end = text.find("\n## ", start + 1)
+    rows = {}
+    for line in text[start:end if end > 0 else None].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 4:
+            try:
+                rows[cells[0]] = (float(cells[2].split()[0]), float(cells[3].split()[0]))
+            except ValueError:
+                continue
+    return rows
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -316,7 +346,8 @@ def render(f: Figures) -> str:
         f"| raw aiokafka one record produce → consume | {b['kafka']['hop']} |",
         f"| raw INSERT, sink's columns, 10k rows/insert, plain table | {b['insert']['insert_plain_rows_s']:,.0f} rows/s |",
         f"| raw INSERT, same, into usage_events (five materialized views) | {b['insert']['insert_with_views_rows_s']:,.0f} rows/s |",
-        f"| raw INSERT of one row into usage_events | {b['insert']['insert_one']} |",
+        f"| raw INSERT of one row, plain table | {b['insert']['insert_one_plain']} |",
+        f"| raw INSERT of one row into usage_events (five materialized views) | {b['insert']['insert_one']} |",
         f"| `SELECT 1` over HTTP | {b['insert']['select_1']} |",
         "",
     ]
@@ -342,17 +373,22 @@ def render(f: Figures) -> str:
         f"| acknowledged but not stored after the drain | {t['lost']} | 0 | |",
         f"| non-202 answers | {t['errors'] or 'none'} | | |",
         "",
-        "CPU used during the window, in cores (2 available):",
+        "### 5. CPU and memory of each process",
         "",
-        "| process | cores | RSS idle | RSS under load |",
-        "|---|---|---|---|",
+        "CPU over the throughput window (in cores, 2 available, and per stored event) and resident memory "
+        "(process and its children) idle after start-up and at the end of the throughput window:",
+        "",
+        "| process | cores | CPU µs per event | RSS idle | RSS under load |",
+        "|---|---|---|---|---|",
     ]
     for name in [*f.rss_idle, "load generator"]:
-        lines.append(
-            f"| {name} | {f.cpu_share.get(name, 0):.2f} | {_mb(f.rss_idle.get(name))} | {_mb(f.rss_load.get(name))} |"
-        )
-    lines += [f"| **total** | {sum(f.cpu_share.values()):.2f} | {_mb(sum(f.rss_idle.values()))} | "
+        cores = f.cpu_share.get(name, 0)
+        lines.append(f"| {name} | {cores:.2f} | {cores / rate * 1e6:.1f} | {_mb(f.rss_idle.get(name))} | "
+                     f"{_mb(f.rss_load.get(name))} |")
+    total_cores = sum(f.cpu_share.values())
+    lines += [f"| **total** | {total_cores:.2f} | {total_cores / rate * 1e6:.1f} | {_mb(sum(f.rss_idle.values()))} | "
               f"{_mb(sum(f.rss_load.values()))} |", ""]
+    lines += throughput_analysis(f, rate, total_cores)
     if f.hot:
         lines += [f"Hot spots (py-spy, {f.throughput.get('profile_seconds', 0):.0f} s of the same load; innermost "
                   "Python frame as a share of the samples in which a thread was busy, time in C extensions counted "
@@ -370,14 +406,54 @@ def render(f: Figures) -> str:
     lines += [
         "",
         f"Baseline floor: bare one-event POST + 2 × raw produce → consume + one-row INSERT = p50 {floor:.1f} ms, "
-        f"p99 {floor99:.1f} ms (the path has two Kafka hops: usage.raw and usage.priced). Poll resolution 20 ms.",
+        f"p99 {floor99:.1f} ms (the path has two Kafka hops: usage.raw and usage.priced). Poll resolution 20 ms. "
+        f"Both stages batch by time (product defaults): pricing waits up to "
+        f"{f.settings['batch_max_seconds']:g} s, the sink up to {f.settings['sink_batch_seconds']:g} s for a batch "
+        "to fill, so a lone event waits for both windows.",
         "",
         f"Raw parts bound the throughput at {bottleneck:,.0f} events/s each alone; they share 2 cores here.",
         "",
     ]
+    post, hop = b["http"]["post_one"], b["kafka"]["hop"]
+    if f.alerts:
+        # gateway POST, four Kafka hops (usage.raw, usage.priced, budget.deltas, budget.alerts), webhook POST
+        a50, a99 = 2 * post.p50_ms + 4 * hop.p50_ms, 2 * post.p99_ms + 4 * hop.p99_ms
+        lines += ["### 3. Alert latency (crossing event 202 → webhook received)", "",
+                  "| load | p50 | p99 | target p99 | ratio to baseline floor |", "|---|---|---|---|---|"]
+        lines += [f"| {label} | {p50:,.0f} ms | {p99:,.0f} ms | ≤ {TARGET_ALERT_P99_MS} ms "
+                  f"{verdict(p99, TARGET_ALERT_P99_MS, False)} | p50 {p50 / a50:.1f}x, p99 {p99 / a99:.1f}x |"
+                  for label, (p50, p99) in f.alerts.items()]
+        lines += ["", f"Baseline floor: 2 × bare one-event POST (ingest, webhook) + 4 × raw produce → consume "
+                  f"(usage.raw, usage.priced, budget.deltas, budget.alerts) = p50 {a50:.1f} ms, p99 {a99:.1f} ms.", ""]
+    if f.budget_checks:
+        lines += ["### 4. Budget check", "", "| load | p50 | p99 | target p99 | ratio to bare FastAPI one-event POST |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {label} | {p50:.2f} ms | {p99:.2f} ms | ≤ {TARGET_BUDGET_CHECK_P99_MS} ms "
+                  f"{verdict(p99, TARGET_BUDGET_CHECK_P99_MS, False)} | p50 {p50 / post.p50_ms:.1f}x, "
+                  f"p99 {p99 / post.p99_ms:.1f}x |" for label, (p50, p99) in f.budget_checks.items()]
+        lines.append("")
     lines += ["### Other scenarios", ""]
     lines += [f"- {s}" for s in f.external_sections] + [f"- {n}" for n in f.notes] + [""]
     return "\n".join(lines)
+
+
+def throughput_analysis(f: Figures, rate: float, total_cores: float) -> list[str]:
+    """What limits the sustained rate, from this run's figures."""
+    cores = os.cpu_count() or 1
+    budget_us = cores / TARGET_EVENTS_S * 1e6
+    spent_us = total_cores / rate * 1e6
+    stack = {n: c for n, c in f.cpu_share.items() if n != "load generator"}
+    top = sorted(stack.items(), key=lambda kv: -kv[1])[:4]
+    shares = ", ".join(f"{n} {c / total_cores:.0%}" for n, c in top)
+    bound = "CPU-bound: the cores were saturated" if total_cores >= 0.85 * cores else (
+        f"not CPU-bound by its own processes ({total_cores:.2f} of {cores} cores; the box is shared, or a stage "
+        "waits on another)")
+    return [
+        f"What limits it: {bound}. The whole pipeline spends {spent_us:.0f} µs of CPU per event (load generator "
+        f"included); {TARGET_EVENTS_S:,} events/s on {cores} cores allows {budget_us:.0f} µs. Shares of the CPU: "
+        f"{shares}.",
+        "",
+    ]
 
 
 def _mb(value: float | None) -> str:
@@ -401,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--freshness-seconds", type=float, default=30.0)
     parser.add_argument("--profile-seconds", type=float, default=20.0, help="0 = no py-spy profile")
     parser.add_argument("--with-query-bench", action="store_true", help="also run bench/bench_query.py (100M events, slow)")
+    parser.add_argument("--no-external", action="store_true",
+                        help="skip bench_alerts / bench_budgets (they start stacks of their own)")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
     parser.add_argument("--keep", action="store_true", help="keep the stack's data directory and logs")
     args = parser.parse_args(argv)
@@ -410,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stack data and logs: {work}", flush=True)
     stack = start_stack(work)
     figures = Figures(command, datetime.now(UTC), stack.names)
+    p = stack.settings.processors
+    figures.settings = {"batch_max_seconds": p.batch_max_seconds, "sink_batch_seconds": p.sink_batch_seconds}
     bodies = Bodies(args.batch)
     try:
         time.sleep(5)  # let start-up work (topic creation, first assignments) settle before the idle RSS
@@ -430,15 +510,24 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(profile(stack, bodies, args, work, figures))
         print("freshness ...", flush=True)
         figures.freshness["idle (probes only)"] = asyncio.run(freshness(stack, bodies, 0, args.freshness_seconds))
-        half = round(figures.throughput["stored_per_s"] / 2, -3)
+        half = max(500, round(figures.throughput["stored_per_s"] / 2, -3))
         figures.freshness[f"background {half:,.0f} events/s"] = asyncio.run(
             freshness(stack, bodies, half, args.freshness_seconds))
+        # the sink's time window is the largest wait on the path: how much does a shorter one give?
+        stack.restart("sink", {"SPENDSTREAM_PROCESSORS__SINK_BATCH_SECONDS": str(SHORT_SINK_WINDOW_S)})
+        figures.freshness[f"idle, sink_batch_seconds={SHORT_SINK_WINDOW_S} (default "
+                          f"{stack.settings.processors.sink_batch_seconds:g})"] = asyncio.run(
+            freshness(stack, bodies, 0, args.freshness_seconds))
     finally:
         stack.stop()
-    run_external("bench_alerts", [], figures, "Alert latency (crossing event 202 → webhook received)")
-    run_external("bench_budgets", [], figures, "Budget check p99")
+    if args.no_external:
+        figures.notes.append("alert latency and budget check not run (`--no-external`).")
+    elif run_external("bench_alerts", "Alerts", "Alert latency (crossing event 202 → webhook received)", figures):
+        figures.alerts = {k: v for k, v in section_rows("Alerts").items() if k.startswith(("idle", "background"))}
+    if not args.no_external and run_external("bench_budgets", "Budgets", "Budget check", figures):
+        figures.budget_checks = {k: v for k, v in section_rows("Budgets").items() if k.startswith("budget check")}
     if args.with_query_bench:
-        run_external("bench_query", [], figures, "Dashboard queries p95 at 100M events")
+        run_external("bench_query", "Query API", "Dashboard queries p95 at 100M events", figures)
     else:
         figures.notes.append("Dashboard queries at 100M events: not run here (`python -m bench --with-query-bench` "
                              "runs `bench/bench_query.py`, ≈ 15 min); see the \"Query API\" section for its last run.")

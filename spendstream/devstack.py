@@ -105,6 +105,8 @@ class Stack:
         self.env = child_env(settings)
         self._components = {c.name: c for c in self._plan() if components is None or c.name in components}
         self._stopping = threading.Event()
+        #: held while a process is being replaced, so the supervisor never restarts it a second time
+        self._replacing = threading.RLock()
         self._supervisor: threading.Thread | None = None
         self._broker_started = False
         self.history: list[tuple[float, str, str]] = []
@@ -272,6 +274,17 @@ class Stack:
             self._supervisor.start()
         return self
 
+    def restart(self, name: str, env: dict[str, str] | None = None, timeout: float = 90.0) -> None:
+        """Stop a component gracefully and start it again, with ``env`` added to its environment
+        from now on (e.g. another setting for one process in a benchmark)."""
+        comp = self._components[name]
+        with self._replacing:
+            comp.env.update(env or {})
+            self._terminate(comp)
+            self._spawn(comp)
+            self._wait_healthy(comp, timeout)
+        self._note(name, f"restarted on request{f' with {env}' if env else ''}")
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill a component on purpose; the supervisor restarts it."""
         comp = self._components[name]
@@ -324,7 +337,9 @@ class Stack:
             for comp in self._components.values():
                 if self._stopping.is_set():
                     return
-                if comp.proc is not None and comp.proc.poll() is not None:
+                with self._replacing:
+                    if comp.proc is None or comp.proc.poll() is None:
+                        continue
                     comp.restarts += 1
                     self._note(comp.name, f"died (exit {comp.proc.returncode})")
                     log.warning("%s died (exit %s); restarting (#%d)", comp.name, comp.proc.returncode,

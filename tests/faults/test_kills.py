@@ -114,10 +114,20 @@ def test_sigkill_components_during_a_run_loses_nothing(tmp_path: Path) -> None:
             truth = Truth.load(record, tenants)
             assert truth.duplicates_in_record == 0
             assert len(truth.events) == main_counters.accepted + trickle_counters.accepted
-            wait_stored(stack, len(truth.events), timeout=600 if FULL_SIZE else 180)
-            figures = check_clickhouse_against(stack, truth)
+            # every check runs, so one failed run shows everything that went wrong
+            failures: list[str] = []
+            figures: dict = {}
+            try:
+                wait_stored(stack, len(truth.events), timeout=600 if FULL_SIZE else 180)
+                figures.update(check_clickhouse_against(stack, truth))
+            except AssertionError as exc:
+                failures.append(f"ClickHouse: {exc}")
             if plans:
-                figures["alerts"] = check_alerts(receiver, truth, plans)
+                try:
+                    figures["alerts"] = check_alerts(receiver, truth, plans)
+                except AssertionError as exc:
+                    failures.append(f"alerts: {exc}")
+            assert not failures, (f"seed {SEED}, kills {kills_done}:\n" + "\n".join(failures))
             log.warning("fault run passed: %s; kills %s", figures, kills_done)
     finally:
         receiver.close()
