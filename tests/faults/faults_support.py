@@ -295,9 +295,13 @@ def check_alerts(receiver: Receiver, truth: Truth, plans: list[BudgetPlan], time
 
 # -- the kill schedule ------------------------------------------------------------------------------
 def kill_schedule(rng: random.Random, targets: list[str], kills: int, seconds: float) -> list[tuple[float, str]]:
-    """(seconds after the start, component): one kill in each of ``kills`` equal slices of the run."""
+    """(seconds after the start, component): one kill in each of ``kills`` equal slices of the run;
+    every target at least once when there are enough kills, the rest drawn at random."""
+    victims = rng.sample(targets, min(kills, len(targets)))
+    victims += [rng.choice(targets) for _ in range(kills - len(victims))]
+    rng.shuffle(victims)
     slice_s = seconds / kills
-    return [(slice_s * (i + rng.uniform(0.2, 0.8)), rng.choice(targets)) for i in range(kills)]
+    return [(slice_s * (i + rng.uniform(0.2, 0.8)), victim) for i, victim in enumerate(victims)]
 
 
 def run_kills(stack: Stack, schedule: list[tuple[float, str]], started: float, done: list[tuple[float, str]]) -> None:
