@@ -10,7 +10,7 @@ import time
 
 import orjson
 import pytest
-from gateway_support import events_by_id, gateway, read_raw  # tests/integration is on sys.path
+from gateway_support import events_by_id, gateway, raw_position, read_raw  # tests/integration is on sys.path
 
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.settings import REPO_ROOT
@@ -42,6 +42,7 @@ async def test_accepted_events_are_on_usage_raw_keyed_by_tenant_and_project(sett
         {"project": "research", "provider": "google", "model": "gemini-2.5-flash", "usage": PAYLOADS["gemini_thinking_cached"]["usage"]},
     ]  # fmt: skip
     async with gateway(settings, ADMIN) as client:
+        since = await raw_position(settings)
         answer = await client.post("/v1/events", content=orjson.dumps(body), headers={"Content-Type": "application/json"})
     assert answer.status_code == 202, answer.text
     result = answer.json()
@@ -49,7 +50,7 @@ async def test_accepted_events_are_on_usage_raw_keyed_by_tenant_and_project(sett
     assert result["event_ids"][0] == "a-1" and len(result["event_ids"]) == 2
     assert [(r["index"], r["errors"][0]["field"]) for r in result["rejected"]] == [(1, "input_tokens")]
 
-    records = await read_raw(settings, tenant, 2)
+    records = await read_raw(settings, tenant, 2, since)
     assert sorted(key for key, _ in records) == [f"{tenant}/research".encode(), f"{tenant}/support".encode()]
     for key, envelope in records:
         assert envelope["v"] == 1 and envelope["tenant"] == tenant
@@ -74,9 +75,10 @@ async def test_provider_usage_is_published_as_contract_fields(settings, tenant, 
     case = PAYLOADS[name]
     event = {"event_id": name, "project": "p", "provider": case["provider"], "model": case["model"], "usage": case["usage"]}
     async with gateway(settings, ADMIN) as client:
+        since = await raw_position(settings)
         answer = await client.post("/v1/events", json=event)
     assert answer.status_code == 202, answer.text
-    published = events_by_id(await read_raw(settings, tenant, 1))[event["event_id"]]
+    published = events_by_id(await read_raw(settings, tenant, 1, since))[event["event_id"]]
     tokens = {k: v for k, v in published.items() if k.endswith("_tokens")}
     assert tokens == case["expected"]
 
@@ -87,26 +89,28 @@ async def test_gzip_ndjson_is_published(settings, tenant):
                       "input_tokens": 10 + i, "output_tokens": 1}) for i in range(300)
     )  # fmt: skip
     async with gateway(settings, ADMIN) as client:
+        since = await raw_position(settings)
         answer = await client.post(
             "/v1/events",
             content=gzip.compress(lines),
             headers={"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"},
         )
     assert answer.status_code == 202 and answer.json()["accepted"] == 300
-    published = events_by_id(await read_raw(settings, tenant, 300))
+    published = events_by_id(await read_raw(settings, tenant, 300, since))
     assert sorted(published) == sorted(f"n-{i}" for i in range(300))
     assert {(e["provider"], e["model"]) for e in published.values()} == {("anthropic", "claude-3-5-haiku")}
 
 
 async def test_concurrent_single_posts_are_each_answered_after_their_ack(settings, tenant):
     async with gateway(settings, ADMIN) as client:
+        since = await raw_position(settings)
         answers = await asyncio.gather(
             *(client.post("/v1/events", json={"event_id": f"s-{i}", "project": f"p{i % 3}", "model": "openai/gpt-4o",
                                               "input_tokens": i, "output_tokens": 1}) for i in range(60))
         )  # fmt: skip
         metrics = (await client.get("/metrics")).text
     assert [a.status_code for a in answers] == [202] * 60
-    records = await read_raw(settings, tenant, 60)
+    records = await read_raw(settings, tenant, 60, since)
     published = events_by_id(records)
     assert sorted(published) == sorted(f"s-{i}" for i in range(60))
     assert sum(len(env["events"]) for _, env in records) == 60  # each event exactly once

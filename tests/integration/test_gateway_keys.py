@@ -12,7 +12,7 @@ import sys
 from urllib.parse import urlsplit
 
 import pytest
-from gateway_support import events_by_id, gateway, read_raw, wait_until  # tests/integration is on sys.path
+from gateway_support import events_by_id, gateway, raw_position, read_raw, wait_until  # tests/integration is on sys.path
 from query_api_stack import migrate
 
 from spendstream.clickhouse import get_client
@@ -66,6 +66,7 @@ async def test_gateway_takes_tenant_and_scopes_from_clickhouse_keys(migrated, ch
     _, ingest_key = create_key(ch, tenant, ["ingest"], "writer")
     _, read_key = create_key(ch, tenant, ["read"], "reader")
     async with gateway(migrated) as client:
+        since = await raw_position(migrated)
         assert (await client.get("/readyz")).status_code == 200
         ok = await client.post("/v1/events", json={**EVENT, "event_id": "k-1"}, headers=auth(ingest_key))
         assert ok.status_code == 202, ok.text
@@ -86,7 +87,7 @@ async def test_gateway_takes_tenant_and_scopes_from_clickhouse_keys(migrated, ch
             return answer.status_code == 401
 
         await wait_until(revoked, timeout=10)
-    records = await read_raw(migrated, tenant, 2)
+    records = await read_raw(migrated, tenant, 2, since)
     assert {key for key, _ in records} == {f"{tenant}/p".encode()}
     assert {"k-1", "k-2"} <= set(events_by_id(records))
 
@@ -142,6 +143,7 @@ async def test_ingest_continues_for_known_keys_while_clickhouse_is_down(migrated
         update={"clickhouse": migrated.clickhouse.model_copy(update={"url": f"http://127.0.0.1:{proxy.port}"})}
     )
     async with gateway(settings) as client:
+        since = await raw_position(migrated)
         assert (await client.post("/v1/events", json=EVENT, headers=auth(key))).status_code == 202
         await proxy.stop()
 
@@ -155,7 +157,7 @@ async def test_ingest_continues_for_known_keys_while_clickhouse_is_down(migrated
         unknown = await client.post("/v1/events", json=EVENT, headers=auth(f"ss_{'0' * 16}_{'x' * 43}"))
         assert unknown.status_code == 401
         assert (await client.get("/readyz")).json()["api_keys_loaded"] is True  # the last good set serves
-    assert "during-outage" in events_by_id(await read_raw(migrated, tenant, 2))
+    assert "during-outage" in events_by_id(await read_raw(migrated, tenant, 2, since))
 
 
 async def test_cli_creates_a_key_the_gateway_accepts(migrated, unique_name):
