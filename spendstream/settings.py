@@ -64,8 +64,9 @@ class GatewaySettings(BaseModel):
     max_in_flight_events: int = Field(200_000, ge=1, description="above this, answer 429")
     key_cache_refresh_s: float = Field(2.0, gt=0, description="how often API keys are reloaded")
     workers: int = Field(
-        1, ge=1, description="gateway processes sharing the port, each with its own producer, key cache and "
-        "in-flight bound; with more than one, each reads its settings from the environment"
+        1, ge=1, description="gateway processes sharing the port, each with its own producer, key cache, "
+        "in-flight bound and /metrics (one worker per container scales more cleanly); with more than one, "
+        "each reads its settings from the environment"
     )
 
 
