@@ -17,7 +17,9 @@ Guarantee per (alert_id, channel): at least one attempt, and at most one success
 recorded. A receiver can get a second copy only if this process dies (or loses the partition)
 between a 2xx and the record landing; the copy carries the same ``Idempotency-Key`` (generic) /
 ``dedup_key`` (PagerDuty) / ``Message-ID`` (e-mail), so such receivers drop it. Slack has no
-idempotency key.
+idempotency key. The budgets stage re-sends an alert right after its own restart; one re-sent
+later than ``history_window`` (max(dedupe_window_hours, 2 x retry horizon)) after its delivery
+would be delivered again.
 """
 
 from __future__ import annotations
