@@ -29,7 +29,7 @@ import time
 
 import httpx
 
-from bench.stage_bench import embedded_stack, machine, replace_section
+from bench.stage_bench import cpu_seconds, embedded_stack, machine, replace_section
 from spendstream.clickhouse import get_client
 from spendstream.devstack import Stack
 from spendstream.pricing import default_catalog
@@ -57,29 +57,35 @@ def priced_backlog(rows: int, per_record: int, partitions: int) -> list[tuple[by
 
 
 def throughput(rows: int, per_record: int) -> dict:
-    with embedded_stack() as (settings, work):
+    with embedded_stack() as stack:
+        settings = stack.settings
         backlog = priced_backlog(rows, per_record, settings.kafka.partitions)
         asyncio.run(produce(settings, USAGE_PRICED.name, backlog))
-        worker = StageWorker(settings, "sink", work)
+        worker = StageWorker(settings, "sink", stack.work)
         try:
             worker.wait_healthy(120)
             ready = time.monotonic()
+            pids = {"sink": worker.proc.pid, "clickhouse": stack.clickhouse.pid, "broker": stack.broker.pid}
+            cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             while worker.metrics().get("spendstream_sink_rows_total", 0) < rows:
                 assert worker.alive(), worker.log_tail()
                 time.sleep(0.05)
             seconds = time.monotonic() - ready
+            cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
             flushes = worker.metrics()["spendstream_sink_flush_seconds_count"]
         finally:
             worker.stop()
         totals = stored_totals(settings)
         assert totals["event_ids"] == (rows, rows)
         assert_aggregates_match(totals)
-    return {"rows": rows, "per_record": per_record, "seconds": seconds, "rate": rows / seconds, "flushes": flushes}
+    return {"rows": rows, "per_record": per_record, "seconds": seconds, "rate": rows / seconds, "flushes": flushes,
+            "cpu": cpu}  # fmt: skip
 
 
 def freshness(rate: float, seconds: float) -> dict:
     key = "ss_bench_" + secrets.token_urlsafe(12)
-    with embedded_stack() as (base, work):
+    with embedded_stack() as stack:
+        base, work = stack.settings, stack.work
         settings = base.model_copy(update={"bootstrap_admin_key": type(base.bootstrap_admin_key)(key)})
         stack = Stack(settings, work / "stack", components=("gateway", "pricing", "sink"))
         stack.start(supervise=False)
@@ -174,11 +180,14 @@ def main() -> None:
             " a backlog of priced records from the embedded broker (4 partitions) into the embedded ClickHouse"
             " over HTTP: `usage_events` plus its five materialized views (minute/hour/day/tags/ingest progress).",
             "",
-            "| rows | events per record | seconds | rows/s | flushes |",
-            "|---|---|---|---|---|",
-            f"| {r['rows']:,} | {r['per_record']} | {r['seconds']:.2f} | {r['rate']:,.0f} | {r['flushes']:.0f} |",
+            "| rows | events per record | seconds | rows/s | batches | sink CPU s | ClickHouse CPU s | broker CPU s |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {r['rows']:,} | {r['per_record']} | {r['seconds']:.2f} | {r['rate']:,.0f} | {r['flushes']:.0f}"
+            f" | {r['cpu']['sink']:.1f} | {r['cpu']['clickhouse']:.1f} | {r['cpu']['broker']:.1f} |",
             "",
             f"- Target ≥ {TARGET_ROWS:,} rows/s: " + ("**PASS**" if r["rate"] >= TARGET_ROWS else "**FAIL**") + ".",
+            f"- Rows per CPU second: sink {r['rows'] / r['cpu']['sink']:,.0f}, embedded ClickHouse"
+            f" {r['rows'] / r['cpu']['clickhouse']:,.0f} (what each would sustain on a core of its own).",
             "- Afterwards usage_events holds every row once and each aggregate's totals equal usage_events' (checked).",
         ]
     report = "\n".join(lines) + "\n"

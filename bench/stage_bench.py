@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,9 +26,23 @@ from stage_support import migrate  # noqa: E402
 RESULTS = ROOT / "bench" / "RESULTS.md"
 
 
+@dataclass
+class BenchStack:
+    settings: Settings
+    work: Path
+    broker: EmbeddedKafka
+    clickhouse: EmbeddedClickHouse
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def embedded_stack(partitions: int = 4, **processors: float) -> Iterator[tuple[Settings, Path]]:
-    """A fresh broker, ClickHouse and migrated database; yields (settings, work dir)."""
+def embedded_stack(partitions: int = 4, **processors: float) -> Iterator[BenchStack]:
+    """A fresh broker, ClickHouse and migrated database."""
     with tempfile.TemporaryDirectory(prefix="spendstream-bench-") as tmp:
         work = Path(tmp)
         broker = EmbeddedKafka(log_path=work / "tansu.log").start()
@@ -42,7 +57,7 @@ def embedded_stack(partitions: int = 4, **processors: float) -> Iterator[tuple[S
             )
             migrate(settings)
             ensure_topics_sync(settings)
-            yield settings, work
+            yield BenchStack(settings, work, broker, clickhouse)
         finally:
             clickhouse.stop()
             broker.stop()

@@ -3,6 +3,11 @@
 Not Faust's producer: in the embedded profile that one sends one record per batch (so table
 changelogs recover, see spendstream/kafka.py) and tops out near 2k records/s. This one batches
 normally (acks=all) and is awaited: a stage acks its input only after ``send_all`` returned.
+
+Records are lz4-compressed: a priced record is its raw record plus a cost breakdown per event,
+up to ~2.7x the raw size, so a raw record near the gateway's 512 KiB cut would exceed the 1 MiB
+default request limit uncompressed; compressed JSON is 4-8x smaller, which is also what the
+broker checks against its message size limit. ``MAX_RECORD_BYTES`` is the uncompressed limit.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import asyncio
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
 from spendstream.kafka import producer_kwargs
 from spendstream.settings import Settings
@@ -19,6 +24,15 @@ from stream_processors.retry import retry_forever
 
 #: (topic, partition, key, value)
 OutRecord = tuple[str, int, bytes | None, bytes]
+
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+#: errors a retry cannot cure: they propagate and stop the stage (it must not skip the record)
+NEVER_SUCCEEDS = (MessageSizeTooLargeError, RecordTooLargeError)
+
+
+def retryable(exc: BaseException) -> bool:
+    # KafkaTimeoutError says retriable=False but means "no broker answered in time": retry it
+    return isinstance(exc, KafkaError) and not isinstance(exc, NEVER_SUCCEEDS)
 
 
 class StageProducer:
@@ -29,7 +43,12 @@ class StageProducer:
 
     async def start(self) -> None:
         if self._producer is None:
-            self._producer = AIOKafkaProducer(**producer_kwargs(self._settings, client_id=f"spendstream-{self._stage}"))
+            self._producer = AIOKafkaProducer(
+                **producer_kwargs(
+                    self._settings, client_id=f"spendstream-{self._stage}", compression_type="lz4",
+                    max_request_size=MAX_RECORD_BYTES,
+                )
+            )  # fmt: skip
             await self._producer.start()
 
     async def stop(self) -> None:
@@ -46,7 +65,7 @@ class StageProducer:
             return
         assert self._producer is not None, "start() first"
         producer = self._producer
-        async for attempt in retry_forever(self._stage, "kafka send", (KafkaError,)):
+        async for attempt in retry_forever(self._stage, "kafka send", retryable):
             with attempt:
                 futures = [
                     await producer.send(topic, value, key=key, partition=partition)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 
+from collections.abc import Callable
+
 from prometheus_client import Counter
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 log = logging.getLogger(__name__)
 
@@ -15,10 +17,10 @@ RETRIES = Counter(
 
 
 def retry_forever(
-    stage: str, target: str, errors: tuple[type[BaseException], ...], max_wait_s: float = 10.0
+    stage: str, target: str, retryable: Callable[[BaseException], bool], max_wait_s: float = 10.0
 ) -> AsyncRetrying:
     """``async for attempt in retry_forever(...): with attempt: ...`` with exponential backoff,
-    logging and counting every failed attempt. Only ``errors`` are retried; others propagate."""
+    logging and counting every failed attempt. Errors for which ``retryable`` is false propagate."""
 
     def before_sleep(state: RetryCallState) -> None:
         RETRIES.labels(stage, target).inc()
@@ -29,7 +31,7 @@ def retry_forever(
         )  # fmt: skip
 
     return AsyncRetrying(
-        retry=retry_if_exception_type(errors),
+        retry=retry_if_exception(retryable),
         wait=wait_exponential_jitter(initial=0.1, max=max_wait_s),
         before_sleep=before_sleep,
         reraise=True,

@@ -45,8 +45,9 @@ from stream_processors.sink.writer import ENCODING_ERRORS, UsageEventsWriter
 log = logging.getLogger(__name__)
 
 STAGE = "sink"
-#: errors worth retrying: anything ClickHouse or the connection to it says
-RETRYABLE = (ClickHouseError, OSError)
+def retryable(exc: BaseException) -> bool:
+    """Anything ClickHouse or the connection to it says: wait for it to recover."""
+    return isinstance(exc, (ClickHouseError, OSError))
 
 ROWS = Counter("spendstream_sink_rows_total", "Rows inserted into usage_events")
 RECORDS = Counter("spendstream_sink_records_total", "usage.priced records by outcome", ["outcome"])
@@ -155,7 +156,7 @@ class Sink:
         missing = sorted(src_partitions - self.seeded)
         if not missing:
             return
-        async for attempt in retry_forever(STAGE, "read ingest_progress", RETRYABLE):
+        async for attempt in retry_forever(STAGE, "read ingest_progress", retryable):
             with attempt:
                 stored = await asyncio.to_thread(self.writer.load_watermarks, missing)
         self.watermarks.seed(stored)
@@ -176,7 +177,7 @@ class Sink:
             await self.send_dlq([(record.partition, record.offset, None, orjson.dumps(record.envelope), f"cannot store: {exc!r}")])
 
     async def insert_until_stored(self, insert: Insert, columns: list) -> None:
-        async for attempt in retry_forever(STAGE, "clickhouse insert", RETRYABLE):
+        async for attempt in retry_forever(STAGE, "clickhouse insert", retryable):
             with attempt:
                 await asyncio.to_thread(self.writer.insert, insert, columns)
         ROWS.inc(insert.rows)

@@ -245,3 +245,23 @@ async def test_overrides_apply_without_restart_and_survive_a_clickhouse_outage(m
         worker.stop()
         broker.stop()
         clickhouse.stop()
+
+
+async def test_a_raw_record_at_the_gateway_size_limit_is_priced(stage_settings, tmp_path):
+    """The gateway cuts raw records at 512 KiB; pricing adds a cost breakdown to every event, so
+    the priced record is larger than Kafka's 1 MiB default request limit uncompressed."""
+    s = stage_settings
+    small = {"agent": "a", "provider": "openai", "model": "gpt-4o", "input_tokens": 10, "output_tokens": 1}
+    events = [{"event_id": f"big-{i}", "timestamp": "2025-06-01T10:00:00.000Z", "project": "proj-0", **small}
+              for i in range(3_100)]  # fmt: skip
+    key, value = raw_record(TENANT, "proj-0", events)
+    assert 480 * 1024 < len(value) <= 512 * 1024
+    await produce(s, USAGE_RAW.name, [(key, value), raw_record(TENANT, "proj-0", [make_event("after", "proj-0", 1)])])
+    worker = StageWorker(s, "pricing", tmp_path)
+    try:
+        await asyncio.to_thread(worker.wait_healthy)
+        priced = await read_topic(s, USAGE_PRICED.name, lambda rs: len(rs) >= 2, what="both records priced")
+    finally:
+        worker.stop()
+    assert len(priced[0].value) > 1024 * 1024
+    assert priced_event_ids(priced) == [e["event_id"] for e in events] + ["after"]
