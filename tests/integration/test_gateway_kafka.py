@@ -10,7 +10,7 @@ import time
 
 import orjson
 import pytest
-from gateway_support import events_by_id, gateway, raw_position, read_raw  # tests/integration is on sys.path
+from gateway_support import events_by_id, gateway, raw_position, read_raw, wait_until  # tests/integration is on sys.path
 
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.settings import REPO_ROOT
@@ -167,8 +167,12 @@ async def test_saturated_producer_answers_429(make_settings, tenant, own_broker)
     async with gateway(settings, ADMIN) as client:
         own_broker.stop()  # acks never come: the first request holds its 2 events in flight
         waiting = asyncio.create_task(client.post("/v1/events", json=[event, event]))
-        while client.app.state.publisher.in_flight == 0:  # type: ignore[attr-defined]
-            await asyncio.sleep(0.01)
+
+        async def holding() -> bool:
+            return client.app.state.publisher.in_flight > 0 or waiting.done()  # type: ignore[attr-defined]
+
+        await wait_until(holding, timeout=10)
+        assert not waiting.done(), waiting.result().text
         refused = await client.post("/v1/events", json=[event, event])
         first = await waiting
     assert refused.status_code == 429
