@@ -17,6 +17,7 @@ restart and ``ingest_progress`` must never be touched, so nothing else does this
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -159,9 +160,23 @@ class Stack:
         return tuple(self._components)
 
     def _ensure_topics(self) -> None:
-        from spendstream.topics import ensure_topics_sync
+        from spendstream.topics import ensure_topics
 
-        ensure_topics_sync(self.settings)
+        # Stack is blocking and may be driven from inside an event loop (async benchmarks and
+        # tests), where asyncio.run() is refused: the coroutine gets a thread and a loop of its own.
+        failure: list[BaseException] = []
+
+        def create() -> None:
+            try:
+                asyncio.run(ensure_topics(self.settings))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                failure.append(exc)
+
+        thread = threading.Thread(target=create, name="ensure-topics")
+        thread.start()
+        thread.join()
+        if failure:
+            raise failure[0]
 
     def _migrate(self) -> None:
         from spendstream.migrate import main as migrate_main
