@@ -231,7 +231,7 @@ def format_timestamp(dt: datetime) -> str:
 class RequestContext:
     """What every event of one request shares: the receive time and the future limit."""
 
-    __slots__ = ("received_ns", "received_ms", "received_at_str", "_latest")
+    __slots__ = ("received_ns", "received_ms", "received_at_str", "_latest", "_latest_str")
 
     def __init__(self, received_ns: int):
         self.received_ns = received_ns
@@ -239,6 +239,7 @@ class RequestContext:
         seconds, ms = divmod(self.received_ms, 1000)
         self.received_at_str = f"{_second_prefix(seconds)}.{ms:03d}Z"
         self._latest: datetime | None = None
+        self._latest_str: str | None = None
 
     @property
     def latest(self) -> datetime:
@@ -246,6 +247,13 @@ class RequestContext:
         if self._latest is None:
             self._latest = datetime.fromtimestamp(self.received_ns / 1e9, timezone.utc) + MAX_FUTURE
         return self._latest
+
+    @property
+    def latest_str(self) -> str:
+        """``latest`` in the canonical form, to compare canonical timestamps as strings."""
+        if self._latest_str is None:
+            self._latest_str = format_timestamp(self.latest)
+        return self._latest_str
 
     @classmethod
     def now(cls) -> RequestContext:
@@ -257,7 +265,24 @@ def _second_prefix(unix_seconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(unix_seconds))
 
 
+_EARLIEST_STR = "1970-01-01T00:00:00.000Z"
+
+
 def _timestamp(value: str, ctx: RequestContext, errors: FieldErrors) -> str | None:
+    if len(value) == 24 and value[23] == "Z" and value[19] == "." and value[10] == "T":
+        # the canonical form (the common case): once it parses, strings compare as their instants do
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            errors.append({"field": "timestamp", "message": f"not an RFC 3339 timestamp: {value!r}"})
+            return None
+        if value > ctx.latest_str:
+            errors.append({"field": "timestamp", "message": "more than 5 minutes in the future"})
+        elif value < _EARLIEST_STR:
+            errors.append({"field": "timestamp", "message": "before 1970-01-01T00:00:00Z"})
+        else:
+            return value
+        return None
     try:
         dt = datetime.fromisoformat(value)
     except ValueError:
@@ -269,8 +294,6 @@ def _timestamp(value: str, ctx: RequestContext, errors: FieldErrors) -> str | No
         errors.append({"field": "timestamp", "message": "more than 5 minutes in the future"})
     elif dt < EARLIEST:
         errors.append({"field": "timestamp", "message": "before 1970-01-01T00:00:00Z"})
-    elif len(value) == 24 and value[23] == "Z" and value[19] == "." and value[10] == "T":
-        return value  # already canonical: the common case costs no formatting
     else:
         return format_timestamp(dt)
     return None

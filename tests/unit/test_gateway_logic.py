@@ -364,3 +364,19 @@ def test_provider_fixture_events_are_priced_by_the_catalog(catalog, name):
                 "timestamp": "2025-06-01T00:00:00Z"})  # fmt: skip
     line = price(event, catalog)
     assert line.pricing_status == "priced" and line.cost_nanos > 0, line
+
+
+@pytest.mark.parametrize("offset_ms", [-1, 0, 1])
+def test_canonical_and_other_forms_agree_at_the_future_limit(offset_ms):
+    """Canonical timestamps are compared as strings, others as instants: same verdict at the edge."""
+    limit_ms = (CTX.received_ns // 1_000_000) + 5 * 60 * 1000
+    at = datetime.fromtimestamp((limit_ms + offset_ms) / 1000, timezone.utc)
+    canonical = format_timestamp(at)
+    offset_form = at.astimezone(timezone(timedelta(hours=2))).isoformat(timespec="milliseconds")
+    verdicts = {validate_event({**BASE, "timestamp": ts}, CTX)[0] is not None for ts in (canonical, offset_form)}
+    assert verdicts == {offset_ms <= 0}
+
+
+@pytest.mark.parametrize("value", ["2025-13-01T00:00:00.000Z", "2025-06-01T12:00:00.0a0Z", "2025-06-01T12:00:60.000Z"])
+def test_canonical_looking_garbage_is_rejected(value):
+    assert rejected({**BASE, "timestamp": value})[0]["field"] == "timestamp"
