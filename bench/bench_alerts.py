@@ -194,6 +194,8 @@ def render(results: dict, args: argparse.Namespace) -> str:
         "",
         f"Every crossing's alert arrived; alerts received twice: {results['duplicates']}. \"Of which notify\": "
         "the alert's `created_at` (set by the budgets stage when it emits) to its arrival, wall clock.",
+        "The rest is upstream of notify: the gateway, three Kafka hops (against the embedded broker each waits "
+        "up to its 100 ms fetch wait, see `spendstream/kafka.py`) and the pricing and budgets stages' batch windows.",
         "",
     ])  # fmt: skip
 
