@@ -199,13 +199,15 @@ def cli_create(settings: Settings, tenant: str, scopes: str, name: str = "", as_
         raise typer.Exit(2) from None
     try:
         client = connect(settings)
-    except Exception as exc:  # any connection failure is reported the same way to the operator
-        typer.echo(f"cannot reach ClickHouse at {settings.clickhouse_url}: {exc}", err=True)
+        try:
+            key_id, key = create_key(client, tenant, scope_list, name)
+        finally:
+            client.close()
+    except Exception as exc:  # unreachable or unmigrated ClickHouse: say so instead of a traceback
+        typer.echo(f"cannot store the key in {settings.clickhouse.database}.{TABLE} at {settings.clickhouse_url}: {exc}",
+                   err=True)  # fmt: skip
+        typer.echo("(is ClickHouse up, and has `spendstream migrate` run against it?)", err=True)
         raise typer.Exit(1) from None
-    try:
-        key_id, key = create_key(client, tenant, scope_list, name)
-    finally:
-        client.close()
     if as_json:
         typer.echo(json.dumps({"id": key_id, "key": key, "tenant": tenant, "scopes": scope_list}))
     else:

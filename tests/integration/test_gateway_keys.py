@@ -191,6 +191,11 @@ async def test_cli_creates_a_key_the_gateway_accepts(migrated, unique_name):
     bad = await asyncio.to_thread(run, "--scopes", "ingest,root")
     assert bad.returncode == 2 and "scopes" in bad.stderr
 
+    env["SPENDSTREAM_CLICKHOUSE__DATABASE"] = unique_name("never_migrated")
+    unmigrated = await asyncio.to_thread(run, "--scopes", "ingest")
+    assert unmigrated.returncode == 1 and "spendstream migrate" in unmigrated.stderr
+    env["SPENDSTREAM_CLICKHOUSE__DATABASE"] = migrated.clickhouse.database
+
     async with gateway(migrated) as client:
         answer = await client.post("/v1/events", json=EVENT, headers=auth(created["key"]))
     assert answer.status_code == 202, answer.text
