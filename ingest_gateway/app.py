@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,22 +14,18 @@ from ingest_gateway.metrics import GatewayMetrics
 from ingest_gateway.openapi import add_ingest_path
 from ingest_gateway.publisher import Publisher
 from ingest_gateway.routers import budget_check, health
-from spendstream.keys import KeyStore, StoredKey, clickhouse_loader
+from spendstream.keys import KeyStore, clickhouse_loader
 from spendstream.settings import Settings
 
-log = logging.getLogger(__name__)
 
-KeyLoader = Callable[[], Awaitable[list[StoredKey]]]
-
-
-def create_app(settings: Settings, key_loader: KeyLoader | None = None) -> FastAPI:
-    """The gateway app. ``key_loader`` defaults to reading ``api_keys`` from ClickHouse."""
+def create_app(settings: Settings) -> FastAPI:
+    """The gateway app; API keys come from ClickHouse ``api_keys`` (and the bootstrap key from settings)."""
     metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = Publisher(settings, metrics)
-        keys = KeyStore.from_settings(settings, key_loader or clickhouse_loader(settings), on_reload=_key_metrics(metrics))
+        keys = KeyStore.from_settings(settings, clickhouse_loader(settings), on_reload=_key_metrics(metrics))
         budget_view = BudgetView(settings)
         await publisher.start()
         await keys.start()
