@@ -564,10 +564,14 @@ def closing_note(f: Figures, rate: float, total_cores: float) -> list[str]:
             text += (f"A {SHORT_SINK_WINDOW_S} s sink window brought p99 to {short[0].total.p99_ms:.0f} ms: the window "
                      "is the main wait, and a default well under the target would close most of the gap.")
         elif short:
-            text += (f"A {SHORT_SINK_WINDOW_S} s sink window did not help (p99 {short[0].total.p99_ms:.0f} ms), so "
-                     "the window is not what bounds it; what would close the gap is a cheaper insert path (fewer "
-                     "views written per insert, or the last minutes read from usage_events) and finding where the "
-                     "rest of the sink's side goes (its consumer and flush scheduling; profile the idle sink).")
+            flush = (f"; the sink's mean flush rose to {short[0].sink_flush_s * 1000:.0f} ms"
+                     if short[0].sink_flush_s else "")
+            text += (f"A {SHORT_SINK_WINDOW_S} s sink window did not help (p99 {short[0].total.p99_ms:.0f} ms{flush}): "
+                     "a flush costs about as much whatever its size, so shorter windows only queue more of them. The "
+                     "insert path bounds freshness here, not the window. What would close the gap: a cheaper insert "
+                     "(fewer views and deduplication logs written per insert, or the last minutes read from "
+                     "usage_events instead of usage_minute); the embedded ClickHouse's per-insert cost is not a "
+                     "server's, so this figure needs re-measuring on a real ClickHouse before changing the design.")
         lines.append(text)
     lines.append("")
     return lines
