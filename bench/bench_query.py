@@ -30,6 +30,7 @@ from zoneinfo import ZoneInfo
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "integration")]
 
+import clickhouse_connect  # noqa: E402
 import httpx  # noqa: E402
 
 from bench.stage_bench import machine, replace_section  # noqa: E402
@@ -74,7 +75,11 @@ FROM (
 
 def generate(settings: Settings, tenant: str, total: int, salt: int) -> float:
     """Fill ``tenant`` up to ``total`` events (resuming a partial run); returns rows/s of this run."""
-    client = get_client(settings)
+    # a 5M-row batch with its materialized views can outlast the default 300 s read timeout on a busy box
+    client = clickhouse_connect.get_client(
+        dsn=settings.clickhouse_url, database=settings.clickhouse.database, autogenerate_session_id=False,
+        send_receive_timeout=3600,
+    )
     try:
         have = client.query("SELECT count() FROM usage_events WHERE tenant = {t:String}", parameters={"t": tenant}).result_rows[0][0]
         if have >= total:
@@ -166,6 +171,11 @@ def measure(settings: Settings, args: argparse.Namespace, rate: float) -> str:
             UsageQuery(filters, group=GroupBy(dimension="agent")), {"order_by": "cost_nanos DESC, group_key ASC", "limit": 100},
             "/v1/analytics/breakdown", {"by": "agent", "limit": 100},
         ),
+        # not a target: days in a zone with DST come from the hourly table (24x the rows)
+        "timeseries (day, 90 days, Europe/Berlin)": (
+            UsageQuery(Filters(filters.start, filters.end, ZoneInfo("Europe/Berlin")), granularity="day"), {},
+            "/v1/analytics/timeseries", {"granularity": "day", "tz": "Europe/Berlin"},
+        ),
     }
     window = {"from": filters.start.isoformat(), "to": filters.end.isoformat()}
     rows = []
@@ -200,7 +210,8 @@ def measure(settings: Settings, args: argparse.Namespace, rate: float) -> str:
         lines.append(
             f"| {name} | {a50:.1f} / {a95:.1f} | {h50:.1f} / {h95:.1f} | {r50:.0f} / {r95:.0f} | {r50 / a50:.0f}x | {', '.join(tables)} |"
         )
-        verdicts.append(f"{name} {'PASS' if h95 <= TARGET_P95_MS else 'FAIL'} (HTTP p95 {h95:.1f} ms)")
+        if "Europe/Berlin" not in name:
+            verdicts.append(f"{name} {'PASS' if h95 <= TARGET_P95_MS else 'FAIL'} (HTTP p95 {h95:.1f} ms)")
     lines += [
         "",
         f"- Target p95 ≤ {TARGET_P95_MS:.0f} ms through the API: " + "; ".join(verdicts) + ".",

@@ -1,7 +1,9 @@
 """The query API: analytics, export, pricing, projects/keys, analysts' SQL and the dashboard.
 
-``create_app(settings)`` builds the FastAPI app; its lifespan owns the ClickHouse async client
-(``app.state.ch``), the settings (``app.state.settings``) and the API key store (``app.state.keys``).
+``create_app(settings)`` builds the FastAPI app with the settings on ``app.state.settings``; its
+lifespan owns the ClickHouse async client (``app.state.ch``), a sync client for the shared key
+functions (``app.state.ch_sync``), the API key store (``app.state.keys``) and the compiled price
+catalog (``app.state.catalog``).
 Routers of other domains (budgets, webhooks, alerts) are included when their modules exist.
 """
 
@@ -42,7 +44,6 @@ def _router_modules() -> list[str]:
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.settings = settings
         app.state.ch = await get_async_client(settings)
         # spendstream.keys speaks the sync client; its calls run in worker threads
         app.state.ch_sync = get_client(settings)
