@@ -1,7 +1,7 @@
 """Sink throughput into ClickHouse, and freshness of the whole write path.
 
     .venv/bin/python -m bench.bench_sink [--rows 500000] [--per-record 50] [--write-results]
-    .venv/bin/python -m bench.bench_sink --freshness [--rate 1000] [--seconds 30] [--write-results]
+    .venv/bin/python -m bench.bench_sink --freshness [--rate 1000] [--seconds 30] [--warmup 5] [--write-results]
 
 Throughput: a fresh embedded broker (4 partitions) and ClickHouse; usage.priced is loaded first
 with ``--rows`` priced events (what the pricing stage writes, ``--per-record`` events per record),
@@ -11,9 +11,9 @@ ready): decode, src-watermark filter, column conversion, Native encoding and the
 the embedded ClickHouse's HTTP interface, including its five materialized views.
 
 Freshness: gateway, pricing and sink as `spendstream dev` runs them (default settings). Requests
-of 50 events are posted at ``--rate`` events/s; each request's events carry an agent name of
-their own, and a poller queries ``usage_minute`` every 20 ms: freshness = first seen there - the
-gateway's 202.
+of 50 events are posted at ``--rate`` events/s (the first ``--warmup`` seconds are not measured);
+each request's events carry an agent name of their own, and a poller queries ``usage_minute``
+every 20 ms: freshness = first seen there - the gateway's 202.
 
 ``--write-results`` replaces the "Sink" or "Freshness" section of bench/RESULTS.md.
 """
@@ -82,7 +82,7 @@ def throughput(rows: int, per_record: int) -> dict:
             "cpu": cpu}  # fmt: skip
 
 
-def freshness(rate: float, seconds: float) -> dict:
+def freshness(rate: float, seconds: float, warmup: float) -> dict:
     key = "ss_bench_" + secrets.token_urlsafe(12)
     with embedded_stack() as stack:
         base, work = stack.settings, stack.work
@@ -111,13 +111,15 @@ def freshness(rate: float, seconds: float) -> dict:
             with httpx.Client(base_url=stack.gateway_url, headers={"Authorization": f"Bearer {key}"}) as http:
                 start = time.monotonic()
                 n = 0
-                while time.monotonic() - start < seconds:
-                    agent = f"fresh-{n}"
+                while time.monotonic() - start < warmup + seconds:
+                    # warm-up requests (first connections, first inserts into new parts) are not measured
+                    agent = f"fresh-{n}" if time.monotonic() - start >= warmup else f"warmup-{n}"
                     body = [make_event(f"{agent}-{j}", f"proj-{n % 10}", n * per_request + j, agent=agent)
                             for j in range(per_request)]  # fmt: skip
                     response = http.post("/v1/events", json=body)
                     assert response.status_code == 202, response.text
-                    accepted[agent] = time.monotonic()
+                    if agent.startswith("fresh-"):
+                        accepted[agent] = time.monotonic()
                     n += 1
                     # open loop: the next request goes out on schedule, whatever the pipeline does
                     time.sleep(max(0.0, start + n * interval - time.monotonic()))
@@ -143,21 +145,23 @@ def main() -> None:
     parser.add_argument("--freshness", action="store_true")
     parser.add_argument("--rate", type=float, default=1000.0, help="events/s posted (freshness)")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long to post (freshness)")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of unmeasured traffic first (freshness)")
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args()
     if args.freshness:
-        r = freshness(args.rate, args.seconds)
+        r = freshness(args.rate, args.seconds, args.warmup)
         print(r)
         title = "Freshness"
         lines = [
             f"## {title}",
             "",
             f"Measured {machine()}, with `.venv/bin/python -m bench.bench_sink --freshness --rate {args.rate:g}"
-            f" --seconds {args.seconds:g}`.",
+            f" --seconds {args.seconds:g} --warmup {args.warmup:g}`.",
             "Gateway, pricing and sink as child processes (`spendstream.devstack.Stack`, default settings:"
             " pricing batches 0.2 s, sink batches 10k rows / 1 s) on the embedded broker and ClickHouse.",
-            f"{r['requests']:,} requests of 50 events ({r['events']:,} events) at {r['rate']:g} events/s;"
-            " freshness = first seen in `usage_minute` (polled every 20 ms) - the gateway's 202.",
+            f"{r['requests']:,} measured requests of 50 events ({r['events']:,} events) at {r['rate']:g} events/s"
+            f" after {args.warmup:g} s of warm-up traffic; freshness = first seen in `usage_minute` (polled every"
+            " 20 ms) - the gateway's 202.",
             "",
             "| p50 | p99 | max |",
             "|---|---|---|",

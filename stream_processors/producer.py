@@ -59,16 +59,27 @@ class StageProducer:
     async def send_all(self, records: Sequence[OutRecord]) -> None:
         """Send every record and wait for all acks; on a Kafka error send them all again.
 
-        Re-sending can duplicate records that were written before the error; consumers of
-        stage outputs tolerate that (priced records are dropped by the src watermark)."""
+        Records go out as one batch per (topic, partition) in their order (aiokafka's
+        ``send_batch``: a few µs per record instead of ~15 for ``send``). Re-sending can duplicate
+        records written before the error; consumers of stage outputs tolerate that (priced
+        records are dropped by the src watermark)."""
         if not records:
             return
         assert self._producer is not None, "start() first"
         producer = self._producer
+        by_destination: dict[tuple[str, int], list[OutRecord]] = {}
+        for record in records:
+            by_destination.setdefault((record[0], record[1]), []).append(record)
         async for attempt in retry_forever(self._stage, "kafka send", retryable):
             with attempt:
-                futures = [
-                    await producer.send(topic, value, key=key, partition=partition)
-                    for topic, partition, key, value in records
-                ]
+                futures = []
+                for (topic, partition), group in by_destination.items():
+                    batch = producer.create_batch()
+                    for _, _, key, value in group:
+                        if batch.append(key=key, value=value, timestamp=None) is None:
+                            futures.append(await producer.send_batch(batch, topic, partition=partition))
+                            batch = producer.create_batch()
+                            if batch.append(key=key, value=value, timestamp=None) is None:
+                                raise MessageSizeTooLargeError(f"a {len(value)}-byte record does not fit a batch")
+                    futures.append(await producer.send_batch(batch, topic, partition=partition))
                 await asyncio.gather(*futures)
