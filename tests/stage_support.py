@@ -174,7 +174,9 @@ async def read_topic(
         deadline = time.monotonic() + timeout
         while not done(records):
             if time.monotonic() > deadline:
-                raise AssertionError(f"{topic}: {what or 'condition'} not reached in {timeout}s ({len(records)} records)")
+                raise AssertionError(
+                    f"{topic}: {what or 'condition'} not reached in {timeout}s ({len(records)} records)"
+                )
             batch = await consumer.getmany(timeout_ms=200)
             for tp_records in batch.values():
                 records.extend(tp_records)
@@ -211,17 +213,16 @@ def stored_totals(settings: Settings) -> dict[str, tuple[int, ...]]:
 
     client = get_client(settings)
     try:
-        out = {"usage_events": tuple(client.query(f"SELECT {', '.join(RAW_MEASURES)} FROM usage_events").result_rows[0])}
+        def first_row(sql: str) -> tuple:
+            return tuple(client.query(sql).result_rows[0])
+
+        out = {"usage_events": first_row(f"SELECT {', '.join(RAW_MEASURES)} FROM usage_events")}
         for table in AGG_TABLES:
-            out[table] = tuple(client.query(f"SELECT {', '.join(f'sum({m})' for m in MEASURES)} FROM {table}").result_rows[0])
+            out[table] = first_row(f"SELECT {', '.join(f'sum({m})' for m in MEASURES)} FROM {table}")
         # an event with n tags counts in n rows of usage_tags_daily
-        out["tags:usage_events"] = tuple(
-            client.query("SELECT sum(length(tags)), sum(length(tags) * cost_nanos) FROM usage_events").result_rows[0]
-        )
-        out["tags:usage_tags_daily"] = tuple(
-            client.query("SELECT sum(calls), sum(cost_nanos) FROM usage_tags_daily").result_rows[0]
-        )
-        out["event_ids"] = tuple(client.query("SELECT count(), uniqExact(event_id) FROM usage_events").result_rows[0])
+        out["tags:usage_events"] = first_row("SELECT sum(length(tags)), sum(length(tags) * cost_nanos) FROM usage_events")
+        out["tags:usage_tags_daily"] = first_row("SELECT sum(calls), sum(cost_nanos) FROM usage_tags_daily")
+        out["event_ids"] = first_row("SELECT count(), uniqExact(event_id) FROM usage_events")
         return {k: tuple(int(x or 0) for x in v) for k, v in out.items()}
     finally:
         client.close()
@@ -229,7 +230,7 @@ def stored_totals(settings: Settings) -> dict[str, tuple[int, ...]]:
 
 def assert_aggregates_match(totals: dict[str, tuple[int, ...]]) -> None:
     for table in AGG_TABLES:
-        assert totals[table] == totals["usage_events"], f"{table} {totals[table]} != usage_events {totals['usage_events']}"
+        assert totals[table] == totals["usage_events"], f"{table}: {totals[table]} != {totals['usage_events']}"
     assert totals["tags:usage_tags_daily"] == totals["tags:usage_events"]
 
 

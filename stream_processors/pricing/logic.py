@@ -22,7 +22,7 @@ chunks after a restart or rebalance. A chunk expires once older than the window.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,7 +217,9 @@ class PricingStage:
             try:
                 env = decode_raw(record.value)
             except BadEnvelope as exc:
-                envelope = dlq_envelope(STAGE, str(exc), self.raw_topic, record.partition, record.offset, value=record.value)
+                envelope = dlq_envelope(
+                    STAGE, str(exc), self.raw_topic, record.partition, record.offset, value=record.value
+                )
                 result.dlq.append(Output(record.partition, record.key, dumps(envelope)))
                 continue
             events, rejected, first_seen_here = self._price_record(env, record, result)

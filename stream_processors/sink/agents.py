@@ -45,9 +45,6 @@ from stream_processors.sink.writer import ENCODING_ERRORS, UsageEventsWriter
 log = logging.getLogger(__name__)
 
 STAGE = "sink"
-def retryable(exc: BaseException) -> bool:
-    """Anything ClickHouse or the connection to it says: wait for it to recover."""
-    return isinstance(exc, (ClickHouseError, OSError))
 
 ROWS = Counter("spendstream_sink_rows_total", "Rows inserted into usage_events")
 RECORDS = Counter("spendstream_sink_records_total", "usage.priced records by outcome", ["outcome"])
@@ -55,6 +52,11 @@ FLUSH_SECONDS = Histogram(
     "spendstream_sink_flush_seconds", "Time to store and ack one batch",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )  # fmt: skip
+
+
+def retryable(exc: BaseException) -> bool:
+    """Anything ClickHouse or the connection to it says: wait for it to recover."""
+    return isinstance(exc, (ClickHouseError, OSError))
 
 
 class Sink:
@@ -174,7 +176,8 @@ class Sink:
                     await self.write(Insert(dedupe_token(self.topic, [record]), [record]))
                 return
             record = insert.records[0]
-            await self.send_dlq([(record.partition, record.offset, None, orjson.dumps(record.envelope), f"cannot store: {exc!r}")])
+            reason = f"cannot store: {exc!r}"
+            await self.send_dlq([(record.partition, record.offset, None, orjson.dumps(record.envelope), reason)])
 
     async def insert_until_stored(self, insert: Insert, columns: list) -> None:
         async for attempt in retry_forever(STAGE, "clickhouse insert", retryable):
