@@ -81,6 +81,8 @@ class Figures:
     external_sections: list[str] = field(default_factory=list)
     #: label -> (p50 ms, p99 ms), read back from the sections the other benchmarks wrote
     alerts: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: bench_query's printed report, when run (--with-query-bench)
+    query_report: str = ""
     #: the product settings that shape the figures
     settings: dict[str, float] = field(default_factory=dict)
     budget_checks: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -335,31 +337,33 @@ async def freshness(stack: Stack, bodies: Bodies, background_events_s: float, se
     )
 
 
-def run_external(script: str, section: str, what: str, figures: Figures) -> bool:
-    """Another engineer's benchmark (it starts a stack of its own and writes its ``section``)."""
+def run_external(script: str, section: str, what: str, figures: Figures) -> str | None:
+    """Another engineer's benchmark (it starts a stack of its own); its report as printed, or None.
+    Its own section of RESULTS.md is left as its owner last wrote it."""
     if importlib.util.find_spec(f"bench.{script}") is None:
         figures.notes.append(f"`bench/{script}.py` is not in the repository yet: {what} not measured.")
-        return False
-    cmd = [sys.executable, "-m", f"bench.{script}", "--write-results"]
+        return None
+    cmd = [sys.executable, "-m", f"bench.{script}"]
     print("running", " ".join(cmd[1:]), flush=True)
-    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-        figures.notes.append(f"{what}: `python -m bench.{script} --write-results` failed; no figures.")
-        return False
-    figures.external_sections.append(f"{what}: measured by `python -m bench.{script} --write-results` in this run, "
-                                     f"see the \"{section}\" section.")
-    return True
+    result = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    print(result.stdout, flush=True)
+    if result.returncode != 0:
+        figures.notes.append(f"{what}: `python -m bench.{script}` failed (exit {result.returncode}); no figures.")
+        return None
+    figures.external_sections.append(f"{what}: measured by `python -m bench.{script}` in this run (its method: the "
+                                     f"\"{section}\" section).")
+    return result.stdout
 
 
-def section_rows(section: str) -> dict[str, tuple[float, float]]:
-    """(p50 ms, p99 ms) by first cell of the table rows of a RESULTS.md section whose third and
-    fourth cells are the p50 and p99 in ms (the Alerts and Budgets sections' layout)."""
-    text = RESULTS.read_text()
-    start = text.find(f"## {section}\n")
+def section_rows(report: str, section: str) -> dict[str, tuple[float, float]]:
+    """(p50 ms, p99 ms) by first cell of the table rows of a report's ``## section`` whose third
+    and fourth cells are the p50 and p99 in ms (the Alerts and Budgets reports' layout)."""
+    start = report.find(f"## {section}\n")
     if start < 0:
         return {}
-    end = text.find("\n## ", start + 1)
+    end = report.find("\n## ", start + 1)
     rows = {}
-    for line in text[start:end if end > 0 else None].splitlines():
+    for line in report[start:end if end > 0 else None].splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 4:
             try:
@@ -508,6 +512,9 @@ def render(f: Figures) -> str:
                   f"{verdict(p99, TARGET_BUDGET_CHECK_P99_MS, False)} | p50 {p50 / post.p50_ms:.1f}x, "
                   f"p99 {p99 / post.p99_ms:.1f}x |" for label, (p50, p99) in f.budget_checks.items()]
         lines.append("")
+    if f.query_report:
+        lines += ["### Dashboard queries at 100M events (bench/bench_query.py, this run)", "",
+                  *[line for line in f.query_report.splitlines() if line.startswith("|")], ""]
     lines += closing_note(f, rate, total_cores)
     lines += ["### Other scenarios", ""]
     lines += [f"- {s}" for s in f.external_sections] + [f"- {n}" for n in f.notes] + [""]
@@ -643,12 +650,14 @@ def main(argv: list[str] | None = None) -> int:
         stack.stop()
     if args.no_external:
         figures.notes.append("alert latency and budget check not run (`--no-external`).")
-    elif run_external("bench_alerts", "Alerts", "Alert latency (crossing event 202 → webhook received)", figures):
-        figures.alerts = {k: v for k, v in section_rows("Alerts").items() if k.startswith(("idle", "background"))}
-    if not args.no_external and run_external("bench_budgets", "Budgets", "Budget check", figures):
-        figures.budget_checks = {k: v for k, v in section_rows("Budgets").items() if k.startswith("budget check")}
-    if args.with_query_bench:
-        run_external("bench_query", "Query API", "Dashboard queries p95 at 100M events", figures)
+    elif report := run_external("bench_alerts", "Alerts", "Alert latency (crossing event 202 → webhook received)",
+                                figures):
+        figures.alerts = {k: v for k, v in section_rows(report, "Alerts").items() if k.startswith(("idle", "background"))}
+    if not args.no_external and (report := run_external("bench_budgets", "Budgets", "Budget check", figures)):
+        figures.budget_checks = {k: v for k, v in section_rows(report, "Budgets").items()
+                                 if k.startswith("budget check")}
+    if args.with_query_bench and (report := run_external("bench_query", "Query API", "Dashboard queries", figures)):
+        figures.query_report = report
     else:
         figures.notes.append("Dashboard queries at 100M events: not run here (`python -m bench --with-query-bench` "
                              "runs `bench/bench_query.py`, ≈ 15 min); see the \"Query API\" section for its last run.")
