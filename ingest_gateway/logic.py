@@ -30,6 +30,7 @@ from msgspec import Meta
 from ingest_gateway.errors import BodyError
 from ingest_gateway.usage import MAX_TOKENS, FieldErrors, normalise_usage
 from spendstream.contracts import TOKEN_FIELDS, TOKEN_PARENTS
+from spendstream.pricing.catalog import default_catalog
 
 MAX_FUTURE = timedelta(minutes=5)
 #: the past is open (backfills are normal) down to the Unix epoch, below which no usage exists
@@ -305,8 +306,10 @@ def _timestamp(value: str, ctx: RequestContext, errors: FieldErrors) -> str | No
 def normalise_names(provider: str | None, model: str) -> tuple[str | None, str]:
     """Lower-case and trim; take the provider from ``provider/model`` when none is given.
 
-    Only the minimal, lossless part: matching against the price catalog (Bedrock/Azure ids,
-    dated snapshots) belongs to the pricing stage.
+    ``openai/gpt-4o`` becomes provider ``openai``, model ``gpt-4o`` — unless the catalog knows the
+    model only by its full id (``perplexity/glm-5.3-flash``), where splitting would lose the price.
+    Matching against the price catalog (Bedrock/Azure ids, dated snapshots) stays in the pricing
+    stage; this only asks it whether a split keeps the model known.
     """
     model = model.strip().lower()
     if provider is not None:
@@ -314,8 +317,14 @@ def normalise_names(provider: str | None, model: str) -> tuple[str | None, str]:
     if "/" in model:
         prefix, rest = model.split("/", 1)
         if prefix and rest and (provider is None or provider == prefix):
-            provider, model = prefix, rest
+            provider = prefix
+            if _priced(prefix, rest) or not _priced(prefix, model):
+                model = rest
     return provider, model
+
+
+def _priced(provider: str, model: str) -> bool:
+    return default_catalog().resolve(provider, model).model is not None
 
 
 def _cost(value: str | float | int, errors: FieldErrors) -> str | None:

@@ -78,6 +78,9 @@ def test_uuid7_is_unique_and_time_ordered():
         ("openrouter", "anthropic/claude-3.5-sonnet", ("openrouter", "anthropic/claude-3.5-sonnet")),
         ("bedrock", "anthropic.claude-3-5-sonnet-20240620-v1:0", ("bedrock", "anthropic.claude-3-5-sonnet-20240620-v1:0")),
         (None, "gpt-4o", (None, "gpt-4o")),
+        # the catalog knows these only by their full id: the split keeps the provider, not the model
+        ("perplexity", "perplexity/glm-5.3-flash", ("perplexity", "perplexity/glm-5.3-flash")),
+        (None, "Together/Tev1-4B-experimental", ("together", "together/tev1-4b-experimental")),
     ],
 )
 def test_names_are_normalised_minimally(provider, model, expected):
