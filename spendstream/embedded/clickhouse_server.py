@@ -242,6 +242,24 @@ class InsertSplit:
 NEED_MORE = "need more"  # split_insert cannot decide yet: the statement head is still incomplete
 
 
+def _refuse_input_function(text: bytes) -> None:
+    """chDB runs ``INSERT ... SELECT ... FROM input(...)`` with its data as an empty input and
+    answers success (0 rows written): refuse it rather than lose the data silently."""
+    words = _words(text)
+    try:
+        first = next(words, None)
+        if first is None or first[0] != b"INSERT":
+            return
+        if any(word == b"INPUT" for word, *_ in words):
+            raise ClickHouseError.named(
+                "NOT_IMPLEMENTED",
+                "The embedded ClickHouse (chDB) cannot feed request data to the input() table function; "
+                "insert with INSERT ... FORMAT instead",
+            )
+    except _Incomplete:
+        return
+
+
 def split_insert(text: bytes, final: bool) -> InsertSplit | str | None:
     """Find where the data of ``INSERT ... FORMAT name`` or ``INSERT ... VALUES`` begins.
 
@@ -925,6 +943,7 @@ class ClickHouseHttp:
                 text = head if exhausted else await body.read_all(req.max_query_size, prefix=head)
             if len(text) > req.max_query_size:
                 raise _query_too_large(req.max_query_size)
+            _refuse_input_function(text)
             return await self._execute(request, lease, req, text, readonly, encoding)
         finally:
             await self.engine.release(lease)

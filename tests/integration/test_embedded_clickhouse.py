@@ -335,3 +335,18 @@ def test_data_survives_kill_and_restart(server: EmbeddedClickHouse, database: st
     c = clickhouse_connect.get_client(host=server.host, port=server.port, database=database)
     assert c.query("SELECT count(), max(tokens) FROM usage WHERE model = 'gpt-4o'").result_rows[0] == (200, 597_000)
     c.close()
+
+
+def test_insert_select_from_input_is_refused_not_silently_empty(server, client, database):
+    """chDB would answer 200 and store nothing; the server must say it cannot."""
+    client.command("CREATE TABLE input_probe (n UInt32) ENGINE = MergeTree ORDER BY n")
+    resp = httpx.post(
+        server.url,
+        params={"database": database,
+                "query": "INSERT INTO input_probe SELECT n FROM input('n UInt32') FORMAT JSONEachRow"},
+        content=b'{"n": 1}\n{"n": 2}\n',
+    )
+    assert resp.status_code >= 400
+    assert resp.headers["X-ClickHouse-Exception-Code"] == "48"
+    assert "input()" in resp.text
+    assert client.query("SELECT count() FROM input_probe").result_rows == [(0,)]
