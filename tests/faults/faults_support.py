@@ -283,8 +283,12 @@ def received_crossings(receiver: Receiver, plans: list[BudgetPlan]) -> dict[tupl
 def check_alerts(receiver: Receiver, truth: Truth, plans: list[BudgetPlan], timeout: float = 120) -> dict[str, Any]:
     expected = expected_crossings(truth, plans)
     assert expected, "the budgets were sized so that thresholds are crossed; none was: check the sizing"
-    wait_until(f"{len(expected)} crossings at the webhook receiver",
-               lambda: expected <= received_crossings(receiver, plans).keys(), timeout)
+    try:
+        wait_until(f"{len(expected)} crossings at the webhook receiver",
+                   lambda: expected <= received_crossings(receiver, plans).keys(), timeout)
+    except AssertionError as exc:
+        got = received_crossings(receiver, plans).keys()
+        raise AssertionError(f"{exc}: missing {sorted(expected - got)}, received {sorted(got)}") from None
     received = received_crossings(receiver, plans)
     assert received.keys() == expected, f"unexpected crossings: {received.keys() - expected}"
     several = {k: v for k, v in received.items() if len(v) != 1}
