@@ -457,6 +457,7 @@ def _dev_admin_key(data_dir: Path, settings: Settings) -> str:
 
 def run_dev(demo: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # health polls would drown the console
     base = Settings()
     data_dir = Path(base.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -499,7 +500,7 @@ def run_dev(demo: bool = False) -> int:
         f"  API key     {key}   (tenant {settings.bootstrap_tenant}; scopes ingest, read, admin)\n"
         f"  written to  {data_dir / 'dev.env'}\n"
         "Try:\n"
-        f"  curl -H 'Authorization: Bearer {key}' -d '{{\"project\":\"demo\",\"provider\":\"openai\","
+        f"  curl -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"project\":\"demo\",\"provider\":\"openai\","
         f"\"model\":\"gpt-4o\",\"input_tokens\":1000,\"output_tokens\":200}}' {stack.gateway_url}/v1/events\n"
         f"  curl -H 'Authorization: Bearer {key}' {stack.query_url}/v1/analytics/overview\n",
         flush=True,
