@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from ingest_gateway.budget_view import BudgetView
 from ingest_gateway.ingest import IngestMiddleware
@@ -16,6 +17,15 @@ from ingest_gateway.publisher import Publisher
 from ingest_gateway.routers import budget_check, health
 from spendstream.keys import KeyStore, clickhouse_loader
 from spendstream.settings import Settings
+
+
+class GatewayApp(FastAPI):
+    """FastAPI with ``POST /v1/events`` served in front of its middleware stack (see ingest.py)."""
+
+    ingest_settings: Settings
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return IngestMiddleware(super().build_middleware_stack(), self.ingest_settings)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -39,14 +49,14 @@ def create_app(settings: Settings) -> FastAPI:
             await keys.close()
             await publisher.close()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="Spendstream ingest gateway",
         version="1",
         description="Usage events in (contract v1), published to Kafka `spendstream.usage.raw` once acknowledged.",
         lifespan=lifespan,
     )
     app.state.metrics = metrics
-    app.add_middleware(IngestMiddleware, settings=settings)
+    app.ingest_settings = settings
     app.include_router(health.router)
     app.include_router(budget_check.router)
 
