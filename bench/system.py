@@ -608,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-external", action="store_true",
                         help="skip bench_alerts / bench_budgets (they start stacks of their own)")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
-    parser.add_argument("--keep", action="store_true", help="keep the stack's data directory and logs")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the ClickHouse data too (logs, py-spy profiles and the report always stay)")
     args = parser.parse_args(argv)
     command = "python -m bench" + ("" if argv is None and len(sys.argv) == 1 else " " + shlex.join(argv or sys.argv[1:]))
 
@@ -662,13 +663,15 @@ def main(argv: list[str] | None = None) -> int:
         figures.notes.append("Dashboard queries at 100M events: not run here (`python -m bench --with-query-bench` "
                              "runs `bench/bench_query.py`, ≈ 15 min); see the \"Query API\" section for its last run.")
     report = render(figures)
+    saved = work / "system-section.md"
+    saved.write_text(report)  # kept if writing RESULTS.md fails
     if args.no_write:
         print(report)
     else:
         write_section(report)
-        print(f"updated {RESULTS}")
+        print(f"updated {RESULTS} (the section is also in {saved})")
     if not args.keep:
         import shutil
 
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work / "clickhouse", ignore_errors=True)  # the bulk; logs and the report stay
     return 0
