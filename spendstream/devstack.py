@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import httpx
-from pydantic import BaseModel, SecretStr
 
 from spendstream.embedded import free_port
-from spendstream.settings import Settings
+from spendstream.settings import Settings, settings_env
 
 log = logging.getLogger("spendstream.dev")
 
@@ -384,22 +383,7 @@ def child_env(settings: Settings) -> dict[str, str]:
     """Every setting as a SPENDSTREAM_* variable, embedded addresses resolved: the children read
     nothing else, so a child sees exactly ``settings``."""
     s = settings
-    env: dict[str, str] = {}
-
-    def put(name: str, value: Any) -> None:
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        elif isinstance(value, bool):
-            value = "true" if value else "false"
-        env[name] = str(value)
-
-    for name in type(s).model_fields:
-        value = getattr(s, name)
-        if isinstance(value, BaseModel):
-            for sub in type(value).model_fields:
-                put(f"SPENDSTREAM_{name.upper()}__{sub.upper()}", getattr(value, sub))
-        else:
-            put(f"SPENDSTREAM_{name.upper()}", value)
+    env = settings_env(s)
     env["SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS"] = s.kafka_bootstrap
     env["SPENDSTREAM_KAFKA__PROFILE"] = "embedded" if s.kafka.embedded else s.kafka.profile
     env["SPENDSTREAM_CLICKHOUSE__URL"] = s.clickhouse_url

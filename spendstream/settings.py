@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -140,3 +140,24 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Every setting as a SPENDSTREAM_* variable, so a child process sees exactly these settings."""
+    env: dict[str, str] = {}
+
+    def put(name: str, value: Any) -> None:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[name] = str(value)
+
+    for field in type(settings).model_fields:
+        value = getattr(settings, field)
+        if isinstance(value, BaseModel):
+            for sub in type(value).model_fields:
+                put(f"SPENDSTREAM_{field.upper()}__{sub.upper()}", getattr(value, sub))
+        else:
+            put(f"SPENDSTREAM_{field.upper()}", value)
+    return env

@@ -27,10 +27,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from pydantic import BaseModel, SecretStr
 
 from spendstream.devstack import STAGES, free_port
-from spendstream.settings import Settings
+from spendstream.settings import Settings, settings_env
 
 log = logging.getLogger("spendstream.processors")
 
@@ -62,27 +61,6 @@ def run_stage(settings: Settings, stage: str) -> None:
     importlib.import_module(f"stream_processors.{stage}.agents").register(app, settings)
     worker = faust.Worker(app, loop=loop, loglevel=settings.log_level.lower())
     worker.execute_from_commandline()
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """Every setting as a SPENDSTREAM_* variable, so a child process sees exactly these settings."""
-    env: dict[str, str] = {}
-
-    def put(name: str, value: Any) -> None:
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        elif isinstance(value, bool):
-            value = "true" if value else "false"
-        env[name] = str(value)
-
-    for field in type(settings).model_fields:
-        value = getattr(settings, field)
-        if isinstance(value, BaseModel):
-            for sub in type(value).model_fields:
-                put(f"SPENDSTREAM_{field.upper()}__{sub.upper()}", getattr(value, sub))
-        else:
-            put(f"SPENDSTREAM_{field.upper()}", value)
-    return env
 
 
 class _Child:

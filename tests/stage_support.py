@@ -32,7 +32,7 @@ from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.kafka import client_kwargs, producer_kwargs
 from spendstream.settings import Settings
 from spendstream.topics import ensure_topics
-from stream_processors.main import settings_env
+from spendstream.settings import settings_env
 
 #: fast batching for tests (the defaults favour throughput)
 FAST_PROCESSORS = {"batch_max_seconds": 0.05, "sink_batch_seconds": 0.2}

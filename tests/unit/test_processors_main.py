@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from spendstream.settings import Settings
-from stream_processors.main import run, settings_env
+from spendstream.settings import settings_env
+from stream_processors.main import run
 
 
 def test_children_see_exactly_the_parents_settings(monkeypatch):
