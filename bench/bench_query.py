@@ -20,6 +20,7 @@ kept, so a second run with the same size reuses it. Then it times, for the dashb
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -35,7 +36,7 @@ import httpx  # noqa: E402
 
 from bench.stage_bench import machine, replace_section  # noqa: E402
 from query_api.filters import Filters  # noqa: E402
-from query_api.usage_sql import GroupBy, UsageQuery, build_usage_query  # noqa: E402
+from query_api.usage_sql import OVERVIEW_MEASURES, GroupBy, UsageQuery, build_usage_query  # noqa: E402
 from query_api_stack import QueryApiServer, migrate  # noqa: E402
 from spendstream.clickhouse import get_client  # noqa: E402
 from spendstream.embedded.clickhouse import EmbeddedClickHouse  # noqa: E402
@@ -108,14 +109,22 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), p95
 
 
-def time_sql(client, q: UsageQuery, repeat: int, **kw) -> tuple[list[float], list[str]]:
+def cpu_ms(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, in ms."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def time_sql(client, q: UsageQuery, repeat: int, server_pid: int, **kw) -> tuple[list[float], float, list[str]]:
+    """Wall-clock ms of each run, and the ClickHouse server's CPU ms per run (load-independent)."""
     built = build_usage_query(q, TENANT, **kw)
     samples = []
+    cpu_before = cpu_ms(server_pid)
     for _ in range(repeat):
         t = time.perf_counter()
         client.query(built.sql, parameters=built.params)
         samples.append((time.perf_counter() - t) * 1000)
-    return samples, built.tables
+    return samples, (cpu_ms(server_pid) - cpu_before) / repeat, built.tables
 
 
 def time_http(http: httpx.Client, path: str, params: dict, repeat: int) -> list[float]:
@@ -147,7 +156,7 @@ def main() -> None:
         print(f"generating into {data_dir} ...", flush=True)
         rate = generate(settings, TENANT, args.events, salt=0)
         generate(settings, NOISE, max(BATCH, args.events // 10 // BATCH * BATCH), salt=1_000_000_007)
-        report = measure(settings, args, rate)
+        report = measure(settings, args, rate, clickhouse.pid)
     finally:
         clickhouse.stop()
     print(report)
@@ -156,7 +165,8 @@ def main() -> None:
         print("updated bench/RESULTS.md")
 
 
-def measure(settings: Settings, args: argparse.Namespace, rate: float) -> str:
+def measure(settings: Settings, args: argparse.Namespace, rate: float, server_pid: int) -> str:
+    load_before = os.getloadavg()[0]
     client = get_client(settings)
     sizes = dict(client.query(
         "SELECT table, sum(rows) FROM system.parts WHERE database = 'bench' AND active GROUP BY table"
@@ -165,7 +175,7 @@ def measure(settings: Settings, args: argparse.Namespace, rate: float) -> str:
     end = DATA_END - timedelta(minutes=7, seconds=12, milliseconds=345)
     filters = Filters(start=end - SPAN, end=end, tz=ZoneInfo("UTC"))
     queries = {
-        "overview": (UsageQuery(filters), {}, "/v1/analytics/overview", {}),
+        "overview": (UsageQuery(filters, measures=OVERVIEW_MEASURES), {}, "/v1/analytics/overview", {}),
         "timeseries (day, 90 days)": (UsageQuery(filters, granularity="day"), {}, "/v1/analytics/timeseries", {"granularity": "day"}),
         "breakdown by agent": (
             UsageQuery(filters, group=GroupBy(dimension="agent")), {"order_by": "cost_nanos DESC, group_key ASC", "limit": 100},
@@ -181,20 +191,20 @@ def measure(settings: Settings, args: argparse.Namespace, rate: float) -> str:
     rows = []
     with QueryApiServer(settings) as server, server.client(ADMIN_KEY) as http:
         for name, (q, kw, path, params) in queries.items():
-            time_sql(client, q, 3, **kw)  # warm caches, as a dashboard polling every few seconds does
-            agg, tables = time_sql(client, q, args.repeat, **kw)
+            time_sql(client, q, 3, server_pid, **kw)  # warm caches, as a dashboard polling every few seconds does
+            agg, agg_cpu, tables = time_sql(client, q, args.repeat, server_pid, **kw)
             api = time_http(http, path, window | params, args.repeat)
-            raw_q = UsageQuery(q.filters, q.group, q.granularity, use_aggregates=False)
-            time_sql(client, raw_q, 1, **kw)
-            raw, _ = time_sql(client, raw_q, args.raw_repeat, **kw)
-            rows.append((name, percentiles(agg), percentiles(api), percentiles(raw), sorted(set(tables))))
+            raw_q = UsageQuery(q.filters, q.group, q.granularity, use_aggregates=False, measures=q.measures)
+            time_sql(client, raw_q, 1, server_pid, **kw)
+            raw, raw_cpu, _ = time_sql(client, raw_q, args.raw_repeat, server_pid, **kw)
+            rows.append((name, percentiles(agg), agg_cpu, percentiles(api), percentiles(raw), raw_cpu, sorted(set(tables))))
             print(f"  {name}: done", flush=True)
     client.close()
 
     lines = [
         "## Query API",
         "",
-        f"Measured {machine()} with",
+        f"Measured {machine()}; load average {load_before:.1f} when the timings started. Command:",
         f"`.venv/bin/python -m bench.bench_query --events {args.events} --repeat {args.repeat} --raw-repeat {args.raw_repeat} --write-results`.",
         f"Data: {args.events:,} events of the measured tenant over 90 days (+ {sizes.get('usage_events', 0) - args.events:,} of a second tenant), "
         "generated inside the embedded ClickHouse (chDB behind its HTTP interface)"
@@ -202,13 +212,15 @@ def measure(settings: Settings, args: argparse.Namespace, rate: float) -> str:
         "Rows per table: " + ", ".join(f"{t} {n:,}" for t, n in sorted(sizes.items()) if t.startswith("usage_")) + ".",
         "Range: the last 90 days with non-aligned ends (raw edges below a minute, minute and hour edges, days in between).",
         "",
-        "| query | SQL p50 / p95 (ms) | HTTP API p50 / p95 (ms) | same query on raw events p50 / p95 (ms) | raw / aggregate (p50) | tables |",
-        "|---|---|---|---|---|---|",
+        "| query | SQL p50 / p95 (ms) | ClickHouse CPU per query (ms) | HTTP API p50 / p95 (ms) "
+        "| raw events: p50 / p95 (ms), CPU (ms) | raw / aggregate (p50) | tables |",
+        "|---|---|---|---|---|---|---|",
     ]
     verdicts = []
-    for name, (a50, a95), (h50, h95), (r50, r95), tables in rows:
+    for name, (a50, a95), a_cpu, (h50, h95), (r50, r95), r_cpu, tables in rows:
         lines.append(
-            f"| {name} | {a50:.1f} / {a95:.1f} | {h50:.1f} / {h95:.1f} | {r50:.0f} / {r95:.0f} | {r50 / a50:.0f}x | {', '.join(tables)} |"
+            f"| {name} | {a50:.1f} / {a95:.1f} | {a_cpu:.1f} | {h50:.1f} / {h95:.1f} | {r50:.0f} / {r95:.0f}, {r_cpu:.0f} "
+            f"| {r50 / a50:.0f}x | {', '.join(tables)} |"
         )
         if "Europe/Berlin" not in name:
             verdicts.append(f"{name} {'PASS' if h95 <= TARGET_P95_MS else 'FAIL'} (HTTP p95 {h95:.1f} ms)")
@@ -216,6 +228,8 @@ def measure(settings: Settings, args: argparse.Namespace, rate: float) -> str:
         "",
         f"- Target p95 ≤ {TARGET_P95_MS:.0f} ms through the API: " + "; ".join(verdicts) + ".",
         f"- {args.repeat} timed runs per aggregate query (after 3 warm-up runs), {args.raw_repeat} per raw query (after 1).",
+        "- ClickHouse CPU per query: user+system CPU time of the embedded ClickHouse process over the timed SQL runs, "
+        "divided by the runs; unlike wall-clock time it does not grow with other processes' load on the shared box.",
         "",
     ]
     return "\n".join(lines)
