@@ -41,15 +41,20 @@ function setStatus(text, isError) {
 }
 
 // -- filters ---------------------------------------------------------------------------------
+// The range sent is whole buckets: "to" is the next whole minute and "from" the start of the first
+// bucket (a local date for day/week/month, which the API reads as midnight in the time zone). The
+// chart's first bucket is then complete, and the API answers from the aggregates alone, without
+// reading raw events for ragged sub-minute ends.
 function currentFilters() {
   const data = new FormData(form);
   const range = data.get("range");
+  const tz = data.get("tz") || "UTC";
   let from, to;
   if (range === "custom" && data.get("from") && data.get("to")) {
     from = new Date(data.get("from"));
     to = new Date(data.get("to"));
   } else {
-    to = new Date();
+    to = new Date(Math.ceil(Date.now() / 60e3) * 60e3);
     from = new Date(to.getTime() - (RANGES[range] || RANGES["7d"]));
   }
   const span = to - from;
@@ -59,11 +64,18 @@ function currentFilters() {
   }
   return {
     params: {
-      from: from.toISOString(), to: to.toISOString(), tz: data.get("tz") || "UTC",
+      from: bucketStart(from, granularity, tz), to: to.toISOString(), tz,
       project: data.get("project"), agent: data.get("agent"), model: data.get("model"),
     },
     granularity,
   };
+}
+
+function bucketStart(instant, granularity, tz) {
+  if (granularity === "minute") return new Date(Math.floor(instant / 60e3) * 60e3).toISOString();
+  if (granularity === "hour") return new Date(Math.floor(instant / 3600e3) * 3600e3).toISOString();
+  // en-CA formats dates as YYYY-MM-DD
+  return new Intl.DateTimeFormat("en-CA", { timeZone: tz, year: "numeric", month: "2-digit", day: "2-digit" }).format(instant);
 }
 
 function fillOptions(select, keys) {
