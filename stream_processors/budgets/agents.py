@@ -15,6 +15,17 @@ A tenant-wide budget spans projects, i.e. usage.priced partitions, so the stage 
    same alert_ids are sent again (notify delivers an alert_id once), nothing is missed and no
    spend is counted twice.
 
+Source positions: both agents keep the next offset to process per source partition in the
+``budget_state`` table itself (keys ``\x00position|<topic>|<partition>``, written with the batch's
+state to the same changelog partition), and check every batch against them
+(``logic.split_by_position``): redelivered messages are acked without being processed, and a
+jump means the consumer skipped messages, which are then read back directly and processed
+before the message that came instead. Faust's committed offsets alone are not enough: with
+faust-streaming 0.15.3 on the embedded broker, a worker restarted while input kept arriving
+resumed usage.priced partitions 20-70 offsets past the last ones it had processed (about 1 run
+in 10 of tests/integration/test_budgets_stage.py), and a Faust ``seek`` back to the position
+did not re-deliver them either.
+
 Budget configs are re-read from ClickHouse every ``budgets_reload_s``; nothing is processed
 before the first successful load. Deltas of a budget that no longer exists are dropped.
 """
@@ -24,14 +35,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import faust
 import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from prometheus_client import Counter, Gauge, Histogram
 
 from spendstream.clickhouse import get_client
+from spendstream.kafka import client_kwargs
 from spendstream.settings import Settings
 from spendstream.topics import BUDGET_ALERTS, BUDGET_DELTAS, BUDGET_STATE, USAGE_PRICED
 from stream_processors.budgets.logic import (
@@ -40,6 +54,7 @@ from stream_processors.budgets.logic import (
     ScopeIndex,
     alert_value,
     build_deltas,
+    split_by_position,
     stable_partition,
 )
 from stream_processors.budgets.store import insert_alerts, load_budgets
@@ -56,6 +71,12 @@ ALERTS = Counter("spendstream_budgets_alerts_total", "Alerts sent to spendstream
 BAD_RECORDS = Counter("spendstream_budgets_bad_records_total", "usage.priced records that are not priced envelopes")
 BATCH_SECONDS = Histogram("spendstream_budgets_state_batch_seconds", "Time to apply and write one batch of deltas")
 BUDGETS_LOADED = Gauge("spendstream_budgets_loaded", "Live budgets known to the stage", multiprocess_mode="max")
+SKIPPED = Counter(
+    "spendstream_budgets_skipped_offsets_total", "Source offsets the consumer skipped, read back directly", ["topic"]
+)
+LOST = Counter(
+    "spendstream_budgets_lost_offsets_total", "Skipped source offsets that no longer existed when read back", ["topic"]
+)
 ALERT_DELAY = Histogram(
     "spendstream_budgets_alert_delay_seconds", "Crossing event's time to the alert being sent (event time lag)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600, 3600),
@@ -97,6 +118,96 @@ class BudgetBook:
             await asyncio.sleep(self.settings.processors.budgets_reload_s)
 
 
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    """A source message as the agents process it (from Faust, or read back after a skip)."""
+
+    partition: int
+    offset: int
+    value: bytes
+
+
+class SourcePositions:
+    """The next offset to process per partition of one source topic, kept in the state table;
+    messages the consumer skipped are read back directly (a group-less consumer), since Faust's
+    own re-delivery after a seek proved unreliable too."""
+
+    READ_TIMEOUT_S = 30.0
+
+    def __init__(self, settings: Settings, table: faust.Table, topic: str):
+        self.settings = settings
+        self.table = table
+        self.topic = topic
+        self.reader: AIOKafkaConsumer | None = None
+        #: partition -> next offset once the current batch's output is durable
+        self.pending: dict[int, int] = {}
+
+    def key(self, partition: int) -> bytes:
+        return f"\x00position|{self.topic}|{partition}".encode()
+
+    async def split(self, events: list[faust.EventT]) -> tuple[list[SourceRecord], list[faust.EventT]]:
+        """(records to process, in order, skipped ones included; the events to ack afterwards).
+
+        A partition never processed before starts at its first offset: the consumer can skip
+        messages on a fresh start too."""
+        positions = {}
+        for partition in {e.message.partition for e in events}:
+            stored = self.table.data.get(self.key(partition))
+            positions[partition] = int(stored) if stored is not None else 0
+        split = split_by_position([(e.message.partition, e.message.offset) for e in events], positions)
+        read_back: dict[tuple[int, int], list[SourceRecord]] = {}
+        for partition, start, end in split.gaps:
+            read_back[(partition, end)] = await self.read(partition, start, end)
+        records: list[SourceRecord] = []
+        for i in split.take:
+            m = events[i].message
+            records += read_back.get((m.partition, m.offset), [])
+            records.append(SourceRecord(m.partition, m.offset, m.value))
+        self.pending = split.advanced
+        return records, [events[i] for i in sorted(split.take + split.stale)]
+
+    async def read(self, partition: int, start: int, end: int) -> list[SourceRecord]:
+        """Offsets [start, end) of one partition, read directly from the broker (the part that
+        still exists: retention may have deleted the oldest)."""
+        if self.reader is None:
+            self.reader = AIOKafkaConsumer(**client_kwargs(self.settings), group_id=None, enable_auto_commit=False,
+                                           auto_offset_reset="earliest")  # fmt: skip
+            await self.reader.start()
+        tp = TopicPartition(self.topic, partition)
+        self.reader.assign([tp])
+        # ListOffsets(EARLIEST) is right on the embedded broker (only LATEST is not)
+        first = max(start, (await self.reader.beginning_offsets([tp]))[tp])
+        if first > start and start > 0:
+            log.error("%s[%d]: skipped offsets %d..%d no longer exist", self.topic, partition, start, first - 1)
+            LOST.labels(self.topic).inc(first - start)
+        if first >= end:
+            return []
+        log.warning("%s[%d]: the consumer skipped offsets %d..%d; reading them back", self.topic, partition, first,
+                    end - 1)  # fmt: skip
+        SKIPPED.labels(self.topic).inc(end - first)
+        self.reader.seek(tp, first)
+        out: list[SourceRecord] = []
+        deadline = time.monotonic() + self.READ_TIMEOUT_S
+        while not out or out[-1].offset < end - 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.topic}[{partition}]: offsets {first}..{end - 1} could not be read")
+            batch = await self.reader.getmany(tp, timeout_ms=500)
+            out += [SourceRecord(r.partition, r.offset, r.value) for r in batch.get(tp, []) if r.offset < end]
+        return out
+
+    def commit(self) -> None:
+        """Record the positions after the batch's output is durable (same changelog as the state)."""
+        for partition, offset in self.pending.items():
+            key, value = self.key(partition), str(offset).encode()
+            self.table.data[key] = value
+            self.table.send_changelog(partition, key, value)
+        self.pending = {}
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            await self.reader.stop()
+
+
 def register(app: faust.App, settings: Settings) -> None:
     p = settings.processors
     partitions = settings.kafka.partitions
@@ -113,16 +224,21 @@ def register(app: faust.App, settings: Settings) -> None:
         async with output_lock:
             await output.start()
 
-    @app.on_before_shutdown.connect
-    async def stop_output(sender: faust.App, **kwargs: Any) -> None:
-        await output.stop()
-
     priced = app.topic(USAGE_PRICED.name, key_serializer="raw", value_serializer="raw", partitions=partitions)
     deltas_topic = app.topic(BUDGET_DELTAS.name, key_serializer="raw", value_serializer="raw", partitions=partitions)
     table = app.Table(
         "budget_state", key_type=bytes, value_type=bytes, partitions=partitions,
         help="per budget: windows' spend, fired thresholds, raw-partition watermarks (see budgets/logic.py)",
     )  # fmt: skip
+
+    priced_positions = SourcePositions(settings, table, USAGE_PRICED.name)
+    delta_positions = SourcePositions(settings, table, BUDGET_DELTAS.name)
+
+    @app.on_before_shutdown.connect
+    async def stop_clients(sender: faust.App, **kwargs: Any) -> None:
+        await output.stop()
+        await priced_positions.close()
+        await delta_positions.close()
 
     @app.task
     async def reload_budgets() -> None:
@@ -133,14 +249,16 @@ def register(app: faust.App, settings: Settings) -> None:
         await start_output()
         await book.ready.wait()
         async for events in stream.noack_take(p.batch_max_records, within=p.batch_max_seconds):
-            result = build_deltas(book.index, [e.message.value for e in events], parse_ts)
+            records, done = await priced_positions.split(events)
+            result = build_deltas(book.index, [r.value for r in records], parse_ts)
             await output.send_all([
                 (BUDGET_DELTAS.name, stable_partition(d.budget_id, partitions), d.budget_id.encode(), d.encode())
                 for d in result.deltas
             ])  # fmt: skip
+            priced_positions.commit()
             EVENTS.labels("seen").inc(result.events)
             BAD_RECORDS.inc(result.bad_records)
-            for event in events:
+            for event in done:
                 await stream.ack(event)
 
     def record_alerts(values: list[dict[str, Any]]) -> None:
@@ -152,15 +270,16 @@ def register(app: faust.App, settings: Settings) -> None:
             alerts_client.pop().close()
             raise
 
-    async def handle(events: list[faust.EventT]) -> None:
+    async def handle(records: list[SourceRecord]) -> None:
+        """Apply the deltas ``records`` and write their effects."""
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
         grouped: dict[str, tuple[int, list[Delta]]] = {}
-        for event in events:
-            delta = Delta.decode(event.message.value)
-            grouped.setdefault(delta.budget_id, (event.message.partition, []))[1].append(delta)
+        for record in records:
+            delta = Delta.decode(record.value)
+            grouped.setdefault(delta.budget_id, (record.partition, []))[1].append(delta)
         alerts: list[dict[str, Any]] = []
-        records: list[tuple[str, int, bytes, bytes]] = []
+        states: list[tuple[str, int, bytes, bytes]] = []
         writes: list[tuple[int, bytes, bytes]] = []
         for budget_id, (partition, deltas) in grouped.items():
             budget = book.index.budgets.get(budget_id)
@@ -177,11 +296,11 @@ def register(app: faust.App, settings: Settings) -> None:
             alerts += [alert_value(a, now_ms) for a in result.alerts]
             for alert in result.alerts:
                 ALERT_DELAY.observe(max(0.0, (now_ms - alert.event.ts_ms) / 1000))
-            records += [(BUDGET_STATE.name, partition, k, v) for k, v in state.state_records(budget, result.touched, now_ms)]
+            states += [(BUDGET_STATE.name, partition, k, v) for k, v in state.state_records(budget, result.touched, now_ms)]
             writes.append((partition, key, state.dumps()))
         await output.send_all(
             [(BUDGET_ALERTS.name, stable_partition(a["alert_id"], partitions), a["alert_id"].encode(), orjson.dumps(a))
-             for a in alerts] + records
+             for a in alerts] + states
         )  # fmt: skip
         for a in alerts:
             ALERTS.labels(a["kind"]).inc()
@@ -192,6 +311,7 @@ def register(app: faust.App, settings: Settings) -> None:
         for partition, key, value in writes:
             table.data[key] = value
             table.send_changelog(partition, key, value)
+        delta_positions.commit()
         BATCH_SECONDS.observe(time.perf_counter() - started)
 
     @app.agent(deltas_topic, name="budgets-state")
@@ -199,14 +319,15 @@ def register(app: faust.App, settings: Settings) -> None:
         await start_output()
         await book.ready.wait()
         async for events in stream.noack_take(p.batch_max_records, within=p.batch_max_seconds):
+            records, done = await delta_positions.split(events)
             try:
-                await handle(events)
+                await handle(records)
             except Exception as exc:
                 # Alerts may be out while the state is not saved: only a restart (state from the
                 # changelog, batch replayed) is safe; it re-sends the same alert_ids.
                 log.exception("budget state batch failed; stopping the worker")
                 await app.crash(exc)
                 return
-            for event in events:
+            for event in done:
                 await stream.ack(event)
 
