@@ -124,11 +124,12 @@ def test_sigkill_components_during_a_run_loses_nothing(tmp_path: Path) -> None:
             # every check runs, so one failed run shows everything that went wrong
             failures: list[str] = []
             figures: dict = {}
-            try:
-                wait_stored(stack, len(truth.events), timeout=600 if FULL_SIZE else 180)
-                figures.update(check_clickhouse_against(stack, truth))
-            except AssertionError as exc:
-                failures.append(f"ClickHouse: {exc}")
+            for check in (lambda: wait_stored(stack, len(truth.events), timeout=600 if FULL_SIZE else 180),
+                          lambda: figures.update(check_clickhouse_against(stack, truth))):
+                try:
+                    check()
+                except AssertionError as exc:
+                    failures.append(f"ClickHouse: {exc}")
             if plans:
                 try:
                     figures["alerts"] = check_alerts(receiver, truth, plans)
