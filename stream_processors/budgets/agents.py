@@ -305,7 +305,7 @@ def register(app: faust.App, settings: Settings) -> None:
         for a in alerts:
             ALERTS.labels(a["kind"]).inc()
         if alerts:
-            async for attempt in retry_forever(STAGE, "clickhouse budget_alerts", (ClickHouseError, OSError)):
+            async for attempt in retry_forever(STAGE, "clickhouse budget_alerts", lambda exc: isinstance(exc, (ClickHouseError, OSError))):
                 with attempt:
                     await asyncio.to_thread(record_alerts, alerts)
         for partition, key, value in writes:

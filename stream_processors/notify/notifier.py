@@ -59,6 +59,10 @@ PER_ENDPOINT_CONCURRENCY = 4
 DONE_MEMORY = 100_000
 RETRYABLE_STORE_ERRORS = (ClickHouseError, OSError)
 
+
+def _store_error_is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, RETRYABLE_STORE_ERRORS)
+
 ATTEMPTS = Counter("spendstream_notify_attempts_total", "Delivery attempts by channel format and outcome", ["format", "outcome"])
 ALERTS = Counter("spendstream_notify_alerts_total", "Alerts by how they ended", ["result"])
 ATTEMPT_SECONDS = Histogram(
@@ -120,7 +124,7 @@ class Notifier:
 
     async def _load_history(self) -> None:
         since = datetime.now(timezone.utc) - self.history_window
-        async for attempt in retry_forever(STAGE, "read alert_deliveries", RETRYABLE_STORE_ERRORS):
+        async for attempt in retry_forever(STAGE, "read alert_deliveries", _store_error_is_retryable):
             with attempt:
                 self._histories = await self.store.load_histories(since)
         self._history_loaded.set()
@@ -192,7 +196,7 @@ class Notifier:
             return history.last_outcome
         attempt = history.attempts if history else 0
         first_at = history.first_attempt_at if history else None
-        async for retry in retry_forever(STAGE, "read webhooks", RETRYABLE_STORE_ERRORS):
+        async for retry in retry_forever(STAGE, "read webhooks", _store_error_is_retryable):
             with retry:
                 channel = await self.store.channel(alert.tenant, channel_id)
         if channel is None:
@@ -227,6 +231,6 @@ class Notifier:
                         result.error)
         row = Attempt(alert.tenant, alert.alert_id, channel_id, fmt, attempt, attempted_at, outcome,
                       result.http_status, result.error, result.duration_ms)  # fmt: skip
-        async for retry in retry_forever(STAGE, "insert alert_deliveries", RETRYABLE_STORE_ERRORS):
+        async for retry in retry_forever(STAGE, "insert alert_deliveries", _store_error_is_retryable):
             with retry:
                 await self.store.record(row)
