@@ -16,7 +16,8 @@ from zoneinfo import ZoneInfo
 from fastapi import APIRouter, Depends, Query
 
 from query_api.deps import CH, Principal, require
-from query_api.filters import parse_instant
+from query_api.filters import millis, parse_instant
+from query_api.logic import decode_cursor, encode_cursor
 from spendstream.contracts import nanos_to_usd_str
 from stream_processors.notify.logic import DELIVERED, FAILED
 
@@ -110,7 +111,7 @@ def _delivery_view(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@router.get("", summary="Alert history with delivery status, newest first")
+@router.get("", summary="Alert history with delivery status, newest first, with keyset pagination")
 async def list_alerts(
     principal: Reader,
     ch: CH,
@@ -118,9 +119,11 @@ async def list_alerts(
     from_: Annotated[str | None, Query(alias="from", description="fired at or after (RFC 3339 or YYYY-MM-DD, UTC)")] = None,
     to: Annotated[str | None, Query(description="fired before (RFC 3339, or YYYY-MM-DD: up to that day's end, UTC)")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> dict:
     sql = _ALERT_SQL
-    params: dict[str, Any] = {"tenant": principal.tenant, "limit": limit}
+    # one extra row says whether another page exists
+    params: dict[str, Any] = {"tenant": principal.tenant, "limit": limit + 1}
     if budget_id is not None:
         sql += " AND budget_id = {budget_id:String}"
         params["budget_id"] = budget_id
@@ -130,11 +133,16 @@ async def list_alerts(
     if to is not None:
         sql += " AND fired_at < {to:DateTime64(3, 'UTC')}"
         params["to"] = parse_instant("to", to, UTC_ZONE, end_of_day=True)
+    if cursor:
+        params["cursor_ms"], params["cursor_id"] = decode_cursor(cursor)
+        sql += " AND (fired_at, alert_id) < (fromUnixTimestamp64Milli({cursor_ms:Int64}, 'UTC'), {cursor_id:String})"
     sql += " ORDER BY fired_at DESC, alert_id DESC LIMIT {limit:UInt32}"
-    alerts = list((await ch.query(sql, parameters=params)).named_results())
+    rows = list((await ch.query(sql, parameters=params)).named_results())
+    alerts, more = rows[:limit], len(rows) > limit
     by_alert: dict[str, list[dict[str, Any]]] = {a["alert_id"]: [] for a in alerts}
     if alerts:
         result = await ch.query(_DELIVERY_SQL, parameters={"tenant": principal.tenant, "ids": list(by_alert)})
         for row in result.named_results():
             by_alert[row["alert_id"]].append(_delivery_view(row))
-    return {"alerts": [_alert_view(a, by_alert[a["alert_id"]]) for a in alerts]}
+    next_cursor = encode_cursor(millis(alerts[-1]["fired_at"]), alerts[-1]["alert_id"]) if more else None
+    return {"alerts": [_alert_view(a, by_alert[a["alert_id"]]) for a in alerts], "next_cursor": next_cursor}

@@ -161,6 +161,14 @@ async function showBudgets() {
   panel.hidden = rows.length === 0;
 }
 
+// A threshold alert names its threshold; a forecast alert has none, it names the spend projected
+// for the window's end.
+function alertLevel(alert) {
+  if (alert.threshold !== null && alert.threshold !== undefined) return `${alert.threshold} %`;
+  if (alert.projected_usd) return `projected $${alert.projected_usd}`;
+  return "";
+}
+
 async function showAlerts() {
   const panel = $("#alerts-panel");
   let listing;
@@ -176,7 +184,7 @@ async function showAlerts() {
     const tr = document.createElement("tr");
     const delivery = a.delivery_status || (a.deliveries ? a.deliveries.map((d) => d.outcome).join(", ") : "");
     const cells = [a.fired_at || a.window_start || "", a.budget_name || a.budget_id || "", a.kind || "",
-      a.threshold !== undefined ? `${a.threshold} %` : "", a.spent_usd !== undefined ? `$${a.spent_usd}` : "", delivery];
+      alertLevel(a), a.spent_usd !== undefined ? `$${a.spent_usd}` : "", delivery];
     for (const value of cells) {
       const td = document.createElement("td");
       td.textContent = value;

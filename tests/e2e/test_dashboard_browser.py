@@ -7,12 +7,14 @@ import base64
 import os
 import sys
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 from query_api_stack import QueryApiServer, insert_events, make_events, migrate  # noqa: E402
+from spendstream.clickhouse import get_client  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
@@ -31,6 +33,7 @@ def dashboard(make_settings):
     now = datetime.now(timezone.utc)
     events = make_events("acme", 1500, now - timedelta(days=6), now - timedelta(minutes=1), seed=21)
     insert_events(settings, events)
+    seed_alerts(settings, now)
     with QueryApiServer(settings) as server:
         if os.path.exists(Path(__file__).resolve().parents[2] / "query_api" / "routers" / "budgets.py"):
             with server.client(ADMIN_KEY) as admin:
@@ -38,6 +41,28 @@ def dashboard(make_settings):
                                                           "limit_usd": "100.00", "thresholds": [50, 80, 100]})
                 assert created.status_code == 201, created.text
         yield server, events
+
+
+ALERT_COLUMNS = ["tenant", "alert_id", "kind", "budget_id", "budget_name", "scope", "window_start", "window_end",
+                 "threshold", "spent_nanos", "limit_nanos", "percent_used", "projected_nanos", "projected_at",
+                 "event_id", "top", "fired_at"]  # fmt: skip
+
+
+def seed_alerts(settings, now: datetime) -> None:
+    """A threshold alert and a forecast alert (which has no threshold, only a projection)."""
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    rows = [
+        ["acme", "al_threshold", "threshold", "bud_1", "fleet daily", {}, day, day + timedelta(days=1), Decimal(80),
+         8_000_000_000, 10_000_000_000, Decimal("80"), None, None, "ev_1", "[]", now - timedelta(minutes=5)],
+        ["acme", "al_forecast", "forecast", "bud_1", "fleet daily", {}, day, day + timedelta(days=1), Decimal(0),
+         6_000_000_000, 10_000_000_000, Decimal("60"), 12_400_000_000, day + timedelta(hours=20), "ev_2", "[]",
+         now - timedelta(minutes=10)],
+    ]  # fmt: skip
+    client = get_client(settings)
+    try:
+        client.insert("budget_alerts", rows, column_names=ALERT_COLUMNS)
+    finally:
+        client.close()
 
 
 def test_dashboard_renders_filters_and_screenshots(dashboard, tmp_path):
@@ -73,6 +98,10 @@ def test_dashboard_renders_filters_and_screenshots(dashboard, tmp_path):
                 page.wait_for_selector("#budgets .budget .burn-fill")
                 width = page.eval_on_selector("#budgets .burn-fill", "e => parseFloat(e.style.width)")
                 assert width == pytest.approx(100 * total / 1e9 / 100.0, abs=0.01)  # percent_used has 2 decimals
+
+            page.wait_for_selector("#alerts tbody tr")
+            levels = page.eval_on_selector_all("#alerts tbody td:nth-child(4)", "els => els.map(e => e.textContent)")
+            assert levels == ["80 %", "projected $12.400000000"]
 
             loaded = page.get_attribute("body", "data-loaded")
             page.select_option("select[name=agent]", "acme-agent-2")
