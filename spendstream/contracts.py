@@ -22,6 +22,11 @@ pricing stage handles one raw partition in order, so downstream stages drop any 
 whose ``src.offset`` is not above the highest one they already applied for ``src.partition``.
 That makes redelivery after a pricing crash a no-op without Kafka transactions (Tansu has none).
 
+    headers (set by the pricing stage; optional for readers, which fall back to the value):
+        spendstream-src-partition, spendstream-src-offset = ``src`` as ASCII decimals
+        spendstream-events = len(events) as an ASCII decimal
+    so a stage can apply the replay rule and size its batches without parsing the value.
+
 usage.dlq record (one per input record, or per record's rejected events, a stage could not use)
     key   = the input record's key
     value = orjson {"v": 1, "stage": str, "reason": str,
@@ -144,6 +149,20 @@ def priced_envelope(raw: dict[str, Any], partition: int, offset: int, events: li
         "src": {"partition": partition, "offset": offset},
         "events": events,
     }
+
+
+#: Kafka header names of a usage.priced record (see the module docstring)
+PRICED_SRC_PARTITION_HEADER = "spendstream-src-partition"
+PRICED_SRC_OFFSET_HEADER = "spendstream-src-offset"
+PRICED_EVENTS_HEADER = "spendstream-events"
+
+
+def priced_headers(src_partition: int, src_offset: int, events: int) -> list[tuple[str, bytes]]:
+    return [
+        (PRICED_SRC_PARTITION_HEADER, b"%d" % src_partition),
+        (PRICED_SRC_OFFSET_HEADER, b"%d" % src_offset),
+        (PRICED_EVENTS_HEADER, b"%d" % events),
+    ]
 
 
 def dlq_envelope(

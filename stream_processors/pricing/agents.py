@@ -146,7 +146,7 @@ def register(app: faust.App, settings: Settings) -> None:
                 dedupe.data[key] = value
             dedupe.send_changelog(partition, key, value)
         await output.send_all(
-            [(USAGE_PRICED.name, o.partition, o.key, o.value) for o in result.priced]
+            [(USAGE_PRICED.name, o.partition, o.key, o.value, o.headers) for o in result.priced]
             + [(USAGE_DLQ.name, o.partition, o.key, o.value) for o in result.dlq]
         )
         RECORDS.inc(len(records))

@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from spendstream.contracts import SCHEMA_VERSION, dlq_envelope, priced_envelope
+from spendstream.contracts import SCHEMA_VERSION, dlq_envelope, priced_envelope, priced_headers
 from spendstream.pricing import Catalog, OverrideBook, PricingError, price
 
 STAGE = "pricing"
@@ -54,6 +54,7 @@ class Output:
     partition: int
     key: bytes | None
     value: bytes
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 @dataclass
@@ -224,9 +225,9 @@ class PricingStage:
                 continue
             events, rejected, first_seen_here = self._price_record(env, record, result)
             key = record.key or f"{env['tenant']}/{env['project']}".encode()
-            result.priced.append(
-                Output(record.partition, key, dumps(priced_envelope(env, record.partition, record.offset, events)))
-            )
+            value = dumps(priced_envelope(env, record.partition, record.offset, events))
+            headers = priced_headers(record.partition, record.offset, len(events))
+            result.priced.append(Output(record.partition, key, value, headers))
             if rejected:
                 reason = f"{len(rejected)} event(s) rejected"
                 envelope = dlq_envelope(STAGE, reason, self.raw_topic, record.partition, record.offset, events=rejected)
