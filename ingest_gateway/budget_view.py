@@ -1,15 +1,25 @@
 """The gateway's in-memory view of budgets, for ``POST /v1/budgets/check`` (no IO per request).
 
 Two background tasks keep it:
-- budget configs re-read from ClickHouse ``budgets`` every ``processors.budgets_reload_s``
-  (the last good set is kept while ClickHouse is down);
+- budget configs polled from ClickHouse ``budgets`` every ``processors.budgets_reload_s``: a
+  cheap fingerprint query, and the full read only when it changed (the last good set is kept
+  while ClickHouse is down);
 - a consumer without a group reads ``spendstream.budget.state`` from the earliest offset on
   every partition and keeps the latest value per key (budget id + window). It never asks for end
   offsets (the embedded broker's ListOffsets is wrong); it just keeps following the log. Values
   of windows that already ended are dropped: a check only needs the current window.
 
-The view answers only once budgets were loaded and the state log was read up to the fetch high
-watermark seen at start-up (``ready``); before that a check would be a guess.
+Staleness: a check answers with the spend the budgets stage last published, exactly (integer
+nano-USD), never an estimate. That value trails the events acknowledged by the gateway by the
+pipeline's latency (pricing, then the budgets stage's batch; under a second when the stages keep
+up) plus this consumer's fetch; a budget created or changed shows up within
+``budgets_reload_s``. While ClickHouse or the broker is unreachable, the last known configs and
+spend are served. The view answers only once budgets were loaded and the state log was read up
+to the fetch high watermark seen at start-up (``ready``); before that a check would be a guess.
+
+Per check: a scope-index lookup, one dict read per matching budget, and the budget's current
+window (cached until it ends, so calendar arithmetic in the budget's time zone runs once per
+window, not per request).
 """
 
 from __future__ import annotations
@@ -27,17 +37,23 @@ from spendstream.kafka import client_kwargs
 from spendstream.settings import Settings
 from spendstream.topics import BUDGET_STATE, ensure_topics
 from stream_processors.budgets.logic import (
+    ROLLING_MS,
     Attribution,
+    Budget,
     BudgetStanding,
     ScopeIndex,
-    spent_from_state,
-    state_lookup_key,
+    current_window,
+    spent_in_window,
+    window_state_key,
 )
-from stream_processors.budgets.store import load_budgets
+from stream_processors.budgets.store import BudgetReader
 
 log = logging.getLogger(__name__)
 
 RETRY_S = 1.0
+#: budget.state records applied per event-loop turn: a long backlog (start-up, a burst) must not
+#: hold up the checks being answered meanwhile
+MAX_RECORDS_PER_TURN = 500
 
 
 class BudgetView:
@@ -46,10 +62,12 @@ class BudgetView:
         self.index = ScopeIndex()
         #: budget.state key -> latest value (current and future windows only)
         self.state: dict[bytes, dict[str, Any]] = {}
+        #: budget id -> (start, end) of the calendar window last in force (cleared with the configs)
+        self._windows: dict[str, tuple[int, int | None]] = {}
         self.budgets_loaded = False
         self.state_caught_up = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._client: Any = None
+        self._reader = BudgetReader(settings)
 
     @property
     def ready(self) -> bool:
@@ -65,36 +83,36 @@ class BudgetView:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._client is not None:
-            self._client.close()
+        self._reader.close()
 
     # -- the answer ---------------------------------------------------------------------------
     def check(self, tenant: str, attr: Attribution, estimate_nanos: int, now_ms: int) -> tuple[bool, list[BudgetStanding]]:
         """(allowed, the standing of every budget whose scope covers ``attr``)."""
         standings = []
         for budget in self.index.match(tenant, attr):
-            spent, start, end = spent_from_state(budget, self.state.get(state_lookup_key(budget, now_ms)), now_ms)
+            start, end = self._window(budget, now_ms)
+            spent = spent_in_window(budget, self.state.get(window_state_key(budget, start)), start)
             standings.append(BudgetStanding(budget, start, end, spent))
         return all(s.allows(estimate_nanos) for s in standings), standings
 
+    def _window(self, budget: Budget, now_ms: int) -> tuple[int, int | None]:
+        if budget.window in ROLLING_MS:  # plain arithmetic, nothing to cache
+            return current_window(budget, now_ms)
+        cached = self._windows.get(budget.id)
+        if cached is not None and cached[0] <= now_ms and (cached[1] is None or now_ms < cached[1]):
+            return cached
+        self._windows[budget.id] = window = current_window(budget, now_ms)
+        return window
+
     # -- keeping it -----------------------------------------------------------------------------
-    def _load_budgets(self) -> ScopeIndex:
-        from spendstream.clickhouse import get_client
-
-        if self._client is None:
-            self._client = get_client(self._settings)
-        try:
-            return ScopeIndex(load_budgets(self._client))
-        except Exception:
-            self._client.close()
-            self._client = None
-            raise
-
     async def _reload_budgets_forever(self) -> None:
         failing = False
         while True:
             try:
-                self.index = await asyncio.to_thread(self._load_budgets)
+                index = await asyncio.to_thread(self._reader.read_if_changed)
+                if index is not None:
+                    # a changed budget may have a new window or time zone
+                    self.index, self._windows = index, {}
                 self.budgets_loaded, failing = True, False
             except Exception as exc:  # noqa: BLE001 - ClickHouse down or not migrated: keep the last set
                 # one warning per outage, not one per reload period
@@ -139,7 +157,7 @@ class BudgetView:
         # first fetch that reported one (after that, records are just followed)
         targets: dict[TopicPartition, int] = {}
         while True:
-            batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            batch = await consumer.getmany(timeout_ms=500, max_records=MAX_RECORDS_PER_TURN)
             now_ms = int(time.time() * 1000)
             for records in batch.values():
                 for r in records:

@@ -57,7 +57,7 @@ from stream_processors.budgets.logic import (
     split_by_position,
     stable_partition,
 )
-from stream_processors.budgets.store import insert_alerts, load_budgets
+from stream_processors.budgets.store import BudgetReader, insert_alerts
 from stream_processors.producer import StageProducer
 from stream_processors.retry import retry_forever
 from stream_processors.sink.logic import TimestampParser
@@ -90,30 +90,21 @@ class BudgetBook:
         self.settings = settings
         self.index = ScopeIndex()
         self.ready = asyncio.Event()
-        self._client: Any = None
-
-    def _load(self) -> ScopeIndex:
-        if self._client is None:
-            self._client = get_client(self.settings)
-        try:
-            return ScopeIndex(load_budgets(self._client))
-        except Exception:
-            self._client.close()
-            self._client = None
-            raise
+        self._reader = BudgetReader(settings)
 
     async def reload_forever(self) -> None:
         while True:
             try:
-                index = await asyncio.to_thread(self._load)
+                index = await asyncio.to_thread(self._reader.read_if_changed)
             except Exception as exc:  # noqa: BLE001 - any ClickHouse trouble: keep the last set
                 log.warning("reading budgets failed (%r); %s", exc,
                             "keeping the last set" if self.ready.is_set() else "the stage waits for it")
             else:
-                if len(index) != len(self.index):
-                    log.info("budgets loaded: %d", len(index))
-                self.index = index
-                BUDGETS_LOADED.set(len(index))
+                if index is not None:
+                    if len(index) != len(self.index):
+                        log.info("budgets loaded: %d", len(index))
+                    self.index = index
+                    BUDGETS_LOADED.set(len(index))
                 self.ready.set()
             await asyncio.sleep(self.settings.processors.budgets_reload_s)
 

@@ -35,6 +35,7 @@ partition and drops events at or below it (the replay rule of spendstream/contra
 
 from __future__ import annotations
 
+import functools
 import heapq
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -282,9 +283,25 @@ class ScopeIndex:
             self._by_key.setdefault((budget.tenant, indexed, budget.scope[indexed]), []).append(budget)
             if indexed == "tag":
                 self._tag_keys.setdefault(budget.tenant, set()).add(budget.scope["tag"].partition("=")[0])
+        self._tenants = {b.tenant for b in self.budgets.values()}
+        fields: dict[str, set[str]] = {}
+        for budget in self.budgets.values():
+            fields.setdefault(budget.tenant, set()).update(f for f in budget.scope if f != "tag")
+        self._match_fields = {
+            tenant: (tuple(sorted(fields.get(tenant, ()))), tuple(sorted(self._tag_keys.get(tenant, ()))))
+            for tenant in self._tenants
+        }
 
     def __len__(self) -> int:
         return len(self.budgets)
+
+    def has_tenant(self, tenant: str) -> bool:
+        return tenant in self._tenants
+
+    def match_fields(self, tenant: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(attribution fields, tag keys) that some budget of ``tenant`` filters on: only these
+        decide which of its budgets an event matches."""
+        return self._match_fields.get(tenant, ((), ()))
 
     def candidates(self, tenant: str, attr: Attribution) -> Iterator[Budget]:
         yield from self._tenant_wide.get(tenant, ())
@@ -405,6 +422,7 @@ class Alert:
         return budget_alert_id(self.budget.id, self.window_start, label)
 
 
+@functools.lru_cache(maxsize=4096)  # window bounds repeat on every budget check
 def _rfc3339(ms: int | None) -> str | None:
     if ms is None:
         return None
@@ -774,21 +792,30 @@ class BudgetStanding:
 
 def spent_from_state(budget: Budget, record: Mapping[str, Any] | None, now_ms: int) -> tuple[int, int, int | None]:
     """(spent, window start, window end) at ``now_ms`` from the budget's latest budget.state value
-    for the current window (``None``: nothing spent in it yet). Rolling records carry minute
-    buckets, summed over the window ending now."""
+    for the current window (``None``: nothing spent in it yet)."""
     start, end = current_window(budget, now_ms)
+    return spent_in_window(budget, record, start), start, end
+
+
+def spent_in_window(budget: Budget, record: Mapping[str, Any] | None, window_start: int) -> int:
+    """Spend of the window starting at ``window_start`` from its budget.state value. Rolling
+    records carry minute buckets, summed from the window's start."""
     if record is None:
-        return 0, start, end
+        return 0
     if budget.window in ROLLING_MS:
-        return sum(v for m, v in record["buckets"] if m >= start), start, end
-    return record["spent_nanos"], start, end
+        return sum(v for m, v in record["buckets"] if m >= window_start)
+    return record["spent_nanos"]
 
 
 def state_lookup_key(budget: Budget, now_ms: int) -> bytes:
     """The budget.state key holding ``budget``'s current window."""
-    if budget.window in ROLLING_MS:
-        return state_key(budget.id, "rolling")
-    return state_key(budget.id, current_window(budget, now_ms)[0])
+    return window_state_key(budget, current_window(budget, now_ms)[0])
+
+
+def window_state_key(budget: Budget, window_start: int) -> bytes:
+    """The budget.state key of ``budget``'s window starting at ``window_start`` (one key for a
+    rolling window)."""
+    return state_key(budget.id, "rolling" if budget.window in ROLLING_MS else window_start)
 
 
 # ---------------------------------------------------------------- repartitioning
@@ -811,9 +838,14 @@ class RepartitionResult:
 def build_deltas(index: ScopeIndex, values: Iterable[bytes | None], parse_ts: Callable[[str], int]) -> RepartitionResult:
     """usage.priced values (in partition order) -> one delta per (budget, raw partition) holding
     every matching event, grouped by raw record. Values that are not priced envelopes are
-    counted and skipped (the sink sends them to the DLQ)."""
+    counted and skipped (the sink sends them to the DLQ).
+
+    Events of a batch repeat a few attributions (agents of a fleet): the budgets matching an
+    attribution are looked up once per batch, and each event is converted once however many
+    budgets it counts for."""
     result = RepartitionResult()
     by_key: dict[tuple[str, int], Delta] = {}
+    matches: dict[tuple[Any, ...], list[Budget]] = {}
     for value in values:
         try:
             env = orjson.loads(value or b"")
@@ -822,21 +854,32 @@ def build_deltas(index: ScopeIndex, values: Iterable[bytes | None], parse_ts: Ca
         except (orjson.JSONDecodeError, KeyError, TypeError):
             result.bad_records += 1
             continue
+        result.events += len(events)
+        if not index.has_tenant(tenant):
+            continue
+        fields, tag_keys = index.match_fields(tenant)
         matched: dict[str, list[SpendEvent]] = {}
         for ev in events:
-            result.events += 1
-            for b in index.match(tenant, Attribution.of_event(ev)):
-                matched.setdefault(b.id, []).append(SpendEvent(
-                    ev["event_id"], parse_ts(ev["timestamp"]), ev.get("cost_nanos", 0), ev.get("agent", ""),
-                    f"{ev.get('provider', '')}/{ev.get('model', '')}",
-                ))  # fmt: skip
-        for budget_id, spend in matched.items():
-            result.matched += len(spend)
+            tags = ev.get("tags") or {}
+            key = (tenant, *(ev.get(f, "") for f in fields), *(tags.get(k) for k in tag_keys))
+            budgets = matches.get(key)
+            if budgets is None:
+                budgets = matches[key] = index.match(tenant, Attribution.of_event(ev))
+            if not budgets:
+                continue
+            spend = SpendEvent(
+                ev["event_id"], parse_ts(ev["timestamp"]), ev.get("cost_nanos", 0), ev.get("agent", ""),
+                f"{ev.get('provider', '')}/{ev.get('model', '')}",
+            )  # fmt: skip
+            for b in budgets:
+                matched.setdefault(b.id, []).append(spend)
+        for budget_id, spend_list in matched.items():
+            result.matched += len(spend_list)
             delta = by_key.get((budget_id, src_partition))
             if delta is None:
                 delta = by_key[(budget_id, src_partition)] = Delta(tenant, budget_id, src_partition, [])
                 result.deltas.append(delta)
-            delta.records.append((src_offset, spend))
+            delta.records.append((src_offset, spend_list))
     return result
 
 

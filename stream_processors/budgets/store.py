@@ -14,7 +14,9 @@ from typing import Any
 
 import orjson
 
-from stream_processors.budgets.logic import Budget, budget_from_row, scope_columns
+from spendstream.clickhouse import get_client
+from spendstream.settings import Settings
+from stream_processors.budgets.logic import Budget, ScopeIndex, budget_from_row, scope_columns
 
 BUDGETS_SQL = "SELECT * FROM budgets FINAL WHERE deleted = 0"
 
@@ -24,8 +26,52 @@ ALERT_COLUMNS = (
 )  # fmt: skip
 
 
+#: changes whenever a row is written (every create, change and delete inserts one) and when rows
+#: are merged away; equal fingerprints mean the live set is unchanged
+FINGERPRINT_SQL = "SELECT count(), sum(cityHash64(tenant, id, version)) FROM budgets"
+
+
 def load_budgets(client: Any) -> list[Budget]:
     return [budget_from_row(row) for row in client.query(BUDGETS_SQL).named_results()]
+
+
+def budgets_fingerprint(client: Any) -> tuple[int, int]:
+    """A cheap check before ``load_budgets``: pollers skip the full read (and rebuilding their
+    scope index) while it is unchanged."""
+    count, digest = client.query(FINGERPRINT_SQL).result_rows[0]
+    return int(count), int(digest)
+
+
+class BudgetReader:
+    """The live budgets for a poller (the budgets stage, the gateway's budget check), read only
+    when their fingerprint changed. Sync: call it from a worker thread. The ClickHouse client is
+    replaced after any error."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self._client: Any = None
+        self._fingerprint: tuple[int, int] | None = None
+
+    def read_if_changed(self) -> ScopeIndex | None:
+        """A new index of the live budgets, or None when nothing changed since the last read."""
+        if self._client is None:
+            self._client = get_client(self._settings)
+        try:
+            # read before the budgets: a change in between costs one more read, never a missed one
+            fingerprint = budgets_fingerprint(self._client)
+            if fingerprint == self._fingerprint:
+                return None
+            index = ScopeIndex(load_budgets(self._client))
+        except Exception:
+            self.close()
+            raise
+        self._fingerprint = fingerprint
+        return index
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
 
 def _instant(text: str | None) -> datetime | None:

@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import orjson
+
 from spendstream.contracts import usd_to_nanos
 from stream_processors.budgets.logic import (
     FORECAST_INTERVAL_MS,
@@ -23,6 +25,7 @@ from stream_processors.budgets.logic import (
     ScopeIndex,
     SpendEvent,
     alert_value,
+    build_deltas,
     calendar_window,
     check_timezone,
     current_window,
@@ -32,6 +35,7 @@ from stream_processors.budgets.logic import (
     percent_used,
     scope_columns,
     scope_from_columns,
+    scope_matches,
     spent_from_state,
     split_by_position,
 )
@@ -480,3 +484,40 @@ def test_positions_take_contiguous_ack_redeliveries_and_report_skips():
     # partition 1 expected 8 after 7 but got 10, then 12 but got 14: both ranges must be read
     assert split.gaps == [(1, 8, 10), (1, 12, 14)]
     assert split.advanced == {0: 8, 1: 15, 2: 1}
+
+
+# ---------------------------------------------------------------- repartitioning
+
+
+def test_deltas_hold_each_event_for_exactly_the_budgets_whose_scope_matches():
+    budgets = [
+        Budget("t1", "tenant", "all", {}, "total", "UTC", 1), Budget("t1", "proj", "p", {"project": "p1"}, "total", "UTC", 1),
+        Budget("t1", "agent", "a", {"project": "p1", "agent": "a1"}, "total", "UTC", 1),
+        Budget("t1", "team", "t", {"tag": "team=x"}, "total", "UTC", 1),
+        Budget("t1", "team-p2", "t", {"project": "p2", "tag": "team=y"}, "total", "UTC", 1),
+        Budget("t1", "user", "u", {"user": "u1"}, "total", "UTC", 1),
+        Budget("t2", "other", "o", {"project": "p1"}, "total", "UTC", 1),
+    ]  # fmt: skip
+    index = ScopeIndex(budgets)
+    events = [
+        {"project": p, "agent": a, "user": u, "provider": "openai", "model": "gpt-4o", "tags": tags}
+        for p in ("p1", "p2") for a in ("a1", "a2") for u in ("u1", "", "u2")
+        for tags in ({}, {"team": "x"}, {"team": "y", "env": "prod"}, {"env": "prod"})
+    ]  # fmt: skip
+    for i, ev in enumerate(events):
+        ev |= {"event_id": f"e{i}", "timestamp": "2026-01-01T00:00:00.000Z", "cost_nanos": i}
+    # the same attributions again in a second record and in another tenant's record
+    records = [orjson.dumps({"tenant": t, "src": {"partition": 3, "offset": off}, "events": events})
+               for t, off in (("t1", 10), ("t1", 11), ("t2", 12), ("t3", 13))]  # fmt: skip
+    result = build_deltas(index, [*records, b"not json"], lambda ts: 0)
+
+    got = {(d.budget_id, off): [e.event_id for e in evs] for d in result.deltas for off, evs in d.records}
+    want: dict[tuple[str, int], list[str]] = {}
+    for tenant, off in (("t1", 10), ("t1", 11), ("t2", 12)):
+        for ev in events:
+            for b in budgets:
+                if b.tenant == tenant and scope_matches(b.scope, Attribution.of_event(ev)):
+                    want.setdefault((b.id, off), []).append(ev["event_id"])
+    assert got == want
+    assert {d.budget_id for d in result.deltas} == {b.id for b in budgets}
+    assert (result.events, result.bad_records, result.matched) == (4 * len(events), 1, sum(map(len, want.values())))
