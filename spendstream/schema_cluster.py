@@ -11,6 +11,8 @@ passes every statement through :func:`cluster_statements`:
   public name, so readers and writers keep using ``t``. Tables with a ``tenant`` column are sharded
   by tenant (a tenant's rows, and so its aggregates and ReplacingMergeTree versions, live on one
   shard); the others (MV targets without tenant) are written only through their MVs.
+- ``CREATE TABLE {db}.t (...) ENGINE = Null``: the same pair, the local table staying ``Null``
+  (it stores nothing; the MVs reading it write each shard's local tables).
 - ``CREATE MATERIALIZED VIEW {db}.v TO {db}.t AS SELECT ... FROM {db}.s``: ``ON CLUSTER``, reading the
   local source ``s_local`` and writing the local target ``t_local`` on each shard.
 - ``ALTER TABLE {db}.t ...``: on ``t_local`` ``ON CLUSTER``, and on the Distributed ``t`` too when it
@@ -97,8 +99,11 @@ def _create_table(name: str, body: str, cluster: str, on_cluster: str, cluster_w
     columns, rest = body[: columns_end + 1], body[columns_end + 1 :]
     engine = _ENGINE.match(rest.lstrip())
     rest = rest.lstrip()
+    if engine and engine[1] == "Null" and not cluster_wide:
+        # stores nothing (its MVs do): one per node, written through the Distributed table
+        return _local_and_distributed(name, columns, f"{columns}\nENGINE = Null", cluster, on_cluster)
     if not engine or not engine[1].endswith("MergeTree") or engine[1].startswith("Replicated"):
-        raise ClusterSchemaError(f"table {name}: only non-replicated *MergeTree engines can be derived")
+        raise ClusterSchemaError(f"table {name}: only non-replicated *MergeTree or Null engines can be derived")
     args_start = engine.end()
     if rest.startswith("(", args_start):
         args_end = _closing_paren(rest, args_start)
@@ -111,6 +116,10 @@ def _create_table(name: str, body: str, cluster: str, on_cluster: str, cluster_w
     table = f"{columns}\nENGINE = Replicated{engine[1]}({engine_args})\n{after.lstrip()}".rstrip()
     if cluster_wide:
         return [f"CREATE TABLE IF NOT EXISTS {{db}}.{name} {on_cluster} {table}"]
+    return _local_and_distributed(name, columns, table, cluster, on_cluster)
+
+
+def _local_and_distributed(name: str, columns: str, table: str, cluster: str, on_cluster: str) -> list[str]:
     local = f"{name}{LOCAL_SUFFIX}"
     sharding = f", {SHARDING_KEY}" if "tenant" in _column_names(columns) else ""
     return [

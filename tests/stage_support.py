@@ -141,15 +141,23 @@ def raw_record(tenant: str, project: str, events: list[dict[str, Any]]) -> tuple
 
 
 async def produce(
-    settings: Settings, topic: str, records: Iterable[tuple[bytes | None, bytes] | tuple[bytes | None, bytes, int]]
+    settings: Settings,
+    topic: str,
+    records: Iterable[
+        tuple[bytes | None, bytes] | tuple[bytes | None, bytes, int] | tuple[bytes | None, bytes, int, list]
+    ],
 ) -> None:
-    """Send (key, value) records (partition by key) or (key, value, partition); wait for all acks."""
+    """Send (key, value) records (partition by key), (key, value, partition) or (key, value,
+    partition, headers); wait for all acks."""
     await ensure_topics(settings)
     producer = AIOKafkaProducer(**producer_kwargs(settings))
     await producer.start()
     try:
         futures = [
-            await producer.send(topic, r[1], key=r[0], partition=r[2] if len(r) > 2 else None) for r in records
+            await producer.send(
+                topic, r[1], key=r[0], partition=r[2] if len(r) > 2 else None, headers=r[3] if len(r) > 3 else None
+            )
+            for r in records
         ]
         await asyncio.gather(*futures)
     finally:

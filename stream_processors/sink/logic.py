@@ -1,36 +1,38 @@
-"""Sink core: usage.priced records -> columns of ``usage_events``. Pure: no Kafka/ClickHouse imports.
+"""Sink core: usage.priced records -> rows of ``usage_events_in`` (JSONEachRow). Pure: no Kafka/ClickHouse imports.
+
+ClickHouse parses the events: each priced record becomes ONE JSONEachRow line, its value with its
+Kafka partition and offset spliced in front (:func:`json_rows`), inserted into ``usage_events_in``,
+whose materialized view ARRAY JOINs the events into usage_events (clickhouse/schema/0007_*.sql).
+So the sink never parses what the pricing stage wrote: the record's headers carry ``src`` and the
+event count (:func:`read_priced`; spendstream/contracts.py). A record without them (an older or a
+foreign producer) is parsed and checked in full (:func:`decode_priced`).
 
 A flush takes the records consumed since the last one and
-1. decodes them (:func:`decode_priced`; a record that is not a priced envelope goes to the DLQ),
-2. drops records already stored (:class:`Watermarks`): a record whose ``src.offset`` is not above
+1. drops records already stored (:class:`Watermarks`): a record whose ``src.offset`` is not above
    the highest one stored for its ``src.partition`` is a replay, either of a pricing-stage record
    re-priced after a crash (see spendstream/contracts.py) or of one this sink stored before it
    crashed and had not committed yet,
-3. cuts the rest into inserts (:func:`plan_inserts`) at record boundaries, at most ``max_rows``
+2. cuts the rest into inserts (:func:`plan_inserts`) at record boundaries, at most ``max_rows``
    rows each, every one carrying an ``insert_deduplication_token`` derived from the offset ranges
    it holds, so an insert retried after an error is a no-op in ClickHouse,
-4. turns each insert into columns (:func:`to_columns`).
+3. turns each insert into its JSONEachRow body (:func:`json_rows`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import orjson
 
-from spendstream.contracts import COST_CLASSES, SCHEMA_VERSION, TOKEN_FIELDS
-
-#: usage_events columns the sink writes, in insert order (every column of the table but none
-#: with a default, see clickhouse/schema/0001_usage_events.sql).
-COLUMNS: tuple[str, ...] = (
-    "tenant", "project", "agent", "user", "session_id", "operation", "tags", "provider", "model",
-    *TOKEN_FIELDS,
-    "cost_nanos", *(f"cost_{c}_nanos" for c in COST_CLASSES),
-    "price_id", "pricing_status", "price_source", "status", "latency_ms",
-    "event_id", "timestamp", "received_at", "partition", "offset", "src_partition", "src_offset",
-)  # fmt: skip
+from spendstream.contracts import (
+    PRICED_EVENTS_HEADER,
+    PRICED_SRC_OFFSET_HEADER,
+    PRICED_SRC_PARTITION_HEADER,
+    SCHEMA_VERSION,
+)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -41,25 +43,48 @@ class BadRecord(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class PricedRecord:
-    """One usage.priced record: where it was read, and the envelope it holds."""
+    """One usage.priced record: where it was read, where it was priced from, and its value."""
 
     partition: int
     offset: int
     #: the record's Kafka timestamp in ms; part of the dedupe token (see :func:`dedupe_token`)
     timestamp_ms: int
-    envelope: dict[str, Any]
+    src_partition: int
+    src_offset: int
+    #: events in the envelope
+    rows: int
+    #: the envelope's JSON as the pricing stage wrote it
+    value: bytes
 
-    @property
-    def src_partition(self) -> int:
-        return self.envelope["src"]["partition"]
 
-    @property
-    def src_offset(self) -> int:
-        return self.envelope["src"]["offset"]
+def read_priced(
+    partition: int,
+    offset: int,
+    timestamp_ms: int,
+    value: bytes | None,
+    headers: Iterable[tuple[str, bytes]] | Mapping[str, bytes] | None,
+    parse_ts: TimestampParser,
+) -> PricedRecord:
+    """The record, taking ``src`` and the event count from its headers when it has them (the value
+    is then trusted as the pricing stage's; ClickHouse still refuses one it cannot parse, see the
+    writer), else from :func:`decode_priced`. Raises :class:`BadRecord` if unusable."""
+    found: dict[str, bytes] = {}
+    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+    for name, raw in pairs:
+        if name in _HEADER_NAMES:
+            found[name] = raw
+    if len(found) == len(_HEADER_NAMES) and value is not None and value[:1] == b"{":
+        try:
+            src_p, src_o, rows = (int(found[name]) for name in _HEADER_NAMES)
+        except ValueError:
+            pass
+        else:
+            if min(src_p, src_o, rows) >= 0:
+                return PricedRecord(partition, offset, timestamp_ms, src_p, src_o, rows, value)
+    return decode_priced(partition, offset, timestamp_ms, value, parse_ts)
 
-    @property
-    def rows(self) -> int:
-        return len(self.envelope["events"])
+
+_HEADER_NAMES = (PRICED_SRC_PARTITION_HEADER, PRICED_SRC_OFFSET_HEADER, PRICED_EVENTS_HEADER)
 
 
 def decode_priced(
@@ -68,7 +93,7 @@ def decode_priced(
     """Parse and shape-check one usage.priced value; raise :class:`BadRecord` if unusable.
 
     Field types inside events are the pricing stage's promise and are not re-checked here; an
-    insert that still fails to encode is split record by record (see the writer)."""
+    insert ClickHouse refuses as data is split record by record (see the agent)."""
     if value is None:
         raise BadRecord("empty value")
     try:
@@ -94,11 +119,24 @@ def decode_priced(
             parse_ts(event["timestamp"])
     except (KeyError, TypeError, ValueError) as exc:
         raise BadRecord(f"missing or invalid timestamp: {exc}") from None
-    return PricedRecord(partition, offset, timestamp_ms, env)
+    # json_rows splices after the opening brace: no whitespace before it
+    value = value if value[:1] == b"{" else value.strip()
+    return PricedRecord(partition, offset, timestamp_ms, src["partition"], src["offset"], len(events), value)
 
 
 def _is_uint(value: Any) -> bool:
     return type(value) is int and value >= 0
+
+
+def json_rows(records: list[PricedRecord]) -> bytes:
+    """The JSONEachRow body of an insert into ``usage_events_in``: per record one line, its value
+    with ``"partition":P,"offset":O,`` spliced in after the opening brace."""
+    parts: list[bytes | memoryview] = []
+    for record in records:
+        parts.append(b'{"partition":%d,"offset":%d,' % (record.partition, record.offset))
+        parts.append(memoryview(record.value)[1:])
+        parts.append(b"\n")
+    return b"".join(parts)
 
 
 class Watermarks:
@@ -220,64 +258,3 @@ class TimestampParser:
             instant = instant.replace(tzinfo=timezone.utc)
         delta = instant - _EPOCH
         return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
-
-
-_COST_KEYS = tuple(COST_CLASSES)
-
-
-def to_columns(records: list[PricedRecord], parse_ts: TimestampParser) -> list[list[Any]]:
-    """Column-oriented data for ``usage_events`` in :data:`COLUMNS` order, one row per event."""
-    tenant: list[str] = []
-    project: list[str] = []
-    received: list[int] = []
-    partition: list[int] = []
-    offset: list[int] = []
-    src_partition: list[int] = []
-    src_offset: list[int] = []
-    events: list[dict[str, Any]] = []
-    for record in records:
-        env = record.envelope
-        evs = env["events"]
-        n = len(evs)
-        events.extend(evs)
-        tenant.extend([env["tenant"]] * n)
-        project.extend([env["project"]] * n)
-        received.extend([parse_ts(env["received_at"])] * n)
-        partition.extend([record.partition] * n)
-        offset.extend([record.offset] * n)
-        src_partition.extend([env["src"]["partition"]] * n)
-        src_offset.extend([env["src"]["offset"]] * n)
-
-    def text(key: str, default: str = "") -> list[str]:
-        return [e.get(key) or default for e in events]
-
-    def count(key: str) -> list[int]:
-        return [e.get(key) or 0 for e in events]
-
-    costs = [e.get("cost") or {} for e in events]
-    return [
-        tenant,
-        project,
-        text("agent", "default"),
-        text("user"),
-        text("session_id"),
-        text("operation"),
-        [e.get("tags") or {} for e in events],
-        text("provider"),
-        text("model"),
-        *(count(f) for f in TOKEN_FIELDS),
-        count("cost_nanos"),
-        *([c.get(k, 0) for c in costs] for k in _COST_KEYS),
-        text("price_id"),
-        text("pricing_status"),
-        text("price_source"),
-        text("status", "ok"),
-        [e.get("latency_ms") for e in events],
-        text("event_id"),
-        [parse_ts(e["timestamp"]) for e in events],
-        received,
-        partition,
-        offset,
-        src_partition,
-        src_offset,
-    ]

@@ -3,40 +3,60 @@
 Every insert carries its ``insert_deduplication_token`` and
 ``deduplicate_blocks_in_dependent_materialized_views=1``: with ``non_replicated_deduplication_window``
 on usage_events and on every MV target (clickhouse/schema), an insert re-sent after an error is a
-no-op in the table and in every aggregate.
+no-op in usage_events and in every aggregate, although it goes in through ``usage_events_in``
+and its view (verified with a partial failure in tests/integration/test_sink.py).
 """
 
 from __future__ import annotations
 
-import struct
-from typing import Any
-
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError
 
 from spendstream.clickhouse import get_client
 from spendstream.settings import Settings
-from stream_processors.sink.logic import COLUMNS, Insert, TimestampParser, to_columns
+from stream_processors.sink.logic import Insert, json_rows
 
-TABLE = "usage_events"
+TABLE = "usage_events_in"
 
-#: raised while encoding a batch on our side: the data, not ClickHouse, is at fault, so a retry
-#: would fail forever (see UsageEventsWriter.insert)
-ENCODING_ERRORS: tuple[type[BaseException], ...] = (TypeError, ValueError, OverflowError, KeyError, struct.error)
+#: ClickHouse error codes that blame the inserted data (it cannot be parsed or converted), so the
+#: same insert would fail forever: CANNOT_PARSE_TEXT, CANNOT_PARSE_ESCAPE_SEQUENCE,
+#: CANNOT_PARSE_QUOTED_STRING, CANNOT_PARSE_INPUT_ASSERTION_FAILED, CANNOT_PARSE_DATE,
+#: CANNOT_PARSE_DATETIME, TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND, CANNOT_CONVERT_TYPE,
+#: CANNOT_PARSE_NUMBER, INCORRECT_DATA, CANNOT_READ_ARRAY_FROM_TEXT, TOO_LARGE_STRING_SIZE,
+#: VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE, CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN, CANNOT_PARSE_BOOL,
+#: CANNOT_READ_MAP_FROM_TEXT. Every other error (connection, memory, too many parts, ...) is
+#: ClickHouse's and is retried.
+DATA_ERROR_CODES = frozenset({6, 25, 26, 27, 38, 41, 53, 69, 70, 72, 117, 130, 131, 321, 349, 467, 563})
+
+#: per-insert settings; the input ones say how the record JSON maps onto usage_events_in
+INSERT_SETTINGS = {
+    "insert_deduplicate": 1,
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
+    # the envelope's "v" and any field a later contract version adds
+    "input_format_skip_unknown_fields": 1,
+    "input_format_json_ignore_unknown_keys_in_named_tuple": 1,
+    "input_format_json_defaults_for_missing_elements_in_named_tuple": 1,
+    "input_format_null_as_default": 1,
+    "date_time_input_format": "best_effort",
+    # one block per insert: a record is one row, so any block boundary is also a record boundary,
+    # but one block keeps ClickHouse's all-or-nothing as close as it gets
+    "input_format_parallel_parsing": 0,
+}
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """ClickHouse refused the insert's data (see :data:`DATA_ERROR_CODES`), not a passing fault."""
+    return isinstance(exc, DatabaseError) and getattr(exc, "code", None) in DATA_ERROR_CODES
 
 
 class UsageEventsWriter:
     def __init__(self, settings: Settings):
         self._settings = settings
         self._client: Client | None = None
-        self._column_types: list[Any] | None = None
-        self._parse_ts = TimestampParser()
 
     def _connected(self) -> Client:
         if self._client is None:
             self._client = get_client(self._settings)
-        if self._column_types is None:
-            context = self._client.create_insert_context(TABLE, list(COLUMNS), column_oriented=True)
-            self._column_types = list(context.column_types)
         return self._client
 
     def load_watermarks(self, src_partitions: list[int]) -> dict[int, int]:
@@ -48,29 +68,16 @@ class UsageEventsWriter:
         )
         return {int(p): int(o) for p, o in result.result_rows}
 
-    def encode(self, insert: Insert) -> list[list[Any]]:
-        """Columns for ``insert``; raises one of :data:`ENCODING_ERRORS` for data it cannot store."""
-        return to_columns(insert.records, self._parse_ts)
-
-    def insert(self, insert: Insert, columns: list[list[Any]]) -> None:
-        """Write one insert as ONE Native block, so ClickHouse stores all of it or nothing: with
-        several blocks a crash between them could store part of a record, and the src watermark
-        would then drop the rest of that record on replay."""
-        client = self._connected()
-        context = client.create_insert_context(
+    def insert(self, insert: Insert) -> None:
+        """Write one insert; raises a ClickHouse error for which :func:`is_data_error` tells
+        bad data from a fault worth retrying."""
+        self._connected().raw_insert(
             TABLE,
-            list(COLUMNS),
-            column_types=self._column_types,
-            column_oriented=True,
-            settings={
-                "insert_deduplicate": 1,
-                "insert_deduplication_token": insert.token,
-                "deduplicate_blocks_in_dependent_materialized_views": 1,
-            },
+            None,
+            json_rows(insert.records),
+            settings={**INSERT_SETTINGS, "insert_deduplication_token": insert.token},
+            fmt="JSONEachRow",
         )
-        context.req_block_size = max(1, len(columns[0]))
-        context.data = columns
-        client.data_insert(context)
 
     def close(self) -> None:
         if self._client is not None:

@@ -144,7 +144,7 @@ def test_every_mv_select_matches_its_target_columns_in_order(client, migrated: s
         "WHERE database = {db:String} AND engine = 'MaterializedView'",
         parameters={"db": migrated},
     ).result_rows
-    assert len(mvs) == 6
+    assert len(mvs) == 7
     for name, create, select in mvs:
         target = re.search(rf"\bTO {migrated}\.(\w+)", create)[1]
         selected = [row[0] for row in client.query(f"DESCRIBE ({select})").result_rows]

@@ -1,9 +1,10 @@
 """The sink as `spendstream processors --stages sink` on a real broker and ClickHouse.
 
-Its input is what the pricing stage writes (``PricingStage.process`` over raw records), including
-the records a crashed pricing stage emits twice. Every test ends with usage_events and every
+Its input is what the pricing stage writes (``PricingStage.process`` over raw records, with its
+headers; every fifth record without them, as an older producer would write it), including the
+records a crashed pricing stage emits twice. Every test ends with usage_events and every
 aggregate equal to the input, exactly:
-- replays and garbage in the input;
+- replays and garbage in the input (also a record with headers whose value ClickHouse refuses);
 - the sink SIGKILLed at random points while input keeps arriving (at least 5 kills; 30k events,
   ``SPENDSTREAM_SINK_CRASH_EVENTS=200000`` for the acceptance size);
 - ClickHouse stopped for a few seconds mid-stream, then started again.
@@ -35,9 +36,13 @@ from stage_support import (
 
 from spendstream.embedded.clickhouse import EmbeddedClickHouse
 from spendstream.embedded.kafka import EmbeddedKafka
+from spendstream.clickhouse import get_client
+from spendstream.contracts import priced_envelope, priced_headers, raw_envelope
 from spendstream.pricing import default_catalog
 from spendstream.topics import USAGE_DLQ, USAGE_PRICED, USAGE_RAW
 from stream_processors.pricing.logic import PricingStage, RawRecord
+from stream_processors.sink.logic import TimestampParser, json_rows, plan_inserts, read_priced
+from stream_processors.sink.writer import INSERT_SETTINGS, UsageEventsWriter
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -60,7 +65,7 @@ class PricedFeed:
         self.cost_nanos = 0
         self.records_out = 0
 
-    def chunk(self, records_per_partition: int, replay_every: int = 0) -> list[tuple[bytes, bytes, int]]:
+    def chunk(self, records_per_partition: int, replay_every: int = 0) -> list[tuple[bytes, bytes, int, list]]:
         """New priced records for every partition; with ``replay_every``, the last few records of a
         partition are re-emitted every that many records, as after a pricing-stage crash."""
         out: list[tuple[bytes, bytes, int]] = []
@@ -72,15 +77,16 @@ class PricedFeed:
                 events = [make_event(f"{p}-{o}-{j}", project, o * self.events_per_record + j)
                           for j in range(self.events_per_record)]  # fmt: skip
                 key, value = raw_record("acme", project, events)
-                priced = self.stage.process([RawRecord(p, o, key, value)], 0).priced[0].value
-                self.emitted[p].append(priced)
-                out.append((key, priced, p))
-                envelope = orjson.loads(priced)
+                output = self.stage.process([RawRecord(p, o, key, value)], 0).priced[0]
+                record = (key, output.value, p, output.headers if o % 5 else [])
+                self.emitted[p].append(record)
+                out.append(record)
+                envelope = orjson.loads(output.value)
                 self.events += len(envelope["events"])
                 self.cost_nanos += sum(e["cost_nanos"] for e in envelope["events"])
                 if replay_every and o % replay_every == replay_every - 1:
                     back = self.rng.randint(1, 5)
-                    out += [(key, v, p) for v in self.emitted[p][-back:]]
+                    out += self.emitted[p][-back:]
         self.records_out += len(out)
         return out
 
@@ -108,20 +114,25 @@ async def test_replays_and_garbage(stage_settings, tmp_path):
     records = feed.chunk(60, replay_every=10)
     records.insert(30, (b"acme/proj-1", b"not an envelope", 1))
     records.insert(90, (b"acme/proj-2", orjson.dumps({"v": 1, "tenant": "acme"}), 2))
+    # headers say it is the pricing stage's, so only ClickHouse reads it, and refuses it
+    refused = orjson.dumps(orjson.loads(records[0][1]) | {"src": {"partition": 3, "offset": 10_000},
+                                                           "events": [{"event_id": "x", "input_tokens": "many"}]})  # fmt: skip
+    records.append((b"acme/proj-3", refused, 3, priced_headers(3, 10_000, 1)))
     await produce(s, USAGE_PRICED.name, records)
     worker = StageWorker(s, "sink", tmp_path)
     try:
         await asyncio.to_thread(worker.wait_healthy)
         totals = await wait_stored(s, len(records))
-        dlq = await read_topic(s, USAGE_DLQ.name, lambda rs: len(rs) >= 2)
+        dlq = await read_topic(s, USAGE_DLQ.name, lambda rs: len(rs) >= 3)
         metrics = worker.metrics()
     finally:
         worker.stop()
     assert_exact(totals, feed)
     dead = [orjson.loads(r.value) for r in dlq]
-    assert sorted(base64.b64decode(d["value_b64"]) for d in dead) == sorted([records[30][1], records[90][1]])
+    assert sorted(base64.b64decode(d["value_b64"]) for d in dead) == sorted([records[30][1], records[90][1], refused])
     assert {(d["stage"], d["src"]["topic"]) for d in dead} == {("sink", USAGE_PRICED.name)}
-    assert metrics['spendstream_sink_records_total{outcome="replay_skipped"}'] == len(records) - 2 - 60 * PARTITIONS
+    assert metrics['spendstream_sink_records_total{outcome="replay_skipped"}'] == len(records) - 3 - 60 * PARTITIONS
+    assert metrics['spendstream_sink_records_total{outcome="refused"}'] == 1
     assert metrics["spendstream_sink_rows_total"] == feed.events
 
 
@@ -185,3 +196,60 @@ async def test_clickhouse_outage(make_settings, tmp_path: Path):
         broker.stop()
         clickhouse.stop()
     assert_exact(totals, feed)
+
+
+def test_an_insert_retried_after_a_partial_failure_is_stored_once(make_settings, tmp_path: Path):
+    """Through usage_events_in's view, usage_events and every aggregate: a view on usage_events
+    fails after usage_events took the rows, and the retry with the same token adds nothing twice.
+    In-process chDB: its streaming inserts (the embedded HTTP server's) do not report a failing
+    view, so the failure is only visible through a plain query."""
+    import chdb
+
+    s = make_settings(clickhouse={"url": f"chdb://{tmp_path / 'chdb'}"})
+    migrate(s)
+    db = s.clickhouse.database
+    conn = chdb.connect(str(tmp_path / "chdb"))
+    feed = PricedFeed(seed=4)
+    records = [read_priced(p, o, 1_000, v, h, TimestampParser()) for o, (_, v, p, h) in enumerate(feed.chunk(5))]
+    insert = plan_inserts(USAGE_PRICED.name, records, 10_000)[0]
+    settings = ", ".join(f"{k} = {v!r}" for k, v in {**INSERT_SETTINGS, "insert_deduplication_token": insert.token}.items())
+    sql = f"INSERT INTO {db}.usage_events_in SETTINGS {settings} FORMAT JSONEachRow\n".encode() + json_rows(records)
+    conn.query(f"CREATE TABLE {db}.boom (n UInt64) ENGINE = MergeTree ORDER BY n")
+    conn.query(f"CREATE MATERIALIZED VIEW {db}.zz_boom_mv TO {db}.boom AS SELECT throwIf(count() > 0, 'boom') AS n FROM {db}.usage_events")
+    with pytest.raises(Exception, match="boom"):
+        conn.query(sql)
+    conn.query(f"DROP TABLE {db}.zz_boom_mv")
+    partial = stored_totals(s)
+    assert partial["usage_events"][0] == feed.events, "usage_events took the rows before the failure"
+    for _ in range(2):
+        conn.query(sql)
+        totals = stored_totals(s)
+        assert_exact(totals, feed)
+    conn.close()
+
+
+def test_clickhouse_reads_a_priced_record_as_the_contract_says(stage_settings):
+    """Absent fields take the contract's defaults; src, position and costs land in their columns."""
+    sparse = {"event_id": "bare", "timestamp": "2025-03-01T12:00:00Z", "provider": "x", "model": "y",
+              "cost_nanos": 0, "pricing_status": "unknown_model", "price_source": "none"}  # fmt: skip
+    full = {"event_id": "full", "timestamp": "2025-03-01T12:00:00.250Z", "agent": "a1", "user": "u", "tags": {"k": "v"},
+            "provider": "openai", "model": "gpt-4o", "input_tokens": 1200, "output_tokens": 300, "latency_ms": 20,
+            "status": "error", "cost": {"input": 3000, "output": 4000}, "cost_nanos": 7000, "cost_usd": None,
+            "price_id": "openai/gpt-4o@base", "pricing_status": "priced", "price_source": "catalog"}  # fmt: skip
+    envelope = priced_envelope(raw_envelope("t1", "p1", "2025-03-01T12:00:01.000Z", []), 2, 40, [sparse, full])
+    record = read_priced(3, 7, 1_000, orjson.dumps(envelope), priced_headers(2, 40, 2), TimestampParser())
+    writer = UsageEventsWriter(stage_settings)
+    try:
+        writer.insert(plan_inserts(USAGE_PRICED.name, [record], 100)[0])
+        columns = "agent, user, status, latency_ms, tags, input_tokens, cost_nanos, cost_input_nanos, cost_output_nanos, "
+        columns += "cost_request_nanos, price_id, toUnixTimestamp64Milli(timestamp), toUnixTimestamp64Milli(received_at), "
+        columns += "tenant, project, partition, offset, src_partition, src_offset"
+        rows = get_client(stage_settings).query(f"SELECT event_id, {columns} FROM usage_events ORDER BY event_id")
+        assert writer.load_watermarks([2]) == {2: 40}
+    finally:
+        writer.close()
+    assert rows.result_rows == [
+        ("bare", "default", "", "ok", None, {}, 0, 0, 0, 0, 0, "", 1740830400000, 1740830401000, "t1", "p1", 3, 7, 2, 40),
+        ("full", "a1", "u", "error", 20, {"k": "v"}, 1200, 7000, 3000, 4000, 0, "openai/gpt-4o@base", 1740830400250,
+         1740830401000, "t1", "p1", 3, 7, 2, 40),
+    ]  # fmt: skip

@@ -1,4 +1,6 @@
-"""Sink core: decoding, the src watermark filter, insert planning with dedupe tokens, columns."""
+"""Sink core: reading records (headers or value), the src watermark filter, insert planning with
+dedupe tokens, JSONEachRow bodies. What ClickHouse makes of those bodies is tested against the
+embedded ClickHouse in tests/integration/test_sink.py."""
 
 from __future__ import annotations
 
@@ -9,17 +11,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spendstream.contracts import COST_CLASSES, TOKEN_FIELDS, priced_envelope, raw_envelope
+from spendstream.contracts import COST_CLASSES, priced_envelope, priced_headers, raw_envelope
 from stream_processors.sink.logic import (
-    COLUMNS,
     BadRecord,
     PricedRecord,
     TimestampParser,
     Watermarks,
     decode_priced,
     dedupe_token,
+    json_rows,
     plan_inserts,
-    to_columns,
+    read_priced,
 )
 
 TOPIC = "spendstream.usage.priced"
@@ -46,22 +48,45 @@ def priced_event(event_id: str, **extra) -> dict:
     return ev
 
 
-def rec(offset: int, src_offset: int, n_events: int = 1, partition: int = 0, src_partition: int | None = None,
-        ts_ms: int = 1_000) -> PricedRecord:  # fmt: skip
+def envelope(src_partition: int, src_offset: int, n_events: int = 1) -> dict:
     raw = raw_envelope("t1", "p1", "2025-03-01T12:00:01.000Z", [])
     events = [priced_event(f"e{src_offset}-{i}") for i in range(n_events)]
+    return priced_envelope(raw, src_partition, src_offset, events)
+
+
+def rec(offset: int, src_offset: int, n_events: int = 1, partition: int = 0, src_partition: int | None = None,
+        ts_ms: int = 1_000) -> PricedRecord:  # fmt: skip
     src_p = partition if src_partition is None else src_partition
-    return PricedRecord(partition, offset, ts_ms, priced_envelope(raw, src_p, src_offset, events))
+    value = orjson.dumps(envelope(src_p, src_offset, n_events))
+    return PricedRecord(partition, offset, ts_ms, src_p, src_offset, n_events, value)
 
 
 # ---------------------------------------------------------------- decode
 
 
 def test_decode_keeps_the_position_and_envelope():
-    r = rec(7, 3, n_events=2)
-    decoded = decode_priced(1, 7, 99, orjson.dumps(r.envelope), parse)
+    value = orjson.dumps(envelope(0, 3, n_events=2))
+    decoded = decode_priced(1, 7, 99, value, parse)
     assert (decoded.partition, decoded.offset, decoded.timestamp_ms) == (1, 7, 99)
-    assert (decoded.src_partition, decoded.src_offset, decoded.rows) == (0, 3, 2)
+    assert (decoded.src_partition, decoded.src_offset, decoded.rows, decoded.value) == (0, 3, 2, value)
+
+
+def test_headers_spare_the_parse_and_their_absence_falls_back_to_it():
+    value = orjson.dumps(envelope(2, 40, n_events=3))
+    headers = priced_headers(2, 40, 3)
+    from_headers = read_priced(1, 7, 99, value, headers, parse)
+    assert from_headers == PricedRecord(1, 7, 99, 2, 40, 3, value)
+    # what Faust hands over may be a mapping; the value is not parsed at all
+    assert read_priced(1, 7, 99, b"{trusted}", dict(headers), parse).rows == 3
+    assert read_priced(1, 7, 99, value, None, parse) == from_headers
+    assert read_priced(1, 7, 99, value, [("other", b"1")], parse) == from_headers
+    # headers that do not make sense are ignored, so the value is checked in full
+    for broken in ([h if h[0] != headers[1][0] else (h[0], b"x") for h in headers], headers[:2]):
+        assert read_priced(1, 7, 99, value, broken, parse) == from_headers
+        with pytest.raises(BadRecord):
+            read_priced(1, 7, 99, b"not an envelope", broken, parse)
+    with pytest.raises(BadRecord):
+        read_priced(1, 7, 99, b"not an envelope", headers, parse)
 
 
 @pytest.mark.parametrize(
@@ -81,7 +106,7 @@ def test_decode_keeps_the_position_and_envelope():
 )
 def test_decode_rejects_what_is_not_a_priced_envelope(mutate):
     with pytest.raises(BadRecord):
-        decode_priced(0, 0, 0, mutate(rec(0, 0).envelope), parse)
+        decode_priced(0, 0, 0, mutate(envelope(0, 0)), parse)
 
 
 # ---------------------------------------------------------------- watermark filter
@@ -144,29 +169,20 @@ def test_token_is_deterministic_and_tells_apart_logs_that_reuse_offsets():
     assert dedupe_token(TOPIC, [rec(0, 0, ts_ms=9_000), b]) != dedupe_token(TOPIC, [a, b])
 
 
-# ---------------------------------------------------------------- columns
+# ---------------------------------------------------------------- JSONEachRow body
 
 
-def test_columns_follow_the_column_list_one_row_per_event():
-    first = rec(4, 40, n_events=2, partition=2, src_partition=2)
-    sparse = {"event_id": "bare", "timestamp": "2025-03-01T12:00:00Z", "provider": "x", "model": "y",
-              "cost": {}, "cost_nanos": 0, "pricing_status": "unknown_model", "price_source": "none", "price_id": ""}  # fmt: skip
-    second = PricedRecord(2, 5, 0, first.envelope | {"src": {"partition": 2, "offset": 41}, "events": [sparse]})
-    columns = to_columns([first, second], parse)
-    assert len(columns) == len(COLUMNS)
-    assert all(len(c) == 3 for c in columns)
-    row = {name: col[0] for name, col in zip(COLUMNS, columns)}
-    assert (row["tenant"], row["project"], row["agent"], row["event_id"]) == ("t1", "p1", "a1", "e40-0")
-    assert (row["input_tokens"], row["cost_nanos"], row["cost_input_nanos"], row["cost_output_nanos"]) == (1200, 7000, 3000, 4000)
-    assert row["timestamp"] == ms("2025-03-01T12:00:00.250+00:00")
-    assert row["received_at"] == ms("2025-03-01T12:00:01+00:00")
-    assert (row["partition"], row["offset"], row["src_partition"], row["src_offset"]) == (2, 4, 2, 40)
-    bare = {name: col[2] for name, col in zip(COLUMNS, columns)}
-    # absent attribution and counts get the table's neutral values
-    assert (bare["agent"], bare["user"], bare["status"], bare["latency_ms"], bare["tags"]) == ("default", "", "ok", None, {})
-    assert all(bare[f] == 0 for f in TOKEN_FIELDS)
-    assert all(bare[f"cost_{c}_nanos"] == 0 for c in COST_CLASSES)
-    assert (bare["offset"], bare["src_offset"]) == (5, 41)
+def test_each_record_is_one_line_with_its_kafka_position_spliced_in():
+    records = [rec(4, 40, n_events=2, partition=2), rec(5, 41, partition=3)]
+    lines = json_rows(records).split(b"\n")
+    assert lines[-1] == b""
+    rows = [orjson.loads(line) for line in lines[:-1]]
+    assert [(r["partition"], r["offset"]) for r in rows] == [(2, 4), (3, 5)]
+    assert [{k: v for k, v in r.items() if k not in ("partition", "offset")} for r in rows] == [
+        orjson.loads(r.value) for r in records
+    ]
+    padded = orjson.dumps(envelope(0, 1))
+    assert orjson.loads(json_rows([decode_priced(0, 9, 0, b"  " + padded + b"\n", parse)]))["offset"] == 9
 
 
 def ms(iso: str) -> int:
