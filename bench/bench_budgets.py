@@ -13,7 +13,8 @@ the crossing budgets of bench_alerts (``--budgets`` per phase).
    connection, from a minimal HTTP/1.1 client (a raw socket: httpx alone costs about a
    millisecond of this process's CPU per request, which would be measured as latency);
    latency = request written -> whole response read, in this process. The gateway's CPU per
-   check comes from /proc (user + system of its process over the run / checks).
+   check comes from /proc: user + system of its process over the run, less its rate over the
+   2 s before without checks, per check.
 2. Alert latency: bench_alerts' method (crossing event's 202 -> the signed webhook receives the
    alert, same clock), ``--budgets`` budgets with three crossings each.
 
@@ -50,6 +51,10 @@ ALERT_TARGET_P99_S = 1.0
 WINDOWS = ("daily", "rolling_1h", "total")
 AGENTS = 40
 PROJECTS = 10
+#: processes on an alert's path whose CPU is reported per alert phase
+CPU_OF = ("gateway", "pricing", "budgets", "notify")
+#: seconds the gateway's CPU is sampled without checks, before each check phase
+BASELINE_S = 2.0
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -122,8 +127,12 @@ async def measure_checks(client: CheckClient, n: int, gateway_pid: int) -> dict:
     async with client:
         for i in range(200):  # warm-up
             await client.check(check_body(i))
+        # the gateway's CPU without checks (background tasks, ingest under load), subtracted below
+        quiet_start, quiet_cpu = time.monotonic(), cpu_seconds(gateway_pid)
+        await asyncio.sleep(BASELINE_S)
+        base_rate = (cpu_seconds(gateway_pid) - quiet_cpu) / (time.monotonic() - quiet_start)
         latencies = []
-        cpu_before = cpu_seconds(gateway_pid)
+        started_at, cpu_before = time.monotonic(), cpu_seconds(gateway_pid)
         for i in range(n):
             body = check_body(i)
             started = time.perf_counter()
@@ -131,7 +140,7 @@ async def measure_checks(client: CheckClient, n: int, gateway_pid: int) -> dict:
             latencies.append((time.perf_counter() - started) * 1000)
             if status != 200 or len(orjson.loads(answer)["budgets"]) != 3:
                 raise SystemExit(f"budget check answered {status}: {answer[:300]!r}")
-    cpu_us = (cpu_seconds(gateway_pid) - cpu_before) / n * 1e6
+    cpu_us = (cpu_seconds(gateway_pid) - cpu_before - base_rate * (time.monotonic() - started_at)) / n * 1e6
     return {"n": n, "p50": statistics.median(latencies), "p99": percentile(latencies, 99), "max": max(latencies),
             "gateway_cpu_us": cpu_us}  # fmt: skip
 
@@ -149,6 +158,15 @@ def _load_process(gateway_url: str, api_key: str, rate: float, stop: multiproces
             await load
 
     asyncio.run(run())
+
+
+async def alerts_with_cpu(stack: Stack, *phase_args: object) -> dict:
+    """bench_alerts' phase, plus the CPU seconds each stage on the alert path used meanwhile."""
+    pids = {name: stack.pid(name) for name in CPU_OF}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items() if pid}
+    result = await phase(*phase_args)
+    result["cpu_s"] = {name: cpu_seconds(pids[name]) - cpu for name, cpu in before.items()}
+    return result
 
 
 async def measure(args: argparse.Namespace) -> dict:
@@ -181,7 +199,7 @@ async def measure(args: argparse.Namespace) -> dict:
                     await wait_view_ready(checks)
                     await phase(gateway, receiver, warmup, args.interval, 0)
                     results["checks_idle"] = await measure_checks(checks, args.checks, gateway_pid)
-                    results["alerts_idle"] = await phase(gateway, receiver, crossing["idle"], args.interval, 0)
+                    results["alerts_idle"] = await alerts_with_cpu(stack, gateway, receiver, crossing["idle"], args.interval, 0)
                     stop = multiprocessing.get_context("spawn").Event()
                     loader = multiprocessing.get_context("spawn").Process(
                         target=_load_process, args=(stack.gateway_url, api_key, args.background_rate, stop)
@@ -190,8 +208,9 @@ async def measure(args: argparse.Namespace) -> dict:
                     try:
                         await asyncio.sleep(2.0)  # the background traffic reaches its rate
                         results["checks_background"] = await measure_checks(checks, args.checks, gateway_pid)
-                        results["alerts_background"] = await phase(gateway, receiver, crossing["background"],
-                                                                   args.interval, 0)  # fmt: skip
+                        results["alerts_background"] = await alerts_with_cpu(
+                            stack, gateway, receiver, crossing["background"], args.interval, 0
+                        )
                     finally:
                         stop.set()
                         loader.join(60)
@@ -209,8 +228,10 @@ def render(results: dict, args: argparse.Namespace) -> str:
                 f"{r['gateway_cpu_us']:.0f} |")  # fmt: skip
 
     def alert_row(label: str, r: dict) -> str:
+        cpu = ", ".join(f"{name} {seconds:.1f}" for name, seconds in r["cpu_s"].items())
         return (f"| {label} | {r['crossings']} | {r['p50'] * 1000:.0f} ms | {r['p99'] * 1000:.0f} ms | "
-                f"{r['max'] * 1000:.0f} ms | {r['notify_p50'] * 1000:.0f} / {r['notify_p99'] * 1000:.0f} ms |")  # fmt: skip
+                f"{r['max'] * 1000:.0f} ms | {r['notify_p50'] * 1000:.0f} / {r['notify_p99'] * 1000:.0f} ms | "
+                f"{cpu} |")  # fmt: skip
 
     check_p99 = max(results["checks_idle"]["p99"], results["checks_background"]["p99"])
     alert_p99 = max(results["alerts_idle"]["p99"], results["alerts_background"]["p99"])
@@ -227,13 +248,13 @@ def render(results: dict, args: argparse.Namespace) -> str:
         f"--interval {args.interval:g} --background-rate {args.background_rate:g}`",
         f"Machine: {machine()}; load average (1, 5, 15 min) at the end: {load}.",
         "",
-        "| budget check | n | p50 | p99 | max | gateway CPU µs per check |",
+        "| budget check | n | p50 | p99 | max | gateway CPU µs per check (above its rate without checks) |",
         "|---|---|---|---|---|---|",
         check_row("budget check, idle", results["checks_idle"]),
         check_row(f"budget check, {loaded}", results["checks_background"]),
         "",
-        "| alert latency | crossings | p50 | p99 | max | of which notify p50 / p99 |",
-        "|---|---|---|---|---|---|",
+        "| alert latency | crossings | p50 | p99 | max | of which notify p50 / p99 | CPU s during the phase |",
+        "|---|---|---|---|---|---|---|",
         alert_row("alerts, idle", results["alerts_idle"]),
         alert_row(f"alerts, {loaded}", results["alerts_background"]),
         "",

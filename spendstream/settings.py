@@ -81,6 +81,10 @@ class ProcessorsSettings(BaseModel):
     dedupe_window_hours: float = Field(48.0, gt=0)
     batch_max_records: int = Field(500, ge=1, description="records per stream.take() batch")
     batch_max_seconds: float = Field(0.2, gt=0)
+    budgets_batch_seconds: float = Field(
+        0.05, gt=0, description="batch window of the budgets stage's two agents (in place of batch_max_seconds): "
+        "each adds up to this much to an alert's latency"
+    )
     sink_batch_rows: int = Field(10_000, ge=1)
     sink_batch_seconds: float = Field(1.0, gt=0)
     allowed_lateness_hours: float = Field(48.0, ge=0)

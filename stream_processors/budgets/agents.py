@@ -26,8 +26,12 @@ resumed usage.priced partitions 20-70 offsets past the last ones it had processe
 in 10 of tests/integration/test_budgets_stage.py), and a Faust ``seek`` back to the position
 did not re-deliver them either.
 
-Budget configs are re-read from ClickHouse every ``budgets_reload_s``; nothing is processed
-before the first successful load. Deltas of a budget that no longer exists are dropped.
+Both agents batch with ``processors.budgets_batch_seconds`` (shorter than the other stages'
+``batch_max_seconds``): an alert waits for two of these windows on its way, and a batch here is
+cheap (one state write per budget touched).
+
+Budget configs are re-read from ClickHouse every ``budgets_reload_s`` (when changed); nothing is
+processed before the first successful load. Deltas of a budget that no longer exists are dropped.
 """
 
 from __future__ import annotations
@@ -239,7 +243,7 @@ def register(app: faust.App, settings: Settings) -> None:
     async def repartition(stream: faust.StreamT) -> None:
         await start_output()
         await book.ready.wait()
-        async for events in stream.noack_take(p.batch_max_records, within=p.batch_max_seconds):
+        async for events in stream.noack_take(p.batch_max_records, within=p.budgets_batch_seconds):
             records, done = await priced_positions.split(events)
             result = build_deltas(book.index, [r.value for r in records], parse_ts)
             await output.send_all([
@@ -309,7 +313,7 @@ def register(app: faust.App, settings: Settings) -> None:
     async def keep_state(stream: faust.StreamT) -> None:
         await start_output()
         await book.ready.wait()
-        async for events in stream.noack_take(p.batch_max_records, within=p.batch_max_seconds):
+        async for events in stream.noack_take(p.batch_max_records, within=p.budgets_batch_seconds):
             records, done = await delta_positions.split(events)
             try:
                 await handle(records)
