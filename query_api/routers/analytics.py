@@ -9,7 +9,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+import orjson
+from fastapi import APIRouter, Depends, Query, Response
 
 from query_api.deps import CH, Reader
 from query_api.errors import InvalidField
@@ -42,6 +43,12 @@ def usage_filters(
 FiltersDep = Annotated[Filters, Depends(usage_filters)]
 
 
+def json_response(body: dict[str, Any]) -> Response:
+    """The body as JSON, encoded by orjson. Returning a dict makes FastAPI walk it with
+    jsonable_encoder first: ≈2.5 ms of CPU for a 90-day series, more than the encoding itself."""
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
 def measures_view(row: dict[str, Any]) -> dict[str, Any]:
     """Measures of one row as the API shows them: money exact, ratios derived from sums.
 
@@ -72,10 +79,10 @@ def _range(filters: Filters) -> dict[str, str]:
 
 
 @router.get("/overview", summary="Totals over the range: cost, calls, tokens, errors, latency, unpriced")
-async def overview(principal: Reader, ch: CH, filters: FiltersDep) -> dict:
+async def overview(principal: Reader, ch: CH, filters: FiltersDep) -> Response:
     rows, tables = await run_usage(ch, UsageQuery(filters, measures=OVERVIEW_MEASURES), principal.tenant)
     # an aggregation without GROUP BY always answers one row (zeros over no events)
-    return {**_range(filters), **measures_view(rows[0]), "sources": sorted(set(tables))}
+    return json_response({**_range(filters), **measures_view(rows[0]), "sources": sorted(set(tables))})
 
 
 @router.get("/timeseries", summary="Zero-filled buckets of the range, in a time zone")
@@ -84,7 +91,7 @@ async def timeseries(
     ch: CH,
     filters: FiltersDep,
     granularity: Literal["minute", "hour", "day", "week", "month"] = "day",
-) -> dict:
+) -> Response:
     starts = bucket_starts(filters.start, filters.end, granularity, filters.tz)
     rows, tables = await run_usage(ch, UsageQuery(filters, granularity=granularity), principal.tenant)
     by_bucket = {int(r["bucket_start"]): r for r in rows}
@@ -92,7 +99,7 @@ async def timeseries(
         {"start": s.astimezone(filters.tz).isoformat(), **measures_view(r)}
         for s, r in zero_fill(starts, by_bucket, dict.fromkeys(CORE_MEASURES, 0))
     ]
-    return {**_range(filters), "granularity": granularity, "points": points, "sources": sorted(set(tables))}
+    return json_response({**_range(filters), "granularity": granularity, "points": points, "sources": sorted(set(tables))})
 
 
 ORDERS = {"cost": "cost_nanos", "calls": "calls", "tokens": "total_tokens", "errors": "errors", "name": "group_key"}
@@ -118,16 +125,16 @@ async def breakdown(
     by: Annotated[str, Query(description="project|agent|user|provider|model|tag:<key>")] = "agent",
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     order: Annotated[str, Query(description="cost|calls|tokens|errors|name, '-' prefix = descending")] = "-cost",
-) -> dict:
+) -> Response:
     group = GroupBy.parse(by)
     rows, tables = await run_usage(
         ch, UsageQuery(filters, group=group), principal.tenant, order_by=breakdown_order(order), limit=limit
     )
-    return {
+    return json_response({
         **_range(filters), "by": by, "order": order,
         "groups": [{"key": r["group_key"], **measures_view(r)} for r in rows],
         "sources": sorted(set(tables)),
-    }
+    })
 
 
 EVENT_COLUMNS = (
@@ -166,7 +173,7 @@ async def events(
     filters: FiltersDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
-) -> dict:
+) -> Response:
     params = Params()
     sql = events_select(filters, principal.tenant, params)
     if cursor:
@@ -184,4 +191,4 @@ async def events(
     if more:
         last = page[-1]
         next_cursor = encode_cursor(millis(last["timestamp"]), last["event_id"])
-    return {**_range(filters), "events": [event_view(r) for r in page], "next_cursor": next_cursor}
+    return json_response({**_range(filters), "events": [event_view(r) for r in page], "next_cursor": next_cursor})
