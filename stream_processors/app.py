@@ -5,6 +5,9 @@ changelogs (``spendstream-<stage>-<table>-changelog``) and a stage process can b
 or restarted alone. Broker settings, including the embedded-broker workarounds, come only from
 ``spendstream.kafka.faust_settings``.
 
+Every app is a ``StageApp``: Faust with a consumer that never commits past a record no agent
+processed (see ``stream_processors.faust_fixes``).
+
 Every app serves on ``settings.processors.web_port``:
 - ``GET /healthz``: 200 once the worker got its first partition assignment and finished table
   recovery, 503 while (re)balancing or recovering; the body says which.
@@ -20,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from spendstream.kafka import apply_faust_embedded_profile, faust_settings
 from spendstream.settings import Settings
+from stream_processors.faust_fixes import StageApp
 
 
 def create_app(settings: Settings, stage: str) -> faust.App:
@@ -27,7 +31,7 @@ def create_app(settings: Settings, stage: str) -> faust.App:
     datadir = Path(settings.data_dir) / "faust" / stage
     # Faust creates only the last level itself
     datadir.parent.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = StageApp(
         f"spendstream-{stage}",
         **faust_settings(settings),
         datadir=str(datadir),

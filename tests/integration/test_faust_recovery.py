@@ -1,11 +1,15 @@
-"""Faust table restart-recovery on the broker under test, with the embedded profile.
+"""Faust on the broker under test, with the embedded profile.
 
-Three workers of one app count events per key in a Table, one after the other:
+Table restart-recovery: three workers of one app count events per key in a Table, one after the other:
 1. the first handles a burst, commits it and is SIGKILLed while idle: the second worker must
    show the exact counts without receiving one event again, i.e. from the changelog alone;
 2. the second (slowed down) is SIGKILLed mid-stream after a partial commit: the third must
    recover the table, get the uncommitted events again, skip those already counted and end,
    after more events, with exact counts.
+
+Records Faust drops from a fetched batch (partition paused meanwhile, as recovery and rebalances
+do) are fetched again and reach the agent before their offsets are committed
+(``stream_processors.faust_fixes``; stock Faust commits past them).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from spendstream.settings import Settings
 pytestmark = pytest.mark.kafka
 
 COUNTER_APP = Path(__file__).parent / "workers" / "faust_counter.py"
+PAUSING_APP = Path(__file__).parent / "workers" / "faust_pausing.py"
 KEYS = [f"tenant/p{i}" for i in range(12)]
 #: events per key sent while each of the three workers runs
 BURST_SEQS, MID_STREAM_SEQS, FINAL_SEQS = 30, 40, 10
@@ -39,12 +44,13 @@ SLOW_WORKER_DELAY_MS = 10
 Snapshot = dict[str, Any]
 
 
-class CounterWorker:
-    """One ``faust_counter.py worker`` process, in its own process group, logging to a file."""
+class FaustWorker:
+    """One worker process of a test Faust app (``workers/<script> worker``), in its own process
+    group, logging to a file; ``page`` is the app's JSON page the test polls."""
 
-    def __init__(self, settings: Settings, app_id: str, topic: str, log_path: Path, delay_ms: int = 0):
+    def __init__(self, script: Path, page: str, settings: Settings, log_path: Path, env: dict[str, str]):
         self.log_path = log_path
-        self.url = f"http://127.0.0.1:{settings.processors.web_port}/counts/"
+        self.url = f"http://127.0.0.1:{settings.processors.web_port}{page}"
         env = {
             **os.environ,
             "SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka_bootstrap,
@@ -52,13 +58,11 @@ class CounterWorker:
             "SPENDSTREAM_KAFKA__PARTITIONS": str(settings.kafka.partitions),
             "SPENDSTREAM_PROCESSORS__WEB_PORT": str(settings.processors.web_port),
             "SPENDSTREAM_DATA_DIR": settings.data_dir,
-            "COUNTER_APP_ID": app_id,
-            "COUNTER_TOPIC": topic,
-            "COUNTER_DELAY_MS": str(delay_ms),
+            **env,
         }
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(COUNTER_APP), "worker", "--loglevel", "info"],
+                [sys.executable, str(script), "worker", "--loglevel", "info"],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
@@ -110,18 +114,20 @@ async def send_seqs(settings: Settings, topic: str, first: int, last: int) -> No
         await producer.stop()
 
 
-async def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int]:
+async def committed_offsets(
+    settings: Settings, group: str, topic: str, partitions: int | None = None
+) -> dict[int, int]:
     # a group member that never subscribes only reads the group's offsets; it does not join
     reader = AIOKafkaConsumer(**consumer_kwargs(settings, group))
     await reader.start()
     try:
-        partitions = range(settings.kafka.partitions)
+        partitions = range(partitions or settings.kafka.partitions)
         return {p: await reader.committed(TopicPartition(topic, p)) or 0 for p in partitions}
     finally:
         await reader.stop()
 
 
-async def committed_total(settings: Settings, group: str, topic: str, worker: CounterWorker) -> int:
+async def committed_total(settings: Settings, group: str, topic: str, worker: FaustWorker) -> int:
     assert worker.proc.poll() is None, f"worker exited:\n{worker.log_tail()}"
     return sum((await committed_offsets(settings, group, topic)).values())
 
@@ -136,13 +142,14 @@ async def test_table_counts_exact_after_worker_sigkill(make_settings, unique_nam
     finally:
         await admin.close()
 
-    def start_worker(name: str, delay_ms: int = 0) -> CounterWorker:
+    def start_worker(name: str, delay_ms: int = 0) -> FaustWorker:
         # each worker gets fresh settings, so its own web port and data directory
-        worker = CounterWorker(make_settings(with_clickhouse=False), app_id, topic, tmp_path / f"{name}.log", delay_ms)
+        env = {"COUNTER_APP_ID": app_id, "COUNTER_TOPIC": topic, "COUNTER_DELAY_MS": str(delay_ms)}
+        worker = FaustWorker(COUNTER_APP, "/counts/", make_settings(with_clickhouse=False), tmp_path / f"{name}.log", env)
         workers.append(worker)
         return worker
 
-    workers: list[CounterWorker] = []
+    workers: list[FaustWorker] = []
     try:
         # 1. burst, committed, kill -9 while idle
         first = start_worker("first")
@@ -187,3 +194,43 @@ async def test_table_counts_exact_after_worker_sigkill(make_settings, unique_nam
     finally:
         for worker in workers:
             worker.kill()
+
+
+async def test_records_dropped_from_a_fetched_batch_reach_the_agent_before_their_commit(
+    make_settings, unique_name, tmp_path
+):
+    settings = make_settings(with_clickhouse=False)
+    app_id, topic = unique_name("pausing"), unique_name("paused")
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, settings.kafka.replication_factor)])
+    finally:
+        await admin.close()
+    # one fetched batch for the pause to cut, then records after the dropped ones: stock Faust
+    # counts the jump to those as done (commits past the dropped records)
+    first_wave, second_wave, pause_at = 3_000, 100, 10
+    producer = AIOKafkaProducer(**producer_kwargs(settings))
+    await producer.start()
+    try:
+        await asyncio.gather(*[await producer.send(topic, b"%d" % i) for i in range(first_wave)])
+        env = {"PAUSING_APP_ID": app_id, "PAUSING_TOPIC": topic, "PAUSING_AT": str(pause_at)}
+        worker = FaustWorker(PAUSING_APP, "/seen/", settings, tmp_path / "pausing.log", env)
+        try:
+            await worker.wait_for(lambda s: pause_at in s["seen"], "the agent to pause")
+            await asyncio.gather(*[await producer.send(topic, b"%d" % i) for i in range(second_wave)])
+            n_records = first_wave + second_wave
+            async with asyncio.timeout(60):
+                while (await committed_offsets(settings, app_id, topic, partitions=1))[0] < n_records:
+                    assert worker.proc.poll() is None, f"worker exited:\n{worker.log_tail()}"
+                    await asyncio.sleep(0.2)
+            # what the agent had received when everything was committed
+            seen = (await worker.wait_for(lambda s: True, "the offsets seen"))["seen"]
+        finally:
+            worker.kill()
+    finally:
+        await producer.stop()
+    log = worker.log_path.read_text(errors="replace")
+    assert "seeking back" in log, "the pause dropped no fetched record: the test did not drive the condition"
+    missing = sorted(set(range(n_records)) - set(seen))
+    assert not missing, f"committed {n_records} but {len(missing)} offsets never reached the agent: {missing[:20]}..."

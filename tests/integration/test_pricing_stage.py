@@ -38,7 +38,6 @@ from spendstream.clickhouse import get_client
 from spendstream.embedded.clickhouse import EmbeddedClickHouse
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.topics import USAGE_DLQ, USAGE_PRICED, USAGE_RAW
-from stream_processors.sink.logic import PricedRecord, Watermarks
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -51,12 +50,16 @@ def priced_event_ids(records) -> list[str]:
 
 
 def first_copies(records) -> list:
-    """What a downstream stage applies: per src partition, records above the src watermark."""
-    marks = Watermarks()
-    decoded = [PricedRecord(r.partition, r.offset, r.timestamp, orjson.loads(r.value)) for r in records]
-    new, _ = marks.split_new(decoded)  # records are in log order per partition
-    kept = {(d.partition, d.offset) for d in new}
-    return [r for r in records if (r.partition, r.offset) in kept]
+    """What a downstream stage applies (the sink's src watermark): per src partition, only records
+    whose src offset is above every one seen before (``records`` in log order per partition)."""
+    high: dict[int, int] = {}
+    kept = []
+    for r in records:
+        partition, offset = src_of(r)
+        if offset > high.get(partition, -1):
+            high[partition] = offset
+            kept.append(r)
+    return kept
 
 
 async def test_client_retries_are_priced_once_and_garbage_is_dead_lettered(stage_settings, tmp_path):
