@@ -97,6 +97,9 @@ class ProcessorsSettings(BaseModel):
     smtp_host: str = ""
     smtp_port: int = 25
     smtp_from: str = "spendstream@localhost"
+    smtp_starttls: bool = Field(False, description="upgrade the SMTP connection with STARTTLS (certificate verified) before sending")
+    smtp_username: str = Field("", description="SMTP AUTH user; empty: no AUTH")
+    smtp_password: SecretStr = SecretStr("")
     web_port: int = Field(6066, ge=1, le=65535, description="Faust worker web/metrics port")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import socket
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ class Sender:
         self.allow_private = p.webhook_allow_private
         self.timeout_s = p.webhook_timeout_s
         self.smtp_host, self.smtp_port, self.smtp_from = p.smtp_host, p.smtp_port, p.smtp_from
+        self.smtp_starttls, self.smtp_username, self._smtp_password = p.smtp_starttls, p.smtp_username, p.smtp_password
         self._http = httpx.AsyncClient(
             timeout=self.timeout_s,
             follow_redirects=False,
@@ -169,6 +171,10 @@ class Sender:
         except smtplib.SMTPResponseException as exc:
             verdict = "final" if exc.smtp_code >= 500 else "retry"
             error = f"SMTP {exc.smtp_code}: {exc.smtp_error!r}"
+        except smtplib.SMTPNotSupportedError as exc:
+            # a settings mismatch (servers offer AUTH only after STARTTLS): retrying cannot help
+            verdict = "final"
+            error = f"{exc} (processors.smtp_starttls is {'on' if self.smtp_starttls else 'off'})"
         except (smtplib.SMTPException, OSError) as exc:
             verdict = "retry"
             error = f"{type(exc).__name__}: {exc}"
@@ -177,6 +183,11 @@ class Sender:
 
     def _smtp_send(self, message: EmailMessage) -> None:
         with smtplib.SMTP(self.smtp_host, self.smtp_port, timeout=self.timeout_s) as smtp:
+            if self.smtp_starttls:
+                # verified against the system's CAs and the configured host name
+                smtp.starttls(context=ssl.create_default_context())
+            if self.smtp_username:
+                smtp.login(self.smtp_username, self._smtp_password.get_secret_value())
             smtp.send_message(message)
 
 

@@ -3,7 +3,7 @@
 ``Receiver``: an aiohttp server on a free loopback port, in the test's event loop. Each path
 answers from a script (a list of statuses, the last one repeating) after an optional delay and
 records every request it got (headers, body, arrival time).
-``Mailbox``: aiosmtpd in its own thread, keeping every message.
+``Mailbox``: aiosmtpd in its own thread, keeping every message (optionally requiring AUTH and STARTTLS).
 ``alert_value``: a budget.alerts value of contract v1, from tests/fixtures/budget_alert_v1.json.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ import httpx
 import orjson
 from aiohttp import web
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 
 from spendstream.clickhouse import get_client
 from spendstream.devstack import child_env
@@ -96,10 +98,26 @@ class Receiver:
 
 
 class Mailbox:
-    def __init__(self) -> None:
+    """``users`` (login -> password): AUTH required; ``tls_context``: STARTTLS required first."""
+
+    def __init__(self, users: dict[str, str] | None = None, tls_context: ssl.SSLContext | None = None) -> None:
         self.port = free_port()
         self.messages: list[tuple[list[str], Message]] = []
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        #: (login, accepted) of every AUTH attempt
+        self.logins: list[tuple[str, bool]] = []
+        self._users = users
+        options: dict[str, Any] = {}
+        if users is not None:
+            options |= {"authenticator": self._authenticate, "auth_required": True, "auth_require_tls": tls_context is not None}
+        if tls_context is not None:
+            options |= {"tls_context": tls_context, "require_starttls": True}
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **options)
+
+    def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+        login, password = auth_data.login.decode(), auth_data.password.decode()
+        accepted = self._users is not None and self._users.get(login) == password
+        self.logins.append((login, accepted))
+        return AuthResult(success=accepted, handled=False)  # handled=True: "I already answered"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's name)
         self.messages.append((list(envelope.rcpt_tos), message_from_bytes(envelope.original_content)))

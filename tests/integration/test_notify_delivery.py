@@ -4,9 +4,12 @@ embedded ClickHouse (webhooks looked up, every attempt recorded in alert_deliver
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 import time
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,7 @@ from query_api_stack import migrate
 from stream_processors.notify.delivery import Sender
 from stream_processors.notify.logic import (
     IDEMPOTENCY_HEADER,
+    Channel,
     SIGNATURE_HEADER,
     RetryPolicy,
     parse_alert,
@@ -276,3 +280,63 @@ async def test_an_alert_cancelled_on_handover_can_be_submitted_again_at_once(set
     finally:
         await notifier.close()
     assert len(receiver.at("/back")) == 1
+
+
+@pytest.fixture(scope="module")
+def server_cert(tmp_path_factory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (cert, key)."""
+    d = tmp_path_factory.mktemp("smtp-tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)  # fmt: skip
+    return cert, key
+
+
+def smtp_sender(settings, port: int, **smtp) -> Sender:
+    processors = settings.processors.model_validate({**settings.processors.model_dump(), "smtp_host": "127.0.0.1",
+                                                     "smtp_port": port, **smtp})  # fmt: skip
+    return Sender(settings.model_copy(update={"processors": processors}))
+
+
+async def test_email_over_starttls_with_auth(settings, tenant, server_cert, monkeypatch):
+    cert, key = server_cert
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    # the sender verifies the server against the default CA store: make it this certificate
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    alert = new_alert(tenant, ["oncall@test.example"])
+    channel = Channel("oncall@test.example", "email", email="oncall@test.example")
+    with Mailbox(users={"alerts": "s3cret pass"}, tls_context=tls) as box:
+        sender = smtp_sender(settings, box.port, smtp_starttls=True, smtp_username="alerts", smtp_password="s3cret pass")
+        wrong = smtp_sender(settings, box.port, smtp_starttls=True, smtp_username="alerts", smtp_password="nope")
+        cleartext = smtp_sender(settings, box.port, smtp_username="alerts", smtp_password="s3cret pass")
+        try:
+            delivered = await sender.send(channel, alert)
+            refused = await wrong.send(channel, alert)
+            no_tls = await cleartext.send(channel, alert)
+        finally:
+            for s in (sender, wrong, cleartext):
+                await s.close()
+    assert delivered.verdict == "delivered", delivered.error
+    assert [m["X-Spendstream-Alert-Id"] for _, m in box.messages] == [alert.alert_id]
+    # a wrong password is final (retrying cannot fix it); without STARTTLS nothing is sent in clear
+    assert refused.verdict == "final" and refused.error.startswith("SMTP 535"), refused
+    assert no_tls.verdict == "final" and "smtp_starttls is off" in no_tls.error, no_tls
+    # smtplib tries each mechanism the server offers before giving up on a password
+    assert box.logins[0] == ("alerts", True) and set(box.logins[1:]) == {("alerts", False)}
+
+
+async def test_starttls_refuses_an_untrusted_server_certificate(settings, tenant, server_cert):
+    cert, key = server_cert
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    with Mailbox(tls_context=tls) as box:
+        sender = smtp_sender(settings, box.port, smtp_starttls=True)
+        try:
+            result = await sender.send(Channel("a@test.example", "email", email="a@test.example"),
+                                       new_alert(tenant, ["a@test.example"]))  # fmt: skip
+        finally:
+            await sender.close()
+    assert result.verdict == "retry" and "CERTIFICATE_VERIFY_FAILED" in result.error, result
+    assert box.messages == []
