@@ -18,14 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from query_api.deps import CH, Principal, SettingsDep, require
 from query_api.errors import InvalidField, NotFound
-from stream_processors.notify.delivery import Sender, resolve_checked
+from stream_processors.notify.delivery import resolve_checked
 from stream_processors.notify.logic import (
     PAGERDUTY_EVENTS_URL,
     Channel,
     UnsafeTarget,
-    sample_alert,
     valid_email,
 )
+from stream_processors.notify.notifier import deliver_test_alert
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
@@ -169,12 +169,7 @@ async def delete_webhook(webhook_id: str, principal: Admin, ch: CH) -> Response:
 async def test_webhook(webhook_id: str, principal: Admin, ch: CH, settings: SettingsDep) -> dict:
     row = await _one(ch, principal.tenant, webhook_id)
     channel = Channel(row["id"], row["format"], url=row["url"], email=row["email"], secret=row["secret"])
-    alert = sample_alert(principal.tenant, datetime.now(timezone.utc))
-    sender = Sender(settings)
-    try:
-        result = await sender.send(channel, alert)
-    finally:
-        await sender.close()
+    alert, result = await deliver_test_alert(settings, ch, principal.tenant, channel)
     return {
         "alert_id": alert.alert_id,
         "delivered": result.delivered,

@@ -299,6 +299,11 @@ def sample_alert(tenant: str, now: datetime) -> Alert:
     return Alert(fields["alert_id"], tenant, "threshold", (), fields)
 
 
+def outcome_of_test_delivery(verdict: str) -> str:
+    """The recorded outcome of a test delivery: one attempt, never retried."""
+    return {"delivered": DELIVERED, "refused": REFUSED}.get(verdict, GAVE_UP)
+
+
 # ---------------------------------------------------------------------------------- retries
 
 Verdict = Literal["delivered", "retry", "final"]

@@ -31,6 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 
+from clickhouse_connect.driver.asyncclient import AsyncClient
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -46,8 +47,17 @@ from stream_processors.notify.logic import (
     RetryPolicy,
     attempt_outcome,
     created_at,
+    sample_alert,
+    outcome_of_test_delivery,
 )
-from stream_processors.notify.store import CHANNEL_REFRESH_S, Attempt, ChannelHistory, DeliveryStore, Histories
+from stream_processors.notify.store import (
+    CHANNEL_REFRESH_S,
+    Attempt,
+    ChannelHistory,
+    DeliveryStore,
+    Histories,
+    insert_attempt,
+)
 from stream_processors.retry import retry_forever
 
 log = logging.getLogger(__name__)
@@ -234,3 +244,20 @@ class Notifier:
         async for retry in retry_forever(STAGE, "insert alert_deliveries", _store_error_is_retryable):
             with retry:
                 await self.store.record(row)
+
+
+async def deliver_test_alert(settings: Settings, ch: AsyncClient, tenant: str, channel: Channel) -> tuple[Alert, AttemptResult]:
+    """``POST /v1/webhooks/{id}/test``: one attempt of a sample alert (``"test": true``, alert_id
+    ``test_...``), recorded in ``alert_deliveries`` like any attempt (outcome delivered, refused
+    or gave_up: a test is never retried)."""
+    alert = sample_alert(tenant, datetime.now(timezone.utc))
+    sender = Sender(settings)
+    try:
+        attempted_at = datetime.now(timezone.utc)
+        result = await sender.send(channel, alert)
+    finally:
+        await sender.close()
+    await insert_attempt(ch, Attempt(tenant, alert.alert_id, channel.id, channel.format, 1, attempted_at,
+                                     outcome_of_test_delivery(result.verdict), result.http_status, result.error,
+                                     result.duration_ms))  # fmt: skip
+    return alert, result

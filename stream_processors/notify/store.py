@@ -122,8 +122,11 @@ class DeliveryStore:
         return out
 
     async def record(self, attempt: Attempt) -> None:
-        ch = await self._ch()
-        await ch.insert("alert_deliveries", [attempt.row()], column_names=list(DELIVERY_COLUMNS))
+        await insert_attempt(await self._ch(), attempt)
+
+
+async def insert_attempt(ch: AsyncClient, attempt: Attempt) -> None:
+    await ch.insert("alert_deliveries", [attempt.row()], column_names=list(DELIVERY_COLUMNS))
 
 
 def _utc(t: datetime) -> datetime:

@@ -10,7 +10,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from notify_support import Receiver
+from notify_support import Receiver, deliveries
 from query_api_stack import QueryApiServer, migrate
 from spendstream.clickhouse import get_client
 from spendstream.keys import create_key
@@ -42,6 +42,11 @@ def client(api, key: str = ADMIN_KEY) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=api["url"], headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
 
+def recorded_attempts(api, alert_id: str) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "alert_id"} for row in deliveries(api["settings"], TENANT)
+            if row["alert_id"] == alert_id]  # fmt: skip
+
+
 async def test_generic_webhook_lifecycle_and_signed_test_delivery(api):
     async with Receiver() as receiver, client(api) as admin, client(api, api["read"]) as reader:
         created = await admin.post("/v1/webhooks", json={"url": receiver.url("/hook?token=abc"), "format": "generic"})
@@ -65,6 +70,9 @@ async def test_generic_webhook_lifecycle_and_signed_test_delivery(api):
         assert got.headers[IDEMPOTENCY_HEADER] == result["alert_id"]
         payload = got.json()
         assert payload["test"] is True and payload["tenant"] == TENANT and payload["alert_id"] == result["alert_id"]
+        assert recorded_attempts(api, result["alert_id"]) == [
+            {"channel": webhook_id, "format": "generic", "attempt": 1, "outcome": "delivered", "http_status": 200, "error": ""}
+        ]
 
         assert (await reader.delete(f"/v1/webhooks/{webhook_id}")).status_code == 403
         assert (await admin.delete(f"/v1/webhooks/{webhook_id}")).status_code == 204
@@ -80,6 +88,9 @@ async def test_test_delivery_reports_a_failing_receiver(api):
         result = (await admin.post(f"/v1/webhooks/{webhook_id}/test")).json()
         assert (result["delivered"], result["result"], result["http_status"]) == (False, "retry", 503)
         assert result["error"] == "HTTP 503: nope"
+        # a test is one attempt: recorded as given up, never retried
+        assert recorded_attempts(api, result["alert_id"]) == [{"channel": webhook_id, "format": "generic", "attempt": 1,
+                                                           "outcome": "gave_up", "http_status": 503, "error": "HTTP 503: nope"}]  # fmt: skip
 
 
 async def test_secrets_and_slack_urls_are_masked(api):
