@@ -38,6 +38,8 @@ EVENTS = int(os.environ.get("SPENDSTREAM_FAULTS_EVENTS", "40000"))
 FULL_SIZE = EVENTS >= 1_000_000
 #: SIGKILLs per run: 20 at full size, fewer at CI size
 KILLS = int(os.environ.get("SPENDSTREAM_FAULTS_KILLS", "20" if FULL_SIZE else "6"))
+#: comma-separated components to kill (e.g. "pricing" to replay a stage-restart loss); empty: all
+TARGETS = {name for name in os.environ.get("SPENDSTREAM_FAULTS_TARGETS", "").split(",") if name}
 #: seed of the kill schedule and the fleet; a failure prints it, set it to replay that run
 SEED = int(os.environ.get("SPENDSTREAM_FAULTS_SEED", str(random.SystemRandom().randrange(2**31))))
 

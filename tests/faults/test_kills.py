@@ -2,7 +2,8 @@
 
 Size: ``SPENDSTREAM_FAULTS_EVENTS`` events (CI default in faults_support; `make faults`: 1M) and
 ``SPENDSTREAM_FAULTS_KILLS`` kills (6 at CI size, 20 at full size), spread over the run, one at a
-time: each victim is restarted by the Stack's supervisor and healthy again before the next kill.
+time, among ``SPENDSTREAM_FAULTS_TARGETS`` (comma-separated; every KILL_TARGETS by default): each
+victim is restarted by the Stack's supervisor and healthy again before the next kill.
 The schedule comes from ``SPENDSTREAM_FAULTS_SEED`` (random unless set; logged, so a failure can
 be replayed with the same schedule and fleet).
 
@@ -31,6 +32,7 @@ from faults_support import (
     FULL_SIZE,
     KILLS,
     SEED,
+    TARGETS,
     BudgetPlan,
     Receiver,
     Truth,
@@ -70,7 +72,7 @@ def test_sigkill_components_during_a_run_loses_nothing(tmp_path: Path) -> None:
     planned_s = EVENTS / rate
     settings = local_settings(tmp_path, log_level="WARNING")
     components = (*INFRASTRUCTURE, "gateway", *implemented_stages(), "query-api")
-    targets = [name for name in KILL_TARGETS if name in components]
+    targets = [name for name in KILL_TARGETS if name in components and (not TARGETS or name in TARGETS)]
     schedule = kill_schedule(rng, targets, KILLS, planned_s)
     log.warning("fault run: seed %d (replay: SPENDSTREAM_FAULTS_SEED=%d), %d events at %.0f/s, components %s, "
                 "kill schedule %s", SEED, SEED, EVENTS, rate, components, json.dumps(schedule))
