@@ -6,14 +6,19 @@ A tenant-wide budget spans projects, i.e. usage.priced partitions, so the stage 
    spendstream.budget.deltas, keyed and partitioned by budget id; ack after the delta acks.
 2. ``keep_state`` (budget.deltas): the table ``budget_state`` (key budget id, co-partitioned with
    budget.deltas) holds each budget's windows, fired thresholds and per-raw-partition watermarks.
-   Per batch, per budget: apply the deltas (replays dropped by the watermarks), then
-   a. send the alerts and the changed budget.state records, await the acks,
+   Per batch, per budget: apply the deltas (replays dropped by the watermarks) to the in-memory
+   state, then
+   a. send the alerts and the changed budget.state records, await the acks;
+   then, in a commit task chained after the previous batch's (``commit``),
    b. record the alerts in ClickHouse ``budget_alerts`` (idempotent by alert_id),
    c. write the table entry once (one changelog record per budget per batch),
    d. ack the input (Faust commits only after flushing the changelog).
-   A crash before (c) replays the batch from the last saved state: the same alerts with the
+   The next batch is applied and its alerts sent while (b) runs (an insert into the embedded
+   ClickHouse takes tens to hundreds of milliseconds, which every following alert would wait
+   otherwise); commits stay in batch order and at most MAX_PENDING_COMMITS are outstanding.
+   A crash before (c) replays the batches from the last saved state: the same alerts with the
    same alert_ids are sent again (notify delivers an alert_id once), nothing is missed and no
-   spend is counted twice.
+   spend is counted twice; no state is saved whose alerts are not in ``budget_alerts``.
 
 Source positions: both agents keep the next offset to process per source partition in the
 ``budget_state`` table itself (keys ``\x00position|<topic>|<partition>``, written with the batch's
@@ -39,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +75,8 @@ from stream_processors.sink.logic import TimestampParser
 log = logging.getLogger(__name__)
 
 STAGE = "budgets"
+#: budget.deltas batches sent but not yet durable (alerts in ClickHouse, changelog written)
+MAX_PENDING_COMMITS = 4
 
 EVENTS = Counter("spendstream_budgets_events_total", "Priced events seen by the budgets stage, by outcome", ["outcome"])
 ALERTS = Counter("spendstream_budgets_alerts_total", "Alerts sent to spendstream.budget.alerts", ["kind"])
@@ -85,6 +93,16 @@ ALERT_DELAY = Histogram(
     "spendstream_budgets_alert_delay_seconds", "Crossing event's time to the alert being sent (event time lag)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600, 3600),
 )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """What one batch of budget.deltas must make durable before it is acked."""
+
+    alerts: list[dict[str, Any]]
+    #: (changelog partition, budget id, state) per budget the batch changed
+    writes: list[tuple[int, bytes, bytes]]
+    positions: dict[int, int]
 
 
 class BudgetBook:
@@ -192,11 +210,19 @@ class SourcePositions:
 
     def commit(self) -> None:
         """Record the positions after the batch's output is durable (same changelog as the state)."""
-        for partition, offset in self.pending.items():
-            key, value = self.key(partition), str(offset).encode()
-            self.table.data[key] = value
-            self.table.send_changelog(partition, key, value)
-        self.pending = {}
+        self.persist(self.advance())
+
+    def advance(self) -> dict[int, int]:
+        """Move the in-memory positions past the current batch (the next ``split`` starts there);
+        returns them for ``persist``."""
+        positions, self.pending = self.pending, {}
+        for partition, offset in positions.items():
+            self.table.data[self.key(partition)] = str(offset).encode()
+        return positions
+
+    def persist(self, positions: dict[int, int]) -> None:
+        for partition, offset in positions.items():
+            self.table.send_changelog(partition, self.key(partition), str(offset).encode())
 
     async def close(self) -> None:
         if self.reader is not None:
@@ -265,8 +291,9 @@ def register(app: faust.App, settings: Settings) -> None:
             alerts_client.pop().close()
             raise
 
-    async def handle(records: list[SourceRecord]) -> None:
-        """Apply the deltas ``records`` and write their effects."""
+    async def handle(records: list[SourceRecord]) -> Commit:
+        """Apply the deltas ``records`` to the in-memory state and send their alerts and
+        budget.state records; returns what must become durable before the batch is acked."""
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
         grouped: dict[str, tuple[int, list[Delta]]] = {}
@@ -292,37 +319,63 @@ def register(app: faust.App, settings: Settings) -> None:
             for alert in result.alerts:
                 ALERT_DELAY.observe(max(0.0, (now_ms - alert.event.ts_ms) / 1000))
             states += [(BUDGET_STATE.name, partition, k, v) for k, v in state.state_records(budget, result.touched, now_ms)]
-            writes.append((partition, key, state.dumps()))
+            value = state.dumps()
+            # the next batch builds on this state at once; its changelog record waits for the commit
+            table.data[key] = value
+            writes.append((partition, key, value))
         await output.send_all(
             [(BUDGET_ALERTS.name, stable_partition(a["alert_id"], partitions), a["alert_id"].encode(), orjson.dumps(a))
              for a in alerts] + states
         )  # fmt: skip
         for a in alerts:
             ALERTS.labels(a["kind"]).inc()
-        if alerts:
+        BATCH_SECONDS.observe(time.perf_counter() - started)
+        return Commit(alerts, writes, delta_positions.advance())
+
+    async def commit(batch: Commit, previous: asyncio.Task[None] | None, stream: faust.StreamT,
+                     done: list[faust.EventT]) -> None:  # fmt: skip
+        """Make one batch durable after the batch before it: its alerts in ClickHouse, then its
+        state and positions in the changelog, then the acks."""
+        if previous is not None:
+            await previous
+        if batch.alerts:
             async for attempt in retry_forever(STAGE, "clickhouse budget_alerts", lambda exc: isinstance(exc, (ClickHouseError, OSError))):
                 with attempt:
-                    await asyncio.to_thread(record_alerts, alerts)
-        for partition, key, value in writes:
-            table.data[key] = value
+                    await asyncio.to_thread(record_alerts, batch.alerts)
+        for partition, key, value in batch.writes:
             table.send_changelog(partition, key, value)
-        delta_positions.commit()
-        BATCH_SECONDS.observe(time.perf_counter() - started)
+        delta_positions.persist(batch.positions)
+        for event in done:
+            await stream.ack(event)
+
+    def crash_on_failure(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("budget state commit failed; stopping the worker", exc_info=task.exception())
+            asyncio.ensure_future(app.crash(task.exception()))
 
     @app.agent(deltas_topic, name="budgets-state")
     async def keep_state(stream: faust.StreamT) -> None:
         await start_output()
         await book.ready.wait()
-        async for events in stream.noack_take(p.batch_max_records, within=p.budgets_batch_seconds):
-            records, done = await delta_positions.split(events)
-            try:
-                await handle(records)
-            except Exception as exc:
-                # Alerts may be out while the state is not saved: only a restart (state from the
-                # changelog, batch replayed) is safe; it re-sends the same alert_ids.
-                log.exception("budget state batch failed; stopping the worker")
-                await app.crash(exc)
-                return
-            for event in done:
-                await stream.ack(event)
+        commits: deque[asyncio.Task[None]] = deque()
+        try:
+            async for events in stream.noack_take(p.batch_max_records, within=p.budgets_batch_seconds):
+                while commits and (commits[0].done() or len(commits) >= MAX_PENDING_COMMITS):
+                    await commits.popleft()
+                records, done = await delta_positions.split(events)
+                batch = await handle(records)
+                task = asyncio.create_task(commit(batch, commits[-1] if commits else None, stream, done))
+                # a failed commit stops the worker even if no further batch comes to notice it
+                task.add_done_callback(crash_on_failure)
+                commits.append(task)
+            while commits:
+                await commits.popleft()
+        except Exception as exc:
+            # Alerts may be out while the state is not saved: only a restart (state from the
+            # changelog, batches replayed) is safe; it re-sends the same alert_ids.
+            log.exception("budget state batch failed; stopping the worker")
+            await app.crash(exc)
+        finally:
+            for task in commits:
+                task.cancel()
 
