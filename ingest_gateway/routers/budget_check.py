@@ -5,6 +5,9 @@ Body: ``{"scope": {"project", "agent", "user", "provider", "model", "tags": {...
 like an event: a budget applies when each of its scope fields equals the call's (``agent``
 defaults to ``default`` and provider/model are normalised, as for events). ``allowed`` is false
 when an enforced budget is exhausted, or would be by the estimate.
+
+The route's description (OpenAPI) states what the answer reflects and how fresh it is; the view
+behind it is ingest_gateway/budget_view.py.
 """
 
 from __future__ import annotations
@@ -87,6 +90,16 @@ def _error(exc: GatewayError) -> Response:
 @router.post(
     "/v1/budgets/check",
     summary="May an agent spend now? (from the in-memory budget state)",
+    description=(
+        "Answered from this gateway's memory, without a database or broker round trip. "
+        "`spent_usd` is exact (integer nano-USD, as decimal strings): the spend the budgets stage last "
+        "published for the budget's current window on `spendstream.budget.state`. It trails the events "
+        "already acknowledged by the gateway by the pipeline's latency (under a second while the stages "
+        "keep up; longer if they lag or are down, in which case the last published spend is served). "
+        "Budgets created or changed take effect within `processors.budgets_reload_s` (1 s by default). "
+        "503 `budgets_not_ready` (with Retry-After) until the budgets and the state topic are loaded after a "
+        "start. With `enforce`, `allowed` is false once spent reaches the limit or spent + estimate exceeds it."
+    ),
     responses={401: {}, 403: {}, 422: {}, 503: {"description": "budget state still loading"}},
 )
 async def check_budget(request: Request) -> Any:
