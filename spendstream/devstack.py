@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import httpx
 
-from spendstream.embedded import free_port
+from spendstream.embedded import free_port, free_port_run
 from spendstream.settings import Settings, settings_env
 
 log = logging.getLogger("spendstream.dev")
@@ -393,19 +393,6 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _free_port_run(count: int) -> int:
-    """A port p with p .. p+count-1 all free right now (the stages listen on web_port + i)."""
-    while True:
-        first = free_port()
-        try:
-            for port in range(first + 1, first + count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-
-
 def local_settings(data_dir: Path, **overrides: Any) -> Settings:
     """Settings for a stack of its own under ``data_dir`` (tests, benchmarks): embedded broker and
     ClickHouse, a free port for everything, ``env="dev"``. Nested sections are given as dicts
@@ -418,7 +405,7 @@ def local_settings(data_dir: Path, **overrides: Any) -> Settings:
         "clickhouse": {"url": "", "embedded_port": free_port(), "data_path": str(data_dir / "clickhouse")},
         "gateway": {"port": free_port()},
         "query_api": {"port": free_port()},
-        "processors": {"web_port": _free_port_run(len(STAGES))},
+        "processors": {"web_port": free_port_run(len(STAGES))},
     }
     for section, value in overrides.items():
         base[section] = {**base[section], **value} if isinstance(value, dict) and section in base else value

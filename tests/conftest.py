@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from spendstream.devstack import STAGES
+from spendstream.embedded import free_port_run
 from spendstream.embedded.kafka import EmbeddedKafka, free_port
 from spendstream.settings import Settings
 
@@ -125,7 +127,8 @@ def make_settings(
             },
             "gateway": {"port": free_port()},
             "query_api": {"port": free_port()},
-            "processors": {"web_port": free_port()},
+            # a stack started from these settings listens on web_port + i, one port per stage
+            "processors": {"web_port": free_port_run(len(STAGES))},
         }
         return Settings(**_deep_merge(base, overrides))
 

@@ -20,7 +20,8 @@ import httpx
 import pytest
 from stage_support import log_ends, migrate, read_topic, wait_committed
 
-from spendstream.devstack import STAGES, Stack, _free_port_run
+from spendstream.devstack import STAGES, Stack
+from spendstream.embedded import free_port_run
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.topics import BUDGET_ALERTS, ensure_topics_sync
 from stream_processors.notify.logic import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, verify_signature
@@ -44,7 +45,7 @@ def stack(make_settings, tmp_path, monkeypatch):
     # the stages listen on web_port + i: make_settings checks only web_port itself, and a busy
     # neighbour made a stage exit at start-up ("address already in use")
     settings = make_settings(kafka={"bootstrap_servers": broker.bootstrap}, bootstrap_admin_key=key,
-                             processors={"webhook_allow_private": True, "web_port": _free_port_run(len(STAGES))})  # fmt: skip
+                             processors={"webhook_allow_private": True, "web_port": free_port_run(len(STAGES))})  # fmt: skip
     migrate(settings)
     ensure_topics_sync(settings)
     monkeypatch.setenv("SPENDSTREAM_DATA_DIR", settings.data_dir)
