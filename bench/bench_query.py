@@ -217,10 +217,12 @@ def measure(settings: Settings, args: argparse.Namespace, rate: float, settled: 
     ).result_rows)
     load_before = os.getloadavg()
     now = DATA_END - timedelta(minutes=7, seconds=12, milliseconds=345)
-    next_minute = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     ranges = {
-        # what the dashboard sends for "last 90 days": from a day start to the next whole minute
-        "dashboard range": Filters(start=(next_minute - SPAN).replace(hour=0, minute=0), end=next_minute, tz=ZoneInfo("UTC")),
+        # what the dashboard sends for "last 90 days" (day buckets): the days from the one holding
+        # now - 90 days through today (query_api/static/app.js, currentFilters)
+        "dashboard range": Filters(start=(now - SPAN).replace(hour=0, minute=0, second=0, microsecond=0),
+                                   end=today + timedelta(days=1), tz=ZoneInfo("UTC")),
         # an API caller's now - 90 days: ragged ends down to the millisecond (raw edges)
         "ragged ends": Filters(start=now - SPAN, end=now, tz=ZoneInfo("UTC")),
     }
@@ -277,9 +279,9 @@ def measure(settings: Settings, args: argparse.Namespace, rate: float, settled: 
         + (f" at {rate:,.0f} events/s including the materialized views." if rate else " (reused from an earlier run)."),
         "Rows (parts) per table: " + ", ".join(f"{t} {n:,} ({parts.get(t, 0)})" for t, n in sorted(sizes.items()) if t.startswith("usage_"))
         + f"; background {settled}.",
-        "Ranges: the last 90 days as the dashboard sends them (from a day start to the next whole minute: whole days, "
-        "then hours and minutes of today), and with ragged millisecond ends as any API caller may send "
-        "(adds raw edges below a minute).",
+        "Ranges: the last 90 days as the dashboard sends them with day buckets (whole UTC days through today), and "
+        "with ragged millisecond ends as any API caller may send (whole days, then hours, minutes and sub-minute "
+        "raw edges at both ends).",
         "",
         "| query | SQL wall p50 / p95 (ms) | ClickHouse CPU per query (ms) | HTTP API wall p50 / p95 (ms) "
         "| per API request, CPU of ClickHouse / of the API (ms) | raw events: wall p50 / p95 (ms), CPU (ms) "
