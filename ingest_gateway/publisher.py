@@ -5,6 +5,15 @@ Requests that arrive in the same event-loop turn are coalesced: their events for
 an envelope simply holds the events of several requests). Per-record overhead in aiokafka and the
 broker is what limits single-event posts, so this multiplies their throughput. Every request still
 waits until each record holding its events is acknowledged (acks=all) before it is answered.
+
+Records are produced only while the topic is known to exist on the broker ("usable"). The
+embedded broker keeps topics in memory only and, after a restart, acknowledges records sent to the
+topic that no longer exists without storing them anywhere a consumer can read (measured: offsets
+0, 1, 2 acked, no topic in the metadata, nothing fetched). So a lost connection makes the publisher
+unusable at once and fails every request still waiting for acks (503); a keeper task checks the
+topic in the broker's metadata every ``_CHECK_S`` (recreating it when missing) and makes the
+publisher usable again. The periodic metadata request also keeps the producer's connection open,
+so a restart while idle breaks a connection too instead of going unnoticed.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.conn import CloseReason
 from aiokafka.errors import KafkaError
 
 from ingest_gateway.errors import BrokerUnavailable, Saturated
@@ -36,8 +46,13 @@ MAX_RECORD_BYTES = 256 * 1024
 #: snappy shrinks the JSON envelopes ~3x at a few % of the gateway's CPU; aiokafka's lz4 runs at
 #: level 9 and cost a fifth of the CPU in batch benchmarks (cramjam provides both codecs)
 COMPRESSION = "snappy"
-_CONNECT_RETRY_S = 1.0
-_READY_CACHE_S = 1.0
+#: how often the keeper checks that the broker answers and the topic exists
+_CHECK_S = 0.5
+_METADATA_TIMEOUT_S = 2.0
+#: how long a request waits for an unusable broker before its 503: long enough to ride out a
+#: restart of the embedded broker (the keeper sees it back within _CHECK_S), short enough that
+#: clients of a broker that is really down are told so soon
+_USABLE_WAIT_S = 1.0
 
 
 def encode_records(
@@ -90,9 +105,10 @@ class Publisher:
         self._timeout_s = settings.kafka.send_timeout_s
         self._max_in_flight = settings.gateway.max_in_flight_events
         self._producer: AIOKafkaProducer | None = None
-        self._connector: asyncio.Task[None] | None = None
-        self._ready_at = 0.0
-        self._ready = False
+        self._keeper: asyncio.Task[None] | None = None
+        self._usable = asyncio.Event()
+        self._epoch = 0  # counts lost connections
+        self._closing = False
         self._pending: dict[tuple[str, str], _Batch] = {}
         self._sending: set[asyncio.Task[None]] = set()
         self._waiting: deque[_Ticket] = deque()
@@ -102,22 +118,54 @@ class Publisher:
         self.in_flight = 0
 
     async def start(self) -> None:
-        """Connect now if the broker answers; otherwise keep trying in the background."""
+        """Connect now if the broker answers; otherwise the keeper keeps trying in the background."""
         self._expirer = asyncio.create_task(self._expire_forever(), name="gateway-ack-deadlines")
-        if not await self._try_connect():
-            self._connector = asyncio.create_task(self._connect_forever(), name="gateway-producer-connect")
+        await self._check()
+        self._keeper = asyncio.create_task(self._keep_forever(), name="gateway-producer-keeper")
 
-    async def _connect_forever(self) -> None:
-        while not await self._try_connect():
-            await asyncio.sleep(_CONNECT_RETRY_S)
+    async def _keep_forever(self) -> None:
+        # the flag, not only cancel(): aiokafka swallows CancelledError in places (e.g. while it
+        # closes a connection), so a cancelled keeper could otherwise go on forever
+        while not self._closing:
+            await asyncio.sleep(_CHECK_S)
+            await self._check()
 
-    async def _try_connect(self) -> bool:
-        # one warning per outage, not one per retry
-        level = logging.WARNING if self._connect_failures == 0 else logging.DEBUG
+    async def _check(self) -> None:
+        """Connect if not connected; usable only if the topic is in the broker's metadata now."""
+        epoch = self._epoch
+        if self._producer is None and not await self._try_connect():
+            return
+        if await self._topic_exists() and epoch == self._epoch:  # no connection lost meanwhile
+            if not self._usable.is_set():
+                if self._connect_failures:
+                    log.info("Kafka at %s is usable again", self._settings.kafka_bootstrap)
+                self._connect_failures = 0
+                self._usable.set()
+        else:
+            self._usable.clear()
+
+    async def _topic_exists(self) -> bool:
+        assert self._producer is not None
+        for attempt in range(2):
+            try:
+                cluster = await asyncio.wait_for(self._producer.client.fetch_all_metadata(), _METADATA_TIMEOUT_S)
+            except (KafkaError, asyncio.TimeoutError, OSError):
+                return False
+            if cluster.partitions_for_topic(self._topic):
+                return True
+            if attempt == 0:
+                await self._ensure_topic()
+        return False
+
+    async def _ensure_topic(self) -> None:
+        level = logging.WARNING if self._connect_failures == 0 else logging.DEBUG  # one warning per outage
         try:
             await ensure_topics(self._settings, (USAGE_RAW,))
-        except Exception as exc:  # no admin rights or broker down: the producer attempt decides
+        except Exception as exc:  # no admin rights or broker down: the next metadata check decides
             log.log(level, "could not ensure topic %s: %s", self._topic, exc)
+            self._connect_failures += 1
+
+    async def _try_connect(self) -> bool:
         producer = AIOKafkaProducer(
             **producer_kwargs(
                 self._settings,
@@ -133,18 +181,49 @@ class Publisher:
         try:
             await producer.start()
         except (KafkaError, OSError) as exc:
+            level = logging.WARNING if self._connect_failures == 0 else logging.DEBUG  # one warning per outage
             log.log(level, "Kafka producer cannot connect to %s yet (retrying): %s", self._settings.kafka_bootstrap, exc)
             self._connect_failures += 1
             await producer.stop()
             return False
+        self._watch_connections(producer)
         self._producer = producer
         log.info("Kafka producer connected to %s", self._settings.kafka_bootstrap)
         return True
 
+    def _watch_connections(self, producer: AIOKafkaProducer) -> None:
+        """Call ``_connection_lost`` when a connection of the producer breaks.
+
+        aiokafka has no public hook for this; its client passes ``_on_connection_closed`` to every
+        connection it opens (and forces a metadata refresh there), so the wrapper goes in its place.
+        """
+        client = producer.client
+        refresh = client._on_connection_closed
+
+        def on_closed(conn: Any, reason: CloseReason) -> None:
+            refresh(conn, reason)
+            if reason in (CloseReason.CONNECTION_BROKEN, CloseReason.CONNECTION_TIMEOUT):
+                self._connection_lost()
+
+        client._on_connection_closed = on_closed
+
+    def _connection_lost(self) -> None:
+        """The broker may have restarted (and lost the topic): fail every request waiting for acks,
+        send nothing more until the keeper has seen the topic again."""
+        self._epoch += 1
+        if self._usable.is_set():
+            log.warning("lost the connection to Kafka at %s; answering 503 until it is back", self._settings.kafka_bootstrap)
+        self._usable.clear()
+        error = BrokerUnavailable("the connection to Kafka was lost before it acknowledged")
+        for ticket in self._waiting:
+            if not ticket.future.done():
+                ticket.future.set_exception(error)
+
     async def close(self) -> None:
+        self._closing = True
         if self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
-        for task in (self._connector, self._expirer):
+        for task in (self._keeper, self._expirer):
             if task is not None:
                 task.cancel()
                 try:
@@ -159,29 +238,25 @@ class Publisher:
             self._producer = None
 
     async def ready(self) -> bool:
-        """Broker reachable: a metadata round trip succeeded within the last second."""
-        if self._producer is None:
-            return False
-        now = time.monotonic()
-        if now - self._ready_at >= _READY_CACHE_S:
-            try:
-                await asyncio.wait_for(self._producer.client.fetch_all_metadata(), 2.0)
-                self._ready = True
-            except (KafkaError, asyncio.TimeoutError, OSError):
-                self._ready = False
-            self._ready_at = time.monotonic()
-        return self._ready
+        """Broker reachable and the topic there, as of the keeper's last check (every ``_CHECK_S``)."""
+        return self._usable.is_set()
 
     async def publish(self, tenant: str, received_at: str, by_project: dict[str, list[Any]], n_events: int) -> None:
         """Return once the broker acknowledged every event; else BrokerUnavailable (503) / Saturated (429)."""
-        if self._producer is None:
-            raise BrokerUnavailable(f"not connected to Kafka at {self._settings.kafka_bootstrap}")
         # a request larger than the whole bound still goes through when nothing else is waiting
         if self.in_flight + n_events > self._max_in_flight and self.in_flight:
             raise Saturated(f"{self.in_flight} events are waiting for broker acknowledgement; retry shortly")
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
-        ticket = _Ticket(loop.create_future(), started + self._timeout_s)
+        if not self._usable.is_set():
+            self.in_flight += n_events
+            try:
+                await asyncio.wait_for(self._usable.wait(), min(self._timeout_s, _USABLE_WAIT_S))
+            except asyncio.TimeoutError:
+                raise BrokerUnavailable(f"Kafka at {self._settings.kafka_bootstrap} is not reachable") from None
+            finally:
+                self.in_flight -= n_events
+        loop = asyncio.get_running_loop()
+        ticket = _Ticket(loop.create_future(), time.monotonic() + self._timeout_s)
         self._waiting.append(ticket)
         if not self._pending:
             loop.call_soon(self._flush)
@@ -224,6 +299,8 @@ class Publisher:
         producer = self._producer
         planned = []
         for (tenant, project), batch in batches.items():
+            if all(ticket.future.done() for ticket in batch.tickets):
+                continue  # every request of this batch already got its 503 (connection lost)
             # pre-split by the last observed event size: encoding an oversized envelope only to
             # split it would cost a second encode
             step = max(1, int(MAX_RECORD_BYTES * 0.8 / self._event_bytes))
