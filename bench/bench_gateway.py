@@ -1,22 +1,27 @@
 """Gateway benchmark: batches of 500 into the embedded broker, and single posts vs a bare FastAPI endpoint.
 
-    .venv/bin/python bench/bench_gateway.py [--duration 10] [--batch-workers 2] [--single-workers 1]
+    .venv/bin/python -m bench.bench_gateway [--duration 5] [--rounds 3] [--single-rounds 7]
+                                            [--batch-workers 2] [--single-workers 1]
 
 Needs ``wrk`` (Debian package ``wrk``; installed here when missing and running as root), the load
 generator, in its own process with a Lua script that cycles through pre-generated distinct bodies.
-Starts its own embedded broker and, one after the other, three uvicorn servers (uvloop, httptools,
-no access log) in separate processes:
+Starts its own embedded broker and uvicorn servers (uvloop, httptools, no access log) in separate
+processes:
 
 1. the gateway (``spendstream gateway``, bootstrap admin key, no ClickHouse) with
    ``--batch-workers`` processes, loaded with POST bodies of 500 events;
-2. the gateway with ``--single-workers`` processes, loaded with single-event bodies;
+2. the gateway with ``--single-workers`` processes, loaded with single-event bodies, and
 3. a bare FastAPI app with as many processes, whose ``POST /v1/events`` reads the body and answers
-   a constant 202: the framework's own cost, the ceiling for single posts.
+   a constant 202: the framework's own cost, the ceiling for single posts. 2 and 3 run side by
+   side and are loaded in alternation (gateway-bare, then bare-gateway, ...), so that load from
+   other jobs on the shared machine hits both alike; the verdict is the median of the per-pair
+   ratios.
 
 A request counts only when answered 202, which the gateway does after the broker acknowledged
 (acks=all). Afterwards the records on ``spendstream.usage.raw`` are read back and their events
-counted. Besides wall-clock rates, the CPU time of the server processes is reported per request:
-on a machine shared with other jobs it varies far less than the rates.
+counted. Besides wall-clock rates, CPU time per event/request is reported for each process
+involved: the server (all its workers), the load generator (wrk) and the broker. On a machine
+shared with other jobs CPU time varies far less than the rates, so speed work is judged by it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import asyncio
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -42,6 +48,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.profile import cpu_seconds  # noqa: E402
 from spendstream.embedded.kafka import EmbeddedKafka, free_port  # noqa: E402
 
 ADMIN_KEY = "bench-admin-key-" + uuid.uuid4().hex
@@ -96,20 +103,10 @@ async def events(request: Request) -> Response:
 '''
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a server and its worker processes so far.
-
-    Unlike throughput, this hardly changes when other jobs on the shared box take CPU away.
-    """
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if stat.parent.name == str(pid) or fields[1] == str(pid):  # the server or one of its workers
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+def children_cpu_seconds() -> float:
+    """User + system CPU of this process's waited-for children so far (wrk runs are such children)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 @contextmanager
@@ -140,12 +137,15 @@ def server(cmd: list[str], env: dict[str, str], port: int, log: Path) -> Iterato
             proc.wait()
 
 
-def wrk(url: str, script: Path, bodies: Path, connections: int, duration: float, pid: int) -> dict:
-    cpu_before = cpu_seconds(pid)
+def wrk(url: str, script: Path, bodies: Path, connections: int, duration: float, pid: int, broker_pid: int) -> dict:
+    """One wrk run; CPU seconds per request of the server (all workers), wrk itself and the broker."""
+    before = cpu_seconds(pid), children_cpu_seconds(), cpu_seconds(broker_pid)
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "-s", str(script), url, "--", str(bodies)],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
+    after = cpu_seconds(pid), children_cpu_seconds(), cpu_seconds(broker_pid)
+    server_s, client_s, broker_s = (a - b for a, b in zip(after, before))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     pct = {p: _ms(v, unit) for p, v, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -155,7 +155,9 @@ def wrk(url: str, script: Path, bodies: Path, connections: int, duration: float,
     return {
         "requests": requests,
         "seconds": float(seconds),
-        "cpu_us_per_request": (cpu_seconds(pid) - cpu_before) / requests * 1e6,
+        "cpu_us_per_request": server_s / requests * 1e6,
+        "client_cpu_us_per_request": client_s / requests * 1e6,
+        "broker_cpu_us_per_request": broker_s / requests * 1e6,
         "rps": rps,
         "p50_ms": pct.get("50"),
         "p99_ms": pct.get("99"),
@@ -202,7 +204,9 @@ def ensure_wrk() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per measurement round")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per scenario; medians are reported")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the batch scenario; medians are reported")
+    ap.add_argument("--single-rounds", type=int, default=7,
+                    help="gateway/bare pairs of single-post rounds (order alternating); the median ratio is the verdict")
     ap.add_argument("--batch", type=int, default=500, help="events per batch request")
     ap.add_argument("--connections-batch", type=int, default=8)
     ap.add_argument("--connections-single", type=int, default=64)
@@ -220,9 +224,12 @@ def main() -> None:
     base_env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     published = 0  # events in requests wrk saw answered 2xx, warm-ups included
 
+    load_at_start = os.getloadavg()[0]
+    broker_pid = 0
+
     def load(url: str, pid: int, bodies: Path, connections: int, per_request: int, seconds: float) -> dict:
         nonlocal published
-        r = wrk(url, script, bodies, connections, seconds, pid)
+        r = wrk(url, script, bodies, connections, seconds, pid, broker_pid)
         published += (r["requests"] - r["non_2xx"]) * per_request
         r["events_per_s"] = (r["requests"] - r["non_2xx"]) * per_request / r["seconds"]
         return r
@@ -244,6 +251,7 @@ def main() -> None:
     single: list[dict] = []
     bare: list[dict] = []
     with EmbeddedKafka(log_path=work / "tansu.log") as broker:
+        broker_pid = broker.pid or 0
         port = free_port()
         with server(*gateway_cmd(broker, port, args.batch_workers), port, work / "gateway-batch.log") as (url, pid):
             load(url, pid, batch_bodies, args.connections_batch, args.batch, 2)  # warm-up
@@ -263,30 +271,39 @@ def main() -> None:
         ):
             load(url, pid, single_bodies, args.connections_single, 1, 2)
             load(bare_url, bare_pid, single_bodies, args.connections_single, 0, 2)
-            for _ in range(args.rounds):
-                single.append(load(url, pid, single_bodies, args.connections_single, 1, args.duration))
-                bare.append(load(bare_url, bare_pid, single_bodies, args.connections_single, 0, args.duration))
+            for pair in range(args.single_rounds):
+                runs = [lambda: single.append(load(url, pid, single_bodies, args.connections_single, 1, args.duration)),
+                        lambda: bare.append(load(bare_url, bare_pid, single_bodies, args.connections_single, 0, args.duration))]
+                for run in runs if pair % 2 == 0 else runs[::-1]:
+                    run()
         records, events = asyncio.run(count_on_topic(broker.bootstrap))
 
     def med(rows: list[dict], key: str) -> float:
         return statistics.median(r[key] for r in rows)
 
+    def cpu(rows: list[dict], per: int) -> str:
+        return (f"gateway {med(rows, 'cpu_us_per_request') / per:.2f}, load generator (wrk) "
+                f"{med(rows, 'client_cpu_us_per_request') / per:.2f}, broker {med(rows, 'broker_cpu_us_per_request') / per:.2f}")
+
     ratios = [s["rps"] / b["rps"] for s, b in zip(single, bare)]
-    print(f"load average at end: {os.getloadavg()[0]:.2f} (2 cores, shared with other jobs); "
-          f"{args.rounds} rounds of {args.duration:.0f} s, medians")
-    print(f"batch of {args.batch}, {args.batch_workers} gateway workers, {args.connections_batch} connections: "
-          f"{med(batch, 'events_per_s'):,.0f} events/s (rounds: {', '.join(format(r['events_per_s'], ',.0f') for r in batch)}), "
-          f"p50 {med(batch, 'p50_ms'):.1f} ms, p99 {med(batch, 'p99_ms'):.1f} ms, "
-          f"non-2xx {sum(r['non_2xx'] for r in batch)}")
-    print(f"single events, {args.single_workers} worker(s) each, {args.connections_single} connections: "
-          f"gateway {med(single, 'rps'):,.0f} req/s (p50 {med(single, 'p50_ms'):.2f} ms, p99 {med(single, 'p99_ms'):.2f} ms, "
+    cpu_ratios = [b["cpu_us_per_request"] / s["cpu_us_per_request"] for s, b in zip(single, bare)]
+    print(f"load average (1 min) at start {load_at_start:.2f}, at end {os.getloadavg()[0]:.2f} (2 cores, shared "
+          f"with other jobs); rounds of {args.duration:.0f} s")
+    print(f"batch of {args.batch}, {args.batch_workers} gateway workers, {args.connections_batch} connections, "
+          f"{args.rounds} rounds: {med(batch, 'events_per_s'):,.0f} events/s "
+          f"(rounds: {', '.join(format(r['events_per_s'], ',.0f') for r in batch)}), "
+          f"p50 {med(batch, 'p50_ms'):.1f} ms, p99 {med(batch, 'p99_ms'):.1f} ms, non-2xx {sum(r['non_2xx'] for r in batch)}")
+    print(f"  CPU us/event: {cpu(batch, args.batch)} "
+          f"(gateway alone: {args.batch * 1e6 / med(batch, 'cpu_us_per_request'):,.0f} events/s per busy core)")
+    print(f"single events, {args.single_workers} worker(s) each, {args.connections_single} connections, "
+          f"{args.single_rounds} alternating pairs: gateway {med(single, 'rps'):,.0f} req/s "
+          f"(p50 {med(single, 'p50_ms'):.2f} ms, p99 {med(single, 'p99_ms'):.2f} ms, "
           f"non-2xx {sum(r['non_2xx'] for r in single)}) | bare FastAPI {med(bare, 'rps'):,.0f} req/s "
-          f"(p50 {med(bare, 'p50_ms'):.2f} ms, p99 {med(bare, 'p99_ms'):.2f} ms) | gateway/bare per round: "
-          f"{', '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}")
-    print(f"CPU of the server processes: batch {med(batch, 'cpu_us_per_request') / args.batch:.1f} us/event "
-          f"(= {args.batch * 1e6 / med(batch, 'cpu_us_per_request'):,.0f} events/s per busy core); single "
-          f"{med(single, 'cpu_us_per_request'):.0f} us/request vs bare {med(bare, 'cpu_us_per_request'):.0f} us/request "
-          f"(bare/gateway {med(bare, 'cpu_us_per_request') / med(single, 'cpu_us_per_request'):.2f})")
+          f"(p50 {med(bare, 'p50_ms'):.2f} ms, p99 {med(bare, 'p99_ms'):.2f} ms)")
+    print(f"  gateway/bare req/s per pair: {', '.join(f'{x:.2f}' for x in ratios)}; "
+          f"MEDIAN {statistics.median(ratios):.2f} (target >= 0.80)")
+    print(f"  CPU us/request: {cpu(single, 1)}; bare FastAPI {med(bare, 'cpu_us_per_request'):.1f} "
+          f"(bare/gateway per pair: {', '.join(f'{x:.2f}' for x in cpu_ratios)}; median {statistics.median(cpu_ratios):.2f})")
     print(f"usage.raw: {records} records holding {events} events; wrk saw {published} events answered 202 "
           f"(the topic may also hold requests still in flight when a wrk run ended)")
     shutil.rmtree(work, ignore_errors=True)
