@@ -33,6 +33,7 @@ from spendstream.contracts import TOKEN_FIELDS, TOKEN_PARENTS
 from spendstream.pricing.catalog import default_catalog
 
 MAX_FUTURE = timedelta(minutes=5)
+_MAX_FUTURE_MS = MAX_FUTURE // timedelta(milliseconds=1)
 #: the past is open (backfills are normal) down to the Unix epoch, below which no usage exists
 EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MAX_ID_LEN = 128
@@ -246,14 +247,15 @@ class RequestContext:
     def latest(self) -> datetime:
         """Latest event time accepted (computed only for events that carry a timestamp)."""
         if self._latest is None:
-            self._latest = datetime.fromtimestamp(self.received_ns / 1e9, timezone.utc) + MAX_FUTURE
+            self._latest = EARLIEST + timedelta(microseconds=self.received_ns // 1000) + MAX_FUTURE  # exact, no float
         return self._latest
 
     @property
     def latest_str(self) -> str:
         """``latest`` in the canonical form, to compare canonical timestamps as strings."""
         if self._latest_str is None:
-            self._latest_str = format_timestamp(self.latest)
+            seconds, ms = divmod(self.received_ms + _MAX_FUTURE_MS, 1000)
+            self._latest_str = f"{_second_prefix(seconds)}.{ms:03d}Z"
         return self._latest_str
 
     @classmethod
@@ -303,6 +305,7 @@ def _timestamp(value: str, ctx: RequestContext, errors: FieldErrors) -> str | No
 # ---------------------------------------------------------------- names and amounts
 
 
+@functools.lru_cache(maxsize=4096)  # a fleet uses few names; a hit costs ~0.1 µs against 0.2-0.6 µs
 def normalise_names(provider: str | None, model: str) -> tuple[str | None, str]:
     """Lower-case and trim; take the provider from ``provider/model`` when none is given.
 

@@ -29,5 +29,7 @@ def run(settings: Settings) -> None:
         http="httptools",
         # per-request access logs cost more than validating a request; metrics cover traffic
         access_log=False,
+        # nothing reads the client address, so X-Forwarded-* need not be parsed on every request
+        proxy_headers=False,
         log_level=settings.log_level.lower(),
     )
