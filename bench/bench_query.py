@@ -42,7 +42,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "integration")]
 import clickhouse_connect  # noqa: E402
 import httpx  # noqa: E402
 
-from bench.stage_bench import machine, replace_section  # noqa: E402
+from bench.stage_bench import cpu_seconds, machine, replace_section  # noqa: E402
 from query_api.filters import Filters  # noqa: E402
 from query_api.usage_sql import OVERVIEW_MEASURES, GroupBy, UsageQuery, build_usage_query  # noqa: E402
 from query_api_stack import migrate, spawn_query_api  # noqa: E402
@@ -138,12 +138,6 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), p95
 
 
-def cpu_ms(pid: int) -> float:
-    """CPU time (user + system) a process has used so far, in ms."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
-
-
 class Timing:
     """Wall-clock ms of each run, and CPU ms per run of the processes watched (load-independent)."""
 
@@ -153,12 +147,12 @@ class Timing:
         self.cpu: dict[str, float] = {}
 
     def run(self, repeat: int, once) -> Timing:
-        before = {name: cpu_ms(pid) for name, pid in self.pids.items()}
+        before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         for _ in range(repeat):
             t = time.perf_counter()
             once()
             self.samples.append((time.perf_counter() - t) * 1000)
-        self.cpu = {name: (cpu_ms(pid) - before[name]) / repeat for name, pid in self.pids.items()}
+        self.cpu = {name: (cpu_seconds(pid) - before[name]) * 1000 / repeat for name, pid in self.pids.items()}
         return self
 
     def wall(self) -> str:
