@@ -55,22 +55,39 @@ _METADATA_TIMEOUT_S = 2.0
 _USABLE_WAIT_S = 1.0
 
 
-def encode_records(
-    tenant: str, project: str, received_at: str, events: Sequence[Any], max_bytes: int = MAX_RECORD_BYTES
-) -> list[tuple[bytes, bytes]]:
-    """``(key, value)`` envelope records of contract v1 for one project, split if too large."""
-    key = record_key(tenant, project)
-    value = encode(raw_envelope(tenant, project, received_at, events))
+def encode_events(events: Sequence[Any], max_bytes: int = MAX_RECORD_BYTES) -> list[bytes]:
+    """The events as comma-separated JSON, in parts of at most ``max_bytes`` (one larger event is a part)."""
+    value = encode(events)[1:-1]
     if len(value) <= max_bytes or len(events) == 1:
-        return [(key, value)]
+        return [value]
     # one spare part because events differ in size; a part still too large splits again
     parts = -(-len(value) // max_bytes) + 1
     step = -(-len(events) // parts)
-    return [
-        record
-        for start in range(0, len(events), step)
-        for record in encode_records(tenant, project, received_at, events[start : start + step], max_bytes)
-    ]
+    return [part for start in range(0, len(events), step) for part in encode_events(events[start : start + step], max_bytes)]
+
+
+def encode_records(
+    tenant: str, project: str, received_at: str, parts: Sequence[bytes], max_bytes: int = MAX_RECORD_BYTES
+) -> list[tuple[bytes, bytes]]:
+    """``(key, value)`` envelope records of contract v1 for one project holding the encoded ``parts``
+    in order, each record at most ``max_bytes`` unless a single part is larger."""
+    key = record_key(tenant, project)
+    empty = encode(raw_envelope(tenant, project, received_at, []))
+    assert empty.endswith(b"[]}"), "the events must be the envelope's last field"
+    head, tail = empty[:-2], b"]}"
+    room = max_bytes - len(empty)
+    records: list[tuple[bytes, bytes]] = []
+    current: list[bytes] = []
+    size = 0
+    for part in parts:
+        if current and size + len(part) > room:
+            records.append((key, head + b",".join(current) + tail))
+            current, size = [], 0
+        current.append(part)
+        size += len(part) + 1
+    if current:
+        records.append((key, head + b",".join(current) + tail))
+    return records
 
 
 class _Ticket:
@@ -85,13 +102,13 @@ class _Ticket:
 
 
 class _Batch:
-    """Events of one tenant/project gathered during one event-loop turn."""
+    """Encoded events of one tenant/project gathered during one event-loop turn."""
 
-    __slots__ = ("received_at", "events", "tickets")
+    __slots__ = ("received_at", "parts", "tickets")
 
     def __init__(self, received_at: str):
         self.received_at = received_at
-        self.events: list[Any] = []
+        self.parts: list[bytes] = []
         self.tickets: list[_Ticket] = []
 
 
@@ -112,7 +129,7 @@ class Publisher:
         self._pending: dict[tuple[str, str], _Batch] = {}
         self._sending: set[asyncio.Task[None]] = set()
         self._waiting: deque[_Ticket] = deque()
-        self._event_bytes = 400.0  # encoded size of one event, re-estimated at every flush
+        self._event_bytes = 400.0  # encoded size of one event, re-estimated at every request
         self._expirer: asyncio.Task[None] | None = None
         self._connect_failures = 0
         self.in_flight = 0
@@ -255,16 +272,17 @@ class Publisher:
                 raise BrokerUnavailable(f"Kafka at {self._settings.kafka_bootstrap} is not reachable") from None
             finally:
                 self.in_flight -= n_events
+        encoded = [(project, self._encode(events)) for project, events in by_project.items()]
         loop = asyncio.get_running_loop()
         ticket = _Ticket(loop.create_future(), time.monotonic() + self._timeout_s)
         self._waiting.append(ticket)
         if not self._pending:
             loop.call_soon(self._flush)
-        for project, events in by_project.items():
+        for project, parts in encoded:
             batch = self._pending.get((tenant, project))
             if batch is None:
                 batch = self._pending[(tenant, project)] = _Batch(received_at)
-            batch.events += events
+            batch.parts += parts
             batch.tickets.append(ticket)
         self.in_flight += n_events
         try:
@@ -295,19 +313,25 @@ class Publisher:
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
+    def _encode(self, events: list[Any]) -> list[bytes]:
+        """Encoded here, in the request's task right after validation, while the events are still in
+        the CPU caches: encoding them at the flush, coalesced with other requests' events, cost up to
+        twice as much (in-process: 0.42 against 0.7-1.1 us per event). Pre-split by the last observed
+        event size, so that an oversized part rarely needs encoding twice."""
+        step = max(1, int(MAX_RECORD_BYTES * 0.8 / self._event_bytes))
+        parts = []
+        for start in range(0, len(events), step):
+            parts += encode_events(events[start : start + step])
+        self._event_bytes = max(64.0, sum(len(part) for part in parts) / len(events))
+        return parts
+
     async def _send(self, batches: dict[tuple[str, str], _Batch]) -> None:
         producer = self._producer
         planned = []
         for (tenant, project), batch in batches.items():
             if all(ticket.future.done() for ticket in batch.tickets):
                 continue  # every request of this batch already got its 503 (connection lost)
-            # pre-split by the last observed event size: encoding an oversized envelope only to
-            # split it would cost a second encode
-            step = max(1, int(MAX_RECORD_BYTES * 0.8 / self._event_bytes))
-            records = []
-            for start in range(0, len(batch.events), step):
-                records += encode_records(tenant, project, batch.received_at, batch.events[start : start + step])
-            self._event_bytes = max(64.0, sum(len(value) for _, value in records) / len(batch.events))
+            records = encode_records(tenant, project, batch.received_at, batch.parts)
             for ticket in batch.tickets:
                 ticket.remaining += len(records)
             planned.append((batch.tickets, records))

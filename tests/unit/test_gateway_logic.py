@@ -24,7 +24,7 @@ from ingest_gateway.logic import (
     validate_body,
     validate_event,
 )
-from ingest_gateway.publisher import encode_records
+from ingest_gateway.publisher import encode_events, encode_records
 from spendstream.contracts import TOKEN_FIELDS, TOKEN_PARENTS, record_key
 from spendstream.settings import REPO_ROOT
 
@@ -280,7 +280,9 @@ def test_gzip_is_inflated_within_the_limit():
 
 def test_records_are_envelopes_keyed_by_tenant_and_project_and_split_when_large():
     result = validate_body(orjson.dumps([{**BASE, "event_id": f"e{i}"} for i in range(100)]), False, 100, CTX)
-    records = encode_records("acme", "bot", CTX.received_at_str, result.by_project["bot"], max_bytes=4_000)
+    parts = encode_events(result.by_project["bot"], max_bytes=1_500)
+    assert len(parts) > 1 and all(len(part) <= 1_500 for part in parts)
+    records = encode_records("acme", "bot", CTX.received_at_str, parts, max_bytes=4_000)
     assert len(records) > 1 and all(key == record_key("acme", "bot") for key, _ in records)
     envelopes = [orjson.loads(value) for _, value in records]
     assert all(len(value) <= 4_000 for _, value in records)
