@@ -267,6 +267,25 @@ async def test_retried_insert_with_token_is_deduplicated_in_raw_table_and_mv(cli
     assert totals() == (4, 123)
 
 
+def test_failing_materialized_view_fails_the_insert(server: EmbeddedClickHouse, client) -> None:
+    # chDB's streaming insert reports success when a view fails; a server answers with the error
+    client.command("CREATE TABLE src (n Int64) ENGINE = MergeTree ORDER BY n")
+    client.command("CREATE TABLE dst (n Int64) ENGINE = MergeTree ORDER BY n")
+    client.command("CREATE MATERIALIZED VIEW dst_mv TO dst AS SELECT n + throwIf(n = 13, 'unlucky') AS n FROM src")
+    with pytest.raises(DatabaseError) as err:
+        client.insert("src", [[n] for n in range(20)], column_names=["n"])
+    assert err.value.code == 395  # FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
+    answer = httpx.post(
+        server.url, params={"database": client.database, "query": "INSERT INTO src FORMAT JSONEachRow"},
+        content=b'{"n": 12}\n{"n": 13}\n',
+    )
+    assert answer.status_code == 500
+    assert answer.headers["X-ClickHouse-Exception-Code"] == "395"
+    assert answer.text.startswith("Code: 395. DB::Exception: unlucky")
+    client.insert("src", [[n] for n in range(3)], column_names=["n"])
+    assert client.command("SELECT count() FROM dst") == 3
+
+
 def test_split_insert_finds_where_data_starts() -> None:
     native = b"INSERT INTO t (`a`, `format`) FORMAT Native\n\x09\x01"
     assert split_insert(native, final=False) == InsertSplit("INSERT INTO t (`a`, `format`)", "Native", len(native) - 2)
@@ -278,12 +297,20 @@ def test_split_insert_finds_where_data_starts() -> None:
     assert split_insert(b"INSERT INTO t /* FORMAT", final=False) is NEED_MORE
 
 
-def test_truncated_insert_body_commits_nothing(server: EmbeddedClickHouse, client) -> None:
-    client.command("CREATE TABLE cut (a Int64) ENGINE = MergeTree ORDER BY a")
-    block = client.raw_query("SELECT number AS a FROM numbers(1000)", fmt="Native")
+@pytest.mark.parametrize("blank_line", [False, True], ids=["whole-query", "streamed"])
+def test_truncated_insert_body_commits_nothing(server: EmbeddedClickHouse, client, blank_line: bool) -> None:
+    # data with a blank line takes chDB's streaming insert, the rest runs as one query (PendingInsert)
+    client.command("CREATE TABLE cut (a Int64, s String) ENGINE = MergeTree ORDER BY a")
+    text = "'\\n\\n'" if blank_line else "''"
+    block = client.raw_query(f"SELECT number AS a, if(a = 500, {text}, '') AS s FROM numbers(1000)", fmt="Native")
+    assert (b"\n\n" in block) == blank_line
     session = f"cut-{uuid.uuid4()}"
     query = f"INSERT INTO {client.database}.cut FORMAT Native"
-    running = f"SELECT count() FROM system.processes WHERE query = '{query}'"
+
+    def session_error() -> str | None:
+        # session_check: probing never creates the session the insert is about to open
+        answer = httpx.post(server.url, params={"session_id": session, "session_check": 1}, content="SELECT 1")
+        return answer.headers.get("X-ClickHouse-Exception-Code")
 
     def send_chunked(terminated: bool) -> None:
         with socket.create_connection((server.host, server.port)) as sock:
@@ -295,10 +322,10 @@ def test_truncated_insert_body_commits_nothing(server: EmbeddedClickHouse, clien
             if terminated:
                 assert sock.recv(12) == b"HTTP/1.1 200"
                 return
-            while client.command(running) != 1:  # the server is inside the insert, data in hand
+            while session_error() != "373":  # SESSION_IS_LOCKED: the server is inside the insert, data in hand
                 pass
         # the connection dropped before the terminating chunk; the insert holds the session until cancelled
-        while httpx.post(server.url, params={"session_id": session}, content="SELECT 1").status_code != 200:
+        while session_error() is not None:
             pass
 
     send_chunked(terminated=False)
