@@ -86,7 +86,10 @@ class ProcessorsSettings(BaseModel):
         "each adds up to this much to an alert's latency"
     )
     sink_batch_rows: int = Field(10_000, ge=1)
-    sink_batch_seconds: float = Field(1.0, gt=0)
+    sink_batch_seconds: float = Field(
+        0.2, gt=0, description="longest wait of a consumed record before the sink inserts it (freshness); under a "
+        "backlog inserts grow past it while the previous one runs"
+    )
     allowed_lateness_hours: float = Field(48.0, ge=0)
     budgets_reload_s: float = Field(
         1.0, gt=0, description="how often the budgets stage and the gateway's budget check re-read `budgets`"
