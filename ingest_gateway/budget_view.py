@@ -67,6 +67,9 @@ class BudgetView:
         self.budgets_loaded = False
         self.state_caught_up = False
         self._tasks: list[asyncio.Task[None]] = []
+        #: checked by the loops: aiokafka's ``consumer.stop()`` can swallow a cancel, which would
+        #: otherwise leave a loop running and ``close()`` waiting for ever
+        self._closing = False
         self._reader = BudgetReader(settings)
 
     @property
@@ -80,6 +83,7 @@ class BudgetView:
         ]
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -107,7 +111,7 @@ class BudgetView:
     # -- keeping it -----------------------------------------------------------------------------
     async def _reload_budgets_forever(self) -> None:
         failing = False
-        while True:
+        while not self._closing:
             try:
                 index = await asyncio.to_thread(self._reader.read_if_changed)
                 if index is not None:
@@ -134,7 +138,7 @@ class BudgetView:
             self.state[key] = record
 
     async def _follow_state_forever(self) -> None:
-        while True:
+        while not self._closing:
             consumer = AIOKafkaConsumer(**client_kwargs(self._settings), group_id=None, enable_auto_commit=False)
             try:
                 await ensure_topics(self._settings, (BUDGET_STATE,))
@@ -156,7 +160,7 @@ class BudgetView:
         # caught up once every partition's position reached the fetch high watermark of the
         # first fetch that reported one (after that, records are just followed)
         targets: dict[TopicPartition, int] = {}
-        while True:
+        while not self._closing:
             batch = await consumer.getmany(timeout_ms=500, max_records=MAX_RECORDS_PER_TURN)
             now_ms = int(time.time() * 1000)
             for records in batch.values():
