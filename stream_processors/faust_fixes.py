@@ -27,6 +27,12 @@ ways a record gets skipped, and what this module does about each:
    over a real ack duplicates the offset. Here the commit is the end of the run of acked (or
    real-gap) offsets that starts exactly where the partition was last committed or sought to.
 
+5. ``_drain_messages`` skips records below its read offset, which it sets after each delivery;
+   when ``perform_seek`` runs while a delivery is in flight, the stale offset overwrites the
+   sought one and the records fetched again after the seek are skipped silently (seen: a
+   restarted pricing worker that never committed again). Here the sequence check above is the
+   only filter for stream records.
+
 The consumer is installed by ``StageApp`` (used by ``stream_processors.app.create_app``) for
 every stage. It depends on Faust internals (``_acked``, ``_gap``, ``_read_offset``); the
 regression tests in tests/integration/test_faust_recovery.py pin the behaviour.
@@ -98,6 +104,9 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
             elif tp not in rewound:
                 seek_to = self._out_of_sequence(tp, message.offset)
                 if seek_to is None:
+                    # this filter alone decides (see 5. above): Faust's own skips every record
+                    # below its read offset, which a delivery in flight during a seek leaves stale
+                    self._read_offset[tp] = None
                     yield tp, message
                 elif seek_to >= 0:
                     rewound.add(tp)
