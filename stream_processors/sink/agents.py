@@ -1,8 +1,8 @@
 """Sink wiring: usage.priced -> ClickHouse ``usage_events_in`` -> ``usage_events`` (and through it, every MV).
 
 Records are taken from the stream in chunks (``noack_take``: nothing is acked until stored) and
-buffered until ``sink_batch_rows`` rows are pending or the oldest has waited ``sink_batch_seconds``;
-then the writer task takes everything pending. While it writes, consumption goes on, up to
+buffered until ``sink_batch_rows`` rows are pending or the oldest has waited ``sink_batch_seconds``
+(or at once when the sink is caught up after a quiet spell: :meth:`Sink.flush_if_due`); then the writer task takes everything pending. While it writes, consumption goes on, up to
 ``MAX_INSERT_ROWS`` pending rows (then it pauses), so under a backlog inserts grow to that size:
 ClickHouse's cost per insert is large and fixed (six tables, a part each), its cost per row small.
 A write follows OpenMeter's order:
@@ -89,6 +89,10 @@ class Sink:
         self.pending: Pending = []
         self.pending_rows = 0
         self.oldest: float | None = None
+        #: when the writer last took a batch; with :attr:`caught_up`, spaces idle-time inserts
+        self.last_take = 0.0
+        #: the last chunk taken from the stream was short: nothing more is waiting in Kafka
+        self.caught_up = False
         #: set when pending is due for the writer
         self.due = asyncio.Event()
         #: set when pending has room: consumption goes on
@@ -117,6 +121,8 @@ class Sink:
                     self.pending.append((event, item))
                 if self.oldest is None and self.pending:
                     self.oldest = time.monotonic()
+                self.caught_up = len(events) < TAKE_RECORDS
+                self.flush_if_due()
                 if self.pending_rows >= self.batch_rows or len(self.pending) >= self.batch_rows:
                     self.due.set()
                 if self.pending_rows >= MAX_INSERT_ROWS:
@@ -128,12 +134,19 @@ class Sink:
             self.writer.close()
 
     def flush_if_due(self) -> None:
-        if self.oldest is not None and time.monotonic() - self.oldest >= self.batch_seconds:
+        """Due when the oldest pending record waited the batch window, or at once when the sink is
+        caught up and the last insert began a window ago: a record after a quiet spell waits for
+        nothing, and inserts still come at most once per window when records trickle in."""
+        if self.oldest is None:
+            return
+        now = time.monotonic()
+        if now - self.oldest >= self.batch_seconds or (self.caught_up and now - self.last_take >= self.batch_seconds):
             self.due.set()
 
     def take_pending(self) -> Pending:
         batch = self.pending
         self.pending, self.pending_rows, self.oldest = [], 0, None
+        self.last_take = time.monotonic()
         self.due.clear()
         self.room.set()
         return batch
