@@ -51,7 +51,10 @@ MAX_SESSION_TIMEOUT_S = 3600
 MAX_URI_BYTES = 1_048_576  # ClickHouse's http_max_uri_size: params and inserts travel in the URL
 
 INSERT_BATCH_BYTES = 1 << 20  # body bytes (as sent, maybe compressed) per engine call; amortises thread hops
-WHOLE_INSERT_MAX_BYTES = 128 << 20  # decoded insert data kept to run as one query (see PendingInsert)
+# Decoded insert data run as one query (see PendingInsert): that way costs about the same per insert
+# up to here, but about twice the engine CPU per row for large inserts (75k-row sink inserts:
+# ~11.8 vs ~5.5 µs per row), so larger inserts stream.
+WHOLE_INSERT_MAX_BYTES = 1 << 20
 WORKER_THREADS = 8
 SHUTDOWN_GRACE_S = 10.0
 
@@ -692,11 +695,12 @@ class PendingInsert:
     As one query (statement and data in one text) when it fits in memory and chDB can parse it:
     that way a failing materialized view fails the insert, as on a server. chDB's streaming
     ``send_insert`` reports success although a view failed (the source keeps its rows, the view's
-    target gets none), so the client would never retry. It also costs more CPU per insert
-    (measured: ~0.12 vs ~0.08 CPU s for a 10-row insert through six views). But chDB cuts data
-    that is part of the query text at its first empty line (RowBinary cut silently, CSV with a
-    quoted blank line refused), so data holding one (most binary data) and data larger than
-    :data:`WHOLE_INSERT_MAX_BYTES` are streamed, where a view's failure stays unreported.
+    target gets none), so the client would never retry. But chDB cuts data that is part of the
+    query text at its first empty line (RowBinary cut silently, CSV with a quoted blank line
+    refused), and parses such data at about twice the CPU per row, so data holding a blank line
+    (much binary data) and data larger than :data:`WHOLE_INSERT_MAX_BYTES` are streamed, where a
+    view's failure stays unreported: small inserts (the sink's when it is caught up) fail as on a
+    server, large ones (a backlog's) do not.
     """
 
     statement: str
