@@ -373,7 +373,12 @@ class Stack:
             self._terminate(comp)
 
     def __enter__(self) -> "Stack":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            # ``__exit__`` does not run when ``__enter__`` raises: stop what did start
+            self.stop()
+            raise
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
