@@ -6,7 +6,8 @@
 Throughput: a fresh embedded broker (4 partitions) and ClickHouse; usage.priced is loaded first
 with ``--rows`` priced events (what the pricing stage writes, headers included, ``--per-record``
 events per record), then `spendstream processors --stages sink` starts with the default settings
-(10k rows / 1 s batches, growing to 100k-row inserts under a backlog). Rate = rows / (time the
+(10k rows / 0.2 s batches, an insert at once when caught up, growing to 100k-row inserts under a
+backlog). Rate = rows / (time the
 sink's row counter reached ``--rows`` - time it reported ready): src-watermark filter, JSONEachRow
 body and the insert through the embedded ClickHouse's HTTP interface, which parses the records
 (usage_events_in) and fills usage_events and its five materialized views. CPU µs per row of the
@@ -42,6 +43,7 @@ from stream_processors.pricing.logic import PricingStage, RawRecord
 
 TARGET_ROWS = 100_000
 TARGET_P99 = 2.0
+SYSTEM_TARGET_P99 = 1.0
 
 
 def priced_backlog(rows: int, per_record: int, partitions: int) -> list[tuple[bytes, bytes, int]]:
@@ -177,7 +179,7 @@ def main() -> None:
             f"Measured {machine()}, with `.venv/bin/python -m bench.bench_sink --freshness --rate {args.rate:g}"
             f" --seconds {args.seconds:g} --warmup {args.warmup:g}`.",
             "Gateway, pricing and sink as child processes (`spendstream.devstack.Stack`, default settings:"
-            " pricing batches 0.2 s, sink batches 10k rows / 1 s) on the embedded broker and ClickHouse.",
+            " pricing batches 0.2 s, sink batches 10k rows / 0.2 s) on the embedded broker and ClickHouse.",
             f"{r['requests']:,} measured requests of 50 events ({r['events']:,} events) at {r['rate']:g} events/s"
             f" after {args.warmup:g} s of warm-up traffic; freshness = first seen in `usage_minute` (polled every"
             " 20 ms) - the gateway's 202.",
@@ -186,9 +188,12 @@ def main() -> None:
             "|---|---|---|",
             f"| {r['p50']:.2f} s | {r['p99']:.2f} s | {r['max']:.2f} s |",
             "",
-            f"- Target p99 ≤ {TARGET_P99:g} s: " + ("**PASS**" if r["p99"] <= TARGET_P99 else "**FAIL**") + ".",
-            "- Most of it is batching by design: the sink flushes every `SPENDSTREAM_PROCESSORS__SINK_BATCH_SECONDS`"
-            " (1 s) unless 10k rows are pending first.",
+            f"- Target p99 ≤ {TARGET_P99:g} s (sink issue): " + ("**PASS**" if r["p99"] <= TARGET_P99 else "**FAIL**")
+            + f"; ≤ {SYSTEM_TARGET_P99:g} s (system benchmark issue): "
+            + ("**PASS**" if r["p99"] <= SYSTEM_TARGET_P99 else "**FAIL**") + ".",
+            "- Most of it is batching by design: the sink inserts at most once per"
+            " `SPENDSTREAM_PROCESSORS__SINK_BATCH_SECONDS` (0.2 s; at once when it has caught up with its input),"
+            " unless 10k rows are pending first; each insert has a fixed ClickHouse cost (see the Sink section).",
         ]
     else:
         r = throughput(args.rows, args.per_record)
@@ -203,7 +208,7 @@ def main() -> None:
             "",
             f"Measured {machine()}, with `.venv/bin/python -m bench.bench_sink --rows {args.rows}"
             f" --per-record {args.per_record}`.",
-            "One worker (`spendstream processors --stages sink`, default settings: 10k rows / 1 s per flush) draining"
+            "One worker (`spendstream processors --stages sink`, default settings: 10k rows / 0.2 s per flush, inserts growing to 100k rows under a backlog) draining"
             " a backlog of priced records from the embedded broker (4 partitions) into the embedded ClickHouse"
             " over HTTP: `usage_events` plus its five materialized views (minute/hour/day/tags/ingest progress).",
             "",
