@@ -180,38 +180,64 @@ async def raw_kafka(settings: Settings, bodies: Bodies, seconds: float) -> dict[
 
 
 def raw_insert(settings: Settings, bodies: Bodies, rows: int = 200_000, per_insert: int = 10_000) -> dict[str, float]:
-    """rows/s of clickhouse-connect inserts of the sink's columns: plain table, product schema; latencies."""
+    """rows/s of clickhouse-connect inserts, product schema; latencies. Two forms of the same rows:
+    the sink's own insert (a JSONEachRow body of priced records into ``usage_events_in``, which
+    ClickHouse unpacks into usage_events and its views), and the rows as Native columns into a
+    plain copy of usage_events (no views: the floor)."""
+    from spendstream.contracts import priced_envelope
     from spendstream.migrate import main as migrate
-    from stream_processors.sink.logic import COLUMNS, PricedRecord, TimestampParser, to_columns
+    from stream_processors.sink.logic import PricedRecord, json_rows
+    from stream_processors.sink.writer import INSERT_SETTINGS, TABLE
 
     scratch = f"bench_baseline_{uuid.uuid4().hex[:8]}"
     scratch_settings = settings.model_copy(update={"clickhouse": settings.clickhouse.model_copy(update={"database": scratch})})
     with open(os.devnull, "w") as quiet, redirect_stdout(quiet):  # the migrator prints a line per file
         assert migrate(scratch_settings) == 0
     client = get_client(scratch_settings)
+    events: list[dict] = []
+    while len(events) < per_insert:
+        for event in orjson.loads(bodies.next()):
+            event.update(cost_nanos=123_456, cost={"input": 100_000, "output": 23_456}, price_id="bench",
+                         pricing_status="priced", price_source="catalog")
+            events.append(event)
+    raw = {"tenant": "bench", "project": "p", "received_at": events[0]["timestamp"]}
+    per_record = 50
+    values = [orjson.dumps(priced_envelope(raw, 0, i, events[i:i + per_record]))
+              for i in range(0, per_insert, per_record)]  # fmt: skip
+    inserted = 0
+
+    def sink_insert(values: list[bytes]) -> None:
+        # fresh Kafka offsets per insert, as the sink's would be: identical blocks would be deduplicated
+        nonlocal inserted
+        records = [PricedRecord(0, inserted + n, 0, 0, inserted + n, 0, value) for n, value in enumerate(values)]
+        inserted += len(values)
+        client.raw_insert(TABLE, None, json_rows(records), fmt="JSONEachRow",
+                          settings={**INSERT_SETTINGS, "insert_deduplication_token": f"bench-{inserted}"})
+
     try:
         client.command("CREATE TABLE plain AS usage_events")
-        events = []
-        while len(events) < per_insert:
-            for event in orjson.loads(bodies.next()):
-                event.update(cost_nanos=123_456, cost={"input": 100_000, "output": 23_456}, price_id="bench",
-                             pricing_status="priced", price_source="catalog")
-                events.append(event)
-        record = PricedRecord(0, 0, 0, {"tenant": "bench", "project": "p", "received_at": events[0]["timestamp"],
-                                        "src": {"partition": 0, "offset": 0}, "events": events[:per_insert]})
-        columns = to_columns([record], TimestampParser())
+        sink_insert(values)
+        stored = client.query(f"SELECT * FROM usage_events LIMIT {per_insert}")
+        columns, names = list(stored.result_columns), list(stored.column_names)
         out: dict[str, float] = {}
-        for table, label in (("plain", "insert_plain_rows_s"), ("usage_events", "insert_with_views_rows_s")):
-            started = time.monotonic()
-            for _ in range(rows // per_insert):
-                client.insert(table, columns, column_names=list(COLUMNS), column_oriented=True)
-            out[label] = rows / (time.monotonic() - started)
+        started = time.monotonic()
+        for _ in range(rows // per_insert):
+            client.insert("plain", columns, column_names=names, column_oriented=True)
+        out["insert_plain_rows_s"] = rows / (time.monotonic() - started)
+        started = time.monotonic()
+        for _ in range(rows // per_insert):
+            sink_insert(values)
+        out["insert_with_views_rows_s"] = rows / (time.monotonic() - started)
+        one_value = [orjson.dumps(priced_envelope(raw, 0, 0, events[:1]))]
         one_row = [col[:1] for col in columns]
-        for table, label in (("plain", "insert_one_plain"), ("usage_events", "insert_one")):
+        for label, insert_one in (
+            ("insert_one_plain", lambda: client.insert("plain", one_row, column_names=names, column_oriented=True)),
+            ("insert_one", lambda: sink_insert(one_value)),
+        ):
             samples = []
             for _ in range(100):
                 started = time.monotonic()
-                client.insert(table, one_row, column_names=list(COLUMNS), column_oriented=True)
+                insert_one()
                 samples.append(time.monotonic() - started)
             out[label] = Latency.of(samples)
         samples = []

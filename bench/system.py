@@ -419,10 +419,10 @@ def render(f: Figures) -> str:
         f"| raw aiokafka produce, the gateway's records (snappy, acks=all) | {b['kafka']['produce_events_s']:,.0f} events/s |",
         f"| raw aiokafka consume of those records | {b['kafka']['consume_events_s']:,.0f} events/s |",
         f"| raw aiokafka one record produce → consume | {b['kafka']['hop']} |",
-        f"| raw INSERT, sink's columns, 10k rows/insert, plain table | {b['insert']['insert_plain_rows_s']:,.0f} rows/s |",
-        f"| raw INSERT, same, into usage_events (five materialized views) | {b['insert']['insert_with_views_rows_s']:,.0f} rows/s |",
+        f"| raw INSERT, 10k rows/insert as Native columns, plain copy of usage_events | {b['insert']['insert_plain_rows_s']:,.0f} rows/s |",
+        f"| raw INSERT, the same rows as the sink sends them (JSONEachRow priced records into usage_events_in → usage_events + five views) | {b['insert']['insert_with_views_rows_s']:,.0f} rows/s |",
         f"| raw INSERT of one row, plain table | {b['insert']['insert_one_plain']} |",
-        f"| raw INSERT of one row into usage_events (five materialized views) | {b['insert']['insert_one']} |",
+        f"| raw INSERT of one event as the sink sends it (usage_events_in → usage_events + five views) | {b['insert']['insert_one']} |",
         f"| `SELECT 1` over HTTP | {b['insert']['select_1']} |",
         "",
     ]

@@ -54,8 +54,11 @@ class PricedLine(NamedTuple):
     price_source: str  # contracts.PRICE_SOURCES
 
     def event_fields(self) -> dict[str, Any]:
-        """The PricedEvent fields to merge into the normalised event."""
-        return self._asdict()
+        """The PricedEvent fields to merge into the normalised event (spelled out: NamedTuple's
+        ``_asdict`` was a fifth of the pricing stage's profile)."""
+        cost, cost_nanos, price_id, pricing_status, price_source = self
+        return {"cost": cost, "cost_nanos": cost_nanos, "price_id": price_id,
+                "pricing_status": pricing_status, "price_source": price_source}  # fmt: skip
 
 
 #: builds a PricedLine without NamedTuple's Python-level __new__ (a third of the hot path's overhead)
