@@ -39,6 +39,9 @@ UNKNOWN_MODEL = Counter(
     "Events stored at cost 0 with pricing_status='unknown_model' (add a price, then re-price)",
 )
 DLQ_RECORDS = Counter("spendstream_pricing_dlq_records_total", "Dead-letter records written")
+SKIPPED_OFFSETS = Counter(
+    "spendstream_pricing_skipped_offsets_total", "usage.raw offsets that never reached the pricing agent (must stay 0)"
+)
 RECORDS = Counter("spendstream_pricing_records_total", "usage.raw records consumed")
 BATCH_SECONDS = Histogram("spendstream_pricing_batch_seconds", "Time to price and write one batch")
 DEDUPE_IDS = Gauge("spendstream_pricing_dedupe_ids", "Event ids in the dedupe index", multiprocess_mode="livesum")
@@ -135,9 +138,27 @@ def register(app: faust.App, settings: Settings) -> None:
     def owned_raw_partitions() -> set[int]:
         return {tp.partition for tp in app.consumer.assignment() if tp.topic == raw.get_topic_name()}
 
+    #: raw partition -> offset of the last record priced; a tripwire for skipped input (the consumer
+    #: guarantees contiguous delivery, see faust_fixes.py: if this ever fires, that guarantee broke)
+    last_priced: dict[int, int] = {}
+
+    @app.on_partitions_revoked.connect
+    async def forget_positions(sender: faust.App, revoked: set, **kwargs) -> None:
+        last_priced.clear()
+
+    def note_positions(records: list[RawRecord]) -> None:
+        for r in records:
+            previous = last_priced.get(r.partition)
+            if previous is not None and r.offset > previous + 1:
+                SKIPPED_OFFSETS.inc(r.offset - previous - 1)
+                log.error("usage.raw partition %d: offsets %d..%d skipped (priced %d, then %d)",
+                          r.partition, previous + 1, r.offset - 1, previous, r.offset)
+            last_priced[r.partition] = r.offset
+
     async def handle(events: list[faust.EventT]) -> None:
         started = time.perf_counter()
         records = [RawRecord(e.message.partition, e.message.offset, e.message.key, e.message.value) for e in events]
+        note_positions(records)
         result = await asyncio.to_thread(stage.process, records, int(time.time() * 1000), owned_raw_partitions())
         for partition, key, value in result.chunk_writes:
             if value is None:
