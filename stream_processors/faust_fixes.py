@@ -33,6 +33,19 @@ ways a record gets skipped, and what this module does about each:
    restarted pricing worker that never committed again). Here the sequence check above is the
    only filter for stream records.
 
+6. Faust's recovery seeks the stream partitions to their committed offsets with flow already on
+   (after reading a table's changelog) and only then calls ``app.flow_control.resume()``, which
+   *clears every stream queue*: records the fetch loop handed out in between vanish, neither
+   processed nor acked, and the agent goes on with the next one. (A restarted pricing worker's
+   output went from raw offset 141 to 143: 142 was the first record after the seek.) Here no
+   stream record is handed out for a partition until ``perform_seek`` has set where its records
+   start in this assignment, and after a seek not before Faust resumes the consumer's flow, which
+   it does right after that clearing resume. Records held back count as not handed out and are
+   fetched again.
+7. Should a record handed out still be dropped unprocessed (a stream skips it, or flow control
+   clears it from a queue), the consumer seeks back to it before handing out anything more of
+   that partition, with an ERROR: processed out of order, but processed.
+
 The consumer is installed by ``StageApp`` (used by ``stream_processors.app.create_app``) for
 every stage. It depends on Faust internals (``_acked``, ``_gap``, ``_read_offset``); the
 regression tests in tests/integration/test_faust_recovery.py pin the behaviour.
@@ -49,6 +62,8 @@ from faust.transport.consumer import ack_lock
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP, Message
 from mode.utils.futures import notify
+from mode.utils.objects import cached_property
+from mode.utils.queues import FlowControlEvent
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +84,13 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
         self._rewinds: dict[TP, tuple[int, int, int]] = {}
         #: per stream partition in the batch being handed out, the offset after its last record
         self._fetched_to: dict[TP, int] = {}
+        #: per stream partition, the lowest offset handed out but dropped unprocessed (see 7.)
+        self._skipped: dict[TP, int] = {}
+        #: closed by a seek until Faust resumes flow (see 6.)
+        self._held_since_seek = False
 
     async def perform_seek(self) -> None:
+        self._held_since_seek = True
         committed = await self.seek_to_committed()
         positions = {tp: offset for tp, offset in committed.items() if offset and offset > 0}
         unset = [tp for tp in committed if tp not in positions]
@@ -95,13 +115,46 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
         }
         return records
 
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        for tp in revoked:
+            self._forget(tp)
+        await super().on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+        # a partition kept over the rebalance is sought again too; until then nothing is handed out
+        for tp in assigned:
+            self._forget(tp)
+        await super().on_partitions_assigned(assigned, generation_id)
+
+    def resume_flow(self) -> None:
+        self._held_since_seek = False
+        super().resume_flow()
+
+    def note_dropped(self, message: Message) -> None:
+        """A record handed out is gone without being processed: fetch it again (see 7.)."""
+        if message.tracked or not self.app.topics.acks_enabled_for(message.topic):
+            return
+        tp = message.tp
+        if message.offset < self._skipped.get(tp, message.offset + 1):
+            self._skipped[tp] = message.offset
+
+    def _forget(self, tp: TP) -> None:
+        self._next_offset.pop(tp, None)
+        self._commit_from.pop(tp, None)
+        self._rewinds.pop(tp, None)
+        self._skipped.pop(tp, None)
+
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
         self._fetched_to = {}
         rewound: set[TP] = set()
+        if self._skipped:
+            rewound.update(await self._seek_back_to_skipped())
         async for tp, message in super().getmany(timeout):
+            if self._skipped:
+                rewound.update(await self._seek_back_to_skipped())
             if not self.app.topics.acks_enabled_for(message.topic):
                 yield tp, message
-            elif tp not in rewound:
+            elif tp not in rewound and tp in self._next_offset and not self._held_since_seek:
                 seek_to = self._out_of_sequence(tp, message.offset)
                 if seek_to is None:
                     # this filter alone decides (see 5. above): Faust's own skips every record
@@ -121,11 +174,26 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
                             tp, fetched_to - 1, expected - 1, expected)
                 await self.seek(tp, expected)
 
+    async def _seek_back_to_skipped(self) -> set[TP]:
+        skipped, self._skipped = self._skipped, {}
+        rewound: set[TP] = set()
+        for tp, offset in skipped.items():
+            expected, start = self._next_offset.get(tp), self._commit_from.get(tp)
+            if expected is None or start is None or not start <= offset < expected:
+                continue  # sought since (rebalance), or already processed and committed
+            log.error("%s: offset %d was handed out but dropped unprocessed; seeking back to it "
+                      "(offsets up to %d were handed out after it)", tp, offset, expected - 1)
+            self._next_offset[tp] = offset
+            self._rewinds.pop(tp, None)
+            await self.seek(tp, offset)
+            rewound.add(tp)
+        return rewound
+
     def _out_of_sequence(self, tp: TP, offset: int) -> int | None:
         """None if the record is next in line (delivered), else the offset to seek back to, or
         -1 to drop it without seeking (it was delivered since the last seek)."""
-        expected = self._next_offset.get(tp)
-        if expected is None or offset == expected:
+        expected = self._next_offset[tp]
+        if offset == expected:
             self._next_offset[tp] = offset + 1
             self._rewinds.pop(tp, None)
             return None
@@ -152,10 +220,12 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
         if message.tracked or not self.app.topics.acks_enabled_for(message.topic):
             return super().ack(message)
         # A stream skipped it (flow suspended or an older generation): not processed, so not
-        # done. It is fetched again from the committed offset once the rebalance seeks there.
+        # done. A rebalance seeks back to the committed offset anyway; otherwise getmany seeks
+        # back to it (see 7.).
         with ack_lock:
             message.acked = True
             self._unacked_messages.discard(message)
+            self.note_dropped(message)
         notify(self._waiting_for_ack)
         return False
 
@@ -183,8 +253,31 @@ class ContiguousTransport(aiokafka_driver.Transport):
     Consumer = ContiguousConsumer
 
 
+class ReportingFlowControl(FlowControlEvent):
+    """Faust's flow control, telling the consumer which records its clearing of the stream queues
+    drops (``resume()`` clears them too)."""
+
+    def __init__(self, app: faust.App, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._app = app
+
+    def clear(self) -> None:
+        consumer = self._app.consumer
+        if isinstance(consumer, ContiguousConsumer):
+            for queue in list(self._queues):
+                for item in list(queue._queue):  # type: ignore[attr-defined]
+                    message = getattr(item, "message", None)
+                    if message is not None:
+                        consumer.note_dropped(message)
+        super().clear()
+
+
 class StageApp(faust.App):
     """``faust.App`` whose consumer is ``ContiguousConsumer``."""
 
     def _new_transport(self) -> ContiguousTransport:
         return ContiguousTransport(self.conf.broker_consumer, self)
+
+    @cached_property
+    def flow_control(self) -> FlowControlEvent:
+        return ReportingFlowControl(self, loop=self.loop)

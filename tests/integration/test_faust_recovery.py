@@ -234,3 +234,60 @@ async def test_records_dropped_from_a_fetched_batch_reach_the_agent_before_their
     assert "seeking back" in log, "the pause dropped no fetched record: the test did not drive the condition"
     missing = sorted(set(range(n_records)) - set(seen))
     assert not missing, f"committed {n_records} but {len(missing)} offsets never reached the agent: {missing[:20]}..."
+
+
+EARLY_FETCH_APP = Path(__file__).parent / "workers" / "faust_early_fetch.py"
+
+
+async def test_a_restarted_worker_hands_its_agent_every_record_from_the_committed_offset_in_order(
+    make_settings, unique_name, tmp_path
+):
+    """With a table to recover, Faust resumes a stream partition with flow on before seeking it to
+    its committed offset: a fetcher standing elsewhere meanwhile must not hand the agent records
+    out of order."""
+    settings = make_settings(with_clickhouse=False)
+    app_id, topic = unique_name("earlyfetch"), unique_name("fetched")
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, settings.kafka.replication_factor)])
+        await admin.create_topics([NewTopic(f"{app_id}-marks-changelog", 1, settings.kafka.replication_factor)])
+    finally:
+        await admin.close()
+    n_records, committed = 2_000, 500
+    producer = AIOKafkaProducer(**producer_kwargs(settings))
+    await producer.start()
+    try:
+        await asyncio.gather(*[await producer.send(topic, b"%d" % i) for i in range(n_records)])
+        await producer.send_and_wait(f"{app_id}-marks-changelog", b'"recovered"', key=b'"state"')
+    finally:
+        await producer.stop()
+    # the group's position, as a worker that processed the first records would have left it
+    committer = AIOKafkaConsumer(**consumer_kwargs(settings, app_id))
+    await committer.start()
+    try:
+        committer.assign([TopicPartition(topic, 0)])
+        await committer.commit({TopicPartition(topic, 0): committed})
+    finally:
+        await committer.stop()
+    assert (await committed_offsets(settings, app_id, topic, partitions=1))[0] == committed
+
+    env = {"EARLY_FETCH_APP_ID": app_id, "EARLY_FETCH_TOPIC": topic, "EARLY_FETCH_COMMITTED": str(committed)}
+    worker = FaustWorker(EARLY_FETCH_APP, "/seen/", settings, tmp_path / "early_fetch.log", env)
+    try:
+        seen = (await worker.wait_for(lambda s: n_records - 1 in s["seen"], "the last record", timeout=60))["seen"]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while (final := (await committed_offsets(settings, app_id, topic, partitions=1))[0]) < n_records:
+            assert worker.proc.poll() is None, f"worker exited:\n{worker.log_tail()}"
+            if loop.time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        snapshot = await worker.wait_for(lambda s: True, "the table")
+    finally:
+        worker.kill()
+    assert list(snapshot["marks"].values()) == ["recovered"], "no table recovery: the test took another path"
+    assert seen[0] == committed, f"the agent started at offset {seen[0]}, the group had committed {committed}"
+    jumps = [(a, b) for a, b in zip(seen, seen[1:]) if b != a + 1]
+    assert not jumps, f"the agent's offsets jump: {jumps[:10]} (records skipped, handed out later or never)"
+    assert final == n_records, f"committed {final} of {n_records} (agent saw {len(snapshot['seen'])} records)\n{worker.log_tail()}"
