@@ -105,6 +105,9 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
             self._next_offset[tp] = offset
             self._commit_from[tp] = offset
             self._rewinds.pop(tp, None)
+        log.info("stream partitions sought to %s; held until flow resumes",
+                 {f"{tp.topic}/{tp.partition}": offset for tp, offset in sorted(positions.items())
+                  if self.app.topics.acks_enabled_for(tp.topic)})
 
     async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Mapping[TP, list[Any]]:
         records = await super()._getmany(active_partitions, timeout)
@@ -127,6 +130,8 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
         await super().on_partitions_assigned(assigned, generation_id)
 
     def resume_flow(self) -> None:
+        if self._held_since_seek:
+            log.info("flow resumed: handing out stream records from the sought offsets")
         self._held_since_seek = False
         super().resume_flow()
 

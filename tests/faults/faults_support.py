@@ -8,6 +8,7 @@ never from what the stages wrote.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from spendstream.clickhouse import get_client
 from spendstream.contracts import nanos_to_usd_str, usd_to_nanos
 from spendstream.devstack import STAGES, Stack
 from spendstream.embedded import free_port
+from spendstream.topics import USAGE_PRICED, USAGE_RAW
 
 log = logging.getLogger("spendstream.faults")
 
@@ -322,3 +324,66 @@ def run_kills(stack: Stack, schedule: list[tuple[float, str]], started: float, d
         done.append((time.monotonic() - started, name))
         stack.wait_healthy((name,), timeout=180)
     stack.wait_healthy(timeout=180)
+
+
+# -- diagnosis of a failed run ----------------------------------------------------------------------
+def locate_missing(stack: Stack, truth: Truth, limit: int = 10) -> str:
+    """Where acknowledged events missing from usage_events went: the usage.raw record holding each
+    (partition, offset), and whether usage.priced holds a record for that position and with it."""
+    client = get_client(stack.settings)
+    try:
+        stored = {row[0] for row in client.query("SELECT DISTINCT event_id FROM usage_events").result_rows}
+    finally:
+        client.close()
+    missing = truth.events.keys() - stored
+    if not missing:
+        return "no acknowledged event is missing"
+    raw = asyncio.run(_read_topic(stack.settings, USAGE_RAW.name))
+    priced = asyncio.run(_read_topic(stack.settings, USAGE_PRICED.name))
+    where: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for p, o, value in raw:
+        try:
+            events = orjson.loads(value).get("events", [])
+        except (orjson.JSONDecodeError, AttributeError):
+            continue
+        for event in events:
+            if isinstance(event, dict) and event.get("event_id") in missing:
+                where[(p, o)].append(event["event_id"])
+    priced_src: dict[tuple[int, int], list[tuple[int, int, int]]] = defaultdict(list)
+    for p, o, value in priced:
+        env = orjson.loads(value)
+        src = env.get("src") or {}
+        priced_src[(src.get("partition"), src.get("offset"))].append((p, o, len(env.get("events", []))))
+    lines = [f"{len(missing)} missing events in {len(where)} usage.raw records"
+             f" ({len(missing) - sum(map(len, where.values()))} not found in usage.raw at all):"]
+    for (p, o), ids in sorted(where.items())[:limit]:
+        found = priced_src.get((p, o), [])
+        lines.append(f"  raw {p}@{o}: {len(ids)} missing; priced records for it (partition, offset, events): "
+                     f"{found or 'none'}; neighbours {priced_src.get((p, o - 1))} / {priced_src.get((p, o + 1))}")
+    return "\n".join(lines)
+
+
+async def _read_topic(settings: Any, topic: str) -> list[tuple[int, int, bytes]]:
+    """Every record of ``topic`` now: (partition, offset, value)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from spendstream.kafka import consumer_kwargs
+
+    consumer = AIOKafkaConsumer(**consumer_kwargs(settings, None))
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
+        consumer.assign(tps)
+        end = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[tuple[int, int, bytes]] = []
+        done = {tp for tp in tps if end[tp] == 0}
+        deadline = time.monotonic() + 60
+        while len(done) < len(tps) and time.monotonic() < deadline:
+            for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
+                out.extend((tp.partition, r.offset, r.value) for r in records if r.offset < end[tp])
+                if records and records[-1].offset >= end[tp] - 1:
+                    done.add(tp)
+        return out
+    finally:
+        await consumer.stop()

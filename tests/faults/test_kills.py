@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from faults_support import (
     create_alerting,
     estimate_cost_per_event,
     kill_schedule,
+    locate_missing,
     run_kills,
     wait_stored,
     wait_until,
@@ -70,7 +72,7 @@ def test_sigkill_components_during_a_run_loses_nothing(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     rate = min(MAX_RATE, EVENTS / (KILLS * SECONDS_PER_KILL))
     planned_s = EVENTS / rate
-    settings = local_settings(tmp_path, log_level="WARNING")
+    settings = local_settings(tmp_path, log_level=os.environ.get("SPENDSTREAM_FAULTS_LOG_LEVEL", "WARNING"))
     components = (*INFRASTRUCTURE, "gateway", *implemented_stages(), "query-api")
     targets = [name for name in KILL_TARGETS if name in components and (not TARGETS or name in TARGETS)]
     schedule = kill_schedule(rng, targets, KILLS, planned_s)
@@ -137,6 +139,11 @@ def test_sigkill_components_during_a_run_loses_nothing(tmp_path: Path) -> None:
                     figures["alerts"] = check_alerts(receiver, truth, plans)
                 except AssertionError as exc:
                     failures.append(f"alerts: {exc}")
+            if failures:
+                try:
+                    failures.append(locate_missing(stack, truth))
+                except Exception as exc:  # noqa: BLE001 - a diagnosis, the failures above stand
+                    failures.append(f"(locating the missing events failed: {exc!r})")
             assert not failures, (f"seed {SEED}, kills {kills_done}:\n" + "\n".join(failures))
             log.warning("fault run passed: %s; kills %s", figures, kills_done)
     finally:
