@@ -6,7 +6,7 @@
 Throughput: a fresh embedded broker (4 partitions) and ClickHouse; usage.priced is loaded first
 with ``--rows`` priced events (what the pricing stage writes, headers included, ``--per-record``
 events per record), then `spendstream processors --stages sink` starts with the default settings
-(10k rows / 0.2 s batches, an insert at once when caught up, growing to 100k-row inserts under a
+(10k rows / 0.2 s batches, an insert at once when caught up, growing to 250k-row inserts under a
 backlog). Rate = rows / (time the
 sink's row counter reached ``--rows`` - time it reported ready): src-watermark filter, JSONEachRow
 body and the insert through the embedded ClickHouse's HTTP interface, which parses the records
@@ -208,7 +208,7 @@ def main() -> None:
             "",
             f"Measured {machine()}, with `.venv/bin/python -m bench.bench_sink --rows {args.rows}"
             f" --per-record {args.per_record}`.",
-            "One worker (`spendstream processors --stages sink`, default settings: 10k rows / 0.2 s per flush, inserts growing to 100k rows under a backlog) draining"
+            "One worker (`spendstream processors --stages sink`, default settings: 10k rows / 0.2 s per flush, inserts growing to 250k rows under a backlog) draining"
             " a backlog of priced records from the embedded broker (4 partitions) into the embedded ClickHouse"
             " over HTTP: `usage_events` plus its five materialized views (minute/hour/day/tags/ingest progress).",
             "",

@@ -128,10 +128,11 @@ def _is_uint(value: Any) -> bool:
     return type(value) is int and value >= 0
 
 
-def json_rows(records: list[PricedRecord]) -> bytes:
+def json_rows(records: list[PricedRecord], head: bytes = b"") -> bytes:
     """The JSONEachRow body of an insert into ``usage_events_in``: per record one line, its value
-    with ``"partition":P,"offset":O,`` spliced in after the opening brace."""
-    parts: list[bytes | memoryview] = []
+    with ``"partition":P,"offset":O,`` spliced in after the opening brace; after ``head`` (the
+    statement, when it travels in the body: one copy of the whole body less)."""
+    parts: list[bytes | memoryview] = [head]
     for record in records:
         parts.append(b'{"partition":%d,"offset":%d,' % (record.partition, record.offset))
         parts.append(memoryview(record.value)[1:])

@@ -17,6 +17,7 @@ from spendstream.settings import Settings
 from stream_processors.sink.logic import Insert, json_rows
 
 TABLE = "usage_events_in"
+INSERT_STATEMENT = f"INSERT INTO {TABLE} FORMAT JSONEachRow\n".encode()
 
 #: ClickHouse error codes that blame the inserted data (it cannot be parsed or converted), so the
 #: same insert would fail forever: CANNOT_PARSE_TEXT, CANNOT_PARSE_ESCAPE_SEQUENCE,
@@ -71,12 +72,13 @@ class UsageEventsWriter:
     def insert(self, insert: Insert) -> None:
         """Write one insert; raises a ClickHouse error for which :func:`is_data_error` tells
         bad data from a fault worth retrying."""
+        # The statement leads the body, as clickhouse-connect would put it there itself, but by
+        # copying a body of up to MAX_INSERT_ROWS rows (~100 MB) once more.
         self._connected().raw_insert(
-            TABLE,
             None,
-            json_rows(insert.records),
+            None,
+            json_rows(insert.records, head=INSERT_STATEMENT),
             settings={**INSERT_SETTINGS, "insert_deduplication_token": insert.token},
-            fmt="JSONEachRow",
         )
 
     def close(self) -> None:
