@@ -96,6 +96,15 @@ class FaustWorker:
             self.proc.wait()
 
 
+async def create_topics(settings: Settings, partitions: dict[str, int]) -> None:
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(t, n, settings.kafka.replication_factor) for t, n in partitions.items()])
+    finally:
+        await admin.close()
+
+
 def exact_counts(seqs: int) -> dict[str, list[int]]:
     return {key: [seqs, seqs] for key in KEYS}
 
@@ -135,12 +144,7 @@ async def committed_total(settings: Settings, group: str, topic: str, worker: Fa
 async def test_table_counts_exact_after_worker_sigkill(make_settings, unique_name, tmp_path):
     settings = make_settings(with_clickhouse=False)
     app_id, topic = unique_name("counter"), unique_name("counted")
-    admin = AIOKafkaAdminClient(**client_kwargs(settings))
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, settings.kafka.partitions, settings.kafka.replication_factor)])
-    finally:
-        await admin.close()
+    await create_topics(settings, {topic: settings.kafka.partitions})
 
     def start_worker(name: str, delay_ms: int = 0) -> FaustWorker:
         # each worker gets fresh settings, so its own web port and data directory
@@ -201,12 +205,7 @@ async def test_records_dropped_from_a_fetched_batch_reach_the_agent_before_their
 ):
     settings = make_settings(with_clickhouse=False)
     app_id, topic = unique_name("pausing"), unique_name("paused")
-    admin = AIOKafkaAdminClient(**client_kwargs(settings))
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 1, settings.kafka.replication_factor)])
-    finally:
-        await admin.close()
+    await create_topics(settings, {topic: 1})
     # one fetched batch for the pause to cut, then records after the dropped ones: stock Faust
     # counts the jump to those as done (commits past the dropped records)
     first_wave, second_wave, pause_at = 3_000, 100, 10
@@ -247,13 +246,7 @@ async def test_a_restarted_worker_hands_its_agent_every_record_from_the_committe
     out of order."""
     settings = make_settings(with_clickhouse=False)
     app_id, topic = unique_name("earlyfetch"), unique_name("fetched")
-    admin = AIOKafkaAdminClient(**client_kwargs(settings))
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 1, settings.kafka.replication_factor)])
-        await admin.create_topics([NewTopic(f"{app_id}-marks-changelog", 1, settings.kafka.replication_factor)])
-    finally:
-        await admin.close()
+    await create_topics(settings, {topic: 1, f"{app_id}-marks-changelog": 1})
     n_records, committed = 2_000, 500
     producer = AIOKafkaProducer(**producer_kwargs(settings))
     await producer.start()
