@@ -17,22 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 
 import faust
 
-from spendstream.kafka import faust_settings
 from spendstream.settings import Settings
 
+from worker_app import app_options  # this folder (see worker_app.py)
+
 settings = Settings()
-app = faust.App(
-    os.environ["COUNTER_APP_ID"],
-    **faust_settings(settings),
-    datadir=str(Path(settings.data_dir) / "faust"),
-    web_host="127.0.0.1",
-    web_port=settings.processors.web_port,
-    autodiscover=False,
-)
+app = faust.App(os.environ["COUNTER_APP_ID"], **app_options(settings))
 events = app.topic(os.environ["COUNTER_TOPIC"], key_serializer="raw", value_serializer="json")
 counts = app.Table("counts", partitions=settings.kafka.partitions)
 delay_s = int(os.environ.get("COUNTER_DELAY_MS", "0")) / 1000

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 
-from spendstream.kafka import faust_settings
 from spendstream.settings import Settings
 from stream_processors.faust_fixes import ContiguousConsumer, ContiguousTransport, StageApp
+
+from worker_app import app_options  # this folder (see worker_app.py)
 
 #: how far past the committed offset the fetcher stands, and for how long, before the real seek
 AHEAD, WAIT_S = 10, 1.0
@@ -52,16 +52,8 @@ class EarlyFetchApp(StageApp):
     def _new_transport(self) -> EarlyFetchTransport:
         return EarlyFetchTransport(self.conf.broker_consumer, self)
 
-
 settings = Settings()
-app = EarlyFetchApp(
-    os.environ["EARLY_FETCH_APP_ID"],
-    **faust_settings(settings),
-    datadir=str(Path(settings.data_dir) / "faust"),
-    web_host="127.0.0.1",
-    web_port=settings.processors.web_port,
-    autodiscover=False,
-)
+app = EarlyFetchApp(os.environ["EARLY_FETCH_APP_ID"], **app_options(settings))
 topic = app.topic(os.environ["EARLY_FETCH_TOPIC"], key_serializer="raw", value_serializer="raw", partitions=1)
 #: a table like the pricing stage's dedupe index; the test writes one record to its changelog
 #: first, so start-up takes Faust's table-recovery path (flow resumed while reading the changelog,

@@ -19,23 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 
 from faust.types import TP
 
-from spendstream.kafka import faust_settings
 from spendstream.settings import Settings
 from stream_processors.faust_fixes import StageApp
 
+from worker_app import app_options  # this folder (see worker_app.py)
+
 settings = Settings()
-app = StageApp(
-    os.environ["PAUSING_APP_ID"],
-    **faust_settings(settings),
-    datadir=str(Path(settings.data_dir) / "faust"),
-    web_host="127.0.0.1",
-    web_port=settings.processors.web_port,
-    autodiscover=False,
-)
+app = StageApp(os.environ["PAUSING_APP_ID"], **app_options(settings))
 topic = app.topic(os.environ["PAUSING_TOPIC"], key_serializer="raw", value_serializer="raw", partitions=1)
 pause_at = int(os.environ["PAUSING_AT"])
 #: long enough for the fetch loop to walk the rest of its batch while the partition is paused
