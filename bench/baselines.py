@@ -186,8 +186,8 @@ def raw_insert(settings: Settings, bodies: Bodies, rows: int = 200_000, per_inse
     plain copy of usage_events (no views: the floor)."""
     from spendstream.contracts import priced_envelope
     from spendstream.migrate import main as migrate
-    from stream_processors.sink.logic import PricedRecord, json_rows
-    from stream_processors.sink.writer import INSERT_SETTINGS, TABLE
+    from stream_processors.sink.logic import PricedRecord
+    from stream_processors.sink.writer import insert_records
 
     scratch = f"bench_baseline_{uuid.uuid4().hex[:8]}"
     scratch_settings = settings.model_copy(update={"clickhouse": settings.clickhouse.model_copy(update={"database": scratch})})
@@ -211,8 +211,7 @@ def raw_insert(settings: Settings, bodies: Bodies, rows: int = 200_000, per_inse
         nonlocal inserted
         records = [PricedRecord(0, inserted + n, 0, 0, inserted + n, 0, value) for n, value in enumerate(values)]
         inserted += len(values)
-        client.raw_insert(TABLE, None, json_rows(records), fmt="JSONEachRow",
-                          settings={**INSERT_SETTINGS, "insert_deduplication_token": f"bench-{inserted}"})
+        insert_records(client, records, f"bench-{inserted}")
 
     try:
         client.command("CREATE TABLE plain AS usage_events")

@@ -14,7 +14,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 
 from spendstream.clickhouse import get_client
 from spendstream.settings import Settings
-from stream_processors.sink.logic import Insert, json_rows
+from stream_processors.sink.logic import Insert, PricedRecord, json_rows
 
 TABLE = "usage_events_in"
 INSERT_STATEMENT = f"INSERT INTO {TABLE} FORMAT JSONEachRow\n".encode()
@@ -50,6 +50,18 @@ def is_data_error(exc: BaseException) -> bool:
     return isinstance(exc, DatabaseError) and getattr(exc, "code", None) in DATA_ERROR_CODES
 
 
+def insert_records(client: Client, records: list[PricedRecord], token: str) -> None:
+    """The sink's insert: ``records`` as one JSONEachRow body into ``usage_events_in``, deduplicated
+    by ``token``. The statement leads the body, as clickhouse-connect would put it there itself,
+    but by copying a body of up to MAX_INSERT_ROWS rows (~125 MB) once more."""
+    client.raw_insert(
+        None,
+        None,
+        json_rows(records, head=INSERT_STATEMENT),
+        settings={**INSERT_SETTINGS, "insert_deduplication_token": token},
+    )
+
+
 class UsageEventsWriter:
     def __init__(self, settings: Settings):
         self._settings = settings
@@ -72,14 +84,7 @@ class UsageEventsWriter:
     def insert(self, insert: Insert) -> None:
         """Write one insert; raises a ClickHouse error for which :func:`is_data_error` tells
         bad data from a fault worth retrying."""
-        # The statement leads the body, as clickhouse-connect would put it there itself, but by
-        # copying a body of up to MAX_INSERT_ROWS rows (~100 MB) once more.
-        self._connected().raw_insert(
-            None,
-            None,
-            json_rows(insert.records, head=INSERT_STATEMENT),
-            settings={**INSERT_SETTINGS, "insert_deduplication_token": insert.token},
-        )
+        insert_records(self._connected(), insert.records, insert.token)
 
     def close(self) -> None:
         if self._client is not None:
