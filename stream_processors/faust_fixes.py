@@ -40,8 +40,10 @@ ways a record gets skipped, and what this module does about each:
    output went from raw offset 141 to 143: 142 was the first record after the seek.) Here no
    stream record is handed out for a partition until ``perform_seek`` has set where its records
    start in this assignment, and after a seek not before Faust resumes the consumer's flow, which
-   it does right after that clearing resume. Records held back count as not handed out and are
-   fetched again.
+   it does right after that clearing resume. The fetch loop keeps fetching meanwhile, so the
+   position of a partition whose records were held back is sought back to where handing out
+   starts once flow resumes: nothing may come later to show they were not handed out (seen: a
+   restarted budgets worker fetched its whole backlog while held, then idled).
 7. Should a record handed out still be dropped unprocessed (a stream skips it, or flow control
    clears it from a queue), the consumer seeks back to it before handing out anything more of
    that partition, with an ERROR: processed out of order, but processed.
@@ -88,6 +90,9 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
         self._skipped: dict[TP, int] = {}
         #: closed by a seek until Faust resumes flow (see 6.)
         self._held_since_seek = False
+        #: stream partitions whose fetched records were held back (see 6.): once flow resumes,
+        #: they are fetched again from where handing out starts
+        self._refetch: set[TP] = set()
 
     async def perform_seek(self) -> None:
         self._held_since_seek = True
@@ -145,15 +150,21 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
 
     def _forget(self, tp: TP) -> None:
         self._next_offset.pop(tp, None)
+        self._refetch.discard(tp)
         self._commit_from.pop(tp, None)
         self._rewinds.pop(tp, None)
         self._skipped.pop(tp, None)
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
         self._fetched_to = {}
-        rewound: set[TP] = set()
+        # Seeks made before the fetch need no filtering after it: aiokafka discards records
+        # fetched from a position that changed since. A seek made while handing out a batch marks
+        # the partition ``rewound``: the rest of the batch is from before that seek.
+        if self._refetch and not self._held_since_seek:
+            await self._fetch_held_again()
         if self._skipped:
-            rewound.update(await self._seek_back_to_skipped())
+            await self._seek_back_to_skipped()
+        rewound: set[TP] = set()
         async for tp, message in super().getmany(timeout):
             if self._skipped:
                 rewound.update(await self._seek_back_to_skipped())
@@ -174,10 +185,35 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
         assignment = self.assignment()
         for tp, fetched_to in self._fetched_to.items():
             expected = self._next_offset.get(tp)
-            if tp not in rewound and tp in assignment and expected is not None and expected < fetched_to:
+            if tp not in assignment:
+                continue
+            if expected is None or self._held_since_seek:
+                # held back (see 6.): where its records start is not known yet, or not final
+                # until flow resumes; the fetch position may already be past them
+                self._refetch.add(tp)
+            elif tp not in rewound and expected < fetched_to:
                 log.warning("%s: fetched up to offset %d, handed out up to %d; seeking back to %d",
                             tp, fetched_to - 1, expected - 1, expected)
                 await self.seek(tp, expected)
+
+    async def _fetch_held_again(self) -> None:
+        """Seek the partitions whose records were held back to where handing out starts: their
+        fetch position moved past records nobody processed, and nothing may come to reveal that
+        (seen: a restarted budgets worker that fetched its whole backlog while held, then idled)."""
+        held, self._refetch = self._refetch, set()
+        assignment = self.assignment()
+        sought: dict[TP, int] = {}
+        for tp in held:
+            expected = self._next_offset.get(tp)
+            if expected is None:
+                if tp in assignment:
+                    self._refetch.add(tp)  # not sought in this assignment yet
+                continue
+            sought[tp] = expected
+            await self.seek(tp, expected)
+        if sought:
+            log.info("records fetched while held are fetched again from %s",
+                     {f"{tp.topic}/{tp.partition}": offset for tp, offset in sorted(sought.items())})
 
     async def _seek_back_to_skipped(self) -> set[TP]:
         skipped, self._skipped = self._skipped, {}

@@ -243,7 +243,8 @@ async def test_a_restarted_worker_hands_its_agent_every_record_from_the_committe
 ):
     """With a table to recover, Faust resumes a stream partition with flow on before seeking it to
     its committed offset: a fetcher standing elsewhere meanwhile must not hand the agent records
-    out of order."""
+    out of order, and records fetched while the consumer holds them back (the whole backlog, with
+    nothing after it) are fetched again."""
     settings = make_settings(with_clickhouse=False)
     app_id, topic = unique_name("earlyfetch"), unique_name("fetched")
     await create_topics(settings, {topic: 1, f"{app_id}-marks-changelog": 1})

@@ -3,9 +3,13 @@
 Run as ``faust_early_fetch.py worker``. Broker settings come from SPENDSTREAM_* variables through
 ``spendstream.kafka.faust_settings``; the app id and source topic (one partition) from
 EARLY_FETCH_APP_ID / EARLY_FETCH_TOPIC, the committed offset the group starts from from
-EARLY_FETCH_COMMITTED. The app is ``stream_processors.faust_fixes.StageApp`` with one change: the
-first time recovery asks its consumer to seek to the committed offsets, the consumer first moves
-the fetch position ``AHEAD`` records past the committed one and waits ``WAIT_S``.
+EARLY_FETCH_COMMITTED. The app is ``stream_processors.faust_fixes.StageApp`` with two changes to
+the first time recovery asks its consumer to seek to the committed offsets: the consumer first
+moves the fetch position ``AHEAD`` records past the committed one and waits ``WAIT_S``, and after
+the real seek it waits ``WAIT_S`` again, so the fetch loop fetches the records from the committed
+offset on before the consumer knows where its records start (and in one fetch, for a small
+backlog: nothing comes after them to show they were not handed out; seen: a restarted budgets
+worker that idled with its backlog unprocessed).
 
 With a table to recover, Faust has flow running when it resumes the stream partition, before that
 seek, so a fetch loop standing anywhere
@@ -32,6 +36,7 @@ AHEAD, WAIT_S = 10, 1.0
 
 class EarlyFetchConsumer(ContiguousConsumer):
     moved = False
+    waited = False
 
     async def perform_seek(self) -> None:
         if not self.moved:
@@ -42,6 +47,13 @@ class EarlyFetchConsumer(ContiguousConsumer):
                     await self._seek(tp, committed + AHEAD)
             await asyncio.sleep(WAIT_S)  # the fetch loop runs meanwhile
         await super().perform_seek()
+
+    async def seek_to_committed(self):
+        committed = await super().seek_to_committed()
+        if not self.waited:
+            self.waited = True
+            await asyncio.sleep(WAIT_S)  # the fetch loop fetches from the committed offsets meanwhile
+        return committed
 
 
 class EarlyFetchTransport(ContiguousTransport):
