@@ -587,7 +587,7 @@ def closing_note(f: Figures, rate: float, total_cores: float) -> list[str]:
         if fr.sink_flush_s and idle is not None and idle.sink_flush_s:
             text += (f"; the sink's mean flush (insert through the views) takes {fr.sink_flush_s * 1000:.0f} ms, "
                      f"idle {idle.sink_flush_s * 1000:.0f} ms")
-        text += (". Every stage and ClickHouse share the same 2 cores, so each batch waits for CPU and a larger "
+        text += (f". Every stage and ClickHouse share the same {cores} cores, so each batch waits for CPU and a larger "
                  "insert; not profiled further. What would close it: ClickHouse on its own cores (a server's inserts "
                  "do not compete with the stages), and, if needed, the last minutes read from usage_events instead of "
                  "waiting for the aggregate.")
