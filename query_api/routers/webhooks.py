@@ -4,6 +4,10 @@ A webhook URL is checked against SSRF when it is created (http/https only, no cr
 every address the host resolves to must be public unless ``processors.webhook_allow_private``);
 the notify stage checks it again before every delivery (DNS may change). Secrets are never
 returned, except a generated signing secret, once, in the creation response.
+
+An e-mail channel is exactly one plain address (``logic.email_refusal``): a list, a display name
+or a line break would add recipients or headers to every alert mail. No field may hold control
+characters; the notify stage checks again when it sends (rows stored before these rules).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from stream_processors.notify.logic import (
     PAGERDUTY_EVENTS_URL,
     Channel,
     UnsafeTarget,
-    valid_email,
+    email_refusal,
+    has_control,
 )
 from stream_processors.notify.notifier import deliver_test_alert
 
@@ -109,8 +114,9 @@ async def _checked_channel(body: WebhookIn, settings: SettingsDep) -> tuple[str,
             raise InvalidField("format", "an email channel has format 'email'")
         if body.secret is not None:
             raise InvalidField("secret", "e-mail channels take no secret")
-        if not valid_email(body.email):
-            raise InvalidField("email", "not a plain e-mail address (name@example.com)")
+        refusal = email_refusal(body.email)
+        if refusal:
+            raise InvalidField("email", f"not a plain e-mail address (name@example.com): {refusal}")
         return "email", "", body.email, ""
     fmt = body.format or "generic"
     if fmt == "email":
@@ -120,6 +126,8 @@ async def _checked_channel(body: WebhookIn, settings: SettingsDep) -> tuple[str,
         raise InvalidField("url", "required (or give an email)")
     if fmt == "pagerduty" and not body.secret:
         raise InvalidField("secret", "the PagerDuty integration's routing key is required")
+    if body.secret is not None and has_control(body.secret):
+        raise InvalidField("secret", "contains a control character (CR, LF, ...)")
     p = settings.processors
     try:
         await resolve_checked(url, p.webhook_allow_private, p.webhook_timeout_s)

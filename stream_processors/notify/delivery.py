@@ -8,11 +8,18 @@ URL was accepted: DNS rebinding), every address it resolves to must pass
 replaced by the IP, ``Host`` header and TLS SNI/certificate check still use the name), so the
 address that was checked is the one connected to. Redirects are not followed and proxy
 variables are ignored.
+
+``Sender.send`` never raises (except on cancellation): whatever one alert holds (a budget name
+with line breaks from before the API refused them, a stored e-mail channel listing several
+addresses, a field of the wrong type) ends as a ``refused`` attempt carrying the reason, so one
+alert can never stop the delivery of the others. An e-mail goes to exactly the channel's one
+address: the envelope recipient is given explicitly, never read back from the headers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import smtplib
 import socket
 import ssl
@@ -39,6 +46,8 @@ from stream_processors.notify.logic import (
     parse_retry_after,
     parse_webhook_url,
 )
+
+log = logging.getLogger(__name__)
 
 Verdict = Literal["delivered", "retry", "final", "refused"]
 #: at most this much of a failed answer's body is kept for the delivery record
@@ -71,6 +80,9 @@ async def resolve_checked(url: str, allow_private: bool, timeout_s: float) -> tu
         raise OSError(f"resolving {target.host} timed out") from None
     except socket.gaierror as exc:
         raise OSError(f"cannot resolve {target.host}: {exc.strerror or exc}") from None
+    except UnicodeError:
+        # the IDNA encoding refuses the name (an empty or over-long label): no later attempt can succeed
+        raise UnsafeTarget(f"{target.host!r} is not a valid host name") from None
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     if not addresses:
         raise OSError(f"{target.host} has no address")
@@ -110,11 +122,15 @@ class Sender:
         self._smtp_threads.shutdown(wait=False, cancel_futures=True)
 
     async def send(self, channel: Channel, alert: Alert) -> AttemptResult:
-        if channel.format == "email":
-            return await self._mail(channel, alert)
-        if channel.format not in WEBHOOK_FORMATS:
-            return AttemptResult("refused", 0, error=f"unknown channel format {channel.format!r}")
-        return await self._post(channel, alert)
+        try:
+            if channel.format == "email":
+                return await self._mail(channel, alert)
+            if channel.format not in WEBHOOK_FORMATS:
+                return AttemptResult("refused", 0, error=f"unknown channel format {channel.format!r}")
+            return await self._post(channel, alert)
+        except Exception as exc:  # noqa: BLE001 - see the module docstring: one alert never stops the stage
+            log.exception("delivering alert %s to %r failed unexpectedly", alert.alert_id, channel.id)
+            return AttemptResult("refused", 0, error=f"not sent: {type(exc).__name__}: {exc}"[:ERROR_BODY_BYTES])
 
     async def _post(self, channel: Channel, alert: Alert) -> AttemptResult:
         started = time.perf_counter()
@@ -128,9 +144,12 @@ class Sender:
             return AttemptResult("refused", took(), error=f"refused: {exc}")
         except OSError as exc:
             return AttemptResult("retry", took(), error=str(exc))
-        request = build_request(channel, alert, time.time())
-        url = httpx.URL(channel.url)
-        headers = {**request.headers, "Host": url.netloc.decode("ascii")}
+        try:
+            request = build_request(channel, alert, time.time())
+            url = httpx.URL(channel.url)
+            headers = {**request.headers, "Host": url.netloc.decode("ascii")}
+        except Exception as exc:  # noqa: BLE001 - the same alert and channel would fail the same way again
+            return AttemptResult("refused", took(), error=f"cannot build the request: {exc}"[:ERROR_BODY_BYTES])
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
         try:
             # a hard bound on the whole exchange: httpx's timeout is per read, which a
@@ -158,12 +177,16 @@ class Sender:
         started = time.perf_counter()
         if not self.smtp_host:
             return AttemptResult("refused", 0, error="no SMTP server configured (processors.smtp_host)")
-        message = email_message(alert, channel.email, self.smtp_from, datetime.now(timezone.utc))
+        try:
+            message = email_message(alert, channel.email, self.smtp_from, datetime.now(timezone.utc))
+        except Exception as exc:  # noqa: BLE001 - e.g. a header the e-mail policy refuses; the same next time
+            error = f"cannot build the e-mail: {exc}"[:ERROR_BODY_BYTES]
+            return AttemptResult("refused", int((time.perf_counter() - started) * 1000), error=error)
         loop = asyncio.get_running_loop()
         verdict: Verdict = "delivered"
         error = ""
         try:
-            await loop.run_in_executor(self._smtp_threads, self._smtp_send, message)
+            await loop.run_in_executor(self._smtp_threads, self._smtp_send, message, channel.email)
         except smtplib.SMTPRecipientsRefused as exc:
             codes = [code for code, _ in exc.recipients.values()]
             verdict = "final" if all(code >= 500 for code in codes) else "retry"
@@ -181,14 +204,14 @@ class Sender:
         duration = int((time.perf_counter() - started) * 1000)
         return AttemptResult(verdict, duration, error=error[:ERROR_BODY_BYTES])
 
-    def _smtp_send(self, message: EmailMessage) -> None:
+    def _smtp_send(self, message: EmailMessage, recipient: str) -> None:
         with smtplib.SMTP(self.smtp_host, self.smtp_port, timeout=self.timeout_s) as smtp:
             if self.smtp_starttls:
                 # verified against the system's CAs and the configured host name
                 smtp.starttls(context=ssl.create_default_context())
             if self.smtp_username:
                 smtp.login(self.smtp_username, self._smtp_password.get_secret_value())
-            smtp.send_message(message)
+            smtp.send_message(message, to_addrs=[recipient])
 
 
 async def _body_excerpt(response: httpx.Response) -> str:

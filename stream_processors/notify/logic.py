@@ -6,7 +6,15 @@
   PagerDuty Events API v2 (``dedup_key = alert_id``); ``email_message`` for SMTP.
 - ``classify_http`` / ``RetryPolicy``: timeouts, 5xx and 429 are retried with exponential backoff
   and full jitter (or the receiver's ``Retry-After``) until the retry horizon; other answers are
-  final.
+  final. A receiver's ``Retry-After`` (seconds or HTTP-date) is held to
+  ``RETRY_AFTER_MIN_S``..``RETRY_AFTER_MAX_S`` (1 s .. 300 s): "0" or a date in the past must not
+  make us hammer it, and "31536000" must not park a channel past the retry horizon on its say-so
+  (after 300 s we ask again, and its next answer can push back again). Anything else is ignored.
+- Header safety: user text (budget names, scope values, e-mail channels) reaches e-mail headers
+  and one-line summaries. ``one_line`` turns control characters into spaces where text is shown
+  (a name stored before the API refused them still delivers, as one line);
+  ``email_refusal`` / ``channel_refusal`` refuse what must be exact: a recipient is one plain
+  address or nothing. The query API refuses the same things up front.
 - ``parse_webhook_url`` / ``address_refusal``: the SSRF rules. The caller resolves the host and
   checks EVERY address it got, then connects to a checked address (never resolves again).
 """
@@ -22,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
+from email.errors import HeaderParseError
+from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any, Literal
@@ -52,6 +62,15 @@ GENERIC_FIELDS = (
     "projected_usd", "projected_at", "top", "event_id", "event_time", "created_at",
 )  # fmt: skip
 _REQUIRED = ("alert_id", "kind", "tenant", "budget_id", "spent_usd", "limit_usd", "channels")
+#: alert ids go into headers verbatim (Idempotency-Key, Message-ID); budget_alert_id() makes "al_<hex>"
+_ALERT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+#: C0 and C1 controls (CR, LF, NUL, TAB, NEL, ...) and the Unicode line and paragraph separators:
+#: every character str.splitlines() breaks on, which is what the e-mail header policy refuses
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+RETRY_AFTER_MIN_S = 1.0
+RETRY_AFTER_MAX_S = 300.0
 
 
 class BadAlert(ValueError):
@@ -83,6 +102,8 @@ def parse_alert(value: bytes | dict[str, Any]) -> Alert:
         raise BadAlert("channels must be a list of non-empty strings")
     if data["kind"] not in ("threshold", "forecast"):
         raise BadAlert(f"unknown kind {data['kind']!r}")
+    if not isinstance(data["alert_id"], str) or not _ALERT_ID.fullmatch(data["alert_id"]):
+        raise BadAlert("alert_id must be 1..128 of A-Z a-z 0-9 . _ : -")
     # a budget may list a channel twice; it is still one destination
     return Alert(str(data["alert_id"]), str(data["tenant"]), data["kind"], tuple(dict.fromkeys(channels)), data)
 
@@ -99,6 +120,15 @@ class Channel:
 
 
 # --------------------------------------------------------------------------------- payloads
+
+
+def has_control(text: str) -> bool:
+    return _CONTROL.search(text) is not None
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character and line break replaced by a space."""
+    return _CONTROL.sub(" ", text)
 
 
 def generic_body(alert: Alert) -> dict[str, Any]:
@@ -151,7 +181,12 @@ def _scope_text(scope: Any) -> str:
 
 
 def summary(alert: Alert) -> str:
-    """One line for humans (Slack text, PagerDuty summary, e-mail subject)."""
+    """One line for humans (Slack text, PagerDuty summary, e-mail subject), whatever the budget's
+    name holds: an e-mail subject with a line break would end the headers early or be refused."""
+    return one_line(_summary(alert))
+
+
+def _summary(alert: Alert) -> str:
     f = alert.fields
     name = f.get("budget_name") or f.get("budget_id")
     window = f.get("window") or "budget"
@@ -182,7 +217,8 @@ def _detail_lines(alert: Alert) -> list[str]:
             "Top spenders: " + ", ".join(f"{t.get('kind')} {t.get('name')} {human_usd(t.get('spent_usd'))} USD" for t in top)
         )
     lines.append(f"Event: {f.get('event_id')}  Alert: {alert.alert_id}")
-    return lines
+    # a scope value or agent name with line breaks could otherwise forge lines such as "Spent: ..."
+    return [one_line(line) for line in lines]
 
 
 def slack_body(alert: Alert) -> dict[str, Any]:
@@ -261,10 +297,19 @@ def build_request(channel: Channel, alert: Alert, now: float) -> HttpRequest:
         body = orjson.dumps(pagerduty_body(alert, channel.secret))
     else:
         raise ValueError(f"{channel.format!r} is not a webhook format")
+    # refused here with a reason; the HTTP library would fail it as a transport error, and retry it
+    unsafe = [name for name, value in headers.items() if has_control(value)]
+    if unsafe:
+        raise ValueError(f"control character in header {', '.join(unsafe)}")
     return HttpRequest(channel.url, headers, body)
 
 
 def email_message(alert: Alert, to: str, sender: str, now: datetime) -> EmailMessage:
+    """Raises ValueError when ``to`` is not one plain address (a stored channel from before the
+    API refused lists and line breaks must not become extra recipients or headers)."""
+    refusal = email_refusal(to)
+    if refusal:
+        raise ValueError(f"recipient refused: {refusal}")
     msg = EmailMessage()
     msg["Subject"] = f"[Spendstream] {summary(alert)}"
     msg["From"] = sender
@@ -280,9 +325,11 @@ def email_message(alert: Alert, to: str, sender: str, now: datetime) -> EmailMes
 def created_at(alert: Alert) -> datetime | None:
     """When the budgets stage emitted the alert (its ``created_at``), if the value carries one."""
     try:
-        return datetime.fromisoformat(alert.fields["created_at"])
+        emitted = datetime.fromisoformat(alert.fields["created_at"])
     except (KeyError, TypeError, ValueError):
         return None
+    # callers subtract it from an aware "now": a naive stamp would raise there
+    return emitted if emitted.tzinfo else emitted.replace(tzinfo=timezone.utc)
 
 
 def sample_alert(tenant: str, now: datetime) -> Alert:
@@ -319,20 +366,33 @@ def classify_http(status: int) -> Verdict:
     return "final"
 
 
+_DELTA_SECONDS = re.compile(r"[0-9]+")
+#: an HTTP-date is 29 characters; longer values are not parsed at all (the parser's cost and its
+#: error messages grow with the input)
+_RETRY_AFTER_MAX_LEN = 64
+
+
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if absent/invalid."""
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), held to
+    RETRY_AFTER_MIN_S..RETRY_AFTER_MAX_S; None if absent or not one of the two forms (negative
+    and fractional numbers included: RFC 9110 allows neither)."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    if len(value) > _RETRY_AFTER_MAX_LEN:
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - now).total_seconds())
+    # ASCII digits only: str.isdigit() also accepts "²", which float() then refuses
+    if _DELTA_SECONDS.fullmatch(value):
+        seconds = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - now).total_seconds()
+    return min(RETRY_AFTER_MAX_S, max(RETRY_AFTER_MIN_S, seconds))
 
 
 @dataclass(frozen=True)
@@ -390,8 +450,8 @@ def parse_webhook_url(url: str) -> WebhookTarget:
     """Syntax rules: absolute http(s) URL with a host, no credentials, at most 2048 characters."""
     if len(url) > 2048:
         raise UnsafeTarget("URL longer than 2048 characters")
-    if any(c in url for c in "\r\n\t "):
-        raise UnsafeTarget("URL contains whitespace")
+    if " " in url or has_control(url):
+        raise UnsafeTarget("URL contains whitespace or control characters")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -465,12 +525,44 @@ def address_refusal(address: str, allow_private: bool = False) -> str | None:
     return None
 
 
-_EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+#: dot-atom local part @ a host name with at least two labels; no quoting, comments, IP literals
+_EMAIL = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})+")
+EMAIL_MAX_LEN = 254  # RFC 5321's path limit less the angle brackets
+_LOCAL_MAX_LEN = 64
 
 
-def valid_email(address: str) -> bool:
-    """A plain addr-spec (no display name, no quoting, no CR/LF that could inject headers)."""
-    return len(address) <= 254 and bool(_EMAIL.match(address))
+def email_refusal(address: str) -> str | None:
+    """None when ``address`` is exactly one plain addr-spec (name@example.com); else why not.
+    Lists, display names, quoting, comments and anything that could add a header are refused."""
+    if not isinstance(address, str) or not address:
+        return "empty"
+    if len(address) > EMAIL_MAX_LEN:
+        return f"longer than {EMAIL_MAX_LEN} characters"
+    if has_control(address):
+        return "contains a control character (CR, LF, ...)"
+    if address.count("@") != 1:
+        return "exactly one address (one @) per channel"
+    if any(c in address for c in ",;<>\"() "):
+        return "one plain address only: no lists, display names, quoting or comments"
+    if len(address.split("@", 1)[0]) > _LOCAL_MAX_LEN:
+        return f"the part before @ is longer than {_LOCAL_MAX_LEN} characters"
+    if not _EMAIL.fullmatch(address):
+        return "not of the form name@example.com"
+    # the header parser must read it back as this one address, unchanged
+    try:
+        parsed = Address(addr_spec=address).addr_spec
+    except (ValueError, IndexError, HeaderParseError):
+        return "not of the form name@example.com"
+    return None if parsed == address else "not of the form name@example.com"
+
+
+def channel_refusal(channel: str) -> str | None:
+    """None when a budget's channel entry (a webhook id, or one e-mail address) may be stored."""
+    if has_control(channel):
+        return "contains a control character (CR, LF, ...)"
+    return email_refusal(channel) if is_email_channel(channel) else None
 
 
 def is_email_channel(channel_id: str) -> bool:

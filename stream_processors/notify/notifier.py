@@ -237,7 +237,8 @@ class Notifier:
         if outcome == DELIVERED and emitted is not None:
             ALERT_AGE.labels(fmt).observe((datetime.now(timezone.utc) - emitted).total_seconds())
         if outcome not in (DELIVERED, FAILED):
-            log.warning("alert %s to %s: %s after %d attempt(s): %s", alert.alert_id, channel_id, outcome, attempt,
+            # %r: a channel or an error text with line breaks must not forge log lines
+            log.warning("alert %s to %r: %s after %d attempt(s): %r", alert.alert_id, channel_id, outcome, attempt,
                         result.error)
         row = Attempt(alert.tenant, alert.alert_id, channel_id, fmt, attempt, attempted_at, outcome,
                       result.http_status, result.error, result.duration_ms)  # fmt: skip
