@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from spendstream.keys import AuthError
+
 
 class GatewayError(Exception):
     status = 500
@@ -16,12 +18,14 @@ class GatewayError(Exception):
 
 
 class BodyError(GatewayError):
-    """The request body as a whole is unusable (malformed, too large, wrong type); ``status`` says how."""
+    """The request body as a whole is unusable (malformed, too large, wrong type); ``status`` says how,
+    ``field`` names the part of the request at fault."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, field: str = "body"):
         super().__init__(message)
         self.status = status
         self.code = code
+        self.field = field
 
 
 class Unauthenticated(GatewayError):
@@ -55,8 +59,13 @@ class BrokerUnavailable(GatewayError):
     retry_after_s = 5
 
 
+def refused(exc: AuthError) -> GatewayError:
+    """The gateway's error for a key ``spendstream.keys.authenticate`` refused."""
+    return Unauthenticated(exc.message) if exc.status == 401 else Forbidden(exc.message)
+
+
 def to_http(exc: GatewayError) -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
-    """``(status, {"error", "message"}, extra headers)`` of a domain error."""
+    """``(status, {"error", "message"} and "field" when one is at fault, extra headers)`` of a domain error."""
     headers = []
     if exc.retry_after_s is not None:
         headers.append((b"retry-after", str(exc.retry_after_s).encode()))
@@ -64,4 +73,7 @@ def to_http(exc: GatewayError) -> tuple[int, dict[str, Any], list[tuple[bytes, b
         headers.append((b"www-authenticate", b"Bearer"))
     if isinstance(exc, MethodNotAllowed):
         headers.append((b"allow", b"POST"))
-    return exc.status, {"error": exc.code, "message": exc.message}, headers
+    body = {"error": exc.code, "message": exc.message}
+    if isinstance(exc, BodyError):
+        body["field"] = exc.field
+    return exc.status, body, headers

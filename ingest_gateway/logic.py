@@ -21,7 +21,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -30,6 +30,7 @@ from msgspec import Meta
 from ingest_gateway.errors import BodyError
 from ingest_gateway.usage import MAX_TOKENS, FieldErrors, normalise_usage
 from spendstream.contracts import TOKEN_FIELDS, TOKEN_PARENTS
+from spendstream.money import EVENT_COST, MAX_EVENT_COST_NANOS, MoneyError, format_usd
 from spendstream.pricing.catalog import default_catalog
 
 MAX_FUTURE = timedelta(minutes=5)
@@ -42,7 +43,8 @@ MAX_MODEL_LEN = 256
 MAX_TAGS = 32
 MAX_TAG_KEY_LEN = 128
 MAX_TAG_VALUE_LEN = 256
-MAX_COST_USD = Decimal(1_000_000)
+#: the per-event cost cap (spendstream/money.py), as the OpenAPI schema states it
+MAX_COST_USD = Decimal(MAX_EVENT_COST_NANOS).scaleb(-9)
 MAX_LATENCY_MS = 2**31 - 1
 STATUSES = ("ok", "error")
 
@@ -119,22 +121,47 @@ def check_media_type(content_type: str | None) -> bool:
 
 
 def decode_content(body: bytes, content_encoding: str | None, max_bytes: int) -> bytes:
-    """Undo ``Content-Encoding: gzip``, refusing to inflate past ``max_bytes`` (zip bombs)."""
+    """Undo ``Content-Encoding: gzip``, refusing to inflate past ``max_bytes`` (zip bombs).
+
+    Every member of the body is decoded, in order: RFC 1952 lets a gzip stream hold several (what
+    ``cat a.gz b.gz``, pigz and many streaming compressors send), and a body is the concatenation of
+    their contents. Bytes after a member that do not form another whole member are an error.
+    """
     enc = (content_encoding or "identity").strip().lower()
     if enc in ("identity", ""):
         return body
     if enc not in ("gzip", "x-gzip"):
-        raise BodyError(415, "unsupported_content_encoding", f"Content-Encoding {enc!r} is not supported: use gzip")
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        message = f"Content-Encoding {enc!r} is not supported: use gzip"
+        raise BodyError(415, "unsupported_content_encoding", message, "content-encoding")
+    out = bytearray()
+    inflater = zlib.decompressobj(_GZIP_WBITS)
+    started = False  # the current member has been given bytes
+    view = memoryview(body)
     try:
-        out = inflater.decompress(body, max_bytes + 1)
+        # fed a piece at a time: zlib copies the input left after a member into unused_data, so
+        # feeding all of it would cost quadratic time on a body of many tiny members
+        for at in range(0, len(body), _GUNZIP_PIECE):
+            data: bytes | memoryview = view[at : at + _GUNZIP_PIECE]
+            while data:
+                started = True
+                out += inflater.decompress(data, max_bytes + 1 - len(out))
+                if len(out) > max_bytes:
+                    raise BodyError(413, "body_too_large", f"decompressed body exceeds {max_bytes} bytes")
+                if not inflater.eof:
+                    break  # the whole piece went in (output stayed below its cap): the member goes on
+                data = inflater.unused_data
+                inflater = zlib.decompressobj(_GZIP_WBITS)
+                started = False
     except zlib.error as exc:
         raise BodyError(400, "bad_gzip", f"request body is not valid gzip: {exc}") from None
-    if len(out) > max_bytes:
-        raise BodyError(413, "body_too_large", f"decompressed body exceeds {max_bytes} bytes")
-    if not inflater.eof:
+    if started or not body:
         raise BodyError(400, "bad_gzip", "request body is truncated gzip")
-    return out
+    return bytes(out)
+
+
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
+#: input bytes per decompress call (small enough that a member's leftover copy stays cheap)
+_GUNZIP_PIECE = 4096
 
 
 _BYTE_POS = re.compile(r"\(byte (\d+)\)")
@@ -180,10 +207,15 @@ def _json_items(body: bytes, max_events: int) -> tuple[list[Event] | None, list[
         raise _malformed(exc, body) from None
     try:
         _decode_any(body)  # typed decoding stops at the first invalid value; syntax errors may follow
+    except msgspec.ValidationError:
+        pass  # a number beyond int64/float64 (1e999999) is valid JSON: its event is refused below
     except msgspec.DecodeError as exc:
         raise _malformed(exc, body) from None
     if start == b"[":
-        raws = _decode_raw_list(body)
+        try:
+            raws = _decode_raw_list(body)  # checks the syntax past such a number too
+        except msgspec.DecodeError as exc:
+            raise _malformed(exc, body) from None
     elif start == b"{":
         raws = [msgspec.Raw(body)]
     else:
@@ -205,6 +237,8 @@ def _ndjson_items(body: bytes, max_events: int) -> tuple[list[Event] | None, lis
     for lineno, line in numbered:  # find the line to name, or fall back to per-event errors
         try:
             _decode_any(line)
+        except msgspec.ValidationError:
+            pass  # a number beyond int64/float64: its event is refused naming the field
         except msgspec.DecodeError as exc:
             raise _malformed(exc, line, lineno - 1) from None
     return None, [msgspec.Raw(line) for line in lines]
@@ -331,16 +365,12 @@ def _priced(provider: str, model: str) -> bool:
 
 
 def _cost(value: str | float | int, errors: FieldErrors) -> str | None:
-    text = value.strip() if type(value) is str else repr(value)  # repr: the shortest round-trip form
     try:
-        d = Decimal(text)
-    except InvalidOperation:
-        errors.append({"field": "cost_usd", "message": f"not a decimal number: {text[:64]!r}"})
+        nanos = EVENT_COST.nanos(value)
+    except MoneyError as exc:
+        errors.append({"field": "cost_usd", "message": exc.message})
         return None
-    if not d.is_finite() or d < 0 or d > MAX_COST_USD:
-        errors.append({"field": "cost_usd", "message": f"must be a finite decimal between 0 and {MAX_COST_USD}"})
-        return None
-    return format(d.normalize(), "f") if d else "0"
+    return format_usd(nanos)  # one spelling per amount: "0.0100", 0.01 and "1E-2" all become "0.01"
 
 
 # ---------------------------------------------------------------- events

@@ -14,6 +14,10 @@ unusable at once and fails every request still waiting for acks (503); a keeper 
 topic in the broker's metadata every ``_CHECK_S`` (recreating it when missing) and makes the
 publisher usable again. The periodic metadata request also keeps the producer's connection open,
 so a restart while idle breaks a connection too instead of going unnoticed.
+
+Events waiting for acks are bounded twice (``InFlight``): in all, and per tenant to a share of
+that bound, so one tenant sending faster than the broker acknowledges gets its 429s while the
+others' requests still find room.
 """
 
 from __future__ import annotations
@@ -90,6 +94,39 @@ def encode_records(
     return records
 
 
+class InFlight:
+    """Counts events waiting for broker acks, in all and per tenant, and admits a request only
+    within both bounds. A request larger than a bound still goes through when nothing counted
+    against that bound is waiting, so no request size is refused for ever."""
+
+    def __init__(self, max_events: int, tenant_share: float):
+        self.max_events = max_events
+        self.max_tenant_events = max(1, int(max_events * tenant_share))
+        self.events = 0
+        self._by_tenant: dict[str, int] = {}
+
+    def admit(self, tenant: str, n_events: int) -> None:
+        """Count ``n_events`` of ``tenant`` as waiting, or raise Saturated (429)."""
+        held = self._by_tenant.get(tenant, 0)
+        if self.events and self.events + n_events > self.max_events:
+            raise Saturated(f"{self.events} events are waiting for broker acknowledgement; retry shortly")
+        if held and held + n_events > self.max_tenant_events:
+            raise Saturated(
+                f"{held} events of this tenant are waiting for broker acknowledgement, its share of the "
+                f"gateway is {self.max_tenant_events}; retry shortly"
+            )
+        self.events += n_events
+        self._by_tenant[tenant] = held + n_events
+
+    def release(self, tenant: str, n_events: int) -> None:
+        self.events -= n_events
+        held = self._by_tenant[tenant] - n_events
+        if held:
+            self._by_tenant[tenant] = held
+        else:
+            del self._by_tenant[tenant]  # idle tenants leave no entry behind
+
+
 class _Ticket:
     """One request waiting for the acks of every record that holds any of its events."""
 
@@ -120,7 +157,7 @@ class Publisher:
         self._metrics = metrics
         self._topic = USAGE_RAW.name
         self._timeout_s = settings.kafka.send_timeout_s
-        self._max_in_flight = settings.gateway.max_in_flight_events
+        self._in_flight = InFlight(settings.gateway.max_in_flight_events, settings.gateway.max_in_flight_tenant_share)
         self._producer: AIOKafkaProducer | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._usable = asyncio.Event()
@@ -132,7 +169,6 @@ class Publisher:
         self._event_bytes = 400.0  # encoded size of one event, re-estimated at every request
         self._expirer: asyncio.Task[None] | None = None
         self._connect_failures = 0
-        self.in_flight = 0
 
     async def start(self) -> None:
         """Connect now if the broker answers; otherwise the keeper keeps trying in the background."""
@@ -254,41 +290,40 @@ class Publisher:
                 log.warning("Kafka producer did not stop within %.0fs; undelivered records dropped", self._timeout_s + 5)
             self._producer = None
 
+    @property
+    def in_flight(self) -> int:
+        """Events handed over and not yet acknowledged (or waiting for the broker to be usable)."""
+        return self._in_flight.events
+
     async def ready(self) -> bool:
         """Broker reachable and the topic there, as of the keeper's last check (every ``_CHECK_S``)."""
         return self._usable.is_set()
 
     async def publish(self, tenant: str, received_at: str, by_project: dict[str, list[Any]], n_events: int) -> None:
         """Return once the broker acknowledged every event; else BrokerUnavailable (503) / Saturated (429)."""
-        # a request larger than the whole bound still goes through when nothing else is waiting
-        if self.in_flight + n_events > self._max_in_flight and self.in_flight:
-            raise Saturated(f"{self.in_flight} events are waiting for broker acknowledgement; retry shortly")
-        started = time.monotonic()
-        if not self._usable.is_set():
-            self.in_flight += n_events
-            try:
-                await asyncio.wait_for(self._usable.wait(), min(self._timeout_s, _USABLE_WAIT_S))
-            except asyncio.TimeoutError:
-                raise BrokerUnavailable(f"Kafka at {self._settings.kafka_bootstrap} is not reachable") from None
-            finally:
-                self.in_flight -= n_events
-        encoded = [(project, self._encode(events)) for project, events in by_project.items()]
-        loop = asyncio.get_running_loop()
-        ticket = _Ticket(loop.create_future(), time.monotonic() + self._timeout_s)
-        self._waiting.append(ticket)
-        if not self._pending:
-            loop.call_soon(self._flush)
-        for project, parts in encoded:
-            batch = self._pending.get((tenant, project))
-            if batch is None:
-                batch = self._pending[(tenant, project)] = _Batch(received_at)
-            batch.parts += parts
-            batch.tickets.append(ticket)
-        self.in_flight += n_events
+        self._in_flight.admit(tenant, n_events)
         try:
+            started = time.monotonic()
+            if not self._usable.is_set():
+                try:
+                    await asyncio.wait_for(self._usable.wait(), min(self._timeout_s, _USABLE_WAIT_S))
+                except asyncio.TimeoutError:
+                    raise BrokerUnavailable(f"Kafka at {self._settings.kafka_bootstrap} is not reachable") from None
+            encoded = [(project, self._encode(events)) for project, events in by_project.items()]
+            loop = asyncio.get_running_loop()
+            ticket = _Ticket(loop.create_future(), time.monotonic() + self._timeout_s)
+            self._waiting.append(ticket)
+            if not self._pending:
+                loop.call_soon(self._flush)
+            for project, parts in encoded:
+                batch = self._pending.get((tenant, project))
+                if batch is None:
+                    batch = self._pending[(tenant, project)] = _Batch(received_at)
+                batch.parts += parts
+                batch.tickets.append(ticket)
             await ticket.future
         finally:
-            self.in_flight -= n_events
+            self._in_flight.release(tenant, n_events)
         self._metrics.publish_latency.observe(time.monotonic() - started)
 
     async def _expire_forever(self) -> None:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-#: tokens above this are a client bug, and would overflow nano-USD arithmetic downstream
-MAX_TOKENS = 10**12
+from spendstream.money import MAX_TOKENS_PER_EVENT
+
+#: per token field; the caps and their arithmetic are in spendstream/money.py
+MAX_TOKENS = MAX_TOKENS_PER_EVENT
 
 FieldErrors = list[dict[str, str]]
 
@@ -185,4 +187,12 @@ def normalise_usage(usage: Any, path: str = "usage") -> tuple[dict[str, int], Fi
         ]
     if r.errors:
         return {}, r.errors
+    # a total added up here (Anthropic input, Gemini input/output) is bounded like a given one
+    too_many = [
+        {"field": path, "message": f"{name} adds up to {count}, more than {MAX_TOKENS}"}
+        for name, count in counts.items()
+        if count > MAX_TOKENS
+    ]
+    if too_many:
+        return {}, too_many
     return {k: v for k, v in counts.items() if v or k in ("input_tokens", "output_tokens")}, []

@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from typing import Any, TypedDict
 
+from spendstream.money import INT64_AMOUNT
+
 SCHEMA_VERSION = 1
-NANOS_PER_USD = 1_000_000_000
 
 #: Token classes of contract v1. input_tokens INCLUDES cache read/write and audio input;
 #: output_tokens INCLUDES reasoning and audio output (OpenTelemetry GenAI convention).
@@ -81,7 +82,7 @@ COST_CLASSES: tuple[str, ...] = (
     "request",
 )
 
-PRICING_STATUSES = ("priced", "unknown_model", "client")
+PRICING_STATUSES = ("priced", "unknown_model", "client", "cost_over_cap")
 PRICE_SOURCES = ("catalog", "override", "client", "none")
 
 
@@ -122,9 +123,12 @@ def record_key(tenant: str, project: str) -> bytes:
 
 
 def usd_to_nanos(value: Decimal | str | int) -> int:
-    """Exact conversion, rounding half-to-even below one nano-USD (documented, never float)."""
-    d = value if isinstance(value, Decimal) else Decimal(str(value))
-    return int((d * NANOS_PER_USD).to_integral_value(rounding=ROUND_HALF_EVEN))
+    """Exact conversion, rounding half-to-even below one nano-USD (documented, never float).
+
+    Inputs go through the one money parser (spendstream/money.py): bounded length and exponent,
+    ``MoneyError`` (a ValueError) for anything that is not a decimal amount within Int64 nano-USD.
+    Fields with their own range use their ``MoneyRule`` instead."""
+    return INT64_AMOUNT.nanos(value)
 
 
 def nanos_to_usd(nanos: int) -> Decimal:

@@ -13,17 +13,19 @@ behind it is ingest_gateway/budget_view.py.
 from __future__ import annotations
 
 import time
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ingest_gateway.budget_view import BudgetView
-from ingest_gateway.errors import Forbidden, GatewayError, Unauthenticated, to_http
+from ingest_gateway.errors import GatewayError, to_http
 from ingest_gateway.http import json_response
+from ingest_gateway.ingest import authenticate, read_body
 from ingest_gateway.logic import normalise_names
-from spendstream.contracts import nanos_to_usd_str, usd_to_nanos
+from spendstream.asgi import ClientGone
+from spendstream.contracts import nanos_to_usd_str
+from spendstream.money import ESTIMATED_COST, format_usd
 from stream_processors.budgets.logic import Attribution
 
 router = APIRouter(tags=["budgets"])
@@ -46,18 +48,18 @@ class CheckIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     scope: CheckScope = Field(default_factory=CheckScope)
-    estimated_cost_usd: str | int | float = Field("0", description="decimal USD the next call may cost")
+    estimated_cost_usd: str | int | float = Field(
+        "0", description=f"decimal USD the next call may cost, 0 to {format_usd(ESTIMATED_COST.max_nanos)}"
+    )
 
     @field_validator("estimated_cost_usd")
     @classmethod
     def _estimate(cls, v: str | int | float) -> str | int | float:
-        try:
-            d = Decimal(v.strip() if isinstance(v, str) else repr(v))
-        except InvalidOperation:
-            raise ValueError("not a decimal number") from None
-        if not d.is_finite() or d < 0:
-            raise ValueError("must be a decimal number >= 0")
+        ESTIMATED_COST.nanos(v)
         return v
+
+    def estimate_nanos(self) -> int:
+        return ESTIMATED_COST.nanos(self.estimated_cost_usd)
 
     def attribution(self) -> Attribution:
         s = self.scope
@@ -69,17 +71,6 @@ class NotReady(GatewayError):
     status = 503
     code = "budgets_not_ready"
     retry_after_s = 1
-
-
-async def _principal(request: Request, authorization: str | None):
-    if not authorization or not authorization.lower().startswith("bearer ") or not authorization[7:].strip():
-        raise Unauthenticated("send Authorization: Bearer <API key>")
-    principal = await request.app.state.keys.authenticate(authorization[7:].strip())
-    if principal is None:
-        raise Unauthenticated("unknown or revoked API key")
-    if not any(principal.allows(s) for s in SCOPES):
-        raise Forbidden("this API key needs the 'ingest' or 'read' scope")
-    return principal
 
 
 def _error(exc: GatewayError) -> Response:
@@ -100,25 +91,32 @@ def _error(exc: GatewayError) -> Response:
         "503 `budgets_not_ready` (with Retry-After) until the budgets and the state topic are loaded after a "
         "start. With `enforce`, `allowed` is false once spent reaches the limit or spent + estimate exceeds it."
     ),
-    responses={401: {}, 403: {}, 422: {}, 503: {"description": "budget state still loading"}},
+    responses={401: {}, 403: {}, 413: {}, 422: {}, 503: {"description": "budget state still loading"}},
 )
 async def check_budget(request: Request) -> Any:
-    # the header is read here, not declared as a FastAPI dependency: resolving one costs more CPU
-    # than the whole answer from memory (Authorization: Bearer <API key>, scope ingest or read)
+    # the headers are read here, not declared as FastAPI dependencies: resolving one costs more CPU
+    # than the whole answer from memory (Authorization: Bearer <API key>, scope ingest or read).
+    # The key is checked before the body is read, and the body is read under its limit.
     try:
-        principal = await _principal(request, request.headers.get("authorization"))
+        principal = await authenticate(
+            request.app.state.keys, request.headers.get("authorization"), request.headers.get("x-api-key"), *SCOPES
+        )
         view: BudgetView = request.app.state.budget_view
         if not view.ready:
             raise NotReady("budgets and budget state are still being loaded")
+        limit = request.app.ingest_settings.gateway.max_check_body_bytes
+        raw = await read_body(request.receive, request.headers.get("content-length"), limit)
     except GatewayError as exc:
         return _error(exc)
+    except ClientGone:
+        return Response(status_code=499)  # nginx's "client closed request": nobody is left to read it
     try:
-        body = CheckIn.model_validate_json(await request.body())
+        body = CheckIn.model_validate_json(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or None
+        field = ".".join(str(p) for p in first["loc"]) or "body"  # malformed JSON: the body as a whole
         return json_response({"error": "invalid_field", "field": field, "message": f"{field}: {first['msg']}"}, 422)
-    estimate = usd_to_nanos(body.estimated_cost_usd)
+    estimate = body.estimate_nanos()
     allowed, standings = view.check(principal.tenant, body.attribution(), estimate, time.time_ns() // 1_000_000)
     return json_response({
         "allowed": allowed,

@@ -32,6 +32,7 @@ from stream_processors.budgets.logic import (
     BudgetStanding,
     ScopeError,
     budget_from_row,
+    check_budget_name,
     check_timezone,
     current_window,
     parse_limit_nanos,
@@ -39,6 +40,7 @@ from stream_processors.budgets.logic import (
     parse_thresholds,
 )
 from stream_processors.budgets.store import BUDGET_COLUMNS, budget_row
+from stream_processors.notify.logic import channel_refusal
 
 router = APIRouter(prefix="/v1/budgets", tags=["budgets"])
 
@@ -69,6 +71,11 @@ class BudgetIn(BaseModel):
                                 description="webhook ids and e-mail addresses")  # fmt: skip
     enforce: bool = Field(False, description="the budget check denies once the limit is reached")
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_budget_name(v)
+
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, v: str) -> str:
@@ -92,6 +99,10 @@ class BudgetIn(BaseModel):
         for channel in v:
             if not channel.strip() or len(channel) > 256:
                 raise ValueError("each channel is a webhook id or an e-mail address (1..256 characters)")
+            # e-mail entries become recipients as they are: one plain address, no line breaks
+            refusal = channel_refusal(channel.strip(" "))
+            if refusal:
+                raise ValueError(f"channel {channel!r}: {refusal}")
         return list(dict.fromkeys(c.strip() for c in v))
 
     def to_budget(self, tenant: str, budget_id: str) -> Budget:

@@ -1,13 +1,18 @@
 """Prices: the catalog, the effective price of a model at an instant, tenant overrides, and the
 models seen without a price. Pricing itself is ``spendstream.pricing``; this router stores
 overrides in ClickHouse ``price_overrides`` (the pricing stage reloads them) and reads them back.
+
+``price_overrides`` replaces rows by its sorting key (tenant, provider, model, id), not by id. So
+a PUT of an existing id that moves it to another provider or model also writes a ``deleted``
+row under every old key, and DELETE writes one under every key the id has; both in the one
+insert, with a version above every row they replace (write time in µs, or the stored version
++ 1 if a clock is behind), so the change is whole whichever way the clocks stand.
 """
 
 from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
-from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -17,6 +22,7 @@ from query_api.deps import CH, Admin, Reader
 from query_api.errors import InvalidField, NotFound
 from query_api.filters import parse_instant, parse_tz
 from query_api.logic import iso_utc
+from spendstream.money import PRICE_PER_MTOK, PRICE_PER_REQUEST, format_usd
 from spendstream.pricing.catalog import Catalog
 from spendstream.pricing.logic import effective_price, list_prices
 from spendstream.pricing.overrides import PRICE_COLUMNS, OverrideBook, PriceOverride, TenantOverrides
@@ -27,8 +33,18 @@ router = APIRouter(prefix="/v1/pricing", tags=["pricing"])
 _OVERRIDE_SELECT = (
     "SELECT id, tenant, provider, model, effective_from, effective_to, "
     + ", ".join(PRICE_COLUMNS.values())
-    + ", request_usd AS per_request_usd, note, created_at FROM price_overrides FINAL WHERE tenant = {tenant:String}"
+    + ", request_usd AS per_request_usd, note, created_at FROM price_overrides FINAL"
+    " WHERE tenant = {tenant:String} AND deleted = 0"
 )
+#: every key (provider, model) an id is stored under, with its version
+_ID_KEYS = (
+    "SELECT provider, model, effective_from, version FROM price_overrides FINAL"
+    " WHERE tenant = {tenant:String} AND id = {id:String} AND deleted = 0"
+)
+_WRITE_COLUMNS = [
+    "tenant", "id", "provider", "model", "effective_from", "effective_to", *PRICE_COLUMNS.values(),
+    "request_usd", "note", "created_at", "deleted", "version",
+]  # fmt: skip
 
 
 def get_catalog(request: Request) -> Catalog:
@@ -59,14 +75,22 @@ async def prices(
     models = list_prices(catalog)
     if provider:
         models = [m for m in models if m["provider_id"] == provider]
-    overrides = [PriceOverride.from_row(r).describe() for r in await tenant_override_rows(ch, principal.tenant)]
+    overrides = [_describe(r) for r in await tenant_override_rows(ch, principal.tenant)]
     return {"catalog": catalog.source, "models": models, "overrides": overrides}
 
 
 @router.get("/overrides", summary="Your price overrides")
 async def overrides(principal: Reader, ch: CH) -> dict:
     rows = await tenant_override_rows(ch, principal.tenant)
-    return {"overrides": [PriceOverride.from_row(r).describe() | {"note": r["note"]} for r in rows]}
+    return {"overrides": [_describe(r) | {"note": r["note"]} for r in rows]}
+
+
+def _describe(row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return PriceOverride.from_row(row).describe()
+    except ValueError as exc:
+        # a row stored before today's limits: the pricing stage ignores it, the list says why
+        return {"id": row["id"], "provider": row["provider"], "model": row["model"], "rejected": str(exc)}
 
 
 class OverrideIn(BaseModel):
@@ -77,9 +101,13 @@ class OverrideIn(BaseModel):
     effective_to: str | None = Field(None, description="RFC 3339, exclusive; absent = open-ended")
     per_mtok: dict[str, str] = Field(
         default_factory=dict,
-        description="USD per million tokens as decimal strings, by class: " + ", ".join(PRICE_COLUMNS),
+        max_length=len(PRICE_COLUMNS),
+        description="USD per million tokens as decimal strings (at most 9 decimal places, "
+        f"0 to {format_usd(PRICE_PER_MTOK.max_nanos)}), by class: " + ", ".join(PRICE_COLUMNS),
     )
-    per_request_usd: str | None = Field(None, description="USD per request, decimal string")
+    per_request_usd: str | None = Field(
+        None, description=f"USD per request, decimal string (0 to {format_usd(PRICE_PER_REQUEST.max_nanos)})"
+    )
     note: str = Field("", max_length=1000)
 
 
@@ -99,46 +127,60 @@ def _validated(body: OverrideIn, tenant: str, override_id: str) -> PriceOverride
         return PriceOverride.from_row(row)
     except ValueError as exc:
         message = str(exc)
-        field = next((f for f in ("effective_to", "per_request_usd", *PRICE_COLUMNS.values()) if f in message), "per_mtok")
+        field = getattr(exc, "field", None) or next(
+            (f for f in ("effective_to", "per_request_usd", *PRICE_COLUMNS.values()) if f in message), "per_mtok"
+        )
         raise InvalidField(field, message) from None
+
+
+async def _stored_keys(ch: CH, tenant: str, override_id: str) -> list[dict[str, Any]]:
+    result = await ch.query(_ID_KEYS, parameters={"tenant": tenant, "id": override_id})
+    return list(result.named_results())
+
+
+def _next_version(now: datetime, stored: list[dict[str, Any]]) -> int:
+    # the schema's convention is the write time in µs; above every stored version so the write
+    # wins even when this replica's clock is behind the one that wrote them
+    return max([int(now.timestamp() * 1_000_000), *(int(r["version"]) + 1 for r in stored)])
+
+
+def _tombstone(tenant: str, override_id: str, key: dict[str, Any], now: datetime, version: int) -> list[Any]:
+    return [
+        tenant, override_id, key["provider"], key["model"], key["effective_from"], None,
+        *(None for _ in PRICE_COLUMNS), None, "", now, 1, version,
+    ]  # fmt: skip
 
 
 @router.put("/overrides", summary="Create or replace a price override (admin); the pricing stage picks it up within seconds")
 async def put_override(body: OverrideIn, principal: Admin, ch: CH) -> dict:
     override = _validated(body, principal.tenant, body.id or uuid.uuid4().hex)
+    stored = await _stored_keys(ch, override.tenant, override.id) if body.id else []
     now = datetime.now(timezone.utc)
-    given = {PRICE_COLUMNS[a]: Decimal(v) for a, v in override.per_mtok.items()}
-    columns = [
-        "tenant", "id", "provider", "model", "effective_from", "effective_to", *PRICE_COLUMNS.values(),
-        "request_usd", "note", "created_at", "deleted", "version",
-    ]
-    values = [
+    version = _next_version(now, stored)
+    given = {PRICE_COLUMNS[a]: v for a, v in override.per_mtok.items()}
+    rows = [[
         override.tenant, override.id, override.provider, override.model, override.effective_from,
         override.effective_to, *(given.get(c) for c in PRICE_COLUMNS.values()), override.per_request,
-        body.note, now, 0, _version(now),
+        body.note, now, 0, version,
+    ]]  # fmt: skip
+    rows += [
+        _tombstone(override.tenant, override.id, key, now, version)
+        for key in stored
+        if (key["provider"], key["model"]) != (override.provider, override.model)
     ]
-    await ch.insert("price_overrides", [values], column_names=columns)
+    await ch.insert("price_overrides", rows, column_names=_WRITE_COLUMNS)
     return override.describe() | {"note": body.note}
 
 
 @router.delete("/overrides/{override_id}", status_code=204, summary="Delete a price override (admin)")
 async def delete_override(override_id: str, principal: Admin, ch: CH) -> None:
-    rows = [r for r in await tenant_override_rows(ch, principal.tenant) if r["id"] == override_id]
-    if not rows:
+    stored = await _stored_keys(ch, principal.tenant, override_id)
+    if not stored:
         raise NotFound(f"price override {override_id!r}")
-    row = rows[0]
     now = datetime.now(timezone.utc)
-    columns = ["tenant", "id", "provider", "model", "effective_from", "deleted", "version", "created_at"]
-    await ch.insert(
-        "price_overrides",
-        [[row["tenant"], row["id"], row["provider"], row["model"], row["effective_from"], 1, _version(now), now]],
-        column_names=columns,
-    )
-
-
-def _version(now: datetime) -> int:
-    # the schema's convention: write time in microseconds, so the latest write wins
-    return int(now.timestamp() * 1_000_000)
+    version = _next_version(now, stored)
+    rows = [_tombstone(principal.tenant, override_id, key, now, version) for key in stored]
+    await ch.insert("price_overrides", rows, column_names=_WRITE_COLUMNS)
 
 
 @router.get("/unpriced", summary="Models seen without a price, with event counts and the time range to re-price")

@@ -3,10 +3,13 @@
 An override prices one (provider, model) for one tenant from ``effective_from`` (inclusive) until
 ``effective_to`` (exclusive, open when absent) and then wins over the catalog. Prices are USD per
 million tokens for the classes in :data:`~spendstream.pricing.catalog.ATOMS`, plus an optional
-USD price per request. A class without a price pays its parent's price, as in genai-prices:
-``cache_read``, ``cache_write`` and ``input_audio`` fall back to ``input``; ``cache_write_1h`` to
-``cache_write``; ``reasoning`` and ``output_audio`` to ``output``. ``input`` and ``output``
-without a price cost 0, but an override must name at least one price.
+USD price per request, each a decimal string (or Decimal) of at most 9 decimal places within
+the caps of spendstream/money.py (``PRICE_PER_MTOK``, ``PRICE_PER_REQUEST``), so no event an
+override prices can exceed the per-event cost cap. A class without a price pays its parent's
+price, as in genai-prices: ``cache_read``, ``cache_write`` and ``input_audio`` fall back to
+``input``; ``cache_write_1h`` to ``cache_write``; ``reasoning`` and ``output_audio`` to
+``output``. ``input`` and ``output`` without a price cost 0, but an override must name at least
+one price.
 
 Storage is other code's job (the query API writes a ClickHouse table ``price_overrides`` whose
 rows carry the columns in :data:`OVERRIDE_COLUMNS`); the pricing stage reloads the rows and calls
@@ -24,9 +27,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
+from spendstream.money import PRICE_PER_MTOK, PRICE_PER_REQUEST, MoneyError, MoneyRule
 from spendstream.pricing.catalog import ATOMS, Catalog, PriceRow, Resolution, decimal_str
 from spendstream.pricing.normalize import epoch_micros, utc_instant
 
@@ -53,16 +57,12 @@ PARENT_CLASS: dict[str, str] = {
 }
 
 
-def _price(value: Any, what: str) -> Decimal:
-    if isinstance(value, float) or isinstance(value, bool):
-        raise ValueError(f"{what}: give a decimal string, not {type(value).__name__} (money is never float)")
+def _price(rule: MoneyRule, value: Any, ident: str, column: str) -> Decimal:
     try:
-        price = value if isinstance(value, Decimal) else Decimal(str(value).strip())
-    except InvalidOperation:
-        raise ValueError(f"{what}: {value!r} is not a decimal number") from None
-    if not price.is_finite() or price < 0:
-        raise ValueError(f"{what}: {value!r} must be a finite amount >= 0")
-    return price
+        return rule.usd(value, column)
+    except MoneyError as exc:
+        # the book lists rejected rows by reason: say which override and column
+        raise MoneyError(column, f"override {ident} {column}: {exc.message}") from None
 
 
 def _instant(value: Any, what: str) -> datetime:
@@ -114,11 +114,13 @@ class PriceOverride:
         """One ``price_overrides`` row (see :data:`OVERRIDE_COLUMNS`; NULL prices may be absent)."""
         ident = str(row.get("id") or "")
         per_mtok = {
-            atom: _price(row[column], f"override {ident} {column}")
+            atom: _price(PRICE_PER_MTOK, row[column], ident, column)
             for atom, column in PRICE_COLUMNS.items()
             if row.get(column) is not None
         }
         per_request = row.get("per_request_usd")
+        if per_request is not None:
+            per_request = _price(PRICE_PER_REQUEST, per_request, ident, "per_request_usd")
         effective_to = row.get("effective_to")
         return cls(
             id=ident,
@@ -128,7 +130,7 @@ class PriceOverride:
             effective_from=_instant(row.get("effective_from"), f"override {ident} effective_from"),
             effective_to=None if effective_to is None else _instant(effective_to, f"override {ident} effective_to"),
             per_mtok=per_mtok,
-            per_request=None if per_request is None else _price(per_request, f"override {ident} per_request_usd"),
+            per_request=per_request,
         )
 
     def describe(self) -> dict[str, Any]:

@@ -28,6 +28,13 @@ Forecast (daily/weekly/monthly, once per window): burn rate = spend in the last
 spent + rate * time left. Fires when that exceeds the limit before spend reached it, once at
 least one interval of the window has passed (a rate from the first seconds would be noise).
 
+Saturation: a window's spend (and each agent's, model's and minute's share, and a projection)
+stops at ``SPEND_CEILING_NANOS`` (Int64 max, about 9.2 billion USD) instead of growing past what
+the state's wire format (orjson: 64-bit integers), the alert payload and ClickHouse's Int64
+columns can hold. The highest budget limit (``spendstream.money.MAX_BUDGET_LIMIT_NANOS``, 1e9 USD)
+is 9x below it, so every threshold and forecast decision is still exact; only the displayed spend
+of a window past 9.2 billion USD is a floor. Exact long-range sums live in ClickHouse (Int128).
+
 Delta records (spendstream.budget.deltas, key = budget id) carry the events of one budget from
 one usage.raw partition; the state keeps, per budget, the highest raw offset applied per raw
 partition and drops events at or below it (the replay rule of spendstream/contracts.py).
@@ -37,32 +44,43 @@ from __future__ import annotations
 
 import functools
 import heapq
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+from zoneinfo import ZoneInfo, available_timezones
 
 import orjson
 
 from spendstream.contracts import (
     BUDGET_SCOPE_FIELDS,
     BUDGET_WINDOWS,
-    NANOS_PER_USD,
     SCHEMA_VERSION,
     budget_alert_id,
     nanos_to_usd_str,
 )
+from spendstream.money import BUDGET_LIMIT, INT64_MAX, MAX_BUDGET_LIMIT_NANOS
 
 MINUTE_MS = 60_000
+SPEND_CEILING_NANOS = INT64_MAX
+assert MAX_BUDGET_LIMIT_NANOS * 2 < SPEND_CEILING_NANOS, "thresholds up to 200 % must stay exact below the ceiling"
+
+
+def saturating_add(total: int, amount: int) -> int:
+    """``total + amount``, stopping at the ceiling (see "Saturation" above)."""
+    return min(total + amount, SPEND_CEILING_NANOS)
+
+
+def _add_to(shares: dict[str, int], key: str, amount: int) -> None:
+    shares[key] = saturating_add(shares.get(key, 0), amount)
 ROLLING_MS = {"rolling_1h": 3_600_000, "rolling_24h": 86_400_000}
 CALENDAR_WINDOWS = ("daily", "weekly", "monthly")
 FORECAST_INTERVAL_MS = 15 * MINUTE_MS
 DEFAULT_THRESHOLDS = (Decimal(50), Decimal(80), Decimal(100))
-#: limit_nanos is an Int64 column
-MAX_LIMIT_NANOS = 2**63 - 1
+MAX_NAME = 256
 MAX_THRESHOLDS = 20
 MAX_SCOPE_VALUE = 256
 TOP_N = 3
@@ -119,22 +137,26 @@ def check_window(name: str) -> str:
 
 
 def parse_limit_nanos(value: str | int | float) -> int:
-    """A USD amount (decimal string or JSON number) -> nano-USD; must be > 0 and fit Int64."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError("must be a decimal string such as \"10.00\"")
-    text = value.strip() if isinstance(value, str) else repr(value)  # repr: shortest round trip
-    try:
-        usd = Decimal(text)
-    except InvalidOperation:
-        raise ValueError(f"not a decimal number: {text[:64]!r}") from None
-    if not usd.is_finite() or usd <= 0:
-        raise ValueError("must be a decimal number greater than 0")
-    nanos = usd * NANOS_PER_USD
-    if nanos > MAX_LIMIT_NANOS:
-        raise ValueError(f"at most {Decimal(MAX_LIMIT_NANOS).scaleb(-9)} USD")
-    if nanos != nanos.to_integral_value():
-        raise ValueError("at most 9 decimal places (nano-USD)")
-    return int(nanos)
+    """A USD amount (decimal string or JSON number) -> nano-USD, within ``BUDGET_LIMIT``'s range
+    (see spendstream/money.py); ``MoneyError`` (a ValueError naming ``limit_usd``) otherwise."""
+    return BUDGET_LIMIT.nanos(value)
+
+
+#: C0/C1 controls (CR and LF above all), Unicode line/paragraph separators and lone surrogates: a
+#: name is copied into e-mail subjects and headers, chat messages and logs, where these split lines
+_UNSAFE_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def check_budget_name(name: str) -> str:
+    """The name trimmed, or ValueError: blank, longer than ``MAX_NAME``, or with control characters."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("must be a non-blank string")
+    if len(name) > MAX_NAME:
+        raise ValueError(f"at most {MAX_NAME} characters")
+    bad = _UNSAFE_NAME_CHARS.search(name)
+    if bad:
+        raise ValueError(f"must not contain control characters such as CR or LF (found U+{ord(bad[0]):04X})")
+    return name.strip()
 
 
 def parse_thresholds(values: Iterable[Any]) -> tuple[Decimal, ...]:
@@ -489,14 +511,14 @@ class CalendarWindow:
     recent: dict[int, int] = field(default_factory=dict)
 
     def add(self, ev: SpendEvent) -> None:
-        self.spent += ev.cost_nanos
-        self.agents[ev.agent] = self.agents.get(ev.agent, 0) + ev.cost_nanos
-        self.models[ev.model] = self.models.get(ev.model, 0) + ev.cost_nanos
+        self.spent = saturating_add(self.spent, ev.cost_nanos)
+        _add_to(self.agents, ev.agent, ev.cost_nanos)
+        _add_to(self.models, ev.model, ev.cost_nanos)
         minute = minute_of(ev.ts_ms)
         self.latest_ms = max(self.latest_ms, ev.ts_ms)
         horizon = minute_of(self.latest_ms) - FORECAST_INTERVAL_MS
         if minute > horizon:
-            self.recent[minute] = self.recent.get(minute, 0) + ev.cost_nanos
+            self.recent[minute] = saturating_add(self.recent.get(minute, 0), ev.cost_nanos)
         for old in [m for m in self.recent if m <= horizon]:
             del self.recent[old]
 
@@ -524,7 +546,7 @@ class CalendarWindow:
         if burned <= 0:
             return None
         # rate = burned / FORECAST_INTERVAL_MS, kept as a fraction so the projection stays exact
-        projected = self.spent + burned * (self.end - self.latest_ms) // FORECAST_INTERVAL_MS
+        projected = saturating_add(self.spent, burned * (self.end - self.latest_ms) // FORECAST_INTERVAL_MS)
         if projected <= limit:
             return None
         to_go = limit - self.spent
@@ -575,15 +597,18 @@ class RollingWindow:
         if minute <= self.now_minute:
             return
         self.now_minute = minute
+        saturated = self.spent == SPEND_CEILING_NANOS
         for old in [m for m in self.buckets if m < self.start]:
             self.spent -= self.buckets.pop(old).spent
+        if saturated:  # a saturated total is a floor, not a sum: subtracting from it would undercount
+            self.spent = min(sum(b.spent for b in self.buckets.values()), SPEND_CEILING_NANOS)
 
     def add(self, ev: SpendEvent) -> None:
         bucket = self.buckets.setdefault(minute_of(ev.ts_ms), MinuteBucket())
-        bucket.spent += ev.cost_nanos
-        bucket.agents[ev.agent] = bucket.agents.get(ev.agent, 0) + ev.cost_nanos
-        bucket.models[ev.model] = bucket.models.get(ev.model, 0) + ev.cost_nanos
-        self.spent += ev.cost_nanos
+        bucket.spent = saturating_add(bucket.spent, ev.cost_nanos)
+        _add_to(bucket.agents, ev.agent, ev.cost_nanos)
+        _add_to(bucket.models, ev.model, ev.cost_nanos)
+        self.spent = saturating_add(self.spent, ev.cost_nanos)
 
     def evaluate(self, budget: Budget, ev: SpendEvent, out: list[Alert]) -> None:
         def fire(threshold: Decimal) -> None:
@@ -591,9 +616,9 @@ class RollingWindow:
             models: dict[str, int] = {}
             for bucket in self.buckets.values():
                 for k, v in bucket.agents.items():
-                    agents[k] = agents.get(k, 0) + v
+                    _add_to(agents, k, v)
                 for k, v in bucket.models.items():
-                    models[k] = models.get(k, 0) + v
+                    _add_to(models, k, v)
             end = self.now_minute + MINUTE_MS
             out.append(Alert("threshold", budget, self.start, end, threshold, self.spent, budget.limit_nanos,
                              top_list(agents, models), ev))
