@@ -5,6 +5,7 @@ lifespan owns the ClickHouse async client (``app.state.ch``), a sync client for 
 functions (``app.state.ch_sync``), the API key store (``app.state.keys``) and the compiled price
 catalog (``app.state.catalog``).
 Routers of other domains (budgets, webhooks, alerts) are included when their modules exist.
+Every request passes ``query_api.guard`` first (API key, then body size limit).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from query_api.errors import install_error_handlers
+from query_api.guard import RequestGuard
 from query_api.metrics import ApiMetrics, MetricsMiddleware
 from spendstream.clickhouse import get_async_client, get_client
 from spendstream.keys import KeyStore, load_live_keys
@@ -70,6 +72,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = ApiMetrics()
+    # the last added runs first: metrics count the guard's 401s and 413s too
+    app.add_middleware(RequestGuard, max_body_bytes=settings.query_api.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
     for module in _router_modules():

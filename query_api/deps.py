@@ -5,11 +5,13 @@
         ...  # principal.tenant scopes every query
 
 The lifespan in ``query_api.app`` owns the objects these hand out (``app.state.ch``,
-``app.state.settings``, ``app.state.keys``).
+``app.state.settings``, ``app.state.keys``). The API key itself is checked before FastAPI sees the
+request, by ``query_api.guard``; ``require`` then checks its scope.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Awaitable, Callable
 
 from clickhouse_connect.driver.asyncclient import AsyncClient
@@ -17,10 +19,16 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from query_api.errors import Forbidden, Unauthorized
-from spendstream.keys import KeyStore, Principal
+from spendstream.keys import AuthError, KeyStore, Principal, authenticate, check_scopes
 from spendstream.settings import Settings
 
-__all__ = ["CH", "Admin", "KeysDep", "Principal", "Reader", "SettingsDep", "get_ch", "get_keys", "get_settings", "require"]
+__all__ = [
+    "CH", "Admin", "KeysDep", "PRINCIPAL", "Principal", "Reader", "SettingsDep", "authenticate_request", "get_ch",
+    "get_keys", "get_settings", "require",
+]  # fmt: skip
+
+#: where the request guard leaves the authenticated principal in the ASGI scope
+PRINCIPAL = "spendstream.principal"
 
 # Both schemes are declared so the OpenAPI page offers them; the gateway accepts the same two.
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api key>")
@@ -44,26 +52,37 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 KeysDep = Annotated[KeyStore, Depends(get_keys)]
 
 
+def _domain_error(exc: AuthError) -> Unauthorized | Forbidden:
+    return Unauthorized(exc.message) if exc.status == 401 else Forbidden(exc.message)
+
+
+async def authenticate_request(keys: KeyStore, headers: Mapping[str, str]) -> Principal:
+    """The principal of a request's key (``Authorization: Bearer`` or ``X-API-Key``), else Unauthorized."""
+    try:
+        return await authenticate(keys, headers.get("authorization"), headers.get("x-api-key"))
+    except AuthError as exc:
+        raise _domain_error(exc) from None
+
+
 def require(scope: str) -> Callable[..., Awaitable[Principal]]:
     """Dependency: the caller's principal, after checking it holds ``scope``.
 
     As at the gateway, a key has exactly the scopes it lists (the bootstrap admin key has all).
+    ``bearer`` and ``api_key`` only declare the schemes in OpenAPI: the guard has read the key.
     """
 
     async def dependency(
+        request: Request,
         keys: KeysDep,
         bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
         api_key: Annotated[str | None, Depends(_api_key_header)],
     ) -> Principal:
-        secret = bearer.credentials if bearer else api_key
-        if not secret:
-            raise Unauthorized("missing API key (Authorization: Bearer <key> or X-API-Key)")
-        principal = await keys.authenticate(secret)
-        if principal is None:
-            raise Unauthorized("invalid or revoked API key")
-        if not principal.allows(scope):
-            raise Forbidden(f"this key lacks the '{scope}' scope")
-        return principal
+        # a route outside the guard's paths authenticates here, so none is ever left open
+        principal = request.scope.get(PRINCIPAL) or await authenticate_request(keys, request.headers)
+        try:
+            return check_scopes(principal, (scope,))
+        except AuthError as exc:
+            raise _domain_error(exc) from None
 
     dependency.__name__ = f"require_{scope}"
     return dependency

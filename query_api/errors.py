@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
 
 
 class DomainError(Exception):
     status: int = 400
     code: str = "bad_request"
+    headers: dict[str, str] | None = None  # extra response headers, e.g. Retry-After
 
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
@@ -58,6 +60,14 @@ class Forbidden(DomainError):
     code = "forbidden"
 
 
+class BodyTooLarge(DomainError):
+    status = 413
+    code = "body_too_large"
+
+    def __init__(self, message: str):
+        super().__init__(message, "body")
+
+
 class QueryRefused(DomainError):
     """An analyst's SQL was refused before or by ClickHouse (not allowed, invalid, too big)."""
 
@@ -77,6 +87,17 @@ class QueryFailed(DomainError):
 
     def __init__(self, message: str):
         super().__init__(message, "sql")
+
+
+class TooManyQueries(DomainError):
+    """A tenant already runs as many SQL statements at once as it may."""
+
+    status = 429
+    code = "too_many_queries"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message, "sql")
+        self.headers = {"Retry-After": str(retry_after_s)}
 
 
 class UpstreamUnavailable(DomainError):
@@ -113,6 +134,14 @@ def _loc_to_field(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+def domain_response(exc: DomainError) -> JSONResponse:
+    """The HTTP answer of a domain error (also sent by the request guard, outside FastAPI's handlers)."""
+    from fastapi.responses import JSONResponse
+
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else exc.headers
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     # imported here so the pure modules (filters, logic) can raise these errors without the web stack
     from fastapi import Request
@@ -123,8 +152,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return domain_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

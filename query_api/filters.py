@@ -18,6 +18,11 @@ from query_api.errors import InvalidField
 DIMENSIONS: tuple[str, ...] = ("project", "agent", "user", "provider", "model")
 DEFAULT_RANGE = timedelta(days=30)
 MAX_TAG_FILTERS = 8
+#: what every time column (DateTime64(3, 'UTC'), clickhouse/schema/) can hold: an instant outside
+#: this is refused rather than compared against values ClickHouse wraps or clamps. LATEST is the
+#: exclusive end of the range, so it is accepted as a ``to``.
+EARLIEST = datetime(1900, 1, 1, tzinfo=timezone.utc)
+LATEST = datetime(2300, 1, 1, tzinfo=timezone.utc)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -50,7 +55,8 @@ def parse_tz(value: str | None) -> ZoneInfo:
 def parse_instant(name: str, value: str, tz: ZoneInfo, *, end_of_day: bool) -> datetime:
     """RFC 3339 timestamp, or a date meaning that day in ``tz`` (its end when ``end_of_day``).
 
-    A timestamp without an offset is read in ``tz``, like a date.
+    A timestamp without an offset is read in ``tz``, like a date. The instant must lie within
+    [EARLIEST, LATEST], what ClickHouse stores.
     """
     text = value.strip()
     try:
@@ -61,9 +67,17 @@ def parse_instant(name: str, value: str, tz: ZoneInfo, *, end_of_day: bool) -> d
             local = datetime.fromisoformat(text.replace("z", "Z"))
             if local.tzinfo is None:
                 local = local.replace(tzinfo=tz)
+        instant = local.astimezone(timezone.utc)
+    except OverflowError:  # the day after 9999-12-31, or an offset across year 1 or 9999
+        instant = None
     except ValueError:
         raise InvalidField(name, f"expected an RFC 3339 timestamp or YYYY-MM-DD, got {value!r}") from None
-    return local.astimezone(timezone.utc)
+    if instant is None or not EARLIEST <= instant <= LATEST:
+        last_day = LATEST - timedelta(days=1)
+        raise InvalidField(
+            name, f"{value!r} is outside the supported range, {EARLIEST:%Y-%m-%d} to {last_day:%Y-%m-%d} (UTC)"
+        )
+    return instant
 
 
 def parse_filters(
@@ -78,7 +92,8 @@ def parse_filters(
     """Validate raw query parameters. ``start``/``end`` are the ``from``/``to`` parameters."""
     zone = parse_tz(tz)
     end_at = parse_instant("to", end, zone, end_of_day=True) if end else now.astimezone(timezone.utc)
-    start_at = parse_instant("from", start, zone, end_of_day=False) if start else end_at - DEFAULT_RANGE
+    # the default range stops at the earliest instant ClickHouse stores
+    start_at = parse_instant("from", start, zone, end_of_day=False) if start else max(end_at - DEFAULT_RANGE, EARLIEST)
     if start_at >= end_at:
         raise InvalidField("from", "'from' must be before 'to'")
     dim_items = []

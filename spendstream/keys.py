@@ -9,6 +9,9 @@ ingest goes on for known keys. The bootstrap admin key from settings
 
 ``api_keys`` is a ReplacingMergeTree(version) ordered by ``id``: revoking inserts a newer row
 with ``revoked_at`` set, so ``FINAL`` shows each key's latest state.
+
+``authenticate`` is the one check of a request's key, for both services: they call it with the
+raw headers before they read a byte of the body (see ingest_gateway/ingest.py, query_api/guard.py).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -346,3 +349,48 @@ class KeyStore:
                 return None
             return self.lookup(key)
         return None
+
+
+# ---------------------------------------------------------------- request authentication
+
+
+class AuthError(Exception):
+    """A request's key was refused: ``status`` 401 (none, malformed, unknown or revoked) or 403
+    (none of the scopes the route needs). Each service renders it in its own error format."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def presented_key(authorization: str | None, api_key: str | None) -> str | None:
+    """The key a request carries: ``Authorization: Bearer <key>``, else ``X-API-Key: <key>``."""
+    if authorization:
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    if api_key and api_key.strip():
+        return api_key.strip()
+    return None
+
+
+def check_scopes(principal: Principal, scopes: Collection[str]) -> Principal:
+    """``principal`` when it holds one of ``scopes`` (any key when none are asked), else 403."""
+    if scopes and not any(principal.allows(s) for s in scopes):
+        raise AuthError(403, f"this API key needs the {' or '.join(repr(s) for s in sorted(scopes))} scope")
+    return principal
+
+
+async def authenticate(
+    keys: KeyStore, authorization: str | None, api_key: str | None = None, scopes: Collection[str] = ()
+) -> Principal:
+    """The principal of the key in a request's ``Authorization`` / ``X-API-Key`` header, holding
+    one of ``scopes``; AuthError otherwise."""
+    key = presented_key(authorization, api_key)
+    if key is None:
+        raise AuthError(401, "send Authorization: Bearer <API key> (or X-API-Key: <API key>)")
+    principal = await keys.authenticate(key)
+    if principal is None:
+        raise AuthError(401, "unknown or revoked API key")
+    return check_scopes(principal, scopes)

@@ -60,8 +60,15 @@ class GatewaySettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_events_per_request: int = Field(10_000, ge=1)
-    max_body_bytes: int = Field(5 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(
+        5 * 1024 * 1024, ge=1024, description="body limit of POST /v1/events, before and after gzip decoding (413 beyond)"
+    )
+    max_check_body_bytes: int = Field(64 * 1024, ge=1024, description="body limit of POST /v1/budgets/check (413 beyond)")
     max_in_flight_events: int = Field(200_000, ge=1, description="above this, answer 429")
+    max_in_flight_tenant_share: float = Field(
+        0.25, gt=0, le=1, description="the part of max_in_flight_events one tenant may hold; beyond it that tenant "
+        "gets 429 while the others' events go on"
+    )
     key_cache_refresh_s: float = Field(2.0, gt=0, description="how often API keys are reloaded")
     workers: int = Field(
         1, ge=1, description="gateway processes sharing the port, each with its own producer, key cache, "
@@ -73,8 +80,26 @@ class GatewaySettings(BaseModel):
 class QueryApiSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8001, ge=1, le=65535)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="body limit of every request (413 beyond)")
     sql_max_rows: int = Field(100_000, ge=1)
     sql_max_seconds: float = Field(10.0, gt=0)
+    # Limits of POST /v1/sql, sent with every analyst statement as ClickHouse settings (also while
+    # it is analysed): going past one is a 400 naming `sql`, never a 500. sql_max_rows is the
+    # result's max_result_rows (a request's own `max_rows` truncates instead), sql_max_seconds its
+    # max_execution_time. The defaults suit a 10 s limit: about what 4 threads scan in that time.
+    sql_max_memory_bytes: int = Field(1_000_000_000, ge=1, description="max_memory_usage of one statement")
+    sql_max_rows_to_read: int = Field(
+        10_000_000_000, ge=1, description="max_rows_to_read: rows one statement may read (checked before reading, "
+        "from the primary key's estimate, and while reading)"
+    )
+    sql_max_bytes_to_read: int = Field(1_000_000_000_000, ge=1, description="max_bytes_to_read (uncompressed)")
+    sql_max_result_bytes: int = Field(
+        100_000_000, ge=1, description="max_result_bytes (uncompressed, in ClickHouse) of one statement's result"
+    )
+    sql_max_threads: int = Field(4, ge=1, description="max_threads of one statement")
+    sql_max_concurrent_per_tenant: int = Field(
+        2, ge=1, description="statements one tenant may run at once in one query API process; beyond it 429"
+    )
 
 
 class ProcessorsSettings(BaseModel):
