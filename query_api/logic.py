@@ -18,13 +18,13 @@ import base64
 import binascii
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
-from decimal import Decimal
 from typing import Iterable, Iterator
 from zoneinfo import ZoneInfo
 
 import orjson
 
 from query_api.errors import InvalidField
+from spendstream.money import INT64_MAX, NANOS_PER_USD
 
 GRANULARITIES: tuple[str, ...] = ("minute", "hour", "day", "week", "month")
 MAX_BUCKETS = 20_000
@@ -206,6 +206,14 @@ def iso_utc(t: datetime) -> str:
 
 # -- money ------------------------------------------------------------------------------------
 def money(name: str, nanos: int) -> dict[str, object]:
-    """``{name}_usd`` exact decimal string, ``{name}_usd_number`` the nearest JSON number, ``{name}_nanos``."""
-    usd = Decimal(int(nanos)).scaleb(-9)
-    return {f"{name}_usd": f"{usd:.9f}", f"{name}_usd_number": float(usd), f"{name}_nanos": int(nanos)}
+    """``{name}_usd`` exact decimal string, ``{name}_usd_number`` the nearest JSON number, ``{name}_nanos``.
+
+    Exact for any integer: cost sums are Int128 (see usage_sql), and ``Decimal`` arithmetic would
+    round past 28 digits. ``{name}_nanos`` is a JSON integer while it fits Int64 (every realistic
+    figure); beyond that it is the exact decimal string, since orjson refuses integers past 64
+    bits and JSON readers keep none that large."""
+    nanos = int(nanos)
+    whole, frac = divmod(abs(nanos), NANOS_PER_USD)
+    usd = f"{'-' if nanos < 0 else ''}{whole}.{frac:09d}"
+    exact_nanos: int | str = nanos if -INT64_MAX - 1 <= nanos <= INT64_MAX else str(nanos)
+    return {f"{name}_usd": usd, f"{name}_usd_number": float(usd), f"{name}_nanos": exact_nanos}

@@ -6,6 +6,11 @@ A query is the UNION ALL of one sub-select per table that answers some segment o
 them up per key. The aggregates
 (``usage_minute``/``usage_hourly``/``usage_daily``/``usage_tags_daily``, kept by materialized
 views) hold partial sums until merged, so they are always read with ``sum()`` and GROUP BY.
+
+Cost sums are Int128 everywhere (clickhouse/schema/0009_*.sql): the aggregates' cost columns are,
+and sums over ``usage_events`` (Int64 per event) widen each value first, since 9,224 events at
+the per-event cap already exceed Int64. A sum beyond Int64 comes back as an exact Python int;
+``logic.money`` keeps it exact in JSON.
 """
 
 from __future__ import annotations
@@ -26,12 +31,15 @@ COST_COLUMNS = (
     "cost_nanos", "cost_input_nanos", "cost_output_nanos", "cost_cache_read_nanos", "cost_cache_write_nanos",
     "cost_reasoning_nanos", "cost_input_audio_nanos", "cost_output_audio_nanos", "cost_request_nanos",
 )
+#: events stored at cost 0 without a usable price, as the aggregates' ``unpriced`` counts them
+UNPRICED_STATUSES = ("unknown_model", "cost_over_cap")
 #: measure -> (expression over an aggregate table, expression over usage_events)
 MEASURES: dict[str, tuple[str, str]] = {
     "calls": ("sum(calls)", "count()"),
     "errors": ("sum(errors)", "countIf(status = 'error')"),
-    "unpriced": ("sum(unpriced)", "countIf(pricing_status = 'unknown_model')"),
-    **{c: (f"sum({c})", f"sum({c})") for c in TOKEN_COLUMNS + COST_COLUMNS},
+    "unpriced": ("sum(unpriced)", f"countIf(pricing_status IN {UNPRICED_STATUSES!r})"),
+    **{c: (f"sum({c})", f"sum({c})") for c in TOKEN_COLUMNS},
+    **{c: (f"sum({c})", f"sum(toInt128({c}))") for c in COST_COLUMNS},
     "latency_ms_sum": ("sum(latency_ms_sum)", "sum(ifNull(latency_ms, 0))"),
     "latency_count": ("sum(latency_count)", "count(latency_ms)"),
 }

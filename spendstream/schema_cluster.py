@@ -15,6 +15,9 @@ passes every statement through :func:`cluster_statements`:
   (it stores nothing; the MVs reading it write each shard's local tables).
 - ``CREATE MATERIALIZED VIEW {db}.v TO {db}.t AS SELECT ... FROM {db}.s``: ``ON CLUSTER``, reading the
   local source ``s_local`` and writing the local target ``t_local`` on each shard.
+- ``ALTER TABLE {db}.v MODIFY QUERY SELECT ... FROM {db}.s``: a materialized view keeps its name on
+  the cluster, so ``ON CLUSTER`` on ``v`` itself, its query reading the local source ``s_local``
+  as in its CREATE.
 - ``ALTER TABLE {db}.t ...``: on ``t_local`` ``ON CLUSTER``, and on the Distributed ``t`` too when it
   changes columns.
 - ``cluster_wide=True`` (the migrator's own bookkeeping tables): one Replicated table across all
@@ -50,6 +53,7 @@ _CREATE_MV = re.compile(
     r"^CREATE\s+MATERIALIZED\s+VIEW\s+IF\s+NOT\s+EXISTS\s+(\{db\}\.\w+)\s+TO\s+\{db\}\.(\w+)\s+(AS\s.*)$", re.S | re.I
 )
 _MV_SOURCE = re.compile(r"\bFROM\s+\{db\}\.(\w+)", re.I)
+_MODIFY_QUERY = re.compile(r"^ALTER\s+TABLE\s+(\{db\}\.\w+)\s+(MODIFY\s+QUERY\s.*)$", re.S | re.I)
 _ALTER_TABLE = re.compile(r"^ALTER\s+TABLE\s+\{db\}\.(\w+)\s+(.*)$", re.S | re.I)
 _COLUMN_ALTER = re.compile(r"\b(ADD|DROP|MODIFY|RENAME|COMMENT|CLEAR)\s+COLUMN\b", re.I)
 _ENGINE = re.compile(r"\bENGINE\s*=\s*(\w+)\s*", re.I)
@@ -74,12 +78,10 @@ def cluster_statements(statement: str, cluster: str, *, cluster_wide: bool = Fal
     if m := _CREATE_VIEW.match(statement):
         return [f"{m[1]} {m[2]} {on_cluster} {m[3]}"]
     if m := _CREATE_MV.match(statement):
-        select = m[3]
-        if not _MV_SOURCE.search(select):
-            raise ClusterSchemaError(f"materialized view {m[1]} has no FROM {{db}}.<table> source: {statement[:200]}")
-        # Only the first FROM is the table the view listens to; other references stay public.
-        select = _MV_SOURCE.sub(lambda s: f"FROM {{db}}.{s[1]}{LOCAL_SUFFIX}", select, count=1)
+        select = _from_local_source(m[3], m[1], statement)
         return [f"CREATE MATERIALIZED VIEW IF NOT EXISTS {m[1]} {on_cluster} TO {{db}}.{m[2]}{LOCAL_SUFFIX} {select}"]
+    if m := _MODIFY_QUERY.match(statement):
+        return [f"ALTER TABLE {m[1]} {on_cluster} {_from_local_source(m[2], m[1], statement)}"]
     if m := _CREATE_TABLE.match(statement):
         return _create_table(m[1], m[2], cluster, on_cluster, cluster_wide)
     if m := _ALTER_TABLE.match(statement):
@@ -92,6 +94,14 @@ def cluster_statements(statement: str, cluster: str, *, cluster_wide: bool = Fal
         "no cluster form for this statement (expected CREATE DATABASE/TABLE/VIEW/MATERIALIZED VIEW "
         f"IF NOT EXISTS, CREATE OR REPLACE VIEW, or ALTER TABLE on {{db}}-qualified names): {statement[:200]}"
     )
+
+
+def _from_local_source(select: str, view: str, statement: str) -> str:
+    """A view's query reading its source's local table. Only the first FROM is the table the view
+    listens to; other references stay public."""
+    if not _MV_SOURCE.search(select):
+        raise ClusterSchemaError(f"materialized view {view} has no FROM {{db}}.<table> source: {statement[:200]}")
+    return _MV_SOURCE.sub(lambda s: f"FROM {{db}}.{s[1]}{LOCAL_SUFFIX}", select, count=1)
 
 
 def _create_table(name: str, body: str, cluster: str, on_cluster: str, cluster_wide: bool) -> list[str]:

@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
+from aiokafka.errors import MessageSizeTooLargeError
 
 from spendstream.kafka import producer_kwargs
 from spendstream.settings import Settings
@@ -29,13 +29,6 @@ from stream_processors.retry import retry_forever
 OutRecord = tuple[str, int, bytes | None, bytes] | tuple[str, int, bytes | None, bytes, list[tuple[str, bytes]]]
 
 MAX_RECORD_BYTES = 16 * 1024 * 1024
-#: errors a retry cannot cure: they propagate and stop the stage (it must not skip the record)
-NEVER_SUCCEEDS = (MessageSizeTooLargeError, RecordTooLargeError)
-
-
-def retryable(exc: BaseException) -> bool:
-    # KafkaTimeoutError says retriable=False but means "no broker answered in time": retry it
-    return isinstance(exc, KafkaError) and not isinstance(exc, NEVER_SUCCEEDS)
 
 
 class StageProducer:
@@ -65,7 +58,14 @@ class StageProducer:
         Records go out as one batch per (topic, partition) in their order (aiokafka's
         ``send_batch``: a few µs per record instead of ~15 for ``send``). Re-sending can duplicate
         records written before the error; consumers of stage outputs tolerate that (priced
-        records are dropped by the src watermark)."""
+        records are dropped by the src watermark).
+
+        Kafka errors are retried as ``retry.is_transient`` says (KafkaTimeoutError too: it says
+        retriable=False but means "no broker answered in time"). A record the broker or the batch
+        refuses as too large raises a data error instead, which sending again cannot cure. The pricing
+        stage checks its output against :data:`MAX_RECORD_BYTES` first and dead-letters what
+        exceeds it; anywhere else the error stops the stage (records are sent in batches, so
+        the ones before it may be out already)."""
         if not records:
             return
         assert self._producer is not None, "start() first"
@@ -73,7 +73,7 @@ class StageProducer:
         by_destination: dict[tuple[str, int], list[OutRecord]] = {}
         for record in records:
             by_destination.setdefault((record[0], record[1]), []).append(record)
-        async for attempt in retry_forever(self._stage, "kafka send", retryable):
+        async for attempt in retry_forever(self._stage, "kafka send"):
             with attempt:
                 futures = []
                 for (topic, partition), group in by_destination.items():

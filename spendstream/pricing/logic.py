@@ -18,19 +18,29 @@ Rounding (the contract every consumer may rely on)
 
 Errors: an unknown model is never an error (``pricing_status='unknown_model'``, cost 0).
 :class:`PricingError` is raised only for events that break contract v1 (missing provider/model,
-token counts that are not non-negative integers, parts larger than their whole such as
-``cache_read + cache_write + input_audio > input_tokens``, an unusable timestamp or ``cost_usd``);
-the stage sends those to the dead-letter topic with the message as reason.
+token counts that are not non-negative integers or exceed ``MAX_TOKENS_PER_EVENT``, parts larger
+than their whole such as ``cache_read + cache_write + input_audio > input_tokens``, an unusable
+timestamp, or a ``cost_usd`` the gateway's rule ``money.EVENT_COST`` refuses, which includes one
+above ``MAX_EVENT_COST_NANOS``); the stage sends those to the dead-letter topic with the message
+as reason. The gateway refuses all of these with a 4xx, so they come only from other producers.
+
+Cost cap: a catalog or override price that makes one event cost more than
+``MAX_EVENT_COST_NANOS`` (10^15 nano-USD, 1,000,000 USD; spendstream/money.py) is not the event's
+fault but the price's (with tokens within their cap only an override priced far beyond
+``MAX_PRICE_PER_MTOK_NANOS`` gets there). Such an event is kept, like an unknown model, with
+``pricing_status='cost_over_cap'``, cost 0 and the ``price_id``/``price_source`` that produced
+the cost, so it is counted and visible (and can be re-priced once the price is fixed) instead of
+carrying an amount that would overflow every sum downstream.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from typing import Any, NamedTuple
 
-from spendstream.contracts import COST_CLASSES, usd_to_nanos
+from spendstream.contracts import COST_CLASSES
+from spendstream.money import EVENT_COST, MAX_EVENT_COST_NANOS, MAX_TOKENS_PER_EVENT, MoneyError
 from spendstream.pricing.catalog import Catalog, PriceRow, Resolution
 from spendstream.pricing.normalize import epoch_micros, utc_date_str, utc_instant
 from spendstream.pricing.overrides import TenantOverrides, active_override
@@ -40,6 +50,10 @@ from spendstream.pricing.overrides import TenantOverrides, active_override
 _CLASS_ORDER = ("input", "output", "cache_read", "cache_write", "reasoning", "input_audio", "output_audio", "request")
 if COST_CLASSES != _CLASS_ORDER:
     raise ImportError(f"contracts.COST_CLASSES changed to {COST_CLASSES}; update spendstream.pricing.logic.price")
+
+
+#: contracts.PRICING_STATUSES: the computed cost exceeded MAX_EVENT_COST_NANOS (see above)
+COST_OVER_CAP = "cost_over_cap"
 
 
 class PricingError(ValueError):
@@ -139,6 +153,9 @@ def price(event: dict[str, Any], catalog: Catalog, overrides: TenantOverrides | 
             "token counts must be >= 0 and fit their parents: cache_read + cache_write + input_audio <= input_tokens, "
             "cache_write_1h <= cache_write, reasoning + output_audio <= output_tokens"
         )
+    # every other count is a part of these two (checked above)
+    if input_tokens > MAX_TOKENS_PER_EVENT or output_tokens > MAX_TOKENS_PER_EVENT:
+        raise PricingError(f"token counts must be <= {MAX_TOKENS_PER_EVENT} per field")
 
     row = None
     source = "catalog"
@@ -173,6 +190,8 @@ def price(event: dict[str, Any], catalog: Catalog, overrides: TenantOverrides | 
     price_id = row.price_id if band == 0 else f"{row.price_id}>{row.thresholds[band - 1]}"
     if row.scale == 1 and cost_usd is None:
         # whole nanos per token: exact already (a dict literal is several times faster than dict(zip()))
+        if exact > MAX_EVENT_COST_NANOS:
+            return _over_cap_line(price_id, source)
         cost = {
             "input": c_input,
             "output": c_output,
@@ -186,22 +205,26 @@ def price(event: dict[str, Any], catalog: Catalog, overrides: TenantOverrides | 
         return _new_line(PricedLine, (cost, exact, price_id, "priced", source))
     nums = [c_input, c_output, c_cache_read, c_cache_write, c_reasoning, c_input_audio, c_output_audio, c_request]
     if cost_usd is not None:
+        # the client's amount is charged (EVENT_COST caps it); the computed one only splits it
         return _client_line(cost_usd, (nums, exact))
     total = round_half_even(exact, row.scale)
+    if total > MAX_EVENT_COST_NANOS:
+        return _over_cap_line(price_id, source)
     cost = dict(zip(COST_CLASSES, allocate(nums, row.scale, total)))
     return _new_line(PricedLine, (cost, total, price_id, "priced", source))
+
+
+def _over_cap_line(price_id: str, source: str) -> PricedLine:
+    return PricedLine(_zero_cost(), 0, price_id, COST_OVER_CAP, source)
 
 
 def _client_line(cost_usd: Any, priced: tuple[list[int], int] | None) -> PricedLine:
     if isinstance(cost_usd, float):
         raise PricingError("cost_usd must be a decimal string, not a float")
     try:
-        amount = Decimal(str(cost_usd).strip())
-    except InvalidOperation:
-        raise PricingError(f"cost_usd is not a decimal number: {cost_usd!r}") from None
-    if not amount.is_finite() or amount < 0:
-        raise PricingError(f"cost_usd must be a finite amount >= 0: {cost_usd!r}")
-    total = usd_to_nanos(amount)
+        total = EVENT_COST.nanos(cost_usd)
+    except MoneyError as exc:
+        raise PricingError(f"cost_usd {exc.message}: {str(cost_usd)[:64]!r}") from None
     if priced is not None and priced[1] > 0:
         nums, exact = priced
         cost = dict(zip(COST_CLASSES, allocate([n * total for n in nums], exact, total)))

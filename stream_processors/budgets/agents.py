@@ -37,6 +37,21 @@ cheap (one state write per budget touched).
 
 Budget configs are re-read from ClickHouse every ``budgets_reload_s`` (when changed); nothing is
 processed before the first successful load. Deltas of a budget that no longer exists are dropped.
+
+Poison never stalls the stage (``retry.py`` says what is transient and what is data): only
+transient errors are retried, and what cannot be processed because of its content goes to
+usage.dlq with the reason, counted in ``spendstream_stage_poison_records_total{stage="budgets"}``:
+- a usage.priced record ``build_deltas`` fails on (an event without a usable timestamp, ...);
+  records that are not priced envelopes at all are only counted: the sink dead-letters those;
+- a budget.deltas record that does not decode;
+- a budget whose batch cannot be applied or encoded (e.g. a cost that is not an integer):
+  its delta records of the batch, while its saved state stays as it was, and the other budgets
+  of the batch go on;
+- an alert ``budget_alerts`` refuses as data (a Decimal overflow of ``percent_used`` when spend
+  is over 10^13 times the limit, an Int64 overflow, ...): the alerts of the batch are inserted in
+  halves down to the one refused, which is dead-lettered (``events`` form: the alert and why,
+  ``src`` the delta record that raised it). It was sent on budget.alerts already; only its
+  history row is missing. The batch then commits as usual.
 """
 
 from __future__ import annotations
@@ -51,16 +66,23 @@ from typing import Any
 import faust
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from clickhouse_connect.driver.exceptions import ClickHouseError
 from prometheus_client import Counter, Gauge, Histogram
 
 from spendstream.clickhouse import get_client
+from spendstream.contracts import dlq_envelope
 from spendstream.kafka import client_kwargs
 from spendstream.settings import Settings
-from spendstream.topics import BUDGET_ALERTS, BUDGET_DELTAS, BUDGET_STATE, USAGE_PRICED
+from spendstream.topics import (
+    BUDGET_ALERTS,
+    BUDGET_DELTAS,
+    BUDGET_STATE,
+    USAGE_DLQ,
+    USAGE_PRICED,
+)
 from stream_processors.budgets.logic import (
     BudgetState,
     Delta,
+    RepartitionResult,
     ScopeIndex,
     alert_value,
     build_deltas,
@@ -68,8 +90,15 @@ from stream_processors.budgets.logic import (
     stable_partition,
 )
 from stream_processors.budgets.store import BudgetReader, insert_alerts
-from stream_processors.producer import StageProducer
-from stream_processors.retry import retry_forever
+from stream_processors.producer import OutRecord, StageProducer
+from stream_processors.retry import (
+    CONTENT_ERRORS,
+    POISON,
+    data_error_label,
+    is_data_error,
+    reason_of,
+    retry_forever,
+)
 from stream_processors.sink.logic import TimestampParser
 
 log = logging.getLogger(__name__)
@@ -96,10 +125,19 @@ ALERT_DELAY = Histogram(
 
 
 @dataclass(frozen=True, slots=True)
+class PendingAlert:
+    """An alert sent on budget.alerts, still to be recorded in ``budget_alerts``."""
+
+    value: dict[str, Any]
+    #: (partition, offset) of the budget.deltas record whose deltas raised it (its dead letter's src)
+    src: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
 class Commit:
     """What one batch of budget.deltas must make durable before it is acked."""
 
-    alerts: list[dict[str, Any]]
+    alerts: list[PendingAlert]
     #: (changelog partition, budget id, state) per budget the batch changed
     writes: list[tuple[int, bytes, bytes]]
     positions: dict[int, int]
@@ -271,16 +309,42 @@ def register(app: faust.App, settings: Settings) -> None:
         await book.ready.wait()
         async for events in stream.noack_take(p.batch_max_records, within=p.budgets_batch_seconds):
             records, done = await priced_positions.split(events)
-            result = build_deltas(book.index, [r.value for r in records], parse_ts)
+            try:
+                result = build_deltas(book.index, [r.value for r in records], parse_ts)
+                poison: list[OutRecord] = []
+            except CONTENT_ERRORS:
+                result, poison = deltas_without_poison(records)
             await output.send_all([
                 (BUDGET_DELTAS.name, stable_partition(d.budget_id, partitions), d.budget_id.encode(), d.encode())
                 for d in result.deltas
-            ])  # fmt: skip
+            ] + poison)  # fmt: skip
             priced_positions.commit()
             EVENTS.labels("seen").inc(result.events)
             BAD_RECORDS.inc(result.bad_records)
             for event in done:
                 await stream.ack(event)
+
+    def dead_letter(topic: str, record: SourceRecord, reason: str, label: str) -> OutRecord:
+        """A dead letter of a whole source record (usage.dlq partition = the source partition)."""
+        POISON.labels(STAGE, label).inc()
+        log.error("%s %d@%d dead-lettered: %s", topic, record.partition, record.offset, reason)
+        envelope = dlq_envelope(STAGE, reason, topic, record.partition, record.offset, value=record.value)
+        return (USAGE_DLQ.name, record.partition, None, orjson.dumps(envelope))
+
+    def deltas_without_poison(records: list[SourceRecord]) -> tuple[RepartitionResult, list[OutRecord]]:
+        """``build_deltas`` of the records it can take, one by one to find the ones it cannot
+        (rare: the pricing stage writes none), and their dead letters."""
+        good: list[SourceRecord] = []
+        poison: list[OutRecord] = []
+        for record in records:
+            try:
+                build_deltas(book.index, [record.value], parse_ts)
+            except CONTENT_ERRORS as exc:
+                poison.append(dead_letter(USAGE_PRICED.name, record, reason_of(exc, "cannot match to budgets: "),
+                                          "unprocessable_priced"))  # fmt: skip
+            else:
+                good.append(record)
+        return build_deltas(book.index, [r.value for r in good], parse_ts), poison
 
     def record_alerts(values: list[dict[str, Any]]) -> None:
         if not alerts_client:
@@ -296,41 +360,81 @@ def register(app: faust.App, settings: Settings) -> None:
         budget.state records; returns what must become durable before the batch is acked."""
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
-        grouped: dict[str, tuple[int, list[Delta]]] = {}
+        grouped: dict[str, tuple[int, list[Delta], list[SourceRecord]]] = {}
+        dead: list[OutRecord] = []
         for record in records:
-            delta = Delta.decode(record.value)
-            grouped.setdefault(delta.budget_id, (record.partition, []))[1].append(delta)
-        alerts: list[dict[str, Any]] = []
-        states: list[tuple[str, int, bytes, bytes]] = []
+            try:
+                delta = Delta.decode(record.value)
+            except CONTENT_ERRORS as exc:
+                dead.append(dead_letter(BUDGET_DELTAS.name, record, reason_of(exc, "not a delta: "), "bad_delta"))
+                continue
+            group = grouped.setdefault(delta.budget_id, (record.partition, [], []))
+            group[1].append(delta)
+            group[2].append(record)
+        alerts: list[PendingAlert] = []
+        sent: list[OutRecord] = []
         writes: list[tuple[int, bytes, bytes]] = []
-        for budget_id, (partition, deltas) in grouped.items():
+        for budget_id, (partition, deltas, sources) in grouped.items():
             budget = book.index.budgets.get(budget_id)
             if budget is None:
                 EVENTS.labels("budget_gone").inc(sum(len(evs) for d in deltas for _, evs in d.records))
                 continue
             key = budget_id.encode()
             saved = table.data.get(key)
-            state = BudgetState.loads(saved) if saved else BudgetState()
-            result = state.apply(budget, deltas, now_ms, lateness_ms)
+            try:
+                state = BudgetState.loads(saved) if saved else BudgetState()
+                result = state.apply(budget, deltas, now_ms, lateness_ms)
+                values = [alert_value(a, now_ms) for a in result.alerts]
+                out = [(BUDGET_ALERTS.name, stable_partition(v["alert_id"], partitions), v["alert_id"].encode(),
+                        orjson.dumps(v)) for v in values]  # fmt: skip
+                changed = state.state_records(budget, result.touched, now_ms)
+                out += [(BUDGET_STATE.name, partition, k, v) for k, v in changed]
+                value = state.dumps()
+            except CONTENT_ERRORS as exc:
+                # the saved state stays as it was: this batch's deltas of the budget are not applied
+                reason = reason_of(exc, f"budget {budget_id}: cannot apply or encode: ")
+                dead += [dead_letter(BUDGET_DELTAS.name, r, reason, "unappliable") for r in sources]
+                continue
             EVENTS.labels("applied").inc(result.applied)
             EVENTS.labels("replayed").inc(result.replayed)
             EVENTS.labels("late").inc(result.late)
-            alerts += [alert_value(a, now_ms) for a in result.alerts]
+            last = sources[-1]
+            alerts += [PendingAlert(v, (last.partition, last.offset)) for v in values]
             for alert in result.alerts:
                 ALERT_DELAY.observe(max(0.0, (now_ms - alert.event.ts_ms) / 1000))
-            states += [(BUDGET_STATE.name, partition, k, v) for k, v in state.state_records(budget, result.touched, now_ms)]
-            value = state.dumps()
+            sent += out
             # the next batch builds on this state at once; its changelog record waits for the commit
             table.data[key] = value
             writes.append((partition, key, value))
-        await output.send_all(
-            [(BUDGET_ALERTS.name, stable_partition(a["alert_id"], partitions), a["alert_id"].encode(), orjson.dumps(a))
-             for a in alerts] + states
-        )  # fmt: skip
+        await output.send_all(sent + dead)
         for a in alerts:
-            ALERTS.labels(a["kind"]).inc()
+            ALERTS.labels(a.value["kind"]).inc()
         BATCH_SECONDS.observe(time.perf_counter() - started)
         return Commit(alerts, writes, delta_positions.advance())
+
+    async def store_alerts(alerts: list[PendingAlert]) -> None:
+        """Record ``alerts`` in ClickHouse; refused as data, in halves down to the alert at fault,
+        which is dead-lettered (idempotent: a half stored twice collapses by alert_id)."""
+        try:
+            async for attempt in retry_forever(STAGE, "clickhouse budget_alerts"):
+                with attempt:
+                    await asyncio.to_thread(record_alerts, [a.value for a in alerts])
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            if len(alerts) > 1:
+                half = len(alerts) // 2
+                await store_alerts(alerts[:half])
+                await store_alerts(alerts[half:])
+                return
+            (alert,) = alerts
+            reason = reason_of(exc, "budget_alerts refused it: ")
+            POISON.labels(STAGE, data_error_label(exc)).inc()
+            log.error("alert %s not recorded in budget_alerts: %s", alert.value["alert_id"], reason)
+            envelope = dlq_envelope(STAGE, "1 alert not recorded in budget_alerts", BUDGET_DELTAS.name, *alert.src,
+                                    events=[{"reason": reason, "event": alert.value}])  # fmt: skip
+            await output.send_all([(USAGE_DLQ.name, alert.src[0], alert.value["alert_id"].encode(),
+                                    orjson.dumps(envelope))])  # fmt: skip
 
     async def commit(batch: Commit, previous: asyncio.Task[None] | None, stream: faust.StreamT,
                      done: list[faust.EventT]) -> None:  # fmt: skip
@@ -339,9 +443,7 @@ def register(app: faust.App, settings: Settings) -> None:
         if previous is not None:
             await previous
         if batch.alerts:
-            async for attempt in retry_forever(STAGE, "clickhouse budget_alerts", lambda exc: isinstance(exc, (ClickHouseError, OSError))):
-                with attempt:
-                    await asyncio.to_thread(record_alerts, batch.alerts)
+            await store_alerts(batch.alerts)
         for partition, key, value in batch.writes:
             table.send_changelog(partition, key, value)
         delta_positions.persist(batch.positions)

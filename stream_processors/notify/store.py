@@ -6,6 +6,11 @@ created since the last refresh: the delivery record of the recent past is read i
 (``load_histories``, at each partition assignment) and the live webhooks every
 ``CHANNEL_REFRESH_S`` (``refresh_channels``). Under load the embedded ClickHouse answers in
 hundreds of milliseconds, which a per-alert query would add to every alert's latency.
+
+An attempt ClickHouse refuses as data (``retry.is_data_error``) raises :class:`UnstorableAttempt`,
+which no retry predicate takes for a passing fault: the alert's delivery fails at once instead of
+retrying the insert forever and holding back its partition's commits. The notify agent then
+records the alert as refused (:meth:`DeliveryStore.record_refusal`) or dead-letters it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from clickhouse_connect.driver.asyncclient import AsyncClient
 
 from spendstream.clickhouse import get_async_client
 from spendstream.settings import Settings
-from stream_processors.notify.logic import Channel, is_email_channel
+from stream_processors.notify.logic import REFUSED, Alert, Channel, is_email_channel
+from stream_processors.retry import is_data_error
 
 #: how often the live webhooks are re-read: a deleted or changed webhook takes effect within it
 CHANNEL_REFRESH_S = 5.0
@@ -30,6 +36,13 @@ DELIVERY_COLUMNS = (
 
 #: (tenant, alert_id) -> channel -> what the record says about it
 Histories = dict[tuple[str, str], dict[str, "ChannelHistory"]]
+#: the attempt number of a refusal recorded for an alert the stage could not handle: the highest
+#: UInt32, so it is every history's last attempt (``argMax(outcome, attempt)``), a final outcome
+POISON_ATTEMPT = 2**32 - 1
+
+
+class UnstorableAttempt(Exception):
+    """ClickHouse refused an attempt's row as data; ``__cause__`` is its error."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +135,19 @@ class DeliveryStore:
         return out
 
     async def record(self, attempt: Attempt) -> None:
-        await insert_attempt(await self._ch(), attempt)
+        try:
+            await insert_attempt(await self._ch(), attempt)
+        except Exception as exc:
+            if is_data_error(exc):
+                raise UnstorableAttempt(f"alert_deliveries refused the attempt: {exc}") from exc
+            raise
+
+    async def record_refusal(self, alert: Alert, reason: str) -> None:
+        """Every channel of ``alert`` refused with ``reason``: final, never tried again."""
+        now = datetime.now(timezone.utc)
+        rows = [Attempt(alert.tenant, alert.alert_id, channel, "", POISON_ATTEMPT, now, REFUSED, None, reason, 0).row()
+                for channel in alert.channels]  # fmt: skip
+        await (await self._ch()).insert("alert_deliveries", rows, column_names=list(DELIVERY_COLUMNS))
 
 
 async def insert_attempt(ch: AsyncClient, attempt: Attempt) -> None:

@@ -10,11 +10,13 @@ A write follows OpenMeter's order:
 2. write: inserts of at most ``MAX_INSERT_ROWS`` rows with a dedupe token from their offset
    ranges, retried with backoff until ClickHouse takes them (an outage stalls the sink; it never
    skips a batch); an insert ClickHouse refuses as data is split in halves until the record at
-   fault is found, which goes to usage.dlq,
+   fault is found, which goes to usage.dlq. Which is which is ``retry.is_transient`` /
+   ``retry.is_data_error``, the classification every stage shares,
 3. commit: ack the batch's records; Faust commits acked offsets. Batches are written and acked
    one at a time, in order.
 Watermarks are re-read from ``ingest_progress`` after every partition assignment (another worker
-may have written meanwhile). Records that are not priced envelopes go to usage.dlq.
+may have written meanwhile). Records that are not priced envelopes go to usage.dlq. Every
+dead-lettered record is counted in ``spendstream_stage_poison_records_total{stage="sink",reason}``.
 """
 
 from __future__ import annotations
@@ -25,14 +27,19 @@ import time
 
 import faust
 import orjson
-from clickhouse_connect.driver.exceptions import ClickHouseError
 from prometheus_client import Counter, Histogram
 
 from spendstream.contracts import dlq_envelope
 from spendstream.settings import Settings
 from spendstream.topics import USAGE_DLQ, USAGE_PRICED
 from stream_processors.producer import StageProducer
-from stream_processors.retry import retry_forever
+from stream_processors.retry import (
+    POISON,
+    data_error_label,
+    is_data_error,
+    reason_of,
+    retry_forever,
+)
 from stream_processors.sink.logic import (
     BadRecord,
     Insert,
@@ -43,7 +50,7 @@ from stream_processors.sink.logic import (
     plan_inserts,
     read_priced,
 )
-from stream_processors.sink.writer import UsageEventsWriter, is_data_error
+from stream_processors.sink.writer import UsageEventsWriter
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +74,6 @@ MAX_INSERT_ROWS = 250_000
 TAKE_RECORDS = 1_000
 
 Pending = list[tuple[faust.EventT, PricedRecord | BadRecord]]
-
-
-def retryable(exc: BaseException) -> bool:
-    """Anything ClickHouse or the connection to it says, except refusing the data: wait for it."""
-    return isinstance(exc, (ClickHouseError, OSError)) and not is_data_error(exc)
 
 
 class Sink:
@@ -164,7 +166,8 @@ class Sink:
             try:
                 await self.write_batch(batch)
             except Exception as exc:
-                # ClickHouse and Kafka trouble is retried until it passes, so this is a bug.
+                # transient trouble is retried until it passes and refused data dead-lettered,
+                # so this is a bug.
                 # Nothing of this batch was acked: a restart replays it.
                 log.exception("sink writer failed; stopping the worker")
                 await self.app.crash(exc)
@@ -190,13 +193,14 @@ class Sink:
         RECORDS.labels("stored").inc(len(new))
         RECORDS.labels("replay_skipped").inc(len(replays))
         RECORDS.labels("dlq").inc(len(bad))
+        POISON.labels(STAGE, "bad_record").inc(len(bad))
         FLUSH_SECONDS.observe(time.perf_counter() - started)
 
     async def seed_watermarks(self, src_partitions: set[int]) -> None:
         missing = sorted(src_partitions - self.seeded)
         if not missing:
             return
-        async for attempt in retry_forever(STAGE, "read ingest_progress", retryable):
+        async for attempt in retry_forever(STAGE, "read ingest_progress"):
             with attempt:
                 stored = await asyncio.to_thread(self.writer.load_watermarks, missing)
         self.watermarks.seed(stored)
@@ -208,10 +212,10 @@ class Sink:
         single records, and dead-letter a single record it refuses. Halves keep their order, so
         each src partition's stored records stay a prefix-closed run (the watermark's premise)."""
         try:
-            async for attempt in retry_forever(STAGE, "clickhouse insert", retryable):
+            async for attempt in retry_forever(STAGE, "clickhouse insert"):
                 with attempt:
                     await asyncio.to_thread(self.writer.insert, insert)
-        except (ClickHouseError, OSError) as exc:
+        except Exception as exc:
             if not is_data_error(exc):
                 raise
             records = insert.records
@@ -222,8 +226,10 @@ class Sink:
                     await self.write(Insert(dedupe_token(self.topic, part), part))
                 return
             record = records[0]
-            await self.send_dlq([(record.partition, record.offset, None, record.value, f"ClickHouse refused it: {exc}")])
+            await self.send_dlq([(record.partition, record.offset, None, record.value,
+                                  reason_of(exc, "ClickHouse refused it: "))])  # fmt: skip
             RECORDS.labels("refused").inc()
+            POISON.labels(STAGE, data_error_label(exc)).inc()
             return
         ROWS.inc(insert.rows)
 

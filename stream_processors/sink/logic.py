@@ -35,6 +35,7 @@ from spendstream.contracts import (
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class BadRecord(ValueError):
@@ -93,7 +94,10 @@ def decode_priced(
     """Parse and shape-check one usage.priced value; raise :class:`BadRecord` if unusable.
 
     Field types inside events are the pricing stage's promise and are not re-checked here; an
-    insert ClickHouse refuses as data is split record by record (see the agent)."""
+    insert ClickHouse refuses as data is split record by record (see the agent). Costs are, since
+    ClickHouse does not refuse those: it reads a JSON integer past Int64 modulo 2**64 (2**63
+    becomes -2**63, silently). Pricing-stage records never hold one (per-event cap,
+    spendstream/money.py); one without headers may come from elsewhere."""
     if value is None:
         raise BadRecord("empty value")
     try:
@@ -119,6 +123,11 @@ def decode_priced(
             parse_ts(event["timestamp"])
     except (KeyError, TypeError, ValueError) as exc:
         raise BadRecord(f"missing or invalid timestamp: {exc}") from None
+    for event in events:
+        cost = event.get("cost")
+        amounts = [event.get("cost_nanos"), *(cost.values() if isinstance(cost, dict) else ())]
+        if any(type(a) is int and not INT64_MIN <= a <= INT64_MAX for a in amounts):
+            raise BadRecord(f"event {str(event.get('event_id'))[:128]!r}: a cost beyond Int64 nano-USD")
     # json_rows splices after the opening brace: no whitespace before it
     value = value if value[:1] == b"{" else value.strip()
     return PricedRecord(partition, offset, timestamp_ms, src["partition"], src["offset"], len(events), value)

@@ -10,7 +10,6 @@ and its view (verified with a partial failure in tests/integration/test_sink.py)
 from __future__ import annotations
 
 from clickhouse_connect.driver.client import Client
-from clickhouse_connect.driver.exceptions import DatabaseError
 
 from spendstream.clickhouse import get_client
 from spendstream.settings import Settings
@@ -18,16 +17,6 @@ from stream_processors.sink.logic import Insert, PricedRecord, json_rows
 
 TABLE = "usage_events_in"
 INSERT_STATEMENT = f"INSERT INTO {TABLE} FORMAT JSONEachRow\n".encode()
-
-#: ClickHouse error codes that blame the inserted data (it cannot be parsed or converted), so the
-#: same insert would fail forever: CANNOT_PARSE_TEXT, CANNOT_PARSE_ESCAPE_SEQUENCE,
-#: CANNOT_PARSE_QUOTED_STRING, CANNOT_PARSE_INPUT_ASSERTION_FAILED, CANNOT_PARSE_DATE,
-#: CANNOT_PARSE_DATETIME, TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND, CANNOT_CONVERT_TYPE,
-#: CANNOT_PARSE_NUMBER, INCORRECT_DATA, CANNOT_READ_ARRAY_FROM_TEXT, TOO_LARGE_STRING_SIZE,
-#: VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE, CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN, CANNOT_PARSE_BOOL,
-#: CANNOT_READ_MAP_FROM_TEXT. Every other error (connection, memory, too many parts, ...) is
-#: ClickHouse's and is retried.
-DATA_ERROR_CODES = frozenset({6, 25, 26, 27, 38, 41, 53, 69, 70, 72, 117, 130, 131, 321, 349, 467, 563})
 
 #: per-insert settings; the input ones say how the record JSON maps onto usage_events_in
 INSERT_SETTINGS = {
@@ -43,11 +32,6 @@ INSERT_SETTINGS = {
     # but one block keeps ClickHouse's all-or-nothing as close as it gets
     "input_format_parallel_parsing": 0,
 }
-
-
-def is_data_error(exc: BaseException) -> bool:
-    """ClickHouse refused the insert's data (see :data:`DATA_ERROR_CODES`), not a passing fault."""
-    return isinstance(exc, DatabaseError) and getattr(exc, "code", None) in DATA_ERROR_CODES
 
 
 def insert_records(client: Client, records: list[PricedRecord], token: str) -> None:
@@ -82,8 +66,8 @@ class UsageEventsWriter:
         return {int(p): int(o) for p, o in result.result_rows}
 
     def insert(self, insert: Insert) -> None:
-        """Write one insert; raises a ClickHouse error for which :func:`is_data_error` tells
-        bad data from a fault worth retrying."""
+        """Write one insert; raises a ClickHouse error, which ``retry.is_data_error`` tells from
+        a fault worth retrying."""
         insert_records(self._connected(), insert.records, insert.token)
 
     def close(self) -> None:

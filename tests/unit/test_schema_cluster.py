@@ -25,10 +25,10 @@ def _create_statements() -> list[str]:
 
 
 def _created(statement: str) -> tuple[str, str]:
-    """(kind, name) of a CREATE statement."""
-    m = re.match(r"CREATE (TABLE|MATERIALIZED VIEW|VIEW|DATABASE) IF NOT EXISTS (\S+)", statement)
+    """(kind, name) of a CREATE statement (``CREATE OR REPLACE VIEW`` is a VIEW)."""
+    m = re.match(r"CREATE (?:(TABLE|MATERIALIZED VIEW|VIEW|DATABASE) IF NOT EXISTS|OR REPLACE (VIEW)) (\S+)", statement)
     assert m, statement[:120]
-    return m[1], m[2]
+    return m[1] or m[2], m[3]
 
 
 def test_every_statement_of_every_file_has_a_cluster_form_on_the_cluster() -> None:
@@ -91,13 +91,30 @@ def test_materialized_views_read_and_write_the_local_tables() -> None:
 
 def test_tenant_views_stay_on_the_public_distributed_names() -> None:
     views = [s for s in _create_statements() if _created(s)[0] == "VIEW"]
-    assert len(views) == 12
+    # 0009 creates the four aggregate views again over their Int128 cost columns
+    assert len(views) == 12 + 4
+    assert sum(s.startswith("CREATE OR REPLACE VIEW") for s in views) == 4
     for statement in views:
         (derived,) = cluster_statements(statement, CLUSTER)
         assert "_local" not in derived
         assert derived == statement.replace(_created(statement)[1], f"{_created(statement)[1]} {ON}", 1)
     replace = "CREATE OR REPLACE VIEW {db}_tenant.usage_events AS SELECT * FROM {db}.usage_events"
     assert cluster_statements(replace, CLUSTER) == [replace.replace("usage_events AS", f"usage_events {ON} AS", 1)]
+
+
+def test_a_view_query_change_runs_on_the_view_itself_reading_the_local_source() -> None:
+    changes = [s for s in _all_statements() if re.match(r"ALTER TABLE \S+ MODIFY QUERY", s)]
+    assert {re.match(r"ALTER TABLE (\S+)", s)[1] for s in changes} == {
+        "{db}.usage_minute_mv", "{db}.usage_hourly_mv", "{db}.usage_daily_mv", "{db}.usage_tags_daily_mv"
+    }
+    for statement in changes:
+        (derived,) = cluster_statements(statement, CLUSTER)
+        view = re.match(r"ALTER TABLE (\S+)", statement)[1]
+        # a materialized view keeps its name on the cluster (only tables get a _local twin)
+        assert derived.startswith(f"ALTER TABLE {view} {ON} MODIFY QUERY")
+        assert "FROM {db}.usage_events_local" in derived and derived.count("_local") == 1
+    with pytest.raises(ClusterSchemaError, match="no FROM"):
+        cluster_statements("ALTER TABLE {db}.v_mv MODIFY QUERY SELECT 1", CLUSTER)
 
 
 def test_bookkeeping_tables_are_one_replica_set_over_the_whole_cluster() -> None:

@@ -109,6 +109,23 @@ def test_decode_rejects_what_is_not_a_priced_envelope(mutate):
         decode_priced(0, 0, 0, mutate(envelope(0, 0)), parse)
 
 
+@pytest.mark.parametrize(
+    "event",
+    [
+        priced_event("e", cost_nanos=2**63),
+        priced_event("e", cost=dict.fromkeys(COST_CLASSES, 0) | {"request": 2**64 - 1}),
+    ],
+)
+def test_decode_refuses_a_cost_clickhouse_would_wrap_silently(event):
+    # ClickHouse reads a JSON integer past Int64 modulo 2**64 (2**63 is stored as -2**63), so this
+    # is the one value of a headerless record checked before the insert
+    value = orjson.dumps(envelope(0, 0) | {"events": [event]})
+    with pytest.raises(BadRecord, match="a cost beyond Int64"):
+        decode_priced(0, 0, 0, value, parse)
+    at_the_edge = orjson.dumps(envelope(0, 0) | {"events": [priced_event("e", cost_nanos=2**63 - 1)]})
+    assert decode_priced(0, 0, 0, at_the_edge, parse).rows == 1
+
+
 # ---------------------------------------------------------------- watermark filter
 
 
