@@ -230,7 +230,7 @@ def _spend_query(budget: Budget, start_ms: int, end_ms: int | None) -> tuple[str
         else:
             where.append(f"`{name}` = {{{name}:String}}")
             params[name] = value
-    return f"SELECT sum(cost_nanos) FROM {table} WHERE {' AND '.join(where)}", params
+    return f"SELECT sum(toInt128(cost_nanos)) FROM {table} WHERE {' AND '.join(where)}", params
 
 
 @router.get("/{budget_id}/status", summary="Spend in the current window (from ClickHouse) and its alerts")

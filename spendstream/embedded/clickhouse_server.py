@@ -15,6 +15,9 @@ Shape:
   Native block as its own LZ4 frame), responses are compressed on request.
 - Engine: one chDB connection per ClickHouse session, a fresh connection for every sessionless
   request (so no SET can leak into another request), all blocking engine work on worker threads.
+  A request's settings, limits included, are SET on its connection; so is ``readonly``, which chDB
+  enforces as a server does (writes, SET, SETTINGS clauses) except inside sessions, where it would
+  outlive the request and is decided from the statement instead (see _refuse_readonly_in_session).
 - HTTP: aiohttp's low-level server (no routing layer; the protocol has two paths).
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -69,7 +73,7 @@ TRANSPORT_PARAMS = frozenset(
         "http_headers_progress_interval_ms", "cancel_http_readonly_queries_on_client_close",
         "http_native_compression_disable_checksumming_on_decompress", "add_http_cors_header",
         "stacktrace",
-        # enforced per request by the server: once SET on a session, readonly could never be reset
+        # applied by Lease.prepare: once SET on a session, readonly could never be reset
         "readonly",
     }
 )
@@ -100,6 +104,7 @@ ERROR_CODES = {
     "UNKNOWN_COMPRESSION_METHOD": 89,
     "UNKNOWN_SETTING": 115,
     "READONLY": 164,
+    "INTO_OUTFILE_NOT_ALLOWED": 358,
     "CANNOT_DECOMPRESS": 271,
     "SESSION_NOT_FOUND": 372,
     "SESSION_IS_LOCKED": 373,
@@ -262,6 +267,52 @@ def _refuse_input_function(text: bytes) -> None:
             )
     except _Incomplete:
         return
+
+
+def _refuse_into_outfile(statement: str) -> None:
+    """chDB writes ``SELECT ... INTO OUTFILE`` to the server's disk, as clickhouse-local does; a
+    server refuses it over HTTP (files are the client's business), and so does this one."""
+    try:
+        words = [word for word, *_ in _words(statement.encode())]
+    except _Incomplete:
+        return  # the engine refuses an unterminated statement itself
+    if any(pair == (b"INTO", b"OUTFILE") for pair in itertools.pairwise(words)):
+        raise ClickHouseError.named("INTO_OUTFILE_NOT_ALLOWED", "INTO OUTFILE is not allowed")
+
+
+def _readonly_error() -> ClickHouseError:
+    return ClickHouseError.named(
+        "READONLY",
+        "Cannot execute query in readonly mode. For queries over HTTP, method GET implies readonly. "
+        "You should use method POST for modifying queries",
+    )
+
+
+def _refuse_readonly_in_session(statement: str, query_class: str, readonly: int) -> None:
+    """readonly for a request in a session, decided from the statement's kind and words.
+
+    EMBEDDED-ONLY GAP: outside sessions the engine enforces readonly itself (see Lease.prepare), but
+    a session's chDB connection cannot take it: once SET, readonly can never be reset, so it would
+    outlive the request. This approximates the server: level 1 refuses every statement but reads
+    and any SETTINGS clause (a server ignores those in subqueries; this refuses them); level 2 also
+    allows SET and SETTINGS that leave readonly alone. A server has no such gap.
+    """
+    try:
+        words = [word for word, *_ in _words(statement.encode())]
+    except _Incomplete:
+        return  # the engine refuses an unterminated statement itself
+    first = words[0] if words else b""
+    if query_class == "CONTROL":
+        if first == b"USE" or (first == b"SET" and readonly == 2 and b"READONLY" not in words):
+            return
+        if first == b"SET":
+            setting = "readonly" if b"READONLY" in words else "settings"
+            raise ClickHouseError.named("READONLY", f"Cannot modify {setting} in readonly mode")
+        raise _readonly_error()
+    if query_class != "READ_ONLY":
+        raise _readonly_error()
+    if b"SETTINGS" in words and (readonly == 1 or b"READONLY" in words[words.index(b"SETTINGS") :]):
+        raise ClickHouseError.named("READONLY", "Cannot modify settings in readonly mode")
 
 
 def split_insert(text: bytes, final: bool) -> InsertSplit | str | None:
@@ -569,7 +620,7 @@ class Lease:
         self.conn = conn
         self.session = session
 
-    def prepare(self, statement: str, settings: dict[str, str], database: str | None, readonly: bool) -> str:
+    def prepare(self, statement: str, settings: dict[str, str], database: str | None, readonly: int) -> str:
         """Refuse what a server refuses, then put the request's settings in force; returns the query class."""
         if not statement.strip():
             raise ClickHouseError.named("SYNTAX_ERROR", "Empty query")
@@ -579,18 +630,23 @@ class Lease:
                 "SYNTAX_ERROR", "Syntax error (Multi-statements are not allowed): send one statement per request"
             )
         query_class = info["query_class"].name
-        if readonly and query_class != "READ_ONLY":
-            raise ClickHouseError.named(
-                "READONLY",
-                "Cannot execute query in readonly mode. For queries over HTTP, method GET implies readonly. "
-                "You should use method POST for modifying queries",
-            )
+        _refuse_into_outfile(statement)
+        if readonly and query_class.startswith("MUTATING"):
+            # refused before any insert data is read; the engine would refuse it too, but only later
+            raise _readonly_error()
         if self.session is None:
-            if settings:
-                _run(self.conn, settings_statement(dict(settings)))  # a fresh connection: nothing to restore
+            # A fresh connection, so nothing to restore. readonly is set natively, last: the engine
+            # then refuses writes, SET and SETTINGS clauses exactly as a server does, after the
+            # request's own settings were applied (a server applies a request's settings together).
+            wanted = dict(settings) | ({"readonly": str(readonly)} if readonly else {})
+            if wanted:
+                _run(self.conn, settings_statement(wanted))
             if database:
                 _run(self.conn, f"USE {quote_identifier(database)}")
-        elif query_class == "CONTROL":
+            return query_class
+        if readonly:
+            _refuse_readonly_in_session(statement, query_class, readonly)
+        if query_class == "CONTROL":
             # SET / USE change the session itself; they must land on its own state, not on overrides
             self.session.settings.restore(self.conn)
         else:
@@ -599,7 +655,7 @@ class Lease:
 
     def execute(
         self, text: bytes, params: dict[str, str], request_settings: dict[str, str], database: str | None,
-        default_format: str, readonly: bool, stream: bool,
+        default_format: str, readonly: int, stream: bool,
     ) -> Outcome:
         try:
             sql: str | bytes = text.decode()
@@ -638,7 +694,7 @@ class Lease:
     def cancel_stream(self, handle: Any) -> None:
         self.conn.streaming_cancel_query(handle)
 
-    def begin_insert(self, split: InsertSplit, settings: dict[str, str], database: str | None, readonly: bool) -> PendingInsert:
+    def begin_insert(self, split: InsertSplit, settings: dict[str, str], database: str | None, readonly: int) -> PendingInsert:
         self.prepare(split.statement, settings, database, readonly)
         return PendingInsert(split.statement, split.format)
 
@@ -814,7 +870,7 @@ class QueryRequest:
     wait_end_of_query: bool
     compress_response: bool
     max_query_size: int
-    readonly: bool
+    readonly: int  # ClickHouse's levels: 0 any statement, 1 reads only, 2 reads and settings changes
 
     @classmethod
     def parse(cls, values: dict[str, str], query_id: str, compress_by_default: bool) -> QueryRequest:
@@ -848,8 +904,16 @@ class QueryRequest:
             wait_end_of_query=_truthy(values.get("wait_end_of_query")),
             compress_response=_truthy(values["enable_http_compression"]) if "enable_http_compression" in values else compress_by_default,
             max_query_size=max_query_size,
-            readonly=(values.get("readonly") or "0").strip() != "0",
+            readonly=_readonly_level(values.get("readonly")),
         )
+
+
+def _readonly_level(value: str | None) -> int:
+    try:
+        level = int((value or "0").strip())
+    except ValueError:
+        raise ClickHouseError.named("BAD_ARGUMENTS", f"Cannot parse readonly = {value!r} as a number") from None
+    return level if level in (0, 2) else 1
 
 
 def _truthy(value: str | None) -> bool:
@@ -971,7 +1035,8 @@ class ClickHouseHttp:
     async def _serve_query(self, request: web.BaseRequest, query_id: str) -> web.StreamResponse:
         values, body_was_form = await self._request_values(request)
         req = QueryRequest.parse(values, query_id, self.engine.http_compression)
-        readonly = request.method != "POST" or req.readonly
+        # as on a server, GET may read and change settings but write nothing
+        readonly = req.readonly or (2 if request.method != "POST" else 0)
         body = RequestBody(
             None if request.method != "POST" or body_was_form else request,
             body_decoder(request.headers.get("Content-Encoding")),
@@ -1001,7 +1066,7 @@ class ClickHouseHttp:
             await self.engine.release(lease)
 
     async def _execute(
-        self, request: web.BaseRequest, lease: Lease, req: QueryRequest, text: bytes, readonly: bool, encoding: str | None
+        self, request: web.BaseRequest, lease: Lease, req: QueryRequest, text: bytes, readonly: int, encoding: str | None
     ) -> web.StreamResponse:
         stream = not req.wait_end_of_query
         outcome: Outcome = await self.engine.call(
@@ -1040,7 +1105,7 @@ class ClickHouseHttp:
                 await self.engine.call(lease.cancel_stream, handle)
 
     async def _insert(
-        self, lease: Lease, req: QueryRequest, split: InsertSplit, body: RequestBody, readonly: bool, prefix: bytes,
+        self, lease: Lease, req: QueryRequest, split: InsertSplit, body: RequestBody, readonly: int, prefix: bytes,
         exhausted: bool = False,
     ) -> web.StreamResponse:
         inserter = await self.engine.call(lease.begin_insert, split, req.settings, req.database, readonly)

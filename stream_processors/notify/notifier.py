@@ -58,7 +58,7 @@ from stream_processors.notify.store import (
     Histories,
     insert_attempt,
 )
-from stream_processors.retry import retry_forever
+from stream_processors.retry import is_transient, retry_forever
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,9 @@ RETRYABLE_STORE_ERRORS = (ClickHouseError, OSError)
 
 
 def _store_error_is_retryable(exc: BaseException) -> bool:
-    return isinstance(exc, RETRYABLE_STORE_ERRORS)
+    # the stages' one classification: a data error is final (store.record turns it into a refused
+    # delivery), so only what can pass later is retried
+    return is_transient(exc)
 
 ATTEMPTS = Counter("spendstream_notify_attempts_total", "Delivery attempts by channel format and outcome", ["format", "outcome"])
 ALERTS = Counter("spendstream_notify_alerts_total", "Alerts by how they ended", ["result"])
