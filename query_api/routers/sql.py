@@ -298,5 +298,25 @@ async def run_sql(
         "truncated": truncated,
         "statement": canonical,
     }
-    content = await asyncio.to_thread(orjson.dumps, payload, _json_default, orjson.OPT_NON_STR_KEYS)
+    content = await asyncio.to_thread(_encode, payload)
     return Response(content, media_type="application/json", headers=headers)
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(payload, _json_default, orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:
+        # orjson holds 64-bit integers only; an Int128 sum (the aggregates' cost columns) can be
+        # wider, so those cells become exact decimal strings (the fast path stays untouched)
+        payload["rows"] = [[_wide_ints_as_text(v) for v in row] for row in payload["rows"]]
+        return orjson.dumps(payload, _json_default, orjson.OPT_NON_STR_KEYS)
+
+
+def _wide_ints_as_text(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_wide_ints_as_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _wide_ints_as_text(v) for k, v in value.items()}
+    return value

@@ -126,3 +126,10 @@ def test_a_tenant_over_its_concurrency_limit_gets_429(one_at_a_time):
     assert other_tenant.status_code == 200, other_tenant.text  # the limit is per tenant
     # the slot is free again once the slow statement ended
     assert sql(b2, "SELECT 1 AS one").status_code == 200
+
+
+def test_an_int128_sum_beyond_64_bits_comes_back_exact(small):
+    # the aggregates' cost sums are Int128: wider than any integer orjson can write
+    r = sql(small, "SELECT toInt128(4) * toInt128(9223372036854775807) AS wide, 1 AS narrow")
+    assert r.status_code == 200, r.text
+    assert r.json()["rows"] == [[str(4 * (2**63 - 1)), 1]]
