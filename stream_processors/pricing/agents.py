@@ -9,6 +9,13 @@ Per batch (``noack_take``: nothing is acked until we say so):
    carries the changelog writes: offsets are never committed ahead of output or dedupe state.
 A crash anywhere before 4 replays the batch; the replay rule in ``logic`` makes it harmless.
 
+Poison never stalls the stage: what ``logic`` cannot price or write (see its docstring) goes to
+usage.dlq with the reason in the same send, and is counted in
+``spendstream_stage_poison_records_total{stage="pricing",reason}``. An event priced above the
+per-event cap is written flagged ``cost_over_cap`` at cost 0 and counted in
+``spendstream_pricing_cost_over_cap_events_total``. Only Kafka's transient errors are retried
+(``StageProducer``); anything else stops the worker and the restart replays the batch.
+
 Tenant overrides are reloaded from ClickHouse ``price_overrides`` every
 ``settings.pricing.overrides_reload_s``. The stage prices nothing before the first successful
 load (a price without a tenant's override would be wrong); afterwards a ClickHouse outage keeps
@@ -29,7 +36,8 @@ from spendstream.pricing import OverrideBook, default_catalog
 from spendstream.settings import Settings
 from spendstream.topics import USAGE_DLQ, USAGE_PRICED, USAGE_RAW
 from stream_processors.pricing.logic import STAGE, PricingStage, RawRecord
-from stream_processors.producer import StageProducer
+from stream_processors.producer import MAX_RECORD_BYTES, StageProducer
+from stream_processors.retry import POISON
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,11 @@ EVENTS = Counter("spendstream_pricing_events_total", "Events by outcome", ["outc
 UNKNOWN_MODEL = Counter(
     "spendstream_pricing_unknown_model_events_total",
     "Events stored at cost 0 with pricing_status='unknown_model' (add a price, then re-price)",
+)
+COST_OVER_CAP = Counter(
+    "spendstream_pricing_cost_over_cap_events_total",
+    "Events whose catalog or override price exceeded the per-event cap, stored at cost 0 with "
+    "pricing_status='cost_over_cap' (fix the price, then re-price)",
 )
 DLQ_RECORDS = Counter("spendstream_pricing_dlq_records_total", "Dead-letter records written")
 SKIPPED_OFFSETS = Counter(
@@ -85,7 +98,9 @@ class OverrideRows:
 
 def register(app: faust.App, settings: Settings) -> None:
     p = settings.processors
-    stage = PricingStage(default_catalog(), USAGE_RAW.name, int(p.dedupe_window_hours * 3_600_000))
+    stage = PricingStage(
+        default_catalog(), USAGE_RAW.name, int(p.dedupe_window_hours * 3_600_000), max_record_bytes=MAX_RECORD_BYTES
+    )
     # raw codecs: Faust must not decode (it would JSON-parse every value, and ack and skip a
     # value it cannot parse instead of handing it to us for the DLQ)
     raw = app.topic(
@@ -96,7 +111,7 @@ def register(app: faust.App, settings: Settings) -> None:
         key_type=bytes,
         value_type=bytes,
         partitions=settings.kafka.partitions,
-        help="pricing dedupe state: ids first seen per batch and raw partition (see pricing/logic.py)",
+        help="pricing dedupe state: chunks of ids first seen per raw partition (see pricing/dedupe.py)",
     )
     output = StageProducer(settings, STAGE)
     # one batch at a time, and never while the index is being rebuilt
@@ -176,7 +191,10 @@ def register(app: faust.App, settings: Settings) -> None:
         EVENTS.labels("duplicate").inc(result.duplicates)
         EVENTS.labels("rejected").inc(result.rejected_events)
         UNKNOWN_MODEL.inc(result.unknown_model)
+        COST_OVER_CAP.inc(result.cost_over_cap)
         DLQ_RECORDS.inc(len(result.dlq))
+        for reason, count in result.poison.items():
+            POISON.labels(STAGE, reason).inc(count)
         DEDUPE_IDS.set(len(stage.index))
         BATCH_SECONDS.observe(time.perf_counter() - started)
 

@@ -4,7 +4,20 @@ Per raw record (an envelope of one tenant/project's events, see spendstream/cont
 - unusable as a whole (not JSON, not a v1 envelope) -> one DLQ record with the original bytes;
 - otherwise exactly ONE priced record (``priced_envelope``, ``src`` = the raw position), holding
   its events minus duplicates, each priced; events that break contract v1 (no event_id, pricing
-  refuses them) go to one DLQ record listing them with their reasons.
+  refuses them: token counts above ``MAX_TOKENS_PER_EVENT``, a ``cost_usd`` above the per-event
+  cap, ...) go to one DLQ record listing them with their reasons; so does an event pricing fails
+  on unexpectedly (reason ``pricing failed: ...``): one event's content never stops the stage;
+- a priced record that cannot be written (orjson cannot encode it, or it exceeds the producer's
+  ``max_record_bytes``) is not written: the raw record goes to the DLQ with the reason instead,
+  and its event ids are not remembered, so a client's retry of them is priced.
+Every DLQ record is counted by reason in ``BatchResult.poison``.
+
+Cost cap (spendstream/pricing/logic.py): an event whose catalog or override price exceeds
+``MAX_EVENT_COST_NANOS`` (1,000,000 USD) is written with ``pricing_status='cost_over_cap'`` and
+cost 0, like an unknown model: it stays visible (usage counts it as unpriced, the stage counts it
+in ``spendstream_pricing_cost_over_cap_events_total``) and no amount beyond the cap ever reaches
+budgets, the sink or ClickHouse. A client's ``cost_usd`` above the cap breaks the contract
+instead (the gateway refuses it) and is dead-lettered.
 
 Dedupe by (tenant/project, event_id) -- the record key is the dedupe scope, so a scope lives in
 one partition -- within ``dedupe_window_hours``. The index maps each id to the raw position
@@ -15,28 +28,26 @@ one partition -- within ``dedupe_window_hours``. The index maps each id to the r
   downstream drops it by the src watermark;
 - first seen at another position, or earlier in this record: a duplicate; dropped.
 
-State is persisted per batch, not per event: each batch yields "chunks" (the ids a batch first
-saw in one partition, with their positions) for a Faust table, and the index is rebuilt from the
-chunks after a restart or rebalance. A chunk expires once older than the window.
+The index (``dedupe.DedupeIndex``: 80-bit fingerprints, at most 24 bytes per id) is persisted
+per batch, not per event: a batch yields "chunks" (a partition's new ids with their positions)
+for a Faust table, and the index is rebuilt from the chunks after a restart or rebalance. A
+chunk expires once its newest id is older than the window.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from spendstream.contracts import SCHEMA_VERSION, dlq_envelope, priced_envelope, priced_headers
 from spendstream.pricing import Catalog, OverrideBook, PricingError, price
+from spendstream.pricing.logic import COST_OVER_CAP
+from stream_processors.pricing.dedupe import DedupeIndex
 
 STAGE = "pricing"
-#: ids per chunk: keeps one changelog record well below the producer's 1 MB request limit
-#: (event ids are at most 128 characters)
-MAX_IDS_PER_CHUNK = 4_000
-
-Position = tuple[int, int]  # (raw partition, raw offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +79,10 @@ class BatchResult:
     duplicates: int = 0
     replayed: int = 0
     unknown_model: int = 0
+    cost_over_cap: int = 0
     rejected_events: int = 0
+    #: DLQ records by reason: bad_envelope, invalid_events, unencodable, too_large
+    poison: Counter[str] = field(default_factory=Counter)
 
 
 class BadEnvelope(ValueError):
@@ -94,119 +108,35 @@ def decode_raw(value: bytes | None) -> dict[str, Any]:
     return env
 
 
-# ---------------------------------------------------------------- dedupe state
-
-
-@dataclass(slots=True)
-class Chunk:
-    """Ids first seen by one batch in one raw partition (the unit of persisted dedupe state)."""
-
-    partition: int
-    first_seen_ms: int
-    #: (raw offset, scope, [event ids first seen in that record])
-    records: list[tuple[int, str, list[str]]]
-
-    @property
-    def key(self) -> bytes:
-        # An id is new at most once per record, so (partition, offset, first id) is unique even
-        # when a huge record's ids are split over several chunks or a replay finishes a record.
-        offset, _, ids = self.records[0]
-        return f"{self.partition}:{offset}:{ids[0]}".encode()
-
-    def encode(self) -> bytes:
-        return orjson.dumps({"partition": self.partition, "first_seen_ms": self.first_seen_ms, "records": self.records})
-
-    @classmethod
-    def decode(cls, value: bytes) -> Chunk:
-        d = orjson.loads(value)
-        return cls(d["partition"], d["first_seen_ms"], [(o, s, ids) for o, s, ids in d["records"]])
-
-
-class DedupeIndex:
-    """(scope, event_id) -> first-seen raw position, with the chunks that persist it."""
-
-    def __init__(self, window_ms: int):
-        self.window_ms = window_ms
-        self._first_seen: dict[tuple[str, str], Position] = {}
-        #: chunk key -> chunk, oldest first (insertion order)
-        self._chunks: dict[bytes, Chunk] = {}
-
-    def __len__(self) -> int:
-        return len(self._first_seen)
-
-    @property
-    def chunk_count(self) -> int:
-        return len(self._chunks)
-
-    def rebuild(self, stored: Iterable[tuple[bytes, bytes]]) -> None:
-        """Replace the state with the chunks stored in the table (after recovery)."""
-        chunks = sorted((Chunk.decode(v) for _, v in stored), key=lambda c: c.first_seen_ms)
-        self._first_seen.clear()
-        self._chunks.clear()
-        for chunk in chunks:
-            self._add(chunk)
-
-    def _add(self, chunk: Chunk) -> None:
-        self._chunks[chunk.key] = chunk
-        first_seen = self._first_seen
-        p = chunk.partition
-        for offset, scope, ids in chunk.records:
-            for event_id in ids:
-                first_seen.setdefault((scope, event_id), (p, offset))
-
-    def first_seen(self, scope: str, event_id: str) -> Position | None:
-        return self._first_seen.get((scope, event_id))
-
-    def remember(self, scope: str, event_id: str, position: Position) -> None:
-        self._first_seen[(scope, event_id)] = position
-
-    def seal(self, partition: int, records: list[tuple[int, str, list[str]]], now_ms: int) -> list[Chunk]:
-        """Turn the ids a batch first saw in ``partition`` into chunks (already in the index)."""
-        chunks: list[Chunk] = []
-        current: list[tuple[int, str, list[str]]] = []
-        size = 0
-        for offset, scope, ids in records:
-            for start in range(0, len(ids), MAX_IDS_PER_CHUNK):
-                part = ids[start : start + MAX_IDS_PER_CHUNK]
-                if current and size + len(part) > MAX_IDS_PER_CHUNK:
-                    chunks.append(Chunk(partition, now_ms, current))
-                    current, size = [], 0
-                current.append((offset, scope, part))
-                size += len(part)
-        if current:
-            chunks.append(Chunk(partition, now_ms, current))
-        for chunk in chunks:
-            self._chunks[chunk.key] = chunk
-        return chunks
-
-    def expire(self, now_ms: int, partitions: set[int] | None = None) -> list[Chunk]:
-        """Forget chunks older than the window (only of ``partitions`` when given)."""
-        cutoff = now_ms - self.window_ms
-        expired = [
-            c for c in self._chunks.values()
-            if c.first_seen_ms < cutoff and (partitions is None or c.partition in partitions)
-        ]  # fmt: skip
-        for chunk in expired:
-            del self._chunks[chunk.key]
-            position_of = self._first_seen
-            for offset, scope, ids in chunk.records:
-                for event_id in ids:
-                    if position_of.get((scope, event_id)) == (chunk.partition, offset):
-                        del position_of[(scope, event_id)]
-        return expired
-
-
 # ---------------------------------------------------------------- a batch
+
+
+class PricedEvents(NamedTuple):
+    """One raw record's events as ``_price_record`` leaves them; nothing of it is applied to the
+    batch's result or the dedupe index until its priced record could be encoded."""
+
+    events: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]
+    #: ids new in the index at this record's position
+    first_seen_here: list[str]
+    duplicates: int
+    replayed: int
+    unknown_model: int
+    cost_over_cap: int
 
 
 class PricingStage:
     """The stage's state (dedupe index, catalog, current overrides) and its batch function."""
 
-    def __init__(self, catalog: Catalog, raw_topic: str, dedupe_window_ms: int):
+    def __init__(
+        self, catalog: Catalog, raw_topic: str, dedupe_window_ms: int, max_record_bytes: int | None = None
+    ):
         self.catalog = catalog
         self.raw_topic = raw_topic
         self.index = DedupeIndex(dedupe_window_ms)
         self.overrides = OverrideBook.from_rows([], catalog)
+        #: the largest priced value the producer takes (None: no limit)
+        self.max_record_bytes = max_record_bytes
 
     def process(self, records: list[RawRecord], now_ms: int, partitions: set[int] | None = None) -> BatchResult:
         """Price one batch in order. ``partitions``: the raw partitions this worker owns, whose
@@ -218,23 +148,41 @@ class PricingStage:
             try:
                 env = decode_raw(record.value)
             except BadEnvelope as exc:
-                envelope = dlq_envelope(
-                    STAGE, str(exc), self.raw_topic, record.partition, record.offset, value=record.value
-                )
-                result.dlq.append(Output(record.partition, record.key, dumps(envelope)))
+                self._dead_letter(result, record, record.key, "bad_envelope", str(exc))
                 continue
-            events, rejected, first_seen_here = self._price_record(env, record, result)
-            key = record.key or f"{env['tenant']}/{env['project']}".encode()
-            value = dumps(priced_envelope(env, record.partition, record.offset, events))
-            headers = priced_headers(record.partition, record.offset, len(events))
+            scope = f"{env['tenant']}/{env['project']}"
+            key = record.key or scope.encode()
+            priced = self._price_record(env, scope, record)
+            try:
+                value = dumps(priced_envelope(env, record.partition, record.offset, priced.events))
+            except orjson.JSONEncodeError as exc:
+                self._dead_letter(result, record, key, "unencodable", f"the priced record cannot be encoded: {exc}")
+                continue
+            if self.max_record_bytes is not None and len(value) > self.max_record_bytes:
+                reason = f"the priced record would be {len(value)} bytes, more than the {self.max_record_bytes} allowed"
+                self._dead_letter(result, record, key, "too_large", reason)
+                continue
+            headers = priced_headers(record.partition, record.offset, len(priced.events))
             result.priced.append(Output(record.partition, key, value, headers))
-            if rejected:
-                reason = f"{len(rejected)} event(s) rejected"
-                envelope = dlq_envelope(STAGE, reason, self.raw_topic, record.partition, record.offset, events=rejected)
+            if priced.rejected:
+                reason = f"{len(priced.rejected)} event(s) rejected"
+                envelope = dlq_envelope(
+                    STAGE, reason, self.raw_topic, record.partition, record.offset, events=priced.rejected
+                )
                 result.dlq.append(Output(record.partition, key, dumps(envelope)))
-            if first_seen_here:
-                scope = f"{env['tenant']}/{env['project']}"
-                new_ids.setdefault(record.partition, []).append((record.offset, scope, first_seen_here))
+                result.poison["invalid_events"] += 1
+            if priced.first_seen_here:
+                position = (record.partition, record.offset)
+                for event_id in priced.first_seen_here:
+                    self.index.remember(scope, event_id, position)
+                new_ids.setdefault(record.partition, []).append((record.offset, scope, priced.first_seen_here))
+            result.events_in += len(env["events"])
+            result.events_priced += len(priced.events)
+            result.duplicates += priced.duplicates
+            result.replayed += priced.replayed
+            result.unknown_model += priced.unknown_model
+            result.cost_over_cap += priced.cost_over_cap
+            result.rejected_events += len(priced.rejected)
         for chunk in self.index.expire(now_ms, partitions):
             result.chunk_writes.append((chunk.partition, chunk.key, None))
         for partition, seen in new_ids.items():
@@ -242,10 +190,13 @@ class PricingStage:
                 result.chunk_writes.append((partition, chunk.key, chunk.encode()))
         return result
 
-    def _price_record(
-        self, env: dict[str, Any], record: RawRecord, result: BatchResult
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
-        scope = f"{env['tenant']}/{env['project']}"
+    def _dead_letter(self, result: BatchResult, record: RawRecord, key: bytes | None, label: str, reason: str) -> None:
+        """The whole raw record to the DLQ, its original bytes with the reason."""
+        envelope = dlq_envelope(STAGE, reason, self.raw_topic, record.partition, record.offset, value=record.value)
+        result.dlq.append(Output(record.partition, key, orjson.dumps(envelope)))
+        result.poison[label] += 1
+
+    def _price_record(self, env: dict[str, Any], scope: str, record: RawRecord) -> PricedEvents:
         position = (record.partition, record.offset)
         overrides = self.overrides.for_tenant(env["tenant"])
         catalog = self.catalog
@@ -254,7 +205,7 @@ class PricingStage:
         priced: list[dict[str, Any]] = []
         rejected: list[dict[str, Any]] = []
         first_seen_here: list[str] = []
-        duplicates = replayed = unknown = 0
+        duplicates = replayed = unknown = over_cap = 0
         for event in env["events"]:
             if not isinstance(event, dict):
                 rejected.append({"reason": "event is not a JSON object", "event": event})
@@ -275,19 +226,18 @@ class PricingStage:
             except PricingError as exc:
                 rejected.append({"reason": str(exc), "event": event})
                 continue
+            except Exception as exc:  # noqa: BLE001 - a content the contract checks missed: dead-letter, go on
+                rejected.append({"reason": f"pricing failed: {type(exc).__name__}: {exc}"[:1000], "event": event})
+                continue
             in_record.add(event_id)
             if seen is None:
-                index.remember(scope, event_id, position)
                 first_seen_here.append(event_id)
             else:
                 replayed += 1
-            if line.pricing_status == "unknown_model":
+            status = line.pricing_status
+            if status == "unknown_model":
                 unknown += 1
+            elif status == COST_OVER_CAP:
+                over_cap += 1
             priced.append({**event, **line.event_fields()})
-        result.events_in += len(env["events"])
-        result.events_priced += len(priced)
-        result.duplicates += duplicates
-        result.replayed += replayed
-        result.unknown_model += unknown
-        result.rejected_events += len(rejected)
-        return priced, rejected, first_seen_here
+        return PricedEvents(priced, rejected, first_seen_here, duplicates, replayed, unknown, over_cap)

@@ -9,13 +9,8 @@ import pytest
 
 from spendstream.contracts import raw_envelope, record_key
 from spendstream.pricing import OverrideBook, default_catalog, price
-from stream_processors.pricing.logic import (
-    MAX_IDS_PER_CHUNK,
-    BatchResult,
-    DedupeIndex,
-    PricingStage,
-    RawRecord,
-)
+from stream_processors.pricing.dedupe import MAX_IDS_PER_CHUNK, DedupeIndex, decode_chunk
+from stream_processors.pricing.logic import BatchResult, PricingStage, RawRecord
 
 RAW = "spendstream.usage.raw"
 HOUR_MS = 3_600_000
@@ -207,7 +202,7 @@ def test_chunks_hold_first_positions_and_split_large_batches(catalog):
     per_record = [(100, "t/p", ids[:3000]), (101, "t/p", ids[3000:])]
     chunks = index.seal(1, per_record, NOW)
     assert len(chunks) == 2 and len({c.key for c in chunks}) == 2
-    assert sum(len(r[2]) for c in chunks for r in c.records) == len(ids)
+    assert sum(len(part.entries) for c in chunks for part in decode_chunk(c.encode())) == len(ids)
     rebuilt = DedupeIndex(WINDOW_MS)
     rebuilt.rebuild((c.key, c.encode()) for c in chunks)
     assert rebuilt.first_seen("t/p", "e0") == (1, 100)
