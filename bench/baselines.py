@@ -29,7 +29,7 @@ import orjson
 from bench.load import Bodies, closed_loop
 from spendstream.clickhouse import get_client
 from spendstream.contracts import raw_envelope, record_key
-from spendstream.embedded import free_port
+from spendstream.ports import free_port
 from spendstream.settings import Settings
 
 BARE_APP = """

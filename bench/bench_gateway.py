@@ -49,7 +49,8 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.profile import cpu_seconds  # noqa: E402
-from spendstream.embedded.kafka import EmbeddedKafka, free_port  # noqa: E402
+from spendstream.embedded.kafka import EmbeddedKafka  # noqa: E402
+from spendstream.ports import free_port  # noqa: E402
 
 ADMIN_KEY = "bench-admin-key-" + uuid.uuid4().hex
 LUA = r"""

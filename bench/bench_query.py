@@ -48,7 +48,7 @@ from query_api.usage_sql import OVERVIEW_MEASURES, GroupBy, UsageQuery, build_us
 from query_api_stack import migrate, spawn_query_api  # noqa: E402
 from spendstream.clickhouse import get_client  # noqa: E402
 from spendstream.embedded.clickhouse import EmbeddedClickHouse  # noqa: E402
-from spendstream.embedded.kafka import free_port  # noqa: E402
+from spendstream.ports import free_port  # noqa: E402
 from spendstream.settings import Settings  # noqa: E402
 
 TENANT, NOISE = "bench", "noise"

@@ -90,7 +90,8 @@ def throughput(rows: int, per_record: int) -> dict:
 def cpu_per_row(rows: int, per_record: int) -> dict[str, float]:
     """CPU µs per row of the sink's own steps, in this process: reading records (headers) and
     building the JSONEachRow body."""
-    from stream_processors.sink.logic import TimestampParser, json_rows, read_priced
+    from spendstream.timeutil import TimestampParser
+    from stream_processors.sink.logic import json_rows, read_priced
 
     backlog = priced_backlog(rows, per_record, 4)
     parse_ts = TimestampParser()

@@ -51,7 +51,8 @@ from bench.baselines import Latency  # noqa: E402
 from bench.load import Bodies, LoadResult, closed_loop, paced  # noqa: E402
 from bench.profile import HotSpots, cpu_seconds, hot_spots, rss_mb, start_py_spy  # noqa: E402
 from spendstream.clickhouse import get_client  # noqa: E402
-from spendstream.devstack import INFRASTRUCTURE, STAGES, Stack, implemented_stages, local_settings  # noqa: E402
+from spendstream.devstack import INFRASTRUCTURE, Stack, local_settings  # noqa: E402
+from stream_processors.stages import STAGES  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "System (end to end)"
@@ -92,7 +93,7 @@ class Figures:
 # -- the stack ------------------------------------------------------------------------------------
 def start_stack(work: Path) -> Stack:
     settings = local_settings(work, log_level="WARNING")
-    components = (*INFRASTRUCTURE, "gateway", *implemented_stages(), "query-api")
+    components = (*INFRASTRUCTURE, "gateway", *STAGES, "query-api")
     return Stack(settings, work, components).start()
 
 

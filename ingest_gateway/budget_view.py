@@ -33,10 +33,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from spendstream.kafka import client_kwargs
-from spendstream.settings import Settings
-from spendstream.topics import BUDGET_STATE, ensure_topics
-from stream_processors.budgets.logic import (
+from spendstream.budgets import (
     ROLLING_MS,
     Attribution,
     Budget,
@@ -46,7 +43,10 @@ from stream_processors.budgets.logic import (
     spent_in_window,
     window_state_key,
 )
-from stream_processors.budgets.store import BudgetReader
+from spendstream.budgets.store import BudgetReader
+from spendstream.kafka import client_kwargs
+from spendstream.settings import Settings
+from spendstream.topics import BUDGET_STATE, ensure_topics
 
 log = logging.getLogger(__name__)
 

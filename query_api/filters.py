@@ -13,6 +13,7 @@ from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from query_api.errors import InvalidField
+from spendstream.timeutil import epoch_ms
 
 #: attribution dimensions that can be filtered and grouped by (column names of usage_events)
 DIMENSIONS: tuple[str, ...] = ("project", "agent", "user", "provider", "model")
@@ -23,7 +24,6 @@ MAX_TAG_FILTERS = 8
 #: exclusive end of the range, so it is accepted as a ``to``.
 EARLIEST = datetime(1900, 1, 1, tzinfo=timezone.utc)
 LATEST = datetime(2300, 1, 1, tzinfo=timezone.utc)
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -154,12 +154,6 @@ def attribute_conditions(filters: Filters, params: Params, *, tag_columns: bool 
     return conds
 
 
-def millis(t: datetime) -> int:
-    """Epoch milliseconds of an instant (naive datetimes from ClickHouse are UTC)."""
-    aware = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-    return (aware - _EPOCH) // timedelta(milliseconds=1)
-
-
 def instant_param(t: datetime, params: Params, hint: str) -> str:
     """A DateTime64(3, 'UTC') value bound as epoch milliseconds (exact, whatever the server zone)."""
-    return f"fromUnixTimestamp64Milli({params.add(millis(t), 'Int64', hint)}, 'UTC')"
+    return f"fromUnixTimestamp64Milli({params.add(epoch_ms(t), 'Int64', hint)}, 'UTC')"

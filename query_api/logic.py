@@ -199,11 +199,6 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
         raise InvalidField("cursor", "not a cursor returned by this endpoint") from None
 
 
-def iso_utc(t: datetime) -> str:
-    """RFC 3339 with milliseconds; naive datetimes from ClickHouse are UTC."""
-    return (t if t.tzinfo else t.replace(tzinfo=_UTC)).isoformat(timespec="milliseconds")
-
-
 # -- money ------------------------------------------------------------------------------------
 def money(name: str, nanos: int) -> dict[str, object]:
     """``{name}_usd`` exact decimal string, ``{name}_usd_number`` the nearest JSON number, ``{name}_nanos``.

@@ -38,14 +38,11 @@ import re
 from dataclasses import dataclass
 
 from query_api.errors import QueryRefused
+from spendstream import aggregates
 
-#: Tenant-scoped views analysts may read (created by clickhouse/schema/0006_tenant_views.sql).
-TENANT_VIEWS: frozenset[str] = frozenset(
-    {
-        "usage_events", "usage_minute", "usage_hourly", "usage_daily", "usage_tags_daily", "unpriced_models",
-        "projects", "budgets", "price_overrides", "budget_alerts", "alert_deliveries",
-    }
-)
+#: Tenant-scoped views analysts may read (created by clickhouse/schema/0006_tenant_views.sql and the
+#: files adding aggregates), as the registry of aggregate tables lists them.
+TENANT_VIEWS: frozenset[str] = aggregates.TENANT_VIEWS
 #: Objects of the tenant views' database that are not for analysts; a CTE may not take their name
 #: either, as a reference outside the CTE's scope would reach the object itself.
 TENANT_DB_INTERNALS: frozenset[str] = frozenset({"current_tenant"})

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from stream_processors.stages import STAGES
+
 app = typer.Typer(
     help="Spendstream: track what AI agent fleets spend on model APIs.",
     no_args_is_help=True,
@@ -106,8 +108,8 @@ def query_api() -> None:
 @app.command()
 def processors(
     stages: Annotated[
-        str, typer.Option(help="comma list of stages: pricing,budgets,notify,sink (default all)")
-    ] = "pricing,budgets,notify,sink",
+        str, typer.Option(help=f"comma list of stages: {','.join(STAGES)} (default all)")
+    ] = ",".join(STAGES),
 ) -> None:
     """Run the Faust stream processors (one worker process)."""
     from stream_processors.main import run

@@ -33,25 +33,17 @@ from typing import Any, Callable
 
 import httpx
 
-from spendstream.embedded import free_port, free_port_run
+from spendstream.ports import free_port, free_port_run
 from spendstream.settings import Settings, settings_env
+from stream_processors.stages import STAGES
 
 log = logging.getLogger("spendstream.dev")
 
-#: stream stages, each run as its own worker process so one can be killed on purpose
-STAGES = ("pricing", "budgets", "notify", "sink")
 #: started first, in this order; everything else needs them
 INFRASTRUCTURE = ("kafka", "clickhouse")
 STOP_GRACE_S = 10.0
 
-__all__ = ["STAGES", "Stack", "child_env", "free_port", "implemented_stages", "local_settings", "run_dev"]
-
-
-def implemented_stages() -> tuple[str, ...]:
-    """The stages whose package has its ``agents`` module (all of them, once the product is whole)."""
-    from importlib.util import find_spec
-
-    return tuple(stage for stage in STAGES if find_spec(f"stream_processors.{stage}.agents") is not None)
+__all__ = ["Stack", "child_env", "local_settings", "run_dev"]
 
 
 def _http_ok(url: str) -> Callable[[], bool]:

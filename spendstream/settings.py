@@ -8,13 +8,10 @@ Empty URLs mean "use the embedded stack" (see ``spendstream dev``).
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class KafkaSettings(BaseModel):

@@ -8,8 +8,7 @@ more than one core; this process then only supervises them and serves, on
 dies the others are stopped and the exit code is passed on, so the orchestrator (Kubernetes,
 `spendstream dev`) restarts the whole unit.
 
-A stage is the package ``stream_processors.<stage>`` whose ``agents`` module exposes
-``register(app, settings)``.
+The stages are listed in ``stream_processors.stages``.
 """
 
 from __future__ import annotations
@@ -27,9 +26,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-
-from spendstream.devstack import STAGES, free_port
+from spendstream.ports import free_port
 from spendstream.settings import Settings, settings_env
+from stream_processors.stages import STAGES
 
 log = logging.getLogger("spendstream.processors")
 

@@ -27,6 +27,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from spendstream.aggregates import AGGREGATES
 from spendstream.contracts import raw_envelope, record_key
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.kafka import client_kwargs, producer_kwargs
@@ -202,11 +203,14 @@ def migrate(settings: Settings) -> None:
     assert migrate_main(settings) == 0
 
 
-AGG_TABLES = ("usage_minute", "usage_hourly", "usage_daily")
 MEASURES = (
     "calls", "errors", "input_tokens", "output_tokens", "cache_read_tokens", "cost_nanos",
     "cost_input_nanos", "cost_output_nanos", "cost_cache_read_nanos", "latency_ms_sum",
 )  # fmt: skip
+#: the aggregates that count every event once: their sums equal usage_events'
+AGG_TABLES = tuple(a.table for a in AGGREGATES if a.counts_every_event and set(MEASURES) <= a.measure_names)
+#: the aggregates with one row per tag of each event
+TAGGED_TABLES = tuple(a.table for a in AGGREGATES if a.tagged and {"calls", "cost_nanos"} <= a.measure_names)
 #: the same measures computed from usage_events
 RAW_MEASURES = (
     "count()", "countIf(status = 'error')", "sum(input_tokens)", "sum(output_tokens)", "sum(cache_read_tokens)",
@@ -227,9 +231,10 @@ def stored_totals(settings: Settings) -> dict[str, tuple[int, ...]]:
         out = {"usage_events": first_row(f"SELECT {', '.join(RAW_MEASURES)} FROM usage_events")}
         for table in AGG_TABLES:
             out[table] = first_row(f"SELECT {', '.join(f'sum({m})' for m in MEASURES)} FROM {table}")
-        # an event with n tags counts in n rows of usage_tags_daily
+        # an event with n tags counts in n rows of a tagged aggregate
         out["tags:usage_events"] = first_row("SELECT sum(length(tags)), sum(length(tags) * cost_nanos) FROM usage_events")
-        out["tags:usage_tags_daily"] = first_row("SELECT sum(calls), sum(cost_nanos) FROM usage_tags_daily")
+        for table in TAGGED_TABLES:
+            out[f"tags:{table}"] = first_row(f"SELECT sum(calls), sum(cost_nanos) FROM {table}")
         out["event_ids"] = first_row("SELECT count(), uniqExact(event_id) FROM usage_events")
         return {k: tuple(int(x or 0) for x in v) for k, v in out.items()}
     finally:
@@ -237,9 +242,11 @@ def stored_totals(settings: Settings) -> dict[str, tuple[int, ...]]:
 
 
 def assert_aggregates_match(totals: dict[str, tuple[int, ...]]) -> None:
+    assert AGG_TABLES and TAGGED_TABLES
     for table in AGG_TABLES:
         assert totals[table] == totals["usage_events"], f"{table}: {totals[table]} != {totals['usage_events']}"
-    assert totals["tags:usage_tags_daily"] == totals["tags:usage_events"]
+    for table in TAGGED_TABLES:
+        assert totals[f"tags:{table}"] == totals["tags:usage_events"], table
 
 
 async def wait_committed(

@@ -24,9 +24,9 @@ from ingest_gateway.http import json_response
 from ingest_gateway.ingest import authenticate, read_body
 from ingest_gateway.logic import normalise_names
 from spendstream.asgi import ClientGone
+from spendstream.budgets import Attribution
 from spendstream.contracts import nanos_to_usd_str
 from spendstream.money import ESTIMATED_COST, format_usd
-from stream_processors.budgets.logic import Attribution
 
 router = APIRouter(tags=["budgets"])
 

@@ -14,11 +14,12 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from query_api.deps import CH, Reader
 from query_api.errors import InvalidField
-from query_api.filters import Filters, Params, attribute_conditions, instant_param, millis, parse_filters, tenant_condition
-from query_api.logic import bucket_starts, decode_cursor, encode_cursor, iso_utc, money, zero_fill
+from query_api.filters import Filters, Params, attribute_conditions, instant_param, parse_filters, tenant_condition
+from query_api.logic import bucket_starts, decode_cursor, encode_cursor, money, zero_fill
 from query_api.usage_sql import (
     CORE_MEASURES, COST_COLUMNS, OVERVIEW_MEASURES, TOKEN_COLUMNS, GroupBy, UsageQuery, build_usage_query,
 )
+from spendstream.timeutil import epoch_ms, iso_utc
 
 router = APIRouter(prefix="/v1/analytics", tags=["analytics"])
 
@@ -190,5 +191,5 @@ async def events(
     next_cursor = None
     if more:
         last = page[-1]
-        next_cursor = encode_cursor(millis(last["timestamp"]), last["event_id"])
+        next_cursor = encode_cursor(epoch_ms(last["timestamp"]), last["event_id"])
     return json_response({**_range(filters), "events": [event_view(r) for r in page], "next_cursor": next_cursor})

@@ -25,13 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from query_api.deps import CH, Principal, require
 from query_api.errors import InvalidField, NotFound
-from spendstream.contracts import BUDGET_WINDOWS, nanos_to_usd_str
-from stream_processors.budgets.logic import (
+from spendstream.alerting import channel_refusal
+from spendstream.budgets import (
     DEFAULT_THRESHOLDS,
     Budget,
     BudgetStanding,
     ScopeError,
-    budget_from_row,
     check_budget_name,
     check_timezone,
     current_window,
@@ -39,8 +38,9 @@ from stream_processors.budgets.logic import (
     parse_scope,
     parse_thresholds,
 )
-from stream_processors.budgets.store import BUDGET_COLUMNS, budget_row
-from stream_processors.notify.logic import channel_refusal
+from spendstream.budgets.store import BUDGET_COLUMNS, budget_from_row, budget_row
+from spendstream.contracts import BUDGET_WINDOWS, nanos_to_usd_str
+from spendstream.timeutil import iso_utc
 
 router = APIRouter(prefix="/v1/budgets", tags=["budgets"])
 
@@ -123,16 +123,12 @@ def _percent(t: Decimal) -> int | float:
     return int(t) if t == t.to_integral_value() else float(t)
 
 
-def _iso(t: datetime) -> str:
-    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat(timespec="milliseconds")
-
-
 def _view(b: Budget, row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": b.id, "name": b.name, "scope": dict(b.scope), "window": b.window, "timezone": b.timezone,
         "limit_usd": nanos_to_usd_str(b.limit_nanos), "thresholds": [_percent(t) for t in b.thresholds],
         "forecast": b.forecast, "channels": list(b.channels), "enforce": b.enforce,
-        "created_at": _iso(row["created_at"]), "updated_at": _iso(row["updated_at"]),
+        "created_at": iso_utc(row["created_at"]), "updated_at": iso_utc(row["updated_at"]),
     }  # fmt: skip
 
 
@@ -255,7 +251,7 @@ async def budget_status(budget_id: str, principal: Reader, ch: CH) -> dict:
         "allowed": standing.allows(0),
         "alerts": [
             {"alert_id": a, "kind": k, "threshold": None if k == "forecast" else _percent(Decimal(t)),
-             "spent_usd": nanos_to_usd_str(s), "fired_at": _iso(f), "event_id": e}
+             "spent_usd": nanos_to_usd_str(s), "fired_at": iso_utc(f), "event_id": e}
             for a, k, t, s, f, e in alerts.result_rows
         ],
     }  # fmt: skip

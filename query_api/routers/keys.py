@@ -11,8 +11,8 @@ from pydantic import BaseModel, Field
 
 from query_api.deps import Admin, KeysDep
 from query_api.errors import InvalidField, NotFound
-from query_api.logic import iso_utc
 from spendstream.keys import InvalidKeyRequest, create_key, list_keys, revoke_key
+from spendstream.timeutil import iso_utc
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 

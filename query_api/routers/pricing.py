@@ -21,11 +21,11 @@ from pydantic import BaseModel, Field
 from query_api.deps import CH, Admin, Reader
 from query_api.errors import InvalidField, NotFound
 from query_api.filters import parse_instant, parse_tz
-from query_api.logic import iso_utc
 from spendstream.money import PRICE_PER_MTOK, PRICE_PER_REQUEST, format_usd
 from spendstream.pricing.catalog import Catalog
 from spendstream.pricing.logic import effective_price, list_prices
 from spendstream.pricing.overrides import PRICE_COLUMNS, OverrideBook, PriceOverride, TenantOverrides
+from spendstream.timeutil import iso_utc
 
 router = APIRouter(prefix="/v1/pricing", tags=["pricing"])
 

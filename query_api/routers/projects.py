@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from query_api.deps import CH, Admin, Reader
 from query_api.errors import Conflict, NotFound
-from query_api.logic import iso_utc
+from spendstream.timeutil import iso_utc
 
 router = APIRouter(prefix="/v1/projects", tags=["projects"])
 

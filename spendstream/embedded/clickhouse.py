@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from spendstream.embedded import free_port
+from spendstream.ports import free_port
 
 STOP_GRACE_S = 15.0
 _POLL_INTERVAL_S = 0.05

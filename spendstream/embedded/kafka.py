@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from spendstream.embedded import free_port
+from spendstream.ports import free_port
 from spendstream.settings import Settings
 
 

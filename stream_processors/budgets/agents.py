@@ -23,7 +23,7 @@ A tenant-wide budget spans projects, i.e. usage.priced partitions, so the stage 
 Source positions: both agents keep the next offset to process per source partition in the
 ``budget_state`` table itself (keys ``\x00position|<topic>|<partition>``, written with the batch's
 state to the same changelog partition), and check every batch against them
-(``logic.split_by_position``): redelivered messages are acked without being processed, and a
+(``positions.split_by_position``): redelivered messages are acked without being processed, and a
 jump means the consumer skipped messages, which are then read back directly and processed
 before the message that came instead. Faust's committed offsets alone are not enough: with
 faust-streaming 0.15.3 on the embedded broker, a worker restarted while input kept arriving
@@ -68,10 +68,13 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
+from spendstream.budgets import BudgetState, Delta, ScopeIndex, alert_value
+from spendstream.budgets.store import BudgetReader, insert_alerts
 from spendstream.clickhouse import get_client
 from spendstream.contracts import dlq_envelope
 from spendstream.kafka import client_kwargs
 from spendstream.settings import Settings
+from spendstream.timeutil import TimestampParser
 from spendstream.topics import (
     BUDGET_ALERTS,
     BUDGET_DELTAS,
@@ -79,17 +82,8 @@ from spendstream.topics import (
     USAGE_DLQ,
     USAGE_PRICED,
 )
-from stream_processors.budgets.logic import (
-    BudgetState,
-    Delta,
-    RepartitionResult,
-    ScopeIndex,
-    alert_value,
-    build_deltas,
-    split_by_position,
-    stable_partition,
-)
-from stream_processors.budgets.store import BudgetReader, insert_alerts
+from stream_processors.budgets.logic import RepartitionResult, build_deltas, stable_partition
+from stream_processors.budgets.positions import split_by_position
 from stream_processors.producer import OutRecord, StageProducer
 from stream_processors.retry import (
     CONTENT_ERRORS,
@@ -99,7 +93,6 @@ from stream_processors.retry import (
     reason_of,
     retry_forever,
 )
-from stream_processors.sink.logic import TimestampParser
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +280,7 @@ def register(app: faust.App, settings: Settings) -> None:
     deltas_topic = app.topic(BUDGET_DELTAS.name, key_serializer="raw", value_serializer="raw", partitions=partitions)
     table = app.Table(
         "budget_state", key_type=bytes, value_type=bytes, partitions=partitions,
-        help="per budget: windows' spend, fired thresholds, raw-partition watermarks (see budgets/logic.py)",
+        help="per budget: windows' spend, fired thresholds, raw-partition watermarks (spendstream.budgets.state)",
     )  # fmt: skip
 
     priced_positions = SourcePositions(settings, table, USAGE_PRICED.name)

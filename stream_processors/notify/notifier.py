@@ -20,6 +20,10 @@ between a 2xx and the record landing; the copy carries the same ``Idempotency-Ke
 idempotency key. The budgets stage re-sends an alert right after its own restart; one re-sent
 later than ``history_window`` (max(dedupe_window_hours, 2 x retry horizon)) after its delivery
 would be delivered again.
+
+What one attempt sends, how its answer is judged and where it is recorded is
+``spendstream.alerting``'s (shared with the query API's test alerts); this module adds only what
+the stage needs: alerts in flight, concurrency per endpoint, retries over time and its metrics.
 """
 
 from __future__ import annotations
@@ -31,33 +35,28 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 
-from clickhouse_connect.driver.asyncclient import AsyncClient
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from prometheus_client import Counter, Gauge, Histogram
 
-from spendstream.settings import Settings
-from stream_processors.notify.delivery import AttemptResult, Sender
-from stream_processors.notify.logic import (
+from spendstream.alerting import (
+    CHANNEL_REFRESH_S,
     DELIVERED,
     FAILED,
     FINAL_OUTCOMES,
     REFUSED,
     Alert,
-    Channel,
-    RetryPolicy,
-    attempt_outcome,
-    created_at,
-    sample_alert,
-    outcome_of_test_delivery,
-)
-from stream_processors.notify.store import (
-    CHANNEL_REFRESH_S,
     Attempt,
+    AttemptResult,
     ChannelHistory,
     DeliveryStore,
     Histories,
-    insert_attempt,
+    RetryPolicy,
+    Sender,
+    attempt_outcome,
+    created_at,
+    endpoint_of,
 )
+from spendstream.settings import Settings
 from stream_processors.retry import is_transient, retry_forever
 
 log = logging.getLogger(__name__)
@@ -86,12 +85,6 @@ ALERT_AGE = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )  # fmt: skip
 IN_FLIGHT = Gauge("spendstream_notify_alerts_in_flight", "Alerts with a channel not yet final", multiprocess_mode="livesum")
-
-
-def endpoint_key(channel: Channel) -> str:
-    """Deliveries share a concurrency limit per webhook URL (so two tenants' webhooks on one
-    host stay independent) and per SMTP server."""
-    return "smtp" if channel.format == "email" else channel.url
 
 
 class Notifier:
@@ -215,7 +208,8 @@ class Notifier:
             await self._record(alert, channel_id, "", attempt + 1, datetime.now(timezone.utc), REFUSED,
                                AttemptResult("refused", 0, error="no such webhook for this tenant (deleted?)"))
             return REFUSED
-        slot = self._slots.setdefault(endpoint_key(channel), asyncio.Semaphore(PER_ENDPOINT_CONCURRENCY))
+        # per webhook URL (two tenants' webhooks on one host stay independent) or per SMTP server
+        slot = self._slots.setdefault(endpoint_of(channel), asyncio.Semaphore(PER_ENDPOINT_CONCURRENCY))
         while True:
             attempt += 1
             async with slot:
@@ -248,19 +242,3 @@ class Notifier:
             with retry:
                 await self.store.record(row)
 
-
-async def deliver_test_alert(settings: Settings, ch: AsyncClient, tenant: str, channel: Channel) -> tuple[Alert, AttemptResult]:
-    """``POST /v1/webhooks/{id}/test``: one attempt of a sample alert (``"test": true``, alert_id
-    ``test_...``), recorded in ``alert_deliveries`` like any attempt (outcome delivered, refused
-    or gave_up: a test is never retried)."""
-    alert = sample_alert(tenant, datetime.now(timezone.utc))
-    sender = Sender(settings)
-    try:
-        attempted_at = datetime.now(timezone.utc)
-        result = await sender.send(channel, alert)
-    finally:
-        await sender.close()
-    await insert_attempt(ch, Attempt(tenant, alert.alert_id, channel.id, channel.format, 1, attempted_at,
-                                     outcome_of_test_delivery(result.verdict), result.http_status, result.error,
-                                     result.duration_ms))  # fmt: skip
-    return alert, result

@@ -31,6 +31,7 @@ from prometheus_client import Counter, Histogram
 
 from spendstream.contracts import dlq_envelope
 from spendstream.settings import Settings
+from spendstream.timeutil import TimestampParser
 from spendstream.topics import USAGE_DLQ, USAGE_PRICED
 from stream_processors.producer import StageProducer
 from stream_processors.retry import (
@@ -44,7 +45,6 @@ from stream_processors.sink.logic import (
     BadRecord,
     Insert,
     PricedRecord,
-    TimestampParser,
     Watermarks,
     dedupe_token,
     plan_inserts,

@@ -20,11 +20,12 @@ import httpx
 import pytest
 from stage_support import log_ends, migrate, read_topic, wait_committed
 
-from spendstream.devstack import STAGES, Stack
-from spendstream.embedded import free_port_run
+from spendstream.alerting import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, verify_signature
+from spendstream.devstack import Stack
 from spendstream.embedded.kafka import EmbeddedKafka
+from spendstream.ports import free_port_run
 from spendstream.topics import BUDGET_ALERTS, ensure_topics_sync
-from stream_processors.notify.logic import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, verify_signature
+from stream_processors.stages import STAGES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 from notify_support import Receiver, wait_until  # noqa: E402

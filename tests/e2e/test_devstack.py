@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from spendstream.clickhouse import get_client
-from spendstream.devstack import INFRASTRUCTURE, Stack, implemented_stages, local_settings
+from spendstream.devstack import INFRASTRUCTURE, Stack, local_settings
 from spendstream.simulate import Fleet, run
+from stream_processors.stages import STAGES
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.timeout(300)]
 
@@ -28,7 +29,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir: Path = tmp_path_factory.mktemp("devstack")
     # a short sink window keeps the waits below short; nothing here depends on its value
     settings = local_settings(data_dir, processors={"sink_batch_seconds": 0.2})
-    components = (*INFRASTRUCTURE, "gateway", *implemented_stages())
+    components = (*INFRASTRUCTURE, "gateway", *STAGES)
     assert {"pricing", "sink"} <= set(components), "the pipeline under test needs pricing and sink"
     with Stack(settings, data_dir, components) as running:
         yield running

@@ -25,12 +25,13 @@ import httpx
 import pytest
 from stage_support import migrate
 
-from spendstream.devstack import STAGES, Stack
-from spendstream.embedded import free_port_run
+from spendstream.devstack import Stack
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.keys import connect, create_key
 from spendstream.money import MAX_EVENT_COST_NANOS, MAX_PRICE_PER_MTOK_NANOS, MAX_TOKENS_PER_EVENT
+from spendstream.ports import free_port_run
 from spendstream.topics import ensure_topics_sync
+from stream_processors.stages import STAGES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 from notify_support import Receiver, wait_until  # noqa: E402

@@ -29,9 +29,10 @@ import orjson
 
 from spendstream.clickhouse import get_client
 from spendstream.contracts import nanos_to_usd_str, usd_to_nanos
-from spendstream.devstack import STAGES, Stack
-from spendstream.embedded import free_port
+from spendstream.devstack import Stack
+from spendstream.ports import free_port
 from spendstream.topics import USAGE_PRICED, USAGE_RAW
+from stream_processors.stages import STAGES
 
 log = logging.getLogger("spendstream.faults")
 

@@ -50,9 +50,10 @@ from faults_support import (
 )
 
 from spendstream.clickhouse import get_client
-from spendstream.devstack import INFRASTRUCTURE, Stack, implemented_stages, local_settings
+from spendstream.devstack import INFRASTRUCTURE, Stack, local_settings
 from spendstream.keys import create_key
 from spendstream.simulate import Fleet, run
+from stream_processors.stages import STAGES
 
 pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.clickhouse,
               pytest.mark.timeout(7200 if FULL_SIZE else 900)]
@@ -73,7 +74,7 @@ def test_sigkill_components_during_a_run_loses_nothing(tmp_path: Path) -> None:
     rate = min(MAX_RATE, EVENTS / (KILLS * SECONDS_PER_KILL))
     planned_s = EVENTS / rate
     settings = local_settings(tmp_path, log_level=os.environ.get("SPENDSTREAM_FAULTS_LOG_LEVEL", "WARNING"))
-    components = (*INFRASTRUCTURE, "gateway", *implemented_stages(), "query-api")
+    components = (*INFRASTRUCTURE, "gateway", *STAGES, "query-api")
     targets = [name for name in KILL_TARGETS if name in components and (not TARGETS or name in TARGETS)]
     schedule = kill_schedule(rng, targets, KILLS, planned_s)
     log.warning("fault run: seed %d (replay: SPENDSTREAM_FAULTS_SEED=%d), %d events at %.0f/s, components %s, "

@@ -31,7 +31,7 @@ from aiosmtpd.smtp import AuthResult
 
 from spendstream.clickhouse import get_client
 from spendstream.devstack import child_env
-from spendstream.embedded.kafka import free_port
+from spendstream.ports import free_port
 from spendstream.settings import Settings
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "budget_alert_v1.json"

@@ -10,18 +10,11 @@ import httpx
 import pytest
 from query_api_stack import QueryApiServer, insert_events, make_events, migrate  # tests/integration on sys.path
 
+from spendstream.budgets import Attribution, current_window, parse_limit_nanos, scope_matches
+from spendstream.budgets.store import budget_from_row, insert_alerts, scope_columns
 from spendstream.clickhouse import get_client
 from spendstream.contracts import nanos_to_usd_str
 from spendstream.keys import create_key
-from stream_processors.budgets.logic import (
-    Attribution,
-    budget_from_row,
-    current_window,
-    parse_limit_nanos,
-    scope_columns,
-    scope_matches,
-)
-from stream_processors.budgets.store import insert_alerts
 
 pytestmark = pytest.mark.clickhouse
 

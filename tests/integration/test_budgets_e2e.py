@@ -13,12 +13,12 @@ import orjson
 import pytest
 from stage_support import read_topic
 
+from spendstream.budgets import Budget
+from spendstream.budgets.store import insert_budget
 from spendstream.clickhouse import get_client
 from spendstream.devstack import Stack
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.topics import BUDGET_ALERTS
-from stream_processors.budgets.logic import Budget
-from stream_processors.budgets.store import insert_budget
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.e2e]
 

@@ -23,11 +23,11 @@ import orjson
 import pytest
 from stage_support import StageWorker, produce, read_topic, stage_settings  # noqa: F401 - fixture
 
+from spendstream.budgets import Budget, calendar_window, canonical_threshold
+from spendstream.budgets.store import insert_budget
 from spendstream.clickhouse import get_client
 from spendstream.contracts import budget_alert_id, record_key, usd_to_nanos
 from spendstream.topics import BUDGET_ALERTS, BUDGET_STATE, USAGE_PRICED
-from stream_processors.budgets.logic import Budget, calendar_window, canonical_threshold
-from stream_processors.budgets.store import insert_budget
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 

@@ -20,8 +20,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from spendstream.embedded.kafka import EmbeddedKafka, free_port
+from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.kafka import client_kwargs, consumer_kwargs, producer_kwargs
+from spendstream.ports import free_port
 from spendstream.settings import Settings
 from spendstream.topics import ALL_TOPICS, ensure_topics
 

@@ -7,13 +7,15 @@ import gzip
 import json
 import re
 import time
+from pathlib import Path
 
 import orjson
 import pytest
 from gateway_support import events_by_id, gateway, raw_position, read_raw, wait_until  # tests/integration is on sys.path
 
 from spendstream.embedded.kafka import EmbeddedKafka
-from spendstream.settings import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.kafka
 

@@ -16,8 +16,8 @@ from gateway_support import events_by_id, gateway, raw_position, read_raw, wait_
 from query_api_stack import migrate
 
 from spendstream.clickhouse import get_client
-from spendstream.embedded.kafka import free_port
 from spendstream.keys import create_key, list_keys, load_live_keys, revoke_key
+from spendstream.ports import free_port
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.kafka]
 

@@ -16,13 +16,16 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from spendstream.clickhouse import get_client
 from spendstream.migrate import apply_migrations
-from spendstream.settings import REPO_ROOT, Settings
+from spendstream.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.clickhouse
 

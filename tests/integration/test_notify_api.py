@@ -12,9 +12,9 @@ import pytest
 
 from notify_support import Receiver, deliveries
 from query_api_stack import QueryApiServer, migrate
+from spendstream.alerting import IDEMPOTENCY_HEADER, PAGERDUTY_EVENTS_URL, SIGNATURE_HEADER, verify_signature
 from spendstream.clickhouse import get_client
 from spendstream.keys import create_key
-from stream_processors.notify.logic import IDEMPOTENCY_HEADER, PAGERDUTY_EVENTS_URL, SIGNATURE_HEADER, verify_signature
 
 pytestmark = pytest.mark.clickhouse
 

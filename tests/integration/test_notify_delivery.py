@@ -15,17 +15,19 @@ import pytest
 
 from notify_support import Mailbox, Receiver, alert_value, deliveries, insert_webhook, wait_until
 from query_api_stack import migrate
-from stream_processors.notify.delivery import Sender
-from stream_processors.notify.logic import (
+from spendstream.alerting import (
     IDEMPOTENCY_HEADER,
-    Channel,
     SIGNATURE_HEADER,
+    Attempt,
+    Channel,
+    DeliveryStore,
     RetryPolicy,
+    Sender,
     parse_alert,
     verify_signature,
 )
 from stream_processors.notify.notifier import PER_ENDPOINT_CONCURRENCY, Notifier
-from stream_processors.notify.store import Attempt, DeliveryStore
+from stream_processors.retry import is_data_error
 
 pytestmark = pytest.mark.clickhouse
 
@@ -62,7 +64,7 @@ def tenant() -> str:
 
 def make_notifier(settings, policy=FAST, **processors):
     s = settings.model_copy(update={"processors": settings.processors.model_copy(update=processors)}) if processors else settings
-    notifier = Notifier(s, DeliveryStore(s), Sender(s), policy=policy)
+    notifier = Notifier(s, DeliveryStore(s, is_data_error=is_data_error), Sender(s), policy=policy)
     notifier.start()
     return notifier
 
@@ -232,7 +234,7 @@ async def test_resumes_from_the_record_and_never_resends_a_final_channel(setting
     insert_webhook(settings, tenant, "wh_done", "generic", receiver.script("/done", [200]))
     insert_webhook(settings, tenant, "wh_half", "generic", receiver.script("/half", [200]))
     alert = new_alert(tenant, ["wh_done", "wh_half"])
-    store = DeliveryStore(settings)
+    store = DeliveryStore(settings, is_data_error=is_data_error)
     try:
         now = datetime.now(timezone.utc)
         for channel, attempt, outcome, status in (("wh_done", 1, "failed", 500), ("wh_done", 2, "delivered", 200),

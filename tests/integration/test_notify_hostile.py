@@ -17,10 +17,10 @@ from aiokafka import AIOKafkaProducer
 from notify_support import Mailbox, NotifyWorker, Receiver, alert_value, deliveries, insert_webhook
 from query_api_stack import QueryApiServer, migrate
 from stage_support import wait_committed
+from spendstream.alerting import IDEMPOTENCY_HEADER
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.kafka import producer_kwargs
 from spendstream.topics import BUDGET_ALERTS, ensure_topics
-from stream_processors.notify.logic import IDEMPOTENCY_HEADER
 
 pytestmark = pytest.mark.clickhouse
 

@@ -17,7 +17,7 @@ from stage_support import wait_committed
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.kafka import producer_kwargs
 from spendstream.topics import BUDGET_ALERTS, ensure_topics
-from stream_processors.notify.logic import IDEMPOTENCY_HEADER
+from spendstream.alerting import IDEMPOTENCY_HEADER
 from stream_processors.notify.notifier import PER_ENDPOINT_CONCURRENCY
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]

@@ -39,9 +39,10 @@ from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.clickhouse import get_client
 from spendstream.contracts import priced_envelope, priced_headers, raw_envelope
 from spendstream.pricing import default_catalog
+from spendstream.timeutil import TimestampParser
 from spendstream.topics import USAGE_DLQ, USAGE_PRICED, USAGE_RAW
 from stream_processors.pricing.logic import PricingStage, RawRecord
-from stream_processors.sink.logic import TimestampParser, json_rows, plan_inserts, read_priced
+from stream_processors.sink.logic import json_rows, plan_inserts, read_priced
 from stream_processors.sink.writer import INSERT_SETTINGS, UsageEventsWriter
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]

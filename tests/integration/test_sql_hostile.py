@@ -24,8 +24,8 @@ from aiohttp import ClientSession, web
 from query_api.errors import QueryRefused
 from query_api.sqlguard import check_ast, cte_names
 from spendstream.clickhouse import get_client
-from spendstream.embedded import free_port
 from spendstream.keys import create_key
+from spendstream.ports import free_port
 from query_api_stack import QueryApiServer, insert_events, make_events, migrate  # pytest puts tests/integration on sys.path
 
 pytestmark = pytest.mark.clickhouse

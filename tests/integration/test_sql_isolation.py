@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from spendstream.aggregates import AGGREGATES
 from spendstream.clickhouse import get_client
 from spendstream.keys import create_key
 from query_api_stack import QueryApiServer, insert_events, make_events, migrate  # pytest puts tests/integration on sys.path
@@ -88,7 +89,7 @@ def test_sql_sees_only_own_rows_in_every_view(iso):
     assert r.status_code == 200, r.text
     n, c, t = r.json()["rows"][0]
     assert (n, c, t) == (len(iso["b_events"]), sum(e["cost_nanos"] for e in iso["b_events"]), 1)
-    for view in ("usage_minute", "usage_hourly", "usage_daily", "usage_tags_daily", "unpriced_models"):
+    for view in (a.table for a in AGGREGATES if a.tenant_view):
         r = sql(iso, f"SELECT DISTINCT tenant FROM {view}")
         assert r.status_code == 200 and r.json()["rows"] in ([["tenant_b"]], []), (view, r.text)
     r = sql(iso, "SELECT project, sum(calls) FROM usage_daily GROUP BY project ORDER BY project", fmt="csv")

@@ -36,20 +36,22 @@ from stage_support import (
     wait_committed,
 )
 
+from spendstream.alerting import (
+    IDEMPOTENCY_HEADER,
+    POISON_ATTEMPT,
+    REFUSED,
+    Attempt,
+    DeliveryStore,
+    UnstorableAttempt,
+    parse_alert,
+)
+from spendstream.budgets import Budget
+from spendstream.budgets.store import insert_budget
 from spendstream.clickhouse import get_client
 from spendstream.contracts import record_key, usd_to_nanos
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.money import MAX_TOKENS_PER_EVENT
 from spendstream.topics import BUDGET_ALERTS, USAGE_DLQ, USAGE_PRICED, USAGE_RAW
-from stream_processors.budgets.logic import Budget
-from stream_processors.budgets.store import insert_budget
-from stream_processors.notify.logic import IDEMPOTENCY_HEADER, REFUSED, parse_alert
-from stream_processors.notify.store import (
-    POISON_ATTEMPT,
-    Attempt,
-    DeliveryStore,
-    UnstorableAttempt,
-)
 from stream_processors.retry import CLICKHOUSE_DATA_ERRORS, is_data_error, is_transient
 from stream_processors.sink.logic import Insert, PricedRecord
 from stream_processors.sink.writer import UsageEventsWriter
@@ -192,7 +194,7 @@ async def test_notify_dead_letters_records_that_are_not_alerts_and_delivers_the_
 async def test_a_delivery_row_clickhouse_refuses_fails_at_once_and_a_refusal_is_final(make_settings):
     s = make_settings()
     migrate(s)
-    store = DeliveryStore(s)
+    store = DeliveryStore(s, is_data_error=is_data_error)
     alert = parse_alert(alert_value("al_poison", TENANT, ["wh-1", "ops@example.com"]))
     now = datetime.now(UTC)
     try:

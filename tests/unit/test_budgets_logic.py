@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 
 import orjson
 
-from spendstream.contracts import usd_to_nanos
-from stream_processors.budgets.logic import (
+from spendstream.budgets import (
     FORECAST_INTERVAL_MS,
     MINUTE_MS,
     Attribution,
@@ -25,7 +24,6 @@ from stream_processors.budgets.logic import (
     ScopeIndex,
     SpendEvent,
     alert_value,
-    build_deltas,
     calendar_window,
     check_timezone,
     current_window,
@@ -33,12 +31,13 @@ from stream_processors.budgets.logic import (
     parse_scope,
     parse_thresholds,
     percent_used,
-    scope_columns,
-    scope_from_columns,
     scope_matches,
     spent_from_state,
-    split_by_position,
 )
+from spendstream.budgets.store import scope_columns, scope_from_columns
+from spendstream.contracts import usd_to_nanos
+from stream_processors.budgets.logic import build_deltas
+from stream_processors.budgets.positions import split_by_position
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS

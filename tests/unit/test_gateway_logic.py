@@ -6,6 +6,7 @@ import gzip
 import re
 import uuid
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import msgspec
 import orjson
@@ -18,7 +19,6 @@ from ingest_gateway.logic import (
     EVENT_FIELDS,
     RequestContext,
     decode_content,
-    format_timestamp,
     normalise_names,
     uuid7,
     validate_body,
@@ -26,7 +26,9 @@ from ingest_gateway.logic import (
 )
 from ingest_gateway.publisher import encode_events, encode_records
 from spendstream.contracts import TOKEN_FIELDS, TOKEN_PARENTS, record_key
-from spendstream.settings import REPO_ROOT
+from spendstream.timeutil import format_timestamp
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
 CTX = RequestContext(int(NOW.timestamp() * 1e9))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from genai_prices import extract_usage
 
 from ingest_gateway.usage import normalise_usage
-from spendstream.settings import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: shared with tests/integration/test_gateway_kafka.py: real-shaped usage objects and their expected fields
 PAYLOADS = {k: v for k, v in json.loads((REPO_ROOT / "tests/fixtures/provider_usage.json").read_text()).items()

@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from spendstream.aggregates import AGGREGATES, TENANT_VIEWS
 from spendstream.migrate import BOOTSTRAP, MigrationError, load_migrations, split_statements
 from spendstream.schema_cluster import ClusterSchemaError, cluster_statements
 
@@ -79,7 +80,9 @@ def test_engine_arguments_follow_the_replication_arguments() -> None:
 
 def test_materialized_views_read_and_write_the_local_tables() -> None:
     mvs = [s for s in _create_statements() if _created(s)[0] == "MATERIALIZED VIEW"]
-    assert len(mvs) == 7
+    # each aggregate's view once, and the sink's way in (usage_events_in -> usage_events)
+    expected = [a.mv for a in AGGREGATES] + ["usage_events_in_mv"]
+    assert sorted(_created(s)[1] for s in mvs) == sorted(f"{{db}}.{name}" for name in expected)
     for statement in mvs:
         (derived,) = cluster_statements(statement, CLUSTER)
         target = re.search(r"\bTO \{db\}\.(\w+)", statement)[1]
@@ -91,8 +94,9 @@ def test_materialized_views_read_and_write_the_local_tables() -> None:
 
 def test_tenant_views_stay_on_the_public_distributed_names() -> None:
     views = [s for s in _create_statements() if _created(s)[0] == "VIEW"]
-    # 0009 creates the four aggregate views again over their Int128 cost columns
-    assert len(views) == 12 + 4
+    # each tenant view once, and 0009 creates the four aggregate views again over their Int128 cost columns
+    assert {_created(s)[1] for s in views} == {f"{{db}}_tenant.{v}" for v in TENANT_VIEWS | {"current_tenant"}}
+    assert len(views) == len(TENANT_VIEWS | {"current_tenant"}) + 4
     assert sum(s.startswith("CREATE OR REPLACE VIEW") for s in views) == 4
     for statement in views:
         (derived,) = cluster_statements(statement, CLUSTER)

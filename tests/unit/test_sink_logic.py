@@ -12,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spendstream.contracts import COST_CLASSES, priced_envelope, priced_headers, raw_envelope
+from spendstream.timeutil import TimestampParser
 from stream_processors.sink.logic import (
     BadRecord,
     PricedRecord,
-    TimestampParser,
     Watermarks,
     decode_priced,
     dedupe_token,

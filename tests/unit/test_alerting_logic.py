@@ -1,4 +1,4 @@
-"""Notify core: alert parsing, the four payload formats, signatures, retry schedule, SSRF rules."""
+"""spendstream.alerting: alert parsing, the four channel formats, signatures, retry schedule, SSRF rules."""
 
 from __future__ import annotations
 
@@ -12,39 +12,37 @@ from pathlib import Path
 import orjson
 import pytest
 
-from stream_processors.notify.logic import (
+from spendstream.alerting.channels import CHANNEL_TYPES
+from spendstream.alerting.channels.base import IDEMPOTENCY_HEADER, Channel
+from spendstream.alerting.channels.email import email_message
+from spendstream.alerting.channels.generic import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from spendstream.alerting.channels.pagerduty import pagerduty_severity
+from spendstream.alerting.payloads import GENERIC_FIELDS, BadAlert, created_at, human_usd, parse_alert, sample_alert
+from spendstream.alerting.retries import (
     DELIVERED,
     FAILED,
     GAVE_UP,
-    GENERIC_FIELDS,
-    IDEMPOTENCY_HEADER,
     REFUSED,
-    SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
-    BadAlert,
-    Channel,
     RetryPolicy,
+    attempt_outcome,
+    classify_http,
+    parse_retry_after,
+)
+from spendstream.alerting.targets import (
     UnsafeTarget,
     address_refusal,
-    attempt_outcome,
-    build_request,
-    classify_http,
-    created_at,
-    email_message,
     email_refusal,
-    human_usd,
     is_email_channel,
-    pagerduty_severity,
-    parse_alert,
-    parse_retry_after,
     parse_webhook_url,
-    sample_alert,
-    verify_signature,
 )
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "budget_alert_v1.json"
 RAW = FIXTURE.read_bytes()
 NOW = 1_711_876_502.0  # 2024-03-31T09:15:02Z
+
+
+def build_request(channel: Channel, a, now: float):
+    return CHANNEL_TYPES[channel.format].build_request(channel, a, now)
 
 
 def alert(**changes):
