@@ -152,6 +152,15 @@ async def test_a_valid_key_without_the_scope_is_403_on_both_services(clients, se
     finally:
         client.close()
     auth = {"Authorization": f"Bearer {read_key}", **JSON}
+
+    async def known_to_both() -> bool:
+        # a new key is picked up by the next reload: an unknown key reloads early at most every
+        # 0.5 s, and the tests before this one may just have spent that on unknown keys
+        gateway = await clients["gateway"].post("/v1/events", content=MALFORMED, headers=auth)
+        query_api = await clients["query_api"].get("/v1/projects", headers=auth)
+        return gateway.status_code != 401 and query_api.status_code != 401
+
+    await wait_until(known_to_both, timeout=10)
     events = await clients["gateway"].post("/v1/events", content=MALFORMED, headers=auth)
     assert events.status_code == 403 and "'ingest'" in events.json()["message"]
     projects = await clients["query_api"].post("/v1/projects", json={"id": "p1"}, headers=auth)
