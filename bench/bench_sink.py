@@ -193,7 +193,7 @@ def main() -> None:
             + f"; ≤ {SYSTEM_TARGET_P99:g} s (system benchmark issue): "
             + ("**PASS**" if r["p99"] <= SYSTEM_TARGET_P99 else "**FAIL**") + ".",
             "- Most of it is batching by design: the sink inserts at most once per"
-            " `SPENDSTREAM_PROCESSORS__SINK_BATCH_SECONDS` (0.2 s; at once when it has caught up with its input),"
+            " `SPENDSTREAM_SINK__BATCH_SECONDS` (0.2 s; at once when it has caught up with its input),"
             " unless 10k rows are pending first; each insert has a fixed ClickHouse cost (see the Sink section).",
         ]
     else:

@@ -630,8 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stack data and logs: {work}", flush=True)
     stack = start_stack(work)
     figures = Figures(command, datetime.now(UTC), stack.names)
-    p = stack.settings.processors
-    figures.settings = {"batch_max_seconds": p.batch_max_seconds, "sink_batch_seconds": p.sink_batch_seconds}
+    s = stack.settings
+    figures.settings = {"batch_max_seconds": s.processors.batch_max_seconds, "sink_batch_seconds": s.sink.batch_seconds}
     bodies = Bodies(args.batch)
     try:
         time.sleep(5)  # let start-up work (topic creation, first assignments) settle before the idle RSS
@@ -656,9 +656,9 @@ def main(argv: list[str] | None = None) -> int:
         figures.freshness[f"background {half:,.0f} events/s"] = asyncio.run(
             freshness(stack, bodies, half, args.freshness_seconds))
         # the sink's time window was the largest wait on the path: what does the shorter default buy?
-        stack.restart("sink", {"SPENDSTREAM_PROCESSORS__SINK_BATCH_SECONDS": str(LONG_SINK_WINDOW_S)})
+        stack.restart("sink", {"SPENDSTREAM_SINK__BATCH_SECONDS": str(LONG_SINK_WINDOW_S)})
         figures.freshness[f"idle, sink_batch_seconds={LONG_SINK_WINDOW_S:g} (default "
-                          f"{stack.settings.processors.sink_batch_seconds:g})"] = asyncio.run(
+                          f"{stack.settings.sink.batch_seconds:g})"] = asyncio.run(
             freshness(stack, bodies, 0, args.freshness_seconds))
     finally:
         stack.stop()

@@ -1,7 +1,7 @@
 """The gateway's in-memory view of budgets, for ``POST /v1/budgets/check`` (no IO per request).
 
 Two background tasks keep it:
-- budget configs polled from ClickHouse ``budgets`` every ``processors.budgets_reload_s``: a
+- budget configs polled from ClickHouse ``budgets`` every ``budgets.reload_s``: a
   cheap fingerprint query, and the full read only when it changed (the last good set is kept
   while ClickHouse is down);
 - a consumer without a group reads ``spendstream.budget.state`` from the earliest offset on
@@ -13,7 +13,7 @@ Staleness: a check answers with the spend the budgets stage last published, exac
 nano-USD), never an estimate. That value trails the events acknowledged by the gateway by the
 pipeline's latency (pricing, then the budgets stage's batch; under a second when the stages keep
 up) plus this consumer's fetch; a budget created or changed shows up within
-``budgets_reload_s``. While ClickHouse or the broker is unreachable, the last known configs and
+``budgets.reload_s``. While ClickHouse or the broker is unreachable, the last known configs and
 spend are served. The view answers only once budgets were loaded and the state log was read up
 to the fetch high watermark seen at start-up (``ready``); before that a check would be a guess.
 
@@ -123,7 +123,7 @@ class BudgetView:
                 log.log(logging.DEBUG if failing else logging.WARNING,
                         "budget check: reading budgets failed (%r); keeping %d", exc, len(self.index))
                 failing = True
-            await asyncio.sleep(self._settings.processors.budgets_reload_s)
+            await asyncio.sleep(self._settings.budgets.reload_s)
 
     def apply(self, key: bytes, value: bytes | None, now_ms: int) -> None:
         if value is None:

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 #: a project's events are split into records below this size. aiokafka refuses records above
 #: max_request_size and Kafka above message.max.bytes (1 MiB by default each), and the pricing
-#: stage's record for a raw record is up to ~2.7x larger (stream_processors/producer.py).
+#: stage's record for a raw record is up to ~2.7x larger (stream_processors/runtime/producer.py).
 MAX_RECORD_BYTES = 256 * 1024
 #: snappy shrinks the JSON envelopes ~3x at a few % of the gateway's CPU; aiokafka's lz4 runs at
 #: level 9 and cost a fifth of the CPU in batch benchmarks (cramjam provides both codecs)

@@ -386,14 +386,14 @@ def child_env(settings: Settings) -> dict[str, str]:
     env["SPENDSTREAM_CLICKHOUSE__URL"] = s.clickhouse_url
     if s.env == "dev":
         # local webhook receivers are normal in development
-        env["SPENDSTREAM_PROCESSORS__WEBHOOK_ALLOW_PRIVATE"] = "true"
+        env["SPENDSTREAM_NOTIFY__WEBHOOK__ALLOW_PRIVATE"] = "true"
     return env
 
 
 def local_settings(data_dir: Path, **overrides: Any) -> Settings:
     """Settings for a stack of its own under ``data_dir`` (tests, benchmarks): embedded broker and
     ClickHouse, a free port for everything, ``env="dev"``. Nested sections are given as dicts
-    and merged over these, e.g. ``local_settings(d, processors={"sink_batch_seconds": 0.2})``."""
+    and merged over these, e.g. ``local_settings(d, sink={"batch_seconds": 0.2})``."""
     base: dict[str, Any] = {
         "env": "dev",
         "data_dir": str(data_dir),

@@ -35,8 +35,8 @@ from spendstream.settings import Settings
 from spendstream.topics import ensure_topics
 from spendstream.settings import settings_env
 
-#: fast batching for tests (the defaults favour throughput)
-FAST_PROCESSORS = {"batch_max_seconds": 0.05, "sink_batch_seconds": 0.2}
+#: fast batching for tests (the defaults favour throughput): ``make_settings(**FAST_BATCHING)``
+FAST_BATCHING = {"processors": {"batch_max_seconds": 0.05}, "sink": {"batch_seconds": 0.2}}
 
 
 class StageWorker:
@@ -284,7 +284,7 @@ def stage_settings(make_settings: Callable[..., Settings], tmp_path: Path) -> It
     """Settings on a broker of this test's own (the stage topics have fixed names) and a migrated
     ClickHouse database of its own."""
     broker = EmbeddedKafka(log_path=tmp_path / "tansu.log").start()
-    settings = make_settings(kafka={"bootstrap_servers": broker.bootstrap}, processors=FAST_PROCESSORS)
+    settings = make_settings(kafka={"bootstrap_servers": broker.bootstrap}, **FAST_BATCHING)
     migrate(settings)
     try:
         yield settings

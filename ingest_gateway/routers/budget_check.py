@@ -87,7 +87,7 @@ def _error(exc: GatewayError) -> Response:
         "published for the budget's current window on `spendstream.budget.state`. It trails the events "
         "already acknowledged by the gateway by the pipeline's latency (under a second while the stages "
         "keep up; longer if they lag or are down, in which case the last published spend is served). "
-        "Budgets created or changed take effect within `processors.budgets_reload_s` (1 s by default). "
+        "Budgets created or changed take effect within `budgets.reload_s` (1 s by default). "
         "503 `budgets_not_ready` (with Retry-After) until the budgets and the state topic are loaded after a "
         "start. With `enforce`, `allowed` is false once spent reaches the limit or spent + estimate exceeds it."
     ),

@@ -2,7 +2,7 @@
 
 Stored in ClickHouse ``budgets`` (ReplacingMergeTree by version, ``deleted`` flag), the durable
 source of truth: the budgets stage and the gateway's budget check re-read it every
-``processors.budgets_reload_s`` (1 s), so a change applies everywhere within about a second,
+``budgets.reload_s`` (1 s), so a change applies everywhere within about a second,
 without restarts.
 
 Status is computed from what ClickHouse stored (the sink's ``usage_minute`` aggregate, or

@@ -4,7 +4,7 @@ The accepted formats, their validation and their masking are the channel registr
 (``spendstream/alerting/channels``): a new channel type needs nothing here.
 
 A webhook URL is checked against SSRF when it is created (http/https only, no credentials, and
-every address the host resolves to must be public unless ``processors.webhook_allow_private``);
+every address the host resolves to must be public unless ``notify.webhook.allow_private``);
 the notify stage checks it again before every delivery (DNS may change). Secrets are never
 returned, except a generated signing secret, once, in the creation response.
 
@@ -99,11 +99,11 @@ async def _one(ch: CH, tenant: str, webhook_id: str) -> dict[str, Any]:
 
 async def _checked_channel(body: WebhookIn, settings: SettingsDep) -> NewChannel:
     """The new channel of a valid request; raises InvalidField naming the field."""
-    p = settings.processors
+    notify = settings.notify
     try:
         return await validate_channel(
             body.format, ChannelRequest(body.url, body.email, body.secret),
-            allow_private=p.webhook_allow_private, timeout_s=p.webhook_timeout_s,
+            allow_private=notify.webhook.allow_private, timeout_s=notify.timeout_s,
         )  # fmt: skip
     except ChannelRefused as exc:
         raise InvalidField(exc.field, exc.message) from None

@@ -61,11 +61,11 @@ class Sender:
     """Makes single attempts. Owns an HTTP client and a small SMTP thread pool; ``close()`` them."""
 
     def __init__(self, settings: Settings):
-        p = settings.processors
-        self.allow_private = p.webhook_allow_private
-        self.timeout_s = p.webhook_timeout_s
-        self.smtp_host, self.smtp_port, self.smtp_from = p.smtp_host, p.smtp_port, p.smtp_from
-        self.smtp_starttls, self.smtp_username, self._smtp_password = p.smtp_starttls, p.smtp_username, p.smtp_password
+        notify, smtp = settings.notify, settings.notify.smtp
+        self.allow_private = notify.webhook.allow_private
+        self.timeout_s = notify.timeout_s
+        self.smtp_host, self.smtp_port, self.smtp_from = smtp.host, smtp.port, smtp.from_address
+        self.smtp_starttls, self.smtp_username, self._smtp_password = smtp.starttls, smtp.username, smtp.password
         self._http = httpx.AsyncClient(
             timeout=self.timeout_s,
             follow_redirects=False,
@@ -139,7 +139,7 @@ class Sender:
     async def _mail(self, kind: MailChannelType, channel: Channel, alert: Alert) -> AttemptResult:
         started = time.perf_counter()
         if not self.smtp_host:
-            return AttemptResult("refused", 0, error="no SMTP server configured (processors.smtp_host)")
+            return AttemptResult("refused", 0, error="no SMTP server configured (notify.smtp.host)")
         try:
             message = kind.build_message(channel, alert, self.smtp_from, datetime.now(timezone.utc))
         except Exception as exc:  # noqa: BLE001 - e.g. a header the e-mail policy refuses; the same next time
@@ -160,7 +160,7 @@ class Sender:
         except smtplib.SMTPNotSupportedError as exc:
             # a settings mismatch (servers offer AUTH only after STARTTLS): retrying cannot help
             verdict = "final"
-            error = f"{exc} (processors.smtp_starttls is {'on' if self.smtp_starttls else 'off'})"
+            error = f"{exc} (notify.smtp.starttls is {'on' if self.smtp_starttls else 'off'})"
         except (smtplib.SMTPException, OSError) as exc:
             verdict = "retry"
             error = f"{type(exc).__name__}: {exc}"

@@ -11,7 +11,7 @@ An attempt ClickHouse refuses as data raises :class:`UnstorableAttempt`, which n
 takes for a passing fault: the alert's delivery fails at once instead of retrying the insert
 forever and holding back its partition's commits. The notify agent then records the alert as
 refused (:meth:`DeliveryStore.record_refusal`) or dead-letters it. What counts as a data error is
-the stages' one classification (``stream_processors/retry.is_data_error``), handed in by the
+the stages' one classification (``stream_processors/runtime/retry.is_data_error``), handed in by the
 stage: this package imports no service.
 """
 

@@ -3,7 +3,7 @@ rule for e-mail. Pure, except :func:`resolve_checked`, which asks the resolver.
 
 - ``parse_webhook_url``: syntax (absolute http(s), a host, no credentials, no control characters).
 - ``address_refusal``: which IP addresses may be connected to (public unicast; loopback and
-  private ranges only with ``processors.webhook_allow_private``; link-local such as the cloud
+  private ranges only with ``notify.webhook.allow_private``; link-local such as the cloud
   metadata address, multicast, unspecified and reserved never).
 - ``resolve_checked``: the host resolved now and EVERY address it got checked; the caller then
   connects to the checked address (never resolves again: DNS rebinding).
@@ -60,7 +60,7 @@ def parse_webhook_url(url: str) -> WebhookTarget:
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-#: what webhook_allow_private unlocks: loopback and private/shared ranges (local receivers). Never
+#: what notify.webhook.allow_private unlocks: loopback and private/shared ranges (local receivers). Never
 #: link-local (cloud metadata at 169.254.169.254), multicast, unspecified or reserved addresses.
 _PRIVATE_KINDS = frozenset({"loopback", "private"})
 

@@ -5,7 +5,7 @@ by the budgets stage). Row mapping, and the sync reads and writes.
 Sync clickhouse-connect calls: the budgets stage and the gateway run them in worker threads (the
 query API writes the same rows through its async client). ClickHouse ``budgets`` is the durable
 source of truth (the embedded broker keeps nothing across a restart), so readers poll it every
-``settings.processors.budgets_reload_s`` instead of following a config topic; a change is live
+``settings.budgets.reload_s`` instead of following a config topic; a change is live
 everywhere within about that period.
 """
 

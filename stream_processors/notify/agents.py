@@ -37,8 +37,8 @@ from spendstream.contracts import dlq_envelope
 from spendstream.settings import Settings
 from spendstream.topics import BUDGET_ALERTS, USAGE_DLQ
 from stream_processors.notify.notifier import Notifier
-from stream_processors.producer import StageProducer
-from stream_processors.retry import (
+from stream_processors.runtime.producer import StageProducer
+from stream_processors.runtime.retry import (
     CONTENT_ERRORS,
     POISON,
     is_data_error,

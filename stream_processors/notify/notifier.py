@@ -18,7 +18,7 @@ recorded. A receiver can get a second copy only if this process dies (or loses t
 between a 2xx and the record landing; the copy carries the same ``Idempotency-Key`` (generic) /
 ``dedup_key`` (PagerDuty) / ``Message-ID`` (e-mail), so such receivers drop it. Slack has no
 idempotency key. The budgets stage re-sends an alert right after its own restart; one re-sent
-later than ``history_window`` (max(dedupe_window_hours, 2 x retry horizon)) after its delivery
+later than ``history_window`` (max(pricing.dedupe_window_hours, 2 x notify.retry_horizon_s)) after its delivery
 would be delivered again.
 
 What one attempt sends, how its answer is judged and where it is recorded is
@@ -57,7 +57,7 @@ from spendstream.alerting import (
     endpoint_of,
 )
 from spendstream.settings import Settings
-from stream_processors.retry import is_transient, retry_forever
+from stream_processors.runtime.retry import is_transient, retry_forever
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,12 @@ class Notifier:
     ):
         self.store = store
         self.sender = sender
-        self.policy = policy or RetryPolicy(horizon_s=settings.processors.webhook_retry_horizon_s)
+        self.policy = policy or RetryPolicy(horizon_s=settings.notify.retry_horizon_s)
         self.rand = rand
         # re-sent alerts come within minutes (the budgets stage's restart); an alert still retrying
         # is re-read until its horizon has passed
         self.history_window = timedelta(
-            seconds=max(settings.processors.dedupe_window_hours * 3600, 2 * self.policy.horizon_s)
+            seconds=max(settings.pricing.dedupe_window_hours * 3600, 2 * self.policy.horizon_s)
         )
         self._running: dict[str, asyncio.Task[dict[str, str]]] = {}
         self._done: OrderedDict[str, None] = OrderedDict()

@@ -36,8 +36,8 @@ from spendstream.pricing import OverrideBook, default_catalog
 from spendstream.settings import Settings
 from spendstream.topics import USAGE_DLQ, USAGE_PRICED, USAGE_RAW
 from stream_processors.pricing.logic import STAGE, PricingStage, RawRecord
-from stream_processors.producer import MAX_RECORD_BYTES, StageProducer
-from stream_processors.retry import POISON
+from stream_processors.runtime.producer import MAX_RECORD_BYTES, StageProducer
+from stream_processors.runtime.retry import POISON
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class OverrideRows:
 def register(app: faust.App, settings: Settings) -> None:
     p = settings.processors
     stage = PricingStage(
-        default_catalog(), USAGE_RAW.name, int(p.dedupe_window_hours * 3_600_000), max_record_bytes=MAX_RECORD_BYTES
+        default_catalog(), USAGE_RAW.name, int(settings.pricing.dedupe_window_hours * 3_600_000), max_record_bytes=MAX_RECORD_BYTES
     )
     # raw codecs: Faust must not decode (it would JSON-parse every value, and ack and skip a
     # value it cannot parse instead of handing it to us for the DLQ)
@@ -153,8 +153,9 @@ def register(app: faust.App, settings: Settings) -> None:
     def owned_raw_partitions() -> set[int]:
         return {tp.partition for tp in app.consumer.assignment() if tp.topic == raw.get_topic_name()}
 
-    #: raw partition -> offset of the last record priced; a tripwire for skipped input (the consumer
-    #: guarantees contiguous delivery, see faust_fixes.py: if this ever fires, that guarantee broke)
+    #: raw partition -> offset of the last record priced; a tripwire for skipped input, observability
+    #: only: contiguous delivery is the runtime consumer's guarantee (runtime/consumer.py), and if
+    #: this ever fires, that guarantee broke
     last_priced: dict[int, int] = {}
 
     @app.on_partitions_revoked.connect

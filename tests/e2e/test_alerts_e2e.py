@@ -46,7 +46,8 @@ def stack(make_settings, tmp_path, monkeypatch):
     # the stages listen on web_port + i: make_settings checks only web_port itself, and a busy
     # neighbour made a stage exit at start-up ("address already in use")
     settings = make_settings(kafka={"bootstrap_servers": broker.bootstrap}, bootstrap_admin_key=key,
-                             processors={"webhook_allow_private": True, "web_port": free_port_run(len(STAGES))})  # fmt: skip
+                             processors={"web_port": free_port_run(len(STAGES))},
+                             notify={"webhook": {"allow_private": True}})  # fmt: skip
     migrate(settings)
     ensure_topics_sync(settings)
     monkeypatch.setenv("SPENDSTREAM_DATA_DIR", settings.data_dir)

@@ -28,7 +28,7 @@ EVENTS_PER_ROUND = 3_000
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir: Path = tmp_path_factory.mktemp("devstack")
     # a short sink window keeps the waits below short; nothing here depends on its value
-    settings = local_settings(data_dir, processors={"sink_batch_seconds": 0.2})
+    settings = local_settings(data_dir, sink={"batch_seconds": 0.2})
     components = (*INFRASTRUCTURE, "gateway", *STAGES)
     assert {"pricing", "sink"} <= set(components), "the pipeline under test needs pricing and sink"
     with Stack(settings, data_dir, components) as running:

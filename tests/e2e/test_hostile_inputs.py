@@ -60,7 +60,9 @@ def services(make_settings, tmp_path_factory) -> Iterator[Services]:
     settings = make_settings(
         kafka={"bootstrap_servers": broker.bootstrap},
         bootstrap_admin_key=admin_key,
-        processors={"webhook_allow_private": True, "web_port": free_port_run(len(STAGES)), "budgets_reload_s": 0.2},
+        processors={"web_port": free_port_run(len(STAGES))},
+        notify={"webhook": {"allow_private": True}},
+        budgets={"reload_s": 0.2},
     )
     migrate(settings)
     ensure_topics_sync(settings)

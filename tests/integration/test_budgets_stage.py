@@ -211,7 +211,7 @@ async def test_sigkill_mid_stream_misses_no_crossing_and_counts_spend_once(stage
 
     async def keep_producing() -> None:
         # input keeps arriving before, during and after the kill, and while the restarted worker
-        # recovers its table (the case where Faust skipped offsets, see budgets/agents.py)
+        # recovers its table (the case where Faust skipped offsets, see runtime/consumer.py, 6.)
         for n, chunk in enumerate(chunks):
             await produce(s, USAGE_PRICED.name, chunk)
             if n == len(chunks) // 2:

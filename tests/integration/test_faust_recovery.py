@@ -9,7 +9,7 @@ Table restart-recovery: three workers of one app count events per key in a Table
 
 Records Faust drops from a fetched batch (partition paused meanwhile, as recovery and rebalances
 do) are fetched again and reach the agent before their offsets are committed
-(``stream_processors.faust_fixes``; stock Faust commits past them).
+(``stream_processors.runtime.consumer``; stock Faust commits past them).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ UTC = timezone.utc
 @pytest.fixture(scope="module")
 def api(make_settings):
     settings = make_settings(bootstrap_admin_key=ADMIN_KEY, bootstrap_tenant=TENANT,
-                             processors={"webhook_allow_private": True, "webhook_timeout_s": 2.0})  # fmt: skip
+                             notify={"timeout_s": 2.0, "webhook": {"allow_private": True}})  # fmt: skip
     migrate(settings)
     client = get_client(settings)
     try:

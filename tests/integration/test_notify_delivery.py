@@ -27,7 +27,7 @@ from spendstream.alerting import (
     verify_signature,
 )
 from stream_processors.notify.notifier import PER_ENDPOINT_CONCURRENCY, Notifier
-from stream_processors.retry import is_data_error
+from stream_processors.runtime.retry import is_data_error
 
 pytestmark = pytest.mark.clickhouse
 
@@ -43,9 +43,9 @@ def mailbox():
 
 @pytest.fixture(scope="module")
 def settings(make_settings, mailbox):
-    s = make_settings(processors={
-        "webhook_allow_private": True, "webhook_timeout_s": 2.0, "smtp_host": "127.0.0.1", "smtp_port": mailbox.port,
-        "smtp_from": "spendstream@test.example",
+    s = make_settings(notify={
+        "timeout_s": 2.0, "webhook": {"allow_private": True},
+        "smtp": {"host": "127.0.0.1", "port": mailbox.port, "from_address": "spendstream@test.example"},
     })  # fmt: skip
     migrate(s)
     return s
@@ -62,8 +62,16 @@ def tenant() -> str:
     return f"t_{uuid.uuid4().hex[:8]}"
 
 
-def make_notifier(settings, policy=FAST, **processors):
-    s = settings.model_copy(update={"processors": settings.processors.model_copy(update=processors)}) if processors else settings
+def with_notify(settings, *, webhook=None, smtp=None, **fields):
+    """``settings`` with some of ``notify``'s fields changed (``webhook``, ``smtp``: dicts of their fields)."""
+    n = settings.notify
+    notify = n.model_validate({**n.model_dump(), **fields, "webhook": {**n.webhook.model_dump(), **(webhook or {})},
+                               "smtp": {**n.smtp.model_dump(), **(smtp or {})}})  # fmt: skip
+    return settings.model_copy(update={"notify": notify})
+
+
+def make_notifier(settings, policy=FAST, **notify):
+    s = with_notify(settings, **notify) if notify else settings
     notifier = Notifier(s, DeliveryStore(s, is_data_error=is_data_error), Sender(s), policy=policy)
     notifier.start()
     return notifier
@@ -167,7 +175,7 @@ async def test_a_slow_endpoint_does_not_delay_another(settings, receiver, tenant
 async def test_timeouts_are_retried_and_retry_after_is_honoured(settings, receiver, tenant):
     insert_webhook(settings, tenant, "wh_429", "generic", receiver.script("/429", [429, 200], headers={"Retry-After": "1"}))
     insert_webhook(settings, tenant, "wh_hang", "generic", receiver.script("/hang", [200], delay_s=1.0))
-    notifier = make_notifier(settings, policy=RetryPolicy(horizon_s=1.2, base_s=0.05, cap_s=0.1), webhook_timeout_s=0.5)
+    notifier = make_notifier(settings, policy=RetryPolicy(horizon_s=1.2, base_s=0.05, cap_s=0.1), timeout_s=0.5)
     try:
         assert await notifier.submit(new_alert(tenant, ["wh_429", "wh_hang"])) == {"wh_429": "delivered", "wh_hang": "gave_up"}
     finally:
@@ -201,7 +209,7 @@ async def test_private_targets_are_refused_at_delivery_time(settings, receiver, 
     # accepted while loopback was allowed (or the name resolved elsewhere then): checked again now
     insert_webhook(settings, tenant, "wh_local", "generic", f"http://localhost:{receiver.port}/local")
     insert_webhook(settings, tenant, "wh_meta", "generic", "http://169.254.169.254/latest/meta-data/")
-    notifier = make_notifier(settings, webhook_allow_private=False)
+    notifier = make_notifier(settings, webhook={"allow_private": False})
     try:
         outcome = await notifier.submit(new_alert(tenant, ["wh_local", "wh_meta"]))
     finally:
@@ -296,9 +304,7 @@ def server_cert(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def smtp_sender(settings, port: int, **smtp) -> Sender:
-    processors = settings.processors.model_validate({**settings.processors.model_dump(), "smtp_host": "127.0.0.1",
-                                                     "smtp_port": port, **smtp})  # fmt: skip
-    return Sender(settings.model_copy(update={"processors": processors}))
+    return Sender(with_notify(settings, smtp={"host": "127.0.0.1", "port": port, **smtp}))
 
 
 async def test_email_over_starttls_with_auth(settings, tenant, server_cert, monkeypatch):
@@ -310,9 +316,9 @@ async def test_email_over_starttls_with_auth(settings, tenant, server_cert, monk
     alert = new_alert(tenant, ["oncall@test.example"])
     channel = Channel("oncall@test.example", "email", email="oncall@test.example")
     with Mailbox(users={"alerts": "s3cret pass"}, tls_context=tls) as box:
-        sender = smtp_sender(settings, box.port, smtp_starttls=True, smtp_username="alerts", smtp_password="s3cret pass")
-        wrong = smtp_sender(settings, box.port, smtp_starttls=True, smtp_username="alerts", smtp_password="nope")
-        cleartext = smtp_sender(settings, box.port, smtp_username="alerts", smtp_password="s3cret pass")
+        sender = smtp_sender(settings, box.port, starttls=True, username="alerts", password="s3cret pass")
+        wrong = smtp_sender(settings, box.port, starttls=True, username="alerts", password="nope")
+        cleartext = smtp_sender(settings, box.port, username="alerts", password="s3cret pass")
         try:
             delivered = await sender.send(channel, alert)
             refused = await wrong.send(channel, alert)
@@ -324,7 +330,7 @@ async def test_email_over_starttls_with_auth(settings, tenant, server_cert, monk
     assert [m["X-Spendstream-Alert-Id"] for _, m in box.messages] == [alert.alert_id]
     # a wrong password is final (retrying cannot fix it); without STARTTLS nothing is sent in clear
     assert refused.verdict == "final" and refused.error.startswith("SMTP 535"), refused
-    assert no_tls.verdict == "final" and "smtp_starttls is off" in no_tls.error, no_tls
+    assert no_tls.verdict == "final" and "notify.smtp.starttls is off" in no_tls.error, no_tls
     # smtplib tries each mechanism the server offers before giving up on a password
     assert box.logins[0] == ("alerts", True) and set(box.logins[1:]) == {("alerts", False)}
 
@@ -334,7 +340,7 @@ async def test_starttls_refuses_an_untrusted_server_certificate(settings, tenant
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(cert, key)
     with Mailbox(tls_context=tls) as box:
-        sender = smtp_sender(settings, box.port, smtp_starttls=True)
+        sender = smtp_sender(settings, box.port, starttls=True)
         try:
             result = await sender.send(Channel("a@test.example", "email", email="a@test.example"),
                                        new_alert(tenant, ["a@test.example"]))  # fmt: skip

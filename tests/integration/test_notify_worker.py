@@ -37,7 +37,7 @@ def broker(tmp_path_factory):
 def settings(make_settings, broker):
     s = make_settings(
         kafka={"bootstrap_servers": broker.bootstrap, "profile": "embedded", "partitions": 2},
-        processors={"webhook_allow_private": True, "webhook_timeout_s": 2.0},
+        notify={"timeout_s": 2.0, "webhook": {"allow_private": True}},
     )
     migrate(s)
     return s

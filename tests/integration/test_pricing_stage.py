@@ -21,7 +21,7 @@ from decimal import Decimal
 import orjson
 import pytest
 from stage_support import (
-    FAST_PROCESSORS,
+    FAST_BATCHING,
     StageWorker,
     committed_offsets,
     log_ends,
@@ -208,7 +208,7 @@ async def test_overrides_apply_without_restart_and_survive_a_clickhouse_outage(m
     broker = EmbeddedKafka(log_path=tmp_path / "tansu.log").start()
     s = make_settings(
         kafka={"bootstrap_servers": broker.bootstrap}, clickhouse={"url": clickhouse.url},
-        processors=FAST_PROCESSORS, pricing={"overrides_reload_s": 0.2},
+        **FAST_BATCHING, pricing={"overrides_reload_s": 0.2},
     )  # fmt: skip
     migrate(s)
     worker = StageWorker(s, "pricing", tmp_path)

@@ -21,7 +21,7 @@ from pathlib import Path
 import orjson
 import pytest
 from stage_support import (
-    FAST_PROCESSORS,
+    FAST_BATCHING,
     StageWorker,
     assert_aggregates_match,
     make_event,
@@ -172,7 +172,7 @@ async def test_clickhouse_outage(make_settings, tmp_path: Path):
     clickhouse = EmbeddedClickHouse(path=str(tmp_path / "chdb")).start()
     broker = EmbeddedKafka(log_path=tmp_path / "tansu.log").start()
     s = make_settings(
-        kafka={"bootstrap_servers": broker.bootstrap}, clickhouse={"url": clickhouse.url}, processors=FAST_PROCESSORS
+        kafka={"bootstrap_servers": broker.bootstrap}, clickhouse={"url": clickhouse.url}, **FAST_BATCHING
     )
     migrate(s)
     feed = PricedFeed(seed=3)

@@ -1,7 +1,7 @@
 """Poison never stalls a stage, on the real embedded broker and ClickHouse: a record a stage cannot
 process, encode or store because of its content goes to spendstream.usage.dlq with the reason (an
 alert in notify: a refused delivery) and the stage goes on with the next record; transient errors
-are the only ones retried (stream_processors/retry.py).
+are the only ones retried (stream_processors/runtime/retry.py).
 
 - pricing: a raw record whose price overflowed Int64 (2**63 tokens; a client price of 1e30 USD)
   crashed the stage on every replay; its events are dead-lettered, the rest priced;
@@ -25,7 +25,7 @@ import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 from notify_support import Receiver, alert_value, insert_webhook, wait_until
 from stage_support import (
-    FAST_PROCESSORS,
+    FAST_BATCHING,
     StageWorker,
     make_event,
     migrate,
@@ -52,7 +52,7 @@ from spendstream.contracts import record_key, usd_to_nanos
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.money import MAX_TOKENS_PER_EVENT
 from spendstream.topics import BUDGET_ALERTS, USAGE_DLQ, USAGE_PRICED, USAGE_RAW
-from stream_processors.retry import CLICKHOUSE_DATA_ERRORS, is_data_error, is_transient
+from stream_processors.runtime.retry import CLICKHOUSE_DATA_ERRORS, is_data_error, is_transient
 from stream_processors.sink.logic import Insert, PricedRecord
 from stream_processors.sink.writer import UsageEventsWriter
 
@@ -166,7 +166,7 @@ async def test_budgets_dead_letters_an_alert_clickhouse_refuses_and_commits_past
 async def test_notify_dead_letters_records_that_are_not_alerts_and_delivers_the_next(make_settings, tmp_path):
     with EmbeddedKafka(log_path=tmp_path / "tansu.log") as broker:
         s = make_settings(kafka={"bootstrap_servers": broker.bootstrap},
-                          processors={**FAST_PROCESSORS, "webhook_allow_private": True})  # fmt: skip
+                          **FAST_BATCHING, notify={"webhook": {"allow_private": True}})  # fmt: skip
         migrate(s)
         async with Receiver() as receiver:
             insert_webhook(s, TENANT, "wh", "generic", receiver.script("/hook", [200]), "s" * 16)

@@ -37,7 +37,6 @@ from spendstream.budgets import (
 from spendstream.budgets.store import scope_columns, scope_from_columns
 from spendstream.contracts import usd_to_nanos
 from stream_processors.budgets.logic import build_deltas
-from stream_processors.budgets.positions import split_by_position
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -470,19 +469,6 @@ def test_enforced_budget_denies_when_exhausted_or_when_the_estimate_would_exceed
     assert body["window_start"] == "2024-01-01T00:00:00.000Z" and body["enforce"] is True
     assert body["window_end"] == "2024-01-02T00:00:00.000Z"
     assert datetime.fromisoformat(body["window_end"]).tzinfo == timezone.utc
-
-
-# ---------------------------------------------------------------- source positions
-
-
-def test_positions_take_contiguous_ack_redeliveries_and_report_skips():
-    items = [(0, 5), (1, 7), (0, 6), (0, 4), (1, 10), (1, 11), (2, 0), (0, 7), (1, 14)]
-    split = split_by_position(items, {0: 5, 1: 7})
-    assert [items[i] for i in split.take] == [(0, 5), (1, 7), (0, 6), (1, 10), (1, 11), (2, 0), (0, 7), (1, 14)]
-    assert [items[i] for i in split.stale] == [(0, 4)]
-    # partition 1 expected 8 after 7 but got 10, then 12 but got 14: both ranges must be read
-    assert split.gaps == [(1, 8, 10), (1, 12, 14)]
-    assert split.advanced == {0: 8, 1: 15, 2: 1}
 
 
 # ---------------------------------------------------------------- repartitioning

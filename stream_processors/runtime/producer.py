@@ -23,7 +23,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 
 from spendstream.kafka import producer_kwargs
 from spendstream.settings import Settings
-from stream_processors.retry import retry_forever
+from stream_processors.runtime.retry import retry_forever
 
 #: (topic, partition, key, value) or (topic, partition, key, value, headers)
 OutRecord = tuple[str, int, bytes | None, bytes] | tuple[str, int, bytes | None, bytes, list[tuple[str, bytes]]]

@@ -1,4 +1,18 @@
-"""A Faust consumer that never commits past a record no agent processed.
+"""The stage consumer: the delivery guarantee every stage's correctness depends on.
+
+The guarantee: for each partition of a stage's source topics, the agent receives the records in
+offset order, starting at the group's committed offset (the earliest offset when none is
+committed), none left out; and an offset is committed only once every record below it was
+processed (acked by its agent). A restart or rebalance therefore replays from the committed offset,
+in order, and each stage drops its replays (pricing by its dedupe index, budgets and the sink by
+their source-offset watermarks), which is right only because nothing arrives late or not at all.
+
+This consumer is the one mechanism for it; nothing else re-reads or re-orders input. (The
+budgets stage used to keep its own source positions and read skipped records back directly; the
+SIGKILL test of tests/integration/test_budgets_stage.py passes without that, the restarted
+worker's records held back at its seek being fetched again here, see 6.) The pricing stage's
+``spendstream_pricing_skipped_offsets_total`` is observability only: a tripwire that counts, and
+logs at ERROR, a hole in the offsets its agent received; it repairs nothing.
 
 faust-streaming 0.15 (``faust/transport/consumer.py``) loses stream records after restarts and
 rebalances; measured as 3,630 of 1,006,666 acknowledged events missing after 20 SIGKILLs. The
@@ -46,11 +60,14 @@ ways a record gets skipped, and what this module does about each:
    restarted budgets worker fetched its whole backlog while held, then idled).
 7. Should a record handed out still be dropped unprocessed (a stream skips it, or flow control
    clears it from a queue), the consumer seeks back to it before handing out anything more of
-   that partition, with an ERROR: processed out of order, but processed.
+   that partition, with an ERROR: processed out of order, but processed. That breaks the order
+   half of the guarantee for this record (a watermark would take it for a replay): no known path
+   leads here since 6., and the ERROR is the alarm.
 
-The consumer is installed by ``StageApp`` (used by ``stream_processors.app.create_app``) for
-every stage. It depends on Faust internals (``_acked``, ``_gap``, ``_read_offset``); the
-regression tests in tests/integration/test_faust_recovery.py pin the behaviour.
+The consumer is installed by ``StageApp`` (used by ``stream_processors.runtime.app.create_app``)
+for every stage. It depends on Faust internals (``_acked``, ``_gap``, ``_read_offset``); the
+regression tests in tests/integration/test_faust_recovery.py pin the behaviour, and
+tests/unit/test_contiguous_consumer.py the sequence and commit rules record by record.
 """
 
 from __future__ import annotations
