@@ -90,7 +90,9 @@ class BudgetView:
         self._reader.close()
 
     # -- the answer ---------------------------------------------------------------------------
-    def check(self, tenant: str, attr: Attribution, estimate_nanos: int, now_ms: int) -> tuple[bool, list[BudgetStanding]]:
+    def check(
+        self, tenant: str, attr: Attribution, estimate_nanos: int, now_ms: int
+    ) -> tuple[bool, list[BudgetStanding]]:
         """(allowed, the standing of every budget whose scope covers ``attr``)."""
         standings = []
         for budget in self.index.match(tenant, attr):
@@ -120,8 +122,12 @@ class BudgetView:
                 self.budgets_loaded, failing = True, False
             except Exception as exc:  # noqa: BLE001 - ClickHouse down or not migrated: keep the last set
                 # one warning per outage, not one per reload period
-                log.log(logging.DEBUG if failing else logging.WARNING,
-                        "budget check: reading budgets failed (%r); keeping %d", exc, len(self.index))
+                log.log(
+                    logging.DEBUG if failing else logging.WARNING,
+                    "budget check: reading budgets failed (%r); keeping %d",
+                    exc,
+                    len(self.index),
+                )
                 failing = True
             await asyncio.sleep(self._settings.budgets.reload_s)
 
@@ -151,7 +157,9 @@ class BudgetView:
             await asyncio.sleep(RETRY_S)
 
     async def _follow(self, consumer: AIOKafkaConsumer) -> None:
-        partitions = [TopicPartition(BUDGET_STATE.name, p) for p in sorted(consumer.partitions_for_topic(BUDGET_STATE.name) or ())]
+        partitions = [
+            TopicPartition(BUDGET_STATE.name, p) for p in sorted(consumer.partitions_for_topic(BUDGET_STATE.name) or ())
+        ]
         if not partitions:
             raise KafkaError(f"no partitions for {BUDGET_STATE.name} yet")
         consumer.assign(partitions)

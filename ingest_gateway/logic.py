@@ -20,7 +20,7 @@ import re
 import time
 import zlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -37,7 +37,7 @@ from spendstream.timeutil import format_epoch_ms, format_timestamp
 MAX_FUTURE = timedelta(minutes=5)
 _MAX_FUTURE_MS = MAX_FUTURE // timedelta(milliseconds=1)
 #: the past is open (backfills are normal) down to the Unix epoch, below which no usage exists
-EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_ID_LEN = 128
 MAX_ATTRIBUTION_LEN = 256
 MAX_MODEL_LEN = 256

@@ -33,7 +33,14 @@ MEASURES: dict[str, tuple[str, str]] = {m.name: (m.read, m.expression) for m in 
 #: what timeseries and breakdowns show. Every measure is a column read from each aggregate row, and
 #: on a 90-day range that read is most of a query's time: the full set costs about twice this one.
 CORE_MEASURES: tuple[str, ...] = (
-    "calls", "errors", "unpriced", "cost_nanos", "input_tokens", "output_tokens", "latency_ms_sum", "latency_count",
+    "calls",
+    "errors",
+    "unpriced",
+    "cost_nanos",
+    "input_tokens",
+    "output_tokens",
+    "latency_ms_sum",
+    "latency_count",
 )
 #: the overview adds every token class
 OVERVIEW_MEASURES: tuple[str, ...] = CORE_MEASURES + tuple(c for c in TOKEN_COLUMNS if c not in CORE_MEASURES)
@@ -180,9 +187,7 @@ def _source_select(
     return sql
 
 
-def build_usage_query(
-    q: UsageQuery, tenant: str, *, order_by: str | None = None, limit: int | None = None
-) -> Built:
+def build_usage_query(q: UsageQuery, tenant: str, *, order_by: str | None = None, limit: int | None = None) -> Built:
     """The SQL answering ``q`` for ``tenant``: one row per key (bucket and/or group), ``q.measures``.
 
     Segments of the same grain (the two ragged ends of a range) share one sub-select: every

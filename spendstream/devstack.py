@@ -27,9 +27,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
@@ -116,24 +117,41 @@ class Stack:
             port = s.kafka.embedded_port
             listener = f"tcp://127.0.0.1:{port}"
             comps.append(
-                Component("kafka", [resolve_binary(s.kafka.broker_bin or None), "broker", "--listener-url", listener,
-                                    "--advertised-listener-url", listener],
-                          _tcp_ok(port), after_start=self._on_broker_start)
+                Component(
+                    "kafka",
+                    [
+                        resolve_binary(s.kafka.broker_bin or None),
+                        "broker",
+                        "--listener-url",
+                        listener,
+                        "--advertised-listener-url",
+                        listener,
+                    ],
+                    _tcp_ok(port),
+                    after_start=self._on_broker_start,
+                )
             )
         if s.clickhouse.embedded:
             port = s.clickhouse.embedded_port
             path = str(Path(s.clickhouse.data_path).resolve())
             comps.append(
-                Component("clickhouse", cli + ["embedded-clickhouse", "--port", str(port), "--path", path],
-                          _http_ok(f"http://127.0.0.1:{port}/ping"), after_start=self._migrate)
+                Component(
+                    "clickhouse",
+                    cli + ["embedded-clickhouse", "--port", str(port), "--path", path],
+                    _http_ok(f"http://127.0.0.1:{port}/ping"),
+                    after_start=self._migrate,
+                )
             )
         comps.append(Component("gateway", cli + ["gateway"], _http_ok(self.gateway_url + "/readyz")))
         for i, stage in enumerate(STAGES):
             web_port = s.processors.web_port + i
             comps.append(
-                Component(stage, cli + ["processors", "--stages", stage],
-                          _http_ok(f"http://127.0.0.1:{web_port}/healthz"),
-                          env={"SPENDSTREAM_PROCESSORS__WEB_PORT": str(web_port)})
+                Component(
+                    stage,
+                    cli + ["processors", "--stages", stage],
+                    _http_ok(f"http://127.0.0.1:{web_port}/healthz"),
+                    env={"SPENDSTREAM_PROCESSORS__WEB_PORT": str(web_port)},
+                )
             )
         comps.append(Component("query-api", cli + ["query-api"], _http_ok(self.query_url + "/readyz")))
         return comps
@@ -210,8 +228,10 @@ class Stack:
         finally:
             client.close()
         self._note("clickhouse", "broker-log-reset (ingest_progress truncated)")
-        log.warning("embedded broker started with a new, empty log: ingest_progress emptied so the sink "
-                    "does not take new offsets for replays")
+        log.warning(
+            "embedded broker started with a new, empty log: ingest_progress emptied so the sink "
+            "does not take new offsets for replays"
+        )
 
     # -- process control --------------------------------------------------------------------
     def _note(self, name: str, what: str) -> None:
@@ -223,8 +243,12 @@ class Stack:
         comp.ready = False
         logf = open(self.log_dir / f"{comp.name}.log", "ab")
         comp.proc = subprocess.Popen(
-            comp.argv, env={**os.environ, **self.env, **comp.env}, stdin=subprocess.DEVNULL, stdout=logf,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            comp.argv,
+            env={**os.environ, **self.env, **comp.env},
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         comp.paused = False
         logf.close()
@@ -234,7 +258,9 @@ class Stack:
         needs = [c for c in self._components.values() if c.name in INFRASTRUCTURE and c is not comp]
         while not comp.healthy():
             if comp.proc is not None and comp.proc.poll() is not None:
-                raise RuntimeError(f"{comp.name} exited with {comp.proc.returncode}; see {self.log_dir / comp.name}.log")
+                raise RuntimeError(
+                    f"{comp.name} exited with {comp.proc.returncode}; see {self.log_dir / comp.name}.log"
+                )
             if comp.name not in INFRASTRUCTURE and any(c.proc is not None and c.proc.poll() is not None for c in needs):
                 # waiting would not help: the supervisor's next sweep restarts the broker/ClickHouse first
                 raise RuntimeError(f"{comp.name}: a component it needs died meanwhile")
@@ -263,7 +289,7 @@ class Stack:
         self._wait_healthy(comp, timeout)
         self._note(name, "started")
 
-    def start(self, timeout: float = 90.0, supervise: bool = True) -> "Stack":
+    def start(self, timeout: float = 90.0, supervise: bool = True) -> Stack:
         infrastructure = [n for n in INFRASTRUCTURE if n in self._components]
         for name in infrastructure:
             log.info("starting %s", name)
@@ -348,8 +374,7 @@ class Stack:
                         continue
                     comp.restarts += 1
                     self._note(comp.name, f"died (exit {comp.proc.returncode})")
-                    log.warning("%s died (exit %s); restarting (#%d)", comp.name, comp.proc.returncode,
-                                comp.restarts)
+                    log.warning("%s died (exit %s); restarting (#%d)", comp.name, comp.proc.returncode, comp.restarts)
                     try:
                         self._spawn(comp)
                         self._wait_healthy(comp, 90.0)
@@ -364,7 +389,7 @@ class Stack:
         for comp in reversed(list(self._components.values())):
             self._terminate(comp)
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         try:
             return self.start()
         except BaseException:
@@ -468,8 +493,8 @@ def run_dev(demo: bool = False) -> int:
         f"  API key     {key}   (tenant {settings.bootstrap_tenant}; scopes ingest, read, admin)\n"
         f"  written to  {data_dir / 'dev.env'}\n"
         "Try:\n"
-        f"  curl -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"project\":\"demo\",\"provider\":\"openai\","
-        f"\"model\":\"gpt-4o\",\"input_tokens\":1000,\"output_tokens\":200}}' {stack.gateway_url}/v1/events\n"
+        f'  curl -H \'Authorization: Bearer {key}\' -H \'Content-Type: application/json\' -d \'{{"project":"demo","provider":"openai",'
+        f'"model":"gpt-4o","input_tokens":1000,"output_tokens":200}}\' {stack.gateway_url}/v1/events\n'
         f"  curl -H 'Authorization: Bearer {key}' {stack.query_url}/v1/analytics/overview\n",
         flush=True,
     )
@@ -477,8 +502,10 @@ def run_dev(demo: bool = False) -> int:
     if demo:
         demo_proc = subprocess.Popen(
             [sys.executable, "-m", "spendstream.cli", "simulate", "--rate", "50", "--no-progress"],
-            env={**os.environ, **dev_env}, stdout=open(data_dir / "logs" / "simulate.log", "ab"),
-            stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **dev_env},
+            stdout=open(data_dir / "logs" / "simulate.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     stopping.wait()
     log.info("stopping")

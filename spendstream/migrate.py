@@ -323,7 +323,9 @@ def _check_applied(applied: dict[str, str], migrations: list[Migration]) -> None
     on_disk = {m.name: m for m in migrations}
     for name, checksum in sorted(applied.items()):
         if name not in on_disk:
-            raise MigrationError(f"{name} was applied but is missing from the schema directory; schema files are forward-only")
+            raise MigrationError(
+                f"{name} was applied but is missing from the schema directory; schema files are forward-only"
+            )
         if on_disk[name].checksum != checksum:
             raise MigrationError(
                 f"{name} was edited after it was applied (sha256 {checksum[:12]}… in schema_migrations, "

@@ -101,19 +101,28 @@ class GatewaySettings(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     max_events_per_request: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(
-        5 * 1024 * 1024, ge=1024, description="body limit of POST /v1/events, before and after gzip decoding (413 beyond)"
+        5 * 1024 * 1024,
+        ge=1024,
+        description="body limit of POST /v1/events, before and after gzip decoding (413 beyond)",
     )
-    max_check_body_bytes: int = Field(64 * 1024, ge=1024, description="body limit of POST /v1/budgets/check (413 beyond)")
+    max_check_body_bytes: int = Field(
+        64 * 1024, ge=1024, description="body limit of POST /v1/budgets/check (413 beyond)"
+    )
     max_in_flight_events: int = Field(200_000, ge=1, description="above this, answer 429")
     max_in_flight_tenant_share: float = Field(
-        0.25, gt=0, le=1, description="the part of max_in_flight_events one tenant may hold; beyond it that tenant "
-        "gets 429 while the others' events go on"
+        0.25,
+        gt=0,
+        le=1,
+        description="the part of max_in_flight_events one tenant may hold; beyond it that tenant "
+        "gets 429 while the others' events go on",
     )
     key_cache_refresh_s: float = Field(2.0, gt=0, description="how often API keys are reloaded")
     workers: int = Field(
-        1, ge=1, description="gateway processes sharing the port, each with its own producer, key cache, "
+        1,
+        ge=1,
+        description="gateway processes sharing the port, each with its own producer, key cache, "
         "in-flight bound and /metrics (one worker per container scales more cleanly); with more than one, "
-        "each reads its settings from the environment"
+        "each reads its settings from the environment",
     )
 
 
@@ -129,8 +138,10 @@ class QueryApiSettings(BaseModel):
     # max_execution_time. The defaults suit a 10 s limit: about what 4 threads scan in that time.
     sql_max_memory_bytes: int = Field(1_000_000_000, ge=1, description="max_memory_usage of one statement")
     sql_max_rows_to_read: int = Field(
-        10_000_000_000, ge=1, description="max_rows_to_read: rows one statement may read (checked before reading, "
-        "from the primary key's estimate, and while reading)"
+        10_000_000_000,
+        ge=1,
+        description="max_rows_to_read: rows one statement may read (checked before reading, "
+        "from the primary key's estimate, and while reading)",
     )
     sql_max_bytes_to_read: int = Field(1_000_000_000_000, ge=1, description="max_bytes_to_read (uncompressed)")
     sql_max_result_bytes: int = Field(
@@ -146,10 +157,12 @@ class PricingSettings(BaseModel):
     """The pricing stage."""
 
     dedupe_window_hours: float = Field(
-        48.0, gt=0, description="how long the pricing stage remembers an event id to drop its duplicates (the "
+        48.0,
+        gt=0,
+        description="how long the pricing stage remembers an event id to drop its duplicates (the "
         "notify stage also keeps delivery history at least this long). Memory, split over the pricing workers by "
         "partition: ~34 bytes per id (at most 24 in the dedupe index, ~14 in the Faust table's copy of its chunks; "
-        "bench/RESULTS.md, Dedupe memory) x new ids/s x 3,600 x hours: 48 h at 1,000 events/s is 173M ids, ~5.5 GiB"
+        "bench/RESULTS.md, Dedupe memory) x new ids/s x 3,600 x hours: 48 h at 1,000 events/s is 173M ids, ~5.5 GiB",
     )
     overrides_reload_s: float = Field(2.0, gt=0, description="how often the pricing stage re-reads price overrides")
 
@@ -161,12 +174,16 @@ class BudgetsSettings(BaseModel):
         1.0, gt=0, description="how often the budgets stage and the gateway's budget check re-read `budgets`"
     )
     batch_seconds: float = Field(
-        0.05, gt=0, description="batch window of the budgets stage's two agents (in place of "
-        "processors.batch_max_seconds): each adds up to this much to an alert's latency"
+        0.05,
+        gt=0,
+        description="batch window of the budgets stage's two agents (in place of "
+        "processors.batch_max_seconds): each adds up to this much to an alert's latency",
     )
     allowed_lateness_hours: float = Field(
-        48.0, ge=0, description="a calendar-window event whose window ended more than this before now (wall "
-        "clock) is too late for the budgets stage: counted, not applied"
+        48.0,
+        ge=0,
+        description="a calendar-window event whose window ended more than this before now (wall "
+        "clock) is too late for the budgets stage: counted, not applied",
     )
 
 
@@ -178,7 +195,9 @@ class SmtpSettings(BaseModel):
     host: str = Field("", description="SMTP server for e-mail alerts; empty: e-mail deliveries are refused")
     port: int = 25
     from_address: str = Field("spendstream@localhost", description="the From: address of alert e-mails")
-    starttls: bool = Field(False, description="upgrade the SMTP connection with STARTTLS (certificate verified) before sending")
+    starttls: bool = Field(
+        False, description="upgrade the SMTP connection with STARTTLS (certificate verified) before sending"
+    )
     username: str = Field("", description="SMTP AUTH user; empty: no AUTH")
     password: SecretStr = SecretStr("")
 
@@ -199,8 +218,10 @@ class SinkSettings(BaseModel):
 
     batch_rows: int = Field(10_000, ge=1)
     batch_seconds: float = Field(
-        0.2, gt=0, description="longest wait of a consumed record before the sink inserts it (freshness); under a "
-        "backlog inserts grow past it while the previous one runs"
+        0.2,
+        gt=0,
+        description="longest wait of a consumed record before the sink inserts it (freshness); under a "
+        "backlog inserts grow past it while the previous one runs",
     )
 
 

@@ -31,9 +31,8 @@ from spendstream.aggregates import AGGREGATES
 from spendstream.contracts import raw_envelope, record_key
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.kafka import client_kwargs, producer_kwargs
-from spendstream.settings import Settings
+from spendstream.settings import Settings, settings_env
 from spendstream.topics import ensure_topics
-from spendstream.settings import settings_env
 
 #: fast batching for tests (the defaults favour throughput): ``make_settings(**FAST_BATCHING)``
 FAST_BATCHING = {"processors": {"batch_max_seconds": 0.05}, "sink": {"batch_seconds": 0.2}}
@@ -225,6 +224,7 @@ def stored_totals(settings: Settings) -> dict[str, tuple[int, ...]]:
 
     client = get_client(settings)
     try:
+
         def first_row(sql: str) -> tuple:
             return tuple(client.query(sql).result_rows[0])
 
@@ -232,7 +232,9 @@ def stored_totals(settings: Settings) -> dict[str, tuple[int, ...]]:
         for table in AGG_TABLES:
             out[table] = first_row(f"SELECT {', '.join(f'sum({m})' for m in MEASURES)} FROM {table}")
         # an event with n tags counts in n rows of a tagged aggregate
-        out["tags:usage_events"] = first_row("SELECT sum(length(tags)), sum(length(tags) * cost_nanos) FROM usage_events")
+        out["tags:usage_events"] = first_row(
+            "SELECT sum(length(tags)), sum(length(tags) * cost_nanos) FROM usage_events"
+        )
         for table in TAGGED_TABLES:
             out[f"tags:{table}"] = first_row(f"SELECT sum(calls), sum(cost_nanos) FROM {table}")
         out["event_ids"] = first_row("SELECT count(), uniqExact(event_id) FROM usage_events")

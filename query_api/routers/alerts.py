@@ -109,8 +109,12 @@ async def list_alerts(
     principal: Reader,
     ch: CH,
     budget_id: Annotated[str | None, Query(description="only this budget's alerts")] = None,
-    from_: Annotated[str | None, Query(alias="from", description="fired at or after (RFC 3339 or YYYY-MM-DD, UTC)")] = None,
-    to: Annotated[str | None, Query(description="fired before (RFC 3339, or YYYY-MM-DD: up to that day's end, UTC)")] = None,
+    from_: Annotated[
+        str | None, Query(alias="from", description="fired at or after (RFC 3339 or YYYY-MM-DD, UTC)")
+    ] = None,
+    to: Annotated[
+        str | None, Query(description="fired before (RFC 3339, or YYYY-MM-DD: up to that day's end, UTC)")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> dict:

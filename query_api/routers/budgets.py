@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -160,12 +160,16 @@ async def _check_channels(ch: CH, tenant: str, channels: tuple[str, ...]) -> Non
     )
     missing = sorted(set(ids) - {r[0] for r in result.result_rows})
     if missing:
-        raise InvalidField("channels", f"unknown webhook id(s): {', '.join(missing)} (create them with POST /v1/webhooks)")
+        raise InvalidField(
+            "channels", f"unknown webhook id(s): {', '.join(missing)} (create them with POST /v1/webhooks)"
+        )
 
 
 async def _write(ch: CH, budget: Budget, created_at: datetime, version: int, deleted: bool = False) -> None:
-    now = datetime.now(timezone.utc)
-    await ch.insert("budgets", [budget_row(budget, created_at, now, version, deleted)], column_names=list(BUDGET_COLUMNS))
+    now = datetime.now(UTC)
+    await ch.insert(
+        "budgets", [budget_row(budget, created_at, now, version, deleted)], column_names=list(BUDGET_COLUMNS)
+    )
 
 
 def _next_version(previous: int = 0) -> int:
@@ -176,7 +180,7 @@ def _next_version(previous: int = 0) -> int:
 async def create_budget(body: BudgetIn, principal: Admin, ch: CH) -> dict:
     budget = body.to_budget(principal.tenant, "bud_" + secrets.token_hex(8))
     await _check_channels(ch, principal.tenant, budget.channels)
-    await _write(ch, budget, datetime.now(timezone.utc), _next_version())
+    await _write(ch, budget, datetime.now(UTC), _next_version())
     row = await _one(ch, principal.tenant, budget.id)
     return _view(budget_from_row(row), row)
 

@@ -16,7 +16,7 @@ characters; the notify stage checks again when it sends (rows stored before thes
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Response
@@ -52,7 +52,9 @@ class WebhookIn(BaseModel):
         None, description="default: generic for a url, email for an email"
     )
     secret: str | None = Field(
-        None, min_length=8, max_length=512,
+        None,
+        min_length=8,
+        max_length=512,
         description="generic: HMAC-SHA256 signing key (generated and returned once when absent); "
         "pagerduty: the integration's routing key",
     )
@@ -60,7 +62,7 @@ class WebhookIn(BaseModel):
 
 
 def _iso(t: datetime) -> str:
-    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat(timespec="milliseconds")
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).isoformat(timespec="milliseconds")
 
 
 def _channel(row: dict[str, Any]) -> Channel:
@@ -113,7 +115,7 @@ async def _checked_channel(body: WebhookIn, settings: SettingsDep) -> NewChannel
 async def create_webhook(body: WebhookIn, principal: Admin, ch: CH, settings: SettingsDep) -> dict:
     new = await _checked_channel(body, settings)
     webhook_id = "wh_" + secrets.token_hex(8)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     row = [principal.tenant, webhook_id, new.format, new.url, new.email, new.secret, now, now, 0,
            int(now.timestamp() * 1e6)]  # fmt: skip
     await ch.insert("webhooks", [row], column_names=_WRITE_COLUMNS)
@@ -136,7 +138,7 @@ async def get_webhook(webhook_id: str, principal: Reader, ch: CH) -> dict:
 @router.delete("/{webhook_id}", status_code=204, summary="Delete an alert channel (admin)")
 async def delete_webhook(webhook_id: str, principal: Admin, ch: CH) -> Response:
     row = await _one(ch, principal.tenant, webhook_id)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     values = {**row, "tenant": principal.tenant, "updated_at": now, "deleted": 1, "version": int(now.timestamp() * 1e6)}
     await ch.insert("webhooks", [[values[c] for c in _WRITE_COLUMNS]], column_names=_WRITE_COLUMNS)
     return Response(status_code=204)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -82,12 +82,12 @@ def created_at(alert: Alert) -> datetime | None:
     except (KeyError, TypeError, ValueError):
         return None
     # callers subtract it from an aware "now": a naive stamp would raise there
-    return emitted if emitted.tzinfo else emitted.replace(tzinfo=timezone.utc)
+    return emitted if emitted.tzinfo else emitted.replace(tzinfo=UTC)
 
 
 def sample_alert(tenant: str, now: datetime) -> Alert:
     """A sample threshold alert marked ``"test": true``, for POST /v1/webhooks/{id}/test."""
-    stamp = now.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    stamp = now.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     fields = {
         "alert_id": f"test_{secrets.token_hex(12)}", "kind": "threshold", "tenant": tenant,
         "budget_id": "test", "budget_name": "Test alert from Spendstream", "scope": {}, "window": "daily",
@@ -175,11 +175,14 @@ def detail_lines(alert: Alert) -> list[str]:
         f"Spent: {human_usd(f.get('spent_usd'))} USD of {human_usd(f.get('limit_usd'))} USD ({f.get('percent_used')}%)",
     ]
     if alert.kind == "forecast":
-        lines.append(f"Projected: {human_usd(f.get('projected_usd'))} USD; limit reached around {f.get('projected_at')}")
+        lines.append(
+            f"Projected: {human_usd(f.get('projected_usd'))} USD; limit reached around {f.get('projected_at')}"
+        )
     top = f.get("top") or []
     if top:
         lines.append(
-            "Top spenders: " + ", ".join(f"{t.get('kind')} {t.get('name')} {human_usd(t.get('spent_usd'))} USD" for t in top)
+            "Top spenders: "
+            + ", ".join(f"{t.get('kind')} {t.get('name')} {human_usd(t.get('spent_usd'))} USD" for t in top)
         )
     lines.append(f"Event: {f.get('event_id')}  Alert: {alert.alert_id}")
     # a scope value or agent name with line breaks could otherwise forge lines such as "Spent: ..."

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Literal
 
@@ -65,7 +65,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
         except (TypeError, ValueError, OverflowError):
             return None
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
         seconds = (when - now).total_seconds()
     return min(RETRY_AFTER_MAX_S, max(RETRY_AFTER_MIN_S, seconds))
 
@@ -92,7 +92,11 @@ class RetryPolicy:
 
 
 def attempt_outcome(
-    verdict: str, attempt: int, elapsed_s: float, retry_after_s: float | None, policy: RetryPolicy,
+    verdict: str,
+    attempt: int,
+    elapsed_s: float,
+    retry_after_s: float | None,
+    policy: RetryPolicy,
     rand: Callable[[], float],
 ) -> tuple[str, float | None]:
     """(outcome to record, seconds until the next attempt or None) after attempt ``attempt``

@@ -25,7 +25,7 @@ import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
 
 import httpx
@@ -130,7 +130,7 @@ class Sender:
         status = response.status_code
         if verdict == "delivered":
             return AttemptResult("delivered", took(), status)
-        retry_after = parse_retry_after(response.headers.get("Retry-After"), datetime.now(timezone.utc))
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), datetime.now(UTC))
         error = f"HTTP {status}" + (f": {detail}" if detail else "")
         if verdict == "final":
             error += " (not retried)"
@@ -141,7 +141,7 @@ class Sender:
         if not self.smtp_host:
             return AttemptResult("refused", 0, error="no SMTP server configured (notify.smtp.host)")
         try:
-            message = kind.build_message(channel, alert, self.smtp_from, datetime.now(timezone.utc))
+            message = kind.build_message(channel, alert, self.smtp_from, datetime.now(UTC))
         except Exception as exc:  # noqa: BLE001 - e.g. a header the e-mail policy refuses; the same next time
             error = f"cannot build the e-mail: {exc}"[:ERROR_BODY_BYTES]
             return AttemptResult("refused", int((time.perf_counter() - started) * 1000), error=error)
@@ -189,14 +189,16 @@ async def _body_excerpt(response: httpx.Response) -> str:
     return b"".join(chunks)[:ERROR_BODY_BYTES].decode("utf-8", "replace").strip()
 
 
-async def deliver_test_alert(settings: Settings, ch: AsyncClient, tenant: str, channel: Channel) -> tuple[Alert, AttemptResult]:
+async def deliver_test_alert(
+    settings: Settings, ch: AsyncClient, tenant: str, channel: Channel
+) -> tuple[Alert, AttemptResult]:
     """``POST /v1/webhooks/{id}/test``: one attempt of a sample alert (``"test": true``, alert_id
     ``test_...``), recorded in ``alert_deliveries`` like any attempt (outcome delivered, refused
     or gave_up: a test is never retried)."""
-    alert = sample_alert(tenant, datetime.now(timezone.utc))
+    alert = sample_alert(tenant, datetime.now(UTC))
     sender = Sender(settings)
     try:
-        attempted_at = datetime.now(timezone.utc)
+        attempted_at = datetime.now(UTC)
         result = await sender.send(channel, alert)
     finally:
         await sender.close()

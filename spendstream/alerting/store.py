@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from clickhouse_connect.driver.asyncclient import AsyncClient
 
@@ -153,7 +153,7 @@ class DeliveryStore:
 
     async def record_refusal(self, alert: Alert, reason: str) -> None:
         """Every channel of ``alert`` refused with ``reason``: final, never tried again."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         rows = [Attempt(alert.tenant, alert.alert_id, channel, "", POISON_ATTEMPT, now, REFUSED, None, reason, 0).row()
                 for channel in alert.channels]  # fmt: skip
         await (await self._ch()).insert("alert_deliveries", rows, column_names=list(DELIVERY_COLUMNS))
@@ -164,4 +164,4 @@ async def insert_attempt(ch: AsyncClient, attempt: Attempt) -> None:
 
 
 def _utc(t: datetime) -> datetime:
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)

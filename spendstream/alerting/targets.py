@@ -65,7 +65,9 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _PRIVATE_KINDS = frozenset({"loopback", "private"})
 
 
-def _addresses_to_judge(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+def _addresses_to_judge(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """``ip`` and the IPv4 addresses it leads to. An IPv4-mapped (::ffff:a.b.c.d) or NAT64
     (64:ff9b::a.b.c.d) address IS its IPv4 address (Python files the IPv6 forms under
     "reserved"); 6to4 and Teredo addresses are judged as themselves and as their IPv4 ends."""
@@ -123,10 +125,8 @@ async def resolve_checked(url: str, allow_private: bool, timeout_s: float) -> tu
     target = parse_webhook_url(url)
     loop = asyncio.get_running_loop()
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM), timeout_s
-        )
-    except asyncio.TimeoutError:
+        infos = await asyncio.wait_for(loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM), timeout_s)
+    except TimeoutError:
         raise OSError(f"resolving {target.host} timed out") from None
     except socket.gaierror as exc:
         raise OSError(f"cannot resolve {target.host}: {exc.strerror or exc}") from None
@@ -166,7 +166,7 @@ def email_refusal(address: str) -> str | None:
         return "contains a control character (CR, LF, ...)"
     if address.count("@") != 1:
         return "exactly one address (one @) per channel"
-    if any(c in address for c in ",;<>\"() "):
+    if any(c in address for c in ',;<>"() '):
         return "one plain address only: no lists, display names, quoting or comments"
     if len(address.split("@", 1)[0]) > _LOCAL_MAX_LEN:
         return f"the part before @ is longer than {_LOCAL_MAX_LEN} characters"

@@ -189,8 +189,19 @@ class CalendarWindow:
 
     def evaluate(self, budget: Budget, ev: SpendEvent, out: list[Alert]) -> None:
         def fire(threshold: Decimal) -> None:
-            out.append(Alert("threshold", budget, self.start, self.end, threshold, self.spent, budget.limit_nanos,
-                             top_list(self.agents, self.models), ev))
+            out.append(
+                Alert(
+                    "threshold",
+                    budget,
+                    self.start,
+                    self.end,
+                    threshold,
+                    self.spent,
+                    budget.limit_nanos,
+                    top_list(self.agents, self.models),
+                    ev,
+                )
+            )
 
         _evaluate_thresholds(budget, self.fired, self.spent, fire)
         if budget.forecast and not self.forecast_fired and self.end is not None:
@@ -198,8 +209,21 @@ class CalendarWindow:
             if projection is not None:
                 self.forecast_fired = True
                 projected, projected_at = projection
-                out.append(Alert("forecast", budget, self.start, self.end, None, self.spent, budget.limit_nanos,
-                                 top_list(self.agents, self.models), ev, projected, projected_at))
+                out.append(
+                    Alert(
+                        "forecast",
+                        budget,
+                        self.start,
+                        self.end,
+                        None,
+                        self.spent,
+                        budget.limit_nanos,
+                        top_list(self.agents, self.models),
+                        ev,
+                        projected,
+                        projected_at,
+                    )
+                )
 
     def forecast(self, limit: int) -> tuple[int, int] | None:
         """(projected end-of-window spend, expected crossing time) when the burn rate of the last
@@ -227,8 +251,17 @@ class CalendarWindow:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CalendarWindow:
-        return cls(d["start"], d["end"], d["spent"], d["agents"], d["models"], set(d["fired"]), d["forecast_fired"],
-                   d["latest_ms"], {m: v for m, v in d["recent"]})
+        return cls(
+            d["start"],
+            d["end"],
+            d["spent"],
+            d["agents"],
+            d["models"],
+            set(d["fired"]),
+            d["forecast_fired"],
+            d["latest_ms"],
+            {m: v for m, v in d["recent"]},
+        )
 
 
 @dataclass
@@ -285,8 +318,19 @@ class RollingWindow:
                 for k, v in bucket.models.items():
                     _add_to(models, k, v)
             end = self.now_minute + MINUTE_MS
-            out.append(Alert("threshold", budget, self.start, end, threshold, self.spent, budget.limit_nanos,
-                             top_list(agents, models), ev))
+            out.append(
+                Alert(
+                    "threshold",
+                    budget,
+                    self.start,
+                    end,
+                    threshold,
+                    self.spent,
+                    budget.limit_nanos,
+                    top_list(agents, models),
+                    ev,
+                )
+            )
 
         _evaluate_thresholds(budget, self.fired, self.spent, fire)
 

@@ -12,7 +12,7 @@ everywhere within about that period.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -130,7 +130,7 @@ class BudgetReader:
 
 def insert_budget(client: Any, budget: Budget, version: int) -> None:
     """Create or replace ``budget`` (sync client; tests and tools)."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     client.insert("budgets", [budget_row(budget, now, now, version)], column_names=list(BUDGET_COLUMNS))
 
 
@@ -143,7 +143,7 @@ ALERT_COLUMNS = (
 
 
 def _instant(text: str | None) -> datetime | None:
-    return None if text is None else datetime.fromisoformat(text).astimezone(timezone.utc)
+    return None if text is None else datetime.fromisoformat(text).astimezone(UTC)
 
 
 def alert_row(value: dict[str, Any]) -> list[Any]:

@@ -135,8 +135,11 @@ class BudgetBook:
             try:
                 index = await asyncio.to_thread(self._reader.read_if_changed)
             except Exception as exc:  # noqa: BLE001 - any ClickHouse trouble: keep the last set
-                log.warning("reading budgets failed (%r); %s", exc,
-                            "keeping the last set" if self.ready.is_set() else "the stage waits for it")
+                log.warning(
+                    "reading budgets failed (%r); %s",
+                    exc,
+                    "keeping the last set" if self.ready.is_set() else "the stage waits for it",
+                )
             else:
                 if index is not None:
                     if len(index) != len(self.index):
@@ -365,4 +368,3 @@ def register(app: faust.App, settings: Settings) -> None:
         finally:
             for task in commits:
                 task.cancel()
-

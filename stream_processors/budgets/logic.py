@@ -32,7 +32,9 @@ class RepartitionResult:
     bad_records: int = 0
 
 
-def build_deltas(index: ScopeIndex, values: Iterable[bytes | None], parse_ts: Callable[[str], int]) -> RepartitionResult:
+def build_deltas(
+    index: ScopeIndex, values: Iterable[bytes | None], parse_ts: Callable[[str], int]
+) -> RepartitionResult:
     """usage.priced values (in partition order) -> one delta per (budget, raw partition) holding
     every matching event, grouped by raw record. Values that are not priced envelopes are
     counted and skipped (the sink sends them to the DLQ).

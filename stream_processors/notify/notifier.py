@@ -33,7 +33,7 @@ import logging
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from prometheus_client import Counter, Gauge, Histogram
@@ -74,7 +74,10 @@ def _store_error_is_retryable(exc: BaseException) -> bool:
     # delivery), so only what can pass later is retried
     return is_transient(exc)
 
-ATTEMPTS = Counter("spendstream_notify_attempts_total", "Delivery attempts by channel format and outcome", ["format", "outcome"])
+
+ATTEMPTS = Counter(
+    "spendstream_notify_attempts_total", "Delivery attempts by channel format and outcome", ["format", "outcome"]
+)
 ALERTS = Counter("spendstream_notify_alerts_total", "Alerts by how they ended", ["result"])
 ATTEMPT_SECONDS = Histogram(
     "spendstream_notify_attempt_seconds", "Duration of one delivery attempt", ["format"],
@@ -84,7 +87,9 @@ ALERT_AGE = Histogram(
     "spendstream_notify_alert_age_seconds", "Alert emitted by the budgets stage -> delivered to a channel", ["format"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )  # fmt: skip
-IN_FLIGHT = Gauge("spendstream_notify_alerts_in_flight", "Alerts with a channel not yet final", multiprocess_mode="livesum")
+IN_FLIGHT = Gauge(
+    "spendstream_notify_alerts_in_flight", "Alerts with a channel not yet final", multiprocess_mode="livesum"
+)
 
 
 class Notifier:
@@ -128,7 +133,7 @@ class Notifier:
         self._background["history"] = asyncio.create_task(self._load_history(), name="notify-history")
 
     async def _load_history(self) -> None:
-        since = datetime.now(timezone.utc) - self.history_window
+        since = datetime.now(UTC) - self.history_window
         async for attempt in retry_forever(STAGE, "read alert_deliveries", _store_error_is_retryable):
             with attempt:
                 self._histories = await self.store.load_histories(since)
@@ -205,40 +210,55 @@ class Notifier:
             with retry:
                 channel = await self.store.channel(alert.tenant, channel_id)
         if channel is None:
-            await self._record(alert, channel_id, "", attempt + 1, datetime.now(timezone.utc), REFUSED,
-                               AttemptResult("refused", 0, error="no such webhook for this tenant (deleted?)"))
+            await self._record(
+                alert,
+                channel_id,
+                "",
+                attempt + 1,
+                datetime.now(UTC),
+                REFUSED,
+                AttemptResult("refused", 0, error="no such webhook for this tenant (deleted?)"),
+            )
             return REFUSED
         # per webhook URL (two tenants' webhooks on one host stay independent) or per SMTP server
         slot = self._slots.setdefault(endpoint_of(channel), asyncio.Semaphore(PER_ENDPOINT_CONCURRENCY))
         while True:
             attempt += 1
             async with slot:
-                attempted_at = datetime.now(timezone.utc)
+                attempted_at = datetime.now(UTC)
                 result = await self.sender.send(channel, alert)
             first_at = first_at or attempted_at
-            elapsed = (datetime.now(timezone.utc) - first_at).total_seconds()
-            outcome, delay = attempt_outcome(result.verdict, attempt, elapsed, result.retry_after_s, self.policy, self.rand)
+            elapsed = (datetime.now(UTC) - first_at).total_seconds()
+            outcome, delay = attempt_outcome(
+                result.verdict, attempt, elapsed, result.retry_after_s, self.policy, self.rand
+            )
             await self._record(alert, channel_id, channel.format, attempt, attempted_at, outcome, result)
             if delay is None:
                 return outcome
             await asyncio.sleep(delay)
 
     async def _record(
-        self, alert: Alert, channel_id: str, fmt: str, attempt: int, attempted_at: datetime, outcome: str,
+        self,
+        alert: Alert,
+        channel_id: str,
+        fmt: str,
+        attempt: int,
+        attempted_at: datetime,
+        outcome: str,
         result: AttemptResult,
     ) -> None:
         ATTEMPTS.labels(fmt or "unknown", outcome).inc()
         ATTEMPT_SECONDS.labels(fmt or "unknown").observe(result.duration_ms / 1000)
         emitted = created_at(alert)
         if outcome == DELIVERED and emitted is not None:
-            ALERT_AGE.labels(fmt).observe((datetime.now(timezone.utc) - emitted).total_seconds())
+            ALERT_AGE.labels(fmt).observe((datetime.now(UTC) - emitted).total_seconds())
         if outcome not in (DELIVERED, FAILED):
             # %r: a channel or an error text with line breaks must not forge log lines
-            log.warning("alert %s to %r: %s after %d attempt(s): %r", alert.alert_id, channel_id, outcome, attempt,
-                        result.error)
+            log.warning(
+                "alert %s to %r: %s after %d attempt(s): %r", alert.alert_id, channel_id, outcome, attempt, result.error
+            )
         row = Attempt(alert.tenant, alert.alert_id, channel_id, fmt, attempt, attempted_at, outcome,
                       result.http_status, result.error, result.duration_ms)  # fmt: skip
         async for retry in retry_forever(STAGE, "insert alert_deliveries", _store_error_is_retryable):
             with retry:
                 await self.store.record(row)
-

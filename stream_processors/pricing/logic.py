@@ -128,9 +128,7 @@ class PricedEvents(NamedTuple):
 class PricingStage:
     """The stage's state (dedupe index, catalog, current overrides) and its batch function."""
 
-    def __init__(
-        self, catalog: Catalog, raw_topic: str, dedupe_window_ms: int, max_record_bytes: int | None = None
-    ):
+    def __init__(self, catalog: Catalog, raw_topic: str, dedupe_window_ms: int, max_record_bytes: int | None = None):
         self.catalog = catalog
         self.raw_topic = raw_topic
         self.index = DedupeIndex(dedupe_window_ms)

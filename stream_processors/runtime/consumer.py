@@ -127,9 +127,14 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
             self._next_offset[tp] = offset
             self._commit_from[tp] = offset
             self._rewinds.pop(tp, None)
-        log.info("stream partitions sought to %s; held until flow resumes",
-                 {f"{tp.topic}/{tp.partition}": offset for tp, offset in sorted(positions.items())
-                  if self.app.topics.acks_enabled_for(tp.topic)})
+        log.info(
+            "stream partitions sought to %s; held until flow resumes",
+            {
+                f"{tp.topic}/{tp.partition}": offset
+                for tp, offset in sorted(positions.items())
+                if self.app.topics.acks_enabled_for(tp.topic)
+            },
+        )
 
     async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Mapping[TP, list[Any]]:
         records = await super()._getmany(active_partitions, timeout)
@@ -209,8 +214,13 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
                 # until flow resumes; the fetch position may already be past them
                 self._refetch.add(tp)
             elif tp not in rewound and expected < fetched_to:
-                log.warning("%s: fetched up to offset %d, handed out up to %d; seeking back to %d",
-                            tp, fetched_to - 1, expected - 1, expected)
+                log.warning(
+                    "%s: fetched up to offset %d, handed out up to %d; seeking back to %d",
+                    tp,
+                    fetched_to - 1,
+                    expected - 1,
+                    expected,
+                )
                 await self.seek(tp, expected)
 
     async def _fetch_held_again(self) -> None:
@@ -229,8 +239,10 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
             sought[tp] = expected
             await self.seek(tp, expected)
         if sought:
-            log.info("records fetched while held are fetched again from %s",
-                     {f"{tp.topic}/{tp.partition}": offset for tp, offset in sorted(sought.items())})
+            log.info(
+                "records fetched while held are fetched again from %s",
+                {f"{tp.topic}/{tp.partition}": offset for tp, offset in sorted(sought.items())},
+            )
 
     async def _seek_back_to_skipped(self) -> set[TP]:
         skipped, self._skipped = self._skipped, {}
@@ -239,8 +251,13 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
             expected, start = self._next_offset.get(tp), self._commit_from.get(tp)
             if expected is None or start is None or not start <= offset < expected:
                 continue  # sought since (rebalance), or already processed and committed
-            log.error("%s: offset %d was handed out but dropped unprocessed; seeking back to it "
-                      "(offsets up to %d were handed out after it)", tp, offset, expected - 1)
+            log.error(
+                "%s: offset %d was handed out but dropped unprocessed; seeking back to it "
+                "(offsets up to %d were handed out after it)",
+                tp,
+                offset,
+                expected - 1,
+            )
             self._next_offset[tp] = offset
             self._rewinds.pop(tp, None)
             await self.seek(tp, offset)
@@ -260,8 +277,13 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
         previous = self._rewinds.get(tp)
         times = previous[2] + 1 if previous is not None and previous[:2] == (expected, offset) else 1
         if times >= REAL_GAP_CONFIRMATIONS:
-            log.warning("%s: offsets %d..%d are not in the log (seen %d times); treating them as a gap",
-                        tp, expected, offset - 1, times)
+            log.warning(
+                "%s: offsets %d..%d are not in the log (seen %d times); treating them as a gap",
+                tp,
+                expected,
+                offset - 1,
+                times,
+            )
             self._gap[tp].addi(expected, offset)
             self._next_offset[tp] = offset + 1
             self._rewinds.pop(tp, None)

@@ -79,7 +79,12 @@ class StageProducer:
                 for (topic, partition), group in by_destination.items():
                     batch = producer.create_batch()
                     for _, _, key, value, *headers in group:
-                        record = {"key": key, "value": value, "timestamp": None, "headers": headers[0] if headers else None}
+                        record = {
+                            "key": key,
+                            "value": value,
+                            "timestamp": None,
+                            "headers": headers[0] if headers else None,
+                        }
                         if batch.append(**record) is None:
                             futures.append(await producer.send_batch(batch, topic, partition=partition))
                             batch = producer.create_batch()

@@ -57,7 +57,11 @@ log = logging.getLogger(__name__)
 STAGE = "sink"
 
 ROWS = Counter("spendstream_sink_rows_total", "Rows inserted into usage_events")
-RECORDS = Counter("spendstream_sink_records_total", "usage.priced records by outcome (refused: by ClickHouse, dead-lettered)", ["outcome"])
+RECORDS = Counter(
+    "spendstream_sink_records_total",
+    "usage.priced records by outcome (refused: by ClickHouse, dead-lettered)",
+    ["outcome"],
+)
 FLUSH_SECONDS = Histogram(
     "spendstream_sink_flush_seconds", "Time to store and ack one batch",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),

@@ -113,7 +113,12 @@ async def test_each_threshold_reaches_the_receiver_exactly_once(stack):
         assert verify_signature(webhook["secret"], request.headers[SIGNATURE_HEADER], request.body, time.time())
         assert request.headers[IDEMPOTENCY_HEADER] == body["alert_id"]
         assert (body["budget_id"], body["kind"], body["event_id"], body["spent_usd"], body["limit_usd"]) == (
-            budget_id, "threshold", event_id, spent, "1.000000000")
+            budget_id,
+            "threshold",
+            event_id,
+            spent,
+            "1.000000000",
+        )
         assert body["scope"] == {"project": PROJECT} and body["window"] == "total"
     assert len({r.json()["alert_id"] for r in received}) == 3
     assert {a["alert_id"] for a in alerts} == {r.json()["alert_id"] for r in received}

@@ -37,8 +37,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def send(stack: Stack, events: int, seed: int) -> int:
     counters = asyncio.run(
-        run(stack.gateway_url, [stack.settings.bootstrap_admin_key.get_secret_value()], rate=0, duration=0,
-            events=events, batch=250, fleet=Fleet(seed=seed), progress=False)
+        run(
+            stack.gateway_url,
+            [stack.settings.bootstrap_admin_key.get_secret_value()],
+            rate=0,
+            duration=0,
+            events=events,
+            batch=250,
+            fleet=Fleet(seed=seed),
+            progress=False,
+        )
     )
     assert counters.failed_requests == 0 and counters.rejected == 0
     return counters.accepted
@@ -80,8 +88,11 @@ def test_new_events_land_after_the_broker_restarts(stack: Stack) -> None:
     without the supervisor's reset the sink would drop the new events as replays."""
     client = get_client(stack.settings)
     try:
-        old_watermarks = dict(client.query(
-            "SELECT src_partition, max(max_src_offset) FROM ingest_progress GROUP BY src_partition").result_rows)
+        old_watermarks = dict(
+            client.query(
+                "SELECT src_partition, max(max_src_offset) FROM ingest_progress GROUP BY src_partition"
+            ).result_rows
+        )
         assert old_watermarks
         stored_before = stored_rows(stack)
         restarted_at = time.time()

@@ -283,5 +283,7 @@ async def test_dates_outside_clickhouse_range_are_refused(services, receiver, we
     async with httpx.AsyncClient(base_url=services.stack.query_url, headers=services.mallory, timeout=30) as api:
         await refused(api.get("/v1/analytics/overview", params={"to": "9999-12-31"}), "to", (400, 422))
         await refused(api.get("/v1/analytics/overview", params={"from": "1000-01-01"}), "from", (400, 422))
-        await refused(api.get("/v1/analytics/timeseries", params={"from": "0001-01-01", "to": "2024-01-01"}), "from", (400, 422))
+        await refused(
+            api.get("/v1/analytics/timeseries", params={"from": "0001-01-01", "to": "2024-01-01"}), "from", (400, 422)
+        )
     await normal_tenant_is_served(services, receiver, webhook_id)

@@ -80,8 +80,12 @@ def observed(client, database: str, aggregate: Aggregate) -> dict[str, Any]:
     """What ``database`` holds for ``aggregate``'s table and view."""
     table, view = _table(client, database, aggregate.table), _table(client, database, aggregate.mv)
     of_table = "WHERE database = {db:String} AND table = {t:String}"
-    columns = _rows(client, f"SELECT name, type FROM system.columns {of_table} ORDER BY position", db=database, t=aggregate.table)
-    projections = _rows(client, f"SELECT name, query FROM system.projections {of_table} ORDER BY name", db=database, t=aggregate.table)
+    columns = _rows(
+        client, f"SELECT name, type FROM system.columns {of_table} ORDER BY position", db=database, t=aggregate.table
+    )
+    projections = _rows(
+        client, f"SELECT name, query FROM system.projections {of_table} ORDER BY name", db=database, t=aggregate.table
+    )
     return {
         "columns": columns,
         "engine": table["engine"],

@@ -4,7 +4,7 @@ errors, scopes, and status figures equal to sums over the raw rows of the curren
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -18,7 +18,7 @@ from spendstream.keys import create_key
 
 pytestmark = pytest.mark.clickhouse
 
-UTC = timezone.utc
+UTC = UTC
 ADMIN_KEY = "ss_test_admin_" + "b" * 24
 TENANT = "tenant_budgets"
 BODY = {
@@ -147,7 +147,9 @@ def test_status_lists_the_alerts_of_the_window(api):
     finally:
         client.close()
     status = api["reader"].get(f"/v1/budgets/{b['id']}/status").json()
-    assert [(a["alert_id"], a["threshold"], a["spent_usd"]) for a in status["alerts"]] == [("al_test_1", 50, "5.000000000")]
+    assert [(a["alert_id"], a["threshold"], a["spent_usd"]) for a in status["alerts"]] == [
+        ("al_test_1", 50, "5.000000000")
+    ]
     assert status["window_start"] is None and status["window_end"] is None
 
 

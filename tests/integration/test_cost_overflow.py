@@ -8,7 +8,7 @@ view summing Int64 would wrap inside the insert block already (clickhouse/schema
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -20,7 +20,7 @@ from spendstream.money import INT64_MAX, MAX_EVENT_COST_NANOS
 
 pytestmark = pytest.mark.clickhouse
 
-UTC = timezone.utc
+UTC = UTC
 ADMIN_KEY = "ss_test_admin_" + "c" * 24
 TENANT = "capped"
 EVENTS = 10_000

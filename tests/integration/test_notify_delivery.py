@@ -8,13 +8,13 @@ import ssl
 import subprocess
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-
 from notify_support import Mailbox, Receiver, alert_value, deliveries, insert_webhook, wait_until
 from query_api_stack import migrate
+
 from spendstream.alerting import (
     IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER,
@@ -95,10 +95,19 @@ async def test_generic_webhook_is_signed_and_recorded(settings, receiver, tenant
     assert got.headers[IDEMPOTENCY_HEADER] == alert.alert_id
     body = got.json()
     assert (body["alert_id"], body["spent_usd"], body["limit_usd"], body["threshold"]) == (
-        alert.alert_id, "8.012345678", "10.000000000", "80")
+        alert.alert_id,
+        "8.012345678",
+        "10.000000000",
+        "80",
+    )
     [row] = deliveries(settings, tenant)
     assert (row["channel"], row["format"], row["attempt"], row["outcome"], row["http_status"]) == (
-        "wh_gen", "generic", 1, "delivered", 200)
+        "wh_gen",
+        "generic",
+        1,
+        "delivered",
+        200,
+    )
 
 
 async def test_three_500s_then_200_gives_one_delivery_and_three_recorded_failures(settings, receiver, tenant):
@@ -113,7 +122,11 @@ async def test_three_500s_then_200_gives_one_delivery_and_three_recorded_failure
     assert {r.headers[IDEMPOTENCY_HEADER] for r in receiver.at("/flaky")} == {alert.alert_id}
     rows = deliveries(settings, tenant)
     assert [(r["attempt"], r["outcome"], r["http_status"]) for r in rows] == [
-        (1, "failed", 500), (2, "failed", 500), (3, "failed", 500), (4, "delivered", 200)]
+        (1, "failed", 500),
+        (2, "failed", 500),
+        (3, "failed", 500),
+        (4, "delivered", 200),
+    ]
     assert rows[0]["error"] == "HTTP 500: nope"
 
 
@@ -173,11 +186,16 @@ async def test_a_slow_endpoint_does_not_delay_another(settings, receiver, tenant
 
 
 async def test_timeouts_are_retried_and_retry_after_is_honoured(settings, receiver, tenant):
-    insert_webhook(settings, tenant, "wh_429", "generic", receiver.script("/429", [429, 200], headers={"Retry-After": "1"}))
+    insert_webhook(
+        settings, tenant, "wh_429", "generic", receiver.script("/429", [429, 200], headers={"Retry-After": "1"})
+    )
     insert_webhook(settings, tenant, "wh_hang", "generic", receiver.script("/hang", [200], delay_s=1.0))
     notifier = make_notifier(settings, policy=RetryPolicy(horizon_s=1.2, base_s=0.05, cap_s=0.1), timeout_s=0.5)
     try:
-        assert await notifier.submit(new_alert(tenant, ["wh_429", "wh_hang"])) == {"wh_429": "delivered", "wh_hang": "gave_up"}
+        assert await notifier.submit(new_alert(tenant, ["wh_429", "wh_hang"])) == {
+            "wh_429": "delivered",
+            "wh_hang": "gave_up",
+        }
     finally:
         await notifier.close()
     first, second = receiver.at("/429")
@@ -192,7 +210,9 @@ async def test_timeouts_are_retried_and_retry_after_is_honoured(settings, receiv
 async def test_non_retryable_answers_and_unknown_channels_are_final(settings, receiver, tenant):
     insert_webhook(settings, tenant, "wh_404", "generic", receiver.script("/gone", [404]))
     insert_webhook(settings, "someone_else", "wh_theirs", "generic", receiver.script("/theirs", [200]))
-    insert_webhook(settings, tenant, "wh_future", "teams", receiver.script("/future", [200]))  # a format this version lacks
+    insert_webhook(
+        settings, tenant, "wh_future", "teams", receiver.script("/future", [200])
+    )  # a format this version lacks
     notifier = make_notifier(settings)
     try:
         outcome = await notifier.submit(new_alert(tenant, ["wh_404", "wh_theirs", "wh_missing", "wh_future"]))
@@ -244,10 +264,12 @@ async def test_resumes_from_the_record_and_never_resends_a_final_channel(setting
     alert = new_alert(tenant, ["wh_done", "wh_half"])
     store = DeliveryStore(settings, is_data_error=is_data_error)
     try:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for channel, attempt, outcome, status in (("wh_done", 1, "failed", 500), ("wh_done", 2, "delivered", 200),
                                                   ("wh_half", 1, "failed", 502)):  # fmt: skip
-            await store.record(Attempt(tenant, alert.alert_id, channel, "generic", attempt, now, outcome, status, "", 5))
+            await store.record(
+                Attempt(tenant, alert.alert_id, channel, "generic", attempt, now, outcome, status, "", 5)
+            )
     finally:
         await store.close()
     notifier = make_notifier(settings)
@@ -259,7 +281,12 @@ async def test_resumes_from_the_record_and_never_resends_a_final_channel(setting
         await notifier.close()
     assert receiver.at("/done") == [] and len(receiver.at("/half")) == 1
     rows = [(r["channel"], r["attempt"], r["outcome"]) for r in deliveries(settings, tenant)]
-    assert rows == [("wh_done", 1, "failed"), ("wh_done", 2, "delivered"), ("wh_half", 1, "failed"), ("wh_half", 2, "delivered")]
+    assert rows == [
+        ("wh_done", 1, "failed"),
+        ("wh_done", 2, "delivered"),
+        ("wh_half", 1, "failed"),
+        ("wh_half", 2, "delivered"),
+    ]
 
 
 async def test_the_same_alert_submitted_twice_at_once_is_delivered_once(settings, receiver, tenant):
@@ -267,7 +294,10 @@ async def test_the_same_alert_submitted_twice_at_once_is_delivered_once(settings
     notifier = make_notifier(settings)
     try:
         alert = new_alert(tenant, ["wh_once"])
-        first, second = notifier.submit(alert), notifier.submit(parse_alert(alert_value(alert.alert_id, tenant, ["wh_once"])))
+        first, second = (
+            notifier.submit(alert),
+            notifier.submit(parse_alert(alert_value(alert.alert_id, tenant, ["wh_once"]))),
+        )
         assert await first == await second == {"wh_once": "delivered"}
     finally:
         await notifier.close()

@@ -13,10 +13,10 @@ import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
-
 from notify_support import Mailbox, NotifyWorker, Receiver, alert_value, deliveries, insert_webhook
 from query_api_stack import QueryApiServer, migrate
 from stage_support import wait_committed
+
 from spendstream.alerting import IDEMPOTENCY_HEADER
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.kafka import producer_kwargs

@@ -331,7 +331,10 @@ def test_dry_run_lists_pending_files_and_changes_nothing(client, fresh) -> None:
     apply_migrations(client, settings, dry_run=True, cluster="prod", schema_dir=schema, echo=lines.append)
     ddl = [line for line in lines if not line.startswith("pending: ")]
     assert len(ddl) > len(pending) and all(" ON CLUSTER 'prod'" in line for line in ddl)
-    assert f"CREATE TABLE IF NOT EXISTS {settings.clickhouse.database}.usage_events_local ON CLUSTER 'prod'" in "\n".join(ddl)
+    assert (
+        f"CREATE TABLE IF NOT EXISTS {settings.clickhouse.database}.usage_events_local ON CLUSTER 'prod'"
+        in "\n".join(ddl)
+    )
     assert not client.command(f"EXISTS DATABASE {settings.clickhouse.database}")
 
 
@@ -340,7 +343,9 @@ def test_edited_or_missing_applied_file_is_refused_by_name(client, fresh) -> Non
     apply_migrations(client, settings, schema_dir=schema, echo=quiet)
     edited = schema / "0003_ingest_progress_unpriced.sql"
     edited.write_text(edited.read_text() + "\n-- an innocent-looking edit\n")
-    (schema / "0007_more.sql").write_text("CREATE TABLE IF NOT EXISTS {db}.more (a UInt8) ENGINE = MergeTree ORDER BY a;\n")
+    (schema / "0007_more.sql").write_text(
+        "CREATE TABLE IF NOT EXISTS {db}.more (a UInt8) ENGINE = MergeTree ORDER BY a;\n"
+    )
     for dry_run in (True, False):
         with pytest.raises(MigrationError, match=r"0003_ingest_progress_unpriced\.sql was edited"):
             apply_migrations(client, settings, schema_dir=schema, dry_run=dry_run, echo=quiet)
@@ -381,7 +386,9 @@ def _cli_env(settings: Settings) -> dict[str, str]:
 
 
 def _run_cli(settings: Settings) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(MIGRATE_CLI, env=_cli_env(settings), capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    return subprocess.run(
+        MIGRATE_CLI, env=_cli_env(settings), capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
+    )
 
 
 def test_two_migrator_processes_apply_each_file_once(client, fresh) -> None:
@@ -438,7 +445,9 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_waited_for(client, fresh) -> 
     database = settings.clickhouse.database
     for statement in BOOTSTRAP:
         client.command(render(statement, database))
-    lock_row = f"INSERT INTO {database}.schema_migrations_lock SELECT {{e:UInt64}}, 'acquire', 'crashed-host:1', {{at:String}}"
+    lock_row = (
+        f"INSERT INTO {database}.schema_migrations_lock SELECT {{e:UInt64}}, 'acquire', 'crashed-host:1', {{at:String}}"
+    )
 
     client.command(lock_row, parameters={"e": 1, "at": _server_now(client)})
     with pytest.raises(MigrationError, match="held by crashed-host:1"):

@@ -34,10 +34,10 @@ from stage_support import (
     wait_committed,
 )
 
-from spendstream.embedded.clickhouse import EmbeddedClickHouse
-from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.clickhouse import get_client
 from spendstream.contracts import priced_envelope, priced_headers, raw_envelope
+from spendstream.embedded.clickhouse import EmbeddedClickHouse
+from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.pricing import default_catalog
 from spendstream.timeutil import TimestampParser
 from spendstream.topics import USAGE_DLQ, USAGE_PRICED, USAGE_RAW
@@ -213,10 +213,14 @@ def test_an_insert_retried_after_a_partial_failure_is_stored_once(make_settings,
     feed = PricedFeed(seed=4)
     records = [read_priced(p, o, 1_000, v, h, TimestampParser()) for o, (_, v, p, h) in enumerate(feed.chunk(5))]
     insert = plan_inserts(USAGE_PRICED.name, records, 10_000)[0]
-    settings = ", ".join(f"{k} = {v!r}" for k, v in {**INSERT_SETTINGS, "insert_deduplication_token": insert.token}.items())
+    settings = ", ".join(
+        f"{k} = {v!r}" for k, v in {**INSERT_SETTINGS, "insert_deduplication_token": insert.token}.items()
+    )
     sql = f"INSERT INTO {db}.usage_events_in SETTINGS {settings} FORMAT JSONEachRow\n".encode() + json_rows(records)
     conn.query(f"CREATE TABLE {db}.boom (n UInt64) ENGINE = MergeTree ORDER BY n")
-    conn.query(f"CREATE MATERIALIZED VIEW {db}.zz_boom_mv TO {db}.boom AS SELECT throwIf(count() > 0, 'boom') AS n FROM {db}.usage_events")
+    conn.query(
+        f"CREATE MATERIALIZED VIEW {db}.zz_boom_mv TO {db}.boom AS SELECT throwIf(count() > 0, 'boom') AS n FROM {db}.usage_events"
+    )
     with pytest.raises(Exception, match="boom"):
         conn.query(sql)
     conn.query(f"DROP TABLE {db}.zz_boom_mv")
@@ -242,8 +246,12 @@ def test_clickhouse_reads_a_priced_record_as_the_contract_says(stage_settings):
     writer = UsageEventsWriter(stage_settings)
     try:
         writer.insert(plan_inserts(USAGE_PRICED.name, [record], 100)[0])
-        columns = "agent, user, status, latency_ms, tags, input_tokens, cost_nanos, cost_input_nanos, cost_output_nanos, "
-        columns += "cost_request_nanos, price_id, toUnixTimestamp64Milli(timestamp), toUnixTimestamp64Milli(received_at), "
+        columns = (
+            "agent, user, status, latency_ms, tags, input_tokens, cost_nanos, cost_input_nanos, cost_output_nanos, "
+        )
+        columns += (
+            "cost_request_nanos, price_id, toUnixTimestamp64Milli(timestamp), toUnixTimestamp64Milli(received_at), "
+        )
         columns += "tenant, project, partition, offset, src_partition, src_offset"
         rows = get_client(stage_settings).query(f"SELECT event_id, {columns} FROM usage_events ORDER BY event_id")
         assert writer.load_watermarks([2]) == {2: 40}

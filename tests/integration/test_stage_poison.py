@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import orjson
@@ -59,7 +59,7 @@ from stream_processors.sink.writer import UsageEventsWriter
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
 TENANT = "acme"
-UTC = timezone.utc
+UTC = UTC
 #: noon yesterday (UTC): inside the budgets stage's allowed lateness, far from a window edge
 EVENT_TIME = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0) - timedelta(days=1)
 
@@ -151,7 +151,8 @@ async def test_budgets_dead_letters_an_alert_clickhouse_refuses_and_commits_past
     assert stored_alerts(s) == [("b-normal", "50")]
     dead = dlq_values(dlq)
     assert {(d["stage"], d["src"]["topic"], d["reason"]) for d in dead} == {
-        ("budgets", "spendstream.budget.deltas", "1 alert not recorded in budget_alerts")}
+        ("budgets", "spendstream.budget.deltas", "1 alert not recorded in budget_alerts")
+    }
     refused = [e for d in dead for e in d["events"]]
     assert sorted(Decimal(e["event"]["threshold"]) for e in refused) == [50, 80, 100]
     assert all(e["event"]["budget_id"] == "b-tiny" and "percent_used" in e["reason"] for e in refused)
@@ -186,7 +187,9 @@ async def test_notify_dead_letters_records_that_are_not_alerts_and_delivers_the_
     assert [r.headers[IDEMPOTENCY_HEADER] for r in receiver.at("/hook")] == ["al_after_poison"]
     dead = dlq_values(dlq)
     assert [(d["stage"], d["src"]["offset"], d["reason"].split(":")[0]) for d in dead] == [
-        ("notify", 0, "not an alert"), ("notify", 1, "not an alert")]
+        ("notify", 0, "not an alert"),
+        ("notify", 1, "not an alert"),
+    ]
     assert base64.b64decode(dead[0]["value_b64"]) == records[0][1]
     assert metrics['spendstream_stage_poison_records_total{reason="bad_alert",stage="notify"}'] == 2
 
@@ -209,7 +212,9 @@ async def test_a_delivery_row_clickhouse_refuses_fails_at_once_and_a_refusal_is_
         await store.close()
     # the refusal is every channel's last attempt, so a restarted worker never tries it again
     assert {c: (h.attempts, h.last_outcome) for c, h in history.items()} == {
-        "wh-1": (POISON_ATTEMPT, REFUSED), "ops@example.com": (POISON_ATTEMPT, REFUSED)}
+        "wh-1": (POISON_ATTEMPT, REFUSED),
+        "ops@example.com": (POISON_ATTEMPT, REFUSED),
+    }
 
 
 # ---------------------------------------------------------------- the classification itself

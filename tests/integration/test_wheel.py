@@ -30,7 +30,9 @@ pytestmark = pytest.mark.clickhouse
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = [
     p.rstrip("*")
-    for p in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    for p in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"][
+        "include"
+    ]
 ]
 SCHEMA = sorted(p.name for p in (REPO_ROOT / "clickhouse" / "schema").glob("*.sql"))
 

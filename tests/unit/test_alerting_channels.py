@@ -8,7 +8,7 @@ import asyncio
 import importlib
 import json
 import pkgutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from spendstream.alerting import (
 from spendstream.settings import Settings
 
 RAW = (Path(__file__).parent.parent / "fixtures" / "budget_alert_v1.json").read_bytes()
-NOW = datetime(2024, 3, 31, 9, 15, 3, tzinfo=timezone.utc)
+NOW = datetime(2024, 3, 31, 9, 15, 3, tzinfo=UTC)
 #: an IP literal: resolving it needs no DNS
 PUBLIC_URL = "https://93.184.216.34/services/T000/B000/XXXXsecretXXXX?token=abc"
 SECRET = "s3cret-routing-key-0123"
@@ -121,7 +121,9 @@ def test_every_webhook_type_is_checked_against_ssrf(kind):
     with pytest.raises(ChannelRefused) as refused:
         validate(kind.name, url="http://127.0.0.1:9/h", secret=SECRET)
     assert refused.value.field == "url" and "loopback" in refused.value.message
-    assert validate(kind.name, url="http://127.0.0.1:9/h", secret=SECRET, allow_private=True).url == "http://127.0.0.1:9/h"
+    assert (
+        validate(kind.name, url="http://127.0.0.1:9/h", secret=SECRET, allow_private=True).url == "http://127.0.0.1:9/h"
+    )
 
 
 def test_a_channel_of_an_unregistered_format_is_refused_not_sent():

@@ -4,7 +4,7 @@ characters in anything that reaches a header or a one-line summary."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.policy import default as default_policy
 from email.utils import format_datetime
@@ -30,7 +30,7 @@ from spendstream.alerting.retries import (
 from spendstream.alerting.targets import EMAIL_MAX_LEN, UnsafeTarget, channel_refusal, email_refusal, parse_webhook_url
 
 RAW = (Path(__file__).parent.parent / "fixtures" / "budget_alert_v1.json").read_bytes()
-NOW = datetime(2024, 3, 31, 9, 0, tzinfo=timezone.utc)
+NOW = datetime(2024, 3, 31, 9, 0, tzinfo=UTC)
 INJECTED_NAME = "Evil\r\nBcc: attacker@evil.example\r\n\r\nforged body"
 
 
@@ -219,4 +219,4 @@ def test_webhook_urls_with_control_characters_are_refused(url):
 
 def test_a_created_at_without_zone_is_read_as_utc():
     # subtracted from an aware "now" when a delivery is timed: a naive stamp used to raise there
-    assert created_at(alert(created_at="2024-03-31T09:15:02")) == datetime(2024, 3, 31, 9, 15, 2, tzinfo=timezone.utc)
+    assert created_at(alert(created_at="2024-03-31T09:15:02")) == datetime(2024, 3, 31, 9, 15, 2, tzinfo=UTC)

@@ -27,7 +27,9 @@ def budget(window: str) -> Budget:
 
 
 def capped_events(start_ms: int, step_ms: int) -> Delta:
-    events = [SpendEvent(f"e{i}", start_ms + i * step_ms, MAX_EVENT_COST_NANOS, "a", "openai/gpt-4o") for i in range(EVENTS)]
+    events = [
+        SpendEvent(f"e{i}", start_ms + i * step_ms, MAX_EVENT_COST_NANOS, "a", "openai/gpt-4o") for i in range(EVENTS)
+    ]
     return Delta("t1", "b1", 0, [(1, events)])
 
 

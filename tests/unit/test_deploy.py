@@ -182,9 +182,22 @@ def test_image_installs_a_wheel_holding_every_package_and_the_schema(tmp_path: P
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO_ROOT / source, target)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index", "--no-build-isolation",
-         "--wheel-dir", str(tmp_path / "dist"), str(src)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     (wheel,) = (tmp_path / "dist").glob("spendstream-*.whl")
     with zipfile.ZipFile(wheel) as archive:
@@ -221,7 +234,8 @@ def compose() -> dict[str, Any]:
 
 def spendstream_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
-        name: svc for name, svc in compose["services"].items()
+        name: svc
+        for name, svc in compose["services"].items()
         if svc.get("build", {}).get("dockerfile") == "deploy/Dockerfile"
     }
 
@@ -302,7 +316,8 @@ def test_compose_ports_agree(compose: dict[str, Any], monkeypatch: pytest.Monkey
     prometheus = yaml.safe_load((COMPOSE_FILE.parent / "prometheus.yml").read_text())
     scraped = {
         job["job_name"]: (sd["names"], sd["port"])
-        for job in prometheus["scrape_configs"] for sd in job.get("dns_sd_configs", [])
+        for job in prometheus["scrape_configs"]
+        for sd in job.get("dns_sd_configs", [])
     }
     for name, port in ports.items():
         assert f"127.0.0.1:{port}/" in " ".join(services[name]["healthcheck"]["test"])
@@ -341,8 +356,15 @@ def test_kustomization_lists_every_manifest() -> None:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_k8s_manifests_validate_against_kubernetes_schemas(version: str) -> None:
     docs = all_k8s_docs()
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Job",
-            "ConfigMap", "Secret"} <= {d["kind"] for d in docs}
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Job",
+        "ConfigMap",
+        "Secret",
+    } <= {d["kind"] for d in docs}
     for doc in docs:
         # strict: unknown fields (a misspelt probe, say) fail instead of being ignored
         kubernetes_validate.validate(doc, version, strict=True)
@@ -353,9 +375,7 @@ def workloads() -> dict[str, dict[str, Any]]:
 
 
 def containers() -> list[tuple[str, dict[str, Any]]]:
-    return [
-        (name, c) for name, w in workloads().items() for c in w["spec"]["template"]["spec"]["containers"]
-    ]
+    return [(name, c) for name, w in workloads().items() for c in w["spec"]["template"]["spec"]["containers"]]
 
 
 def k8s_env() -> dict[str, str]:
@@ -407,8 +427,7 @@ def test_k8s_selectors_match_their_pods() -> None:
 
     def selected(selector: dict[str, str]) -> list[str]:
         return [
-            n for n, d in deployments.items()
-            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+            n for n, d in deployments.items() if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
         ]
 
     for kind, path in (("Service", ("spec", "selector")), ("PodDisruptionBudget", ("spec", "selector", "matchLabels"))):
@@ -493,7 +512,7 @@ def check_docker(args: list[str], compose: dict[str, Any]) -> None:
         verb, rest = args[3], args[4:]
         if verb == "run":
             positional = [a for a in rest if not a.startswith("-")]
-            service, command = positional[0], rest[rest.index(positional[0]) + 1:]
+            service, command = positional[0], rest[rest.index(positional[0]) + 1 :]
             assert service in spendstream_services(compose), service
             assert_cli_command(command)
         elif verb == "up":
@@ -505,7 +524,7 @@ def check_docker(args: list[str], compose: dict[str, Any]) -> None:
         assert (REPO_ROOT / _option_value(args, "-f")).resolve() == DOCKERFILE and args[-1] == "."
     elif args[0] == "run":
         image_at = next(i for i, a in enumerate(args) if re.match(r"^[\w./-]*spendstream:", a))
-        assert_cli_command(args[image_at + 1:])
+        assert_cli_command(args[image_at + 1 :])
     else:
         assert args[0] == "push" and args[1].split("/")[-1].startswith("spendstream:"), args
 
@@ -525,7 +544,7 @@ def check_kubectl(args: list[str]) -> None:
         kind, name = ref.split("/")
         assert name in by_kind(kinds[kind]), ref
     if verb == "exec":
-        command = rest[rest.index("--") + 1:]
+        command = rest[rest.index("--") + 1 :]
         assert command[0] == "spendstream"
         assert_cli_command(command[1:])
     elif verb == "port-forward":
@@ -560,6 +579,8 @@ def test_sizing_table_cites_sections_the_bench_results_have() -> None:
     cited = set(re.findall(r'^\|[^|\n]*\| "([^"]+)" \|', readme, re.M))
     assert cited, "the sizing guide points at measured figures"
     headings = re.findall(r"^#+\s*(.+?)\s*$", (REPO_ROOT / "bench" / "RESULTS.md").read_text(), re.M)
-    assert cited <= set(headings), f"deploy/README.md cites sections bench/RESULTS.md does not have: {cited - set(headings)}"
+    assert cited <= set(headings), (
+        f"deploy/README.md cites sections bench/RESULTS.md does not have: {cited - set(headings)}"
+    )
     for module in re.findall(r"`(bench/\w+\.py)`", readme):
         assert (REPO_ROOT / module).exists(), module

@@ -67,7 +67,9 @@ def test_the_domain_core_imports_no_service():
 @pytest.mark.parametrize("service", SERVICES)
 def test_services_never_import_each_other(service):
     others = [s for s in SERVICES if s != service]
-    offenders = [f"{path}: {name}" for path, names in modules_of(service) for name in sorted(names) if within(name, *others)]
+    offenders = [
+        f"{path}: {name}" for path, names in modules_of(service) for name in sorted(names) if within(name, *others)
+    ]
     assert offenders == []
 
 

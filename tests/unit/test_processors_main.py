@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spendstream.settings import Settings
-from spendstream.settings import settings_env
+from spendstream.settings import Settings, settings_env
 from stream_processors.main import run
 
 

@@ -27,7 +27,9 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     return hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
 
 
-def verify_signature(secret: str, header: str, body: bytes, now: float, tolerance_s: float = SIGNATURE_TOLERANCE_S) -> bool:
+def verify_signature(
+    secret: str, header: str, body: bytes, now: float, tolerance_s: float = SIGNATURE_TOLERANCE_S
+) -> bool:
     """What a receiver runs: ``header`` is the X-Spendstream-Signature value ``t=<unix s>,v1=<hex>``."""
     parts = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
     try:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import os
 
+from worker_app import app_options  # this folder (see worker_app.py)
+
 from spendstream.settings import Settings
 from stream_processors.runtime.consumer import ContiguousConsumer, ContiguousTransport, StageApp
-
-from worker_app import app_options  # this folder (see worker_app.py)
 
 #: how far past the committed offset the fetcher stands, and for how long, before the real seek
 AHEAD, WAIT_S = 10, 1.0
@@ -63,6 +63,7 @@ class EarlyFetchTransport(ContiguousTransport):
 class EarlyFetchApp(StageApp):
     def _new_transport(self) -> EarlyFetchTransport:
         return EarlyFetchTransport(self.conf.broker_consumer, self)
+
 
 settings = Settings()
 app = EarlyFetchApp(os.environ["EARLY_FETCH_APP_ID"], **app_options(settings))

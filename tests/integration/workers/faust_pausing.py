@@ -21,11 +21,10 @@ import asyncio
 import os
 
 from faust.types import TP
+from worker_app import app_options  # this folder (see worker_app.py)
 
 from spendstream.settings import Settings
 from stream_processors.runtime.consumer import StageApp
-
-from worker_app import app_options  # this folder (see worker_app.py)
 
 settings = Settings()
 app = StageApp(os.environ["PAUSING_APP_ID"], **app_options(settings))
