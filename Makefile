@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev test test-fast bench faults acceptance browser-deps clean lock update-prices
+.PHONY: install dev test test-fast lint format bench faults acceptance browser-deps clean lock update-prices
 
 # Installs come only from the lock (requirements/*.txt: exact versions and sha256 hashes, compiled
 # by pip-tools from pyproject.toml): pip's hash-checking mode refuses anything not pinned there, and
@@ -29,6 +29,15 @@ dev: install
 ## make test: install, then run every test (unit, integration, e2e, faults at CI size, browser)
 test: install browser-deps
 	$(PY) -m pytest -q -p no:cacheprovider
+
+## make lint: ruff's linter and formatter check (config in pyproject.toml); `make format` applies the formatter
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 ## fast feedback while developing: pure unit tests only
 test-fast: install

@@ -29,7 +29,7 @@ import orjson
 from bench.load import Bodies, closed_loop
 from spendstream.clickhouse import get_client
 from spendstream.contracts import raw_envelope, record_key
-from spendstream.embedded import free_port
+from spendstream.ports import free_port
 from spendstream.settings import Settings
 
 BARE_APP = """
@@ -61,7 +61,7 @@ class Latency:
     n: int
 
     @classmethod
-    def of(cls, seconds: list[float]) -> "Latency":
+    def of(cls, seconds: list[float]) -> Latency:
         return cls(*(percentile(seconds, q) * 1000 for q in (50, 95, 99)), len(seconds))
 
     def __str__(self) -> str:
@@ -74,11 +74,31 @@ def bare_fastapi(work: Path, batch: int) -> Iterator[str]:
     app_dir.mkdir(exist_ok=True)
     (app_dir / "bare_app.py").write_text(BARE_APP)
     port = free_port()
-    cmd = [sys.executable, "-m", "uvicorn", "bare_app:app", "--app-dir", str(app_dir), "--port", str(port),
-           "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bare_app:app",
+        "--app-dir",
+        str(app_dir),
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
     with open(work / "bare.log", "wb") as log:
-        proc = subprocess.Popen(cmd, env={**os.environ, "BENCH_BATCH": str(batch)}, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env={**os.environ, "BENCH_BATCH": str(batch)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -102,8 +122,11 @@ async def sequential_latency(url: str, n: int, body: bytes | None = None) -> Lat
     async with httpx.AsyncClient(timeout=10) as client:
         for _ in range(n):
             started = time.monotonic()
-            resp = await (client.post(url, content=body, headers={"Content-Type": "application/json"})
-                          if body is not None else client.get(url))
+            resp = await (
+                client.post(url, content=body, headers={"Content-Type": "application/json"})
+                if body is not None
+                else client.get(url)
+            )
             samples.append(time.monotonic() - started)
             assert resp.status_code < 300, resp.text
     return Latency.of(samples)
@@ -115,8 +138,10 @@ def gateway_records(body: bytes) -> list[tuple[bytes, bytes, int]]:
     for event in orjson.loads(body):
         by_project.setdefault(event["project"], []).append(event)
     received = "2026-01-01T00:00:00.000Z"
-    return [(record_key("bench", p), orjson.dumps(raw_envelope("bench", p, received, evs)), len(evs))
-            for p, evs in by_project.items()]
+    return [
+        (record_key("bench", p), orjson.dumps(raw_envelope("bench", p, received, evs)), len(evs))
+        for p, evs in by_project.items()
+    ]
 
 
 async def raw_kafka(settings: Settings, bodies: Bodies, seconds: float) -> dict[str, float]:
@@ -175,8 +200,11 @@ async def raw_kafka(settings: Settings, bodies: Bodies, seconds: float) -> dict[
         await hop.stop()
     finally:
         await producer.stop()
-    return {"produce_events_s": produced / produce_s, "consume_events_s": consumed / consume_s,
-            "hop": Latency.of(samples)}
+    return {
+        "produce_events_s": produced / produce_s,
+        "consume_events_s": consumed / consume_s,
+        "hop": Latency.of(samples),
+    }
 
 
 def raw_insert(settings: Settings, bodies: Bodies, rows: int = 200_000, per_insert: int = 10_000) -> dict[str, float]:
@@ -190,15 +218,22 @@ def raw_insert(settings: Settings, bodies: Bodies, rows: int = 200_000, per_inse
     from stream_processors.sink.writer import insert_records
 
     scratch = f"bench_baseline_{uuid.uuid4().hex[:8]}"
-    scratch_settings = settings.model_copy(update={"clickhouse": settings.clickhouse.model_copy(update={"database": scratch})})
+    scratch_settings = settings.model_copy(
+        update={"clickhouse": settings.clickhouse.model_copy(update={"database": scratch})}
+    )
     with open(os.devnull, "w") as quiet, redirect_stdout(quiet):  # the migrator prints a line per file
         assert migrate(scratch_settings) == 0
     client = get_client(scratch_settings)
     events: list[dict] = []
     while len(events) < per_insert:
         for event in orjson.loads(bodies.next()):
-            event.update(cost_nanos=123_456, cost={"input": 100_000, "output": 23_456}, price_id="bench",
-                         pricing_status="priced", price_source="catalog")
+            event.update(
+                cost_nanos=123_456,
+                cost={"input": 100_000, "output": 23_456},
+                price_id="bench",
+                pricing_status="priced",
+                price_source="catalog",
+            )
             events.append(event)
     raw = {"tenant": "bench", "project": "p", "received_at": events[0]["timestamp"]}
     per_record = 50

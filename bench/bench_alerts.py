@@ -34,8 +34,8 @@ from bench.stage_bench import ROOT, machine, replace_section
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 import httpx  # noqa: E402
-
 from notify_support import Received, Receiver  # noqa: E402
+
 from spendstream.devstack import INFRASTRUCTURE, Stack, local_settings  # noqa: E402
 
 TARGET_P99_S = 1.0

@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 import httpx  # noqa: E402
 import orjson  # noqa: E402
+from notify_support import Receiver  # noqa: E402
 
 from bench.bench_alerts import background, create_budgets, phase  # noqa: E402
-from notify_support import Receiver  # noqa: E402
 from spendstream.devstack import INFRASTRUCTURE, Stack, local_settings  # noqa: E402
 
 CHECK_TARGET_P99_MS = 5.0
@@ -199,7 +199,9 @@ async def measure(args: argparse.Namespace) -> dict:
                     await wait_view_ready(checks)
                     await phase(gateway, receiver, warmup, args.interval, 0)
                     results["checks_idle"] = await measure_checks(checks, args.checks, gateway_pid)
-                    results["alerts_idle"] = await alerts_with_cpu(stack, gateway, receiver, crossing["idle"], args.interval, 0)
+                    results["alerts_idle"] = await alerts_with_cpu(
+                        stack, gateway, receiver, crossing["idle"], args.interval, 0
+                    )
                     stop = multiprocessing.get_context("spawn").Event()
                     loader = multiprocessing.get_context("spawn").Process(
                         target=_load_process, args=(stack.gateway_url, api_key, args.background_rate, stop)

@@ -40,7 +40,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -49,7 +49,8 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.profile import cpu_seconds  # noqa: E402
-from spendstream.embedded.kafka import EmbeddedKafka, free_port  # noqa: E402
+from spendstream.embedded.kafka import EmbeddedKafka  # noqa: E402
+from spendstream.ports import free_port  # noqa: E402
 
 ADMIN_KEY = "bench-admin-key-" + uuid.uuid4().hex
 LUA = r"""
@@ -71,7 +72,7 @@ end
 def make_event(i: int) -> dict:
     return {
         "event_id": str(uuid.uuid4()),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "project": f"project-{i % 3}",
         "agent": f"agent-{i % 25}",
         "user": f"user-{i % 200}",
@@ -93,14 +94,14 @@ def write_bodies(path: Path, batch: int, count: int) -> None:
             f.write(orjson.dumps(events if batch > 1 else events[0]) + b"\n")
 
 
-BARE_APP = '''
+BARE_APP = """
 from fastapi import FastAPI, Request, Response
 app = FastAPI()
 @app.post("/v1/events", status_code=202)
 async def events(request: Request) -> Response:
     await request.body()
     return Response(b'{"accepted":1}', status_code=202, media_type="application/json")
-'''
+"""
 
 
 def children_cpu_seconds() -> float:
@@ -198,15 +199,21 @@ def ensure_wrk() -> None:
     if os.geteuid() != 0:
         sys.exit("wrk not found: apt-get install wrk")
     subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "wrk"], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per measurement round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the batch scenario; medians are reported")
-    ap.add_argument("--single-rounds", type=int, default=7,
-                    help="gateway/bare pairs of single-post rounds (order alternating); the median ratio is the verdict")
+    ap.add_argument(
+        "--single-rounds",
+        type=int,
+        default=7,
+        help="gateway/bare pairs of single-post rounds (order alternating); the median ratio is the verdict",
+    )
     ap.add_argument("--batch", type=int, default=500, help="events per batch request")
     ap.add_argument("--connections-batch", type=int, default=8)
     ap.add_argument("--connections-single", type=int, default=64)
@@ -272,8 +279,12 @@ def main() -> None:
             load(url, pid, single_bodies, args.connections_single, 1, 2)
             load(bare_url, bare_pid, single_bodies, args.connections_single, 0, 2)
             for pair in range(args.single_rounds):
-                runs = [lambda: single.append(load(url, pid, single_bodies, args.connections_single, 1, args.duration)),
-                        lambda: bare.append(load(bare_url, bare_pid, single_bodies, args.connections_single, 0, args.duration))]
+                runs = [
+                    lambda: single.append(load(url, pid, single_bodies, args.connections_single, 1, args.duration)),
+                    lambda: bare.append(
+                        load(bare_url, bare_pid, single_bodies, args.connections_single, 0, args.duration)
+                    ),
+                ]
                 for run in runs if pair % 2 == 0 else runs[::-1]:
                     run()
         records, events = asyncio.run(count_on_topic(broker.bootstrap))
@@ -282,30 +293,46 @@ def main() -> None:
         return statistics.median(r[key] for r in rows)
 
     def cpu(rows: list[dict], per: int) -> str:
-        return (f"gateway {med(rows, 'cpu_us_per_request') / per:.2f}, load generator (wrk) "
-                f"{med(rows, 'client_cpu_us_per_request') / per:.2f}, broker {med(rows, 'broker_cpu_us_per_request') / per:.2f}")
+        return (
+            f"gateway {med(rows, 'cpu_us_per_request') / per:.2f}, load generator (wrk) "
+            f"{med(rows, 'client_cpu_us_per_request') / per:.2f}, broker {med(rows, 'broker_cpu_us_per_request') / per:.2f}"
+        )
 
     ratios = [s["rps"] / b["rps"] for s, b in zip(single, bare)]
     cpu_ratios = [b["cpu_us_per_request"] / s["cpu_us_per_request"] for s, b in zip(single, bare)]
-    print(f"load average (1 min) at start {load_at_start:.2f}, at end {os.getloadavg()[0]:.2f} (2 cores, shared "
-          f"with other jobs); rounds of {args.duration:.0f} s")
-    print(f"batch of {args.batch}, {args.batch_workers} gateway workers, {args.connections_batch} connections, "
-          f"{args.rounds} rounds: {med(batch, 'events_per_s'):,.0f} events/s "
-          f"(rounds: {', '.join(format(r['events_per_s'], ',.0f') for r in batch)}), "
-          f"p50 {med(batch, 'p50_ms'):.1f} ms, p99 {med(batch, 'p99_ms'):.1f} ms, non-2xx {sum(r['non_2xx'] for r in batch)}")
-    print(f"  CPU us/event: {cpu(batch, args.batch)} "
-          f"(gateway alone: {args.batch * 1e6 / med(batch, 'cpu_us_per_request'):,.0f} events/s per busy core)")
-    print(f"single events, {args.single_workers} worker(s) each, {args.connections_single} connections, "
-          f"{args.single_rounds} alternating pairs: gateway {med(single, 'rps'):,.0f} req/s "
-          f"(p50 {med(single, 'p50_ms'):.2f} ms, p99 {med(single, 'p99_ms'):.2f} ms, "
-          f"non-2xx {sum(r['non_2xx'] for r in single)}) | bare FastAPI {med(bare, 'rps'):,.0f} req/s "
-          f"(p50 {med(bare, 'p50_ms'):.2f} ms, p99 {med(bare, 'p99_ms'):.2f} ms)")
-    print(f"  gateway/bare req/s per pair: {', '.join(f'{x:.2f}' for x in ratios)}; "
-          f"MEDIAN {statistics.median(ratios):.2f} (target >= 0.80)")
-    print(f"  CPU us/request: {cpu(single, 1)}; bare FastAPI {med(bare, 'cpu_us_per_request'):.1f} "
-          f"(bare/gateway per pair: {', '.join(f'{x:.2f}' for x in cpu_ratios)}; median {statistics.median(cpu_ratios):.2f})")
-    print(f"usage.raw: {records} records holding {events} events; wrk saw {published} events answered 202 "
-          f"(the topic may also hold requests still in flight when a wrk run ended)")
+    print(
+        f"load average (1 min) at start {load_at_start:.2f}, at end {os.getloadavg()[0]:.2f} (2 cores, shared "
+        f"with other jobs); rounds of {args.duration:.0f} s"
+    )
+    print(
+        f"batch of {args.batch}, {args.batch_workers} gateway workers, {args.connections_batch} connections, "
+        f"{args.rounds} rounds: {med(batch, 'events_per_s'):,.0f} events/s "
+        f"(rounds: {', '.join(format(r['events_per_s'], ',.0f') for r in batch)}), "
+        f"p50 {med(batch, 'p50_ms'):.1f} ms, p99 {med(batch, 'p99_ms'):.1f} ms, non-2xx {sum(r['non_2xx'] for r in batch)}"
+    )
+    print(
+        f"  CPU us/event: {cpu(batch, args.batch)} "
+        f"(gateway alone: {args.batch * 1e6 / med(batch, 'cpu_us_per_request'):,.0f} events/s per busy core)"
+    )
+    print(
+        f"single events, {args.single_workers} worker(s) each, {args.connections_single} connections, "
+        f"{args.single_rounds} alternating pairs: gateway {med(single, 'rps'):,.0f} req/s "
+        f"(p50 {med(single, 'p50_ms'):.2f} ms, p99 {med(single, 'p99_ms'):.2f} ms, "
+        f"non-2xx {sum(r['non_2xx'] for r in single)}) | bare FastAPI {med(bare, 'rps'):,.0f} req/s "
+        f"(p50 {med(bare, 'p50_ms'):.2f} ms, p99 {med(bare, 'p99_ms'):.2f} ms)"
+    )
+    print(
+        f"  gateway/bare req/s per pair: {', '.join(f'{x:.2f}' for x in ratios)}; "
+        f"MEDIAN {statistics.median(ratios):.2f} (target >= 0.80)"
+    )
+    print(
+        f"  CPU us/request: {cpu(single, 1)}; bare FastAPI {med(bare, 'cpu_us_per_request'):.1f} "
+        f"(bare/gateway per pair: {', '.join(f'{x:.2f}' for x in cpu_ratios)}; median {statistics.median(cpu_ratios):.2f})"
+    )
+    print(
+        f"usage.raw: {records} records holding {events} events; wrk saw {published} events answered 202 "
+        f"(the topic may also hold requests still in flight when a wrk run ended)"
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -41,14 +41,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "integration")]
 
 import clickhouse_connect  # noqa: E402
 import httpx  # noqa: E402
+from query_api_stack import migrate, spawn_query_api  # noqa: E402
 
 from bench.stage_bench import cpu_seconds, machine, replace_section  # noqa: E402
 from query_api.filters import Filters  # noqa: E402
 from query_api.usage_sql import OVERVIEW_MEASURES, GroupBy, UsageQuery, build_usage_query  # noqa: E402
-from query_api_stack import migrate, spawn_query_api  # noqa: E402
 from spendstream.clickhouse import get_client  # noqa: E402
 from spendstream.embedded.clickhouse import EmbeddedClickHouse  # noqa: E402
-from spendstream.embedded.kafka import free_port  # noqa: E402
+from spendstream.ports import free_port  # noqa: E402
 from spendstream.settings import Settings  # noqa: E402
 
 TENANT, NOISE = "bench", "noise"
@@ -87,11 +87,15 @@ def generate(settings: Settings, tenant: str, total: int, salt: int) -> float:
     """Fill ``tenant`` up to ``total`` events (resuming a partial run); returns rows/s of this run."""
     # a 5M-row batch with its materialized views can outlast the default 300 s read timeout on a busy box
     client = clickhouse_connect.get_client(
-        dsn=settings.clickhouse_url, database=settings.clickhouse.database, autogenerate_session_id=False,
+        dsn=settings.clickhouse_url,
+        database=settings.clickhouse.database,
+        autogenerate_session_id=False,
         send_receive_timeout=3600,
     )
     try:
-        have = client.query("SELECT count() FROM usage_events WHERE tenant = {t:String}", parameters={"t": tenant}).result_rows[0][0]
+        have = client.query(
+            "SELECT count() FROM usage_events WHERE tenant = {t:String}", parameters={"t": tenant}
+        ).result_rows[0][0]
         if have >= total:
             return 0.0
         if have % BATCH:
@@ -100,10 +104,19 @@ def generate(settings: Settings, tenant: str, total: int, salt: int) -> float:
         start_ms = int((DATA_END - SPAN).timestamp() * 1000)
         while first < total:
             count = min(BATCH, total - first)
-            client.command(GENERATOR, parameters={
-                "tenant": tenant, "start_ms": start_ms, "span_ms": int(SPAN.total_seconds() * 1000), "total": total,
-                "salt": salt, "first": first, "count": count,
-            }, settings={"max_insert_threads": 2})
+            client.command(
+                GENERATOR,
+                parameters={
+                    "tenant": tenant,
+                    "start_ms": start_ms,
+                    "span_ms": int(SPAN.total_seconds() * 1000),
+                    "total": total,
+                    "salt": salt,
+                    "first": first,
+                    "count": count,
+                },
+                settings={"max_insert_threads": 2},
+            )
             first += count
             rate = (first - have) / (time.monotonic() - started)
             print(f"  {tenant}: {first:,}/{total:,} events ({rate:,.0f}/s)", flush=True)
@@ -116,8 +129,10 @@ def settle(settings: Settings, timeout_s: float) -> str:
     """Wait until no merge or mutation (a migration's MATERIALIZE PROJECTION) runs; returns what was seen."""
     client = get_client(settings)
     started = time.monotonic()
-    busy = "SELECT (SELECT count() FROM system.merges WHERE database = {db:String}), " \
-           "(SELECT count() FROM system.mutations WHERE database = {db:String} AND NOT is_done)"
+    busy = (
+        "SELECT (SELECT count() FROM system.merges WHERE database = {db:String}), "
+        "(SELECT count() FROM system.mutations WHERE database = {db:String} AND NOT is_done)"
+    )
     try:
         while True:
             merges, mutations = client.query(busy, parameters={"db": settings.clickhouse.database}).result_rows[0]
@@ -183,8 +198,11 @@ def main() -> None:
     clickhouse = EmbeddedClickHouse(path=str(data_dir / "chdb")).start()
     try:
         settings = Settings(
-            clickhouse={"url": clickhouse.url, "database": "bench"}, bootstrap_admin_key=ADMIN_KEY,
-            bootstrap_tenant=TENANT, query_api={"port": free_port()}, data_dir=str(data_dir),
+            clickhouse={"url": clickhouse.url, "database": "bench"},
+            bootstrap_admin_key=ADMIN_KEY,
+            bootstrap_tenant=TENANT,
+            query_api={"port": free_port()},
+            data_dir=str(data_dir),
         )
         migrate(settings)
         print(f"generating into {data_dir} ...", flush=True)
@@ -203,20 +221,27 @@ def main() -> None:
 
 def measure(settings: Settings, args: argparse.Namespace, rate: float, settled: str, server_pid: int) -> str:
     client = get_client(settings)
-    sizes = dict(client.query(
-        "SELECT table, sum(rows) FROM system.parts WHERE database = 'bench' AND active GROUP BY table"
-    ).result_rows)
-    parts = dict(client.query(
-        "SELECT table, count() FROM system.parts WHERE database = 'bench' AND active AND table LIKE 'usage%' GROUP BY table"
-    ).result_rows)
+    sizes = dict(
+        client.query(
+            "SELECT table, sum(rows) FROM system.parts WHERE database = 'bench' AND active GROUP BY table"
+        ).result_rows
+    )
+    parts = dict(
+        client.query(
+            "SELECT table, count() FROM system.parts WHERE database = 'bench' AND active AND table LIKE 'usage%' GROUP BY table"
+        ).result_rows
+    )
     load_before = os.getloadavg()
     now = DATA_END - timedelta(minutes=7, seconds=12, milliseconds=345)
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     ranges = {
         # what the dashboard sends for "last 90 days" (day buckets): the days from the one holding
         # now - 90 days through today (query_api/static/app.js, currentFilters)
-        "dashboard range": Filters(start=(now - SPAN).replace(hour=0, minute=0, second=0, microsecond=0),
-                                   end=today + timedelta(days=1), tz=ZoneInfo("UTC")),
+        "dashboard range": Filters(
+            start=(now - SPAN).replace(hour=0, minute=0, second=0, microsecond=0),
+            end=today + timedelta(days=1),
+            tz=ZoneInfo("UTC"),
+        ),
         # an API caller's now - 90 days: ragged ends down to the millisecond (raw edges)
         "ragged ends": Filters(start=now - SPAN, end=now, tz=ZoneInfo("UTC")),
     }
@@ -244,7 +269,9 @@ def measure(settings: Settings, args: argparse.Namespace, rate: float, settled: 
                     raw = None
                     if args.raw_repeat:
                         raw_built = build_usage_query(
-                            UsageQuery(q.filters, q.group, q.granularity, use_aggregates=False, measures=q.measures), TENANT, **kw
+                            UsageQuery(q.filters, q.group, q.granularity, use_aggregates=False, measures=q.measures),
+                            TENANT,
+                            **kw,
                         )
 
                         def raw_once(b=raw_built):
@@ -261,7 +288,9 @@ def measure(settings: Settings, args: argparse.Namespace, rate: float, settled: 
         client.close()
     load_after = os.getloadavg()
 
-    raw_note = f"{args.raw_repeat} per raw query (after 1)" if args.raw_repeat else "raw baseline skipped (--raw-repeat 0)"
+    raw_note = (
+        f"{args.raw_repeat} per raw query (after 1)" if args.raw_repeat else "raw baseline skipped (--raw-repeat 0)"
+    )
     lines = [
         "## Query API",
         "",
@@ -271,7 +300,8 @@ def measure(settings: Settings, args: argparse.Namespace, rate: float, settled: 
         f"Data: {args.events:,} events of the measured tenant over 90 days (+ {sizes.get('usage_events', 0) - args.events:,} of a second tenant), "
         "generated inside the embedded ClickHouse (chDB behind its HTTP interface)"
         + (f" at {rate:,.0f} events/s including the materialized views." if rate else " (reused from an earlier run)."),
-        "Rows (parts) per table: " + ", ".join(f"{t} {n:,} ({parts.get(t, 0)})" for t, n in sorted(sizes.items()) if t.startswith("usage_"))
+        "Rows (parts) per table: "
+        + ", ".join(f"{t} {n:,} ({parts.get(t, 0)})" for t, n in sorted(sizes.items()) if t.startswith("usage_"))
         + f"; background {settled}.",
         "Ranges: the last 90 days as the dashboard sends them with day buckets (whole UTC days through today), and "
         "with ragged millisecond ends as any API caller may send (whole days, then hours, minutes and sub-minute "
@@ -311,15 +341,24 @@ def queries(filters: Filters) -> dict[str, tuple[UsageQuery, dict, str, dict]]:
     berlin = Filters(filters.start, filters.end, ZoneInfo("Europe/Berlin"))
     return {
         "overview": (UsageQuery(filters, measures=OVERVIEW_MEASURES), {}, "/v1/analytics/overview", {}),
-        "timeseries (day, 90 days)": (UsageQuery(filters, granularity="day"), {}, "/v1/analytics/timeseries", {"granularity": "day"}),
+        "timeseries (day, 90 days)": (
+            UsageQuery(filters, granularity="day"),
+            {},
+            "/v1/analytics/timeseries",
+            {"granularity": "day"},
+        ),
         "breakdown by agent": (
             UsageQuery(filters, group=GroupBy(dimension="agent")),
             {"order_by": "cost_nanos DESC, group_key ASC", "limit": 100},
-            "/v1/analytics/breakdown", {"by": "agent", "limit": 100},
+            "/v1/analytics/breakdown",
+            {"by": "agent", "limit": 100},
         ),
         # not a target: days in a zone with DST come from the hourly table (24x the rows)
         "timeseries (day, 90 days, Europe/Berlin)": (
-            UsageQuery(berlin, granularity="day"), {}, "/v1/analytics/timeseries", {"granularity": "day", "tz": "Europe/Berlin"},
+            UsageQuery(berlin, granularity="day"),
+            {},
+            "/v1/analytics/timeseries",
+            {"granularity": "day", "tz": "Europe/Berlin"},
         ),
     }
 

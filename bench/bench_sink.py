@@ -32,13 +32,13 @@ import threading
 import time
 
 import httpx
+from stage_support import StageWorker, assert_aggregates_match, make_event, produce, raw_record, stored_totals
 
 from bench.stage_bench import cpu_seconds, embedded_stack, machine, replace_section
 from spendstream.clickhouse import get_client
 from spendstream.devstack import Stack
 from spendstream.pricing import default_catalog
 from spendstream.topics import USAGE_PRICED, USAGE_RAW
-from stage_support import StageWorker, assert_aggregates_match, make_event, produce, raw_record, stored_totals
 from stream_processors.pricing.logic import PricingStage, RawRecord
 
 TARGET_ROWS = 100_000
@@ -90,7 +90,8 @@ def throughput(rows: int, per_record: int) -> dict:
 def cpu_per_row(rows: int, per_record: int) -> dict[str, float]:
     """CPU µs per row of the sink's own steps, in this process: reading records (headers) and
     building the JSONEachRow body."""
-    from stream_processors.sink.logic import TimestampParser, json_rows, read_priced
+    from spendstream.timeutil import TimestampParser
+    from stream_processors.sink.logic import json_rows, read_priced
 
     backlog = priced_backlog(rows, per_record, 4)
     parse_ts = TimestampParser()
@@ -188,11 +189,13 @@ def main() -> None:
             "|---|---|---|",
             f"| {r['p50']:.2f} s | {r['p99']:.2f} s | {r['max']:.2f} s |",
             "",
-            f"- Target p99 ≤ {TARGET_P99:g} s (sink issue): " + ("**PASS**" if r["p99"] <= TARGET_P99 else "**FAIL**")
+            f"- Target p99 ≤ {TARGET_P99:g} s (sink issue): "
+            + ("**PASS**" if r["p99"] <= TARGET_P99 else "**FAIL**")
             + f"; ≤ {SYSTEM_TARGET_P99:g} s (system benchmark issue): "
-            + ("**PASS**" if r["p99"] <= SYSTEM_TARGET_P99 else "**FAIL**") + ".",
+            + ("**PASS**" if r["p99"] <= SYSTEM_TARGET_P99 else "**FAIL**")
+            + ".",
             "- Most of it is batching by design: the sink inserts at most once per"
-            " `SPENDSTREAM_PROCESSORS__SINK_BATCH_SECONDS` (0.2 s; at once when it has caught up with its input),"
+            " `SPENDSTREAM_SINK__BATCH_SECONDS` (0.2 s; at once when it has caught up with its input),"
             " unless 10k rows are pending first; each insert has a fixed ClickHouse cost (see the Sink section).",
         ]
     else:

@@ -18,9 +18,10 @@ import argparse
 import asyncio
 import time
 
+from stage_support import StageWorker, make_event, produce, raw_record, read_topic
+
 from bench.stage_bench import cpu_seconds, embedded_stack, machine, replace_section
 from spendstream.topics import USAGE_PRICED, USAGE_RAW
-from stage_support import StageWorker, make_event, produce, raw_record, read_topic
 
 SECTION = "Pricing stage"
 TARGET = 30_000
@@ -78,8 +79,11 @@ def main() -> None:
         n = args.events if per_record >= 10 else min(args.events, 50_000)
         result = run(n, per_record)
         print(result, flush=True)
-        print(f"{per_record} events per record: events/s (wall) {result['rate']:,.0f}; CPU µs per event:"
-              f" stage {result['cpu'] / n * 1e6:.1f}, broker {result['broker_cpu'] / n * 1e6:.1f}", flush=True)
+        print(
+            f"{per_record} events per record: events/s (wall) {result['rate']:,.0f}; CPU µs per event:"
+            f" stage {result['cpu'] / n * 1e6:.1f}, broker {result['broker_cpu'] / n * 1e6:.1f}",
+            flush=True,
+        )
         results.append(result)
     lines = [
         f"## {SECTION}",
@@ -92,9 +96,11 @@ def main() -> None:
         "| events per raw record | events | records | seconds | events/s | stage CPU s | events per stage CPU s"
         " | CPU µs per event: stage | broker |",
         "|---|---|---|---|---|---|---|---|---|",
-        *(f"| {r['per_record']} | {r['events']:,} | {r['records']:,} | {r['seconds']:.2f} | {r['rate']:,.0f} | {r['cpu']:.1f}"
-          f" | {r['events'] / r['cpu']:,.0f} | {r['cpu'] / r['events'] * 1e6:.1f} | {r['broker_cpu'] / r['events'] * 1e6:.1f} |"
-          for r in results),  # fmt: skip
+        *(
+            f"| {r['per_record']} | {r['events']:,} | {r['records']:,} | {r['seconds']:.2f} | {r['rate']:,.0f} | {r['cpu']:.1f}"
+            f" | {r['events'] / r['cpu']:,.0f} | {r['cpu'] / r['events'] * 1e6:.1f} | {r['broker_cpu'] / r['events'] * 1e6:.1f} |"
+            for r in results
+        ),  # fmt: skip
         "",
         f"- Target ≥ {TARGET:,} events/s (batched envelopes): "
         + ("**PASS**" if max(r["rate"] for r in results) >= TARGET else "**FAIL**")

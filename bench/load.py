@@ -64,8 +64,15 @@ class LoadResult:
 
 
 async def closed_loop(
-    url: str, key: str, bodies: Bodies, *, seconds: float, connections: int,
-    backlog: Callable[[], int] | None = None, max_backlog: int = 0, result: LoadResult | None = None,
+    url: str,
+    key: str,
+    bodies: Bodies,
+    *,
+    seconds: float,
+    connections: int,
+    backlog: Callable[[], int] | None = None,
+    max_backlog: int = 0,
+    result: LoadResult | None = None,
 ) -> LoadResult:
     """POST bodies on ``connections`` connections for ``seconds``; each connection sends its next
     request when the previous one is answered. With ``backlog`` (accepted but not yet stored) a

@@ -14,8 +14,17 @@ import psutil
 
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 #: innermost frames of a thread that waits (py-spy's idle detection misses blocking C calls)
-IDLE_LEAVES = ("EpollSelector.select", "_worker", "Condition.wait", "Event.wait", "SocketIO.readinto",
-               "Thread.join", "select", "poll", "sleep")
+IDLE_LEAVES = (
+    "EpollSelector.select",
+    "_worker",
+    "Condition.wait",
+    "Event.wait",
+    "SocketIO.readinto",
+    "Thread.join",
+    "select",
+    "poll",
+    "sleep",
+)
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -60,7 +69,8 @@ def start_py_spy(pid: int, seconds: float, out: Path, rate: int = 50) -> subproc
         return None
     return subprocess.Popen(
         [binary, "record", "-r", str(rate), "-d", str(int(seconds)), "--format", "raw", "-o", str(out), "-p", str(pid)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -86,8 +96,11 @@ def _short(frame: str) -> str:
     return f"{m['func']} ({file})"
 
 
-def hot_spots(raw: Path, top: int = 8, own_code: tuple[str, ...] = ("spendstream/", "ingest_gateway/",
-              "stream_processors/", "query_api/")) -> HotSpots:
+def hot_spots(
+    raw: Path,
+    top: int = 8,
+    own_code: tuple[str, ...] = ("spendstream/", "ingest_gateway/", "stream_processors/", "query_api/"),
+) -> HotSpots:
     """Summarise py-spy's raw (collapsed) output: innermost frames and our own functions by share
     of the samples in which a thread was busy."""
     leaf: Counter[str] = Counter()

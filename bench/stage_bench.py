@@ -17,11 +17,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from stage_support import migrate  # noqa: E402
+
 from spendstream.embedded.clickhouse import EmbeddedClickHouse  # noqa: E402
-from spendstream.embedded.kafka import EmbeddedKafka, free_port  # noqa: E402
+from spendstream.embedded.kafka import EmbeddedKafka  # noqa: E402
+from spendstream.ports import free_port  # noqa: E402
 from spendstream.settings import Settings  # noqa: E402
 from spendstream.topics import ensure_topics_sync  # noqa: E402
-from stage_support import migrate  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 

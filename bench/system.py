@@ -51,7 +51,8 @@ from bench.baselines import Latency  # noqa: E402
 from bench.load import Bodies, LoadResult, closed_loop, paced  # noqa: E402
 from bench.profile import HotSpots, cpu_seconds, hot_spots, rss_mb, start_py_spy  # noqa: E402
 from spendstream.clickhouse import get_client  # noqa: E402
-from spendstream.devstack import INFRASTRUCTURE, STAGES, Stack, implemented_stages, local_settings  # noqa: E402
+from spendstream.devstack import INFRASTRUCTURE, Stack, local_settings  # noqa: E402
+from stream_processors.stages import STAGES  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "System (end to end)"
@@ -92,7 +93,7 @@ class Figures:
 # -- the stack ------------------------------------------------------------------------------------
 def start_stack(work: Path) -> Stack:
     settings = local_settings(work, log_level="WARNING")
-    components = (*INFRASTRUCTURE, "gateway", *implemented_stages(), "query-api")
+    components = (*INFRASTRUCTURE, "gateway", *STAGES, "query-api")
     return Stack(settings, work, components).start()
 
 
@@ -117,7 +118,7 @@ class StoredCounter:
         while not self._stop.wait(self._interval):
             self.latest = self.count()
 
-    def __enter__(self) -> "StoredCounter":
+    def __enter__(self) -> StoredCounter:
         self._thread.start()
         return self
 
@@ -193,9 +194,16 @@ async def profile(stack: Stack, bodies: Bodies, args: argparse.Namespace, work: 
     key = stack.settings.bootstrap_admin_key.get_secret_value()
     with StoredCounter(stack) as stored:
         base, sent = stored.latest, LoadResult()
-        await closed_loop(stack.gateway_url + "/v1/events", key, bodies, seconds=args.profile_seconds + 1,
-                          connections=args.connections, backlog=lambda: base + sent.accepted - stored.latest,
-                          max_backlog=args.max_backlog, result=sent)
+        await closed_loop(
+            stack.gateway_url + "/v1/events",
+            key,
+            bodies,
+            seconds=args.profile_seconds + 1,
+            connections=args.connections,
+            backlog=lambda: base + sent.accepted - stored.latest,
+            max_backlog=args.max_backlog,
+            result=sent,
+        )
         await drain(stored, base + sent.accepted)  # the next scenario starts from an empty pipeline
     for name, spy in spies.items():
         spy.wait(60)
@@ -226,8 +234,11 @@ def sink_flush_totals(stack: Stack) -> tuple[float, float] | None:
         for name in ("spendstream_sink_flush_seconds_sum", "spendstream_sink_flush_seconds_count"):
             if line.startswith(name + " "):
                 values[name] = float(line.split()[-1])
-    return (values["spendstream_sink_flush_seconds_sum"], values["spendstream_sink_flush_seconds_count"]) \
-        if len(values) == 2 else None
+    return (
+        (values["spendstream_sink_flush_seconds_sum"], values["spendstream_sink_flush_seconds_count"])
+        if len(values) == 2
+        else None
+    )
 
 
 async def priced_record_times(stack: Stack, locations: dict[str, tuple[int, int]]) -> dict[str, float]:
@@ -294,8 +305,14 @@ async def freshness(stack: Stack, bodies: Bodies, background_events_s: float, se
             end = time.monotonic() + seconds
             while time.monotonic() < end:
                 agent = f"{run_id}-{n}"
-                event = {"project": PROBE_PROJECT, "agent": agent, "provider": "openai", "model": "gpt-4o-mini",
-                         "input_tokens": 100, "output_tokens": 10}
+                event = {
+                    "project": PROBE_PROJECT,
+                    "agent": agent,
+                    "provider": "openai",
+                    "model": "gpt-4o-mini",
+                    "input_tokens": 100,
+                    "output_tokens": 10,
+                }
                 resp = await client.post(stack.gateway_url + "/v1/events", json=event, headers=headers)
                 if resp.status_code == 202:
                     acked[agent] = time.time()
@@ -307,8 +324,9 @@ async def freshness(stack: Stack, bodies: Bodies, background_events_s: float, se
         before = stored.latest
         jobs = [probes()]
         if background_events_s:
-            jobs.append(paced(stack.gateway_url + "/v1/events", key, bodies, seconds=seconds,
-                              events_per_s=background_events_s))
+            jobs.append(
+                paced(stack.gateway_url + "/v1/events", key, bodies, seconds=seconds, events_per_s=background_events_s)
+            )
         done = await asyncio.gather(*jobs)
         probing_done.set()
         await asyncio.to_thread(poller.join)
@@ -319,10 +337,14 @@ async def freshness(stack: Stack, bodies: Bodies, background_events_s: float, se
         raise RuntimeError(f"{len(missing)} acknowledged probes never appeared in usage_minute")
     client = get_client(stack.settings)
     try:
-        locations = {agent: (int(p), int(o)) for agent, p, o in client.query(
-            "SELECT agent, partition, offset FROM usage_events WHERE tenant = {t:String} AND project = {p:String}"
-            " AND startsWith(agent, {r:String})", parameters={"t": tenant, "p": PROBE_PROJECT, "r": run_id},
-        ).result_rows}
+        locations = {
+            agent: (int(p), int(o))
+            for agent, p, o in client.query(
+                "SELECT agent, partition, offset FROM usage_events WHERE tenant = {t:String} AND project = {p:String}"
+                " AND startsWith(agent, {r:String})",
+                parameters={"t": tenant, "p": PROBE_PROJECT, "r": run_id},
+            ).result_rows
+        }
     finally:
         client.close()
     priced_at = await priced_record_times(stack, locations)
@@ -351,8 +373,9 @@ def run_external(script: str, section: str, what: str, figures: Figures) -> str 
     if result.returncode != 0:
         figures.notes.append(f"{what}: `python -m bench.{script}` failed (exit {result.returncode}); no figures.")
         return None
-    figures.external_sections.append(f"{what}: measured by `python -m bench.{script}` in this run (its method: the "
-                                     f"\"{section}\" section).")
+    figures.external_sections.append(
+        f'{what}: measured by `python -m bench.{script}` in this run (its method: the "{section}" section).'
+    )
     return result.stdout
 
 
@@ -364,7 +387,7 @@ def section_rows(report: str, section: str) -> dict[str, tuple[float, float]]:
         return {}
     end = report.find("\n## ", start + 1)
     rows = {}
-    for line in report[start:end if end > 0 else None].splitlines():
+    for line in report[start : end if end > 0 else None].splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 4:
             try:
@@ -376,16 +399,25 @@ def section_rows(report: str, section: str) -> dict[str, tuple[float, float]]:
 
 # -- report ---------------------------------------------------------------------------------------
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{os.cpu_count()} cores ({cpu}), {ram:.0f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
 
 
 def commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     return f"{head}{' (with uncommitted changes in the working tree)' if dirty else ''}"
 
 
@@ -458,31 +490,45 @@ def render(f: Figures) -> str:
     ]
     for name in [*f.rss_idle, "load generator"]:
         cores = f.cpu_share.get(name, 0)
-        lines.append(f"| {name} | {cores:.2f} | {cores / rate * 1e6:.1f} | {_mb(f.rss_idle.get(name))} | "
-                     f"{_mb(f.rss_load.get(name))} |")
+        lines.append(
+            f"| {name} | {cores:.2f} | {cores / rate * 1e6:.1f} | {_mb(f.rss_idle.get(name))} | "
+            f"{_mb(f.rss_load.get(name))} |"
+        )
     total_cores = sum(f.cpu_share.values())
-    lines += [f"| **total** | {total_cores:.2f} | {total_cores / rate * 1e6:.1f} | {_mb(sum(f.rss_idle.values()))} | "
-              f"{_mb(sum(f.rss_load.values()))} |", ""]
+    lines += [
+        f"| **total** | {total_cores:.2f} | {total_cores / rate * 1e6:.1f} | {_mb(sum(f.rss_idle.values()))} | "
+        f"{_mb(sum(f.rss_load.values()))} |",
+        "",
+    ]
     lines += throughput_analysis(f, rate, total_cores)
     if f.hot:
-        lines += [f"Hot spots (py-spy, {f.throughput.get('profile_seconds', 0):.0f} s of the same load; innermost "
-                  "Python frame as a share of the samples in which a thread was busy, time in C extensions counted "
-                  "in their caller; waiting frames left out):", ""]
+        lines += [
+            f"Hot spots (py-spy, {f.throughput.get('profile_seconds', 0):.0f} s of the same load; innermost "
+            "Python frame as a share of the samples in which a thread was busy, time in C extensions counted "
+            "in their caller; waiting frames left out):",
+            "",
+        ]
         for name, spots in f.hot.items():
             if spots.busy:
                 shares = "; ".join(f"{share:.0%} `{frame}`" for frame, share in spots.self_time[:6])
                 lines.append(f"- **{name}** ({spots.busy} busy of {spots.samples} samples): {shares}")
         lines.append("")
-    lines += ["### 2. Freshness (gateway 202 → visible in usage_minute)", "",
-              "| load | freshness | target p99 | ratio to baseline floor | 202 → priced record produced | "
-              "→ visible (sink, insert) | sink's mean flush |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "### 2. Freshness (gateway 202 → visible in usage_minute)",
+        "",
+        "| load | freshness | target p99 | ratio to baseline floor | 202 → priced record produced | "
+        "→ visible (sink, insert) | sink's mean flush |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for label, fr in f.freshness.items():
         lat = fr.total
-        lines.append(f"| {label} | {lat} | ≤ {TARGET_FRESHNESS_P99_MS} ms {verdict(lat.p99_ms, TARGET_FRESHNESS_P99_MS, False)} "
-                     f"| p50 {lat.p50_ms / floor:.1f}x, p99 {lat.p99_ms / floor99:.1f}x | "
-                     f"p50 {fr.to_priced.p50_ms:.0f} ms, p99 {fr.to_priced.p99_ms:.0f} ms | "
-                     f"p50 {fr.priced_to_visible.p50_ms:.0f} ms, p99 {fr.priced_to_visible.p99_ms:.0f} ms | "
-                     f"{'–' if fr.sink_flush_s is None else f'{fr.sink_flush_s * 1000:.0f} ms'} |")
+        lines.append(
+            f"| {label} | {lat} | ≤ {TARGET_FRESHNESS_P99_MS} ms {verdict(lat.p99_ms, TARGET_FRESHNESS_P99_MS, False)} "
+            f"| p50 {lat.p50_ms / floor:.1f}x, p99 {lat.p99_ms / floor99:.1f}x | "
+            f"p50 {fr.to_priced.p50_ms:.0f} ms, p99 {fr.to_priced.p99_ms:.0f} ms | "
+            f"p50 {fr.priced_to_visible.p50_ms:.0f} ms, p99 {fr.priced_to_visible.p99_ms:.0f} ms | "
+            f"{'–' if fr.sink_flush_s is None else f'{fr.sink_flush_s * 1000:.0f} ms'} |"
+        )
     lines += [
         "",
         f"Baseline floor: bare one-event POST + 2 × raw produce → consume + one-row INSERT = p50 {floor:.1f} ms, "
@@ -499,23 +545,44 @@ def render(f: Figures) -> str:
     if f.alerts:
         # gateway POST, four Kafka hops (usage.raw, usage.priced, budget.deltas, budget.alerts), webhook POST
         a50, a99 = 2 * post.p50_ms + 4 * hop.p50_ms, 2 * post.p99_ms + 4 * hop.p99_ms
-        lines += ["### 3. Alert latency (crossing event 202 → webhook received)", "",
-                  "| load | p50 | p99 | target p99 | ratio to baseline floor |", "|---|---|---|---|---|"]
-        lines += [f"| {label} | {p50:,.0f} ms | {p99:,.0f} ms | ≤ {TARGET_ALERT_P99_MS} ms "
-                  f"{verdict(p99, TARGET_ALERT_P99_MS, False)} | p50 {p50 / a50:.1f}x, p99 {p99 / a99:.1f}x |"
-                  for label, (p50, p99) in f.alerts.items()]
-        lines += ["", f"Baseline floor: 2 × bare one-event POST (ingest, webhook) + 4 × raw produce → consume "
-                  f"(usage.raw, usage.priced, budget.deltas, budget.alerts) = p50 {a50:.1f} ms, p99 {a99:.1f} ms.", ""]
+        lines += [
+            "### 3. Alert latency (crossing event 202 → webhook received)",
+            "",
+            "| load | p50 | p99 | target p99 | ratio to baseline floor |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {label} | {p50:,.0f} ms | {p99:,.0f} ms | ≤ {TARGET_ALERT_P99_MS} ms "
+            f"{verdict(p99, TARGET_ALERT_P99_MS, False)} | p50 {p50 / a50:.1f}x, p99 {p99 / a99:.1f}x |"
+            for label, (p50, p99) in f.alerts.items()
+        ]
+        lines += [
+            "",
+            f"Baseline floor: 2 × bare one-event POST (ingest, webhook) + 4 × raw produce → consume "
+            f"(usage.raw, usage.priced, budget.deltas, budget.alerts) = p50 {a50:.1f} ms, p99 {a99:.1f} ms.",
+            "",
+        ]
     if f.budget_checks:
-        lines += ["### 4. Budget check", "", "| load | p50 | p99 | target p99 | ratio to bare FastAPI one-event POST |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {label} | {p50:.2f} ms | {p99:.2f} ms | ≤ {TARGET_BUDGET_CHECK_P99_MS} ms "
-                  f"{verdict(p99, TARGET_BUDGET_CHECK_P99_MS, False)} | p50 {p50 / post.p50_ms:.1f}x, "
-                  f"p99 {p99 / post.p99_ms:.1f}x |" for label, (p50, p99) in f.budget_checks.items()]
+        lines += [
+            "### 4. Budget check",
+            "",
+            "| load | p50 | p99 | target p99 | ratio to bare FastAPI one-event POST |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {label} | {p50:.2f} ms | {p99:.2f} ms | ≤ {TARGET_BUDGET_CHECK_P99_MS} ms "
+            f"{verdict(p99, TARGET_BUDGET_CHECK_P99_MS, False)} | p50 {p50 / post.p50_ms:.1f}x, "
+            f"p99 {p99 / post.p99_ms:.1f}x |"
+            for label, (p50, p99) in f.budget_checks.items()
+        ]
         lines.append("")
     if f.query_report:
-        lines += ["### Dashboard queries at 100M events (bench/bench_query.py, this run)", "",
-                  *[line for line in f.query_report.splitlines() if line.startswith("|")], ""]
+        lines += [
+            "### Dashboard queries at 100M events (bench/bench_query.py, this run)",
+            "",
+            *[line for line in f.query_report.splitlines() if line.startswith("|")],
+            "",
+        ]
     lines += closing_note(f, rate, total_cores)
     lines += ["### Other scenarios", ""]
     lines += [f"- {s}" for s in f.external_sections] + [f"- {n}" for n in f.notes] + [""]
@@ -530,9 +597,14 @@ def throughput_analysis(f: Figures, rate: float, total_cores: float) -> list[str
     stack = {n: c for n, c in f.cpu_share.items() if n != "load generator"}
     top = sorted(stack.items(), key=lambda kv: -kv[1])[:4]
     shares = ", ".join(f"{n} {c / total_cores:.0%}" for n, c in top)
-    bound = "CPU-bound: the cores were saturated" if total_cores >= 0.85 * cores else (
-        f"not CPU-bound by its own processes ({total_cores:.2f} of {cores} cores; the box is shared, or a stage "
-        "waits on another)")
+    bound = (
+        "CPU-bound: the cores were saturated"
+        if total_cores >= 0.85 * cores
+        else (
+            f"not CPU-bound by its own processes ({total_cores:.2f} of {cores} cores; the box is shared, or a stage "
+            "waits on another)"
+        )
+    )
     return [
         f"What limits it: {bound}. The whole pipeline spends {spent_us:.0f} µs of CPU per event (load generator "
         f"included); {TARGET_EVENTS_S:,} events/s on {cores} cores allows {budget_us:.0f} µs. Shares of the CPU: "
@@ -545,8 +617,11 @@ def closing_note(f: Figures, rate: float, total_cores: float) -> list[str]:
     """Where the targets stand and what would close the gaps, from this run's figures."""
     cores = os.cpu_count() or 1
     spent_us, budget_us = total_cores / rate * 1e6, cores / TARGET_EVENTS_S * 1e6
-    hot = "; ".join(f"{name}: `{spots.self_time[0][0]}` {spots.self_time[0][1]:.0%}"
-                    for name, spots in f.hot.items() if spots.self_time and name in ("gateway", "pricing", "budgets", "sink"))
+    hot = "; ".join(
+        f"{name}: `{spots.self_time[0][0]}` {spots.self_time[0][1]:.0%}"
+        for name, spots in f.hot.items()
+        if spots.self_time and name in ("gateway", "pricing", "budgets", "sink")
+    )
     lines = ["### Closing note", ""]
     if rate < TARGET_EVENTS_S:
         lines.append(
@@ -556,41 +631,52 @@ def closing_note(f: Figures, rate: float, total_cores: float) -> list[str]:
             f"fix does not close it. Top frames: {hot or 'no profile'}. What would close it: less CPU per event in "
             "every stage (each stage that reads usage.priced parses every JSON envelope again; a compact binary "
             "priced format, or the sink and budgets in one consumer, would parse once), and more cores: the stages "
-            "are separate processes and scale out by partitions, which a 2-core box cannot show.")
+            "are separate processes and scale out by partitions, which a 2-core box cannot show."
+        )
     idle = next(iter(f.freshness.values()), None)
     if idle is not None and idle.total.p99_ms > TARGET_FRESHNESS_P99_MS:
         sink_share = idle.priced_to_visible.p50_ms / idle.total.p50_ms if idle.total.p50_ms else 0
         insert = f.baseline["insert"]
-        text = (f"- Freshness: idle p99 {idle.total.p99_ms:.0f} ms misses 1 s by {idle.total.p99_ms / 1000 - 1:.0%}. "
-                f"{sink_share:.0%} of the median is spent after the pricing stage produced the record: the sink's "
-                f"window ({f.settings['sink_batch_seconds']:g} s), its flush"
-                + (f" (mean {idle.sink_flush_s * 1000:.0f} ms here)" if idle.sink_flush_s else "")
-                + f" and the insert through five materialized views (one row alone: p50 {insert['insert_one'].p50_ms:.0f}"
-                f" ms, {insert['insert_one_plain'].p50_ms:.0f} ms into a table without views). ")
+        text = (
+            f"- Freshness: idle p99 {idle.total.p99_ms:.0f} ms misses 1 s by {idle.total.p99_ms / 1000 - 1:.0%}. "
+            f"{sink_share:.0%} of the median is spent after the pricing stage produced the record: the sink's "
+            f"window ({f.settings['sink_batch_seconds']:g} s), its flush"
+            + (f" (mean {idle.sink_flush_s * 1000:.0f} ms here)" if idle.sink_flush_s else "")
+            + f" and the insert through five materialized views (one row alone: p50 {insert['insert_one'].p50_ms:.0f}"
+            f" ms, {insert['insert_one_plain'].p50_ms:.0f} ms into a table without views). "
+        )
         long = next((fr for label, fr in f.freshness.items() if "sink_batch_seconds" in label), None)
         if long is not None:
-            text += (f"With a {LONG_SINK_WINDOW_S:g} s sink window p50 was {long.total.p50_ms:.0f} ms and p99 "
-                     f"{long.total.p99_ms:.0f} ms. The tail is then bounded by the insert path, not only the window: "
-                     "a cheaper insert (fewer views and deduplication logs written per insert, or the last minutes "
-                     "read from usage_events instead of usage_minute) would close the gap; the embedded ClickHouse's "
-                     "per-insert cost is not a server's, so re-measure on a real ClickHouse before changing the design.")
+            text += (
+                f"With a {LONG_SINK_WINDOW_S:g} s sink window p50 was {long.total.p50_ms:.0f} ms and p99 "
+                f"{long.total.p99_ms:.0f} ms. The tail is then bounded by the insert path, not only the window: "
+                "a cheaper insert (fewer views and deduplication logs written per insert, or the last minutes "
+                "read from usage_events instead of usage_minute) would close the gap; the embedded ClickHouse's "
+                "per-insert cost is not a server's, so re-measure on a real ClickHouse before changing the design."
+            )
         lines.append(text)
     loaded = next(((label, fr) for label, fr in f.freshness.items() if label.startswith("background")), None)
     if loaded is not None and loaded[1].total.p99_ms > TARGET_FRESHNESS_P99_MS:
         label, fr = loaded
-        text = (f"- Freshness under load ({label}): p99 {fr.total.p99_ms:.0f} ms misses 1 s by "
-                f"{fr.total.p99_ms / 1000 - 1:.0%}. Both halves grow: the priced record is produced p99 "
-                f"{fr.to_priced.p99_ms:.0f} ms after the 202, and is visible p99 {fr.priced_to_visible.p99_ms:.0f} ms "
-                "after that")
+        text = (
+            f"- Freshness under load ({label}): p99 {fr.total.p99_ms:.0f} ms misses 1 s by "
+            f"{fr.total.p99_ms / 1000 - 1:.0%}. Both halves grow: the priced record is produced p99 "
+            f"{fr.to_priced.p99_ms:.0f} ms after the 202, and is visible p99 {fr.priced_to_visible.p99_ms:.0f} ms "
+            "after that"
+        )
         if idle is not None:
-            text += (f" (idle: {idle.to_priced.p99_ms:.0f} and {idle.priced_to_visible.p99_ms:.0f} ms)")
+            text += f" (idle: {idle.to_priced.p99_ms:.0f} and {idle.priced_to_visible.p99_ms:.0f} ms)"
         if fr.sink_flush_s and idle is not None and idle.sink_flush_s:
-            text += (f"; the sink's mean flush (insert through the views) takes {fr.sink_flush_s * 1000:.0f} ms, "
-                     f"idle {idle.sink_flush_s * 1000:.0f} ms")
-        text += (f". Every stage and ClickHouse share the same {cores} cores, so each batch waits for CPU and a larger "
-                 "insert; not profiled further. What would close it: ClickHouse on its own cores (a server's inserts "
-                 "do not compete with the stages), and, if needed, the last minutes read from usage_events instead of "
-                 "waiting for the aggregate.")
+            text += (
+                f"; the sink's mean flush (insert through the views) takes {fr.sink_flush_s * 1000:.0f} ms, "
+                f"idle {idle.sink_flush_s * 1000:.0f} ms"
+            )
+        text += (
+            f". Every stage and ClickHouse share the same {cores} cores, so each batch waits for CPU and a larger "
+            "insert; not profiled further. What would close it: ClickHouse on its own cores (a server's inserts "
+            "do not compete with the stages), and, if needed, the last minutes read from usage_events instead of "
+            "waiting for the aggregate."
+        )
         lines.append(text)
     lines.append("")
     return lines
@@ -616,21 +702,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-backlog", type=int, default=60_000, help="accepted events not yet stored, at most")
     parser.add_argument("--freshness-seconds", type=float, default=30.0)
     parser.add_argument("--profile-seconds", type=float, default=20.0, help="0 = no py-spy profile")
-    parser.add_argument("--with-query-bench", action="store_true", help="also run bench/bench_query.py (100M events, slow)")
-    parser.add_argument("--no-external", action="store_true",
-                        help="skip bench_alerts / bench_budgets (they start stacks of their own)")
+    parser.add_argument(
+        "--with-query-bench", action="store_true", help="also run bench/bench_query.py (100M events, slow)"
+    )
+    parser.add_argument(
+        "--no-external", action="store_true", help="skip bench_alerts / bench_budgets (they start stacks of their own)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the ClickHouse data too (logs, py-spy profiles and the report always stay)")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the ClickHouse data too (logs, py-spy profiles and the report always stay)",
+    )
     args = parser.parse_args(argv)
-    command = "python -m bench" + ("" if argv is None and len(sys.argv) == 1 else " " + shlex.join(argv or sys.argv[1:]))
+    command = "python -m bench" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + shlex.join(argv or sys.argv[1:])
+    )
 
     work = Path(tempfile.mkdtemp(prefix="spendstream-bench-"))
     print(f"stack data and logs: {work}", flush=True)
     stack = start_stack(work)
     figures = Figures(command, datetime.now(UTC), stack.names)
-    p = stack.settings.processors
-    figures.settings = {"batch_max_seconds": p.batch_max_seconds, "sink_batch_seconds": p.sink_batch_seconds}
+    s = stack.settings
+    figures.settings = {"batch_max_seconds": s.processors.batch_max_seconds, "sink_batch_seconds": s.sink.batch_seconds}
     bodies = Bodies(args.batch)
     try:
         time.sleep(5)  # let start-up work (topic creation, first assignments) settle before the idle RSS
@@ -643,8 +737,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"throughput ({args.duration:.0f} s) ...", flush=True)
         asyncio.run(throughput(stack, bodies, args, figures))
-        figures.throughput.update(batch=args.batch, connections=args.connections, warmup=args.warmup,
-                                  max_backlog=args.max_backlog, profile_seconds=args.profile_seconds)
+        figures.throughput.update(
+            batch=args.batch,
+            connections=args.connections,
+            warmup=args.warmup,
+            max_backlog=args.max_backlog,
+            profile_seconds=args.profile_seconds,
+        )
         print(f"  {figures.throughput['stored_per_s']:,.0f} events/s stored", flush=True)
         if args.profile_seconds:
             print("profile ...", flush=True)
@@ -653,27 +752,34 @@ def main(argv: list[str] | None = None) -> int:
         figures.freshness["idle (probes only)"] = asyncio.run(freshness(stack, bodies, 0, args.freshness_seconds))
         half = max(500, round(figures.throughput["stored_per_s"] / 2, -3))
         figures.freshness[f"background {half:,.0f} events/s"] = asyncio.run(
-            freshness(stack, bodies, half, args.freshness_seconds))
+            freshness(stack, bodies, half, args.freshness_seconds)
+        )
         # the sink's time window was the largest wait on the path: what does the shorter default buy?
-        stack.restart("sink", {"SPENDSTREAM_PROCESSORS__SINK_BATCH_SECONDS": str(LONG_SINK_WINDOW_S)})
-        figures.freshness[f"idle, sink_batch_seconds={LONG_SINK_WINDOW_S:g} (default "
-                          f"{stack.settings.processors.sink_batch_seconds:g})"] = asyncio.run(
-            freshness(stack, bodies, 0, args.freshness_seconds))
+        stack.restart("sink", {"SPENDSTREAM_SINK__BATCH_SECONDS": str(LONG_SINK_WINDOW_S)})
+        figures.freshness[
+            f"idle, sink_batch_seconds={LONG_SINK_WINDOW_S:g} (default {stack.settings.sink.batch_seconds:g})"
+        ] = asyncio.run(freshness(stack, bodies, 0, args.freshness_seconds))
     finally:
         stack.stop()
     if args.no_external:
         figures.notes.append("alert latency and budget check not run (`--no-external`).")
-    elif report := run_external("bench_alerts", "Alerts", "Alert latency (crossing event 202 → webhook received)",
-                                figures):
-        figures.alerts = {k: v for k, v in section_rows(report, "Alerts").items() if k.startswith(("idle", "background"))}
+    elif report := run_external(
+        "bench_alerts", "Alerts", "Alert latency (crossing event 202 → webhook received)", figures
+    ):
+        figures.alerts = {
+            k: v for k, v in section_rows(report, "Alerts").items() if k.startswith(("idle", "background"))
+        }
     if not args.no_external and (report := run_external("bench_budgets", "Budgets", "Budget check", figures)):
-        figures.budget_checks = {k: v for k, v in section_rows(report, "Budgets").items()
-                                 if k.startswith("budget check")}
+        figures.budget_checks = {
+            k: v for k, v in section_rows(report, "Budgets").items() if k.startswith("budget check")
+        }
     if args.with_query_bench and (report := run_external("bench_query", "Query API", "Dashboard queries", figures)):
         figures.query_report = report
     else:
-        figures.notes.append("Dashboard queries at 100M events: not run here (`python -m bench --with-query-bench` "
-                             "runs `bench/bench_query.py`, ≈ 15 min); see the \"Query API\" section for its last run.")
+        figures.notes.append(
+            "Dashboard queries at 100M events: not run here (`python -m bench --with-query-bench` "
+            'runs `bench/bench_query.py`, ≈ 15 min); see the "Query API" section for its last run.'
+        )
     report = render(figures)
     saved = work / "system-section.md"
     saved.write_text(report)  # kept if writing RESULTS.md fails

@@ -1,7 +1,7 @@
 """The gateway's in-memory view of budgets, for ``POST /v1/budgets/check`` (no IO per request).
 
 Two background tasks keep it:
-- budget configs polled from ClickHouse ``budgets`` every ``processors.budgets_reload_s``: a
+- budget configs polled from ClickHouse ``budgets`` every ``budgets.reload_s``: a
   cheap fingerprint query, and the full read only when it changed (the last good set is kept
   while ClickHouse is down);
 - a consumer without a group reads ``spendstream.budget.state`` from the earliest offset on
@@ -13,7 +13,7 @@ Staleness: a check answers with the spend the budgets stage last published, exac
 nano-USD), never an estimate. That value trails the events acknowledged by the gateway by the
 pipeline's latency (pricing, then the budgets stage's batch; under a second when the stages keep
 up) plus this consumer's fetch; a budget created or changed shows up within
-``budgets_reload_s``. While ClickHouse or the broker is unreachable, the last known configs and
+``budgets.reload_s``. While ClickHouse or the broker is unreachable, the last known configs and
 spend are served. The view answers only once budgets were loaded and the state log was read up
 to the fetch high watermark seen at start-up (``ready``); before that a check would be a guess.
 
@@ -33,10 +33,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from spendstream.kafka import client_kwargs
-from spendstream.settings import Settings
-from spendstream.topics import BUDGET_STATE, ensure_topics
-from stream_processors.budgets.logic import (
+from spendstream.budgets import (
     ROLLING_MS,
     Attribution,
     Budget,
@@ -46,7 +43,10 @@ from stream_processors.budgets.logic import (
     spent_in_window,
     window_state_key,
 )
-from stream_processors.budgets.store import BudgetReader
+from spendstream.budgets.store import BudgetReader
+from spendstream.kafka import client_kwargs
+from spendstream.settings import Settings
+from spendstream.topics import BUDGET_STATE, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,9 @@ class BudgetView:
         self._reader.close()
 
     # -- the answer ---------------------------------------------------------------------------
-    def check(self, tenant: str, attr: Attribution, estimate_nanos: int, now_ms: int) -> tuple[bool, list[BudgetStanding]]:
+    def check(
+        self, tenant: str, attr: Attribution, estimate_nanos: int, now_ms: int
+    ) -> tuple[bool, list[BudgetStanding]]:
         """(allowed, the standing of every budget whose scope covers ``attr``)."""
         standings = []
         for budget in self.index.match(tenant, attr):
@@ -120,10 +122,14 @@ class BudgetView:
                 self.budgets_loaded, failing = True, False
             except Exception as exc:  # noqa: BLE001 - ClickHouse down or not migrated: keep the last set
                 # one warning per outage, not one per reload period
-                log.log(logging.DEBUG if failing else logging.WARNING,
-                        "budget check: reading budgets failed (%r); keeping %d", exc, len(self.index))
+                log.log(
+                    logging.DEBUG if failing else logging.WARNING,
+                    "budget check: reading budgets failed (%r); keeping %d",
+                    exc,
+                    len(self.index),
+                )
                 failing = True
-            await asyncio.sleep(self._settings.processors.budgets_reload_s)
+            await asyncio.sleep(self._settings.budgets.reload_s)
 
     def apply(self, key: bytes, value: bytes | None, now_ms: int) -> None:
         if value is None:
@@ -151,7 +157,9 @@ class BudgetView:
             await asyncio.sleep(RETRY_S)
 
     async def _follow(self, consumer: AIOKafkaConsumer) -> None:
-        partitions = [TopicPartition(BUDGET_STATE.name, p) for p in sorted(consumer.partitions_for_topic(BUDGET_STATE.name) or ())]
+        partitions = [
+            TopicPartition(BUDGET_STATE.name, p) for p in sorted(consumer.partitions_for_topic(BUDGET_STATE.name) or ())
+        ]
         if not partitions:
             raise KafkaError(f"no partitions for {BUDGET_STATE.name} yet")
         consumer.assign(partitions)

@@ -20,7 +20,7 @@ import re
 import time
 import zlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -32,11 +32,12 @@ from ingest_gateway.usage import MAX_TOKENS, FieldErrors, normalise_usage
 from spendstream.contracts import TOKEN_FIELDS, TOKEN_PARENTS
 from spendstream.money import EVENT_COST, MAX_EVENT_COST_NANOS, MoneyError, format_usd
 from spendstream.pricing.catalog import default_catalog
+from spendstream.timeutil import format_epoch_ms, format_timestamp
 
 MAX_FUTURE = timedelta(minutes=5)
 _MAX_FUTURE_MS = MAX_FUTURE // timedelta(milliseconds=1)
 #: the past is open (backfills are normal) down to the Unix epoch, below which no usage exists
-EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_ID_LEN = 128
 MAX_ATTRIBUTION_LEN = 256
 MAX_MODEL_LEN = 256
@@ -255,15 +256,6 @@ def uuid7(unix_ms: int) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def format_timestamp(dt: datetime) -> str:
-    """RFC 3339, UTC, milliseconds, ``Z`` (the wire format of every timestamp)."""
-    dt = dt.astimezone(timezone.utc)
-    return (
-        f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}"
-        f".{dt.microsecond // 1000:03d}Z"
-    )
-
-
 class RequestContext:
     """What every event of one request shares: the receive time and the future limit."""
 
@@ -272,8 +264,7 @@ class RequestContext:
     def __init__(self, received_ns: int):
         self.received_ns = received_ns
         self.received_ms = received_ns // 1_000_000
-        seconds, ms = divmod(self.received_ms, 1000)
-        self.received_at_str = f"{_second_prefix(seconds)}.{ms:03d}Z"
+        self.received_at_str = format_epoch_ms(self.received_ms)
         self._latest: datetime | None = None
         self._latest_str: str | None = None
 
@@ -288,18 +279,12 @@ class RequestContext:
     def latest_str(self) -> str:
         """``latest`` in the canonical form, to compare canonical timestamps as strings."""
         if self._latest_str is None:
-            seconds, ms = divmod(self.received_ms + _MAX_FUTURE_MS, 1000)
-            self._latest_str = f"{_second_prefix(seconds)}.{ms:03d}Z"
+            self._latest_str = format_epoch_ms(self.received_ms + _MAX_FUTURE_MS)
         return self._latest_str
 
     @classmethod
     def now(cls) -> RequestContext:
         return cls(time.time_ns())
-
-
-@functools.lru_cache(maxsize=4)
-def _second_prefix(unix_seconds: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(unix_seconds))
 
 
 _EARLIEST_STR = "1970-01-01T00:00:00.000Z"

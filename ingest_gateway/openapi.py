@@ -98,8 +98,14 @@ _GEMINI_EXAMPLE = {
     "project": "research",
     "provider": "google",
     "model": "gemini-2.5-flash",
-    "usage": {"promptTokenCount": 900, "candidatesTokenCount": 120, "thoughtsTokenCount": 300, "cachedContentTokenCount": 512},
+    "usage": {
+        "promptTokenCount": 900,
+        "candidatesTokenCount": 120,
+        "thoughtsTokenCount": 300,
+        "cachedContentTokenCount": 512,
+    },
 }
+
 
 def request_body(max_events: int, max_bytes: int) -> dict[str, Any]:
     """``openapi_extra`` of the endpoint: its body, with the configured limits."""

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 #: a project's events are split into records below this size. aiokafka refuses records above
 #: max_request_size and Kafka above message.max.bytes (1 MiB by default each), and the pricing
-#: stage's record for a raw record is up to ~2.7x larger (stream_processors/producer.py).
+#: stage's record for a raw record is up to ~2.7x larger (stream_processors/runtime/producer.py).
 MAX_RECORD_BYTES = 256 * 1024
 #: snappy shrinks the JSON envelopes ~3x at a few % of the gateway's CPU; aiokafka's lz4 runs at
 #: level 9 and cost a fifth of the CPU in batch benchmarks (cramjam provides both codecs)
@@ -67,7 +67,9 @@ def encode_events(events: Sequence[Any], max_bytes: int = MAX_RECORD_BYTES) -> l
     # one spare part because events differ in size; a part still too large splits again
     parts = -(-len(value) // max_bytes) + 1
     step = -(-len(events) // parts)
-    return [part for start in range(0, len(events), step) for part in encode_events(events[start : start + step], max_bytes)]
+    return [
+        part for start in range(0, len(events), step) for part in encode_events(events[start : start + step], max_bytes)
+    ]
 
 
 def encode_records(
@@ -202,7 +204,7 @@ class Publisher:
         for attempt in range(2):
             try:
                 cluster = await asyncio.wait_for(self._producer.client.fetch_all_metadata(), _METADATA_TIMEOUT_S)
-            except (KafkaError, asyncio.TimeoutError, OSError):
+            except (TimeoutError, KafkaError, OSError):
                 return False
             if cluster.partitions_for_topic(self._topic):
                 return True
@@ -235,7 +237,9 @@ class Publisher:
             await producer.start()
         except (KafkaError, OSError) as exc:
             level = logging.WARNING if self._connect_failures == 0 else logging.DEBUG  # one warning per outage
-            log.log(level, "Kafka producer cannot connect to %s yet (retrying): %s", self._settings.kafka_bootstrap, exc)
+            log.log(
+                level, "Kafka producer cannot connect to %s yet (retrying): %s", self._settings.kafka_bootstrap, exc
+            )
             self._connect_failures += 1
             await producer.stop()
             return False
@@ -265,7 +269,9 @@ class Publisher:
         send nothing more until the keeper has seen the topic again."""
         self._epoch += 1
         if self._usable.is_set():
-            log.warning("lost the connection to Kafka at %s; answering 503 until it is back", self._settings.kafka_bootstrap)
+            log.warning(
+                "lost the connection to Kafka at %s; answering 503 until it is back", self._settings.kafka_bootstrap
+            )
         self._usable.clear()
         error = BrokerUnavailable("the connection to Kafka was lost before it acknowledged")
         for ticket in self._waiting:
@@ -286,8 +292,10 @@ class Publisher:
         if self._producer is not None:
             try:
                 await asyncio.wait_for(self._producer.stop(), self._timeout_s + 5)
-            except asyncio.TimeoutError:
-                log.warning("Kafka producer did not stop within %.0fs; undelivered records dropped", self._timeout_s + 5)
+            except TimeoutError:
+                log.warning(
+                    "Kafka producer did not stop within %.0fs; undelivered records dropped", self._timeout_s + 5
+                )
             self._producer = None
 
     @property
@@ -307,7 +315,7 @@ class Publisher:
             if not self._usable.is_set():
                 try:
                     await asyncio.wait_for(self._usable.wait(), min(self._timeout_s, _USABLE_WAIT_S))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise BrokerUnavailable(f"Kafka at {self._settings.kafka_bootstrap} is not reachable") from None
             encoded = [(project, self._encode(events)) for project, events in by_project.items()]
             loop = asyncio.get_running_loop()

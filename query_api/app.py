@@ -4,15 +4,12 @@
 lifespan owns the ClickHouse async client (``app.state.ch``), a sync client for the shared key
 functions (``app.state.ch_sync``), the API key store (``app.state.keys``) and the compiled price
 catalog (``app.state.catalog``).
-Routers of other domains (budgets, webhooks, alerts) are included when their modules exist.
 Every request passes ``query_api.guard`` first (API key, then body size limit).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from fastapi_offline import FastAPIOffline
 from query_api.errors import install_error_handlers
 from query_api.guard import RequestGuard
 from query_api.metrics import ApiMetrics, MetricsMiddleware
+from query_api.routers import alerts, analytics, budgets, export, health, keys, pricing, projects, sql, webhooks
 from spendstream.clickhouse import get_async_client, get_client
 from spendstream.keys import KeyStore, load_live_keys
 from spendstream.pricing.catalog import default_catalog
@@ -31,16 +29,8 @@ from spendstream.settings import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
 
-#: always present, in the order they appear in the OpenAPI document
-CORE_ROUTERS = ("health", "analytics", "export", "pricing", "projects", "keys", "sql")
-#: owned by the budgets issue; included when present
-OPTIONAL_ROUTERS = ("budgets", "webhooks", "alerts")
-
-
-def _router_modules() -> list[str]:
-    names = [f"query_api.routers.{n}" for n in CORE_ROUTERS]
-    names += [f"query_api.routers.{n}" for n in OPTIONAL_ROUTERS if importlib.util.find_spec(f"query_api.routers.{n}")]
-    return names
+#: one router per domain, in the order they appear in the OpenAPI document
+ROUTERS = (health, analytics, export, pricing, projects, keys, sql, budgets, webhooks, alerts)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -76,8 +66,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestGuard, max_body_bytes=settings.query_api.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
-    for module in _router_modules():
-        app.include_router(importlib.import_module(module).router)
+    for module in ROUTERS:
+        app.include_router(module.router)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

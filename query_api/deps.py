@@ -11,8 +11,8 @@ request, by ``query_api.guard``; ``require`` then checks its scope.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Annotated, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Annotated
 
 from clickhouse_connect.driver.asyncclient import AsyncClient
 from fastapi import Depends, Request

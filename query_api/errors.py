@@ -118,7 +118,7 @@ def clickhouse_message(exc: Exception) -> tuple[int | None, str]:
     text = str(exc)
     code = _CH_CODE.search(text)
     marker = text.rfind("DB::Exception: ")
-    message = text[marker + len("DB::Exception: "):] if marker != -1 else text
+    message = text[marker + len("DB::Exception: ") :] if marker != -1 else text
     names = re.findall(r"\(([A-Z_]{3,})\)", message)
     message = _CH_TRAILER.sub("", message).strip()
     if names:
@@ -128,9 +128,11 @@ def clickhouse_message(exc: Exception) -> tuple[int | None, str]:
 
 def _loc_to_field(loc: tuple) -> str | None:
     # FastAPI prefixes the source ("query", "body", "path", "header"); the client only knows names.
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("query", "body", "path", "header", "cookie") else [
-        str(p) for p in loc
-    ]
+    parts = (
+        [str(p) for p in loc[1:]]
+        if loc and loc[0] in ("query", "body", "path", "header", "cookie")
+        else [str(p) for p in loc]
+    )
     return ".".join(parts) or None
 
 
@@ -144,10 +146,10 @@ def domain_response(exc: DomainError) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     # imported here so the pure modules (filters, logic) can raise these errors without the web stack
+    from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(DomainError)
@@ -170,7 +172,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _clickhouse_down(_: Request, exc: OperationalError) -> JSONResponse:
         return JSONResponse(
             {"error": "clickhouse_unavailable", "field": None, "message": "ClickHouse is not reachable; retry shortly"},
-            status_code=503, headers={"Retry-After": "5"},
+            status_code=503,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(ClickHouseError)
@@ -183,6 +186,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(
-            {"error": code, "field": None, "message": str(exc.detail)}, status_code=exc.status_code,
+            {"error": code, "field": None, "message": str(exc.detail)},
+            status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )

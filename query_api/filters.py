@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from query_api.errors import InvalidField
+from spendstream.timeutil import epoch_ms
 
 #: attribution dimensions that can be filtered and grouped by (column names of usage_events)
 DIMENSIONS: tuple[str, ...] = ("project", "agent", "user", "provider", "model")
@@ -21,9 +22,8 @@ MAX_TAG_FILTERS = 8
 #: what every time column (DateTime64(3, 'UTC'), clickhouse/schema/) can hold: an instant outside
 #: this is refused rather than compared against values ClickHouse wraps or clamps. LATEST is the
 #: exclusive end of the range, so it is accepted as a ``to``.
-EARLIEST = datetime(1900, 1, 1, tzinfo=timezone.utc)
-LATEST = datetime(2300, 1, 1, tzinfo=timezone.utc)
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST = datetime(2300, 1, 1, tzinfo=UTC)
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -67,7 +67,7 @@ def parse_instant(name: str, value: str, tz: ZoneInfo, *, end_of_day: bool) -> d
             local = datetime.fromisoformat(text.replace("z", "Z"))
             if local.tzinfo is None:
                 local = local.replace(tzinfo=tz)
-        instant = local.astimezone(timezone.utc)
+        instant = local.astimezone(UTC)
     except OverflowError:  # the day after 9999-12-31, or an offset across year 1 or 9999
         instant = None
     except ValueError:
@@ -91,7 +91,7 @@ def parse_filters(
 ) -> Filters:
     """Validate raw query parameters. ``start``/``end`` are the ``from``/``to`` parameters."""
     zone = parse_tz(tz)
-    end_at = parse_instant("to", end, zone, end_of_day=True) if end else now.astimezone(timezone.utc)
+    end_at = parse_instant("to", end, zone, end_of_day=True) if end else now.astimezone(UTC)
     # the default range stops at the earliest instant ClickHouse stores
     start_at = parse_instant("from", start, zone, end_of_day=False) if start else max(end_at - DEFAULT_RANGE, EARLIEST)
     if start_at >= end_at:
@@ -103,9 +103,7 @@ def parse_filters(
         cleaned = tuple(dict.fromkeys(v for v in (values or []) if v != ""))
         if cleaned:
             dim_items.append((name, cleaned))
-    return Filters(
-        start=start_at, end=end_at, tz=zone, dims=tuple(sorted(dim_items)), tags=parse_tags(tags or [])
-    )
+    return Filters(start=start_at, end=end_at, tz=zone, dims=tuple(sorted(dim_items)), tags=parse_tags(tags or []))
 
 
 def parse_tags(values: list[str]) -> tuple[tuple[str, str], ...]:
@@ -150,16 +148,12 @@ def attribute_conditions(filters: Filters, params: Params, *, tag_columns: bool 
             conds.append(f"`{dim}` IN {params.add(list(values), 'Array(String)', dim)}")
     for key, value in filters.tags:
         k, v = params.add(key, "String", "tag_key"), params.add(value, "String", "tag_value")
-        conds.append(f"tag_key = {k} AND tag_value = {v}" if tag_columns else f"mapContains(tags, {k}) AND tags[{k}] = {v}")
+        conds.append(
+            f"tag_key = {k} AND tag_value = {v}" if tag_columns else f"mapContains(tags, {k}) AND tags[{k}] = {v}"
+        )
     return conds
-
-
-def millis(t: datetime) -> int:
-    """Epoch milliseconds of an instant (naive datetimes from ClickHouse are UTC)."""
-    aware = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-    return (aware - _EPOCH) // timedelta(milliseconds=1)
 
 
 def instant_param(t: datetime, params: Params, hint: str) -> str:
     """A DateTime64(3, 'UTC') value bound as epoch milliseconds (exact, whatever the server zone)."""
-    return f"fromUnixTimestamp64Milli({params.add(millis(t), 'Int64', hint)}, 'UTC')"
+    return f"fromUnixTimestamp64Milli({params.add(epoch_ms(t), 'Int64', hint)}, 'UTC')"

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
-from typing import Iterable, Iterator
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -32,7 +32,7 @@ MAX_BUCKETS = 20_000
 RAW, MINUTE, HOUR, DAY = 0, 60, 3600, 86400
 #: grains an aggregate may have, coarsest first
 AGGREGATE_GRAINS = (DAY, HOUR, MINUTE)
-_UTC = timezone.utc
+_UTC = UTC
 _EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
 
 
@@ -117,8 +117,9 @@ def bucket_starts(start: datetime, end: datetime, granularity: str, tz: ZoneInfo
     starts = list(_iter_bucket_starts(start, end, granularity, tz))
     if len(starts) > MAX_BUCKETS:
         raise InvalidField(
-            "granularity", f"{len(starts)} {granularity} buckets in this range; at most {MAX_BUCKETS}: "
-            "choose a coarser granularity or a shorter range"
+            "granularity",
+            f"{len(starts)} {granularity} buckets in this range; at most {MAX_BUCKETS}: "
+            "choose a coarser granularity or a shorter range",
         )
     return starts
 
@@ -197,11 +198,6 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
         return ts, event_id
     except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
         raise InvalidField("cursor", "not a cursor returned by this endpoint") from None
-
-
-def iso_utc(t: datetime) -> str:
-    """RFC 3339 with milliseconds; naive datetimes from ClickHouse are UTC."""
-    return (t if t.tzinfo else t.replace(tzinfo=_UTC)).isoformat(timespec="milliseconds")
 
 
 # -- money ------------------------------------------------------------------------------------

@@ -12,17 +12,23 @@ class ApiMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "spendstream_query_api_requests_total", "HTTP requests by route and status",
-            ["method", "route", "status"], registry=self.registry,
+            "spendstream_query_api_requests_total",
+            "HTTP requests by route and status",
+            ["method", "route", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "spendstream_query_api_request_seconds", "time to the response head, by route",
-            ["method", "route"], registry=self.registry,
+            "spendstream_query_api_request_seconds",
+            "time to the response head, by route",
+            ["method", "route"],
+            registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.sql_refused = Counter(
-            "spendstream_query_api_sql_refused_total", "analyst SQL statements refused, by reason",
-            ["reason"], registry=self.registry,
+            "spendstream_query_api_sql_refused_total",
+            "analyst SQL statements refused, by reason",
+            ["reason"],
+            registry=self.registry,
         )
 
 

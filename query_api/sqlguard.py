@@ -38,39 +38,117 @@ import re
 from dataclasses import dataclass
 
 from query_api.errors import QueryRefused
+from spendstream import aggregates
 
-#: Tenant-scoped views analysts may read (created by clickhouse/schema/0006_tenant_views.sql).
-TENANT_VIEWS: frozenset[str] = frozenset(
-    {
-        "usage_events", "usage_minute", "usage_hourly", "usage_daily", "usage_tags_daily", "unpriced_models",
-        "projects", "budgets", "price_overrides", "budget_alerts", "alert_deliveries",
-    }
-)
+#: Tenant-scoped views analysts may read (created by clickhouse/schema/0006_tenant_views.sql and the
+#: files adding aggregates), as the registry of aggregate tables lists them.
+TENANT_VIEWS: frozenset[str] = aggregates.TENANT_VIEWS
 #: Objects of the tenant views' database that are not for analysts; a CTE may not take their name
 #: either, as a reference outside the CTE's scope would reach the object itself.
 TENANT_DB_INTERNALS: frozenset[str] = frozenset({"current_tenant"})
 #: Table functions that generate rows and read nothing (and that ClickHouse allows under readonly=1,
 #: which zeros() for one is not).
-SAFE_TABLE_FUNCTIONS: frozenset[str] = frozenset({"numbers", "numbers_mt", "generate_series", "generateseries", "values"})
+SAFE_TABLE_FUNCTIONS: frozenset[str] = frozenset(
+    {"numbers", "numbers_mt", "generate_series", "generateseries", "values"}
+)
 #: Every table function of ClickHouse 26.9 (``system.table_functions``, lower case): on the right
 #: of IN these would be read as tables, so there only the safe ones pass.
 TABLE_FUNCTIONS: frozenset[str] = frozenset(
     {
-        "arrowstream", "azureblobstorage", "azureblobstoragecluster", "bigquery", "cluster", "clusterallreplicas",
-        "cosn", "deltalake", "deltalakeazure", "deltalakeazurecluster", "deltalakecluster", "deltalakelocal",
-        "deltalakes3", "deltalakes3cluster", "dictionary", "eval", "executable", "file", "filecluster",
-        "filesystem", "format", "fuzzjson", "fuzzquery", "gcs", "generate_series", "generaterandom",
-        "generateseries", "hdfs", "hdfscluster", "hudi", "hudicluster", "iceberg", "icebergazure",
-        "icebergazurecluster", "icebergcluster", "iceberghdfs", "iceberghdfscluster", "iceberglocal",
-        "iceberglocalcluster", "icebergs3", "icebergs3cluster", "input", "jdbc", "loop", "merge",
-        "mergetreeanalyzeindexes", "mergetreeanalyzeindexesuuid", "mergetreecodecblockcounts", "mergetreeindex",
-        "mergetreeprojection", "mergetreetextindex", "mongodb", "mysql", "null", "numbers", "numbers_mt", "odbc",
-        "oss", "paimon", "paimonazure", "paimonazurecluster", "paimoncluster", "paimonhdfs", "paimonhdfscluster",
-        "paimonlocal", "paimons3", "paimons3cluster", "postgresql", "primes", "prometheusquery",
-        "prometheusqueryrange", "python", "redis", "remote", "remotesecure", "s3", "s3cluster", "sqlite",
-        "sqlstandardvalues", "timeseriesdata", "timeseriesmetricfamilies", "timeseriesmetrics", "timeseriessamples",
-        "timeseriesselector", "timeseriestags", "url", "urlcluster", "values", "view", "viewexplain",
-        "viewifpermitted", "ytsaurus", "zeros", "zeros_mt",
+        "arrowstream",
+        "azureblobstorage",
+        "azureblobstoragecluster",
+        "bigquery",
+        "cluster",
+        "clusterallreplicas",
+        "cosn",
+        "deltalake",
+        "deltalakeazure",
+        "deltalakeazurecluster",
+        "deltalakecluster",
+        "deltalakelocal",
+        "deltalakes3",
+        "deltalakes3cluster",
+        "dictionary",
+        "eval",
+        "executable",
+        "file",
+        "filecluster",
+        "filesystem",
+        "format",
+        "fuzzjson",
+        "fuzzquery",
+        "gcs",
+        "generate_series",
+        "generaterandom",
+        "generateseries",
+        "hdfs",
+        "hdfscluster",
+        "hudi",
+        "hudicluster",
+        "iceberg",
+        "icebergazure",
+        "icebergazurecluster",
+        "icebergcluster",
+        "iceberghdfs",
+        "iceberghdfscluster",
+        "iceberglocal",
+        "iceberglocalcluster",
+        "icebergs3",
+        "icebergs3cluster",
+        "input",
+        "jdbc",
+        "loop",
+        "merge",
+        "mergetreeanalyzeindexes",
+        "mergetreeanalyzeindexesuuid",
+        "mergetreecodecblockcounts",
+        "mergetreeindex",
+        "mergetreeprojection",
+        "mergetreetextindex",
+        "mongodb",
+        "mysql",
+        "null",
+        "numbers",
+        "numbers_mt",
+        "odbc",
+        "oss",
+        "paimon",
+        "paimonazure",
+        "paimonazurecluster",
+        "paimoncluster",
+        "paimonhdfs",
+        "paimonhdfscluster",
+        "paimonlocal",
+        "paimons3",
+        "paimons3cluster",
+        "postgresql",
+        "primes",
+        "prometheusquery",
+        "prometheusqueryrange",
+        "python",
+        "redis",
+        "remote",
+        "remotesecure",
+        "s3",
+        "s3cluster",
+        "sqlite",
+        "sqlstandardvalues",
+        "timeseriesdata",
+        "timeseriesmetricfamilies",
+        "timeseriesmetrics",
+        "timeseriessamples",
+        "timeseriesselector",
+        "timeseriestags",
+        "url",
+        "urlcluster",
+        "values",
+        "view",
+        "viewexplain",
+        "viewifpermitted",
+        "ytsaurus",
+        "zeros",
+        "zeros_mt",
     }
 )
 #: Functions that read data or files outside the tables of the query, or stall a worker.
@@ -78,10 +156,26 @@ TABLE_FUNCTIONS: frozenset[str] = frozenset(
 #: starting with "__" are the analyzer's own (e.g. __getScalar), not meant to be called.
 FORBIDDEN_FUNCTIONS: frozenset[str] = frozenset(
     {
-        "joinget", "joingetornull", "file", "catboostevaluate", "naivebayesclassifier", "hascolumnintable",
-        "sleep", "sleepeachrow", "getserversetting", "getmergetreesetting", "addresstoline",
-        "addresstolinewithinlines", "addresstosymbol", "demangle", "getclienthttpheader", "filesystemcapacity",
-        "filesystemavailable", "filesystemunreserved", "getsubcolumn", "getmacro",
+        "joinget",
+        "joingetornull",
+        "file",
+        "catboostevaluate",
+        "naivebayesclassifier",
+        "hascolumnintable",
+        "sleep",
+        "sleepeachrow",
+        "getserversetting",
+        "getmergetreesetting",
+        "addresstoline",
+        "addresstolinewithinlines",
+        "addresstosymbol",
+        "demangle",
+        "getclienthttpheader",
+        "filesystemcapacity",
+        "filesystemavailable",
+        "filesystemunreserved",
+        "getsubcolumn",
+        "getmacro",
     }
 )
 #: Databases no statement may name, whatever the position (compared case-insensitively; the
@@ -102,8 +196,9 @@ def _refuse(reason: str, message: str) -> QueryRefused:
 
 def _not_available(name: str) -> QueryRefused:
     return _refuse(
-        "table", f"table {name} is not available (statement refused): only the tenant views can be queried: "
-        f"{', '.join(sorted(TENANT_VIEWS))}"
+        "table",
+        f"table {name} is not available (statement refused): only the tenant views can be queried: "
+        f"{', '.join(sorted(TENANT_VIEWS))}",
     )
 
 
@@ -330,8 +425,27 @@ _FROM_IN_ARGUMENTS = frozenset({"extract", "substring", "trim", "overlay"})
 _IN_IN_ARGUMENTS = frozenset({"position"})
 _CLAUSES = frozenset(
     {
-        "SELECT", "FROM", "WHERE", "PREWHERE", "GROUP", "HAVING", "ORDER", "LIMIT", "OFFSET", "WINDOW", "QUALIFY",
-        "ON", "USING", "UNION", "EXCEPT", "INTERSECT", "SETTINGS", "FORMAT", "WITH", "SAMPLE", "INTO",
+        "SELECT",
+        "FROM",
+        "WHERE",
+        "PREWHERE",
+        "GROUP",
+        "HAVING",
+        "ORDER",
+        "LIMIT",
+        "OFFSET",
+        "WINDOW",
+        "QUALIFY",
+        "ON",
+        "USING",
+        "UNION",
+        "EXCEPT",
+        "INTERSECT",
+        "SETTINGS",
+        "FORMAT",
+        "WITH",
+        "SAMPLE",
+        "INTO",
     }
 )
 _STATEMENT_STARTS = frozenset({"SELECT", "WITH", "FROM"})
@@ -424,7 +538,8 @@ class _TextCheck:
         if position == "table" and called:
             if len(parts) != 1 or name.lower() not in SAFE_TABLE_FUNCTIONS:
                 raise _refuse(
-                    "table_function", f"table function {name}() is not allowed (allowed: {', '.join(sorted(SAFE_TABLE_FUNCTIONS))})"
+                    "table_function",
+                    f"table function {name}() is not allowed (allowed: {', '.join(sorted(SAFE_TABLE_FUNCTIONS))})",
                 )
         elif position == "in" and called:
             if name.lower() in TABLE_FUNCTIONS and name.lower() not in SAFE_TABLE_FUNCTIONS:
@@ -550,7 +665,10 @@ def _name(text: str) -> str:
 
 
 def check_ast(
-    lines: list[str], tenant_db: str, ctes: frozenset[str] = frozenset(), foreign_databases: frozenset[str] = frozenset()
+    lines: list[str],
+    tenant_db: str,
+    ctes: frozenset[str] = frozenset(),
+    foreign_databases: frozenset[str] = frozenset(),
 ) -> None:
     """Refuse a statement whose syntax tree reaches outside the tenant views (see module doc).
 
@@ -564,14 +682,20 @@ def check_ast(
         # EXPLAIN AST answers in TabSeparated, one node name per line, unless the statement's own
         # FORMAT clause chose another output format for it (an INSERT's canonical text has one too)
         raise _refuse(
-            "clause", "only SELECT statements are allowed, without FORMAT, INTO OUTFILE or SETTINGS clauses; "
-            "choose the format with the request"
+            "clause",
+            "only SELECT statements are allowed, without FORMAT, INTO OUTFILE or SETTINGS clauses; "
+            "choose the format with the request",
         )
     if root.kind not in _STATEMENT_ROOTS:
-        raise _refuse("statement", f"only SELECT statements are allowed (got {root.kind.removesuffix('Query') or 'an empty statement'})")
+        raise _refuse(
+            "statement",
+            f"only SELECT statements are allowed (got {root.kind.removesuffix('Query') or 'an empty statement'})",
+        )
     # the root's children are the union list, then FORMAT / INTO OUTFILE / SETTINGS when present
     if sum(1 for n in nodes if n.depth == root.depth + 1) != 1:
-        raise _refuse("clause", "FORMAT, INTO OUTFILE and SETTINGS clauses are not allowed; choose the format with the request")
+        raise _refuse(
+            "clause", "FORMAT, INTO OUTFILE and SETTINGS clauses are not allowed; choose the format with the request"
+        )
     foreign = SYSTEM_DATABASES | {d.lower() for d in foreign_databases}
     for i, node in enumerate(nodes):
         if node.kind == "Set":
@@ -587,7 +711,8 @@ def check_ast(
             if _is_table_function(nodes, i):
                 if name.lower() not in SAFE_TABLE_FUNCTIONS:
                     raise _refuse(
-                        "table_function", f"table function {name}() is not allowed (allowed: {', '.join(sorted(SAFE_TABLE_FUNCTIONS))})"
+                        "table_function",
+                        f"table function {name}() is not allowed (allowed: {', '.join(sorted(SAFE_TABLE_FUNCTIONS))})",
                     )
             elif _is_forbidden_function(name):
                 raise _refuse("function", f"function {name}() is not allowed: it reads data outside the tenant views")
@@ -648,7 +773,7 @@ def _field(text: str, key: str) -> str | None:
     at = text.find(marker)
     if at == -1:
         return None
-    return text[at + len(marker):]
+    return text[at + len(marker) :]
 
 
 def check_query_tree(lines: list[str], tenant_db: str) -> None:
@@ -658,8 +783,9 @@ def check_query_tree(lines: list[str], tenant_db: str) -> None:
             value = _field(node.text, "table_name")
             if value is None or not _is_tenant_view(value, tenant_db):
                 raise _refuse(
-                    "table", f"the statement reads {(value or '?').split(',')[0]!r}; only the tenant views "
-                    f"({', '.join(sorted(TENANT_VIEWS))}) are available"
+                    "table",
+                    f"the statement reads {(value or '?').split(',')[0]!r}; only the tenant views "
+                    f"({', '.join(sorted(TENANT_VIEWS))}) are available",
                 )
         elif node.kind == "TABLE_FUNCTION":
             name = (_field(node.text, "table_function_name") or "?").split(",")[0]
@@ -677,7 +803,7 @@ def _is_tenant_view(value: str, tenant_db: str) -> bool:
         return True
     if not value.startswith(prefix):
         return False
-    rest = value[len(prefix):]
+    rest = value[len(prefix) :]
     table = rest.split(",", 1)[0]
     return table in TENANT_VIEWS
 

@@ -3,9 +3,9 @@ keys and measures. Pure string building; every value from a request is a bound p
 
 A query is the UNION ALL of one sub-select per table that answers some segment of the range (see
 ``logic.plan_segments``), each summing the measures of its own rows, and an outer select adding
-them up per key. The aggregates
-(``usage_minute``/``usage_hourly``/``usage_daily``/``usage_tags_daily``, kept by materialized
-views) hold partial sums until merged, so they are always read with ``sum()`` and GROUP BY.
+them up per key. The tables that can answer are the time-bucketed usage aggregates of the registry
+(``spendstream.aggregates``, kept by materialized views); they hold partial sums until merged, so
+they are always read with ``sum()`` and GROUP BY.
 
 Cost sums are Int128 everywhere (clickhouse/schema/0009_*.sql): the aggregates' cost columns are,
 and sums over ``usage_events`` (Int64 per event) widen each value first, since 9,224 events at
@@ -21,32 +21,26 @@ from zoneinfo import ZoneInfo
 
 from query_api.errors import InvalidField
 from query_api.filters import DIMENSIONS, Filters, Params, attribute_conditions, instant_param, tenant_condition
-from query_api.logic import DAY, HOUR, MINUTE, RAW, coarsest_grain, plan_segments
+from query_api.logic import RAW, coarsest_grain, plan_segments
+from spendstream.aggregates import AGGREGATES as REGISTRY
+from spendstream.aggregates import COST_COLUMNS as COST_COLUMNS  # the routers' names for them
+from spendstream.aggregates import RAW_TABLE, USAGE_MEASURES, Aggregate
+from spendstream.aggregates import TOKEN_COLUMNS as TOKEN_COLUMNS
 
-TOKEN_COLUMNS = (
-    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens",
-    "reasoning_tokens", "input_audio_tokens", "output_audio_tokens",
-)
-COST_COLUMNS = (
-    "cost_nanos", "cost_input_nanos", "cost_output_nanos", "cost_cache_read_nanos", "cost_cache_write_nanos",
-    "cost_reasoning_nanos", "cost_input_audio_nanos", "cost_output_audio_nanos", "cost_request_nanos",
-)
-#: events stored at cost 0 without a usable price, as the aggregates' ``unpriced`` counts them
-UNPRICED_STATUSES = ("unknown_model", "cost_over_cap")
-#: measure -> (expression over an aggregate table, expression over usage_events)
-MEASURES: dict[str, tuple[str, str]] = {
-    "calls": ("sum(calls)", "count()"),
-    "errors": ("sum(errors)", "countIf(status = 'error')"),
-    "unpriced": ("sum(unpriced)", f"countIf(pricing_status IN {UNPRICED_STATUSES!r})"),
-    **{c: (f"sum({c})", f"sum({c})") for c in TOKEN_COLUMNS},
-    **{c: (f"sum({c})", f"sum(toInt128({c}))") for c in COST_COLUMNS},
-    "latency_ms_sum": ("sum(latency_ms_sum)", "sum(ifNull(latency_ms, 0))"),
-    "latency_count": ("sum(latency_count)", "count(latency_ms)"),
-}
+#: measure -> (expression over an aggregate table, expression over usage_events); the usage
+#: measures that add up (the uniq states do not)
+MEASURES: dict[str, tuple[str, str]] = {m.name: (m.read, m.expression) for m in USAGE_MEASURES if m.merge == "sum"}
 #: what timeseries and breakdowns show. Every measure is a column read from each aggregate row, and
 #: on a 90-day range that read is most of a query's time: the full set costs about twice this one.
 CORE_MEASURES: tuple[str, ...] = (
-    "calls", "errors", "unpriced", "cost_nanos", "input_tokens", "output_tokens", "latency_ms_sum", "latency_count",
+    "calls",
+    "errors",
+    "unpriced",
+    "cost_nanos",
+    "input_tokens",
+    "output_tokens",
+    "latency_ms_sum",
+    "latency_count",
 )
 #: the overview adds every token class
 OVERVIEW_MEASURES: tuple[str, ...] = CORE_MEASURES + tuple(c for c in TOKEN_COLUMNS if c not in CORE_MEASURES)
@@ -60,16 +54,22 @@ class Source:
     dims: frozenset[str]
     #: rows are per (tag_key, tag_value): answers at most one tag (a filter or a breakdown key)
     tagged: bool = False
+    measures: frozenset[str] = frozenset(MEASURES)
 
 
-_ALL_BUT_USER = frozenset(DIMENSIONS) - {"user"}
-RAW_SOURCE = Source("usage_events", RAW, "timestamp", frozenset(DIMENSIONS))
-AGGREGATES: tuple[Source, ...] = (
-    Source("usage_daily", DAY, "bucket", frozenset(DIMENSIONS)),
-    Source("usage_hourly", HOUR, "bucket", frozenset(DIMENSIONS)),
-    Source("usage_minute", MINUTE, "bucket", _ALL_BUT_USER),
-    Source("usage_tags_daily", DAY, "bucket", _ALL_BUT_USER, tagged=True),
-)
+def _answers_usage(a: Aggregate) -> bool:
+    """Time buckets per tenant over every event (or over every tag of every event)."""
+    return a.grain is not None and a.key[0] == "tenant" and (a.counts_every_event or a.tagged)
+
+
+RAW_SOURCE = Source(RAW_TABLE, RAW, "timestamp", frozenset(DIMENSIONS))
+#: the registry's usage aggregates; for one query and grain the first that can answer it is read
+AGGREGATES: tuple[Source, ...] = tuple(
+    Source(a.table, a.grain.seconds, "bucket", frozenset(DIMENSIONS) & set(a.key), a.tagged,
+           frozenset(MEASURES) & a.measure_names)
+    for a in REGISTRY
+    if _answers_usage(a)
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,8 @@ def eligible_sources(q: UsageQuery) -> dict[int, Source]:
     chosen: dict[int, Source] = {}
     for src in AGGREGATES:
         if src.grain > coarsest or not needed <= src.dims or src.tagged != bool(tag_keys):
+            continue
+        if not set(q.measures) <= src.measures:
             continue
         chosen.setdefault(src.grain, src)
     return chosen
@@ -185,9 +187,7 @@ def _source_select(
     return sql
 
 
-def build_usage_query(
-    q: UsageQuery, tenant: str, *, order_by: str | None = None, limit: int | None = None
-) -> Built:
+def build_usage_query(q: UsageQuery, tenant: str, *, order_by: str | None = None, limit: int | None = None) -> Built:
     """The SQL answering ``q`` for ``tenant``: one row per key (bucket and/or group), ``q.measures``.
 
     Segments of the same grain (the two ragged ends of a range) share one sub-select: every

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+
+from stream_processors.stages import STAGES
 
 app = typer.Typer(
     help="Spendstream: track what AI agent fleets spend on model APIs.",
@@ -56,7 +58,7 @@ def embedded_kafka(port: Annotated[int, typer.Option(help="listen port")] = 9092
 @app.command("embedded-clickhouse")
 def embedded_clickhouse(
     port: Annotated[int, typer.Option(help="listen port")] = 8123,
-    path: Annotated[Optional[str], typer.Option(help="chDB data directory")] = None,
+    path: Annotated[str | None, typer.Option(help="chDB data directory")] = None,
     host: Annotated[str, typer.Option(help="listen address")] = "127.0.0.1",
 ) -> None:
     """Serve ClickHouse's HTTP interface on top of chDB (embedded ClickHouse)."""
@@ -69,7 +71,7 @@ def embedded_clickhouse(
 @app.command()
 def migrate(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would be applied")] = False,
-    cluster: Annotated[Optional[str], typer.Option(help="apply the derived ON CLUSTER schema")] = None,
+    cluster: Annotated[str | None, typer.Option(help="apply the derived ON CLUSTER schema")] = None,
 ) -> None:
     """Apply clickhouse/schema/*.sql in order; refuses if an applied file was edited."""
     from spendstream.migrate import main as migrate_main
@@ -105,9 +107,9 @@ def query_api() -> None:
 
 @app.command()
 def processors(
-    stages: Annotated[
-        str, typer.Option(help="comma list of stages: pricing,budgets,notify,sink (default all)")
-    ] = "pricing,budgets,notify,sink",
+    stages: Annotated[str, typer.Option(help=f"comma list of stages: {','.join(STAGES)} (default all)")] = ",".join(
+        STAGES
+    ),
 ) -> None:
     """Run the Faust stream processors (one worker process)."""
     from stream_processors.main import run
@@ -139,23 +141,39 @@ def simulate(
     agents: int = 10,
     users: int = 20,
     runaway: Annotated[bool, typer.Option(help="one agent sends half of all traffic")] = False,
-    record: Annotated[Optional[str], typer.Option(help="append every acknowledged event here (NDJSON), the truth of the run")] = None,
-    gateway_url: Annotated[Optional[str], typer.Option(envvar="SPENDSTREAM_GATEWAY_URL")] = None,
+    record: Annotated[
+        str | None, typer.Option(help="append every acknowledged event here (NDJSON), the truth of the run")
+    ] = None,
+    gateway_url: Annotated[str | None, typer.Option(envvar="SPENDSTREAM_GATEWAY_URL")] = None,
     api_key: Annotated[
-        Optional[str], typer.Option(envvar="SPENDSTREAM_API_KEY", help="API key; comma-separate one per tenant")
+        str | None, typer.Option(envvar="SPENDSTREAM_API_KEY", help="API key; comma-separate one per tenant")
     ] = None,
     progress: Annotated[bool, typer.Option(help="live progress bar")] = True,
     seed: Annotated[int, typer.Option(help="random seed of the fleet")] = 7,
-    burst_every: Annotated[float, typer.Option(help="every this many seconds, 2 s at 4x the rate (0 = no bursts)")] = 0.0,
+    burst_every: Annotated[
+        float, typer.Option(help="every this many seconds, 2 s at 4x the rate (0 = no bursts)")
+    ] = 0.0,
 ) -> None:
     """Send realistic fleet traffic to the gateway, with a live progress bar."""
     from spendstream.simulate import run_cli
 
     sys.exit(
         run_cli(
-            rate=rate, duration=duration, events=events, batch=batch, tenants=tenants, projects=projects,
-            agents=agents, users=users, runaway=runaway, record=record, gateway_url=gateway_url, api_key=api_key,
-            progress=progress, seed=seed, burst_every=burst_every,
+            rate=rate,
+            duration=duration,
+            events=events,
+            batch=batch,
+            tenants=tenants,
+            projects=projects,
+            agents=agents,
+            users=users,
+            runaway=runaway,
+            record=record,
+            gateway_url=gateway_url,
+            api_key=api_key,
+            progress=progress,
+            seed=seed,
+            burst_every=burst_every,
         )
     )
 

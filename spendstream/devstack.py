@@ -27,31 +27,24 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
-from spendstream.embedded import free_port, free_port_run
+from spendstream.ports import free_port, free_port_run
 from spendstream.settings import Settings, settings_env
+from stream_processors.stages import STAGES
 
 log = logging.getLogger("spendstream.dev")
 
-#: stream stages, each run as its own worker process so one can be killed on purpose
-STAGES = ("pricing", "budgets", "notify", "sink")
 #: started first, in this order; everything else needs them
 INFRASTRUCTURE = ("kafka", "clickhouse")
 STOP_GRACE_S = 10.0
 
-__all__ = ["STAGES", "Stack", "child_env", "free_port", "implemented_stages", "local_settings", "run_dev"]
-
-
-def implemented_stages() -> tuple[str, ...]:
-    """The stages whose package has its ``agents`` module (all of them, once the product is whole)."""
-    from importlib.util import find_spec
-
-    return tuple(stage for stage in STAGES if find_spec(f"stream_processors.{stage}.agents") is not None)
+__all__ = ["Stack", "child_env", "local_settings", "run_dev"]
 
 
 def _http_ok(url: str) -> Callable[[], bool]:
@@ -124,24 +117,41 @@ class Stack:
             port = s.kafka.embedded_port
             listener = f"tcp://127.0.0.1:{port}"
             comps.append(
-                Component("kafka", [resolve_binary(s.kafka.broker_bin or None), "broker", "--listener-url", listener,
-                                    "--advertised-listener-url", listener],
-                          _tcp_ok(port), after_start=self._on_broker_start)
+                Component(
+                    "kafka",
+                    [
+                        resolve_binary(s.kafka.broker_bin or None),
+                        "broker",
+                        "--listener-url",
+                        listener,
+                        "--advertised-listener-url",
+                        listener,
+                    ],
+                    _tcp_ok(port),
+                    after_start=self._on_broker_start,
+                )
             )
         if s.clickhouse.embedded:
             port = s.clickhouse.embedded_port
             path = str(Path(s.clickhouse.data_path).resolve())
             comps.append(
-                Component("clickhouse", cli + ["embedded-clickhouse", "--port", str(port), "--path", path],
-                          _http_ok(f"http://127.0.0.1:{port}/ping"), after_start=self._migrate)
+                Component(
+                    "clickhouse",
+                    cli + ["embedded-clickhouse", "--port", str(port), "--path", path],
+                    _http_ok(f"http://127.0.0.1:{port}/ping"),
+                    after_start=self._migrate,
+                )
             )
         comps.append(Component("gateway", cli + ["gateway"], _http_ok(self.gateway_url + "/readyz")))
         for i, stage in enumerate(STAGES):
             web_port = s.processors.web_port + i
             comps.append(
-                Component(stage, cli + ["processors", "--stages", stage],
-                          _http_ok(f"http://127.0.0.1:{web_port}/healthz"),
-                          env={"SPENDSTREAM_PROCESSORS__WEB_PORT": str(web_port)})
+                Component(
+                    stage,
+                    cli + ["processors", "--stages", stage],
+                    _http_ok(f"http://127.0.0.1:{web_port}/healthz"),
+                    env={"SPENDSTREAM_PROCESSORS__WEB_PORT": str(web_port)},
+                )
             )
         comps.append(Component("query-api", cli + ["query-api"], _http_ok(self.query_url + "/readyz")))
         return comps
@@ -218,8 +228,10 @@ class Stack:
         finally:
             client.close()
         self._note("clickhouse", "broker-log-reset (ingest_progress truncated)")
-        log.warning("embedded broker started with a new, empty log: ingest_progress emptied so the sink "
-                    "does not take new offsets for replays")
+        log.warning(
+            "embedded broker started with a new, empty log: ingest_progress emptied so the sink "
+            "does not take new offsets for replays"
+        )
 
     # -- process control --------------------------------------------------------------------
     def _note(self, name: str, what: str) -> None:
@@ -231,8 +243,12 @@ class Stack:
         comp.ready = False
         logf = open(self.log_dir / f"{comp.name}.log", "ab")
         comp.proc = subprocess.Popen(
-            comp.argv, env={**os.environ, **self.env, **comp.env}, stdin=subprocess.DEVNULL, stdout=logf,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            comp.argv,
+            env={**os.environ, **self.env, **comp.env},
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         comp.paused = False
         logf.close()
@@ -242,7 +258,9 @@ class Stack:
         needs = [c for c in self._components.values() if c.name in INFRASTRUCTURE and c is not comp]
         while not comp.healthy():
             if comp.proc is not None and comp.proc.poll() is not None:
-                raise RuntimeError(f"{comp.name} exited with {comp.proc.returncode}; see {self.log_dir / comp.name}.log")
+                raise RuntimeError(
+                    f"{comp.name} exited with {comp.proc.returncode}; see {self.log_dir / comp.name}.log"
+                )
             if comp.name not in INFRASTRUCTURE and any(c.proc is not None and c.proc.poll() is not None for c in needs):
                 # waiting would not help: the supervisor's next sweep restarts the broker/ClickHouse first
                 raise RuntimeError(f"{comp.name}: a component it needs died meanwhile")
@@ -271,7 +289,7 @@ class Stack:
         self._wait_healthy(comp, timeout)
         self._note(name, "started")
 
-    def start(self, timeout: float = 90.0, supervise: bool = True) -> "Stack":
+    def start(self, timeout: float = 90.0, supervise: bool = True) -> Stack:
         infrastructure = [n for n in INFRASTRUCTURE if n in self._components]
         for name in infrastructure:
             log.info("starting %s", name)
@@ -356,8 +374,7 @@ class Stack:
                         continue
                     comp.restarts += 1
                     self._note(comp.name, f"died (exit {comp.proc.returncode})")
-                    log.warning("%s died (exit %s); restarting (#%d)", comp.name, comp.proc.returncode,
-                                comp.restarts)
+                    log.warning("%s died (exit %s); restarting (#%d)", comp.name, comp.proc.returncode, comp.restarts)
                     try:
                         self._spawn(comp)
                         self._wait_healthy(comp, 90.0)
@@ -372,7 +389,7 @@ class Stack:
         for comp in reversed(list(self._components.values())):
             self._terminate(comp)
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         try:
             return self.start()
         except BaseException:
@@ -394,14 +411,14 @@ def child_env(settings: Settings) -> dict[str, str]:
     env["SPENDSTREAM_CLICKHOUSE__URL"] = s.clickhouse_url
     if s.env == "dev":
         # local webhook receivers are normal in development
-        env["SPENDSTREAM_PROCESSORS__WEBHOOK_ALLOW_PRIVATE"] = "true"
+        env["SPENDSTREAM_NOTIFY__WEBHOOK__ALLOW_PRIVATE"] = "true"
     return env
 
 
 def local_settings(data_dir: Path, **overrides: Any) -> Settings:
     """Settings for a stack of its own under ``data_dir`` (tests, benchmarks): embedded broker and
     ClickHouse, a free port for everything, ``env="dev"``. Nested sections are given as dicts
-    and merged over these, e.g. ``local_settings(d, processors={"sink_batch_seconds": 0.2})``."""
+    and merged over these, e.g. ``local_settings(d, sink={"batch_seconds": 0.2})``."""
     base: dict[str, Any] = {
         "env": "dev",
         "data_dir": str(data_dir),
@@ -476,8 +493,8 @@ def run_dev(demo: bool = False) -> int:
         f"  API key     {key}   (tenant {settings.bootstrap_tenant}; scopes ingest, read, admin)\n"
         f"  written to  {data_dir / 'dev.env'}\n"
         "Try:\n"
-        f"  curl -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"project\":\"demo\",\"provider\":\"openai\","
-        f"\"model\":\"gpt-4o\",\"input_tokens\":1000,\"output_tokens\":200}}' {stack.gateway_url}/v1/events\n"
+        f'  curl -H \'Authorization: Bearer {key}\' -H \'Content-Type: application/json\' -d \'{{"project":"demo","provider":"openai",'
+        f'"model":"gpt-4o","input_tokens":1000,"output_tokens":200}}\' {stack.gateway_url}/v1/events\n'
         f"  curl -H 'Authorization: Bearer {key}' {stack.query_url}/v1/analytics/overview\n",
         flush=True,
     )
@@ -485,8 +502,10 @@ def run_dev(demo: bool = False) -> int:
     if demo:
         demo_proc = subprocess.Popen(
             [sys.executable, "-m", "spendstream.cli", "simulate", "--rate", "50", "--no-progress"],
-            env={**os.environ, **dev_env}, stdout=open(data_dir / "logs" / "simulate.log", "ab"),
-            stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **dev_env},
+            stdout=open(data_dir / "logs" / "simulate.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     stopping.wait()
     log.info("stopping")

@@ -26,7 +26,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from spendstream.settings import Settings
@@ -78,7 +78,9 @@ def parse_scopes(scopes: str | Iterable[str]) -> list[str]:
     out = sorted({s.strip().lower() for s in items if s.strip()})
     unknown = [s for s in out if s not in SCOPES]
     if unknown or not out:
-        raise InvalidKeyRequest(f"scopes must be a non-empty subset of {','.join(SCOPES)}; got {','.join(items) or '(none)'}")
+        raise InvalidKeyRequest(
+            f"scopes must be a non-empty subset of {','.join(SCOPES)}; got {','.join(items) or '(none)'}"
+        )
     return out
 
 
@@ -110,7 +112,7 @@ def create_key(client: Any, tenant: str, scopes: str | Iterable[str], name: str 
     client.insert(
         TABLE,
         [[key_id, tenant, name, hash_key(key).hex(), key[: len(KEY_PREFIX) + 1 + len(key_id)], scope_list,
-          datetime.now(timezone.utc), None, _version()]],
+          datetime.now(UTC), None, _version()]],
         column_names=["id", "tenant", "name", "key_hash", "prefix", "scopes", "created_at", "revoked_at", "version"],
     )  # fmt: skip
     return key_id, key
@@ -147,14 +149,16 @@ def revoke_key(client: Any, key_id: str, tenant: str | None = None) -> bool:
         return False
     client.insert(
         TABLE,
-        [[*rows[0], datetime.now(timezone.utc), _version()]],
+        [[*rows[0], datetime.now(UTC), _version()]],
         column_names=["id", "tenant", "name", "key_hash", "prefix", "scopes", "created_at", "revoked_at", "version"],
     )
     return True
 
 
 def load_live_keys(client: Any) -> list[StoredKey]:
-    rows = client.query(f"SELECT id, tenant, name, key_hash, scopes FROM {TABLE} FINAL WHERE revoked_at IS NULL").result_rows
+    rows = client.query(
+        f"SELECT id, tenant, name, key_hash, scopes FROM {TABLE} FINAL WHERE revoked_at IS NULL"
+    ).result_rows
     return [
         StoredKey(Principal(key_id, tenant, frozenset(scopes), name), bytes.fromhex(key_hash))
         for key_id, tenant, name, key_hash, scopes in rows
@@ -244,7 +248,9 @@ class KeyStore:
     ) -> None:
         self._load = load
         self._bootstrap = (
-            StoredKey(Principal("bootstrap", bootstrap_tenant, frozenset(SCOPES), "bootstrap admin"), hash_key(bootstrap_key))
+            StoredKey(
+                Principal("bootstrap", bootstrap_tenant, frozenset(SCOPES), "bootstrap admin"), hash_key(bootstrap_key)
+            )
             if bootstrap_key
             else None
         )
@@ -261,7 +267,9 @@ class KeyStore:
         self.last_success: float | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, load: Callable[[], Awaitable[list[StoredKey]]] | None, **kw: Any) -> KeyStore:
+    def from_settings(
+        cls, settings: Settings, load: Callable[[], Awaitable[list[StoredKey]]] | None, **kw: Any
+    ) -> KeyStore:
         return cls(
             load,
             bootstrap_key=settings.bootstrap_admin_key.get_secret_value(),
@@ -309,7 +317,9 @@ class KeyStore:
             # one warning per outage, not one per refresh period; metrics count every failure
             log.log(
                 logging.WARNING if self._healthy else logging.DEBUG,
-                "API key reload failed, serving %d cached keys: %s", len(self._by_id), exc,
+                "API key reload failed, serving %d cached keys: %s",
+                len(self._by_id),
+                exc,
             )
             self._healthy = False
             if self._on_reload:
@@ -345,7 +355,7 @@ class KeyStore:
             self._last_miss_reload = now
             try:
                 await asyncio.wait_for(self.reload(), self._miss_wait_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return None
             return self.lookup(key)
         return None

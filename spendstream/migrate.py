@@ -1,5 +1,9 @@
 """`spendstream migrate`: apply clickhouse/schema/NNNN_name.sql in order, forward only.
 
+The files ship inside the package as ``spendstream/schema/`` (a link to clickhouse/schema/ in the
+repository, followed when the wheel is built) and are read with importlib.resources, so an
+installed wheel migrates from anywhere, like a checkout.
+
 Each applied file is recorded with its SHA-256 in ``schema_migrations``; a run refuses to start
 when an applied file's checksum changed (edit a schema by adding a file, never by editing one).
 Files use ``{db}`` for the database, substituted with ``settings.clickhouse.database``; every
@@ -30,12 +34,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 
 from spendstream.schema_cluster import cluster_statements, validate_cluster_name
-from spendstream.settings import REPO_ROOT, Settings
+from spendstream.settings import Settings
 
-SCHEMA_DIR = REPO_ROOT / "clickhouse" / "schema"
+SCHEMA_DIR: Traversable = files("spendstream") / "schema"
 MIGRATION_FILE = re.compile(r"^\d{4}_[a-z0-9_]+\.sql$")
 DATABASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -81,13 +86,13 @@ class Migration:
         return split_statements(self.sql)
 
 
-def load_migrations(schema_dir: Path = SCHEMA_DIR) -> list[Migration]:
-    files = sorted(p for p in schema_dir.iterdir() if p.suffix == ".sql")
-    bad = [p.name for p in files if not MIGRATION_FILE.match(p.name)]
+def load_migrations(schema_dir: Traversable = SCHEMA_DIR) -> list[Migration]:
+    sql_files = sorted((p for p in schema_dir.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
+    bad = [p.name for p in sql_files if not MIGRATION_FILE.match(p.name)]
     if bad:
         raise MigrationError(f"schema files must be named NNNN_name.sql: {', '.join(bad)}")
     migrations = []
-    for path in files:
+    for path in sql_files:
         data = path.read_bytes()
         migrations.append(Migration(path.name, data.decode(), hashlib.sha256(data).hexdigest()))
     return migrations
@@ -227,7 +232,7 @@ def apply_migrations(
     *,
     cluster: str | None = None,
     dry_run: bool = False,
-    schema_dir: Path = SCHEMA_DIR,
+    schema_dir: Traversable = SCHEMA_DIR,
     lock_timeout_s: float = 600.0,
     lock_stale_after_s: float = 120.0,
     echo: Callable[[str], None] = print,
@@ -318,7 +323,9 @@ def _check_applied(applied: dict[str, str], migrations: list[Migration]) -> None
     on_disk = {m.name: m for m in migrations}
     for name, checksum in sorted(applied.items()):
         if name not in on_disk:
-            raise MigrationError(f"{name} was applied but is missing from the schema directory; schema files are forward-only")
+            raise MigrationError(
+                f"{name} was applied but is missing from the schema directory; schema files are forward-only"
+            )
         if on_disk[name].checksum != checksum:
             raise MigrationError(
                 f"{name} was edited after it was applied (sha256 {checksum[:12]}… in schema_migrations, "

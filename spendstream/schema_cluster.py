@@ -47,7 +47,9 @@ LOCAL_SUFFIX = "_local"
 
 CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _CREATE_DATABASE = re.compile(r"^CREATE\s+DATABASE\s+IF\s+NOT\s+EXISTS\s+(\S+)(.*)$", re.S | re.I)
-_CREATE_VIEW = re.compile(r"^(CREATE\s+VIEW\s+IF\s+NOT\s+EXISTS|CREATE\s+OR\s+REPLACE\s+VIEW)\s+(\S+)\s+(AS\s.*)$", re.S | re.I)
+_CREATE_VIEW = re.compile(
+    r"^(CREATE\s+VIEW\s+IF\s+NOT\s+EXISTS|CREATE\s+OR\s+REPLACE\s+VIEW)\s+(\S+)\s+(AS\s.*)$", re.S | re.I
+)
 _CREATE_TABLE = re.compile(r"^CREATE\s+TABLE\s+IF\s+NOT\s+EXISTS\s+\{db\}\.(\w+)\s*(\(.*)$", re.S | re.I)
 _CREATE_MV = re.compile(
     r"^CREATE\s+MATERIALIZED\s+VIEW\s+IF\s+NOT\s+EXISTS\s+(\{db\}\.\w+)\s+TO\s+\{db\}\.(\w+)\s+(AS\s.*)$", re.S | re.I

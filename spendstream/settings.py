@@ -1,20 +1,60 @@
 """One typed configuration for every Spendstream process.
 
 Environment variables use the prefix ``SPENDSTREAM_`` and ``__`` between nested sections,
-e.g. ``SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS`` or ``SPENDSTREAM_CLICKHOUSE__URL``.
-Empty URLs mean "use the embedded stack" (see ``spendstream dev``).
+e.g. ``SPENDSTREAM_KAFKA__BOOTSTRAP_SERVERS``, ``SPENDSTREAM_CLICKHOUSE__URL`` or
+``SPENDSTREAM_NOTIFY__SMTP__HOST``. Empty URLs mean "use the embedded stack" (see ``spendstream dev``).
+
+Sections: ``kafka``, ``clickhouse``, ``gateway``, ``query_api``; then one per domain --
+``pricing`` (the pricing stage: dedupe window, overrides reload), ``budgets`` (configs reload, the
+budgets stage's batch window and lateness), ``notify`` (alert delivery: ``notify.webhook`` and
+``notify.smtp``), ``sink`` (batching of ClickHouse inserts) -- and ``processors`` for what concerns
+the stream processors as a whole (generic batch size/window, the Faust web port).
+
+Renamed settings (this release still accepts the old names)
+------------------------------------------------------------
+Until this release the domain settings were flat fields of ``processors``. Each old name, as an
+environment variable or as a keyword (``Settings(processors={"sink_batch_rows": 1})``), is still
+read and mapped to its new field, with a ``DeprecationWarning`` and a logged warning naming the
+new name; when both the old and the new name are given, the new one wins (the old is ignored,
+with a warning). ``settings_env`` and ``spendstream check-config`` only ever show the new names.
+The table is :data:`RENAMED_SETTINGS`:
+
+=========================================================  ==================================================
+old (deprecated)                                           new
+=========================================================  ==================================================
+``SPENDSTREAM_PROCESSORS__DEDUPE_WINDOW_HOURS``            ``SPENDSTREAM_PRICING__DEDUPE_WINDOW_HOURS``
+``SPENDSTREAM_PROCESSORS__BUDGETS_RELOAD_S``               ``SPENDSTREAM_BUDGETS__RELOAD_S``
+``SPENDSTREAM_PROCESSORS__BUDGETS_BATCH_SECONDS``          ``SPENDSTREAM_BUDGETS__BATCH_SECONDS``
+``SPENDSTREAM_PROCESSORS__ALLOWED_LATENESS_HOURS``         ``SPENDSTREAM_BUDGETS__ALLOWED_LATENESS_HOURS``
+``SPENDSTREAM_PROCESSORS__SINK_BATCH_ROWS``                ``SPENDSTREAM_SINK__BATCH_ROWS``
+``SPENDSTREAM_PROCESSORS__SINK_BATCH_SECONDS``             ``SPENDSTREAM_SINK__BATCH_SECONDS``
+``SPENDSTREAM_PROCESSORS__WEBHOOK_ALLOW_PRIVATE``          ``SPENDSTREAM_NOTIFY__WEBHOOK__ALLOW_PRIVATE``
+``SPENDSTREAM_PROCESSORS__WEBHOOK_TIMEOUT_S``              ``SPENDSTREAM_NOTIFY__TIMEOUT_S``
+``SPENDSTREAM_PROCESSORS__WEBHOOK_RETRY_HORIZON_S``        ``SPENDSTREAM_NOTIFY__RETRY_HORIZON_S``
+``SPENDSTREAM_PROCESSORS__SMTP_HOST``                      ``SPENDSTREAM_NOTIFY__SMTP__HOST``
+``SPENDSTREAM_PROCESSORS__SMTP_PORT``                      ``SPENDSTREAM_NOTIFY__SMTP__PORT``
+``SPENDSTREAM_PROCESSORS__SMTP_FROM``                      ``SPENDSTREAM_NOTIFY__SMTP__FROM_ADDRESS``
+``SPENDSTREAM_PROCESSORS__SMTP_STARTTLS``                  ``SPENDSTREAM_NOTIFY__SMTP__STARTTLS``
+``SPENDSTREAM_PROCESSORS__SMTP_USERNAME``                  ``SPENDSTREAM_NOTIFY__SMTP__USERNAME``
+``SPENDSTREAM_PROCESSORS__SMTP_PASSWORD``                  ``SPENDSTREAM_NOTIFY__SMTP__PASSWORD``
+=========================================================  ==================================================
+
+(The keyword form is the same path in lower case: ``processors.smtp_host`` -> ``notify.smtp.host``.)
+``notify.timeout_s`` and ``notify.retry_horizon_s`` bound every delivery, webhook and e-mail alike,
+so they sit on ``notify`` itself. To rename another setting later, add a row to the table.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
 
 
 class KafkaSettings(BaseModel):
@@ -61,19 +101,28 @@ class GatewaySettings(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     max_events_per_request: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(
-        5 * 1024 * 1024, ge=1024, description="body limit of POST /v1/events, before and after gzip decoding (413 beyond)"
+        5 * 1024 * 1024,
+        ge=1024,
+        description="body limit of POST /v1/events, before and after gzip decoding (413 beyond)",
     )
-    max_check_body_bytes: int = Field(64 * 1024, ge=1024, description="body limit of POST /v1/budgets/check (413 beyond)")
+    max_check_body_bytes: int = Field(
+        64 * 1024, ge=1024, description="body limit of POST /v1/budgets/check (413 beyond)"
+    )
     max_in_flight_events: int = Field(200_000, ge=1, description="above this, answer 429")
     max_in_flight_tenant_share: float = Field(
-        0.25, gt=0, le=1, description="the part of max_in_flight_events one tenant may hold; beyond it that tenant "
-        "gets 429 while the others' events go on"
+        0.25,
+        gt=0,
+        le=1,
+        description="the part of max_in_flight_events one tenant may hold; beyond it that tenant "
+        "gets 429 while the others' events go on",
     )
     key_cache_refresh_s: float = Field(2.0, gt=0, description="how often API keys are reloaded")
     workers: int = Field(
-        1, ge=1, description="gateway processes sharing the port, each with its own producer, key cache, "
+        1,
+        ge=1,
+        description="gateway processes sharing the port, each with its own producer, key cache, "
         "in-flight bound and /metrics (one worker per container scales more cleanly); with more than one, "
-        "each reads its settings from the environment"
+        "each reads its settings from the environment",
     )
 
 
@@ -89,8 +138,10 @@ class QueryApiSettings(BaseModel):
     # max_execution_time. The defaults suit a 10 s limit: about what 4 threads scan in that time.
     sql_max_memory_bytes: int = Field(1_000_000_000, ge=1, description="max_memory_usage of one statement")
     sql_max_rows_to_read: int = Field(
-        10_000_000_000, ge=1, description="max_rows_to_read: rows one statement may read (checked before reading, "
-        "from the primary key's estimate, and while reading)"
+        10_000_000_000,
+        ge=1,
+        description="max_rows_to_read: rows one statement may read (checked before reading, "
+        "from the primary key's estimate, and while reading)",
     )
     sql_max_bytes_to_read: int = Field(1_000_000_000_000, ge=1, description="max_bytes_to_read (uncompressed)")
     sql_max_result_bytes: int = Field(
@@ -102,42 +153,183 @@ class QueryApiSettings(BaseModel):
     )
 
 
-class ProcessorsSettings(BaseModel):
+class PricingSettings(BaseModel):
+    """The pricing stage."""
+
     dedupe_window_hours: float = Field(
-        48.0, gt=0, description="how long the pricing stage remembers an event id to drop its duplicates. Memory, "
-        "split over the pricing workers by partition: ~34 bytes per id (at most 24 in the dedupe index, ~14 in the "
-        "Faust table's copy of its chunks; bench/RESULTS.md, Dedupe memory) x new ids/s x 3,600 x hours: 48 h at "
-        "1,000 events/s is 173M ids, ~5.5 GiB"
+        48.0,
+        gt=0,
+        description="how long the pricing stage remembers an event id to drop its duplicates (the "
+        "notify stage also keeps delivery history at least this long). Memory, split over the pricing workers by "
+        "partition: ~34 bytes per id (at most 24 in the dedupe index, ~14 in the Faust table's copy of its chunks; "
+        "bench/RESULTS.md, Dedupe memory) x new ids/s x 3,600 x hours: 48 h at 1,000 events/s is 173M ids, ~5.5 GiB",
     )
-    batch_max_records: int = Field(500, ge=1, description="records per stream.take() batch")
-    batch_max_seconds: float = Field(0.2, gt=0)
-    budgets_batch_seconds: float = Field(
-        0.05, gt=0, description="batch window of the budgets stage's two agents (in place of batch_max_seconds): "
-        "each adds up to this much to an alert's latency"
-    )
-    sink_batch_rows: int = Field(10_000, ge=1)
-    sink_batch_seconds: float = Field(
-        0.2, gt=0, description="longest wait of a consumed record before the sink inserts it (freshness); under a "
-        "backlog inserts grow past it while the previous one runs"
-    )
-    allowed_lateness_hours: float = Field(48.0, ge=0)
-    budgets_reload_s: float = Field(
+    overrides_reload_s: float = Field(2.0, gt=0, description="how often the pricing stage re-reads price overrides")
+
+
+class BudgetsSettings(BaseModel):
+    """Budgets: the budgets stage, and the gateway's budget check."""
+
+    reload_s: float = Field(
         1.0, gt=0, description="how often the budgets stage and the gateway's budget check re-read `budgets`"
     )
-    webhook_allow_private: bool = Field(False, description="allow webhooks to loopback/private ranges")
-    webhook_timeout_s: float = Field(5.0, gt=0)
-    webhook_retry_horizon_s: float = Field(3600.0, gt=0)
-    smtp_host: str = ""
-    smtp_port: int = 25
-    smtp_from: str = "spendstream@localhost"
-    smtp_starttls: bool = Field(False, description="upgrade the SMTP connection with STARTTLS (certificate verified) before sending")
-    smtp_username: str = Field("", description="SMTP AUTH user; empty: no AUTH")
-    smtp_password: SecretStr = SecretStr("")
+    batch_seconds: float = Field(
+        0.05,
+        gt=0,
+        description="batch window of the budgets stage's two agents (in place of "
+        "processors.batch_max_seconds): each adds up to this much to an alert's latency",
+    )
+    allowed_lateness_hours: float = Field(
+        48.0,
+        ge=0,
+        description="a calendar-window event whose window ended more than this before now (wall "
+        "clock) is too late for the budgets stage: counted, not applied",
+    )
+
+
+class WebhookSettings(BaseModel):
+    allow_private: bool = Field(False, description="allow webhooks to loopback/private ranges")
+
+
+class SmtpSettings(BaseModel):
+    host: str = Field("", description="SMTP server for e-mail alerts; empty: e-mail deliveries are refused")
+    port: int = 25
+    from_address: str = Field("spendstream@localhost", description="the From: address of alert e-mails")
+    starttls: bool = Field(
+        False, description="upgrade the SMTP connection with STARTTLS (certificate verified) before sending"
+    )
+    username: str = Field("", description="SMTP AUTH user; empty: no AUTH")
+    password: SecretStr = SecretStr("")
+
+
+class NotifySettings(BaseModel):
+    """Delivery of alerts (the notify stage, and the query API's channel checks and test alerts)."""
+
+    timeout_s: float = Field(5.0, gt=0, description="bound of one delivery attempt, webhook or e-mail")
+    retry_horizon_s: float = Field(
+        3600.0, gt=0, description="failed deliveries (webhook or e-mail) are retried for this long"
+    )
+    webhook: WebhookSettings = WebhookSettings()
+    smtp: SmtpSettings = SmtpSettings()
+
+
+class SinkSettings(BaseModel):
+    """The sink stage's inserts into ClickHouse."""
+
+    batch_rows: int = Field(10_000, ge=1)
+    batch_seconds: float = Field(
+        0.2,
+        gt=0,
+        description="longest wait of a consumed record before the sink inserts it (freshness); under a "
+        "backlog inserts grow past it while the previous one runs",
+    )
+
+
+class ProcessorsSettings(BaseModel):
+    """The stream processors as a whole (every stage)."""
+
+    batch_max_records: int = Field(500, ge=1, description="records per stream.take() batch")
+    batch_max_seconds: float = Field(0.2, gt=0)
     web_port: int = Field(6066, ge=1, le=65535, description="Faust worker web/metrics port")
 
 
-class PricingSettings(BaseModel):
-    overrides_reload_s: float = Field(2.0, gt=0)
+#: Renamed settings still accepted under their old name (see the module docstring): old path ->
+#: new path. Applied once, by ``Settings._renamed_settings``, to env variables and keywords alike.
+RENAMED_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("processors", "dedupe_window_hours"): ("pricing", "dedupe_window_hours"),
+    ("processors", "budgets_reload_s"): ("budgets", "reload_s"),
+    ("processors", "budgets_batch_seconds"): ("budgets", "batch_seconds"),
+    ("processors", "allowed_lateness_hours"): ("budgets", "allowed_lateness_hours"),
+    ("processors", "sink_batch_rows"): ("sink", "batch_rows"),
+    ("processors", "sink_batch_seconds"): ("sink", "batch_seconds"),
+    ("processors", "webhook_allow_private"): ("notify", "webhook", "allow_private"),
+    ("processors", "webhook_timeout_s"): ("notify", "timeout_s"),
+    ("processors", "webhook_retry_horizon_s"): ("notify", "retry_horizon_s"),
+    ("processors", "smtp_host"): ("notify", "smtp", "host"),
+    ("processors", "smtp_port"): ("notify", "smtp", "port"),
+    ("processors", "smtp_from"): ("notify", "smtp", "from_address"),
+    ("processors", "smtp_starttls"): ("notify", "smtp", "starttls"),
+    ("processors", "smtp_username"): ("notify", "smtp", "username"),
+    ("processors", "smtp_password"): ("notify", "smtp", "password"),
+}
+
+
+def env_name(path: tuple[str, ...]) -> str:
+    """The environment variable of a setting's path: ("notify", "smtp", "host") -> SPENDSTREAM_NOTIFY__SMTP__HOST."""
+    return "SPENDSTREAM_" + "__".join(part.upper() for part in path)
+
+
+_logged_renames: set[str] = set()
+
+
+def _deprecated(message: str) -> None:
+    warnings.warn(message, DeprecationWarning, stacklevel=4)
+    if message not in _logged_renames:  # once per process: Settings() may be built several times
+        _logged_renames.add(message)
+        log.warning(message)
+
+
+def _section(value: Any) -> dict[str, Any] | None:
+    """A section as given (a dict, or a model instance: its explicitly set fields), else None."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, BaseModel):
+        return value.model_dump(exclude_unset=True)
+    return None
+
+
+def _pop_path(data: dict[str, Any], path: tuple[str, ...]) -> tuple[bool, Any]:
+    """Remove ``path`` from ``data`` (copying every dict on the way: the caller's stay untouched)."""
+    head, *rest = path
+    if head not in data:
+        return False, None
+    if not rest:
+        return True, data.pop(head)
+    inner = _section(data[head])
+    if inner is None:
+        return False, None
+    inner = dict(inner)
+    found, value = _pop_path(inner, tuple(rest))
+    if found:
+        data[head] = inner
+    return found, value
+
+
+def _has_path(data: dict[str, Any], path: tuple[str, ...]) -> bool:
+    head, *rest = path
+    if head not in data:
+        return False
+    if not rest:
+        return True
+    inner = _section(data[head])
+    return inner is not None and _has_path(inner, tuple(rest))
+
+
+def _put_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    head, *rest = path
+    if not rest:
+        data[head] = value
+        return
+    inner = dict(_section(data.get(head)) or {})
+    _put_path(inner, tuple(rest), value)
+    data[head] = inner
+
+
+def apply_renamed_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (Settings' raw input: keywords merged with env variables) with every old name of
+    :data:`RENAMED_SETTINGS` moved to its new path; the new name wins when both are given."""
+    data = dict(data)
+    for old, new in RENAMED_SETTINGS.items():
+        found, value = _pop_path(data, old)
+        if not found:
+            continue
+        old_name, new_name = f"{'.'.join(old)} ({env_name(old)})", f"{'.'.join(new)} ({env_name(new)})"
+        if _has_path(data, new):
+            _deprecated(f"setting {old_name} is deprecated and ignored here: {new_name} is also set and wins")
+        else:
+            _put_path(data, new, value)
+            _deprecated(f"setting {old_name} is deprecated (removed in a future release): use {new_name}")
+    return data
 
 
 class Settings(BaseSettings):
@@ -160,6 +352,15 @@ class Settings(BaseSettings):
     query_api: QueryApiSettings = QueryApiSettings()
     processors: ProcessorsSettings = ProcessorsSettings()
     pricing: PricingSettings = PricingSettings()
+    budgets: BudgetsSettings = BudgetsSettings()
+    notify: NotifySettings = NotifySettings()
+    sink: SinkSettings = SinkSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_settings(cls, data: Any) -> Any:
+        """Old names of :data:`RENAMED_SETTINGS` (env variables and keywords alike) to the new ones."""
+        return apply_renamed_settings(data) if isinstance(data, dict) else data
 
     @field_validator("bootstrap_tenant")
     @classmethod
@@ -183,7 +384,8 @@ def get_settings() -> Settings:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """Every setting as a SPENDSTREAM_* variable, so a child process sees exactly these settings."""
+    """Every setting as a SPENDSTREAM_* variable (new names only, nested sections at any depth),
+    so a child process sees exactly these settings."""
     env: dict[str, str] = {}
 
     def put(name: str, value: Any) -> None:
@@ -193,11 +395,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
             value = "true" if value else "false"
         env[name] = str(value)
 
-    for field in type(settings).model_fields:
-        value = getattr(settings, field)
-        if isinstance(value, BaseModel):
-            for sub in type(value).model_fields:
-                put(f"SPENDSTREAM_{field.upper()}__{sub.upper()}", getattr(value, sub))
-        else:
-            put(f"SPENDSTREAM_{field.upper()}", value)
+    def walk(model: BaseModel, path: tuple[str, ...]) -> None:
+        for field in type(model).model_fields:
+            value = getattr(model, field)
+            if isinstance(value, BaseModel):
+                walk(value, (*path, field))
+            else:
+                put(env_name((*path, field)), value)
+
+    walk(settings, ())
     return env

@@ -17,9 +17,10 @@ import asyncio
 import random
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import IO, Any, Callable, Iterator
+from datetime import UTC, datetime
+from typing import IO, Any
 
 import httpx
 import orjson
@@ -44,7 +45,7 @@ OPERATIONS = ("chat", "plan", "tool_call", "summarise", "embed_query")
 
 def now_rfc3339() -> str:
     """The current time as the gateway writes event times: UTC, milliseconds, ``Z``."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -112,8 +113,13 @@ AnswerHook = Callable[[int, float], None]
 
 
 async def _post_until_answered(
-    client: httpx.AsyncClient, url: str, key: str, batch: list[dict[str, Any]], counters: Counters,
-    deadline: float, on_answer: AnswerHook | None = None,
+    client: httpx.AsyncClient,
+    url: str,
+    key: str,
+    batch: list[dict[str, Any]],
+    counters: Counters,
+    deadline: float,
+    on_answer: AnswerHook | None = None,
 ) -> dict[str, Any] | None:
     """POST one batch; on 429/503/transport errors retry the same body until the deadline."""
     body = orjson.dumps(batch if len(batch) > 1 else batch[0])
@@ -153,9 +159,20 @@ class Bursts:
 
 
 async def run(
-    gateway_url: str, api_keys: list[str], *, rate: float, duration: float, events: int, batch: int,
-    fleet: Fleet, record: IO[bytes] | None = None, concurrency: int = 16, progress: bool = True,
-    retry_horizon_s: float = 120.0, bursts: Bursts | None = None, on_answer: AnswerHook | None = None,
+    gateway_url: str,
+    api_keys: list[str],
+    *,
+    rate: float,
+    duration: float,
+    events: int,
+    batch: int,
+    fleet: Fleet,
+    record: IO[bytes] | None = None,
+    concurrency: int = 16,
+    progress: bool = True,
+    retry_horizon_s: float = 120.0,
+    bursts: Bursts | None = None,
+    on_answer: AnswerHook | None = None,
 ) -> Counters:
     """Send traffic; returns the counters. Stops at ``events`` sent or after ``duration`` seconds.
 
@@ -175,8 +192,9 @@ async def run(
 
     async def send(key_idx: int, items: list[dict[str, Any]]) -> None:
         try:
-            answer = await _post_until_answered(client, url, api_keys[key_idx], items, counters,
-                                                time.monotonic() + retry_horizon_s, on_answer)
+            answer = await _post_until_answered(
+                client, url, api_keys[key_idx], items, counters, time.monotonic() + retry_horizon_s, on_answer
+            )
             if answer is None:
                 return
             rejected = {r["index"] for r in answer.get("rejected", [])}
@@ -190,8 +208,13 @@ async def run(
             sem.release()
 
     bar = Progress(
-        TextColumn("[bold]simulate"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
-        TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), disable=not progress, transient=False,
+        TextColumn("[bold]simulate"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        disable=not progress,
+        transient=False,
     )
     total = events or (int(rate * duration) if rate and duration < FOREVER_S else None)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -228,20 +251,38 @@ def _stats(c: Counters, elapsed: float) -> str:
 
 
 def run_cli(
-    *, rate: float, duration: float, events: int, batch: int, tenants: int, projects: int, agents: int,
-    users: int, runaway: bool, record: str | None, gateway_url: str | None, api_key: str | None,
-    progress: bool = True, seed: int = 7, burst_every: float = 0.0,
+    *,
+    rate: float,
+    duration: float,
+    events: int,
+    batch: int,
+    tenants: int,
+    projects: int,
+    agents: int,
+    users: int,
+    runaway: bool,
+    record: str | None,
+    gateway_url: str | None,
+    api_key: str | None,
+    progress: bool = True,
+    seed: int = 7,
+    burst_every: float = 0.0,
 ) -> int:
     import sys
 
     if not gateway_url or not api_key:
-        print("simulate needs --gateway-url and --api-key (or SPENDSTREAM_GATEWAY_URL / SPENDSTREAM_API_KEY, "
-              "e.g. `set -a; . .spendstream/dev.env`)", file=sys.stderr)
+        print(
+            "simulate needs --gateway-url and --api-key (or SPENDSTREAM_GATEWAY_URL / SPENDSTREAM_API_KEY, "
+            "e.g. `set -a; . .spendstream/dev.env`)",
+            file=sys.stderr,
+        )
         return 2
     keys = [k for k in api_key.split(",") if k]
     if tenants != len(keys):
-        print(f"--tenants {tenants} needs that many comma-separated API keys (one per tenant); got {len(keys)}",
-              file=sys.stderr)
+        print(
+            f"--tenants {tenants} needs that many comma-separated API keys (one per tenant); got {len(keys)}",
+            file=sys.stderr,
+        )
         return 2
     if not events and not duration:
         duration = FOREVER_S  # `spendstream dev --demo`: run until stopped
@@ -249,14 +290,26 @@ def run_cli(
     out = open(record, "ab") if record else None
     try:
         counters = asyncio.run(
-            run(gateway_url, keys, rate=rate, duration=duration, events=events, batch=batch, fleet=fleet, record=out,
-                progress=progress, bursts=Bursts(burst_every) if burst_every else None)
+            run(
+                gateway_url,
+                keys,
+                rate=rate,
+                duration=duration,
+                events=events,
+                batch=batch,
+                fleet=fleet,
+                record=out,
+                progress=progress,
+                bursts=Bursts(burst_every) if burst_every else None,
+            )
         )
     except KeyboardInterrupt:
         return 130
     finally:
         if out:
             out.close()
-    print(f"sent {counters.sent}, accepted {counters.accepted}, rejected {counters.rejected}, "
-          f"failed requests {counters.failed_requests}")
+    print(
+        f"sent {counters.sent}, accepted {counters.accepted}, rejected {counters.rejected}, "
+        f"failed requests {counters.failed_requests}"
+    )
     return 0 if counters.failed_requests == 0 else 1

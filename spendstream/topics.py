@@ -4,9 +4,13 @@ Value formats (orjson, see spendstream/contracts.py for the exact fields):
 - usage.raw / usage.priced: an *envelope* per record holding the events of ONE key
   (``tenant/project``), so per-message overhead is paid per request/batch, not per event.
 - usage.dlq: one record per unparseable input record, with the reason.
-- budgets: compacted budget config, key = budget id, tombstone = deleted.
+- budget.deltas: usage.priced repartitioned by budget id (internal to the budgets stage).
 - budget.state: compacted current spend per (budget, window).
 - budget.alerts: one record per alert, key = alert_id.
+
+Budget configuration is not a topic: it lives in ClickHouse ``budgets``, which its readers poll.
+Every topic gets ``kafka.partitions`` partitions, so the topics keyed by tenant/project stay
+co-partitioned.
 """
 
 from __future__ import annotations
@@ -24,14 +28,11 @@ log = logging.getLogger(__name__)
 class TopicSpec:
     name: str
     compacted: bool = False
-    #: topics keyed by tenant/project use the configured partition count so they stay co-partitioned
-    co_partitioned: bool = True
 
 
 USAGE_RAW = TopicSpec("spendstream.usage.raw")
 USAGE_PRICED = TopicSpec("spendstream.usage.priced")
 USAGE_DLQ = TopicSpec("spendstream.usage.dlq")
-BUDGETS = TopicSpec("spendstream.budgets", compacted=True)
 BUDGET_DELTAS = TopicSpec("spendstream.budget.deltas")
 BUDGET_STATE = TopicSpec("spendstream.budget.state", compacted=True)
 BUDGET_ALERTS = TopicSpec("spendstream.budget.alerts")
@@ -40,7 +41,6 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     USAGE_RAW,
     USAGE_PRICED,
     USAGE_DLQ,
-    BUDGETS,
     BUDGET_DELTAS,
     BUDGET_STATE,
     BUDGET_ALERTS,

@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 
-from spendstream.devstack import STAGES
-from spendstream.embedded import free_port_run
-from spendstream.embedded.kafka import EmbeddedKafka, free_port
+from spendstream.embedded.kafka import EmbeddedKafka
+from spendstream.ports import free_port, free_port_run
 from spendstream.settings import Settings
+from stream_processors.stages import STAGES
 
 EXTERNAL_KAFKA = os.environ.get("SPENDSTREAM_TEST_KAFKA", "")
 EXTERNAL_CLICKHOUSE = os.environ.get("SPENDSTREAM_TEST_CLICKHOUSE", "")

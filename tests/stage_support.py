@@ -27,15 +27,15 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from spendstream.aggregates import AGGREGATES
 from spendstream.contracts import raw_envelope, record_key
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.kafka import client_kwargs, producer_kwargs
-from spendstream.settings import Settings
+from spendstream.settings import Settings, settings_env
 from spendstream.topics import ensure_topics
-from spendstream.settings import settings_env
 
-#: fast batching for tests (the defaults favour throughput)
-FAST_PROCESSORS = {"batch_max_seconds": 0.05, "sink_batch_seconds": 0.2}
+#: fast batching for tests (the defaults favour throughput): ``make_settings(**FAST_BATCHING)``
+FAST_BATCHING = {"processors": {"batch_max_seconds": 0.05}, "sink": {"batch_seconds": 0.2}}
 
 
 class StageWorker:
@@ -202,11 +202,14 @@ def migrate(settings: Settings) -> None:
     assert migrate_main(settings) == 0
 
 
-AGG_TABLES = ("usage_minute", "usage_hourly", "usage_daily")
 MEASURES = (
     "calls", "errors", "input_tokens", "output_tokens", "cache_read_tokens", "cost_nanos",
     "cost_input_nanos", "cost_output_nanos", "cost_cache_read_nanos", "latency_ms_sum",
 )  # fmt: skip
+#: the aggregates that count every event once: their sums equal usage_events'
+AGG_TABLES = tuple(a.table for a in AGGREGATES if a.counts_every_event and set(MEASURES) <= a.measure_names)
+#: the aggregates with one row per tag of each event
+TAGGED_TABLES = tuple(a.table for a in AGGREGATES if a.tagged and {"calls", "cost_nanos"} <= a.measure_names)
 #: the same measures computed from usage_events
 RAW_MEASURES = (
     "count()", "countIf(status = 'error')", "sum(input_tokens)", "sum(output_tokens)", "sum(cache_read_tokens)",
@@ -221,15 +224,19 @@ def stored_totals(settings: Settings) -> dict[str, tuple[int, ...]]:
 
     client = get_client(settings)
     try:
+
         def first_row(sql: str) -> tuple:
             return tuple(client.query(sql).result_rows[0])
 
         out = {"usage_events": first_row(f"SELECT {', '.join(RAW_MEASURES)} FROM usage_events")}
         for table in AGG_TABLES:
             out[table] = first_row(f"SELECT {', '.join(f'sum({m})' for m in MEASURES)} FROM {table}")
-        # an event with n tags counts in n rows of usage_tags_daily
-        out["tags:usage_events"] = first_row("SELECT sum(length(tags)), sum(length(tags) * cost_nanos) FROM usage_events")
-        out["tags:usage_tags_daily"] = first_row("SELECT sum(calls), sum(cost_nanos) FROM usage_tags_daily")
+        # an event with n tags counts in n rows of a tagged aggregate
+        out["tags:usage_events"] = first_row(
+            "SELECT sum(length(tags)), sum(length(tags) * cost_nanos) FROM usage_events"
+        )
+        for table in TAGGED_TABLES:
+            out[f"tags:{table}"] = first_row(f"SELECT sum(calls), sum(cost_nanos) FROM {table}")
         out["event_ids"] = first_row("SELECT count(), uniqExact(event_id) FROM usage_events")
         return {k: tuple(int(x or 0) for x in v) for k, v in out.items()}
     finally:
@@ -237,9 +244,11 @@ def stored_totals(settings: Settings) -> dict[str, tuple[int, ...]]:
 
 
 def assert_aggregates_match(totals: dict[str, tuple[int, ...]]) -> None:
+    assert AGG_TABLES and TAGGED_TABLES
     for table in AGG_TABLES:
         assert totals[table] == totals["usage_events"], f"{table}: {totals[table]} != {totals['usage_events']}"
-    assert totals["tags:usage_tags_daily"] == totals["tags:usage_events"]
+    for table in TAGGED_TABLES:
+        assert totals[f"tags:{table}"] == totals["tags:usage_events"], table
 
 
 async def wait_committed(
@@ -277,7 +286,7 @@ def stage_settings(make_settings: Callable[..., Settings], tmp_path: Path) -> It
     """Settings on a broker of this test's own (the stage topics have fixed names) and a migrated
     ClickHouse database of its own."""
     broker = EmbeddedKafka(log_path=tmp_path / "tansu.log").start()
-    settings = make_settings(kafka={"bootstrap_servers": broker.bootstrap}, processors=FAST_PROCESSORS)
+    settings = make_settings(kafka={"bootstrap_servers": broker.bootstrap}, **FAST_BATCHING)
     migrate(settings)
     try:
         yield settings

@@ -24,9 +24,9 @@ from ingest_gateway.http import json_response
 from ingest_gateway.ingest import authenticate, read_body
 from ingest_gateway.logic import normalise_names
 from spendstream.asgi import ClientGone
+from spendstream.budgets import Attribution
 from spendstream.contracts import nanos_to_usd_str
 from spendstream.money import ESTIMATED_COST, format_usd
-from stream_processors.budgets.logic import Attribution
 
 router = APIRouter(tags=["budgets"])
 
@@ -87,7 +87,7 @@ def _error(exc: GatewayError) -> Response:
         "published for the budget's current window on `spendstream.budget.state`. It trails the events "
         "already acknowledged by the gateway by the pipeline's latency (under a second while the stages "
         "keep up; longer if they lag or are down, in which case the last published spend is served). "
-        "Budgets created or changed take effect within `processors.budgets_reload_s` (1 s by default). "
+        "Budgets created or changed take effect within `budgets.reload_s` (1 s by default). "
         "503 `budgets_not_ready` (with Retry-After) until the budgets and the state topic are loaded after a "
         "start. With `enforce`, `allowed` is false once spent reaches the limit or spent + estimate exceeds it."
     ),

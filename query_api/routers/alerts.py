@@ -8,7 +8,6 @@ replacing keys, so a record written twice after a restart counts once.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
@@ -16,15 +15,15 @@ from zoneinfo import ZoneInfo
 from fastapi import APIRouter, Depends, Query
 
 from query_api.deps import CH, Principal, require
-from query_api.filters import millis, parse_instant
+from query_api.filters import parse_instant
 from query_api.logic import decode_cursor, encode_cursor
+from spendstream.alerting import DELIVERED, FAILED
 from spendstream.contracts import nanos_to_usd_str
-from stream_processors.notify.logic import DELIVERED, FAILED
+from spendstream.timeutil import epoch_ms, iso_utc
 
 router = APIRouter(prefix="/v1/alerts", tags=["alerts"])
 
 Reader = Annotated[Principal, Depends(require("read"))]
-UTC = timezone.utc
 UTC_ZONE = ZoneInfo("UTC")
 
 _ALERT_SQL = """
@@ -42,12 +41,6 @@ FROM alert_deliveries
 WHERE tenant = {tenant:String} AND alert_id IN {ids:Array(String)}
 GROUP BY alert_id, channel
 ORDER BY alert_id, channel"""
-
-
-def _iso(t: datetime | None) -> str | None:
-    if t is None:
-        return None
-    return (t if t.tzinfo else t.replace(tzinfo=UTC)).isoformat(timespec="milliseconds")
 
 
 def _decimal_text(d: Decimal) -> str:
@@ -81,17 +74,17 @@ def _alert_view(row: dict[str, Any], deliveries: list[dict[str, Any]]) -> dict[s
         "budget_id": row["budget_id"],
         "budget_name": row["budget_name"],
         "scope": dict(row["scope"]),
-        "window_start": _iso(row["window_start"]),
-        "window_end": _iso(row["window_end"]),
+        "window_start": iso_utc(row["window_start"]),
+        "window_end": iso_utc(row["window_end"]),
         "threshold": None if forecast else _decimal_text(row["threshold"]),
         "spent_usd": nanos_to_usd_str(row["spent_nanos"]),
         "limit_usd": nanos_to_usd_str(row["limit_nanos"]),
         "percent_used": _decimal_text(row["percent_used"]),
         "projected_usd": None if row["projected_nanos"] is None else nanos_to_usd_str(row["projected_nanos"]),
-        "projected_at": _iso(row["projected_at"]),
+        "projected_at": iso_utc(row["projected_at"]),
         "top": top,
         "event_id": row["event_id"],
-        "fired_at": _iso(row["fired_at"]),
+        "fired_at": iso_utc(row["fired_at"]),
         "delivery_status": delivery_status([d["outcome"] for d in deliveries]),
         "deliveries": deliveries,
     }
@@ -105,9 +98,9 @@ def _delivery_view(row: dict[str, Any]) -> dict[str, Any]:
         "attempts": int(row["attempts"]),
         "http_status": row["last_http_status"],
         "error": row["last_error"],
-        "last_attempt_at": _iso(row["last_attempt_at"]),
+        "last_attempt_at": iso_utc(row["last_attempt_at"]),
         # minIf over no delivered row gives the epoch, not NULL
-        "delivered_at": _iso(row["delivered_at"]) if row["last_outcome"] == DELIVERED else None,
+        "delivered_at": iso_utc(row["delivered_at"]) if row["last_outcome"] == DELIVERED else None,
     }
 
 
@@ -116,8 +109,12 @@ async def list_alerts(
     principal: Reader,
     ch: CH,
     budget_id: Annotated[str | None, Query(description="only this budget's alerts")] = None,
-    from_: Annotated[str | None, Query(alias="from", description="fired at or after (RFC 3339 or YYYY-MM-DD, UTC)")] = None,
-    to: Annotated[str | None, Query(description="fired before (RFC 3339, or YYYY-MM-DD: up to that day's end, UTC)")] = None,
+    from_: Annotated[
+        str | None, Query(alias="from", description="fired at or after (RFC 3339 or YYYY-MM-DD, UTC)")
+    ] = None,
+    to: Annotated[
+        str | None, Query(description="fired before (RFC 3339, or YYYY-MM-DD: up to that day's end, UTC)")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> dict:
@@ -144,5 +141,5 @@ async def list_alerts(
         result = await ch.query(_DELIVERY_SQL, parameters={"tenant": principal.tenant, "ids": list(by_alert)})
         for row in result.named_results():
             by_alert[row["alert_id"]].append(_delivery_view(row))
-    next_cursor = encode_cursor(millis(alerts[-1]["fired_at"]), alerts[-1]["alert_id"]) if more else None
+    next_cursor = encode_cursor(epoch_ms(alerts[-1]["fired_at"]), alerts[-1]["alert_id"]) if more else None
     return {"alerts": [_alert_view(a, by_alert[a["alert_id"]]) for a in alerts], "next_cursor": next_cursor}

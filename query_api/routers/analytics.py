@@ -6,7 +6,7 @@ the raw events only fill sub-minute edges and what no aggregate keeps.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -14,17 +14,29 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from query_api.deps import CH, Reader
 from query_api.errors import InvalidField
-from query_api.filters import Filters, Params, attribute_conditions, instant_param, millis, parse_filters, tenant_condition
-from query_api.logic import bucket_starts, decode_cursor, encode_cursor, iso_utc, money, zero_fill
+from query_api.filters import Filters, Params, attribute_conditions, instant_param, parse_filters, tenant_condition
+from query_api.logic import bucket_starts, decode_cursor, encode_cursor, money, zero_fill
 from query_api.usage_sql import (
-    CORE_MEASURES, COST_COLUMNS, OVERVIEW_MEASURES, TOKEN_COLUMNS, GroupBy, UsageQuery, build_usage_query,
+    CORE_MEASURES,
+    COST_COLUMNS,
+    OVERVIEW_MEASURES,
+    TOKEN_COLUMNS,
+    GroupBy,
+    UsageQuery,
+    build_usage_query,
 )
+from spendstream.timeutil import epoch_ms, iso_utc
 
 router = APIRouter(prefix="/v1/analytics", tags=["analytics"])
 
+
 def usage_filters(
-    from_: Annotated[str | None, Query(alias="from", description="RFC 3339 or YYYY-MM-DD (inclusive); default: 30 days before `to`")] = None,
-    to: Annotated[str | None, Query(description="RFC 3339 or YYYY-MM-DD (exclusive; a date means through that day); default: now")] = None,
+    from_: Annotated[
+        str | None, Query(alias="from", description="RFC 3339 or YYYY-MM-DD (inclusive); default: 30 days before `to`")
+    ] = None,
+    to: Annotated[
+        str | None, Query(description="RFC 3339 or YYYY-MM-DD (exclusive; a date means through that day); default: now")
+    ] = None,
     tz: Annotated[str | None, Query(description="IANA zone for dates and buckets; default UTC")] = None,
     project: Annotated[list[str] | None, Query(description="repeatable: any of these")] = None,
     agent: Annotated[list[str] | None, Query()] = None,
@@ -34,9 +46,12 @@ def usage_filters(
     tag: Annotated[list[str] | None, Query(description="key:value, repeatable: all must match")] = None,
 ) -> Filters:
     return parse_filters(
-        start=from_, end=to, tz=tz,
+        start=from_,
+        end=to,
+        tz=tz,
         dims={"project": project, "agent": agent, "user": user, "provider": provider, "model": model},
-        tags=tag, now=datetime.now(timezone.utc),
+        tags=tag,
+        now=datetime.now(UTC),
     )
 
 
@@ -58,7 +73,9 @@ def measures_view(row: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"calls": calls, **money("cost", cost)}
     costs = [c for c in COST_COLUMNS[1:] if c in row]
     if costs:
-        out["cost_breakdown"] = {c.removeprefix("cost_").removesuffix("_nanos"): money("cost", int(row[c]))["cost_usd"] for c in costs}
+        out["cost_breakdown"] = {
+            c.removeprefix("cost_").removesuffix("_nanos"): money("cost", int(row[c]))["cost_usd"] for c in costs
+        }
     out["tokens"] = {c.removesuffix("_tokens"): int(row[c]) for c in TOKEN_COLUMNS if c in row}
     out["errors"] = int(row["errors"])
     out["error_rate"] = row["errors"] / calls if calls else 0.0
@@ -99,7 +116,9 @@ async def timeseries(
         {"start": s.astimezone(filters.tz).isoformat(), **measures_view(r)}
         for s, r in zero_fill(starts, by_bucket, dict.fromkeys(CORE_MEASURES, 0))
     ]
-    return json_response({**_range(filters), "granularity": granularity, "points": points, "sources": sorted(set(tables))})
+    return json_response(
+        {**_range(filters), "granularity": granularity, "points": points, "sources": sorted(set(tables))}
+    )
 
 
 ORDERS = {"cost": "cost_nanos", "calls": "calls", "tokens": "total_tokens", "errors": "errors", "name": "group_key"}
@@ -130,16 +149,36 @@ async def breakdown(
     rows, tables = await run_usage(
         ch, UsageQuery(filters, group=group), principal.tenant, order_by=breakdown_order(order), limit=limit
     )
-    return json_response({
-        **_range(filters), "by": by, "order": order,
-        "groups": [{"key": r["group_key"], **measures_view(r)} for r in rows],
-        "sources": sorted(set(tables)),
-    })
+    return json_response(
+        {
+            **_range(filters),
+            "by": by,
+            "order": order,
+            "groups": [{"key": r["group_key"], **measures_view(r)} for r in rows],
+            "sources": sorted(set(tables)),
+        }
+    )
 
 
 EVENT_COLUMNS = (
-    "event_id", "timestamp", "project", "agent", "user", "session_id", "operation", "tags", "provider", "model",
-    *TOKEN_COLUMNS, *COST_COLUMNS, "price_id", "pricing_status", "price_source", "status", "latency_ms", "received_at",
+    "event_id",
+    "timestamp",
+    "project",
+    "agent",
+    "user",
+    "session_id",
+    "operation",
+    "tags",
+    "provider",
+    "model",
+    *TOKEN_COLUMNS,
+    *COST_COLUMNS,
+    "price_id",
+    "pricing_status",
+    "price_source",
+    "status",
+    "latency_ms",
+    "received_at",
 )
 
 
@@ -190,5 +229,5 @@ async def events(
     next_cursor = None
     if more:
         last = page[-1]
-        next_cursor = encode_cursor(millis(last["timestamp"]), last["event_id"])
+        next_cursor = encode_cursor(epoch_ms(last["timestamp"]), last["event_id"])
     return json_response({**_range(filters), "events": [event_view(r) for r in page], "next_cursor": next_cursor})

@@ -2,7 +2,7 @@
 
 Stored in ClickHouse ``budgets`` (ReplacingMergeTree by version, ``deleted`` flag), the durable
 source of truth: the budgets stage and the gateway's budget check re-read it every
-``processors.budgets_reload_s`` (1 s), so a change applies everywhere within about a second,
+``budgets.reload_s`` (1 s), so a change applies everywhere within about a second,
 without restarts.
 
 Status is computed from what ClickHouse stored (the sink's ``usage_minute`` aggregate, or
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -25,13 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from query_api.deps import CH, Principal, require
 from query_api.errors import InvalidField, NotFound
-from spendstream.contracts import BUDGET_WINDOWS, nanos_to_usd_str
-from stream_processors.budgets.logic import (
+from spendstream.alerting import channel_refusal
+from spendstream.budgets import (
     DEFAULT_THRESHOLDS,
     Budget,
     BudgetStanding,
     ScopeError,
-    budget_from_row,
     check_budget_name,
     check_timezone,
     current_window,
@@ -39,8 +38,9 @@ from stream_processors.budgets.logic import (
     parse_scope,
     parse_thresholds,
 )
-from stream_processors.budgets.store import BUDGET_COLUMNS, budget_row
-from stream_processors.notify.logic import channel_refusal
+from spendstream.budgets.store import BUDGET_COLUMNS, budget_from_row, budget_row
+from spendstream.contracts import BUDGET_WINDOWS, nanos_to_usd_str
+from spendstream.timeutil import iso_utc
 
 router = APIRouter(prefix="/v1/budgets", tags=["budgets"])
 
@@ -123,16 +123,12 @@ def _percent(t: Decimal) -> int | float:
     return int(t) if t == t.to_integral_value() else float(t)
 
 
-def _iso(t: datetime) -> str:
-    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat(timespec="milliseconds")
-
-
 def _view(b: Budget, row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": b.id, "name": b.name, "scope": dict(b.scope), "window": b.window, "timezone": b.timezone,
         "limit_usd": nanos_to_usd_str(b.limit_nanos), "thresholds": [_percent(t) for t in b.thresholds],
         "forecast": b.forecast, "channels": list(b.channels), "enforce": b.enforce,
-        "created_at": _iso(row["created_at"]), "updated_at": _iso(row["updated_at"]),
+        "created_at": iso_utc(row["created_at"]), "updated_at": iso_utc(row["updated_at"]),
     }  # fmt: skip
 
 
@@ -164,12 +160,16 @@ async def _check_channels(ch: CH, tenant: str, channels: tuple[str, ...]) -> Non
     )
     missing = sorted(set(ids) - {r[0] for r in result.result_rows})
     if missing:
-        raise InvalidField("channels", f"unknown webhook id(s): {', '.join(missing)} (create them with POST /v1/webhooks)")
+        raise InvalidField(
+            "channels", f"unknown webhook id(s): {', '.join(missing)} (create them with POST /v1/webhooks)"
+        )
 
 
 async def _write(ch: CH, budget: Budget, created_at: datetime, version: int, deleted: bool = False) -> None:
-    now = datetime.now(timezone.utc)
-    await ch.insert("budgets", [budget_row(budget, created_at, now, version, deleted)], column_names=list(BUDGET_COLUMNS))
+    now = datetime.now(UTC)
+    await ch.insert(
+        "budgets", [budget_row(budget, created_at, now, version, deleted)], column_names=list(BUDGET_COLUMNS)
+    )
 
 
 def _next_version(previous: int = 0) -> int:
@@ -180,7 +180,7 @@ def _next_version(previous: int = 0) -> int:
 async def create_budget(body: BudgetIn, principal: Admin, ch: CH) -> dict:
     budget = body.to_budget(principal.tenant, "bud_" + secrets.token_hex(8))
     await _check_channels(ch, principal.tenant, budget.channels)
-    await _write(ch, budget, datetime.now(timezone.utc), _next_version())
+    await _write(ch, budget, datetime.now(UTC), _next_version())
     row = await _one(ch, principal.tenant, budget.id)
     return _view(budget_from_row(row), row)
 
@@ -255,7 +255,7 @@ async def budget_status(budget_id: str, principal: Reader, ch: CH) -> dict:
         "allowed": standing.allows(0),
         "alerts": [
             {"alert_id": a, "kind": k, "threshold": None if k == "forecast" else _percent(Decimal(t)),
-             "spent_usd": nanos_to_usd_str(s), "fired_at": _iso(f), "event_id": e}
+             "spent_usd": nanos_to_usd_str(s), "fired_at": iso_utc(f), "event_id": e}
             for a, k, t, s, f, e in alerts.result_rows
         ],
     }  # fmt: skip

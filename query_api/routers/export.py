@@ -40,26 +40,54 @@ _EXPORT_SETTINGS = {
     "output_format_parquet_row_group_size": 100_000,
 }
 EVENT_EXPORT_COLUMNS = (
-    "event_id", "timestamp", "project", "agent", "user", "session_id", "operation", "tags", "provider", "model",
-    *TOKEN_COLUMNS, *COST_COLUMNS, "price_id", "pricing_status", "price_source", "status", "latency_ms",
+    "event_id",
+    "timestamp",
+    "project",
+    "agent",
+    "user",
+    "session_id",
+    "operation",
+    "tags",
+    "provider",
+    "model",
+    *TOKEN_COLUMNS,
+    *COST_COLUMNS,
+    "price_id",
+    "pricing_status",
+    "price_source",
+    "status",
+    "latency_ms",
 )
 
 
 def events_export_sql(filters: Filters, tenant: str, params: Params) -> tuple[str, list[str]]:
     inner = events_select(filters, tenant, params, EVENT_EXPORT_COLUMNS)
-    names = ["event_id", "timestamp", "cost_usd", *[c for c in EVENT_EXPORT_COLUMNS if c not in ("event_id", "timestamp")]]
+    names = [
+        "event_id",
+        "timestamp",
+        "cost_usd",
+        *[c for c in EVENT_EXPORT_COLUMNS if c not in ("event_id", "timestamp")],
+    ]
     select = ", ".join(_USD + " AS cost_usd" if n == "cost_usd" else f"`{n}`" for n in names)
     return f"SELECT {select} FROM ({inner}) ORDER BY timestamp, event_id", names
 
 
-def breakdown_export_sql(q: UsageQuery, tenant: str, order: str, limit: int | None) -> tuple[str, dict[str, Any], list[str]]:
-    built = build_usage_query(UsageQuery(q.filters, q.group, measures=tuple(MEASURES)), tenant, order_by=breakdown_order(order), limit=limit)
+def breakdown_export_sql(
+    q: UsageQuery, tenant: str, order: str, limit: int | None
+) -> tuple[str, dict[str, Any], list[str]]:
+    built = build_usage_query(
+        UsageQuery(q.filters, q.group, measures=tuple(MEASURES)), tenant, order_by=breakdown_order(order), limit=limit
+    )
     key = q.group.dimension or f"tag_{q.group.tag_key}"
     measures = [m for m in MEASURES if m not in ("latency_ms_sum", "latency_count")]
     names = [key, "cost_usd", *measures, "avg_latency_ms"]
     select = ", ".join(
-        ["group_key AS `key`", f"{_USD} AS cost_usd", *measures,
-         "if(latency_count = 0, NULL, latency_ms_sum / latency_count) AS avg_latency_ms"]
+        [
+            "group_key AS `key`",
+            f"{_USD} AS cost_usd",
+            *measures,
+            "if(latency_count = 0, NULL, latency_ms_sum / latency_count) AS avg_latency_ms",
+        ]
     )
     sql = f"SELECT {select} FROM ({built.sql})"
     return sql, built.params, ["key" if n == key else n for n in names]

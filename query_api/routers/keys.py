@@ -11,10 +11,11 @@ from pydantic import BaseModel, Field
 
 from query_api.deps import Admin, KeysDep
 from query_api.errors import InvalidField, NotFound
-from query_api.logic import iso_utc
 from spendstream.keys import InvalidKeyRequest, create_key, list_keys, revoke_key
+from spendstream.timeutil import iso_utc
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
+
 
 class KeyIn(BaseModel):
     scopes: list[str] = Field(min_length=1, description="any of ingest, read, admin")
@@ -33,7 +34,9 @@ def _view(row: dict[str, Any]) -> dict[str, Any]:
 @router.post("", status_code=201, summary="Create a key for your tenant; the response holds the secret, once")
 async def create(body: KeyIn, principal: Admin, request: Request, keys: KeysDep) -> dict:
     try:
-        key_id, key = await asyncio.to_thread(create_key, request.app.state.ch_sync, principal.tenant, body.scopes, body.name)
+        key_id, key = await asyncio.to_thread(
+            create_key, request.app.state.ch_sync, principal.tenant, body.scopes, body.name
+        )
     except InvalidKeyRequest as exc:
         raise InvalidField("scopes", str(exc)) from None
     # usable here at once; the gateway learns it at its next reload (or on first use)

@@ -12,7 +12,7 @@ insert, with a version above every row they replace (write time in µs, or the s
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -21,11 +21,11 @@ from pydantic import BaseModel, Field
 from query_api.deps import CH, Admin, Reader
 from query_api.errors import InvalidField, NotFound
 from query_api.filters import parse_instant, parse_tz
-from query_api.logic import iso_utc
 from spendstream.money import PRICE_PER_MTOK, PRICE_PER_REQUEST, format_usd
 from spendstream.pricing.catalog import Catalog
 from spendstream.pricing.logic import effective_price, list_prices
 from spendstream.pricing.overrides import PRICE_COLUMNS, OverrideBook, PriceOverride, TenantOverrides
+from spendstream.timeutil import iso_utc
 
 router = APIRouter(prefix="/v1/pricing", tags=["pricing"])
 
@@ -56,7 +56,9 @@ CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 
 
 async def tenant_override_rows(ch: CH, tenant: str) -> list[dict[str, Any]]:
-    result = await ch.query(_OVERRIDE_SELECT + " ORDER BY provider, model, effective_from", parameters={"tenant": tenant})
+    result = await ch.query(
+        _OVERRIDE_SELECT + " ORDER BY provider, model, effective_from", parameters={"tenant": tenant}
+    )
     return list(result.named_results())
 
 
@@ -116,8 +118,13 @@ def _validated(body: OverrideIn, tenant: str, override_id: str) -> PriceOverride
     start = parse_instant("effective_from", body.effective_from, utc, end_of_day=False)
     end = parse_instant("effective_to", body.effective_to, utc, end_of_day=False) if body.effective_to else None
     row = {
-        "id": override_id, "tenant": tenant, "provider": body.provider, "model": body.model,
-        "effective_from": start, "effective_to": end, "per_request_usd": body.per_request_usd,
+        "id": override_id,
+        "tenant": tenant,
+        "provider": body.provider,
+        "model": body.model,
+        "effective_from": start,
+        "effective_to": end,
+        "per_request_usd": body.per_request_usd,
     }
     unknown = set(body.per_mtok) - set(PRICE_COLUMNS)
     if unknown:
@@ -151,11 +158,13 @@ def _tombstone(tenant: str, override_id: str, key: dict[str, Any], now: datetime
     ]  # fmt: skip
 
 
-@router.put("/overrides", summary="Create or replace a price override (admin); the pricing stage picks it up within seconds")
+@router.put(
+    "/overrides", summary="Create or replace a price override (admin); the pricing stage picks it up within seconds"
+)
 async def put_override(body: OverrideIn, principal: Admin, ch: CH) -> dict:
     override = _validated(body, principal.tenant, body.id or uuid.uuid4().hex)
     stored = await _stored_keys(ch, override.tenant, override.id) if body.id else []
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     version = _next_version(now, stored)
     given = {PRICE_COLUMNS[a]: v for a, v in override.per_mtok.items()}
     rows = [[
@@ -177,7 +186,7 @@ async def delete_override(override_id: str, principal: Admin, ch: CH) -> None:
     stored = await _stored_keys(ch, principal.tenant, override_id)
     if not stored:
         raise NotFound(f"price override {override_id!r}")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     version = _next_version(now, stored)
     rows = [_tombstone(principal.tenant, override_id, key, now, version) for key in stored]
     await ch.insert("price_overrides", rows, column_names=_WRITE_COLUMNS)
@@ -194,12 +203,17 @@ async def unpriced(principal: Reader, ch: CH, catalog: CatalogDep) -> dict:
     models = []
     for r in result.named_results():
         now_price = effective_price(catalog, overrides_now, r["provider"], r["model"])
-        models.append({
-            "provider": r["provider"], "model": r["model"], "events": int(r["events"]),
-            "first_seen": iso_utc(r["first_seen"]), "last_seen": iso_utc(r["last_seen"]),
-            # a price added since (override or newer catalog) makes the range ready to re-price
-            "priced_now": now_price["price_source"] != "none",
-        })
+        models.append(
+            {
+                "provider": r["provider"],
+                "model": r["model"],
+                "events": int(r["events"]),
+                "first_seen": iso_utc(r["first_seen"]),
+                "last_seen": iso_utc(r["last_seen"]),
+                # a price added since (override or newer catalog) makes the range ready to re-price
+                "priced_now": now_price["price_source"] != "none",
+            }
+        )
     return {"models": models}
 
 
@@ -212,5 +226,5 @@ async def price_of(
     model: Annotated[str, Path(description="may contain '/', e.g. an OpenRouter id")],
     at: Annotated[str | None, Query(description="RFC 3339 or YYYY-MM-DD; default now")] = None,
 ) -> dict:
-    instant = parse_instant("at", at, parse_tz("UTC"), end_of_day=False) if at else datetime.now(timezone.utc)
+    instant = parse_instant("at", at, parse_tz("UTC"), end_of_day=False) if at else datetime.now(UTC)
     return effective_price(catalog, await tenant_overrides(ch, principal.tenant, catalog), provider, model, instant)

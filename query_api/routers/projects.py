@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter
@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from query_api.deps import CH, Admin, Reader
 from query_api.errors import Conflict, NotFound
-from query_api.logic import iso_utc
+from spendstream.timeutil import iso_utc
 
 router = APIRouter(prefix="/v1/projects", tags=["projects"])
 
@@ -19,7 +19,9 @@ _COLUMNS = ("id", "name", "description", "created_at", "updated_at")
 
 class ProjectIn(BaseModel):
     id: str = Field(
-        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$",
         description="the value events send as `project` (letters, digits, '_', '.', ':', '-')",
     )
     name: str = Field("", max_length=256, description="display name; defaults to the id")
@@ -44,10 +46,11 @@ async def _find(ch: CH, tenant: str, project_id: str | None = None) -> list[dict
 async def create_project(body: ProjectIn, principal: Admin, ch: CH) -> dict:
     if await _find(ch, principal.tenant, body.id):
         raise Conflict(f"project {body.id!r} already exists", "id")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     row = [principal.tenant, body.id, body.name or body.id, body.description, now, now, 0, int(now.timestamp() * 1e6)]
     await ch.insert(
-        "projects", [row],
+        "projects",
+        [row],
         column_names=["tenant", "id", "name", "description", "created_at", "updated_at", "deleted", "version"],
     )
     return (await _find(ch, principal.tenant, body.id))[0]

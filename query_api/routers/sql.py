@@ -39,8 +39,10 @@ class SqlRequest(BaseModel):
     sql: str = Field(min_length=1, max_length=100_000, description="one SELECT over the tenant views")
     format: Literal["json", "csv"] = "json"
     max_rows: int | None = Field(
-        None, ge=1, description="return at most this many rows (`truncated` says when more existed; capped by the "
-        "server's limit); without it a result over the server's row limit is refused"
+        None,
+        ge=1,
+        description="return at most this many rows (`truncated` says when more existed; capped by the "
+        "server's limit); without it a result over the server's row limit is refused",
     )
 
 
@@ -132,8 +134,15 @@ def _as_query_error(
 
 
 async def _ask(
-    ch: CH, sql: str, settings: dict[str, Any], limits: QueryApiSettings, *, analyst_sql: str, step: str | None,
-    parameters: dict | None = None, raw: bool = False,
+    ch: CH,
+    sql: str,
+    settings: dict[str, Any],
+    limits: QueryApiSettings,
+    *,
+    analyst_sql: str,
+    step: str | None,
+    parameters: dict | None = None,
+    raw: bool = False,
 ) -> Any:
     if raw:
         # without use_database=False the client's own database (the raw tables') would override the
@@ -153,7 +162,11 @@ async def _ask(
 
 
 async def guarded_statement(
-    ch: CH, sql: str, settings: dict[str, Any], tenant_db: str, foreign_databases: frozenset[str],
+    ch: CH,
+    sql: str,
+    settings: dict[str, Any],
+    tenant_db: str,
+    foreign_databases: frozenset[str],
     limits: QueryApiSettings,
 ) -> str:
     """The canonical text of ``sql`` once ClickHouse's parse and analysis show it stays in the views.
@@ -162,8 +175,13 @@ async def guarded_statement(
     """
     canonical = (
         await _ask(
-            ch, "SELECT formatQuerySingleLine({sql:String})", settings, limits, parameters={"sql": sql},
-            analyst_sql=sql, step="parser",
+            ch,
+            "SELECT formatQuerySingleLine({sql:String})",
+            settings,
+            limits,
+            parameters={"sql": sql},
+            analyst_sql=sql,
+            step="parser",
         )
     ).result_rows[0][0]
     ctes = check_text(canonical, tenant_db, foreign_databases)
@@ -172,7 +190,9 @@ async def guarded_statement(
     # TabSeparated escapes newlines inside values, so each line is one node.
     ast = await _ask(ch, f"EXPLAIN AST {canonical}", settings, limits, analyst_sql=sql, step="parser", raw=True)
     check_ast(ast.decode("utf-8", "replace").splitlines(), tenant_db, ctes, foreign_databases)
-    tree = await _ask(ch, f"EXPLAIN QUERY TREE {canonical}", settings, limits, analyst_sql=sql, step="analyzer", raw=True)
+    tree = await _ask(
+        ch, f"EXPLAIN QUERY TREE {canonical}", settings, limits, analyst_sql=sql, step="analyzer", raw=True
+    )
     check_query_tree(tree.decode("utf-8", "replace").splitlines(), tenant_db)
     return canonical
 

@@ -1,11 +1,14 @@
 """Alert channels of a tenant: webhooks (generic signed JSON, Slack, PagerDuty) and e-mail.
 
+The accepted formats, their validation and their masking are the channel registry's
+(``spendstream/alerting/channels``): a new channel type needs nothing here.
+
 A webhook URL is checked against SSRF when it is created (http/https only, no credentials, and
-every address the host resolves to must be public unless ``processors.webhook_allow_private``);
+every address the host resolves to must be public unless ``notify.webhook.allow_private``);
 the notify stage checks it again before every delivery (DNS may change). Secrets are never
 returned, except a generated signing secret, once, in the creation response.
 
-An e-mail channel is exactly one plain address (``logic.email_refusal``): a list, a display name
+An e-mail channel is exactly one plain address (``alerting.targets.email_refusal``): a list, a display name
 or a line break would add recipients or headers to every alert mail. No field may hold control
 characters; the notify stage checks again when it sends (rows stored before these rules).
 """
@@ -13,24 +16,24 @@ characters; the notify stage checks again when it sends (rows stored before thes
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from query_api.deps import CH, Principal, SettingsDep, require
 from query_api.errors import InvalidField, NotFound
-from stream_processors.notify.delivery import resolve_checked
-from stream_processors.notify.logic import (
-    PAGERDUTY_EVENTS_URL,
+from spendstream.alerting import (
+    CHANNEL_FORMATS,
     Channel,
-    UnsafeTarget,
-    email_refusal,
-    has_control,
+    ChannelRefused,
+    ChannelRequest,
+    NewChannel,
+    deliver_test_alert,
+    masked_channel,
+    validate_channel,
 )
-from stream_processors.notify.notifier import deliver_test_alert
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
@@ -45,11 +48,13 @@ class WebhookIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str | None = Field(None, max_length=2048, description="http(s) URL; PagerDuty defaults to the Events API v2")
-    format: Literal["generic", "slack", "pagerduty", "email"] | None = Field(
+    format: Literal[CHANNEL_FORMATS] | None = Field(  # type: ignore[valid-type] - the registry's names
         None, description="default: generic for a url, email for an email"
     )
     secret: str | None = Field(
-        None, min_length=8, max_length=512,
+        None,
+        min_length=8,
+        max_length=512,
         description="generic: HMAC-SHA256 signing key (generated and returned once when absent); "
         "pagerduty: the integration's routing key",
     )
@@ -57,32 +62,21 @@ class WebhookIn(BaseModel):
 
 
 def _iso(t: datetime) -> str:
-    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat(timespec="milliseconds")
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).isoformat(timespec="milliseconds")
 
 
-def _mask(text: str) -> str:
-    return "" if not text else ("****" + text[-4:] if len(text) >= 12 else "****")
-
-
-def _masked_url(fmt: str, url: str) -> str:
-    """Slack URLs are themselves the credential (the path is the token), and a query string may
-    carry one too: only the host and the path's end are shown for those."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    base = f"{parts.scheme}://{parts.netloc}"
-    if fmt == "slack":
-        return f"{base}/{_mask(parts.path)}"
-    return base + parts.path + ("?****" if parts.query else "")
+def _channel(row: dict[str, Any]) -> Channel:
+    return Channel(row["id"], row["format"], url=row["url"], email=row["email"], secret=row["secret"])
 
 
 def _view(row: dict[str, Any]) -> dict[str, Any]:
+    shown = masked_channel(_channel(row))
     return {
         "id": row["id"],
         "format": row["format"],
-        "url": _masked_url(row["format"], row["url"]),
-        "email": row["email"],
-        "secret": _mask(row["secret"]),
+        "url": shown["url"],
+        "email": shown["email"],
+        "secret": shown["secret"],
         "created_at": _iso(row["created_at"]),
         "updated_at": _iso(row["updated_at"]),
     }
@@ -105,52 +99,29 @@ async def _one(ch: CH, tenant: str, webhook_id: str) -> dict[str, Any]:
     return found[0]
 
 
-async def _checked_channel(body: WebhookIn, settings: SettingsDep) -> tuple[str, str, str, str]:
-    """(format, url, email, secret) of a valid request; raises InvalidField naming the field."""
-    if body.email is not None:
-        if body.url is not None:
-            raise InvalidField("url", "give either url or email, not both")
-        if body.format not in (None, "email"):
-            raise InvalidField("format", "an email channel has format 'email'")
-        if body.secret is not None:
-            raise InvalidField("secret", "e-mail channels take no secret")
-        refusal = email_refusal(body.email)
-        if refusal:
-            raise InvalidField("email", f"not a plain e-mail address (name@example.com): {refusal}")
-        return "email", "", body.email, ""
-    fmt = body.format or "generic"
-    if fmt == "email":
-        raise InvalidField("email", "required for format 'email'")
-    url = body.url or (PAGERDUTY_EVENTS_URL if fmt == "pagerduty" else None)
-    if url is None:
-        raise InvalidField("url", "required (or give an email)")
-    if fmt == "pagerduty" and not body.secret:
-        raise InvalidField("secret", "the PagerDuty integration's routing key is required")
-    if body.secret is not None and has_control(body.secret):
-        raise InvalidField("secret", "contains a control character (CR, LF, ...)")
-    p = settings.processors
+async def _checked_channel(body: WebhookIn, settings: SettingsDep) -> NewChannel:
+    """The new channel of a valid request; raises InvalidField naming the field."""
+    notify = settings.notify
     try:
-        await resolve_checked(url, p.webhook_allow_private, p.webhook_timeout_s)
-    except UnsafeTarget as exc:
-        raise InvalidField("url", f"not allowed: {exc}") from None
-    except OSError as exc:
-        raise InvalidField("url", str(exc)) from None
-    return fmt, url, "", body.secret or ""
+        return await validate_channel(
+            body.format, ChannelRequest(body.url, body.email, body.secret),
+            allow_private=notify.webhook.allow_private, timeout_s=notify.timeout_s,
+        )  # fmt: skip
+    except ChannelRefused as exc:
+        raise InvalidField(exc.field, exc.message) from None
 
 
 @router.post("", status_code=201, summary="Create an alert channel (admin)")
 async def create_webhook(body: WebhookIn, principal: Admin, ch: CH, settings: SettingsDep) -> dict:
-    fmt, url, email, secret = await _checked_channel(body, settings)
-    generated = fmt == "generic" and not secret
-    if generated:
-        secret = "whsec_" + secrets.token_urlsafe(32)
+    new = await _checked_channel(body, settings)
     webhook_id = "wh_" + secrets.token_hex(8)
-    now = datetime.now(timezone.utc)
-    row = [principal.tenant, webhook_id, fmt, url, email, secret, now, now, 0, int(now.timestamp() * 1e6)]
+    now = datetime.now(UTC)
+    row = [principal.tenant, webhook_id, new.format, new.url, new.email, new.secret, now, now, 0,
+           int(now.timestamp() * 1e6)]  # fmt: skip
     await ch.insert("webhooks", [row], column_names=_WRITE_COLUMNS)
     out = _view(dict(zip(_WRITE_COLUMNS, row)))
-    if generated:
-        out["secret"] = secret  # shown once: the receiver needs it to verify signatures
+    if new.secret_generated:
+        out["secret"] = new.secret  # shown once: the receiver needs it to verify signatures
     return out
 
 
@@ -167,7 +138,7 @@ async def get_webhook(webhook_id: str, principal: Reader, ch: CH) -> dict:
 @router.delete("/{webhook_id}", status_code=204, summary="Delete an alert channel (admin)")
 async def delete_webhook(webhook_id: str, principal: Admin, ch: CH) -> Response:
     row = await _one(ch, principal.tenant, webhook_id)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     values = {**row, "tenant": principal.tenant, "updated_at": now, "deleted": 1, "version": int(now.timestamp() * 1e6)}
     await ch.insert("webhooks", [[values[c] for c in _WRITE_COLUMNS]], column_names=_WRITE_COLUMNS)
     return Response(status_code=204)
@@ -176,8 +147,7 @@ async def delete_webhook(webhook_id: str, principal: Admin, ch: CH) -> Response:
 @router.post("/{webhook_id}/test", summary="Send a signed test alert now and return the result (admin)")
 async def test_webhook(webhook_id: str, principal: Admin, ch: CH, settings: SettingsDep) -> dict:
     row = await _one(ch, principal.tenant, webhook_id)
-    channel = Channel(row["id"], row["format"], url=row["url"], email=row["email"], secret=row["secret"])
-    alert, result = await deliver_test_alert(settings, ch, principal.tenant, channel)
+    alert, result = await deliver_test_alert(settings, ch, principal.tenant, _channel(row))
     return {
         "alert_id": alert.alert_id,
         "delivered": result.delivered,

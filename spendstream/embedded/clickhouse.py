@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from spendstream.embedded import free_port
+from spendstream.ports import free_port
 
 STOP_GRACE_S = 15.0
 _POLL_INTERVAL_S = 0.05
@@ -55,8 +55,16 @@ class EmbeddedClickHouse:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         command = [
-            sys.executable, "-m", "spendstream.cli", "embedded-clickhouse",
-            "--port", str(self.port), "--path", self.path, "--host", self.host,
+            sys.executable,
+            "-m",
+            "spendstream.cli",
+            "embedded-clickhouse",
+            "--port",
+            str(self.port),
+            "--path",
+            self.path,
+            "--host",
+            self.host,
         ]
         self._process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
@@ -71,7 +79,9 @@ class EmbeddedClickHouse:
                 )
             if time.monotonic() > deadline:
                 self.kill()
-                raise TimeoutError(f"embedded ClickHouse not ready after {timeout:g}s; last log lines:\n{self.log_tail()}")
+                raise TimeoutError(
+                    f"embedded ClickHouse not ready after {timeout:g}s; last log lines:\n{self.log_tail()}"
+                )
             time.sleep(_POLL_INTERVAL_S)
         return self
 
@@ -105,7 +115,9 @@ class EmbeddedClickHouse:
     def __enter__(self) -> EmbeddedClickHouse:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def _signal(self, signum: int) -> None:

@@ -66,12 +66,29 @@ SHUTDOWN_GRACE_S = 10.0
 # next to settings; chDB knows nothing of them, so passing them to SET would fail or do nothing.
 TRANSPORT_PARAMS = frozenset(
     {
-        "query", "query_id", "session_id", "session_timeout", "session_check", "database",
-        "default_format", "user", "password", "quota_key", "role", "buffer_size", "compress",
-        "decompress", "wait_end_of_query", "client_protocol_version", "enable_http_compression",
-        "http_zlib_compression_level", "send_progress_in_http_headers",
-        "http_headers_progress_interval_ms", "cancel_http_readonly_queries_on_client_close",
-        "http_native_compression_disable_checksumming_on_decompress", "add_http_cors_header",
+        "query",
+        "query_id",
+        "session_id",
+        "session_timeout",
+        "session_check",
+        "database",
+        "default_format",
+        "user",
+        "password",
+        "quota_key",
+        "role",
+        "buffer_size",
+        "compress",
+        "decompress",
+        "wait_end_of_query",
+        "client_protocol_version",
+        "enable_http_compression",
+        "http_zlib_compression_level",
+        "send_progress_in_http_headers",
+        "http_headers_progress_interval_ms",
+        "cancel_http_readonly_queries_on_client_close",
+        "http_native_compression_disable_checksumming_on_decompress",
+        "add_http_cors_header",
         "stacktrace",
         # applied by Lease.prepare: once SET on a session, readonly could never be reset
         "readonly",
@@ -80,7 +97,17 @@ TRANSPORT_PARAMS = frozenset(
 # Formats whose per-block encodings concatenate into one valid stream; other formats (JSON,
 # *WithNames, Arrow, ...) get a header or footer per engine chunk and are answered in one piece.
 STREAMABLE_FORMATS = frozenset(
-    {"Native", "RowBinary", "TabSeparated", "TSV", "TabSeparatedRaw", "TSVRaw", "CSV", "JSONEachRow", "JSONCompactEachRow"}
+    {
+        "Native",
+        "RowBinary",
+        "TabSeparated",
+        "TSV",
+        "TabSeparatedRaw",
+        "TSVRaw",
+        "CSV",
+        "JSONEachRow",
+        "JSONCompactEachRow",
+    }
 )
 CONTENT_TYPES = {
     "TabSeparated": "text/tab-separated-values; charset=UTF-8",
@@ -114,9 +141,15 @@ ERROR_CODES = {
 }
 # The subset of ClickHouse's exceptionCodeToHTTPStatus that clients and humans act on.
 _HTTP_STATUS = {
-    516: 401, 192: 401, 193: 401, 194: 401,
-    497: 403, 164: 403,
-    60: 404, 81: 404, 372: 404,
+    516: 401,
+    192: 401,
+    193: 401,
+    194: 401,
+    497: 403,
+    164: 403,
+    60: 404,
+    81: 404,
+    372: 404,
     48: 501,
     **dict.fromkeys((3, 6, 26, 27, 33, 36, 41, 43, 46, 47, 53, 62, 72, 73, 89, 115, 117, 271, 456), 400),
 }
@@ -545,7 +578,9 @@ class SessionSettings:
 
 def _current_settings(conn: Any, names: list[str]) -> dict[str, str | None]:
     listed = ", ".join(quote_string(n) for n in names)
-    rows = _run(conn, f"SELECT name, value, changed FROM system.settings WHERE name IN ({listed})", "JSONCompactEachRow")
+    rows = _run(
+        conn, f"SELECT name, value, changed FROM system.settings WHERE name IN ({listed})", "JSONCompactEachRow"
+    )
     current = {}
     for line in rows.bytes().splitlines():
         name, value, changed = json.loads(line)
@@ -594,9 +629,13 @@ class Summary:
 
     def header(self) -> str:
         values = {
-            "read_rows": self.read_rows, "read_bytes": self.read_bytes,
-            "written_rows": self.written_rows, "written_bytes": self.written_bytes,
-            "total_rows_to_read": 0, "result_rows": self.result_rows, "result_bytes": self.result_bytes,
+            "read_rows": self.read_rows,
+            "read_bytes": self.read_bytes,
+            "written_rows": self.written_rows,
+            "written_bytes": self.written_bytes,
+            "total_rows_to_read": 0,
+            "result_rows": self.result_rows,
+            "result_bytes": self.result_bytes,
             "elapsed_ns": int(self.elapsed_s * 1e9),
         }
         return json.dumps({k: str(v) for k, v in values.items()}, separators=(",", ":"))
@@ -654,8 +693,14 @@ class Lease:
         return query_class
 
     def execute(
-        self, text: bytes, params: dict[str, str], request_settings: dict[str, str], database: str | None,
-        default_format: str, readonly: int, stream: bool,
+        self,
+        text: bytes,
+        params: dict[str, str],
+        request_settings: dict[str, str],
+        database: str | None,
+        default_format: str,
+        readonly: int,
+        stream: bool,
     ) -> Outcome:
         try:
             sql: str | bytes = text.decode()
@@ -694,7 +739,9 @@ class Lease:
     def cancel_stream(self, handle: Any) -> None:
         self.conn.streaming_cancel_query(handle)
 
-    def begin_insert(self, split: InsertSplit, settings: dict[str, str], database: str | None, readonly: int) -> PendingInsert:
+    def begin_insert(
+        self, split: InsertSplit, settings: dict[str, str], database: str | None, readonly: int
+    ) -> PendingInsert:
         self.prepare(split.statement, settings, database, readonly)
         return PendingInsert(split.statement, split.format)
 
@@ -715,14 +762,18 @@ class Lease:
             head = f"{insert.statement} FORMAT {insert.format}\n".encode()
             result = _run(self.conn, head + insert.buffer)
             insert.buffer = bytearray()
-            return Summary(written_rows=result.rows_written(), written_bytes=result.bytes_written(), elapsed_s=result.elapsed())
+            return Summary(
+                written_rows=result.rows_written(), written_bytes=result.bytes_written(), elapsed_s=result.elapsed()
+            )
         if insert.streaming is None:
             self._start_streaming(insert)
         try:
             result = self.conn.insert_done(insert.streaming)
         except RuntimeError as exc:
             raise ClickHouseError.from_engine(exc) from None
-        return Summary(written_rows=result.rows_written(), written_bytes=result.bytes_written(), elapsed_s=result.elapsed())
+        return Summary(
+            written_rows=result.rows_written(), written_bytes=result.bytes_written(), elapsed_s=result.elapsed()
+        )
 
     def cancel_insert(self, insert: PendingInsert) -> None:
         if insert.streaming is not None:
@@ -766,7 +817,9 @@ class PendingInsert:
 
     def whole_query_safe(self) -> bool:
         # the statement head ends with a line break, so a leading one is a blank line too
-        return not self.buffer.startswith((b"\n", b"\r\n")) and b"\n\n" not in self.buffer and b"\n\r\n" not in self.buffer
+        return (
+            not self.buffer.startswith((b"\n", b"\r\n")) and b"\n\n" not in self.buffer and b"\n\r\n" not in self.buffer
+        )
 
 
 class EngineUnavailable(Exception):
@@ -794,7 +847,10 @@ class ChdbEngine:
             ) from None
         self.version, self.timezone, compression = (
             _run(self._anchor, "SELECT version(), timezone(), getSetting('enable_http_compression')")
-            .bytes().decode().strip().split("\t")
+            .bytes()
+            .decode()
+            .strip()
+            .split("\t")
         )
         # chDB turns enable_http_compression on and reports it in system.settings; clients that read
         # it (clickhouse-connect) then only send Accept-Encoding and expect a compressed answer
@@ -889,7 +945,8 @@ class QueryRequest:
             raise ClickHouseError.named("BAD_ARGUMENTS", f"Invalid HTTP parameter: {exc}") from None
         if not 0 <= timeout <= MAX_SESSION_TIMEOUT_S:
             raise ClickHouseError.named(
-                "BAD_ARGUMENTS", f"Session timeout {timeout:g} is larger than max_session_timeout: {MAX_SESSION_TIMEOUT_S}"
+                "BAD_ARGUMENTS",
+                f"Session timeout {timeout:g} is larger than max_session_timeout: {MAX_SESSION_TIMEOUT_S}",
             )
         return cls(
             query=values.get("query"),
@@ -902,7 +959,9 @@ class QueryRequest:
             database=values.get("database") or None,
             default_format=values.get("default_format") or "TabSeparated",
             wait_end_of_query=_truthy(values.get("wait_end_of_query")),
-            compress_response=_truthy(values["enable_http_compression"]) if "enable_http_compression" in values else compress_by_default,
+            compress_response=_truthy(values["enable_http_compression"])
+            if "enable_http_compression" in values
+            else compress_by_default,
             max_query_size=max_query_size,
             readonly=_readonly_level(values.get("readonly")),
         )
@@ -991,7 +1050,9 @@ class ClickHouseHttp:
             ):
                 return web.Response(text="Ok.\n")
             if request.path != "/":
-                return web.Response(status=404, text=f"There is no handle {request.path}\n\nUse / or /ping for health checks.\n")
+                return web.Response(
+                    status=404, text=f"There is no handle {request.path}\n\nUse / or /ping for health checks.\n"
+                )
             self._authenticate(request)
             return await self._serve_query(request, query_id)
         except ClickHouseError as err:
@@ -1015,7 +1076,8 @@ class ClickHouseHttp:
         password = password or ""
         if not (hmac.compare_digest(user, self._user) and hmac.compare_digest(password, self._password)):
             raise ClickHouseError.named(
-                "AUTHENTICATION_FAILED", f"{user}: Authentication failed: password is incorrect, or there is no user with such name"
+                "AUTHENTICATION_FAILED",
+                f"{user}: Authentication failed: password is incorrect, or there is no user with such name",
             )
 
     async def _request_values(self, request: web.BaseRequest) -> tuple[dict[str, str], bool]:
@@ -1027,7 +1089,8 @@ class ClickHouseHttp:
         while (part := await reader.next()) is not None:
             if part.filename:
                 raise ClickHouseError.named(
-                    "NOT_IMPLEMENTED", "The embedded ClickHouse does not implement external data (temporary tables from files)"
+                    "NOT_IMPLEMENTED",
+                    "The embedded ClickHouse does not implement external data (temporary tables from files)",
                 )
             values[part.name or ""] = await part.text()
         return values, True
@@ -1050,7 +1113,9 @@ class ClickHouseHttp:
                 if split is not None:
                     # ClickHouse reads the query parameter, a line break, then the body
                     prefix = query_bytes[split.data_start :]
-                    return await self._insert(lease, req, split, body, readonly, prefix=prefix + b"\n" if prefix else b"")
+                    return await self._insert(
+                        lease, req, split, body, readonly, prefix=prefix + b"\n" if prefix else b""
+                    )
                 rest = await body.read_all(req.max_query_size)
                 text = query_bytes + b"\n" + rest if rest else query_bytes
             else:
@@ -1066,7 +1131,13 @@ class ClickHouseHttp:
             await self.engine.release(lease)
 
     async def _execute(
-        self, request: web.BaseRequest, lease: Lease, req: QueryRequest, text: bytes, readonly: int, encoding: str | None
+        self,
+        request: web.BaseRequest,
+        lease: Lease,
+        req: QueryRequest,
+        text: bytes,
+        readonly: int,
+        encoding: str | None,
     ) -> web.StreamResponse:
         stream = not req.wait_end_of_query
         outcome: Outcome = await self.engine.call(
@@ -1105,7 +1176,13 @@ class ClickHouseHttp:
                 await self.engine.call(lease.cancel_stream, handle)
 
     async def _insert(
-        self, lease: Lease, req: QueryRequest, split: InsertSplit, body: RequestBody, readonly: int, prefix: bytes,
+        self,
+        lease: Lease,
+        req: QueryRequest,
+        split: InsertSplit,
+        body: RequestBody,
+        readonly: int,
+        prefix: bytes,
         exhausted: bool = False,
     ) -> web.StreamResponse:
         inserter = await self.engine.call(lease.begin_insert, split, req.settings, req.database, readonly)
@@ -1128,7 +1205,9 @@ class ClickHouseHttp:
         except Exception as exc:
             if not isinstance(exc, ClickHouseError):
                 # a body cut short (client gone, bad chunking) must never commit what arrived so far
-                exc = ClickHouseError.named("UNEXPECTED_END_OF_FILE", f"Cannot read insert data from the request body: {exc!r}")
+                exc = ClickHouseError.named(
+                    "UNEXPECTED_END_OF_FILE", f"Cannot read insert data from the request body: {exc!r}"
+                )
             raise exc from None
         finally:
             if pending is not None:
@@ -1143,7 +1222,9 @@ class ClickHouseHttp:
             "X-ClickHouse-Timezone": self.engine.timezone,
             "X-ClickHouse-Server-Display-Name": "spendstream-embedded-clickhouse",
             "X-ClickHouse-Summary": summary.header(),
-            "Content-Type": CONTENT_TYPES.get(fmt or "", "text/plain; charset=UTF-8" if fmt is None else "application/octet-stream"),
+            "Content-Type": CONTENT_TYPES.get(
+                fmt or "", "text/plain; charset=UTF-8" if fmt is None else "application/octet-stream"
+            ),
         }
         if fmt is not None:
             headers["X-ClickHouse-Format"] = fmt
@@ -1183,7 +1264,9 @@ async def serve(host: str, port: int, path: str, stop: asyncio.Event) -> None:
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    log.info("embedded ClickHouse %s (chDB) on http://%s:%d, data in %s", engine.version, host, port, os.path.abspath(path))
+    log.info(
+        "embedded ClickHouse %s (chDB) on http://%s:%d, data in %s", engine.version, host, port, os.path.abspath(path)
+    )
     sweeper = asyncio.create_task(_expire_sessions_forever(engine))
     try:
         await stop.wait()

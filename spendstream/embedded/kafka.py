@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from spendstream.embedded import free_port
+from spendstream.ports import free_port
 from spendstream.settings import Settings
 
 
@@ -120,7 +120,9 @@ class EmbeddedKafka:
                 return
             time.sleep(0.05)
         self.kill()
-        raise BrokerStartError(f"tansu did not answer metadata on {self.bootstrap} within {timeout}s: {self._log_tail()}")
+        raise BrokerStartError(
+            f"tansu did not answer metadata on {self.bootstrap} within {timeout}s: {self._log_tail()}"
+        )
 
     def _port_open(self) -> bool:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -5,7 +5,15 @@ on override changes: ``book = OverrideBook.from_rows(rows, catalog)``;
 per event: ``price(event, catalog, book.for_tenant(tenant))``.
 """
 
-from spendstream.pricing.catalog import ATOMS, Catalog, CatalogModel, PriceRow, Resolution, default_catalog, load_catalog
+from spendstream.pricing.catalog import (
+    ATOMS,
+    Catalog,
+    CatalogModel,
+    PriceRow,
+    Resolution,
+    default_catalog,
+    load_catalog,
+)
 from spendstream.pricing.logic import PricedLine, PricingError, effective_price, list_prices, price
 from spendstream.pricing.overrides import OVERRIDE_COLUMNS, OverrideBook, PriceOverride, TenantOverrides
 

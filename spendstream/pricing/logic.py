@@ -45,7 +45,6 @@ from spendstream.pricing.catalog import Catalog, PriceRow, Resolution
 from spendstream.pricing.normalize import epoch_micros, utc_date_str, utc_instant
 from spendstream.pricing.overrides import TenantOverrides, active_override
 
-
 # price() spells the breakdown out for speed; fail at import if the contract changes the classes
 _CLASS_ORDER = ("input", "output", "cache_read", "cache_write", "reasoning", "input_audio", "output_audio", "request")
 if COST_CLASSES != _CLASS_ORDER:
@@ -147,7 +146,16 @@ def price(event: dict[str, Any], catalog: Catalog, overrides: TenantOverrides | 
         raise PricingError(f"{exc.args[0]} is required") from None
     except (TypeError, AttributeError) as exc:
         raise PricingError(f"provider, model and token counts have the wrong type: {exc}") from None
-    parts = (plain_input, cache_read, cache_write_5m, cache_write_1h, input_audio, plain_output, reasoning, output_audio)
+    parts = (
+        plain_input,
+        cache_read,
+        cache_write_5m,
+        cache_write_1h,
+        input_audio,
+        plain_output,
+        reasoning,
+        output_audio,
+    )
     if min(parts) < 0:
         raise PricingError(
             "token counts must be >= 0 and fit their parents: cache_read + cache_write + input_audio <= input_tokens, "

@@ -225,6 +225,7 @@ class OverrideBook:
             tenant = grouped.setdefault(override.tenant, {})
             for key in keys:
                 tenant.setdefault(key, []).append(window)
+
         def latest_first(windows: list[_Window]) -> tuple[_Window, ...]:
             return tuple(sorted(windows, key=lambda w: (w.from_us, w.override.id), reverse=True))
 

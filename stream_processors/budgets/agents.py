@@ -20,22 +20,17 @@ A tenant-wide budget spans projects, i.e. usage.priced partitions, so the stage 
    same alert_ids are sent again (notify delivers an alert_id once), nothing is missed and no
    spend is counted twice; no state is saved whose alerts are not in ``budget_alerts``.
 
-Source positions: both agents keep the next offset to process per source partition in the
-``budget_state`` table itself (keys ``\x00position|<topic>|<partition>``, written with the batch's
-state to the same changelog partition), and check every batch against them
-(``logic.split_by_position``): redelivered messages are acked without being processed, and a
-jump means the consumer skipped messages, which are then read back directly and processed
-before the message that came instead. Faust's committed offsets alone are not enough: with
-faust-streaming 0.15.3 on the embedded broker, a worker restarted while input kept arriving
-resumed usage.priced partitions 20-70 offsets past the last ones it had processed (about 1 run
-in 10 of tests/integration/test_budgets_stage.py), and a Faust ``seek`` back to the position
-did not re-deliver them either.
+Source order: the watermarks drop an event whose raw offset is at or below the highest applied
+for its raw partition, so both agents rely on the runtime's consumer
+(``stream_processors.runtime.consumer``) handing them each source partition's records in offset
+order from the committed offset, without holes; a redelivery after a restart is then a replay
+the watermarks drop. (A record skipped and processed after later ones would count as a replay.)
 
-Both agents batch with ``processors.budgets_batch_seconds`` (shorter than the other stages'
-``batch_max_seconds``): an alert waits for two of these windows on its way, and a batch here is
+Both agents batch with ``budgets.batch_seconds`` (shorter than the other stages'
+``processors.batch_max_seconds``): an alert waits for two of these windows on its way, and a batch here is
 cheap (one state write per budget touched).
 
-Budget configs are re-read from ClickHouse every ``budgets_reload_s`` (when changed); nothing is
+Budget configs are re-read from ClickHouse every ``budgets.reload_s`` (when changed); nothing is
 processed before the first successful load. Deltas of a budget that no longer exists are dropped.
 
 Poison never stalls the stage (``retry.py`` says what is transient and what is data): only
@@ -65,13 +60,14 @@ from typing import Any
 
 import faust
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
+from spendstream.budgets import BudgetState, Delta, ScopeIndex, alert_value
+from spendstream.budgets.store import BudgetReader, insert_alerts
 from spendstream.clickhouse import get_client
 from spendstream.contracts import dlq_envelope
-from spendstream.kafka import client_kwargs
 from spendstream.settings import Settings
+from spendstream.timeutil import TimestampParser
 from spendstream.topics import (
     BUDGET_ALERTS,
     BUDGET_DELTAS,
@@ -79,19 +75,9 @@ from spendstream.topics import (
     USAGE_DLQ,
     USAGE_PRICED,
 )
-from stream_processors.budgets.logic import (
-    BudgetState,
-    Delta,
-    RepartitionResult,
-    ScopeIndex,
-    alert_value,
-    build_deltas,
-    split_by_position,
-    stable_partition,
-)
-from stream_processors.budgets.store import BudgetReader, insert_alerts
-from stream_processors.producer import OutRecord, StageProducer
-from stream_processors.retry import (
+from stream_processors.budgets.logic import RepartitionResult, build_deltas, stable_partition
+from stream_processors.runtime.producer import OutRecord, StageProducer
+from stream_processors.runtime.retry import (
     CONTENT_ERRORS,
     POISON,
     data_error_label,
@@ -99,7 +85,6 @@ from stream_processors.retry import (
     reason_of,
     retry_forever,
 )
-from stream_processors.sink.logic import TimestampParser
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +97,6 @@ ALERTS = Counter("spendstream_budgets_alerts_total", "Alerts sent to spendstream
 BAD_RECORDS = Counter("spendstream_budgets_bad_records_total", "usage.priced records that are not priced envelopes")
 BATCH_SECONDS = Histogram("spendstream_budgets_state_batch_seconds", "Time to apply and write one batch of deltas")
 BUDGETS_LOADED = Gauge("spendstream_budgets_loaded", "Live budgets known to the stage", multiprocess_mode="max")
-SKIPPED = Counter(
-    "spendstream_budgets_skipped_offsets_total", "Source offsets the consumer skipped, read back directly", ["topic"]
-)
-LOST = Counter(
-    "spendstream_budgets_lost_offsets_total", "Skipped source offsets that no longer existed when read back", ["topic"]
-)
 ALERT_DELAY = Histogram(
     "spendstream_budgets_alert_delay_seconds", "Crossing event's time to the alert being sent (event time lag)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600, 3600),
@@ -140,7 +119,6 @@ class Commit:
     alerts: list[PendingAlert]
     #: (changelog partition, budget id, state) per budget the batch changed
     writes: list[tuple[int, bytes, bytes]]
-    positions: dict[int, int]
 
 
 class BudgetBook:
@@ -157,8 +135,11 @@ class BudgetBook:
             try:
                 index = await asyncio.to_thread(self._reader.read_if_changed)
             except Exception as exc:  # noqa: BLE001 - any ClickHouse trouble: keep the last set
-                log.warning("reading budgets failed (%r); %s", exc,
-                            "keeping the last set" if self.ready.is_set() else "the stage waits for it")
+                log.warning(
+                    "reading budgets failed (%r); %s",
+                    exc,
+                    "keeping the last set" if self.ready.is_set() else "the stage waits for it",
+                )
             else:
                 if index is not None:
                     if len(index) != len(self.index):
@@ -166,111 +147,26 @@ class BudgetBook:
                     self.index = index
                     BUDGETS_LOADED.set(len(index))
                 self.ready.set()
-            await asyncio.sleep(self.settings.processors.budgets_reload_s)
+            await asyncio.sleep(self.settings.budgets.reload_s)
 
 
 @dataclass(frozen=True, slots=True)
 class SourceRecord:
-    """A source message as the agents process it (from Faust, or read back after a skip)."""
+    """A source message as the agents process it."""
 
     partition: int
     offset: int
     value: bytes
 
-
-class SourcePositions:
-    """The next offset to process per partition of one source topic, kept in the state table;
-    messages the consumer skipped are read back directly (a group-less consumer), since Faust's
-    own re-delivery after a seek proved unreliable too."""
-
-    READ_TIMEOUT_S = 30.0
-
-    def __init__(self, settings: Settings, table: faust.Table, topic: str):
-        self.settings = settings
-        self.table = table
-        self.topic = topic
-        self.reader: AIOKafkaConsumer | None = None
-        #: partition -> next offset once the current batch's output is durable
-        self.pending: dict[int, int] = {}
-
-    def key(self, partition: int) -> bytes:
-        return f"\x00position|{self.topic}|{partition}".encode()
-
-    async def split(self, events: list[faust.EventT]) -> tuple[list[SourceRecord], list[faust.EventT]]:
-        """(records to process, in order, skipped ones included; the events to ack afterwards).
-
-        A partition never processed before starts at its first offset: the consumer can skip
-        messages on a fresh start too."""
-        positions = {}
-        for partition in {e.message.partition for e in events}:
-            stored = self.table.data.get(self.key(partition))
-            positions[partition] = int(stored) if stored is not None else 0
-        split = split_by_position([(e.message.partition, e.message.offset) for e in events], positions)
-        read_back: dict[tuple[int, int], list[SourceRecord]] = {}
-        for partition, start, end in split.gaps:
-            read_back[(partition, end)] = await self.read(partition, start, end)
-        records: list[SourceRecord] = []
-        for i in split.take:
-            m = events[i].message
-            records += read_back.get((m.partition, m.offset), [])
-            records.append(SourceRecord(m.partition, m.offset, m.value))
-        self.pending = split.advanced
-        return records, [events[i] for i in sorted(split.take + split.stale)]
-
-    async def read(self, partition: int, start: int, end: int) -> list[SourceRecord]:
-        """Offsets [start, end) of one partition, read directly from the broker (the part that
-        still exists: retention may have deleted the oldest)."""
-        if self.reader is None:
-            self.reader = AIOKafkaConsumer(**client_kwargs(self.settings), group_id=None, enable_auto_commit=False,
-                                           auto_offset_reset="earliest")  # fmt: skip
-            await self.reader.start()
-        tp = TopicPartition(self.topic, partition)
-        self.reader.assign([tp])
-        # ListOffsets(EARLIEST) is right on the embedded broker (only LATEST is not)
-        first = max(start, (await self.reader.beginning_offsets([tp]))[tp])
-        if first > start and start > 0:
-            log.error("%s[%d]: skipped offsets %d..%d no longer exist", self.topic, partition, start, first - 1)
-            LOST.labels(self.topic).inc(first - start)
-        if first >= end:
-            return []
-        log.warning("%s[%d]: the consumer skipped offsets %d..%d; reading them back", self.topic, partition, first,
-                    end - 1)  # fmt: skip
-        SKIPPED.labels(self.topic).inc(end - first)
-        self.reader.seek(tp, first)
-        out: list[SourceRecord] = []
-        deadline = time.monotonic() + self.READ_TIMEOUT_S
-        while not out or out[-1].offset < end - 1:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.topic}[{partition}]: offsets {first}..{end - 1} could not be read")
-            batch = await self.reader.getmany(tp, timeout_ms=500)
-            out += [SourceRecord(r.partition, r.offset, r.value) for r in batch.get(tp, []) if r.offset < end]
-        return out
-
-    def commit(self) -> None:
-        """Record the positions after the batch's output is durable (same changelog as the state)."""
-        self.persist(self.advance())
-
-    def advance(self) -> dict[int, int]:
-        """Move the in-memory positions past the current batch (the next ``split`` starts there);
-        returns them for ``persist``."""
-        positions, self.pending = self.pending, {}
-        for partition, offset in positions.items():
-            self.table.data[self.key(partition)] = str(offset).encode()
-        return positions
-
-    def persist(self, positions: dict[int, int]) -> None:
-        for partition, offset in positions.items():
-            self.table.send_changelog(partition, self.key(partition), str(offset).encode())
-
-    async def close(self) -> None:
-        if self.reader is not None:
-            await self.reader.stop()
+    @classmethod
+    def of(cls, event: faust.EventT) -> SourceRecord:
+        return cls(event.message.partition, event.message.offset, event.message.value)
 
 
 def register(app: faust.App, settings: Settings) -> None:
-    p = settings.processors
+    p, b = settings.processors, settings.budgets
     partitions = settings.kafka.partitions
-    lateness_ms = int(p.allowed_lateness_hours * 3_600_000)
+    lateness_ms = int(b.allowed_lateness_hours * 3_600_000)
     book = BudgetBook(settings)
     parse_ts = TimestampParser()
     # one producer for both agents: started by whichever agent comes first, closed after the
@@ -287,17 +183,12 @@ def register(app: faust.App, settings: Settings) -> None:
     deltas_topic = app.topic(BUDGET_DELTAS.name, key_serializer="raw", value_serializer="raw", partitions=partitions)
     table = app.Table(
         "budget_state", key_type=bytes, value_type=bytes, partitions=partitions,
-        help="per budget: windows' spend, fired thresholds, raw-partition watermarks (see budgets/logic.py)",
+        help="per budget: windows' spend, fired thresholds, raw-partition watermarks (spendstream.budgets.state)",
     )  # fmt: skip
-
-    priced_positions = SourcePositions(settings, table, USAGE_PRICED.name)
-    delta_positions = SourcePositions(settings, table, BUDGET_DELTAS.name)
 
     @app.on_before_shutdown.connect
     async def stop_clients(sender: faust.App, **kwargs: Any) -> None:
         await output.stop()
-        await priced_positions.close()
-        await delta_positions.close()
 
     @app.task
     async def reload_budgets() -> None:
@@ -307,8 +198,8 @@ def register(app: faust.App, settings: Settings) -> None:
     async def repartition(stream: faust.StreamT) -> None:
         await start_output()
         await book.ready.wait()
-        async for events in stream.noack_take(p.batch_max_records, within=p.budgets_batch_seconds):
-            records, done = await priced_positions.split(events)
+        async for events in stream.noack_take(p.batch_max_records, within=b.batch_seconds):
+            records = [SourceRecord.of(e) for e in events]
             try:
                 result = build_deltas(book.index, [r.value for r in records], parse_ts)
                 poison: list[OutRecord] = []
@@ -318,10 +209,9 @@ def register(app: faust.App, settings: Settings) -> None:
                 (BUDGET_DELTAS.name, stable_partition(d.budget_id, partitions), d.budget_id.encode(), d.encode())
                 for d in result.deltas
             ] + poison)  # fmt: skip
-            priced_positions.commit()
             EVENTS.labels("seen").inc(result.events)
             BAD_RECORDS.inc(result.bad_records)
-            for event in done:
+            for event in events:
                 await stream.ack(event)
 
     def dead_letter(topic: str, record: SourceRecord, reason: str, label: str) -> OutRecord:
@@ -410,7 +300,7 @@ def register(app: faust.App, settings: Settings) -> None:
         for a in alerts:
             ALERTS.labels(a.value["kind"]).inc()
         BATCH_SECONDS.observe(time.perf_counter() - started)
-        return Commit(alerts, writes, delta_positions.advance())
+        return Commit(alerts, writes)
 
     async def store_alerts(alerts: list[PendingAlert]) -> None:
         """Record ``alerts`` in ClickHouse; refused as data, in halves down to the alert at fault,
@@ -439,14 +329,13 @@ def register(app: faust.App, settings: Settings) -> None:
     async def commit(batch: Commit, previous: asyncio.Task[None] | None, stream: faust.StreamT,
                      done: list[faust.EventT]) -> None:  # fmt: skip
         """Make one batch durable after the batch before it: its alerts in ClickHouse, then its
-        state and positions in the changelog, then the acks."""
+        state in the changelog, then the acks."""
         if previous is not None:
             await previous
         if batch.alerts:
             await store_alerts(batch.alerts)
         for partition, key, value in batch.writes:
             table.send_changelog(partition, key, value)
-        delta_positions.persist(batch.positions)
         for event in done:
             await stream.ack(event)
 
@@ -461,12 +350,11 @@ def register(app: faust.App, settings: Settings) -> None:
         await book.ready.wait()
         commits: deque[asyncio.Task[None]] = deque()
         try:
-            async for events in stream.noack_take(p.batch_max_records, within=p.budgets_batch_seconds):
+            async for events in stream.noack_take(p.batch_max_records, within=b.batch_seconds):
                 while commits and (commits[0].done() or len(commits) >= MAX_PENDING_COMMITS):
                     await commits.popleft()
-                records, done = await delta_positions.split(events)
-                batch = await handle(records)
-                task = asyncio.create_task(commit(batch, commits[-1] if commits else None, stream, done))
+                batch = await handle([SourceRecord.of(e) for e in events])
+                task = asyncio.create_task(commit(batch, commits[-1] if commits else None, stream, events))
                 # a failed commit stops the worker even if no further batch comes to notice it
                 task.add_done_callback(crash_on_failure)
                 commits.append(task)
@@ -480,4 +368,3 @@ def register(app: faust.App, settings: Settings) -> None:
         finally:
             for task in commits:
                 task.cancel()
-

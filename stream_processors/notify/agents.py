@@ -32,15 +32,13 @@ import faust
 import orjson
 from prometheus_client import Counter
 
+from spendstream.alerting import Alert, BadAlert, DeliveryStore, Sender, UnstorableAttempt, parse_alert
 from spendstream.contracts import dlq_envelope
 from spendstream.settings import Settings
 from spendstream.topics import BUDGET_ALERTS, USAGE_DLQ
-from stream_processors.notify.delivery import Sender
-from stream_processors.notify.logic import Alert, BadAlert, parse_alert
 from stream_processors.notify.notifier import Notifier
-from stream_processors.notify.store import DeliveryStore, UnstorableAttempt
-from stream_processors.producer import StageProducer
-from stream_processors.retry import (
+from stream_processors.runtime.producer import StageProducer
+from stream_processors.runtime.retry import (
     CONTENT_ERRORS,
     POISON,
     is_data_error,
@@ -71,7 +69,8 @@ class NotifyStage:
 
     async def run(self, stream: faust.StreamT) -> None:
         await self.output.start()
-        self.notifier = Notifier(self.settings, DeliveryStore(self.settings), Sender(self.settings))
+        store = DeliveryStore(self.settings, is_data_error=is_data_error)
+        self.notifier = Notifier(self.settings, store, Sender(self.settings))
         self.notifier.start()
         stream = stream.noack()
         slots = asyncio.Semaphore(MAX_PENDING_ALERTS)

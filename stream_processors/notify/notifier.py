@@ -18,8 +18,12 @@ recorded. A receiver can get a second copy only if this process dies (or loses t
 between a 2xx and the record landing; the copy carries the same ``Idempotency-Key`` (generic) /
 ``dedup_key`` (PagerDuty) / ``Message-ID`` (e-mail), so such receivers drop it. Slack has no
 idempotency key. The budgets stage re-sends an alert right after its own restart; one re-sent
-later than ``history_window`` (max(dedupe_window_hours, 2 x retry horizon)) after its delivery
+later than ``history_window`` (max(pricing.dedupe_window_hours, 2 x notify.retry_horizon_s)) after its delivery
 would be delivered again.
+
+What one attempt sends, how its answer is judged and where it is recorded is
+``spendstream.alerting``'s (shared with the query API's test alerts); this module adds only what
+the stage needs: alerts in flight, concurrency per endpoint, retries over time and its metrics.
 """
 
 from __future__ import annotations
@@ -29,36 +33,31 @@ import logging
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
-from clickhouse_connect.driver.asyncclient import AsyncClient
 from clickhouse_connect.driver.exceptions import ClickHouseError
 from prometheus_client import Counter, Gauge, Histogram
 
-from spendstream.settings import Settings
-from stream_processors.notify.delivery import AttemptResult, Sender
-from stream_processors.notify.logic import (
+from spendstream.alerting import (
+    CHANNEL_REFRESH_S,
     DELIVERED,
     FAILED,
     FINAL_OUTCOMES,
     REFUSED,
     Alert,
-    Channel,
-    RetryPolicy,
-    attempt_outcome,
-    created_at,
-    sample_alert,
-    outcome_of_test_delivery,
-)
-from stream_processors.notify.store import (
-    CHANNEL_REFRESH_S,
     Attempt,
+    AttemptResult,
     ChannelHistory,
     DeliveryStore,
     Histories,
-    insert_attempt,
+    RetryPolicy,
+    Sender,
+    attempt_outcome,
+    created_at,
+    endpoint_of,
 )
-from stream_processors.retry import is_transient, retry_forever
+from spendstream.settings import Settings
+from stream_processors.runtime.retry import is_transient, retry_forever
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,10 @@ def _store_error_is_retryable(exc: BaseException) -> bool:
     # delivery), so only what can pass later is retried
     return is_transient(exc)
 
-ATTEMPTS = Counter("spendstream_notify_attempts_total", "Delivery attempts by channel format and outcome", ["format", "outcome"])
+
+ATTEMPTS = Counter(
+    "spendstream_notify_attempts_total", "Delivery attempts by channel format and outcome", ["format", "outcome"]
+)
 ALERTS = Counter("spendstream_notify_alerts_total", "Alerts by how they ended", ["result"])
 ATTEMPT_SECONDS = Histogram(
     "spendstream_notify_attempt_seconds", "Duration of one delivery attempt", ["format"],
@@ -85,13 +87,9 @@ ALERT_AGE = Histogram(
     "spendstream_notify_alert_age_seconds", "Alert emitted by the budgets stage -> delivered to a channel", ["format"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )  # fmt: skip
-IN_FLIGHT = Gauge("spendstream_notify_alerts_in_flight", "Alerts with a channel not yet final", multiprocess_mode="livesum")
-
-
-def endpoint_key(channel: Channel) -> str:
-    """Deliveries share a concurrency limit per webhook URL (so two tenants' webhooks on one
-    host stay independent) and per SMTP server."""
-    return "smtp" if channel.format == "email" else channel.url
+IN_FLIGHT = Gauge(
+    "spendstream_notify_alerts_in_flight", "Alerts with a channel not yet final", multiprocess_mode="livesum"
+)
 
 
 class Notifier:
@@ -106,12 +104,12 @@ class Notifier:
     ):
         self.store = store
         self.sender = sender
-        self.policy = policy or RetryPolicy(horizon_s=settings.processors.webhook_retry_horizon_s)
+        self.policy = policy or RetryPolicy(horizon_s=settings.notify.retry_horizon_s)
         self.rand = rand
         # re-sent alerts come within minutes (the budgets stage's restart); an alert still retrying
         # is re-read until its horizon has passed
         self.history_window = timedelta(
-            seconds=max(settings.processors.dedupe_window_hours * 3600, 2 * self.policy.horizon_s)
+            seconds=max(settings.pricing.dedupe_window_hours * 3600, 2 * self.policy.horizon_s)
         )
         self._running: dict[str, asyncio.Task[dict[str, str]]] = {}
         self._done: OrderedDict[str, None] = OrderedDict()
@@ -135,7 +133,7 @@ class Notifier:
         self._background["history"] = asyncio.create_task(self._load_history(), name="notify-history")
 
     async def _load_history(self) -> None:
-        since = datetime.now(timezone.utc) - self.history_window
+        since = datetime.now(UTC) - self.history_window
         async for attempt in retry_forever(STAGE, "read alert_deliveries", _store_error_is_retryable):
             with attempt:
                 self._histories = await self.store.load_histories(since)
@@ -212,55 +210,55 @@ class Notifier:
             with retry:
                 channel = await self.store.channel(alert.tenant, channel_id)
         if channel is None:
-            await self._record(alert, channel_id, "", attempt + 1, datetime.now(timezone.utc), REFUSED,
-                               AttemptResult("refused", 0, error="no such webhook for this tenant (deleted?)"))
+            await self._record(
+                alert,
+                channel_id,
+                "",
+                attempt + 1,
+                datetime.now(UTC),
+                REFUSED,
+                AttemptResult("refused", 0, error="no such webhook for this tenant (deleted?)"),
+            )
             return REFUSED
-        slot = self._slots.setdefault(endpoint_key(channel), asyncio.Semaphore(PER_ENDPOINT_CONCURRENCY))
+        # per webhook URL (two tenants' webhooks on one host stay independent) or per SMTP server
+        slot = self._slots.setdefault(endpoint_of(channel), asyncio.Semaphore(PER_ENDPOINT_CONCURRENCY))
         while True:
             attempt += 1
             async with slot:
-                attempted_at = datetime.now(timezone.utc)
+                attempted_at = datetime.now(UTC)
                 result = await self.sender.send(channel, alert)
             first_at = first_at or attempted_at
-            elapsed = (datetime.now(timezone.utc) - first_at).total_seconds()
-            outcome, delay = attempt_outcome(result.verdict, attempt, elapsed, result.retry_after_s, self.policy, self.rand)
+            elapsed = (datetime.now(UTC) - first_at).total_seconds()
+            outcome, delay = attempt_outcome(
+                result.verdict, attempt, elapsed, result.retry_after_s, self.policy, self.rand
+            )
             await self._record(alert, channel_id, channel.format, attempt, attempted_at, outcome, result)
             if delay is None:
                 return outcome
             await asyncio.sleep(delay)
 
     async def _record(
-        self, alert: Alert, channel_id: str, fmt: str, attempt: int, attempted_at: datetime, outcome: str,
+        self,
+        alert: Alert,
+        channel_id: str,
+        fmt: str,
+        attempt: int,
+        attempted_at: datetime,
+        outcome: str,
         result: AttemptResult,
     ) -> None:
         ATTEMPTS.labels(fmt or "unknown", outcome).inc()
         ATTEMPT_SECONDS.labels(fmt or "unknown").observe(result.duration_ms / 1000)
         emitted = created_at(alert)
         if outcome == DELIVERED and emitted is not None:
-            ALERT_AGE.labels(fmt).observe((datetime.now(timezone.utc) - emitted).total_seconds())
+            ALERT_AGE.labels(fmt).observe((datetime.now(UTC) - emitted).total_seconds())
         if outcome not in (DELIVERED, FAILED):
             # %r: a channel or an error text with line breaks must not forge log lines
-            log.warning("alert %s to %r: %s after %d attempt(s): %r", alert.alert_id, channel_id, outcome, attempt,
-                        result.error)
+            log.warning(
+                "alert %s to %r: %s after %d attempt(s): %r", alert.alert_id, channel_id, outcome, attempt, result.error
+            )
         row = Attempt(alert.tenant, alert.alert_id, channel_id, fmt, attempt, attempted_at, outcome,
                       result.http_status, result.error, result.duration_ms)  # fmt: skip
         async for retry in retry_forever(STAGE, "insert alert_deliveries", _store_error_is_retryable):
             with retry:
                 await self.store.record(row)
-
-
-async def deliver_test_alert(settings: Settings, ch: AsyncClient, tenant: str, channel: Channel) -> tuple[Alert, AttemptResult]:
-    """``POST /v1/webhooks/{id}/test``: one attempt of a sample alert (``"test": true``, alert_id
-    ``test_...``), recorded in ``alert_deliveries`` like any attempt (outcome delivered, refused
-    or gave_up: a test is never retried)."""
-    alert = sample_alert(tenant, datetime.now(timezone.utc))
-    sender = Sender(settings)
-    try:
-        attempted_at = datetime.now(timezone.utc)
-        result = await sender.send(channel, alert)
-    finally:
-        await sender.close()
-    await insert_attempt(ch, Attempt(tenant, alert.alert_id, channel.id, channel.format, 1, attempted_at,
-                                     outcome_of_test_delivery(result.verdict), result.http_status, result.error,
-                                     result.duration_ms))  # fmt: skip
-    return alert, result

@@ -36,8 +36,8 @@ from spendstream.pricing import OverrideBook, default_catalog
 from spendstream.settings import Settings
 from spendstream.topics import USAGE_DLQ, USAGE_PRICED, USAGE_RAW
 from stream_processors.pricing.logic import STAGE, PricingStage, RawRecord
-from stream_processors.producer import MAX_RECORD_BYTES, StageProducer
-from stream_processors.retry import POISON
+from stream_processors.runtime.producer import MAX_RECORD_BYTES, StageProducer
+from stream_processors.runtime.retry import POISON
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,16 @@ RECORDS = Counter("spendstream_pricing_records_total", "usage.raw records consum
 BATCH_SECONDS = Histogram("spendstream_pricing_batch_seconds", "Time to price and write one batch")
 DEDUPE_IDS = Gauge("spendstream_pricing_dedupe_ids", "Event ids in the dedupe index", multiprocess_mode="livesum")
 OVERRIDES_LOADED_AT = Gauge(
-    "spendstream_pricing_overrides_loaded_timestamp_seconds", "When price_overrides was last read",
+    "spendstream_pricing_overrides_loaded_timestamp_seconds",
+    "When price_overrides was last read",
     multiprocess_mode="max",
 )
 OVERRIDES_RELOAD_FAILURES = Counter(
     "spendstream_pricing_overrides_reload_failures_total", "Reads of price_overrides that failed (last set kept)"
 )
 OVERRIDES_REJECTED = Gauge(
-    "spendstream_pricing_overrides_rejected", "price_overrides rows that failed validation",
+    "spendstream_pricing_overrides_rejected",
+    "price_overrides rows that failed validation",
     multiprocess_mode="livesum",
 )
 
@@ -99,13 +101,14 @@ class OverrideRows:
 def register(app: faust.App, settings: Settings) -> None:
     p = settings.processors
     stage = PricingStage(
-        default_catalog(), USAGE_RAW.name, int(p.dedupe_window_hours * 3_600_000), max_record_bytes=MAX_RECORD_BYTES
+        default_catalog(),
+        USAGE_RAW.name,
+        int(settings.pricing.dedupe_window_hours * 3_600_000),
+        max_record_bytes=MAX_RECORD_BYTES,
     )
     # raw codecs: Faust must not decode (it would JSON-parse every value, and ack and skip a
     # value it cannot parse instead of handing it to us for the DLQ)
-    raw = app.topic(
-        USAGE_RAW.name, key_serializer="raw", value_serializer="raw", partitions=settings.kafka.partitions
-    )
+    raw = app.topic(USAGE_RAW.name, key_serializer="raw", value_serializer="raw", partitions=settings.kafka.partitions)
     dedupe = app.Table(
         "dedupe",
         key_type=bytes,
@@ -135,8 +138,11 @@ def register(app: faust.App, settings: Settings) -> None:
                 rows = await asyncio.to_thread(override_rows.read)
             except Exception as exc:  # noqa: BLE001 - any ClickHouse trouble: keep the last set
                 OVERRIDES_RELOAD_FAILURES.inc()
-                log.warning("reading price_overrides failed (%r); %s", exc,
-                            "keeping the last set" if overrides_ready.is_set() else "pricing waits for it")
+                log.warning(
+                    "reading price_overrides failed (%r); %s",
+                    exc,
+                    "keeping the last set" if overrides_ready.is_set() else "pricing waits for it",
+                )
             else:
                 if rows != last_rows:
                     book = OverrideBook.from_rows(rows, stage.catalog)
@@ -153,8 +159,9 @@ def register(app: faust.App, settings: Settings) -> None:
     def owned_raw_partitions() -> set[int]:
         return {tp.partition for tp in app.consumer.assignment() if tp.topic == raw.get_topic_name()}
 
-    #: raw partition -> offset of the last record priced; a tripwire for skipped input (the consumer
-    #: guarantees contiguous delivery, see faust_fixes.py: if this ever fires, that guarantee broke)
+    #: raw partition -> offset of the last record priced; a tripwire for skipped input, observability
+    #: only: contiguous delivery is the runtime consumer's guarantee (runtime/consumer.py), and if
+    #: this ever fires, that guarantee broke
     last_priced: dict[int, int] = {}
 
     @app.on_partitions_revoked.connect
@@ -166,8 +173,14 @@ def register(app: faust.App, settings: Settings) -> None:
             previous = last_priced.get(r.partition)
             if previous is not None and r.offset > previous + 1:
                 SKIPPED_OFFSETS.inc(r.offset - previous - 1)
-                log.error("usage.raw partition %d: offsets %d..%d skipped (priced %d, then %d)",
-                          r.partition, previous + 1, r.offset - 1, previous, r.offset)
+                log.error(
+                    "usage.raw partition %d: offsets %d..%d skipped (priced %d, then %d)",
+                    r.partition,
+                    previous + 1,
+                    r.offset - 1,
+                    previous,
+                    r.offset,
+                )
             last_priced[r.partition] = r.offset
 
     async def handle(events: list[faust.EventT]) -> None:

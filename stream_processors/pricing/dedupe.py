@@ -161,10 +161,7 @@ class ChunkContent:
 
     def positions(self) -> list[tuple[tuple[int, int], Position]]:
         """(fingerprint, first-seen position) per id."""
-        return [
-            ((hi, lo), (self.partition, self.first_offset + delta))
-            for hi, lo, delta in self.entries.tolist()
-        ]
+        return [((hi, lo), (self.partition, self.first_offset + delta)) for hi, lo, delta in self.entries.tolist()]
 
 
 def encode_chunk(partition: int, first_offset: int, newest_ms: int, entries: bytes) -> bytes:

@@ -20,7 +20,7 @@ budgets, the sink or ClickHouse. A client's ``cost_usd`` above the cap breaks th
 instead (the gateway refuses it) and is dead-lettered.
 
 Dedupe by (tenant/project, event_id) -- the record key is the dedupe scope, so a scope lives in
-one partition -- within ``dedupe_window_hours``. The index maps each id to the raw position
+one partition -- within ``pricing.dedupe_window_hours``. The index maps each id to the raw position
 (partition, offset) where it was first seen:
 - not in the index: new; priced, and remembered at this position;
 - first seen at THIS record's position: the same record delivered again after a crash (its
@@ -128,9 +128,7 @@ class PricedEvents(NamedTuple):
 class PricingStage:
     """The stage's state (dedupe index, catalog, current overrides) and its batch function."""
 
-    def __init__(
-        self, catalog: Catalog, raw_topic: str, dedupe_window_ms: int, max_record_bytes: int | None = None
-    ):
+    def __init__(self, catalog: Catalog, raw_topic: str, dedupe_window_ms: int, max_record_bytes: int | None = None):
         self.catalog = catalog
         self.raw_topic = raw_topic
         self.index = DedupeIndex(dedupe_window_ms)

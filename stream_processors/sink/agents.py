@@ -1,7 +1,7 @@
 """Sink wiring: usage.priced -> ClickHouse ``usage_events_in`` -> ``usage_events`` (and through it, every MV).
 
 Records are taken from the stream in chunks (``noack_take``: nothing is acked until stored) and
-buffered until ``sink_batch_rows`` rows are pending or the oldest has waited ``sink_batch_seconds``
+buffered until ``sink.batch_rows`` rows are pending or the oldest has waited ``sink.batch_seconds``
 (or at once when the sink is caught up after a quiet spell: :meth:`Sink.flush_if_due`); then the writer task takes everything pending. While it writes, consumption goes on, up to
 ``MAX_INSERT_ROWS`` pending rows (then it pauses), so under a backlog inserts grow to that size:
 ClickHouse's cost per insert is large and fixed (six tables, a part each), its cost per row small.
@@ -31,9 +31,10 @@ from prometheus_client import Counter, Histogram
 
 from spendstream.contracts import dlq_envelope
 from spendstream.settings import Settings
+from spendstream.timeutil import TimestampParser
 from spendstream.topics import USAGE_DLQ, USAGE_PRICED
-from stream_processors.producer import StageProducer
-from stream_processors.retry import (
+from stream_processors.runtime.producer import StageProducer
+from stream_processors.runtime.retry import (
     POISON,
     data_error_label,
     is_data_error,
@@ -44,7 +45,6 @@ from stream_processors.sink.logic import (
     BadRecord,
     Insert,
     PricedRecord,
-    TimestampParser,
     Watermarks,
     dedupe_token,
     plan_inserts,
@@ -57,7 +57,11 @@ log = logging.getLogger(__name__)
 STAGE = "sink"
 
 ROWS = Counter("spendstream_sink_rows_total", "Rows inserted into usage_events")
-RECORDS = Counter("spendstream_sink_records_total", "usage.priced records by outcome (refused: by ClickHouse, dead-lettered)", ["outcome"])
+RECORDS = Counter(
+    "spendstream_sink_records_total",
+    "usage.priced records by outcome (refused: by ClickHouse, dead-lettered)",
+    ["outcome"],
+)
 FLUSH_SECONDS = Histogram(
     "spendstream_sink_flush_seconds", "Time to store and ack one batch",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
@@ -83,8 +87,8 @@ class Sink:
     def __init__(self, app: faust.App, settings: Settings, topic: str):
         self.app = app
         self.topic = topic
-        self.batch_rows = min(settings.processors.sink_batch_rows, MAX_INSERT_ROWS)
-        self.batch_seconds = settings.processors.sink_batch_seconds
+        self.batch_rows = min(settings.sink.batch_rows, MAX_INSERT_ROWS)
+        self.batch_seconds = settings.sink.batch_seconds
         self.writer = UsageEventsWriter(settings)
         self.output = StageProducer(settings, STAGE)
         self.parse_ts = TimestampParser()
@@ -254,7 +258,7 @@ def register(app: faust.App, settings: Settings) -> None:
     async def store(stream: faust.StreamT) -> None:
         await sink.run(stream)
 
-    @app.timer(min(0.1, settings.processors.sink_batch_seconds / 4))
+    @app.timer(min(0.1, settings.sink.batch_seconds / 4))
     async def flush_when_due() -> None:
         sink.flush_if_due()
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import orjson
@@ -33,8 +32,8 @@ from spendstream.contracts import (
     PRICED_SRC_PARTITION_HEADER,
     SCHEMA_VERSION,
 )
+from spendstream.timeutil import TimestampParser
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -239,32 +238,3 @@ def plan_inserts(topic: str, records: list[PricedRecord], max_rows: int) -> list
     if chunk:
         inserts.append(Insert(dedupe_token(topic, chunk), chunk))
     return inserts
-
-
-class TimestampParser:
-    """RFC 3339 -> epoch milliseconds, exactly (ints, no float). The gateway normalises event time
-    to ``YYYY-MM-DDTHH:MM:SS.mmmZ``; that shape takes a cached fast path (events of a batch share
-    few seconds), anything else goes through ``datetime.fromisoformat``."""
-
-    def __init__(self, cache_size: int = 65_536):
-        self._seconds: dict[str, int] = {}
-        self._cache_size = cache_size
-
-    def __call__(self, value: str) -> int:
-        if len(value) == 24 and value[19] == "." and value[23] == "Z":
-            head = value[:19]
-            seconds = self._seconds.get(head)
-            if seconds is None:
-                if len(self._seconds) >= self._cache_size:
-                    self._seconds.clear()
-                seconds = self._seconds[head] = self._parse_ms(head + "Z") // 1000
-            return seconds * 1000 + int(value[20:23])
-        return self._parse_ms(value)
-
-    @staticmethod
-    def _parse_ms(value: str) -> int:
-        instant = datetime.fromisoformat(value)
-        if instant.tzinfo is None:
-            instant = instant.replace(tzinfo=timezone.utc)
-        delta = instant - _EPOCH
-        return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000

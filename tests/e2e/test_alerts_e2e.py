@@ -20,11 +20,12 @@ import httpx
 import pytest
 from stage_support import log_ends, migrate, read_topic, wait_committed
 
-from spendstream.devstack import STAGES, Stack
-from spendstream.embedded import free_port_run
+from spendstream.alerting import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, verify_signature
+from spendstream.devstack import Stack
 from spendstream.embedded.kafka import EmbeddedKafka
+from spendstream.ports import free_port_run
 from spendstream.topics import BUDGET_ALERTS, ensure_topics_sync
-from stream_processors.notify.logic import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, verify_signature
+from stream_processors.stages import STAGES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 from notify_support import Receiver, wait_until  # noqa: E402
@@ -45,7 +46,8 @@ def stack(make_settings, tmp_path, monkeypatch):
     # the stages listen on web_port + i: make_settings checks only web_port itself, and a busy
     # neighbour made a stage exit at start-up ("address already in use")
     settings = make_settings(kafka={"bootstrap_servers": broker.bootstrap}, bootstrap_admin_key=key,
-                             processors={"webhook_allow_private": True, "web_port": free_port_run(len(STAGES))})  # fmt: skip
+                             processors={"web_port": free_port_run(len(STAGES))},
+                             notify={"webhook": {"allow_private": True}})  # fmt: skip
     migrate(settings)
     ensure_topics_sync(settings)
     monkeypatch.setenv("SPENDSTREAM_DATA_DIR", settings.data_dir)
@@ -111,7 +113,12 @@ async def test_each_threshold_reaches_the_receiver_exactly_once(stack):
         assert verify_signature(webhook["secret"], request.headers[SIGNATURE_HEADER], request.body, time.time())
         assert request.headers[IDEMPOTENCY_HEADER] == body["alert_id"]
         assert (body["budget_id"], body["kind"], body["event_id"], body["spent_usd"], body["limit_usd"]) == (
-            budget_id, "threshold", event_id, spent, "1.000000000")
+            budget_id,
+            "threshold",
+            event_id,
+            spent,
+            "1.000000000",
+        )
         assert body["scope"] == {"project": PROJECT} and body["window"] == "total"
     assert len({r.json()["alert_id"] for r in received}) == 3
     assert {a["alert_id"] for a in alerts} == {r.json()["alert_id"] for r in received}

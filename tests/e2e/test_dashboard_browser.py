@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import os
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 from query_api_stack import QueryApiServer, insert_events, make_events, migrate  # noqa: E402
+
 from spendstream.clickhouse import get_client  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -30,15 +31,23 @@ SCREENSHOT_DIR = Path(os.environ.get("SPENDSTREAM_SCREENSHOT_DIR", "/tmp"))
 def dashboard(make_settings):
     settings = make_settings(bootstrap_admin_key=ADMIN_KEY, bootstrap_tenant="acme")
     migrate(settings)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     events = make_events("acme", 1500, now - timedelta(days=6), now - timedelta(minutes=1), seed=21)
     insert_events(settings, events)
     seed_alerts(settings, now)
     with QueryApiServer(settings) as server:
         if os.path.exists(Path(__file__).resolve().parents[2] / "query_api" / "routers" / "budgets.py"):
             with server.client(ADMIN_KEY) as admin:
-                created = admin.post("/v1/budgets", json={"name": "fleet total", "scope": {}, "window": "total",
-                                                          "limit_usd": "100.00", "thresholds": [50, 80, 100]})
+                created = admin.post(
+                    "/v1/budgets",
+                    json={
+                        "name": "fleet total",
+                        "scope": {},
+                        "window": "total",
+                        "limit_usd": "100.00",
+                        "thresholds": [50, 80, 100],
+                    },
+                )
                 assert created.status_code == 201, created.text
         yield server, events
 
@@ -71,8 +80,15 @@ def test_dashboard_renders_filters_and_screenshots(dashboard, tmp_path):
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
         )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
@@ -91,7 +107,9 @@ def test_dashboard_renders_filters_and_screenshots(dashboard, tmp_path):
             agents = page.eval_on_selector_all("#by-agent li .name", "els => els.map(e => e.textContent)")
             assert sorted(agents) == sorted({e["agent"] for e in events})
             assert page.locator("#by-model li").count() == len({e["model"] for e in events})
-            unpriced = page.eval_on_selector_all("#unpriced tbody td:nth-child(2)", "els => els.map(e => e.textContent)")
+            unpriced = page.eval_on_selector_all(
+                "#unpriced tbody td:nth-child(2)", "els => els.map(e => e.textContent)"
+            )
             assert set(unpriced) == {"mystery-model"}
             # budgets are served by another module; when present, the budget shows its burn
             if page.locator("#budgets-panel").is_visible():
@@ -110,7 +128,9 @@ def test_dashboard_renders_filters_and_screenshots(dashboard, tmp_path):
             page.wait_for_function(
                 "want => document.querySelector('[data-field=cost]').title === want", arg=f"{filtered / 1e9:.9f} USD"
             )
-            assert page.eval_on_selector_all("#by-agent li .name", "els => els.map(e => e.textContent)") == ["acme-agent-2"]
+            assert page.eval_on_selector_all("#by-agent li .name", "els => els.map(e => e.textContent)") == [
+                "acme-agent-2"
+            ]
             assert page.evaluate("sessionStorage.getItem('spendstream.apiKey')") == ADMIN_KEY
             assert external == [], f"the dashboard loaded something from elsewhere: {external}"
 

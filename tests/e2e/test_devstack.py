@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from spendstream.clickhouse import get_client
-from spendstream.devstack import INFRASTRUCTURE, Stack, implemented_stages, local_settings
+from spendstream.devstack import INFRASTRUCTURE, Stack, local_settings
 from spendstream.simulate import Fleet, run
+from stream_processors.stages import STAGES
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.timeout(300)]
 
@@ -27,8 +28,8 @@ EVENTS_PER_ROUND = 3_000
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir: Path = tmp_path_factory.mktemp("devstack")
     # a short sink window keeps the waits below short; nothing here depends on its value
-    settings = local_settings(data_dir, processors={"sink_batch_seconds": 0.2})
-    components = (*INFRASTRUCTURE, "gateway", *implemented_stages())
+    settings = local_settings(data_dir, sink={"batch_seconds": 0.2})
+    components = (*INFRASTRUCTURE, "gateway", *STAGES)
     assert {"pricing", "sink"} <= set(components), "the pipeline under test needs pricing and sink"
     with Stack(settings, data_dir, components) as running:
         yield running
@@ -36,8 +37,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def send(stack: Stack, events: int, seed: int) -> int:
     counters = asyncio.run(
-        run(stack.gateway_url, [stack.settings.bootstrap_admin_key.get_secret_value()], rate=0, duration=0,
-            events=events, batch=250, fleet=Fleet(seed=seed), progress=False)
+        run(
+            stack.gateway_url,
+            [stack.settings.bootstrap_admin_key.get_secret_value()],
+            rate=0,
+            duration=0,
+            events=events,
+            batch=250,
+            fleet=Fleet(seed=seed),
+            progress=False,
+        )
     )
     assert counters.failed_requests == 0 and counters.rejected == 0
     return counters.accepted
@@ -79,8 +88,11 @@ def test_new_events_land_after_the_broker_restarts(stack: Stack) -> None:
     without the supervisor's reset the sink would drop the new events as replays."""
     client = get_client(stack.settings)
     try:
-        old_watermarks = dict(client.query(
-            "SELECT src_partition, max(max_src_offset) FROM ingest_progress GROUP BY src_partition").result_rows)
+        old_watermarks = dict(
+            client.query(
+                "SELECT src_partition, max(max_src_offset) FROM ingest_progress GROUP BY src_partition"
+            ).result_rows
+        )
         assert old_watermarks
         stored_before = stored_rows(stack)
         restarted_at = time.time()

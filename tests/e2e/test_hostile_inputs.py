@@ -25,12 +25,13 @@ import httpx
 import pytest
 from stage_support import migrate
 
-from spendstream.devstack import STAGES, Stack
-from spendstream.embedded import free_port_run
+from spendstream.devstack import Stack
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.keys import connect, create_key
 from spendstream.money import MAX_EVENT_COST_NANOS, MAX_PRICE_PER_MTOK_NANOS, MAX_TOKENS_PER_EVENT
+from spendstream.ports import free_port_run
 from spendstream.topics import ensure_topics_sync
+from stream_processors.stages import STAGES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 from notify_support import Receiver, wait_until  # noqa: E402
@@ -59,7 +60,9 @@ def services(make_settings, tmp_path_factory) -> Iterator[Services]:
     settings = make_settings(
         kafka={"bootstrap_servers": broker.bootstrap},
         bootstrap_admin_key=admin_key,
-        processors={"webhook_allow_private": True, "web_port": free_port_run(len(STAGES)), "budgets_reload_s": 0.2},
+        processors={"web_port": free_port_run(len(STAGES))},
+        notify={"webhook": {"allow_private": True}},
+        budgets={"reload_s": 0.2},
     )
     migrate(settings)
     ensure_topics_sync(settings)
@@ -280,5 +283,7 @@ async def test_dates_outside_clickhouse_range_are_refused(services, receiver, we
     async with httpx.AsyncClient(base_url=services.stack.query_url, headers=services.mallory, timeout=30) as api:
         await refused(api.get("/v1/analytics/overview", params={"to": "9999-12-31"}), "to", (400, 422))
         await refused(api.get("/v1/analytics/overview", params={"from": "1000-01-01"}), "from", (400, 422))
-        await refused(api.get("/v1/analytics/timeseries", params={"from": "0001-01-01", "to": "2024-01-01"}), "from", (400, 422))
+        await refused(
+            api.get("/v1/analytics/timeseries", params={"from": "0001-01-01", "to": "2024-01-01"}), "from", (400, 422)
+        )
     await normal_tenant_is_served(services, receiver, webhook_id)

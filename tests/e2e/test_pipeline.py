@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 from stage_support import (
-    FAST_PROCESSORS,
+    FAST_BATCHING,
     StageWorker,
     assert_aggregates_match,
     make_event,
@@ -177,7 +177,7 @@ async def test_one_processors_command_runs_each_stage_as_a_child(make_settings, 
     combined /healthz and /metrics on the configured port and stops its children on SIGTERM."""
     broker = EmbeddedKafka(log_path=tmp_path / "tansu.log").start()
     try:
-        settings = make_settings(kafka={"bootstrap_servers": broker.bootstrap}, processors=FAST_PROCESSORS)
+        settings = make_settings(kafka={"bootstrap_servers": broker.bootstrap}, **FAST_BATCHING)
         migrate(settings)
         events = [make_event(f"multi-{i}", f"proj-{i % 3}", i) for i in range(300)]
         await produce(settings, USAGE_RAW.name, [raw_record("acme", e["project"], [e]) for e in events])

@@ -29,9 +29,10 @@ import orjson
 
 from spendstream.clickhouse import get_client
 from spendstream.contracts import nanos_to_usd_str, usd_to_nanos
-from spendstream.devstack import STAGES, Stack
-from spendstream.embedded import free_port
+from spendstream.devstack import Stack
+from spendstream.ports import free_port
 from spendstream.topics import USAGE_PRICED, USAGE_RAW
+from stream_processors.stages import STAGES
 
 log = logging.getLogger("spendstream.faults")
 
@@ -118,8 +119,12 @@ def stored_count(stack: Stack) -> int:
 def wait_stored(stack: Stack, expected: int, timeout: float) -> None:
     """Until usage_events holds ``expected`` rows, then that it stays there for 3 s (a late
     duplicate from a replay would show up as a higher count)."""
-    wait_until(f"{expected} rows in usage_events (have {stored_count(stack)})",
-               lambda: stored_count(stack) >= expected, timeout, interval=0.5)
+    wait_until(
+        f"{expected} rows in usage_events (have {stored_count(stack)})",
+        lambda: stored_count(stack) >= expected,
+        timeout,
+        interval=0.5,
+    )
     settle_until = time.monotonic() + 3
     while time.monotonic() < settle_until:
         assert stored_count(stack) == expected, "more rows than acknowledged events: something was counted twice"
@@ -139,23 +144,32 @@ def check_clickhouse_against(stack: Stack, truth: Truth) -> dict[str, Any]:
             stored[event_id] = (tenant, cost)
         missing = truth.events.keys() - stored.keys()
         unexpected = stored.keys() - truth.events.keys()
-        wrong_cost = [(e, stored[e][1], truth.events[e][1]) for e in truth.events.keys() & stored.keys()
-                      if stored[e] != truth.events[e][:2]]
+        wrong_cost = [
+            (e, stored[e][1], truth.events[e][1])
+            for e in truth.events.keys() & stored.keys()
+            if stored[e] != truth.events[e][:2]
+        ]
         assert not missing, f"{len(missing)} acknowledged events are not in usage_events, e.g. {sorted(missing)[:5]}"
         assert not duplicated, f"{duplicated} events stored more than once"
         assert not unexpected, f"{len(unexpected)} stored events were never acknowledged, e.g. {sorted(unexpected)[:5]}"
         assert not wrong_cost, f"{len(wrong_cost)} events with another tenant or cost than priced: {wrong_cost[:5]}"
 
         expected = truth.totals()
-        raw = {t: (n, c) for t, n, c in client.query(
-            "SELECT tenant, count(), sum(cost_nanos) FROM usage_events GROUP BY tenant").result_rows}
+        raw = {
+            t: (n, c)
+            for t, n, c in client.query(
+                "SELECT tenant, count(), sum(cost_nanos) FROM usage_events GROUP BY tenant"
+            ).result_rows
+        }
         assert raw == {t: v for t, v in expected.items() if v[0]}, (raw, expected)
         for table, grouped_by_tag in aggregate_tables(client):
             key = "tenant, tag_key" if grouped_by_tag else "tenant"
             rows = client.query(f"SELECT {key}, sum(calls), sum(cost_nanos) FROM {table} GROUP BY {key}").result_rows
             for row in rows:
                 tenant, calls, cost = row[0], row[-2], row[-1]
-                assert (calls, cost) == raw[tenant], f"{table} {row[:-2]}: ({calls}, {cost}) != usage_events {raw[tenant]}"
+                assert (calls, cost) == raw[tenant], (
+                    f"{table} {row[:-2]}: ({calls}, {cost}) != usage_events {raw[tenant]}"
+                )
             assert {r[0] for r in rows} == set(raw), f"{table} lacks tenants: {set(raw) - {r[0] for r in rows}}"
         return {"events": len(stored), "per_tenant": raw}
     finally:
@@ -226,16 +240,27 @@ def create_alerting(stack: Stack, keys: dict[str, str], receiver: Receiver, plan
     webhooks: dict[str, str] = {}
     with httpx.Client(base_url=stack.query_url, timeout=30) as api:
         for tenant in {p.tenant for p in plans}:
-            resp = api.post("/v1/webhooks", json={"url": receiver.url, "format": "generic"},
-                            headers={"Authorization": f"Bearer {keys[tenant]}"})
+            resp = api.post(
+                "/v1/webhooks",
+                json={"url": receiver.url, "format": "generic"},
+                headers={"Authorization": f"Bearer {keys[tenant]}"},
+            )
             assert resp.status_code == 201, resp.text
             webhooks[tenant] = resp.json()["id"]
         for plan in plans:
-            resp = api.post("/v1/budgets", headers={"Authorization": f"Bearer {keys[plan.tenant]}"}, json={
-                "name": f"{plan.window} {plan.scope or 'tenant'}", "scope": plan.scope, "window": plan.window,
-                "limit_usd": nanos_to_usd_str(plan.limit_nanos), "thresholds": list(plan.thresholds),
-                "forecast": False, "channels": [webhooks[plan.tenant]],
-            })
+            resp = api.post(
+                "/v1/budgets",
+                headers={"Authorization": f"Bearer {keys[plan.tenant]}"},
+                json={
+                    "name": f"{plan.window} {plan.scope or 'tenant'}",
+                    "scope": plan.scope,
+                    "window": plan.window,
+                    "limit_usd": nanos_to_usd_str(plan.limit_nanos),
+                    "thresholds": list(plan.thresholds),
+                    "forecast": False,
+                    "channels": [webhooks[plan.tenant]],
+                },
+            )
             assert resp.status_code == 201, resp.text
             body = resp.json()
             plan.id = body["id"]
@@ -278,8 +303,11 @@ def received_crossings(receiver: Receiver, plans: list[BudgetPlan]) -> dict[tupl
         if body.get("kind") != "threshold":
             continue
         assert key == body["alert_id"], f"Idempotency-Key {key!r} is not the alert_id {body['alert_id']!r}"
-        window = datetime.fromisoformat(body["window_start"].replace("Z", "+00:00")).date().isoformat() \
-            if body["budget_id"] in daily else "total"
+        window = (
+            datetime.fromisoformat(body["window_start"].replace("Z", "+00:00")).date().isoformat()
+            if body["budget_id"] in daily
+            else "total"
+        )
         out[(body["budget_id"], window, int(Decimal(body["threshold"])))].add(body["alert_id"])
     return out
 
@@ -288,8 +316,11 @@ def check_alerts(receiver: Receiver, truth: Truth, plans: list[BudgetPlan], time
     expected = expected_crossings(truth, plans)
     assert expected, "the budgets were sized so that thresholds are crossed; none was: check the sizing"
     try:
-        wait_until(f"{len(expected)} crossings at the webhook receiver",
-                   lambda: expected <= received_crossings(receiver, plans).keys(), timeout)
+        wait_until(
+            f"{len(expected)} crossings at the webhook receiver",
+            lambda: expected <= received_crossings(receiver, plans).keys(),
+            timeout,
+        )
     except AssertionError as exc:
         got = received_crossings(receiver, plans).keys()
         raise AssertionError(f"{exc}: missing {sorted(expected - got)}, received {sorted(got)}") from None
@@ -354,12 +385,16 @@ def locate_missing(stack: Stack, truth: Truth, limit: int = 10) -> str:
         env = orjson.loads(value)
         src = env.get("src") or {}
         priced_src[(src.get("partition"), src.get("offset"))].append((p, o, len(env.get("events", []))))
-    lines = [f"{len(missing)} missing events in {len(where)} usage.raw records"
-             f" ({len(missing) - sum(map(len, where.values()))} not found in usage.raw at all):"]
+    lines = [
+        f"{len(missing)} missing events in {len(where)} usage.raw records"
+        f" ({len(missing) - sum(map(len, where.values()))} not found in usage.raw at all):"
+    ]
     for (p, o), ids in sorted(where.items())[:limit]:
         found = priced_src.get((p, o), [])
-        lines.append(f"  raw {p}@{o}: {len(ids)} missing; priced records for it (partition, offset, events): "
-                     f"{found or 'none'}; neighbours {priced_src.get((p, o - 1))} / {priced_src.get((p, o + 1))}")
+        lines.append(
+            f"  raw {p}@{o}: {len(ids)} missing; priced records for it (partition, offset, events): "
+            f"{found or 'none'}; neighbours {priced_src.get((p, o - 1))} / {priced_src.get((p, o + 1))}"
+        )
     return "\n".join(lines)
 
 

@@ -55,9 +55,19 @@ def test_gateway_answers_503_while_the_broker_is_away_and_the_run_recovers(tmp_p
         async def traffic():
             with record.open("ab") as out:
                 return await asyncio.gather(
-                    run(stack.gateway_url, [key], rate=RATE, duration=0, events=EVENTS, batch=20,
-                        fleet=Fleet(seed=SEED), record=out, progress=False, retry_horizon_s=300.0,
-                        on_answer=lambda status, at: answers.append((status, at))),
+                    run(
+                        stack.gateway_url,
+                        [key],
+                        rate=RATE,
+                        duration=0,
+                        events=EVENTS,
+                        batch=20,
+                        fleet=Fleet(seed=SEED),
+                        record=out,
+                        progress=False,
+                        retry_horizon_s=300.0,
+                        on_answer=lambda status, at: answers.append((status, at)),
+                    ),
                     asyncio.to_thread(outage),
                 )
 
@@ -68,7 +78,9 @@ def test_gateway_answers_503_while_the_broker_is_away_and_the_run_recovers(tmp_p
         after = [s for s, t in answers if t > window["resumed"]]
         assert during, "no answers during the outage: the test did not exercise it"
         assert all(s != 202 for s, _ in during), f"202 while the broker was paused: {during}"
-        assert {s for s, _ in during} == {503}, f"while the broker was away the gateway answered {sorted({s for s, _ in during})}"
+        assert {s for s, _ in during} == {503}, (
+            f"while the broker was away the gateway answered {sorted({s for s, _ in during})}"
+        )
         assert 202 in after, "no 202 after the broker came back"
 
         truth = Truth.load(record, [settings.bootstrap_tenant])

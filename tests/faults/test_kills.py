@@ -50,12 +50,17 @@ from faults_support import (
 )
 
 from spendstream.clickhouse import get_client
-from spendstream.devstack import INFRASTRUCTURE, Stack, implemented_stages, local_settings
+from spendstream.devstack import INFRASTRUCTURE, Stack, local_settings
 from spendstream.keys import create_key
 from spendstream.simulate import Fleet, run
+from stream_processors.stages import STAGES
 
-pytestmark = [pytest.mark.faults, pytest.mark.kafka, pytest.mark.clickhouse,
-              pytest.mark.timeout(7200 if FULL_SIZE else 900)]
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.kafka,
+    pytest.mark.clickhouse,
+    pytest.mark.timeout(7200 if FULL_SIZE else 900),
+]
 
 log = logging.getLogger("spendstream.faults")
 
@@ -73,11 +78,18 @@ def test_sigkill_components_during_a_run_loses_nothing(tmp_path: Path) -> None:
     rate = min(MAX_RATE, EVENTS / (KILLS * SECONDS_PER_KILL))
     planned_s = EVENTS / rate
     settings = local_settings(tmp_path, log_level=os.environ.get("SPENDSTREAM_FAULTS_LOG_LEVEL", "WARNING"))
-    components = (*INFRASTRUCTURE, "gateway", *implemented_stages(), "query-api")
+    components = (*INFRASTRUCTURE, "gateway", *STAGES, "query-api")
     targets = [name for name in KILL_TARGETS if name in components and (not TARGETS or name in TARGETS)]
     schedule = kill_schedule(rng, targets, KILLS, planned_s)
-    log.warning("fault run: seed %d (replay: SPENDSTREAM_FAULTS_SEED=%d), %d events at %.0f/s, components %s, "
-                "kill schedule %s", SEED, SEED, EVENTS, rate, components, json.dumps(schedule))
+    log.warning(
+        "fault run: seed %d (replay: SPENDSTREAM_FAULTS_SEED=%d), %d events at %.0f/s, components %s, kill schedule %s",
+        SEED,
+        SEED,
+        EVENTS,
+        rate,
+        components,
+        json.dumps(schedule),
+    )
     (tmp_path / "kill-schedule.json").write_text(json.dumps({"seed": SEED, "schedule": schedule}))
     record = tmp_path / "acknowledged.ndjson"
     receiver = Receiver()
@@ -98,14 +110,33 @@ def test_sigkill_components_during_a_run_loses_nothing(tmp_path: Path) -> None:
                 with record.open("ab") as out:
                     # record's tenant_key is the index into the keys given: the same list for both
                     key_list = list(keys.values())
-                    main = run(stack.gateway_url, key_list, rate=rate, duration=0, events=EVENTS, batch=100,
-                               fleet=Fleet(**MAIN_FLEET, seed=SEED), record=out, progress=False,
-                               retry_horizon_s=900.0)
-                    trickle = run(stack.gateway_url, key_list, rate=TRICKLE_RATE, duration=0, batch=1,
-                                  events=int(TRICKLE_RATE * planned_s), fleet=Fleet(projects=2, agents=3, seed=SEED + 1),
-                                  record=out, progress=False, retry_horizon_s=900.0)
-                    return await asyncio.gather(main, trickle,
-                                                asyncio.to_thread(run_kills, stack, schedule, started, kills_done))
+                    main = run(
+                        stack.gateway_url,
+                        key_list,
+                        rate=rate,
+                        duration=0,
+                        events=EVENTS,
+                        batch=100,
+                        fleet=Fleet(**MAIN_FLEET, seed=SEED),
+                        record=out,
+                        progress=False,
+                        retry_horizon_s=900.0,
+                    )
+                    trickle = run(
+                        stack.gateway_url,
+                        key_list,
+                        rate=TRICKLE_RATE,
+                        duration=0,
+                        batch=1,
+                        events=int(TRICKLE_RATE * planned_s),
+                        fleet=Fleet(projects=2, agents=3, seed=SEED + 1),
+                        record=out,
+                        progress=False,
+                        retry_horizon_s=900.0,
+                    )
+                    return await asyncio.gather(
+                        main, trickle, asyncio.to_thread(run_kills, stack, schedule, started, kills_done)
+                    )
 
             main_counters, trickle_counters, _ = asyncio.run(traffic())
             for counters in (main_counters, trickle_counters):
@@ -116,11 +147,15 @@ def test_sigkill_components_during_a_run_loses_nothing(tmp_path: Path) -> None:
                 assert stack.restarts(name) >= sum(1 for _, n in kills_done if n == name), stack.history
             # a process that died without being killed (e.g. a stage that exits while ClickHouse is
             # away) was restarted too; the run must still be exact, but say so
-            unplanned = {name: stack.restarts(name) - sum(1 for _, n in kills_done if n == name)
-                         for name in stack.names}
+            unplanned = {
+                name: stack.restarts(name) - sum(1 for _, n in kills_done if n == name) for name in stack.names
+            }
             if any(unplanned.values()):
-                log.warning("components that died without being killed (restarted): %s; see %s",
-                            {n: c for n, c in unplanned.items() if c}, stack.log_dir)
+                log.warning(
+                    "components that died without being killed (restarted): %s; see %s",
+                    {n: c for n, c in unplanned.items() if c},
+                    stack.log_dir,
+                )
 
             truth = Truth.load(record, tenants)
             assert truth.duplicates_in_record == 0
@@ -128,8 +163,10 @@ def test_sigkill_components_during_a_run_loses_nothing(tmp_path: Path) -> None:
             # every check runs, so one failed run shows everything that went wrong
             failures: list[str] = []
             figures: dict = {}
-            for check in (lambda: wait_stored(stack, len(truth.events), timeout=600 if FULL_SIZE else 180),
-                          lambda: figures.update(check_clickhouse_against(stack, truth))):
+            for check in (
+                lambda: wait_stored(stack, len(truth.events), timeout=600 if FULL_SIZE else 180),
+                lambda: figures.update(check_clickhouse_against(stack, truth)),
+            ):
                 try:
                     check()
                 except AssertionError as exc:
@@ -144,7 +181,7 @@ def test_sigkill_components_during_a_run_loses_nothing(tmp_path: Path) -> None:
                     failures.append(locate_missing(stack, truth))
                 except Exception as exc:  # noqa: BLE001 - a diagnosis, the failures above stand
                     failures.append(f"(locating the missing events failed: {exc!r})")
-            assert not failures, (f"seed {SEED}, kills {kills_done}:\n" + "\n".join(failures))
+            assert not failures, f"seed {SEED}, kills {kills_done}:\n" + "\n".join(failures)
             log.warning("fault run passed: %s; kills %s", figures, kills_done)
     finally:
         receiver.close()
@@ -160,8 +197,11 @@ def tenant_keys(stack: Stack) -> dict[str, str]:
         client.close()
 
     def known() -> bool:
-        resp = httpx.post(stack.gateway_url + "/v1/events", content=b"[]",
-                          headers={"Authorization": f"Bearer {second}", "Content-Type": "application/json"})
+        resp = httpx.post(
+            stack.gateway_url + "/v1/events",
+            content=b"[]",
+            headers={"Authorization": f"Bearer {second}", "Content-Type": "application/json"},
+        )
         return resp.status_code not in (401, 403)
 
     wait_until("the gateway to load the new key", known, 30)

@@ -16,12 +16,13 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import orjson
@@ -31,7 +32,7 @@ from aiosmtpd.smtp import AuthResult
 
 from spendstream.clickhouse import get_client
 from spendstream.devstack import child_env
-from spendstream.embedded.kafka import free_port
+from spendstream.ports import free_port
 from spendstream.settings import Settings
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "budget_alert_v1.json"
@@ -62,7 +63,9 @@ class Receiver:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def script(self, path: str, statuses: list[int], delay_s: float = 0.0, headers: dict[str, str] | None = None) -> str:
+    def script(
+        self, path: str, statuses: list[int], delay_s: float = 0.0, headers: dict[str, str] | None = None
+    ) -> str:
         """Answer ``path`` with these statuses in turn (the last repeats); returns its URL."""
         self._scripts[path] = list(statuses)
         self._delays[path] = delay_s
@@ -108,7 +111,11 @@ class Mailbox:
         self._users = users
         options: dict[str, Any] = {}
         if users is not None:
-            options |= {"authenticator": self._authenticate, "auth_required": True, "auth_require_tls": tls_context is not None}
+            options |= {
+                "authenticator": self._authenticate,
+                "auth_required": True,
+                "auth_require_tls": tls_context is not None,
+            }
         if tls_context is not None:
             options |= {"tls_context": tls_context, "require_starttls": True}
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **options)
@@ -151,7 +158,7 @@ def alert_value(alert_id: str, tenant: str, channels: list[str], **changes: Any)
 def insert_webhook(settings: Settings, tenant: str, webhook_id: str, fmt: str, url: str = "", secret: str = "",
                    email: str = "") -> None:  # fmt: skip
     """A webhooks row as the query API writes it."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     client = get_client(settings)
     try:
         client.insert(

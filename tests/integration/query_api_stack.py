@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -26,16 +26,43 @@ from spendstream.devstack import child_env
 from spendstream.migrate import apply_migrations
 from spendstream.settings import Settings
 
-UTC = timezone.utc
+UTC = UTC
 TOKEN_COLUMNS = (
-    "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens",
-    "reasoning_tokens", "input_audio_tokens", "output_audio_tokens",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
+    "reasoning_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
 )
 COST_PARTS = ("input", "output", "cache_read", "cache_write", "reasoning", "input_audio", "output_audio", "request")
 EVENT_COLUMNS = (
-    "tenant", "project", "agent", "user", "session_id", "operation", "tags", "provider", "model", *TOKEN_COLUMNS,
-    "cost_nanos", *[f"cost_{p}_nanos" for p in COST_PARTS], "price_id", "pricing_status", "price_source", "status",
-    "latency_ms", "event_id", "timestamp", "received_at", "partition", "offset", "src_partition", "src_offset",
+    "tenant",
+    "project",
+    "agent",
+    "user",
+    "session_id",
+    "operation",
+    "tags",
+    "provider",
+    "model",
+    *TOKEN_COLUMNS,
+    "cost_nanos",
+    *[f"cost_{p}_nanos" for p in COST_PARTS],
+    "price_id",
+    "pricing_status",
+    "price_source",
+    "status",
+    "latency_ms",
+    "event_id",
+    "timestamp",
+    "received_at",
+    "partition",
+    "offset",
+    "src_partition",
+    "src_offset",
 )
 
 
@@ -66,32 +93,34 @@ def make_events(
             tags["env"] = rng.choice(["prod", "staging"])
         if rng.random() < 0.4:
             tags["team"] = rng.choice(["search", "billing", "ops"])
-        events.append({
-            "tenant": tenant,
-            "project": f"{prefix}-proj-{rng.randrange(3)}",
-            "agent": f"{prefix}-agent-{rng.randrange(5)}",
-            "user": rng.choice(["", f"{prefix}-user-1", f"{prefix}-user-2", f"{prefix}-user-3"]),
-            "session_id": f"s{rng.randrange(20)}",
-            "operation": "chat",
-            "tags": tags,
-            "provider": rng.choice(["openai", "anthropic", "google"]),
-            "model": "mystery-model" if unknown else rng.choice(["m-small", "m-large"]),
-            **tokens,
-            "cost_nanos": sum(parts.values()),
-            **{f"cost_{p}_nanos": v for p, v in parts.items()},
-            "price_id": "" if unknown else "catalog:x",
-            "pricing_status": "unknown_model" if unknown else "priced",
-            "price_source": "none" if unknown else "catalog",
-            "status": "error" if rng.random() < 0.1 else "ok",
-            "latency_ms": None if rng.random() < 0.2 else rng.randrange(50, 5_000),
-            "event_id": f"{prefix}-ev-{seed}-{i:06d}",
-            "timestamp": start + timedelta(milliseconds=rng.randrange(span_ms)),
-            "received_at": end,
-            "partition": 0,
-            "offset": i,
-            "src_partition": 0,
-            "src_offset": i,
-        })
+        events.append(
+            {
+                "tenant": tenant,
+                "project": f"{prefix}-proj-{rng.randrange(3)}",
+                "agent": f"{prefix}-agent-{rng.randrange(5)}",
+                "user": rng.choice(["", f"{prefix}-user-1", f"{prefix}-user-2", f"{prefix}-user-3"]),
+                "session_id": f"s{rng.randrange(20)}",
+                "operation": "chat",
+                "tags": tags,
+                "provider": rng.choice(["openai", "anthropic", "google"]),
+                "model": "mystery-model" if unknown else rng.choice(["m-small", "m-large"]),
+                **tokens,
+                "cost_nanos": sum(parts.values()),
+                **{f"cost_{p}_nanos": v for p, v in parts.items()},
+                "price_id": "" if unknown else "catalog:x",
+                "pricing_status": "unknown_model" if unknown else "priced",
+                "price_source": "none" if unknown else "catalog",
+                "status": "error" if rng.random() < 0.1 else "ok",
+                "latency_ms": None if rng.random() < 0.2 else rng.randrange(50, 5_000),
+                "event_id": f"{prefix}-ev-{seed}-{i:06d}",
+                "timestamp": start + timedelta(milliseconds=rng.randrange(span_ms)),
+                "received_at": end,
+                "partition": 0,
+                "offset": i,
+                "src_partition": 0,
+                "src_offset": i,
+            }
+        )
     return events
 
 
@@ -148,7 +177,10 @@ def spawn_query_api(settings: Settings, log_path: str) -> subprocess.Popen:
     env = {**os.environ, **child_env(settings)}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "spendstream.cli", "query-api"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "spendstream.cli", "query-api"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     _wait_ready(f"http://127.0.0.1:{settings.query_api.port}", 60.0, lambda: proc.poll() is None)

@@ -4,28 +4,21 @@ errors, scopes, and status figures equal to sums over the raw rows of the curren
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from query_api_stack import QueryApiServer, insert_events, make_events, migrate  # tests/integration on sys.path
 
+from spendstream.budgets import Attribution, current_window, parse_limit_nanos, scope_matches
+from spendstream.budgets.store import budget_from_row, insert_alerts, scope_columns
 from spendstream.clickhouse import get_client
 from spendstream.contracts import nanos_to_usd_str
 from spendstream.keys import create_key
-from stream_processors.budgets.logic import (
-    Attribution,
-    budget_from_row,
-    current_window,
-    parse_limit_nanos,
-    scope_columns,
-    scope_matches,
-)
-from stream_processors.budgets.store import insert_alerts
 
 pytestmark = pytest.mark.clickhouse
 
-UTC = timezone.utc
+UTC = UTC
 ADMIN_KEY = "ss_test_admin_" + "b" * 24
 TENANT = "tenant_budgets"
 BODY = {
@@ -154,7 +147,9 @@ def test_status_lists_the_alerts_of_the_window(api):
     finally:
         client.close()
     status = api["reader"].get(f"/v1/budgets/{b['id']}/status").json()
-    assert [(a["alert_id"], a["threshold"], a["spent_usd"]) for a in status["alerts"]] == [("al_test_1", 50, "5.000000000")]
+    assert [(a["alert_id"], a["threshold"], a["spent_usd"]) for a in status["alerts"]] == [
+        ("al_test_1", 50, "5.000000000")
+    ]
     assert status["window_start"] is None and status["window_end"] is None
 
 

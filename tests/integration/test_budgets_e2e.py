@@ -13,12 +13,12 @@ import orjson
 import pytest
 from stage_support import read_topic
 
+from spendstream.budgets import Budget
+from spendstream.budgets.store import insert_budget
 from spendstream.clickhouse import get_client
 from spendstream.devstack import Stack
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.topics import BUDGET_ALERTS
-from stream_processors.budgets.logic import Budget
-from stream_processors.budgets.store import insert_budget
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse, pytest.mark.e2e]
 
@@ -78,7 +78,9 @@ async def test_alerts_and_enforced_check_through_the_pipeline(stack):
     first = check(http, scope, "4.99")
     assert first["allowed"] is True
     assert {b["id"]: (b["spent_usd"], b["remaining_usd"]) for b in first["budgets"]} == {
-        "b-hard": ("0.000000000", "5.000000000"), "b-soft": ("0.000000000", "100.000000000")}
+        "b-hard": ("0.000000000", "5.000000000"),
+        "b-soft": ("0.000000000", "100.000000000"),
+    }
     assert check(http, scope, "5.01")["allowed"] is False  # the estimate alone would exceed it
     assert [b["id"] for b in check(http, {"project": "search"})["budgets"]] == ["b-soft"]
 

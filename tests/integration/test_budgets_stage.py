@@ -16,23 +16,23 @@ import asyncio
 import random
 import time
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import orjson
 import pytest
 from stage_support import StageWorker, produce, read_topic, stage_settings  # noqa: F401 - fixture
 
+from spendstream.budgets import Budget, calendar_window, canonical_threshold
+from spendstream.budgets.store import insert_budget
 from spendstream.clickhouse import get_client
 from spendstream.contracts import budget_alert_id, record_key, usd_to_nanos
 from spendstream.topics import BUDGET_ALERTS, BUDGET_STATE, USAGE_PRICED
-from stream_processors.budgets.logic import Budget, calendar_window, canonical_threshold
-from stream_processors.budgets.store import insert_budget
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
 TENANT = "acme"
-UTC = timezone.utc
+UTC = UTC
 #: noon yesterday (UTC): inside the allowed lateness, far from any window edge
 EVENT_TIME = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0) - timedelta(days=1)
 
@@ -121,12 +121,17 @@ async def test_thresholds_fire_once_each_with_figures(stage_settings, tmp_path):
     assert all(r.key.decode() == orjson.loads(r.value)["alert_id"] for r in alerts)
     proj = sorted((v for v in values if v["budget_id"] == "b-proj"), key=lambda v: Decimal(v["threshold"]))
     assert [(v["threshold"], v["spent_usd"], v["event_id"]) for v in proj] == [
-        ("50", "5.000000000", "ev-1"), ("80", "8.000000000", "ev-3"), ("100", "10.000000000", "ev-5")]
+        ("50", "5.000000000", "ev-1"),
+        ("80", "8.000000000", "ev-3"),
+        ("100", "10.000000000", "ev-5"),
+    ]
     day_start = EVENT_TIME.replace(hour=0)
     assert {v["window_start"] for v in proj} == {day_start.strftime("%Y-%m-%dT%H:%M:%S.000Z")}
     assert proj[0]["channels"] == ["oncall@example.com"] and proj[0]["scope"] == {"project": "p1"}
     assert proj[2]["top"][0] == {"kind": "agent", "name": "agent-1", "spent_usd": "10.000000000"}
-    assert {v["alert_id"] for v in proj} == expected_ids(project_budget, 10 * dollar, int(EVENT_TIME.timestamp() * 1000))
+    assert {v["alert_id"] for v in proj} == expected_ids(
+        project_budget, 10 * dollar, int(EVENT_TIME.timestamp() * 1000)
+    )
     # tenant-wide: events of several partitions, in whatever order they met; each alert is named by
     # the event that crossed: spend before it was under the threshold, with it at or over
     whole = [v for v in values if v["budget_id"] == "b-all"]
@@ -203,15 +208,19 @@ async def test_sigkill_mid_stream_misses_no_crossing_and_counts_spend_once(stage
     for b in budgets:
         add_budget(s, b)
     ts_ms = int(EVENT_TIME.timestamp() * 1000)
-    want = expected_ids(budgets[0], total, ts_ms) | expected_ids(budgets[1], p0, ts_ms) | expected_ids(budgets[2], search, ts_ms)
+    want = (
+        expected_ids(budgets[0], total, ts_ms)
+        | expected_ids(budgets[1], p0, ts_ms)
+        | expected_ids(budgets[2], search, ts_ms)
+    )
     assert len(want) == 20 + 10 + 20
 
-    chunks = [records[i:i + 25] for i in range(300, len(records), 25)]
+    chunks = [records[i : i + 25] for i in range(300, len(records), 25)]
     half_sent = asyncio.Event()
 
     async def keep_producing() -> None:
         # input keeps arriving before, during and after the kill, and while the restarted worker
-        # recovers its table (the case where Faust skipped offsets, see budgets/agents.py)
+        # recovers its table (the case where Faust skipped offsets, see runtime/consumer.py, 6.)
         for n, chunk in enumerate(chunks):
             await produce(s, USAGE_PRICED.name, chunk)
             if n == len(chunks) // 2:

@@ -11,10 +11,10 @@ import pytest
 from query_api_stack import migrate  # tests/integration on sys.path
 
 from ingest_gateway.budget_view import BudgetView
+from spendstream.budgets import Attribution, Budget, ScopeIndex, state_key
+from spendstream.budgets.store import BudgetReader, insert_budget
 from spendstream.clickhouse import get_client
 from spendstream.settings import Settings
-from stream_processors.budgets.logic import Attribution, Budget, ScopeIndex, state_key
-from stream_processors.budgets.store import BudgetReader, insert_budget
 
 
 def ms(text: str) -> int:

@@ -7,7 +7,7 @@ import asyncio
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import clickhouse_connect
@@ -84,7 +84,11 @@ def test_errors_have_clickhouse_shape_over_plain_http(server: EmbeddedClickHouse
     httpx.post(server.url, content="DROP TABLE ro").raise_for_status()
 
     response = httpx.get(server.url, params={"query": "SELECT 40 + {n:UInt8}", "param_n": "2"})
-    assert (response.status_code, response.text, response.headers["X-ClickHouse-Format"]) == (200, "42\n", "TabSeparated")
+    assert (response.status_code, response.text, response.headers["X-ClickHouse-Format"]) == (
+        200,
+        "42\n",
+        "TabSeparated",
+    )
 
 
 # --- clickhouse-connect ------------------------------------------------------------------------
@@ -106,7 +110,7 @@ def _usage_rows(n: int, start: int = 0) -> list[list]:
     return [
         [
             f"e{i}",
-            datetime(2026, 1, 2, 3, 4, 5, (i % 1000) * 1000, tzinfo=timezone.utc),
+            datetime(2026, 1, 2, 3, 4, 5, (i % 1000) * 1000, tzinfo=UTC),
             ("gpt-4o", "claude-sonnet-4", "gemini-2.5-pro")[i % 3],
             {"team": f"t{i % 5}", "env": "prod"},
             i * 1_000,
@@ -128,9 +132,15 @@ def test_ddl_insert_and_typed_roundtrip_sync(client) -> None:
 
     back = client.query("SELECT * FROM usage WHERE event_id = 'e1234'").result_rows[0]
     event_id, ts, model, tags, tokens, cost_nano, cost_usd = back
-    assert (event_id, model, tags, tokens, cost_nano) == ("e1234", "claude-sonnet-4", {"team": "t4", "env": "prod"}, 1_234_000, 3_085_000_151_782)
+    assert (event_id, model, tags, tokens, cost_nano) == (
+        "e1234",
+        "claude-sonnet-4",
+        {"team": "t4", "env": "prod"},
+        1_234_000,
+        3_085_000_151_782,
+    )
     assert cost_usd == Decimal("3085.000151782")
-    assert ts.replace(tzinfo=timezone.utc) == datetime(2026, 1, 2, 3, 4, 5, 234_000, tzinfo=timezone.utc)
+    assert ts.replace(tzinfo=UTC) == datetime(2026, 1, 2, 3, 4, 5, 234_000, tzinfo=UTC)
 
     totals = client.query("SELECT count(), sum(cost_nano), sum(cost_usd), uniqExact(model) FROM usage").result_rows[0]
     expected_nano = sum(i * 2_500_000_123 for i in range(3_000))
@@ -145,7 +155,10 @@ async def test_async_client_parallel_inserts_and_queries(async_client) -> None:
     assert sum(s.written_rows for s in summaries) == 16_000
 
     counts = await asyncio.gather(
-        *(async_client.query("SELECT count() FROM usage WHERE model = {m:String}", parameters={"m": m}) for m in ("gpt-4o", "claude-sonnet-4", "gemini-2.5-pro"))
+        *(
+            async_client.query("SELECT count() FROM usage WHERE model = {m:String}", parameters={"m": m})
+            for m in ("gpt-4o", "claude-sonnet-4", "gemini-2.5-pro")
+        )
     )
     assert sorted(r.result_rows[0][0] for r in counts) == [5_333, 5_333, 5_334]
     assert await async_client.command("SELECT sum(tokens) FROM usage") == sum(i * 1_000 for i in range(16_000))
@@ -154,9 +167,14 @@ async def test_async_client_parallel_inserts_and_queries(async_client) -> None:
 def test_server_side_parameters(client) -> None:
     result = client.query(
         "SELECT {s:String} AS s, {ids:Array(Int64)} AS ids, {ts:DateTime64(3, 'UTC')} AS ts, {d:Decimal(38, 9)} AS d",
-        parameters={"s": "it's \\ \"quoted\"", "ids": [1, -2, 3], "ts": datetime(2026, 5, 6, 7, 8, 9, 123_000), "d": Decimal("0.000000001")},
+        parameters={
+            "s": 'it\'s \\ "quoted"',
+            "ids": [1, -2, 3],
+            "ts": datetime(2026, 5, 6, 7, 8, 9, 123_000),
+            "d": Decimal("0.000000001"),
+        },
     ).result_rows[0]
-    assert result[:2] == ("it's \\ \"quoted\"", [1, -2, 3])
+    assert result[:2] == ('it\'s \\ "quoted"', [1, -2, 3])
     assert result[2].replace(tzinfo=None) == datetime(2026, 5, 6, 7, 8, 9, 123_000)
     assert result[3] == Decimal("0.000000001")
 
@@ -165,10 +183,14 @@ async def test_per_query_settings_do_not_leak(client, async_client) -> None:
     default = _setting(client, "max_threads")
     assert _setting(client, "max_threads", settings={"max_threads": 1}) == 1
     assert _setting(client, "max_threads") == default
-    assert (await async_client.query("SELECT getSetting('max_threads')", settings={"max_threads": 1})).result_rows[0][0] == 1
+    assert (await async_client.query("SELECT getSetting('max_threads')", settings={"max_threads": 1})).result_rows[0][
+        0
+    ] == 1
     assert (await async_client.query("SELECT getSetting('max_threads')")).result_rows[0][0] == default
     # an insert's deduplication token must not stick to the next request on the same session
-    client.command("CREATE TABLE t (a Int64) ENGINE = MergeTree ORDER BY a SETTINGS non_replicated_deduplication_window = 100")
+    client.command(
+        "CREATE TABLE t (a Int64) ENGINE = MergeTree ORDER BY a SETTINGS non_replicated_deduplication_window = 100"
+    )
     client.insert("t", [[1]], settings={"insert_deduplication_token": "once"})
     assert _setting(client, "insert_deduplication_token") == ""
     client.insert("t", [[2]])
@@ -192,7 +214,9 @@ def test_sessions_keep_their_own_set(server: EmbeddedClickHouse) -> None:
 async def test_concurrent_use_of_one_session_is_refused_like_clickhouse(server: EmbeddedClickHouse) -> None:
     params = {"session_id": f"s-{uuid.uuid4()}"}
     marker = f"held_{uuid.uuid4().hex[:10]}"
-    running = f"SELECT count() FROM system.processes WHERE query LIKE '%{marker}%' AND query NOT LIKE '%system.processes%'"
+    running = (
+        f"SELECT count() FROM system.processes WHERE query LIKE '%{marker}%' AND query NOT LIKE '%system.processes%'"
+    )
     async with httpx.AsyncClient(base_url=server.url) as http:
         slow = asyncio.create_task(http.post("/", params=params, content=f"SELECT sleep(1) AS {marker}"))
         while (await http.post("/", content=running)).text != "1\n":  # until the slow query holds the session
@@ -228,7 +252,9 @@ def test_multi_statement_is_refused_and_nothing_runs(client) -> None:
 
 
 @pytest.mark.parametrize("compression", ["lz4", "zstd", "gzip"])
-def test_large_insert_counts_exactly_across_compressed_frames(server: EmbeddedClickHouse, database: str, compression: str) -> None:
+def test_large_insert_counts_exactly_across_compressed_frames(
+    server: EmbeddedClickHouse, database: str, compression: str
+) -> None:
     # clickhouse-connect sends each Native block as its own compressed frame; 1M rows are 8 blocks
     rows = 1_000_000 if compression == "lz4" else 300_000
     c = clickhouse_connect.get_client(host=server.host, port=server.port, database=database, compress=compression)
@@ -248,7 +274,9 @@ async def test_retried_insert_with_token_is_deduplicated_in_raw_table_and_mv(cli
     client.command("""
         CREATE TABLE spend (tenant String, cost_nano Int64) ENGINE = SummingMergeTree ORDER BY tenant
         SETTINGS non_replicated_deduplication_window = 1000""")
-    client.command("CREATE MATERIALIZED VIEW spend_mv TO spend AS SELECT tenant, sum(cost_nano) AS cost_nano FROM raw GROUP BY tenant")
+    client.command(
+        "CREATE MATERIALIZED VIEW spend_mv TO spend AS SELECT tenant, sum(cost_nano) AS cost_nano FROM raw GROUP BY tenant"
+    )
 
     def token(name: str) -> dict:
         return {"insert_deduplication_token": name, "deduplicate_blocks_in_dependent_materialized_views": 1}
@@ -276,7 +304,8 @@ def test_failing_materialized_view_fails_the_insert(server: EmbeddedClickHouse, 
         client.insert("src", [[n] for n in range(20)], column_names=["n"])
     assert err.value.code == 395  # FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
     answer = httpx.post(
-        server.url, params={"database": client.database, "query": "INSERT INTO src FORMAT JSONEachRow"},
+        server.url,
+        params={"database": client.database, "query": "INSERT INTO src FORMAT JSONEachRow"},
         content=b'{"n": 12}\n{"n": 13}\n',
     )
     assert answer.status_code == 500
@@ -290,7 +319,9 @@ def test_split_insert_finds_where_data_starts() -> None:
     native = b"INSERT INTO t (`a`, `format`) FORMAT Native\n\x09\x01"
     assert split_insert(native, final=False) == InsertSplit("INSERT INTO t (`a`, `format`)", "Native", len(native) - 2)
     values = b"insert into t settings x='FORMAT' values (1, 'a;b')"
-    assert split_insert(values, final=True) == InsertSplit("insert into t settings x='FORMAT'", "Values", values.index(b" (1"))
+    assert split_insert(values, final=True) == InsertSplit(
+        "insert into t settings x='FORMAT'", "Values", values.index(b" (1")
+    )
     assert split_insert(b"INSERT INTO t SELECT * FROM s FORMAT Native", final=True) is None
     assert split_insert(b"SELECT 1 FORMAT Native", final=False) is None
     assert split_insert(b"INSERT INTO t FORMAT Nat", final=False) is NEED_MORE
@@ -317,7 +348,10 @@ def test_truncated_insert_body_commits_nothing(server: EmbeddedClickHouse, clien
             sock.sendall(
                 f"POST /?session_id={session}&query={query.replace(' ', '%20')} HTTP/1.1\r\n"
                 "Host: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
-                + f"{len(block):x}\r\n".encode() + block + b"\r\n" + (b"0\r\n\r\n" if terminated else b"")
+                + f"{len(block):x}\r\n".encode()
+                + block
+                + b"\r\n"
+                + (b"0\r\n\r\n" if terminated else b"")
             )
             if terminated:
                 assert sock.recv(12) == b"HTTP/1.1 200"
@@ -369,8 +403,10 @@ def test_insert_select_from_input_is_refused_not_silently_empty(server, client, 
     client.command("CREATE TABLE input_probe (n UInt32) ENGINE = MergeTree ORDER BY n")
     resp = httpx.post(
         server.url,
-        params={"database": database,
-                "query": "INSERT INTO input_probe SELECT n FROM input('n UInt32') FORMAT JSONEachRow"},
+        params={
+            "database": database,
+            "query": "INSERT INTO input_probe SELECT n FROM input('n UInt32') FORMAT JSONEachRow",
+        },
         content=b'{"n": 1}\n{"n": 2}\n',
     )
     assert resp.status_code >= 400

@@ -70,7 +70,9 @@ def test_readonly_2_allows_settings_changes_but_not_of_readonly(ch):
         r = post(client, statement, readonly="2")
         assert refused_as_readonly(r), (statement, r.text)
     # GET implies readonly = 2, as on a server
-    r = client.get("/", params={"query": "SELECT getSetting('readonly'), getSetting('max_threads') SETTINGS max_threads = 1"})
+    r = client.get(
+        "/", params={"query": "SELECT getSetting('readonly'), getSetting('max_threads') SETTINGS max_threads = 1"}
+    )
     assert (r.status_code, r.text) == (200, "2\t1\n")
     assert refused_as_readonly(client.get("/", params={"query": f"INSERT INTO {db}.t VALUES (1000)"}))
 
@@ -87,7 +89,11 @@ def test_the_request_settings_apply_along_with_readonly(ch):
     "statement, settings, code",
     [
         ("SELECT number FROM numbers(10)", {"max_result_rows": "5", "result_overflow_mode": "throw"}, "396"),
-        ("SELECT toString(number) FROM numbers(100000)", {"max_result_bytes": "10000", "result_overflow_mode": "throw"}, "396"),
+        (
+            "SELECT toString(number) FROM numbers(100000)",
+            {"max_result_bytes": "10000", "result_overflow_mode": "throw"},
+            "396",
+        ),
         ("SELECT count() FROM numbers(2000000)", {"max_rows_to_read": "1000000"}, "158"),
         ("SELECT sum(number) FROM numbers(600000)", {"max_bytes_to_read": "4000000"}, "307"),
         ("SELECT length(groupArray(repeat('x', 100))) FROM numbers(400000)", {"max_memory_usage": "20000000"}, "241"),

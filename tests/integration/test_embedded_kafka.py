@@ -20,8 +20,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from spendstream.embedded.kafka import EmbeddedKafka, free_port
+from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.kafka import client_kwargs, consumer_kwargs, producer_kwargs
+from spendstream.ports import free_port
 from spendstream.settings import Settings
 from spendstream.topics import ALL_TOPICS, ensure_topics
 
@@ -166,9 +167,17 @@ async def test_committed_offsets_survive_kill9_of_a_member(settings, unique_name
     await produce(settings, topic, [(b"k%d" % (i % 4), v) for i, v in enumerate(values)])
 
     child = subprocess.Popen(
-        [sys.executable, str(WORKERS / "committing_consumer.py"), settings.kafka_bootstrap,
-         settings.kafka.profile, topic, group],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(WORKERS / "committing_consumer.py"),
+            settings.kafka_bootstrap,
+            settings.kafka.profile,
+            topic,
+            group,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     committed: dict[int, int] = {}
     try:
@@ -249,7 +258,9 @@ async def test_cli_runs_the_broker_until_sigterm(tmp_path):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "spendstream.cli", "embedded-kafka", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "SPENDSTREAM_DATA_DIR": str(tmp_path)},
     )
     try:

@@ -9,7 +9,7 @@ Table restart-recovery: three workers of one app count events per key in a Table
 
 Records Faust drops from a fetched batch (partition paused meanwhile, as recovery and rebalances
 do) are fetched again and reach the agent before their offsets are committed
-(``stream_processors.faust_fixes``; stock Faust commits past them).
+(``stream_processors.runtime.consumer``; stock Faust commits past them).
 """
 
 from __future__ import annotations
@@ -63,7 +63,11 @@ class FaustWorker:
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(script), "worker", "--loglevel", "info"],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     async def snapshot(self, http: httpx.AsyncClient) -> Snapshot | None:
@@ -149,7 +153,9 @@ async def test_table_counts_exact_after_worker_sigkill(make_settings, unique_nam
     def start_worker(name: str, delay_ms: int = 0) -> FaustWorker:
         # each worker gets fresh settings, so its own web port and data directory
         env = {"COUNTER_APP_ID": app_id, "COUNTER_TOPIC": topic, "COUNTER_DELAY_MS": str(delay_ms)}
-        worker = FaustWorker(COUNTER_APP, "/counts/", make_settings(with_clickhouse=False), tmp_path / f"{name}.log", env)
+        worker = FaustWorker(
+            COUNTER_APP, "/counts/", make_settings(with_clickhouse=False), tmp_path / f"{name}.log", env
+        )
         workers.append(worker)
         return worker
 
@@ -284,4 +290,6 @@ async def test_a_restarted_worker_hands_its_agent_every_record_from_the_committe
     assert seen[0] == committed, f"the agent started at offset {seen[0]}, the group had committed {committed}"
     jumps = [(a, b) for a, b in zip(seen, seen[1:]) if b != a + 1]
     assert not jumps, f"the agent's offsets jump: {jumps[:10]} (records skipped, handed out later or never)"
-    assert final == n_records, f"committed {final} of {n_records} (agent saw {len(snapshot['seen'])} records)\n{worker.log_tail()}"
+    assert final == n_records, (
+        f"committed {final} of {n_records} (agent saw {len(snapshot['seen'])} records)\n{worker.log_tail()}"
+    )

@@ -7,13 +7,21 @@ import gzip
 import json
 import re
 import time
+from pathlib import Path
 
 import orjson
 import pytest
-from gateway_support import events_by_id, gateway, raw_position, read_raw, wait_until  # tests/integration is on sys.path
+from gateway_support import (  # tests/integration is on sys.path
+    events_by_id,
+    gateway,
+    raw_position,
+    read_raw,
+    wait_until,
+)
 
 from spendstream.embedded.kafka import EmbeddedKafka
-from spendstream.settings import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.kafka
 
@@ -43,7 +51,9 @@ async def test_accepted_events_are_on_usage_raw_keyed_by_tenant_and_project(sett
     ]  # fmt: skip
     async with gateway(settings, ADMIN) as client:
         since = await raw_position(settings)
-        answer = await client.post("/v1/events", content=orjson.dumps(body), headers={"Content-Type": "application/json"})
+        answer = await client.post(
+            "/v1/events", content=orjson.dumps(body), headers={"Content-Type": "application/json"}
+        )
     assert answer.status_code == 202, answer.text
     result = answer.json()
     assert result["accepted"] == 2
@@ -73,7 +83,13 @@ async def test_accepted_events_are_on_usage_raw_keyed_by_tenant_and_project(sett
 @pytest.mark.parametrize("name", sorted(PAYLOADS))
 async def test_provider_usage_is_published_as_contract_fields(settings, tenant, name):
     case = PAYLOADS[name]
-    event = {"event_id": name, "project": "p", "provider": case["provider"], "model": case["model"], "usage": case["usage"]}
+    event = {
+        "event_id": name,
+        "project": "p",
+        "provider": case["provider"],
+        "model": case["model"],
+        "usage": case["usage"],
+    }
     async with gateway(settings, ADMIN) as client:
         since = await raw_position(settings)
         answer = await client.post("/v1/events", json=event)

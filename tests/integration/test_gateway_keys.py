@@ -12,12 +12,18 @@ import sys
 from urllib.parse import urlsplit
 
 import pytest
-from gateway_support import events_by_id, gateway, raw_position, read_raw, wait_until  # tests/integration is on sys.path
+from gateway_support import (  # tests/integration is on sys.path
+    events_by_id,
+    gateway,
+    raw_position,
+    read_raw,
+    wait_until,
+)
 from query_api_stack import migrate
 
 from spendstream.clickhouse import get_client
-from spendstream.embedded.kafka import free_port
 from spendstream.keys import create_key, list_keys, load_live_keys, revoke_key
+from spendstream.ports import free_port
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.kafka]
 
@@ -173,6 +179,7 @@ async def test_cli_creates_a_key_the_gateway_accepts(migrated, unique_name):
         "SPENDSTREAM_CLICKHOUSE__DATABASE": migrated.clickhouse.database,
     }
     cli = [sys.executable, "-m", "spendstream.cli", "keys", "create", "--tenant", tenant]
+
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=60)
 

@@ -14,15 +14,18 @@ import json
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from spendstream.clickhouse import get_client
 from spendstream.migrate import apply_migrations
-from spendstream.settings import REPO_ROOT, Settings
+from spendstream.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.clickhouse
 
@@ -33,7 +36,7 @@ CLICKHOUSE_DATASOURCE = "grafana-clickhouse-datasource"
 #: the database the deploy files name; the test's own database replaces it
 DEPLOY_DATABASE = "spendstream"
 
-NOW = datetime.now(timezone.utc).replace(second=0, microsecond=0)
+NOW = datetime.now(UTC).replace(second=0, microsecond=0)
 #: the dashboard's default range (now-6h .. now) around the seeded events
 RANGE = (NOW - timedelta(hours=6), NOW + timedelta(minutes=1))
 
@@ -76,10 +79,14 @@ def expand_grafana(sql: str, start: datetime, end: datetime, interval_s: int, te
     s_ms, e_ms = int(start.timestamp() * 1000), int(end.timestamp() * 1000)
     with_column: dict[str, Callable[[str], str]] = {
         "timeFilter": lambda c: f"{c} >= toDateTime({s}) AND {c} <= toDateTime({e})",
-        "timeFilter_ms": lambda c: f"{c} >= fromUnixTimestamp64Milli({s_ms}) AND {c} <= fromUnixTimestamp64Milli({e_ms})",
+        "timeFilter_ms": lambda c: (
+            f"{c} >= fromUnixTimestamp64Milli({s_ms}) AND {c} <= fromUnixTimestamp64Milli({e_ms})"
+        ),
         "dateFilter": lambda c: f"{c} >= toDate('{start.date()}') AND {c} <= toDate('{end.date()}')",
         "timeInterval": lambda c: f"toStartOfInterval(toDateTime({c}), INTERVAL {interval_s} second)",
-        "timeInterval_ms": lambda c: f"toStartOfInterval(toDateTime64({c}, 3), INTERVAL {interval_s * 1000} millisecond)",
+        "timeInterval_ms": lambda c: (
+            f"toStartOfInterval(toDateTime64({c}, 3), INTERVAL {interval_s * 1000} millisecond)"
+        ),
     }
     plain = {
         "fromTime": f"toDateTime({s})",
@@ -94,7 +101,7 @@ def expand_grafana(sql: str, start: datetime, end: datetime, interval_s: int, te
             (column,), after = _split_call(sql, m.end())
             sql = sql[: m.start()] + with_column[name](column) + sql[after:]
         elif name in plain:
-            sql = sql[: m.start()] + plain[name] + sql[m.end():]
+            sql = sql[: m.start()] + plain[name] + sql[m.end() :]
         else:
             raise AssertionError(f"macro $__{name} is not one the ClickHouse plugin expands")
     assert "$" not in sql, f"unexpanded variable in {sql!r}"
@@ -102,8 +109,8 @@ def expand_grafana(sql: str, start: datetime, end: datetime, interval_s: int, te
 
 
 def test_expansion_matches_the_plugin_reference() -> None:
-    start = datetime.fromtimestamp(1415792726, timezone.utc)
-    end = datetime.fromtimestamp(1447328726, timezone.utc)
+    start = datetime.fromtimestamp(1415792726, UTC)
+    end = datetime.fromtimestamp(1447328726, UTC)
     assert expand_grafana("WHERE $__timeFilter(ts)", start, end, 20, None) == (
         "WHERE ts >= toDateTime(1415792726) AND ts <= toDateTime(1447328726)"
     )
@@ -145,9 +152,26 @@ def in_database(sql: str, database: str) -> str:
 # ---- seeded data -----------------------------------------------------------------------------
 
 EVENT_COLUMNS = [
-    "tenant", "project", "agent", "user", "session_id", "provider", "model", "input_tokens",
-    "output_tokens", "cost_nanos", "cost_input_nanos", "cost_output_nanos", "pricing_status",
-    "price_source", "status", "latency_ms", "event_id", "timestamp", "received_at", "tags",
+    "tenant",
+    "project",
+    "agent",
+    "user",
+    "session_id",
+    "provider",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "cost_nanos",
+    "cost_input_nanos",
+    "cost_output_nanos",
+    "pricing_status",
+    "price_source",
+    "status",
+    "latency_ms",
+    "event_id",
+    "timestamp",
+    "received_at",
+    "tags",
 ]
 
 
@@ -159,16 +183,30 @@ def seeded_events() -> list[dict[str, Any]]:
         unpriced = model == "mystery-model"
         cost = 0 if unpriced else 1_000_003 * (i + 1)  # odd nano amounts: exactness shows
         at = NOW - timedelta(minutes=3 * i + 1)
-        events.append({
-            "tenant": tenant, "project": f"p{i % 2}", "agent": f"agent-{i % 4}", "user": f"u{i % 5}",
-            "session_id": f"s{i % 7}", "provider": "anthropic" if "claude" in model else "openai",
-            "model": model, "input_tokens": 100 + i, "output_tokens": 10 + i, "cost_nanos": cost,
-            "cost_input_nanos": cost - cost // 3, "cost_output_nanos": cost // 3,
-            "pricing_status": "unknown_model" if unpriced else "priced",
-            "price_source": "none" if unpriced else "catalog", "status": "error" if i % 7 == 0 else "ok",
-            "latency_ms": None if i % 5 == 0 else 200 + i, "event_id": f"evt-{i}", "timestamp": at,
-            "received_at": at + timedelta(seconds=1), "tags": {"team": f"t{i % 2}"},
-        })
+        events.append(
+            {
+                "tenant": tenant,
+                "project": f"p{i % 2}",
+                "agent": f"agent-{i % 4}",
+                "user": f"u{i % 5}",
+                "session_id": f"s{i % 7}",
+                "provider": "anthropic" if "claude" in model else "openai",
+                "model": model,
+                "input_tokens": 100 + i,
+                "output_tokens": 10 + i,
+                "cost_nanos": cost,
+                "cost_input_nanos": cost - cost // 3,
+                "cost_output_nanos": cost // 3,
+                "pricing_status": "unknown_model" if unpriced else "priced",
+                "price_source": "none" if unpriced else "catalog",
+                "status": "error" if i % 7 == 0 else "ok",
+                "latency_ms": None if i % 5 == 0 else 200 + i,
+                "event_id": f"evt-{i}",
+                "timestamp": at,
+                "received_at": at + timedelta(seconds=1),
+                "tags": {"team": f"t{i % 2}"},
+            }
+        )
     return events
 
 
@@ -192,10 +230,34 @@ def migrated(make_settings: Callable[..., Settings]) -> Iterator[tuple[Any, str]
     )
     client.insert(
         f"{database}.budget_alerts",
-        [["acme", "alert-1", "threshold", "b1", "monthly llm", NOW - timedelta(days=1), Decimal("80"),
-          8_000_000_000, 10_000_000_000, Decimal("80.0000"), NOW - timedelta(minutes=5)]],
-        column_names=["tenant", "alert_id", "kind", "budget_id", "budget_name", "window_start",
-                      "threshold", "spent_nanos", "limit_nanos", "percent_used", "fired_at"],
+        [
+            [
+                "acme",
+                "alert-1",
+                "threshold",
+                "b1",
+                "monthly llm",
+                NOW - timedelta(days=1),
+                Decimal("80"),
+                8_000_000_000,
+                10_000_000_000,
+                Decimal("80.0000"),
+                NOW - timedelta(minutes=5),
+            ]
+        ],
+        column_names=[
+            "tenant",
+            "alert_id",
+            "kind",
+            "budget_id",
+            "budget_name",
+            "window_start",
+            "threshold",
+            "spent_nanos",
+            "limit_nanos",
+            "percent_used",
+            "fired_at",
+        ],
     )
     yield client, database
     client.close()
@@ -238,7 +300,7 @@ def test_dashboard_figures_equal_the_events(migrated, tenants) -> None:
     assert avg_latency == pytest.approx(sum(latencies) / len(latencies))
     [(seconds_ago,)] = run_panel(migrated, "Newest event stored [A]", tenants)
     newest = max(e["received_at"] for e in events)
-    assert seconds_ago == pytest.approx((datetime.now(timezone.utc) - newest).total_seconds(), abs=30)
+    assert seconds_ago == pytest.approx((datetime.now(UTC) - newest).total_seconds(), abs=30)
 
     by_model: dict[str, Decimal] = {}
     for _time, model, spend_usd in run_panel(migrated, "Spend by model [A]", tenants):
@@ -321,9 +383,12 @@ def test_row_policy_filters_run_on_the_tables_and_confine_the_analyst(migrated) 
 
 def test_user_grants_name_real_tables_and_parse(migrated) -> None:
     client, database = migrated
-    tables = {name for (name,) in client.query(
-        "SELECT name FROM system.tables WHERE database = {db:String}", parameters={"db": database}
-    ).result_rows}
+    tables = {
+        name
+        for (name,) in client.query(
+            "SELECT name FROM system.tables WHERE database = {db:String}", parameters={"db": database}
+        ).result_rows
+    }
     databases = {DEPLOY_DATABASE, f"{DEPLOY_DATABASE}_tenant"}
     for user, grants in user_grants().items():
         for grant in grants:

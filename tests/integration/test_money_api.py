@@ -118,8 +118,12 @@ def test_put_with_an_id_replaces_the_override_whatever_it_changes(api):
     changes = [
         {"model": "house-2"},  # another sorting key of price_overrides
         {"model": "house-2", "provider": "acme-cloud", "effective_from": "2023-06-01T00:00:00Z"},
-        {"model": "house-2", "provider": "acme-cloud", "per_mtok": {"input": "2"},
-         "effective_to": "2026-01-01T00:00:00Z"},  # fmt: skip
+        {
+            "model": "house-2",
+            "provider": "acme-cloud",
+            "per_mtok": {"input": "2"},
+            "effective_to": "2026-01-01T00:00:00Z",
+        },  # fmt: skip
     ]
     for change in changes:
         body = {**OVERRIDE, **change, "id": ident}
@@ -162,7 +166,17 @@ def test_a_stored_override_beyond_todays_caps_is_listed_as_rejected_not_a_500(ap
         client.insert(
             "price_overrides",
             [[TENANT, "ovr-old", "acme", "legacy", datetime(2024, 1, 1, tzinfo=UTC), Decimal(5000), "", 0, 1]],
-            column_names=["tenant", "id", "provider", "model", "effective_from", "input_mtok", "note", "deleted", "version"],
+            column_names=[
+                "tenant",
+                "id",
+                "provider",
+                "model",
+                "effective_from",
+                "input_mtok",
+                "note",
+                "deleted",
+                "version",
+            ],
         )
     finally:
         client.close()

@@ -4,29 +4,29 @@ delivery to a real receiver) and /v1/alerts (history with delivery status), tena
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import httpx
 import pytest
-
 from notify_support import Receiver, deliveries
 from query_api_stack import QueryApiServer, migrate
+
+from spendstream.alerting import IDEMPOTENCY_HEADER, PAGERDUTY_EVENTS_URL, SIGNATURE_HEADER, verify_signature
 from spendstream.clickhouse import get_client
 from spendstream.keys import create_key
-from stream_processors.notify.logic import IDEMPOTENCY_HEADER, PAGERDUTY_EVENTS_URL, SIGNATURE_HEADER, verify_signature
 
 pytestmark = pytest.mark.clickhouse
 
 ADMIN_KEY = "ss_test_admin_" + "n" * 24
 TENANT = "notify_tenant"
-UTC = timezone.utc
+UTC = UTC
 
 
 @pytest.fixture(scope="module")
 def api(make_settings):
     settings = make_settings(bootstrap_admin_key=ADMIN_KEY, bootstrap_tenant=TENANT,
-                             processors={"webhook_allow_private": True, "webhook_timeout_s": 2.0})  # fmt: skip
+                             notify={"timeout_s": 2.0, "webhook": {"allow_private": True}})  # fmt: skip
     migrate(settings)
     client = get_client(settings)
     try:
@@ -71,7 +71,14 @@ async def test_generic_webhook_lifecycle_and_signed_test_delivery(api):
         payload = got.json()
         assert payload["test"] is True and payload["tenant"] == TENANT and payload["alert_id"] == result["alert_id"]
         assert recorded_attempts(api, result["alert_id"]) == [
-            {"channel": webhook_id, "format": "generic", "attempt": 1, "outcome": "delivered", "http_status": 200, "error": ""}
+            {
+                "channel": webhook_id,
+                "format": "generic",
+                "attempt": 1,
+                "outcome": "delivered",
+                "http_status": 200,
+                "error": "",
+            }
         ]
 
         assert (await reader.delete(f"/v1/webhooks/{webhook_id}")).status_code == 403
@@ -97,7 +104,9 @@ async def test_secrets_and_slack_urls_are_masked(api):
     async with client(api) as admin:
         own = await admin.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/h", "secret": "my-own-secret-123"})
         assert own.status_code == 201 and own.json()["secret"] == "****-123"
-        slack = await admin.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/services/T000/B000/XXXXsecretXXXX", "format": "slack"})
+        slack = await admin.post(
+            "/v1/webhooks", json={"url": "http://127.0.0.1:9/services/T000/B000/XXXXsecretXXXX", "format": "slack"}
+        )
         assert slack.status_code == 201
         assert slack.json()["url"] == "http://127.0.0.1:9/****XXXX" and slack.json()["secret"] == ""
 
@@ -106,7 +115,10 @@ async def test_email_and_pagerduty_channels(api):
     async with client(api) as admin:
         email = await admin.post("/v1/webhooks", json={"email": "oncall@example.com"})
         assert email.status_code == 201 and (email.json()["format"], email.json()["email"], email.json()["url"]) == (
-            "email", "oncall@example.com", "")
+            "email",
+            "oncall@example.com",
+            "",
+        )
         missing_key = await admin.post("/v1/webhooks", json={"format": "pagerduty"})
         assert missing_key.status_code == 422 and missing_key.json()["field"] == "secret"
 
@@ -217,11 +229,17 @@ async def test_alert_history_with_delivery_status(api):
         by_id = {a["alert_id"]: a for a in everything}
         a = by_id["al_a"]
         assert (a["spent_usd"], a["limit_usd"], a["threshold"], a["percent_used"]) == (
-            "8.012345678", "10.000000000", "80", "80.1234")
+            "8.012345678",
+            "10.000000000",
+            "80",
+            "80.1234",
+        )
         assert a["scope"] == {"project": "p1"} and a["top"][0]["name"] == "a1" and a["event_id"] == "ev_al_a"
         assert a["fired_at"] == "2024-05-10T12:00:00.000+00:00" and a["delivery_status"] == "delivered"
         assert [(d["channel"], d["outcome"], d["attempts"]) for d in a["deliveries"]] == [
-            ("ops@example.com", "delivered", 1), ("wh_1", "delivered", 2)]
+            ("ops@example.com", "delivered", 1),
+            ("wh_1", "delivered", 2),
+        ]
         assert by_id["al_b"]["delivery_status"] == "partial" and by_id["al_b"]["threshold"] == "100"
         c = by_id["al_c"]
         assert c["delivery_status"] == "retrying" and c["deliveries"][0]["attempts"] == 1
@@ -233,7 +251,9 @@ async def test_alert_history_with_delivery_status(api):
         assert [x["alert_id"] for x in only_bud_1] == ["al_b", "al_a"]
         window = (await reader.get("/v1/alerts", params={"from": "2024-05-10T12:30:00Z", "to": "2024-05-11"})).json()
         assert [x["alert_id"] for x in window["alerts"]] == ["al_c", "al_b"]
-        assert [x["alert_id"] for x in (await reader.get("/v1/alerts", params={"limit": 1})).json()["alerts"]] == ["al_d"]
+        assert [x["alert_id"] for x in (await reader.get("/v1/alerts", params={"limit": 1})).json()["alerts"]] == [
+            "al_d"
+        ]
         bad = await reader.get("/v1/alerts", params={"from": "yesterday"})
         assert bad.status_code == 422 and bad.json()["field"] == "from"
     async with client(api, api["other"]) as other:

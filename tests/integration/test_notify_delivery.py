@@ -8,24 +8,26 @@ import ssl
 import subprocess
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-
 from notify_support import Mailbox, Receiver, alert_value, deliveries, insert_webhook, wait_until
 from query_api_stack import migrate
-from stream_processors.notify.delivery import Sender
-from stream_processors.notify.logic import (
+
+from spendstream.alerting import (
     IDEMPOTENCY_HEADER,
-    Channel,
     SIGNATURE_HEADER,
+    Attempt,
+    Channel,
+    DeliveryStore,
     RetryPolicy,
+    Sender,
     parse_alert,
     verify_signature,
 )
 from stream_processors.notify.notifier import PER_ENDPOINT_CONCURRENCY, Notifier
-from stream_processors.notify.store import Attempt, DeliveryStore
+from stream_processors.runtime.retry import is_data_error
 
 pytestmark = pytest.mark.clickhouse
 
@@ -41,9 +43,9 @@ def mailbox():
 
 @pytest.fixture(scope="module")
 def settings(make_settings, mailbox):
-    s = make_settings(processors={
-        "webhook_allow_private": True, "webhook_timeout_s": 2.0, "smtp_host": "127.0.0.1", "smtp_port": mailbox.port,
-        "smtp_from": "spendstream@test.example",
+    s = make_settings(notify={
+        "timeout_s": 2.0, "webhook": {"allow_private": True},
+        "smtp": {"host": "127.0.0.1", "port": mailbox.port, "from_address": "spendstream@test.example"},
     })  # fmt: skip
     migrate(s)
     return s
@@ -60,9 +62,17 @@ def tenant() -> str:
     return f"t_{uuid.uuid4().hex[:8]}"
 
 
-def make_notifier(settings, policy=FAST, **processors):
-    s = settings.model_copy(update={"processors": settings.processors.model_copy(update=processors)}) if processors else settings
-    notifier = Notifier(s, DeliveryStore(s), Sender(s), policy=policy)
+def with_notify(settings, *, webhook=None, smtp=None, **fields):
+    """``settings`` with some of ``notify``'s fields changed (``webhook``, ``smtp``: dicts of their fields)."""
+    n = settings.notify
+    notify = n.model_validate({**n.model_dump(), **fields, "webhook": {**n.webhook.model_dump(), **(webhook or {})},
+                               "smtp": {**n.smtp.model_dump(), **(smtp or {})}})  # fmt: skip
+    return settings.model_copy(update={"notify": notify})
+
+
+def make_notifier(settings, policy=FAST, **notify):
+    s = with_notify(settings, **notify) if notify else settings
+    notifier = Notifier(s, DeliveryStore(s, is_data_error=is_data_error), Sender(s), policy=policy)
     notifier.start()
     return notifier
 
@@ -85,10 +95,19 @@ async def test_generic_webhook_is_signed_and_recorded(settings, receiver, tenant
     assert got.headers[IDEMPOTENCY_HEADER] == alert.alert_id
     body = got.json()
     assert (body["alert_id"], body["spent_usd"], body["limit_usd"], body["threshold"]) == (
-        alert.alert_id, "8.012345678", "10.000000000", "80")
+        alert.alert_id,
+        "8.012345678",
+        "10.000000000",
+        "80",
+    )
     [row] = deliveries(settings, tenant)
     assert (row["channel"], row["format"], row["attempt"], row["outcome"], row["http_status"]) == (
-        "wh_gen", "generic", 1, "delivered", 200)
+        "wh_gen",
+        "generic",
+        1,
+        "delivered",
+        200,
+    )
 
 
 async def test_three_500s_then_200_gives_one_delivery_and_three_recorded_failures(settings, receiver, tenant):
@@ -103,7 +122,11 @@ async def test_three_500s_then_200_gives_one_delivery_and_three_recorded_failure
     assert {r.headers[IDEMPOTENCY_HEADER] for r in receiver.at("/flaky")} == {alert.alert_id}
     rows = deliveries(settings, tenant)
     assert [(r["attempt"], r["outcome"], r["http_status"]) for r in rows] == [
-        (1, "failed", 500), (2, "failed", 500), (3, "failed", 500), (4, "delivered", 200)]
+        (1, "failed", 500),
+        (2, "failed", 500),
+        (3, "failed", 500),
+        (4, "delivered", 200),
+    ]
     assert rows[0]["error"] == "HTTP 500: nope"
 
 
@@ -163,11 +186,16 @@ async def test_a_slow_endpoint_does_not_delay_another(settings, receiver, tenant
 
 
 async def test_timeouts_are_retried_and_retry_after_is_honoured(settings, receiver, tenant):
-    insert_webhook(settings, tenant, "wh_429", "generic", receiver.script("/429", [429, 200], headers={"Retry-After": "1"}))
+    insert_webhook(
+        settings, tenant, "wh_429", "generic", receiver.script("/429", [429, 200], headers={"Retry-After": "1"})
+    )
     insert_webhook(settings, tenant, "wh_hang", "generic", receiver.script("/hang", [200], delay_s=1.0))
-    notifier = make_notifier(settings, policy=RetryPolicy(horizon_s=1.2, base_s=0.05, cap_s=0.1), webhook_timeout_s=0.5)
+    notifier = make_notifier(settings, policy=RetryPolicy(horizon_s=1.2, base_s=0.05, cap_s=0.1), timeout_s=0.5)
     try:
-        assert await notifier.submit(new_alert(tenant, ["wh_429", "wh_hang"])) == {"wh_429": "delivered", "wh_hang": "gave_up"}
+        assert await notifier.submit(new_alert(tenant, ["wh_429", "wh_hang"])) == {
+            "wh_429": "delivered",
+            "wh_hang": "gave_up",
+        }
     finally:
         await notifier.close()
     first, second = receiver.at("/429")
@@ -182,7 +210,9 @@ async def test_timeouts_are_retried_and_retry_after_is_honoured(settings, receiv
 async def test_non_retryable_answers_and_unknown_channels_are_final(settings, receiver, tenant):
     insert_webhook(settings, tenant, "wh_404", "generic", receiver.script("/gone", [404]))
     insert_webhook(settings, "someone_else", "wh_theirs", "generic", receiver.script("/theirs", [200]))
-    insert_webhook(settings, tenant, "wh_future", "teams", receiver.script("/future", [200]))  # a format this version lacks
+    insert_webhook(
+        settings, tenant, "wh_future", "teams", receiver.script("/future", [200])
+    )  # a format this version lacks
     notifier = make_notifier(settings)
     try:
         outcome = await notifier.submit(new_alert(tenant, ["wh_404", "wh_theirs", "wh_missing", "wh_future"]))
@@ -199,7 +229,7 @@ async def test_private_targets_are_refused_at_delivery_time(settings, receiver, 
     # accepted while loopback was allowed (or the name resolved elsewhere then): checked again now
     insert_webhook(settings, tenant, "wh_local", "generic", f"http://localhost:{receiver.port}/local")
     insert_webhook(settings, tenant, "wh_meta", "generic", "http://169.254.169.254/latest/meta-data/")
-    notifier = make_notifier(settings, webhook_allow_private=False)
+    notifier = make_notifier(settings, webhook={"allow_private": False})
     try:
         outcome = await notifier.submit(new_alert(tenant, ["wh_local", "wh_meta"]))
     finally:
@@ -232,12 +262,14 @@ async def test_resumes_from_the_record_and_never_resends_a_final_channel(setting
     insert_webhook(settings, tenant, "wh_done", "generic", receiver.script("/done", [200]))
     insert_webhook(settings, tenant, "wh_half", "generic", receiver.script("/half", [200]))
     alert = new_alert(tenant, ["wh_done", "wh_half"])
-    store = DeliveryStore(settings)
+    store = DeliveryStore(settings, is_data_error=is_data_error)
     try:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for channel, attempt, outcome, status in (("wh_done", 1, "failed", 500), ("wh_done", 2, "delivered", 200),
                                                   ("wh_half", 1, "failed", 502)):  # fmt: skip
-            await store.record(Attempt(tenant, alert.alert_id, channel, "generic", attempt, now, outcome, status, "", 5))
+            await store.record(
+                Attempt(tenant, alert.alert_id, channel, "generic", attempt, now, outcome, status, "", 5)
+            )
     finally:
         await store.close()
     notifier = make_notifier(settings)
@@ -249,7 +281,12 @@ async def test_resumes_from_the_record_and_never_resends_a_final_channel(setting
         await notifier.close()
     assert receiver.at("/done") == [] and len(receiver.at("/half")) == 1
     rows = [(r["channel"], r["attempt"], r["outcome"]) for r in deliveries(settings, tenant)]
-    assert rows == [("wh_done", 1, "failed"), ("wh_done", 2, "delivered"), ("wh_half", 1, "failed"), ("wh_half", 2, "delivered")]
+    assert rows == [
+        ("wh_done", 1, "failed"),
+        ("wh_done", 2, "delivered"),
+        ("wh_half", 1, "failed"),
+        ("wh_half", 2, "delivered"),
+    ]
 
 
 async def test_the_same_alert_submitted_twice_at_once_is_delivered_once(settings, receiver, tenant):
@@ -257,7 +294,10 @@ async def test_the_same_alert_submitted_twice_at_once_is_delivered_once(settings
     notifier = make_notifier(settings)
     try:
         alert = new_alert(tenant, ["wh_once"])
-        first, second = notifier.submit(alert), notifier.submit(parse_alert(alert_value(alert.alert_id, tenant, ["wh_once"])))
+        first, second = (
+            notifier.submit(alert),
+            notifier.submit(parse_alert(alert_value(alert.alert_id, tenant, ["wh_once"]))),
+        )
         assert await first == await second == {"wh_once": "delivered"}
     finally:
         await notifier.close()
@@ -294,9 +334,7 @@ def server_cert(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def smtp_sender(settings, port: int, **smtp) -> Sender:
-    processors = settings.processors.model_validate({**settings.processors.model_dump(), "smtp_host": "127.0.0.1",
-                                                     "smtp_port": port, **smtp})  # fmt: skip
-    return Sender(settings.model_copy(update={"processors": processors}))
+    return Sender(with_notify(settings, smtp={"host": "127.0.0.1", "port": port, **smtp}))
 
 
 async def test_email_over_starttls_with_auth(settings, tenant, server_cert, monkeypatch):
@@ -308,9 +346,9 @@ async def test_email_over_starttls_with_auth(settings, tenant, server_cert, monk
     alert = new_alert(tenant, ["oncall@test.example"])
     channel = Channel("oncall@test.example", "email", email="oncall@test.example")
     with Mailbox(users={"alerts": "s3cret pass"}, tls_context=tls) as box:
-        sender = smtp_sender(settings, box.port, smtp_starttls=True, smtp_username="alerts", smtp_password="s3cret pass")
-        wrong = smtp_sender(settings, box.port, smtp_starttls=True, smtp_username="alerts", smtp_password="nope")
-        cleartext = smtp_sender(settings, box.port, smtp_username="alerts", smtp_password="s3cret pass")
+        sender = smtp_sender(settings, box.port, starttls=True, username="alerts", password="s3cret pass")
+        wrong = smtp_sender(settings, box.port, starttls=True, username="alerts", password="nope")
+        cleartext = smtp_sender(settings, box.port, username="alerts", password="s3cret pass")
         try:
             delivered = await sender.send(channel, alert)
             refused = await wrong.send(channel, alert)
@@ -322,7 +360,7 @@ async def test_email_over_starttls_with_auth(settings, tenant, server_cert, monk
     assert [m["X-Spendstream-Alert-Id"] for _, m in box.messages] == [alert.alert_id]
     # a wrong password is final (retrying cannot fix it); without STARTTLS nothing is sent in clear
     assert refused.verdict == "final" and refused.error.startswith("SMTP 535"), refused
-    assert no_tls.verdict == "final" and "smtp_starttls is off" in no_tls.error, no_tls
+    assert no_tls.verdict == "final" and "notify.smtp.starttls is off" in no_tls.error, no_tls
     # smtplib tries each mechanism the server offers before giving up on a password
     assert box.logins[0] == ("alerts", True) and set(box.logins[1:]) == {("alerts", False)}
 
@@ -332,7 +370,7 @@ async def test_starttls_refuses_an_untrusted_server_certificate(settings, tenant
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(cert, key)
     with Mailbox(tls_context=tls) as box:
-        sender = smtp_sender(settings, box.port, smtp_starttls=True)
+        sender = smtp_sender(settings, box.port, starttls=True)
         try:
             result = await sender.send(Channel("a@test.example", "email", email="a@test.example"),
                                        new_alert(tenant, ["a@test.example"]))  # fmt: skip

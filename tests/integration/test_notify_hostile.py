@@ -13,14 +13,14 @@ import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
-
 from notify_support import Mailbox, NotifyWorker, Receiver, alert_value, deliveries, insert_webhook
 from query_api_stack import QueryApiServer, migrate
 from stage_support import wait_committed
+
+from spendstream.alerting import IDEMPOTENCY_HEADER
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.kafka import producer_kwargs
 from spendstream.topics import BUDGET_ALERTS, ensure_topics
-from stream_processors.notify.logic import IDEMPOTENCY_HEADER
 
 pytestmark = pytest.mark.clickhouse
 
@@ -38,8 +38,8 @@ def mailbox():
 
 
 def smtp_settings(mailbox: Mailbox) -> dict:
-    return {"webhook_allow_private": True, "webhook_timeout_s": 2.0, "smtp_host": "127.0.0.1",
-            "smtp_port": mailbox.port, "smtp_from": "spendstream@test.example"}  # fmt: skip
+    return {"timeout_s": 2.0, "webhook": {"allow_private": True},
+            "smtp": {"host": "127.0.0.1", "port": mailbox.port, "from_address": "spendstream@test.example"}}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ query API
@@ -47,7 +47,7 @@ def smtp_settings(mailbox: Mailbox) -> dict:
 
 @pytest.fixture(scope="module")
 def api(make_settings, mailbox):
-    settings = make_settings(bootstrap_admin_key=ADMIN_KEY, bootstrap_tenant=TENANT, processors=smtp_settings(mailbox))
+    settings = make_settings(bootstrap_admin_key=ADMIN_KEY, bootstrap_tenant=TENANT, notify=smtp_settings(mailbox))
     migrate(settings)
     with QueryApiServer(settings) as server:
         yield {"settings": settings, "url": server.url}
@@ -143,7 +143,7 @@ def broker(tmp_path_factory):
 @pytest.fixture(scope="module")
 def worker_settings(make_settings, broker, mailbox):
     s = make_settings(kafka={"bootstrap_servers": broker.bootstrap, "profile": "embedded", "partitions": 1},
-                      processors=smtp_settings(mailbox))  # fmt: skip
+                      notify=smtp_settings(mailbox))  # fmt: skip
     migrate(s)
     return s
 

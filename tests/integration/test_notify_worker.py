@@ -10,14 +10,14 @@ from collections import Counter
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
-
 from notify_support import NotifyWorker, Receiver, alert_value, deliveries, insert_webhook, wait_until
 from query_api_stack import migrate
 from stage_support import wait_committed
+
+from spendstream.alerting import IDEMPOTENCY_HEADER
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.kafka import producer_kwargs
 from spendstream.topics import BUDGET_ALERTS, ensure_topics
-from stream_processors.notify.logic import IDEMPOTENCY_HEADER
 from stream_processors.notify.notifier import PER_ENDPOINT_CONCURRENCY
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
@@ -37,7 +37,7 @@ def broker(tmp_path_factory):
 def settings(make_settings, broker):
     s = make_settings(
         kafka={"bootstrap_servers": broker.bootstrap, "profile": "embedded", "partitions": 2},
-        processors={"webhook_allow_private": True, "webhook_timeout_s": 2.0},
+        notify={"timeout_s": 2.0, "webhook": {"allow_private": True}},
     )
     migrate(s)
     return s
@@ -86,11 +86,16 @@ async def test_an_alert_sent_twice_on_the_topic_is_delivered_once(settings, topi
     assert received == {"al_dup_a": 1, "al_dup_b": 1, "al_dup_c": 1}
     rows = [r for r in deliveries(settings, TENANT) if r["alert_id"].startswith("al_dup_")]
     assert [(r["alert_id"], r["attempt"], r["outcome"]) for r in rows] == [
-        ("al_dup_a", 1, "delivered"), ("al_dup_b", 1, "delivered"), ("al_dup_c", 1, "delivered")]
+        ("al_dup_a", 1, "delivered"),
+        ("al_dup_b", 1, "delivered"),
+        ("al_dup_c", 1, "delivered"),
+    ]
 
 
 @pytest.mark.faults
-async def test_sigkill_mid_delivery_loses_nothing_and_resends_nothing_recorded(settings, topic, worker, tmp_path_factory):
+async def test_sigkill_mid_delivery_loses_nothing_and_resends_nothing_recorded(
+    settings, topic, worker, tmp_path_factory
+):
     count = 24
     ids = [f"al_kill_{i:02d}" for i in range(count)]
     async with Receiver() as receiver:

@@ -15,13 +15,13 @@ import asyncio
 import random
 import time
 from collections import Counter, defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import orjson
 import pytest
 from stage_support import (
-    FAST_PROCESSORS,
+    FAST_BATCHING,
     StageWorker,
     committed_offsets,
     log_ends,
@@ -135,8 +135,10 @@ async def test_sigkill_mid_stream_and_before_commit(stage_settings, tmp_path):
         for attempt in range(5):
             worker.restart()
             await asyncio.to_thread(worker.wait_healthy)
-            raw_ends = log_ends(await read_topic(s, USAGE_RAW.name, lambda rs: len(rs) >= 1500 + 20 * attempt))
-            await read_topic(s, USAGE_PRICED.name, lambda rs: covers(rs, raw_ends), what="every raw record priced")
+            raw_ends = log_ends(await read_topic(s, USAGE_RAW.name, lambda rs, n=1500 + 20 * attempt: len(rs) >= n))
+            await read_topic(
+                s, USAGE_PRICED.name, lambda rs, ends=raw_ends: covers(rs, ends), what="every raw record priced"
+            )
             worker.kill()
             committed = await committed_offsets(s, GROUP, USAGE_RAW.name)
             if any((committed[p] or 0) < end for p, end in raw_ends.items()):
@@ -194,7 +196,7 @@ def write_override(settings, version: int, deleted: int) -> None:
     try:
         client.insert(
             "price_overrides",
-            [[TENANT, "ovr-1", "openai", "gpt-4o", datetime(2025, 1, 1, tzinfo=timezone.utc), Decimal("1"),
+            [[TENANT, "ovr-1", "openai", "gpt-4o", datetime(2025, 1, 1, tzinfo=UTC), Decimal("1"),
               Decimal("2"), version, deleted]],
             column_names=["tenant", "id", "provider", "model", "effective_from", "input_mtok", "output_mtok",
                           "version", "deleted"],
@@ -208,7 +210,7 @@ async def test_overrides_apply_without_restart_and_survive_a_clickhouse_outage(m
     broker = EmbeddedKafka(log_path=tmp_path / "tansu.log").start()
     s = make_settings(
         kafka={"bootstrap_servers": broker.bootstrap}, clickhouse={"url": clickhouse.url},
-        processors=FAST_PROCESSORS, pricing={"overrides_reload_s": 0.2},
+        **FAST_BATCHING, pricing={"overrides_reload_s": 0.2},
     )  # fmt: skip
     migrate(s)
     worker = StageWorker(s, "pricing", tmp_path)
@@ -238,7 +240,8 @@ async def test_overrides_apply_without_restart_and_survive_a_clickhouse_outage(m
         await asyncio.to_thread(write_override, s, 2, 0)
         priced = await price_until_override("after")
         assert (priced["price_id"], priced["cost_nanos"]) == (
-            "override:ovr-1", priced["input_tokens"] * 1000 + priced["output_tokens"] * 2000
+            "override:ovr-1",
+            priced["input_tokens"] * 1000 + priced["output_tokens"] * 2000,
         )
         # ClickHouse down: the stage keeps pricing with the last overrides it read
         await asyncio.to_thread(clickhouse.stop)

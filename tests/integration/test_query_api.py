@@ -7,22 +7,27 @@ import csv
 import io
 import json
 from collections import defaultdict
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pyarrow.parquet as pq
 import pytest
+from query_api_stack import (  # pytest puts tests/integration on sys.path
+    QueryApiServer,
+    insert_events,
+    make_events,
+    migrate,
+)
 
 from query_api.logic import encode_cursor
 from query_api.usage_sql import TOKEN_COLUMNS
 from spendstream.clickhouse import get_client
 from spendstream.keys import create_key
-from query_api_stack import QueryApiServer, insert_events, make_events, migrate  # pytest puts tests/integration on sys.path
 
 pytestmark = pytest.mark.clickhouse
 
-UTC = timezone.utc
+UTC = UTC
 ADMIN_KEY = "ss_test_admin_" + "x" * 24
 TENANT = "tenant_a"
 OTHER = "tenant_b"
@@ -111,7 +116,10 @@ def assert_same(got: dict, want: dict) -> None:
         ({"agent": ["tenant_a-agent-0", "tenant_a-agent-3"]}, {"agent": {"tenant_a-agent-0", "tenant_a-agent-3"}}),
         ({"user": "tenant_a-user-2", "provider": "openai"}, {"user": {"tenant_a-user-2"}, "provider": {"openai"}}),
         ({"tag": "env:prod"}, {"tag": [("env", "prod")]}),
-        ({"tag": ["env:prod", "team:ops"], "model": "m-large"}, {"tag": [("env", "prod"), ("team", "ops")], "model": {"m-large"}}),
+        (
+            {"tag": ["env:prod", "team:ops"], "model": "m-large"},
+            {"tag": [("env", "prod"), ("team", "ops")], "model": {"m-large"}},
+        ),
     ],
 )
 def test_overview_equals_sums_over_raw_rows(stack, query, filters):
@@ -134,13 +142,25 @@ def test_aligned_ranges_are_answered_by_aggregates_only(stack):
     params = {"from": "2024-01-29", "to": "2024-02-02"}  # whole UTC days
     overview = stack["reader"].get("/v1/analytics/overview", params=params).json()
     assert overview["sources"] == ["usage_daily"]
-    assert stack["reader"].get("/v1/analytics/timeseries", params=params | {"tz": "Europe/Berlin"}).json()["sources"] == ["usage_hourly"]
-    assert stack["reader"].get("/v1/analytics/timeseries", params=params | {"tz": "Asia/Kolkata"}).json()["sources"] == ["usage_minute"]
+    assert stack["reader"].get("/v1/analytics/timeseries", params=params | {"tz": "Europe/Berlin"}).json()[
+        "sources"
+    ] == ["usage_hourly"]
+    assert stack["reader"].get("/v1/analytics/timeseries", params=params | {"tz": "Asia/Kolkata"}).json()[
+        "sources"
+    ] == ["usage_minute"]
     # users are not in the minute table, one tag is in the tag table: neither needs raw rows
-    assert stack["reader"].get("/v1/analytics/overview", params=params | {"user": "x"}).json()["sources"] == ["usage_daily"]
-    assert stack["reader"].get("/v1/analytics/breakdown", params=params | {"by": "tag:env"}).json()["sources"] == ["usage_tags_daily"]
+    assert stack["reader"].get("/v1/analytics/overview", params=params | {"user": "x"}).json()["sources"] == [
+        "usage_daily"
+    ]
+    assert stack["reader"].get("/v1/analytics/breakdown", params=params | {"by": "tag:env"}).json()["sources"] == [
+        "usage_tags_daily"
+    ]
     # a ragged edge below a minute is the only thing read raw
-    ragged = stack["reader"].get("/v1/analytics/overview", params={"from": "2024-01-29T10:30:15Z", "to": "2024-02-02"}).json()
+    ragged = (
+        stack["reader"]
+        .get("/v1/analytics/overview", params={"from": "2024-01-29T10:30:15Z", "to": "2024-02-02"})
+        .json()
+    )
     assert ragged["sources"] == ["usage_daily", "usage_events", "usage_hourly", "usage_minute"]
 
 
@@ -186,7 +206,11 @@ def test_timeseries_is_zero_filled_and_equals_bucketed_sums(stack, granularity, 
     keys = [bucket_of(datetime.fromisoformat(p["start"]), granularity, zone) for p in points]
     assert keys == sorted(set(keys)), "buckets are unique and ordered"
     assert set(sums) <= set(keys)
-    assert datetime.fromisoformat(points[0]["start"]) <= start < datetime.fromisoformat(points[-1]["start"]) + timedelta(days=32)
+    assert (
+        datetime.fromisoformat(points[0]["start"])
+        <= start
+        < datetime.fromisoformat(points[-1]["start"]) + timedelta(days=32)
+    )
     assert all(datetime.fromisoformat(p["start"]) < end for p in points)
     for key, point in zip(keys, points):
         want = expected(sums.get(key, []))
@@ -223,7 +247,9 @@ def test_breakdown_equals_group_sums(stack, by):
 
 
 def test_breakdown_order_and_limit(stack):
-    r = stack["reader"].get("/v1/analytics/breakdown", params={"by": "agent", "order": "name", "limit": 2, "from": "2024-01-29"})
+    r = stack["reader"].get(
+        "/v1/analytics/breakdown", params={"by": "agent", "order": "name", "limit": 2, "from": "2024-01-29"}
+    )
     assert [g["key"] for g in r.json()["groups"]] == ["tenant_a-agent-0", "tenant_a-agent-1"]
     bad = stack["reader"].get("/v1/analytics/breakdown", params={"order": "price"})
     assert bad.status_code == 422 and bad.json()["field"] == "order"
@@ -232,8 +258,13 @@ def test_breakdown_order_and_limit(stack):
 def test_events_pages_have_no_gaps_or_repeats(stack):
     frm, to = "2024-01-30T00:00:00Z", "2024-01-30T12:00:00Z"
     want = sorted(
-        (e for e in in_range(stack["events"], datetime.fromisoformat(frm), datetime.fromisoformat(to)) if e["project"] == "tenant_a-proj-0"),
-        key=lambda e: (e["timestamp"], e["event_id"]), reverse=True,
+        (
+            e
+            for e in in_range(stack["events"], datetime.fromisoformat(frm), datetime.fromisoformat(to))
+            if e["project"] == "tenant_a-proj-0"
+        ),
+        key=lambda e: (e["timestamp"], e["event_id"]),
+        reverse=True,
     )
     seen, cursor, pages = [], None, 0
     while True:
@@ -263,17 +294,23 @@ def test_same_timestamp_events_page_by_event_id(stack):
     stack["events"].extend(twins)
     ids = sorted((e["event_id"] for e in twins), reverse=True)
     cursor = encode_cursor(int(ts.timestamp() * 1000), ids[1])
-    body = stack["reader"].get(
-        "/v1/analytics/events",
-        params={"from": "2024-01-30T06:00:00Z", "to": "2024-01-30T06:00:01Z", "cursor": cursor, "limit": 10},
-    ).json()
+    body = (
+        stack["reader"]
+        .get(
+            "/v1/analytics/events",
+            params={"from": "2024-01-30T06:00:00Z", "to": "2024-01-30T06:00:01Z", "cursor": cursor, "limit": 10},
+        )
+        .json()
+    )
     assert [e["event_id"] for e in body["events"]] == ids[2:]
 
 
 def test_export_formats_equal_the_rows(stack):
     frm, to = "2024-01-31T00:00:00Z", "2024-01-31T06:00:00Z"
-    want = sorted(in_range(stack["events"], datetime.fromisoformat(frm), datetime.fromisoformat(to)),
-                  key=lambda e: (e["timestamp"], e["event_id"]))
+    want = sorted(
+        in_range(stack["events"], datetime.fromisoformat(frm), datetime.fromisoformat(to)),
+        key=lambda e: (e["timestamp"], e["event_id"]),
+    )
     params = {"from": frm, "to": to}
     csv_r = stack["reader"].get("/v1/analytics/export", params=params | {"format": "csv"})
     assert csv_r.status_code == 200
@@ -361,8 +398,12 @@ def test_pricing_catalog_overrides_and_unpriced(stack):
     assert price["price_source"] == "catalog" and price["per_mtok"]["input"] == "2.5"
     unknown = reader.get("/v1/pricing/google/mystery-model").json()
     assert unknown["price_source"] == "none"
-    body = {"provider": "google", "model": "mystery-model", "effective_from": "2024-01-01T00:00:00Z",
-            "per_mtok": {"input": "0.25", "output": "1.125"}}
+    body = {
+        "provider": "google",
+        "model": "mystery-model",
+        "effective_from": "2024-01-01T00:00:00Z",
+        "per_mtok": {"input": "0.25", "output": "1.125"},
+    }
     assert reader.put("/v1/pricing/overrides", json=body).status_code == 403
     put = admin.put("/v1/pricing/overrides", json=body)
     assert put.status_code == 200, put.text
@@ -396,8 +437,16 @@ def test_health_metrics_and_openapi(stack):
         metrics = c.get("/metrics").text
         assert 'spendstream_query_api_requests_total{method="GET",route="/v1/analytics/overview"' in metrics
         paths = c.get("/openapi.json").json()["paths"]
-        for path in ("/v1/analytics/overview", "/v1/analytics/timeseries", "/v1/analytics/breakdown",
-                     "/v1/analytics/events", "/v1/analytics/export", "/v1/sql", "/v1/pricing/unpriced", "/v1/keys"):
+        for path in (
+            "/v1/analytics/overview",
+            "/v1/analytics/timeseries",
+            "/v1/analytics/breakdown",
+            "/v1/analytics/events",
+            "/v1/analytics/export",
+            "/v1/sql",
+            "/v1/pricing/unpriced",
+            "/v1/keys",
+        ):
             assert path in paths
         docs = c.get("/docs")
         assert docs.status_code == 200 and "cdn" not in docs.text and "https://" not in docs.text

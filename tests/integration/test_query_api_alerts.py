@@ -4,19 +4,19 @@ exactly once, newest first, also when several alerts share a millisecond and und
 from __future__ import annotations
 
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-
 from query_api_stack import QueryApiServer, migrate
+
 from spendstream.clickhouse import get_client
 
 pytestmark = pytest.mark.clickhouse
 
 ADMIN_KEY = "ss_test_admin_" + "p" * 24
 TENANT, OTHER = "alerts_tenant", "alerts_other"
-T0 = datetime(2024, 5, 10, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 5, 10, 12, 0, tzinfo=UTC)
 ALERT_COLUMNS = ["tenant", "alert_id", "kind", "budget_id", "budget_name", "scope", "window_start", "window_end",
                  "threshold", "spent_nanos", "limit_nanos", "percent_used", "projected_nanos", "projected_at",
                  "event_id", "top", "fired_at"]  # fmt: skip

@@ -10,9 +10,9 @@ import time
 import httpx
 import pyarrow.parquet as pq
 import pytest
+from query_api_stack import migrate, rss_bytes, spawn_query_api  # pytest puts tests/integration on sys.path
 
 from spendstream.clickhouse import get_client
-from query_api_stack import migrate, rss_bytes, spawn_query_api  # pytest puts tests/integration on sys.path
 
 pytestmark = pytest.mark.clickhouse
 
@@ -109,7 +109,9 @@ def test_csv_export_of_a_million_rows_streams_in_bounded_memory(server):
     # a date `to` includes that day
     assert 'filename="spendstream-events-20240601T000000Z-20240613T000000Z.csv"' in disposition
     growth = rss.peak - baseline
-    print(f"\n1M-row CSV export: {elapsed:.1f} s, server RSS {baseline / 2**20:.0f} MiB -> peak {rss.peak / 2**20:.0f} MiB")
+    print(
+        f"\n1M-row CSV export: {elapsed:.1f} s, server RSS {baseline / 2**20:.0f} MiB -> peak {rss.peak / 2**20:.0f} MiB"
+    )
     assert growth < RSS_BUDGET, f"server RSS grew by {growth / 2**20:.0f} MiB while streaming"
 
 
@@ -125,5 +127,7 @@ def test_parquet_export_of_a_million_rows_streams_in_bounded_memory(server, tmp_
     cost = pq.read_table(target, columns=["cost_nanos"]).column("cost_nanos")
     assert sum(cost.to_pylist()) == sum(n % 1000 + 1 for n in range(ROWS))
     growth = rss.peak - baseline
-    print(f"\n1M-row Parquet export: {os.path.getsize(target) / 2**20:.0f} MiB, server RSS peak +{growth / 2**20:.0f} MiB")
+    print(
+        f"\n1M-row Parquet export: {os.path.getsize(target) / 2**20:.0f} MiB, server RSS peak +{growth / 2**20:.0f} MiB"
+    )
     assert growth < RSS_BUDGET, f"server RSS grew by {growth / 2**20:.0f} MiB while streaming"

@@ -5,7 +5,7 @@ are answered. Real query API (uvicorn) on the embedded ClickHouse, with a few ev
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.clickhouse
 
 ADMIN = "ss_test_admin_" + "h" * 24
 TENANT = "dates"
-START, END = datetime(2024, 5, 1, tzinfo=timezone.utc), datetime(2024, 5, 3, tzinfo=timezone.utc)
+START, END = datetime(2024, 5, 1, tzinfo=UTC), datetime(2024, 5, 3, tzinfo=UTC)
 ROUTES = [
     "/v1/analytics/overview", "/v1/analytics/timeseries", "/v1/analytics/breakdown", "/v1/analytics/events",
     "/v1/analytics/export", "/v1/alerts",

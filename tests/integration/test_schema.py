@@ -15,22 +15,26 @@ from pathlib import Path
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 
+from spendstream.aggregates import AGGREGATES, TENANT_VIEWS
 from spendstream.clickhouse import get_async_client, get_client
 from spendstream.contracts import COST_CLASSES, TOKEN_FIELDS
 from spendstream.migrate import BOOTSTRAP, SCHEMA_DIR, MigrationError, apply_migrations, load_migrations, render
 from spendstream.schema_cluster import cluster_statements
-from spendstream.settings import REPO_ROOT, Settings
+from spendstream.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.clickhouse
 
 SNAPSHOT = REPO_ROOT / "tests" / "fixtures" / "clickhouse_schema_snapshot.sql"
+SECRET_TABLES = {"api_keys", "webhooks"}  # no tenant view: they hold secrets or their hashes
 PUBLIC_TABLES = {
-    "usage_events", "usage_minute", "usage_hourly", "usage_daily", "usage_tags_daily",
-    "ingest_progress", "unpriced_models", "projects", "api_keys", "budgets", "webhooks",
-    "price_overrides", "budget_alerts", "alert_deliveries",
+    "usage_events", "projects", "budgets", "price_overrides", "budget_alerts", "alert_deliveries",
+    *SECRET_TABLES, *(a.table for a in AGGREGATES),
 }  # fmt: skip
 COST_COLUMNS = ["cost_nanos"] + [f"cost_{c}_nanos" for c in COST_CLASSES]
-# measure name -> how usage_events computes it; aggregates must agree after sum()/uniqMerge()
+# measure name -> how usage_events computes it (stated here independently of the registry and the
+# schema files); every aggregate must agree after reading its rows with the measure's merge function
 MEASURES: dict[str, str] = {
     "calls": "count()",
     "errors": "countIf(status = 'error')",
@@ -41,11 +45,12 @@ MEASURES: dict[str, str] = {
     "latency_count": "count(latency_ms)",
     "users": "uniqExactIf(user, user != '')",
     "sessions": "uniqExactIf(session_id, session_id != '')",
-}
-GRAINS = {
-    "usage_minute": ("toStartOfMinute", ["project", "agent", "provider", "model"]),
-    "usage_hourly": ("toStartOfHour", ["project", "agent", "provider", "model", "user"]),
-    "usage_daily": ("toStartOfDay", ["project", "agent", "provider", "model", "user"]),
+    # unpriced_models
+    "events": "count()",
+    "first_seen": "min(timestamp)",
+    "last_seen": "max(timestamp)",
+    # ingest_progress
+    "max_src_offset": "max(src_offset)",
 }
 DEDUP = {"deduplicate_blocks_in_dependent_materialized_views": 1}
 
@@ -90,23 +95,23 @@ def _tables(client, database: str) -> dict[str, str]:
 def test_migrate_from_zero_creates_the_public_tables_and_records_each_file(client, migrated: str) -> None:
     tables = _tables(client, migrated)
     assert PUBLIC_TABLES <= set(tables)
-    for name in ("usage_minute", "usage_hourly", "usage_daily", "usage_tags_daily", "ingest_progress", "unpriced_models"):
-        assert tables[f"{name}_mv"] == "MaterializedView"
+    for aggregate in AGGREGATES:
+        assert tables[aggregate.mv] == "MaterializedView"
     recorded = dict(client.query(f"SELECT name, checksum FROM {migrated}.schema_migrations").result_rows)
     assert recorded == {m.name: m.checksum for m in load_migrations()}
     views = _tables(client, f"{migrated}_tenant")
-    assert set(views) == PUBLIC_TABLES - {"ingest_progress", "api_keys", "webhooks"} | {"current_tenant"}
+    assert set(views) == TENANT_VIEWS | {"current_tenant"}
+    assert PUBLIC_TABLES - TENANT_VIEWS == SECRET_TABLES | {a.table for a in AGGREGATES if not a.tenant_view}
     assert set(views.values()) == {"View"}
 
 
 def test_every_raw_and_mv_target_table_has_a_deduplication_window(client, migrated: str) -> None:
+    targets = ["usage_events", *(a.table for a in AGGREGATES)]
     rows = client.query(
-        "SELECT name, engine_full FROM system.tables WHERE database = {db:String} "
-        "AND name IN ('usage_events', 'usage_minute', 'usage_hourly', 'usage_daily', 'usage_tags_daily', "
-        "'ingest_progress', 'unpriced_models')",
-        parameters={"db": migrated},
+        "SELECT name, engine_full FROM system.tables WHERE database = {db:String} AND has({names:Array(String)}, name)",
+        parameters={"db": migrated, "names": targets},
     ).result_rows
-    assert len(rows) == 7
+    assert len(rows) == len(targets)
     for name, engine in rows:
         assert "non_replicated_deduplication_window = 1000" in engine, name
 
@@ -144,7 +149,8 @@ def test_every_mv_select_matches_its_target_columns_in_order(client, migrated: s
         "WHERE database = {db:String} AND engine = 'MaterializedView'",
         parameters={"db": migrated},
     ).result_rows
-    assert len(mvs) == 7
+    # the aggregates' views and the sink's way in (usage_events_in -> usage_events)
+    assert {name for name, _, _ in mvs} == {a.mv for a in AGGREGATES} | {"usage_events_in_mv"}
     for name, create, select in mvs:
         target = re.search(rf"\bTO {migrated}\.(\w+)", create)[1]
         selected = [row[0] for row in client.query(f"DESCRIBE ({select})").result_rows]
@@ -220,40 +226,26 @@ def _insert(client, database: str, rows: list[dict], token: str) -> None:
 
 
 def _aggregate_vs_raw(client, database: str) -> dict[str, tuple[list, list]]:
-    """For every MV target: (rows read from it, the same figures computed from usage_events)."""
-
-    def both(table_sql: str, raw_sql: str) -> tuple[list, list]:
-        return client.query(table_sql).result_rows, client.query(raw_sql).result_rows
-
-    def read(name: str) -> str:
-        return f"uniqMerge({name})" if name in ("users", "sessions") else f"sum({name})"
-
+    """For every aggregate of the registry: (rows read from it per key, the same figures computed
+    from usage_events with MEASURES, over the events and buckets the registry says it keeps)."""
     out = {}
-    measures = list(MEASURES)
-    for table, (bucket_fn, dims) in GRAINS.items():
-        keys = ", ".join(["tenant", "bucket", *dims])
-        out[table] = both(
-            f"SELECT {keys}, {', '.join(map(read, measures))} FROM {database}.{table} GROUP BY {keys} ORDER BY {keys}",
-            f"SELECT tenant, {bucket_fn}(timestamp) AS bucket, {', '.join(dims)}, {', '.join(MEASURES.values())} "
-            f"FROM {database}.usage_events GROUP BY {keys} ORDER BY {keys}",
+    for a in AGGREGATES:
+        keys = ", ".join(a.key)
+        source = f"{database}.usage_events"
+        if a.array_join:
+            source += f" ARRAY JOIN {a.array_join}"
+        if a.where:
+            source += f" WHERE {a.where}"
+        out[a.table] = (
+            client.query(
+                f"SELECT {keys}, {', '.join(m.read for m in a.measures)} FROM {database}.{a.table} "
+                f"GROUP BY {keys} ORDER BY {keys}"
+            ).result_rows,
+            client.query(
+                f"SELECT {', '.join(d.select for d in a.dimensions)}, {', '.join(MEASURES[m.name] for m in a.measures)} "
+                f"FROM {source} GROUP BY {keys} ORDER BY {keys}"
+            ).result_rows,
         )
-    keys = "tenant, tag_key, tag_value, bucket, project, agent, provider, model"
-    out["usage_tags_daily"] = both(
-        f"SELECT {keys}, {', '.join(map(read, measures))} FROM {database}.usage_tags_daily GROUP BY {keys} ORDER BY {keys}",
-        f"SELECT tenant, tag_key, tag_value, toStartOfDay(timestamp) AS bucket, project, agent, provider, model, "
-        f"{', '.join(MEASURES.values())} FROM {database}.usage_events "
-        f"ARRAY JOIN mapKeys(tags) AS tag_key, mapValues(tags) AS tag_value GROUP BY {keys} ORDER BY {keys}",
-    )
-    out["ingest_progress"] = both(
-        f"SELECT src_partition, max(max_src_offset) FROM {database}.ingest_progress GROUP BY src_partition ORDER BY 1",
-        f"SELECT src_partition, max(src_offset) FROM {database}.usage_events GROUP BY src_partition ORDER BY 1",
-    )
-    out["unpriced_models"] = both(
-        f"SELECT tenant, provider, model, sum(events), min(first_seen), max(last_seen) "
-        f"FROM {database}.unpriced_models GROUP BY ALL ORDER BY ALL",
-        f"SELECT tenant, provider, model, count(), min(timestamp), max(timestamp) FROM {database}.usage_events "
-        f"WHERE pricing_status = 'unknown_model' GROUP BY ALL ORDER BY ALL",
-    )
     return out
 
 
@@ -339,7 +331,10 @@ def test_dry_run_lists_pending_files_and_changes_nothing(client, fresh) -> None:
     apply_migrations(client, settings, dry_run=True, cluster="prod", schema_dir=schema, echo=lines.append)
     ddl = [line for line in lines if not line.startswith("pending: ")]
     assert len(ddl) > len(pending) and all(" ON CLUSTER 'prod'" in line for line in ddl)
-    assert f"CREATE TABLE IF NOT EXISTS {settings.clickhouse.database}.usage_events_local ON CLUSTER 'prod'" in "\n".join(ddl)
+    assert (
+        f"CREATE TABLE IF NOT EXISTS {settings.clickhouse.database}.usage_events_local ON CLUSTER 'prod'"
+        in "\n".join(ddl)
+    )
     assert not client.command(f"EXISTS DATABASE {settings.clickhouse.database}")
 
 
@@ -348,7 +343,9 @@ def test_edited_or_missing_applied_file_is_refused_by_name(client, fresh) -> Non
     apply_migrations(client, settings, schema_dir=schema, echo=quiet)
     edited = schema / "0003_ingest_progress_unpriced.sql"
     edited.write_text(edited.read_text() + "\n-- an innocent-looking edit\n")
-    (schema / "0007_more.sql").write_text("CREATE TABLE IF NOT EXISTS {db}.more (a UInt8) ENGINE = MergeTree ORDER BY a;\n")
+    (schema / "0007_more.sql").write_text(
+        "CREATE TABLE IF NOT EXISTS {db}.more (a UInt8) ENGINE = MergeTree ORDER BY a;\n"
+    )
     for dry_run in (True, False):
         with pytest.raises(MigrationError, match=r"0003_ingest_progress_unpriced\.sql was edited"):
             apply_migrations(client, settings, schema_dir=schema, dry_run=dry_run, echo=quiet)
@@ -389,7 +386,9 @@ def _cli_env(settings: Settings) -> dict[str, str]:
 
 
 def _run_cli(settings: Settings) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(MIGRATE_CLI, env=_cli_env(settings), capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    return subprocess.run(
+        MIGRATE_CLI, env=_cli_env(settings), capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
+    )
 
 
 def test_two_migrator_processes_apply_each_file_once(client, fresh) -> None:
@@ -446,7 +445,9 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_waited_for(client, fresh) -> 
     database = settings.clickhouse.database
     for statement in BOOTSTRAP:
         client.command(render(statement, database))
-    lock_row = f"INSERT INTO {database}.schema_migrations_lock SELECT {{e:UInt64}}, 'acquire', 'crashed-host:1', {{at:String}}"
+    lock_row = (
+        f"INSERT INTO {database}.schema_migrations_lock SELECT {{e:UInt64}}, 'acquire', 'crashed-host:1', {{at:String}}"
+    )
 
     client.command(lock_row, parameters={"e": 1, "at": _server_now(client)})
     with pytest.raises(MigrationError, match="held by crashed-host:1"):

@@ -21,7 +21,7 @@ from pathlib import Path
 import orjson
 import pytest
 from stage_support import (
-    FAST_PROCESSORS,
+    FAST_BATCHING,
     StageWorker,
     assert_aggregates_match,
     make_event,
@@ -34,14 +34,15 @@ from stage_support import (
     wait_committed,
 )
 
-from spendstream.embedded.clickhouse import EmbeddedClickHouse
-from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.clickhouse import get_client
 from spendstream.contracts import priced_envelope, priced_headers, raw_envelope
+from spendstream.embedded.clickhouse import EmbeddedClickHouse
+from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.pricing import default_catalog
+from spendstream.timeutil import TimestampParser
 from spendstream.topics import USAGE_DLQ, USAGE_PRICED, USAGE_RAW
 from stream_processors.pricing.logic import PricingStage, RawRecord
-from stream_processors.sink.logic import TimestampParser, json_rows, plan_inserts, read_priced
+from stream_processors.sink.logic import json_rows, plan_inserts, read_priced
 from stream_processors.sink.writer import INSERT_SETTINGS, UsageEventsWriter
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
@@ -171,7 +172,7 @@ async def test_clickhouse_outage(make_settings, tmp_path: Path):
     clickhouse = EmbeddedClickHouse(path=str(tmp_path / "chdb")).start()
     broker = EmbeddedKafka(log_path=tmp_path / "tansu.log").start()
     s = make_settings(
-        kafka={"bootstrap_servers": broker.bootstrap}, clickhouse={"url": clickhouse.url}, processors=FAST_PROCESSORS
+        kafka={"bootstrap_servers": broker.bootstrap}, clickhouse={"url": clickhouse.url}, **FAST_BATCHING
     )
     migrate(s)
     feed = PricedFeed(seed=3)
@@ -212,10 +213,14 @@ def test_an_insert_retried_after_a_partial_failure_is_stored_once(make_settings,
     feed = PricedFeed(seed=4)
     records = [read_priced(p, o, 1_000, v, h, TimestampParser()) for o, (_, v, p, h) in enumerate(feed.chunk(5))]
     insert = plan_inserts(USAGE_PRICED.name, records, 10_000)[0]
-    settings = ", ".join(f"{k} = {v!r}" for k, v in {**INSERT_SETTINGS, "insert_deduplication_token": insert.token}.items())
+    settings = ", ".join(
+        f"{k} = {v!r}" for k, v in {**INSERT_SETTINGS, "insert_deduplication_token": insert.token}.items()
+    )
     sql = f"INSERT INTO {db}.usage_events_in SETTINGS {settings} FORMAT JSONEachRow\n".encode() + json_rows(records)
     conn.query(f"CREATE TABLE {db}.boom (n UInt64) ENGINE = MergeTree ORDER BY n")
-    conn.query(f"CREATE MATERIALIZED VIEW {db}.zz_boom_mv TO {db}.boom AS SELECT throwIf(count() > 0, 'boom') AS n FROM {db}.usage_events")
+    conn.query(
+        f"CREATE MATERIALIZED VIEW {db}.zz_boom_mv TO {db}.boom AS SELECT throwIf(count() > 0, 'boom') AS n FROM {db}.usage_events"
+    )
     with pytest.raises(Exception, match="boom"):
         conn.query(sql)
     conn.query(f"DROP TABLE {db}.zz_boom_mv")
@@ -241,8 +246,12 @@ def test_clickhouse_reads_a_priced_record_as_the_contract_says(stage_settings):
     writer = UsageEventsWriter(stage_settings)
     try:
         writer.insert(plan_inserts(USAGE_PRICED.name, [record], 100)[0])
-        columns = "agent, user, status, latency_ms, tags, input_tokens, cost_nanos, cost_input_nanos, cost_output_nanos, "
-        columns += "cost_request_nanos, price_id, toUnixTimestamp64Milli(timestamp), toUnixTimestamp64Milli(received_at), "
+        columns = (
+            "agent, user, status, latency_ms, tags, input_tokens, cost_nanos, cost_input_nanos, cost_output_nanos, "
+        )
+        columns += (
+            "cost_request_nanos, price_id, toUnixTimestamp64Milli(timestamp), toUnixTimestamp64Milli(received_at), "
+        )
         columns += "tenant, project, partition, offset, src_partition, src_offset"
         rows = get_client(stage_settings).query(f"SELECT event_id, {columns} FROM usage_events ORDER BY event_id")
         assert writer.load_watermarks([2]) == {2: 40}

@@ -20,13 +20,18 @@ from datetime import UTC, datetime
 
 import pytest
 from aiohttp import ClientSession, web
+from query_api_stack import (  # pytest puts tests/integration on sys.path
+    QueryApiServer,
+    insert_events,
+    make_events,
+    migrate,
+)
 
 from query_api.errors import QueryRefused
 from query_api.sqlguard import check_ast, cte_names
 from spendstream.clickhouse import get_client
-from spendstream.embedded import free_port
 from spendstream.keys import create_key
-from query_api_stack import QueryApiServer, insert_events, make_events, migrate  # pytest puts tests/integration on sys.path
+from spendstream.ports import free_port
 
 pytestmark = pytest.mark.clickhouse
 
@@ -102,11 +107,17 @@ class RecordingProxy:
         body = await request.read()
         text = "" if request.headers.get("Content-Encoding") else body.decode("utf-8", "replace")
         self.requests.append(" ".join([*(f"{k}={v}" for k, v in request.query.items()), text]))
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length", "transfer-encoding")}
-        async with self._session.request(request.method, self.upstream + request.path_qs, data=body, headers=headers) as answer:
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length", "transfer-encoding")
+        }
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, data=body, headers=headers
+        ) as answer:
             payload = await answer.read()
             passed = {
-                k: v for k, v in answer.headers.items() if k.lower() not in ("content-length", "transfer-encoding", "connection")
+                k: v
+                for k, v in answer.headers.items()
+                if k.lower() not in ("content-length", "transfer-encoding", "connection")
             }
             return web.Response(status=answer.status, body=payload, headers=passed)
 
@@ -132,7 +143,9 @@ def hostile(make_settings, unique_name, probe):
         admin.command(f"INSERT INTO {secret_db}.secret VALUES ('{SECRET_VALUE}')")
         admin.command(f"CREATE TABLE {secret_db}.probe (v String) ENGINE = URL('{probe.url}', 'LineAsString')")
         with RecordingProxy(settings.clickhouse_url) as proxy:
-            proxied = settings.model_copy(update={"clickhouse": settings.clickhouse.model_copy(update={"url": proxy.url})})
+            proxied = settings.model_copy(
+                update={"clickhouse": settings.clickhouse.model_copy(update={"url": proxy.url})}
+            )
             with QueryApiServer(proxied) as server, server.client(key_b) as client:
                 yield {"settings": settings, "admin": admin, "client": client, "db": secret_db, "proxy": proxy}
     finally:
@@ -242,7 +255,9 @@ def test_the_syntax_tree_check_refuses_them_on_its_own(hostile, probe, template)
     tenant_db = f"{settings.clickhouse.database}_tenant"
     statement = _statement(template, hostile["db"], probe)
     hits = len(probe.hits)
-    canonical = admin.query("SELECT formatQuerySingleLine({sql:String})", parameters={"sql": statement}).result_rows[0][0]
+    canonical = admin.query("SELECT formatQuerySingleLine({sql:String})", parameters={"sql": statement}).result_rows[0][
+        0
+    ]
     lines = admin.raw_query(f"EXPLAIN AST {canonical}").decode().splitlines()
     with pytest.raises(QueryRefused):
         check_ast(lines, tenant_db, cte_names(canonical), frozenset({settings.clickhouse.database}))

@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
+from query_api_stack import (  # pytest puts tests/integration on sys.path
+    QueryApiServer,
+    insert_events,
+    make_events,
+    migrate,
+)
 
+from spendstream.aggregates import AGGREGATES
 from spendstream.clickhouse import get_client
 from spendstream.keys import create_key
-from query_api_stack import QueryApiServer, insert_events, make_events, migrate  # pytest puts tests/integration on sys.path
 
 pytestmark = pytest.mark.clickhouse
 
-UTC = timezone.utc
+UTC = UTC
 START, END = datetime(2024, 5, 1, tzinfo=UTC), datetime(2024, 5, 3, tzinfo=UTC)
 #: every tenant-A string (projects, agents, users, event ids) starts with this marker
 SECRET = "secretcorp"
@@ -24,7 +30,9 @@ SECRET = "secretcorp"
 @pytest.fixture(scope="module")
 def iso(make_settings):
     settings = make_settings(
-        bootstrap_admin_key="ss_bootstrap_isolation_" + "k" * 20, bootstrap_tenant="ops", query_api={"sql_max_seconds": 1.0}
+        bootstrap_admin_key="ss_bootstrap_isolation_" + "k" * 20,
+        bootstrap_tenant="ops",
+        query_api={"sql_max_seconds": 1.0},
     )
     migrate(settings)
     a = make_events("tenant_a", 400, START, END, seed=11, prefix=SECRET)
@@ -49,7 +57,10 @@ def leaks(text: str) -> bool:
 ENDPOINTS = [
     ("/v1/analytics/overview", {}),
     ("/v1/analytics/timeseries", {"granularity": "hour"}),
-    ("/v1/analytics/timeseries", {"granularity": "minute", "from": "2024-05-01T10:00:00Z", "to": "2024-05-01T11:00:00Z"}),
+    (
+        "/v1/analytics/timeseries",
+        {"granularity": "minute", "from": "2024-05-01T10:00:00Z", "to": "2024-05-01T11:00:00Z"},
+    ),
     ("/v1/analytics/breakdown", {"by": "project"}),
     ("/v1/analytics/breakdown", {"by": "agent"}),
     ("/v1/analytics/breakdown", {"by": "user"}),
@@ -76,7 +87,10 @@ def test_asking_for_the_other_tenants_values_finds_nothing(iso):
     body = iso["b"].get("/v1/analytics/overview", params={"from": "2024-05-01", "project": a_project}).json()
     assert body["calls"] == 0 and body["cost_nanos"] == 0
     b_total = sum(e["cost_nanos"] for e in iso["b_events"])
-    assert iso["b"].get("/v1/analytics/overview", params={"from": "2024-05-01", "to": "2024-05-03"}).json()["cost_nanos"] == b_total
+    assert (
+        iso["b"].get("/v1/analytics/overview", params={"from": "2024-05-01", "to": "2024-05-03"}).json()["cost_nanos"]
+        == b_total
+    )
 
 
 def sql(iso, statement: str, fmt: str = "json"):
@@ -88,7 +102,7 @@ def test_sql_sees_only_own_rows_in_every_view(iso):
     assert r.status_code == 200, r.text
     n, c, t = r.json()["rows"][0]
     assert (n, c, t) == (len(iso["b_events"]), sum(e["cost_nanos"] for e in iso["b_events"]), 1)
-    for view in ("usage_minute", "usage_hourly", "usage_daily", "usage_tags_daily", "unpriced_models"):
+    for view in (a.table for a in AGGREGATES if a.tenant_view):
         r = sql(iso, f"SELECT DISTINCT tenant FROM {view}")
         assert r.status_code == 200 and r.json()["rows"] in ([["tenant_b"]], []), (view, r.text)
     r = sql(iso, "SELECT project, sum(calls) FROM usage_daily GROUP BY project ORDER BY project", fmt="csv")

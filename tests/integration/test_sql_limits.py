@@ -7,10 +7,10 @@ import threading
 import time
 
 import pytest
+from query_api_stack import QueryApiServer, migrate  # pytest puts tests/integration on sys.path
 
 from spendstream.clickhouse import get_client
 from spendstream.keys import create_key
-from query_api_stack import QueryApiServer, migrate  # pytest puts tests/integration on sys.path
 
 pytestmark = pytest.mark.clickhouse
 
@@ -93,7 +93,9 @@ def test_max_rows_asks_for_the_first_rows_instead(small):
 
 @pytest.fixture(scope="module")
 def one_at_a_time(make_settings):
-    settings = make_settings(query_api={"sql_max_concurrent_per_tenant": 1, "sql_max_seconds": 2.0, "sql_max_threads": 1})
+    settings = make_settings(
+        query_api={"sql_max_concurrent_per_tenant": 1, "sql_max_seconds": 2.0, "sql_max_threads": 1}
+    )
     migrate(settings)
     admin = get_client(settings)
     try:
@@ -101,7 +103,12 @@ def one_at_a_time(make_settings):
         _, key_c = create_key(admin, "tenant_c", ["read"], "c")
     finally:
         admin.close()
-    with QueryApiServer(settings) as server, server.client(key_b) as b, server.client(key_c) as c, server.client(key_b) as b2:
+    with (
+        QueryApiServer(settings) as server,
+        server.client(key_b) as b,
+        server.client(key_c) as c,
+        server.client(key_b) as b2,
+    ):
         yield b, b2, c
 
 
@@ -119,7 +126,9 @@ def test_a_tenant_over_its_concurrency_limit_gets_429(one_at_a_time):
     refused = sql(b2, "SELECT 1 AS one")
     other_tenant = sql(c, "SELECT 1 AS one")
     thread.join(30)
-    assert slow["response"].status_code == 400 and "time limit" in slow["response"].json()["message"], slow["response"].text
+    assert slow["response"].status_code == 400 and "time limit" in slow["response"].json()["message"], slow[
+        "response"
+    ].text
     assert refused.status_code == 429, refused.text
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"] == "too_many_queries" and refused.json()["field"] == "sql"

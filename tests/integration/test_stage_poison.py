@@ -1,7 +1,7 @@
 """Poison never stalls a stage, on the real embedded broker and ClickHouse: a record a stage cannot
 process, encode or store because of its content goes to spendstream.usage.dlq with the reason (an
 alert in notify: a refused delivery) and the stage goes on with the next record; transient errors
-are the only ones retried (stream_processors/retry.py).
+are the only ones retried (stream_processors/runtime/retry.py).
 
 - pricing: a raw record whose price overflowed Int64 (2**63 tokens; a client price of 1e30 USD)
   crashed the stage on every replay; its events are dead-lettered, the rest priced;
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import orjson
@@ -25,7 +25,7 @@ import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 from notify_support import Receiver, alert_value, insert_webhook, wait_until
 from stage_support import (
-    FAST_PROCESSORS,
+    FAST_BATCHING,
     StageWorker,
     make_event,
     migrate,
@@ -36,28 +36,30 @@ from stage_support import (
     wait_committed,
 )
 
+from spendstream.alerting import (
+    IDEMPOTENCY_HEADER,
+    POISON_ATTEMPT,
+    REFUSED,
+    Attempt,
+    DeliveryStore,
+    UnstorableAttempt,
+    parse_alert,
+)
+from spendstream.budgets import Budget
+from spendstream.budgets.store import insert_budget
 from spendstream.clickhouse import get_client
 from spendstream.contracts import record_key, usd_to_nanos
 from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.money import MAX_TOKENS_PER_EVENT
 from spendstream.topics import BUDGET_ALERTS, USAGE_DLQ, USAGE_PRICED, USAGE_RAW
-from stream_processors.budgets.logic import Budget
-from stream_processors.budgets.store import insert_budget
-from stream_processors.notify.logic import IDEMPOTENCY_HEADER, REFUSED, parse_alert
-from stream_processors.notify.store import (
-    POISON_ATTEMPT,
-    Attempt,
-    DeliveryStore,
-    UnstorableAttempt,
-)
-from stream_processors.retry import CLICKHOUSE_DATA_ERRORS, is_data_error, is_transient
+from stream_processors.runtime.retry import CLICKHOUSE_DATA_ERRORS, is_data_error, is_transient
 from stream_processors.sink.logic import Insert, PricedRecord
 from stream_processors.sink.writer import UsageEventsWriter
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
 TENANT = "acme"
-UTC = timezone.utc
+UTC = UTC
 #: noon yesterday (UTC): inside the budgets stage's allowed lateness, far from a window edge
 EVENT_TIME = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0) - timedelta(days=1)
 
@@ -149,7 +151,8 @@ async def test_budgets_dead_letters_an_alert_clickhouse_refuses_and_commits_past
     assert stored_alerts(s) == [("b-normal", "50")]
     dead = dlq_values(dlq)
     assert {(d["stage"], d["src"]["topic"], d["reason"]) for d in dead} == {
-        ("budgets", "spendstream.budget.deltas", "1 alert not recorded in budget_alerts")}
+        ("budgets", "spendstream.budget.deltas", "1 alert not recorded in budget_alerts")
+    }
     refused = [e for d in dead for e in d["events"]]
     assert sorted(Decimal(e["event"]["threshold"]) for e in refused) == [50, 80, 100]
     assert all(e["event"]["budget_id"] == "b-tiny" and "percent_used" in e["reason"] for e in refused)
@@ -164,7 +167,7 @@ async def test_budgets_dead_letters_an_alert_clickhouse_refuses_and_commits_past
 async def test_notify_dead_letters_records_that_are_not_alerts_and_delivers_the_next(make_settings, tmp_path):
     with EmbeddedKafka(log_path=tmp_path / "tansu.log") as broker:
         s = make_settings(kafka={"bootstrap_servers": broker.bootstrap},
-                          processors={**FAST_PROCESSORS, "webhook_allow_private": True})  # fmt: skip
+                          **FAST_BATCHING, notify={"webhook": {"allow_private": True}})  # fmt: skip
         migrate(s)
         async with Receiver() as receiver:
             insert_webhook(s, TENANT, "wh", "generic", receiver.script("/hook", [200]), "s" * 16)
@@ -184,7 +187,9 @@ async def test_notify_dead_letters_records_that_are_not_alerts_and_delivers_the_
     assert [r.headers[IDEMPOTENCY_HEADER] for r in receiver.at("/hook")] == ["al_after_poison"]
     dead = dlq_values(dlq)
     assert [(d["stage"], d["src"]["offset"], d["reason"].split(":")[0]) for d in dead] == [
-        ("notify", 0, "not an alert"), ("notify", 1, "not an alert")]
+        ("notify", 0, "not an alert"),
+        ("notify", 1, "not an alert"),
+    ]
     assert base64.b64decode(dead[0]["value_b64"]) == records[0][1]
     assert metrics['spendstream_stage_poison_records_total{reason="bad_alert",stage="notify"}'] == 2
 
@@ -192,7 +197,7 @@ async def test_notify_dead_letters_records_that_are_not_alerts_and_delivers_the_
 async def test_a_delivery_row_clickhouse_refuses_fails_at_once_and_a_refusal_is_final(make_settings):
     s = make_settings()
     migrate(s)
-    store = DeliveryStore(s)
+    store = DeliveryStore(s, is_data_error=is_data_error)
     alert = parse_alert(alert_value("al_poison", TENANT, ["wh-1", "ops@example.com"]))
     now = datetime.now(UTC)
     try:
@@ -207,7 +212,9 @@ async def test_a_delivery_row_clickhouse_refuses_fails_at_once_and_a_refusal_is_
         await store.close()
     # the refusal is every channel's last attempt, so a restarted worker never tries it again
     assert {c: (h.attempts, h.last_outcome) for c, h in history.items()} == {
-        "wh-1": (POISON_ATTEMPT, REFUSED), "ops@example.com": (POISON_ATTEMPT, REFUSED)}
+        "wh-1": (POISON_ATTEMPT, REFUSED),
+        "ops@example.com": (POISON_ATTEMPT, REFUSED),
+    }
 
 
 # ---------------------------------------------------------------- the classification itself

@@ -3,17 +3,15 @@ forecast, lateness, replay, scope index, validation, the budget check's figures.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import orjson
-
-from spendstream.contracts import usd_to_nanos
-from stream_processors.budgets.logic import (
+from spendstream.budgets import (
     FORECAST_INTERVAL_MS,
     MINUTE_MS,
     Attribution,
@@ -25,7 +23,6 @@ from stream_processors.budgets.logic import (
     ScopeIndex,
     SpendEvent,
     alert_value,
-    build_deltas,
     calendar_window,
     check_timezone,
     current_window,
@@ -33,12 +30,12 @@ from stream_processors.budgets.logic import (
     parse_scope,
     parse_thresholds,
     percent_used,
-    scope_columns,
-    scope_from_columns,
     scope_matches,
     spent_from_state,
-    split_by_position,
 )
+from spendstream.budgets.store import scope_columns, scope_from_columns
+from spendstream.contracts import usd_to_nanos
+from stream_processors.budgets.logic import build_deltas
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -89,9 +86,13 @@ def test_daily_window_in_berlin_across_local_midnight():
     before = ms("2024-03-15T22:59:59.999+00:00")
     after = before + 1
     assert calendar_window("daily", "Europe/Berlin", before) == (
-        ms("2024-03-15T00:00:00+01:00"), ms("2024-03-16T00:00:00+01:00"))
+        ms("2024-03-15T00:00:00+01:00"),
+        ms("2024-03-16T00:00:00+01:00"),
+    )
     assert calendar_window("daily", "Europe/Berlin", after) == (
-        ms("2024-03-16T00:00:00+01:00"), ms("2024-03-17T00:00:00+01:00"))
+        ms("2024-03-16T00:00:00+01:00"),
+        ms("2024-03-17T00:00:00+01:00"),
+    )
     # the same instants are both on the 15th in UTC
     assert calendar_window("daily", "UTC", before)[0] == calendar_window("daily", "UTC", after)[0]
 
@@ -100,10 +101,14 @@ def test_monthly_window_at_month_end_in_new_york():
     # 23:30 on Jan 31 in New York is already Feb 1 in UTC
     ts = ms("2024-01-31T23:30:00-05:00")
     assert calendar_window("monthly", "America/New_York", ts) == (
-        ms("2024-01-01T00:00:00-05:00"), ms("2024-02-01T00:00:00-05:00"))
+        ms("2024-01-01T00:00:00-05:00"),
+        ms("2024-02-01T00:00:00-05:00"),
+    )
     assert calendar_window("monthly", "UTC", ts) == (ms("2024-02-01T00:00:00+00:00"), ms("2024-03-01T00:00:00+00:00"))
     # December rolls over into the next year; leap February has 29 days
-    assert calendar_window("monthly", "Asia/Tokyo", ms("2024-12-31T23:59:00+09:00"))[1] == ms("2025-01-01T00:00:00+09:00")
+    assert calendar_window("monthly", "Asia/Tokyo", ms("2024-12-31T23:59:00+09:00"))[1] == ms(
+        "2025-01-01T00:00:00+09:00"
+    )
     start, end = calendar_window("monthly", "UTC", ms("2024-02-10T00:00:00+00:00"))
     assert end - start == 29 * DAY_MS
 
@@ -130,13 +135,18 @@ def test_nonexistent_midnight_starts_the_day_at_its_first_instant():
 def test_half_hour_zone_weekly_and_total():
     ts = ms("2024-05-08T10:00:00+05:30")  # a Wednesday in India
     assert calendar_window("weekly", "Asia/Kolkata", ts) == (
-        ms("2024-05-06T00:00:00+05:30"), ms("2024-05-13T00:00:00+05:30"))
+        ms("2024-05-06T00:00:00+05:30"),
+        ms("2024-05-13T00:00:00+05:30"),
+    )
     assert calendar_window("total", "Asia/Kolkata", ts) == (0, None)
 
 
 def test_current_rolling_window_ends_with_the_current_minute():
     now = ms("2024-05-08T10:17:42+00:00")
-    assert current_window(budget("rolling_1h"), now) == (ms("2024-05-08T09:18:00+00:00"), ms("2024-05-08T10:18:00+00:00"))
+    assert current_window(budget("rolling_1h"), now) == (
+        ms("2024-05-08T09:18:00+00:00"),
+        ms("2024-05-08T10:18:00+00:00"),
+    )
 
 
 # ---------------------------------------------------------------- thresholds
@@ -447,7 +457,10 @@ def test_timezone_and_scope_validation():
         with pytest.raises(ValueError):
             check_timezone(bad)
     assert parse_scope({"provider": " OpenAI ", "model": "GPT-4o", "agent": "", "tag": "team = search"}) == {
-        "provider": "openai", "model": "gpt-4o", "tag": "team=search"}
+        "provider": "openai",
+        "model": "gpt-4o",
+        "tag": "team=search",
+    }
     for bad, field in (({"team": "x"}, "team"), ({"tag": "novalue"}, "tag"), ({"agent": 5}, "agent"),
                        ({"user": "x" * 300}, "user")):  # fmt: skip
         with pytest.raises(ScopeError) as err:
@@ -470,20 +483,7 @@ def test_enforced_budget_denies_when_exhausted_or_when_the_estimate_would_exceed
     assert body["remaining_usd"] == "0.000000000" and body["percent_used"] == "120.00"
     assert body["window_start"] == "2024-01-01T00:00:00.000Z" and body["enforce"] is True
     assert body["window_end"] == "2024-01-02T00:00:00.000Z"
-    assert datetime.fromisoformat(body["window_end"]).tzinfo == timezone.utc
-
-
-# ---------------------------------------------------------------- source positions
-
-
-def test_positions_take_contiguous_ack_redeliveries_and_report_skips():
-    items = [(0, 5), (1, 7), (0, 6), (0, 4), (1, 10), (1, 11), (2, 0), (0, 7), (1, 14)]
-    split = split_by_position(items, {0: 5, 1: 7})
-    assert [items[i] for i in split.take] == [(0, 5), (1, 7), (0, 6), (1, 10), (1, 11), (2, 0), (0, 7), (1, 14)]
-    assert [items[i] for i in split.stale] == [(0, 4)]
-    # partition 1 expected 8 after 7 but got 10, then 12 but got 14: both ranges must be read
-    assert split.gaps == [(1, 8, 10), (1, 12, 14)]
-    assert split.advanced == {0: 8, 1: 15, 2: 1}
+    assert datetime.fromisoformat(body["window_end"]).tzinfo == UTC
 
 
 # ---------------------------------------------------------------- repartitioning

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from spendstream.money import MAX_BUDGET_LIMIT_NANOS, MAX_EVENT_COST_NANOS
-from stream_processors.budgets.logic import (
+from spendstream.budgets import (
     MINUTE_MS,
     SPEND_CEILING_NANOS,
     Budget,
@@ -14,6 +13,7 @@ from stream_processors.budgets.logic import (
     SpendEvent,
     alert_value,
 )
+from spendstream.money import MAX_BUDGET_LIMIT_NANOS, MAX_EVENT_COST_NANOS
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 LATENESS_MS = 48 * 3_600_000
@@ -27,7 +27,9 @@ def budget(window: str) -> Budget:
 
 
 def capped_events(start_ms: int, step_ms: int) -> Delta:
-    events = [SpendEvent(f"e{i}", start_ms + i * step_ms, MAX_EVENT_COST_NANOS, "a", "openai/gpt-4o") for i in range(EVENTS)]
+    events = [
+        SpendEvent(f"e{i}", start_ms + i * step_ms, MAX_EVENT_COST_NANOS, "a", "openai/gpt-4o") for i in range(EVENTS)
+    ]
     return Delta("t1", "b1", 0, [(1, events)])
 
 

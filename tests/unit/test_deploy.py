@@ -1,6 +1,7 @@
 """What can be checked of deploy/ without a Docker engine or a Kubernetes cluster.
 
-- the image: the Dockerfile copies what the services need to where the code looks for it;
+- the image: the Dockerfile builds the spendstream wheel from what it copies, the wheel holds
+  every package and the schema where the migrator reads it, and the image installs that wheel;
 - compose: the file parses, every Spendstream service runs a real `spendstream` command, every
   long-running service has a health check, mounted files exist, ports agree;
 - Kubernetes: every manifest validates against the Kubernetes JSON schemas bundled with
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,12 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+import spendstream
 from spendstream.cli import app as cli_app
-from spendstream.settings import REPO_ROOT, Settings
+from spendstream.migrate import SCHEMA_DIR
+from spendstream.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 DEPLOY = REPO_ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "compose" / "docker-compose.yml"
@@ -109,10 +115,16 @@ def dockerfile_stages() -> list[list[tuple[str, str]]]:
     return stages
 
 
-def runtime_copies() -> list[tuple[str, str]]:
-    """(source, absolute destination) of every build-context COPY into the runtime stage."""
+def named_stage(name: str) -> list[tuple[str, str]]:
+    """The instructions of the build stage ``FROM ... AS <name>``."""
+    (stage,) = [stage for stage in dockerfile_stages() if stage[0][1].split()[-1] == name]
+    return stage
+
+
+def context_copies(stage: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(source, absolute destination) of every build-context COPY in a build stage."""
     workdir, copies = "/", []
-    for keyword, rest in dockerfile_stages()[-1]:
+    for keyword, rest in stage:
         if keyword == "WORKDIR":
             workdir = rest
         elif keyword == "COPY" and not rest.startswith("--from"):
@@ -142,43 +154,74 @@ def test_runtime_image_runs_spendstream_as_non_root() -> None:
     assert CliRunner().invoke(cli_app, json.loads(runtime["CMD"])).exit_code == 0
 
 
-def test_image_holds_every_package_and_the_schema_where_the_code_looks(tmp_path: Path) -> None:
+def test_image_installs_a_wheel_holding_every_package_and_the_schema(tmp_path: Path) -> None:
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
-    copies = dict(runtime_copies())
-    assert packages | {"clickhouse", "pyproject.toml"} <= set(copies)
-    # the editable install keeps the packages in /app, next to clickhouse/ (see the Dockerfile)
-    runtime_runs = " ".join(rest for keyword, rest in dockerfile_stages()[-1] if keyword == "RUN")
-    assert re.search(r"pip install [^&]*-e /app", runtime_runs)
-    assert all(dest.startswith("/app/") for dest in copies.values())
+    builder, runtime = named_stage("builder"), named_stage("runtime")
+    copies = dict(context_copies(builder))
+    # what the wheel is built from: the packages, the schema spendstream/schema links to, metadata
+    assert packages | {"clickhouse", "pyproject.toml", "README.md"} <= set(copies)
+    assert all(dest.startswith("/src/") for dest in copies.values())
+    builder_runs = [rest for keyword, rest in builder if keyword == "RUN"]
+    assert any(re.fullmatch(r"pip wheel .*--no-deps --no-index .*--wheel-dir /dist \.", run) for run in builder_runs)
+    # the runtime installs that wheel (not editable) and holds no source tree
+    assert context_copies(runtime) == []
+    runtime_runs = " ".join(rest for keyword, rest in runtime if keyword == "RUN")
+    assert re.search(r"pip install --no-index --no-deps /dist/spendstream-\S*\.whl", runtime_runs)
+    assert not re.search(r"\s(-e|--editable)\s", runtime_runs)
 
-    # Rebuild the runtime's /app from the COPY lines and ask the migrator, as the image would,
-    # where it reads the schema from: the schema files must be there.
-    app_root = tmp_path / "app"
+    # Rebuild the builder's /src from its COPY lines (links kept, as COPY keeps them) and build the
+    # wheel as the builder does, with the locked build backend (from this venv here): the wheel must
+    # hold every module of the packages, and the schema files where the migrator reads them.
+    src = tmp_path / "src"
     for source, dest in copies.items():
-        target = app_root / Path(dest).relative_to("/app")
+        target = src / Path(dest).relative_to("/src")
         if (REPO_ROOT / source).is_dir():
-            shutil.copytree(REPO_ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(REPO_ROOT / source, target, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO_ROOT / source, target)
-    probe = subprocess.run(
-        [sys.executable, "-c", "from spendstream.migrate import SCHEMA_DIR; print(SCHEMA_DIR)"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(app_root)},
-        capture_output=True, text=True, check=True,
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    image_schema_dir = Path(probe.stdout.strip())
-    assert image_schema_dir == app_root / "clickhouse" / "schema"
+    (wheel,) = (tmp_path / "dist").glob("spendstream-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    modules = {
+        path.relative_to(REPO_ROOT).as_posix()
+        for package in packages
+        for path in (REPO_ROOT / package).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert modules and not modules - names, sorted(modules - names)
     schema = sorted(p.name for p in (REPO_ROOT / "clickhouse" / "schema").glob("*.sql"))
     assert schema
-    assert sorted(p.name for p in image_schema_dir.glob("*.sql")) == schema
+    assert sorted(n.removeprefix("spendstream/schema/") for n in names if n.startswith("spendstream/schema/")) == schema
+    # ... which is inside the installed package, wherever that is
+    assert Path(str(SCHEMA_DIR)) == Path(spendstream.__file__).parent / "schema"
 
 
 def test_dockerignore_keeps_what_the_image_copies() -> None:
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
     kept = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert "**" in ignore, "allow-list: everything else (.venv, .spendstream, .git) stays out"
-    assert {source.rstrip("/") for source, _ in runtime_copies()} <= kept
+    copied = {source.rstrip("/") for stage in dockerfile_stages() for source, _ in context_copies(stage)}
+    assert copied <= kept
 
 
 # ---- compose ---------------------------------------------------------------------------------
@@ -191,7 +234,8 @@ def compose() -> dict[str, Any]:
 
 def spendstream_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
-        name: svc for name, svc in compose["services"].items()
+        name: svc
+        for name, svc in compose["services"].items()
         if svc.get("build", {}).get("dockerfile") == "deploy/Dockerfile"
     }
 
@@ -272,7 +316,8 @@ def test_compose_ports_agree(compose: dict[str, Any], monkeypatch: pytest.Monkey
     prometheus = yaml.safe_load((COMPOSE_FILE.parent / "prometheus.yml").read_text())
     scraped = {
         job["job_name"]: (sd["names"], sd["port"])
-        for job in prometheus["scrape_configs"] for sd in job.get("dns_sd_configs", [])
+        for job in prometheus["scrape_configs"]
+        for sd in job.get("dns_sd_configs", [])
     }
     for name, port in ports.items():
         assert f"127.0.0.1:{port}/" in " ".join(services[name]["healthcheck"]["test"])
@@ -311,8 +356,15 @@ def test_kustomization_lists_every_manifest() -> None:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_k8s_manifests_validate_against_kubernetes_schemas(version: str) -> None:
     docs = all_k8s_docs()
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Job",
-            "ConfigMap", "Secret"} <= {d["kind"] for d in docs}
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Job",
+        "ConfigMap",
+        "Secret",
+    } <= {d["kind"] for d in docs}
     for doc in docs:
         # strict: unknown fields (a misspelt probe, say) fail instead of being ignored
         kubernetes_validate.validate(doc, version, strict=True)
@@ -323,9 +375,7 @@ def workloads() -> dict[str, dict[str, Any]]:
 
 
 def containers() -> list[tuple[str, dict[str, Any]]]:
-    return [
-        (name, c) for name, w in workloads().items() for c in w["spec"]["template"]["spec"]["containers"]
-    ]
+    return [(name, c) for name, w in workloads().items() for c in w["spec"]["template"]["spec"]["containers"]]
 
 
 def k8s_env() -> dict[str, str]:
@@ -377,8 +427,7 @@ def test_k8s_selectors_match_their_pods() -> None:
 
     def selected(selector: dict[str, str]) -> list[str]:
         return [
-            n for n, d in deployments.items()
-            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+            n for n, d in deployments.items() if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
         ]
 
     for kind, path in (("Service", ("spec", "selector")), ("PodDisruptionBudget", ("spec", "selector", "matchLabels"))):
@@ -463,7 +512,7 @@ def check_docker(args: list[str], compose: dict[str, Any]) -> None:
         verb, rest = args[3], args[4:]
         if verb == "run":
             positional = [a for a in rest if not a.startswith("-")]
-            service, command = positional[0], rest[rest.index(positional[0]) + 1:]
+            service, command = positional[0], rest[rest.index(positional[0]) + 1 :]
             assert service in spendstream_services(compose), service
             assert_cli_command(command)
         elif verb == "up":
@@ -475,7 +524,7 @@ def check_docker(args: list[str], compose: dict[str, Any]) -> None:
         assert (REPO_ROOT / _option_value(args, "-f")).resolve() == DOCKERFILE and args[-1] == "."
     elif args[0] == "run":
         image_at = next(i for i, a in enumerate(args) if re.match(r"^[\w./-]*spendstream:", a))
-        assert_cli_command(args[image_at + 1:])
+        assert_cli_command(args[image_at + 1 :])
     else:
         assert args[0] == "push" and args[1].split("/")[-1].startswith("spendstream:"), args
 
@@ -495,7 +544,7 @@ def check_kubectl(args: list[str]) -> None:
         kind, name = ref.split("/")
         assert name in by_kind(kinds[kind]), ref
     if verb == "exec":
-        command = rest[rest.index("--") + 1:]
+        command = rest[rest.index("--") + 1 :]
         assert command[0] == "spendstream"
         assert_cli_command(command[1:])
     elif verb == "port-forward":
@@ -530,6 +579,8 @@ def test_sizing_table_cites_sections_the_bench_results_have() -> None:
     cited = set(re.findall(r'^\|[^|\n]*\| "([^"]+)" \|', readme, re.M))
     assert cited, "the sizing guide points at measured figures"
     headings = re.findall(r"^#+\s*(.+?)\s*$", (REPO_ROOT / "bench" / "RESULTS.md").read_text(), re.M)
-    assert cited <= set(headings), f"deploy/README.md cites sections bench/RESULTS.md does not have: {cited - set(headings)}"
+    assert cited <= set(headings), (
+        f"deploy/README.md cites sections bench/RESULTS.md does not have: {cited - set(headings)}"
+    )
     for module in re.findall(r"`(bench/\w+\.py)`", readme):
         assert (REPO_ROOT / module).exists(), module

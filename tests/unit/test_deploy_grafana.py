@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from spendstream.settings import REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 DEPLOY = REPO_ROOT / "deploy"
 DASHBOARD_DIR = DEPLOY / "grafana" / "dashboards"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import gzip
 import re
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import msgspec
 import orjson
@@ -18,7 +19,6 @@ from ingest_gateway.logic import (
     EVENT_FIELDS,
     RequestContext,
     decode_content,
-    format_timestamp,
     normalise_names,
     uuid7,
     validate_body,
@@ -26,9 +26,11 @@ from ingest_gateway.logic import (
 )
 from ingest_gateway.publisher import encode_events, encode_records
 from spendstream.contracts import TOKEN_FIELDS, TOKEN_PARENTS, record_key
-from spendstream.settings import REPO_ROOT
+from spendstream.timeutil import format_timestamp
 
-NOW = datetime(2025, 6, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+NOW = datetime(2025, 6, 1, 12, 0, 0, 123456, tzinfo=UTC)
 CTX = RequestContext(int(NOW.timestamp() * 1e9))
 BASE = {"project": "bot", "provider": "openai", "model": "gpt-4o", "input_tokens": 100, "output_tokens": 20}
 
@@ -59,8 +61,8 @@ def test_defaults_and_generated_id():
 
 def test_receive_time_is_utc_now():
     parsed = datetime.fromisoformat(RequestContext.now().received_at_str)
-    assert parsed.tzinfo == timezone.utc
-    assert abs((parsed - datetime.now(timezone.utc)).total_seconds()) < 2
+    assert parsed.tzinfo == UTC
+    assert abs((parsed - datetime.now(UTC)).total_seconds()) < 2
 
 
 def test_uuid7_is_unique_and_time_ordered():
@@ -76,7 +78,11 @@ def test_uuid7_is_unique_and_time_ordered():
         (None, " OpenAI/GPT-4o ", ("openai", "gpt-4o")),
         ("OpenAI", "openai/gpt-4o", ("openai", "gpt-4o")),
         ("openrouter", "anthropic/claude-3.5-sonnet", ("openrouter", "anthropic/claude-3.5-sonnet")),
-        ("bedrock", "anthropic.claude-3-5-sonnet-20240620-v1:0", ("bedrock", "anthropic.claude-3-5-sonnet-20240620-v1:0")),
+        (
+            "bedrock",
+            "anthropic.claude-3-5-sonnet-20240620-v1:0",
+            ("bedrock", "anthropic.claude-3-5-sonnet-20240620-v1:0"),
+        ),
         (None, "gpt-4o", (None, "gpt-4o")),
         # the catalog knows these only by their full id: the split keeps the provider, not the model
         ("perplexity", "perplexity/glm-5.3-flash", ("perplexity", "perplexity/glm-5.3-flash")),
@@ -294,8 +300,14 @@ def test_records_are_envelopes_keyed_by_tenant_and_project_and_split_when_large(
 
 # ------------------------------------------------------------------ properties
 
-_json_leaf = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=40)
-_json = st.recursive(_json_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+_json_leaf = (
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=40)
+)
+_json = st.recursive(
+    _json_leaf,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
 _field_value = st.one_of(
     _json,
     st.integers(0, 2000),
@@ -324,7 +336,9 @@ def test_validator_never_raises_and_answers_event_or_field_errors(event):
     # what the pricing stage requires of an event it prices
     parts = sum(normalised.get(k, 0) for k in ("cache_read_tokens", "cache_write_tokens", "input_audio_tokens"))
     assert parts <= normalised["input_tokens"]
-    assert normalised.get("reasoning_tokens", 0) + normalised.get("output_audio_tokens", 0) <= normalised["output_tokens"]
+    assert (
+        normalised.get("reasoning_tokens", 0) + normalised.get("output_audio_tokens", 0) <= normalised["output_tokens"]
+    )
     # normalising is idempotent: the published form validates to itself
     assert validate_event(normalised, CTX) == (normalised, [])
 
@@ -375,7 +389,7 @@ def test_provider_fixture_events_are_priced_by_the_catalog(catalog, name):
 def test_canonical_and_other_forms_agree_at_the_future_limit(offset_ms):
     """Canonical timestamps are compared as strings, others as instants: same verdict at the edge."""
     limit_ms = (CTX.received_ns // 1_000_000) + 5 * 60 * 1000
-    at = datetime.fromtimestamp((limit_ms + offset_ms) / 1000, timezone.utc)
+    at = datetime.fromtimestamp((limit_ms + offset_ms) / 1000, UTC)
     canonical = format_timestamp(at)
     offset_form = at.astimezone(timezone(timedelta(hours=2))).isoformat(timespec="milliseconds")
     verdicts = {validate_event({**BASE, "timestamp": ts}, CTX)[0] is not None for ts in (canonical, offset_form)}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from genai_prices import extract_usage
 
 from ingest_gateway.usage import normalise_usage
-from spendstream.settings import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: shared with tests/integration/test_gateway_kafka.py: real-shaped usage objects and their expected fields
 PAYLOADS = {k: v for k, v in json.loads((REPO_ROOT / "tests/fixtures/provider_usage.json").read_text()).items()
@@ -29,13 +31,21 @@ def test_fixture_payloads_normalise_to_their_expected_fields(name):
         ({"usageMetadata": GEMINI_THINKING}, PAYLOADS["gemini_thinking_cached"]["expected"]),
         # older SDKs send explicit nulls for absent cache counts
         (
-            {"input_tokens": 10, "cache_creation_input_tokens": None, "cache_read_input_tokens": None, "output_tokens": 3},
+            {
+                "input_tokens": 10,
+                "cache_creation_input_tokens": None,
+                "cache_read_input_tokens": None,
+                "output_tokens": 3,
+            },
             {"input_tokens": 10, "output_tokens": 3},
         ),
         # cache_creation split without the total: the total is the sum of the split
         (
-            {"input_tokens": 5, "cache_creation": {"ephemeral_5m_input_tokens": 10, "ephemeral_1h_input_tokens": 20},
-             "output_tokens": 1},
+            {
+                "input_tokens": 5,
+                "cache_creation": {"ephemeral_5m_input_tokens": 10, "ephemeral_1h_input_tokens": 20},
+                "output_tokens": 1,
+            },
             {"input_tokens": 35, "output_tokens": 1, "cache_write_tokens": 30, "cache_write_1h_tokens": 20},
         ),  # fmt: skip
         ({"prompt_tokens": 8, "total_tokens": 8}, {"input_tokens": 8, "output_tokens": 0}),  # embeddings
@@ -76,14 +86,20 @@ def test_agrees_with_genai_prices_extractors(name):
         ("1200 tokens", "usage", "must be an object"),
         ({"total": 5}, "usage", "unrecognised usage object"),
         ({"prompt_tokens": -1}, "usage.prompt_tokens", ">= 0"),
-        ({"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": "3"}}, "usage.prompt_tokens_details.cached_tokens",
-         "integer"),  # fmt: skip
+        (
+            {"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": "3"}},
+            "usage.prompt_tokens_details.cached_tokens",
+            "integer",
+        ),  # fmt: skip
         ({"prompt_tokens": 5, "completion_tokens_details": []}, "usage.completion_tokens_details", "object"),
         ({"input_tokens": True, "output_tokens": 1}, "usage.input_tokens", "integer"),
         ({"output_tokens": 3, "cache_read_input_tokens": 2}, "usage.input_tokens", "required"),
         ({"promptTokenCount": 3, "promptTokensDetails": {"modality": "AUDIO"}}, "usage.promptTokensDetails", "array"),
-        ({"promptTokenCount": 3, "promptTokensDetails": [{"modality": "AUDIO", "tokenCount": 1.5}]},
-         "usage.promptTokensDetails[0].tokenCount", "integer"),  # fmt: skip
+        (
+            {"promptTokenCount": 3, "promptTokensDetails": [{"modality": "AUDIO", "tokenCount": 1.5}]},
+            "usage.promptTokensDetails[0].tokenCount",
+            "integer",
+        ),  # fmt: skip
         (
             {"input_tokens": 5, "cache_read_input_tokens": 1, "input_tokens_details": {"cached_tokens": 1}},
             "usage",

@@ -8,7 +8,12 @@ from spendstream.kafka import consumer_kwargs, faust_settings, producer_kwargs
 from spendstream.settings import Settings
 
 TANSU_CONSUMER_KEYS = {"session_timeout_ms", "heartbeat_interval_ms", "rebalance_timeout_ms"}
-TANSU_FAUST_KEYS = {"broker_session_timeout", "broker_heartbeat_interval", "broker_rebalance_timeout", "producer_max_batch_size"}
+TANSU_FAUST_KEYS = {
+    "broker_session_timeout",
+    "broker_heartbeat_interval",
+    "broker_rebalance_timeout",
+    "producer_max_batch_size",
+}
 
 
 def production() -> Settings:

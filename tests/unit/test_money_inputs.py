@@ -13,10 +13,10 @@ import pytest
 from ingest_gateway.app import create_app
 from ingest_gateway.logic import RequestContext, validate_event
 from ingest_gateway.usage import normalise_usage
+from spendstream.budgets import check_budget_name, parse_limit_nanos
 from spendstream.money import MAX_TOKENS_PER_EVENT, MoneyError
 from spendstream.pricing import OverrideBook, PriceOverride
 from spendstream.settings import Settings
-from stream_processors.budgets.logic import check_budget_name, parse_limit_nanos
 
 CTX = RequestContext(int(datetime(2025, 6, 1, 12, tzinfo=UTC).timestamp() * 1e9))
 EVENT = {"project": "bot", "provider": "openai", "model": "gpt-4o", "input_tokens": 10, "output_tokens": 2}

@@ -8,10 +8,10 @@ from decimal import Decimal
 import pytest
 from genai_prices.data import providers
 from genai_prices.data_snapshot import get_snapshot
+from test_pricing_corpus import genai_price  # pytest puts tests/unit on sys.path
 
 from spendstream.contracts import COST_CLASSES, PRICE_SOURCES, PRICING_STATUSES, usd_to_nanos
 from spendstream.pricing import PricingError, default_catalog, effective_price, list_prices, price
-from test_pricing_corpus import genai_price  # pytest puts tests/unit on sys.path
 
 TS = "2026-02-03T04:05:06.789Z"
 

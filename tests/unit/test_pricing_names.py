@@ -9,7 +9,6 @@ from spendstream.pricing import default_catalog
 from spendstream.pricing.catalog import Catalog
 from spendstream.pricing.normalize import model_ref_candidates, provider_alias_key
 
-
 FIREWORKS_DEEPSEEK = "accounts/fireworks/models/deepseek-v3p2"
 
 

@@ -106,12 +106,15 @@ def test_the_stage_flags_dead_letters_and_prices_the_next_record(catalog, overri
     result = stage.process([record(1, [over_cap, too_many, event("fine-1")]), record(2, [event("fine-2")])], NOW)
     first, second = (priced_events(o) for o in result.priced)
     assert [(e["event_id"], e["pricing_status"], e["cost_nanos"]) for e in first] == [
-        ("over", "cost_over_cap", 0), ("fine-1", "priced", first[1]["cost_nanos"])]
+        ("over", "cost_over_cap", 0),
+        ("fine-1", "priced", first[1]["cost_nanos"]),
+    ]
     assert first[1]["cost_nanos"] > 0 and second[0]["pricing_status"] == "priced"
     (dlq,) = [orjson.loads(o.value) for o in result.dlq]
     assert dlq["src"] == {"topic": RAW, "partition": 0, "offset": 1}
     assert [(e["event"]["event_id"], e["reason"]) for e in dlq["events"]] == [
-        ("many", f"token counts must be <= {MAX_TOKENS_PER_EVENT} per field")]
+        ("many", f"token counts must be <= {MAX_TOKENS_PER_EVENT} per field")
+    ]
     assert (result.cost_over_cap, result.rejected_events, dict(result.poison)) == (1, 1, {"invalid_events": 1})
 
 

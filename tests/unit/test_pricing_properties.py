@@ -9,16 +9,14 @@ from genai_prices.data import providers
 from genai_prices.data_snapshot import get_snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_pricing_corpus import corpus_script, genai_price  # pytest puts tests/unit on sys.path
 
 from spendstream.contracts import COST_CLASSES, usd_to_nanos
 from spendstream.pricing import default_catalog, price
 from spendstream.pricing.logic import allocate, round_half_even
-from test_pricing_corpus import corpus_script, genai_price  # pytest puts tests/unit on sys.path
 
 #: (provider id, a name genai-prices resolves to exactly that model) for every reachable model
-MODELS = [
-    (p.id, ref) for p in providers for m in p.models if (ref := corpus_script.matchable_ref(p, m)) is not None
-]
+MODELS = [(p.id, ref) for p in providers for m in p.models if (ref := corpus_script.matchable_ref(p, m)) is not None]
 PROFILE = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -114,6 +112,7 @@ def test_timestamps_with_offsets_use_the_utc_date():
         timed = {**event, "timestamp": local}
         expected = usd_to_nanos(genai_price(timed, "anthropic", "claude-opus-4-6").total_price)
         assert price(timed, catalog).cost_nanos == expected, local
-    assert price({**event, "timestamp": "2026-03-12T23:30:00-02:00"}, catalog).price_id != price(
-        {**event, "timestamp": "2026-03-12T23:30:00Z"}, catalog
-    ).price_id
+    assert (
+        price({**event, "timestamp": "2026-03-12T23:30:00-02:00"}, catalog).price_id
+        != price({**event, "timestamp": "2026-03-12T23:30:00Z"}, catalog).price_id
+    )

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -11,7 +11,7 @@ import pytest
 from query_api.errors import InvalidField
 from query_api.filters import EARLIEST, LATEST, parse_filters, parse_instant
 
-NOW = datetime(2024, 3, 10, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2024, 3, 10, 12, 0, tzinfo=UTC)
 UTC = ZoneInfo("UTC")
 
 
@@ -46,7 +46,7 @@ def test_the_range_itself_is_accepted():
 
 def test_the_default_from_stops_at_the_earliest_instant():
     f = filters(end="1900-01-10")
-    assert f.start == EARLIEST and f.end == datetime(1900, 1, 11, tzinfo=timezone.utc)
+    assert f.start == EARLIEST and f.end == datetime(1900, 1, 11, tzinfo=UTC)
 
 
 def test_other_parameters_are_named_too():

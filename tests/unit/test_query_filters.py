@@ -1,6 +1,6 @@
 """Filters: parsing query parameters, and the SQL fragments with bound parameters they become."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -10,7 +10,7 @@ from query_api.filters import Params, attribute_conditions, parse_filters, parse
 from query_api.logic import DAY, HOUR, MINUTE
 from query_api.usage_sql import GroupBy, UsageQuery, build_usage_query, eligible_sources
 
-NOW = datetime(2024, 3, 10, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2024, 3, 10, 12, 0, tzinfo=UTC)
 
 
 def filters(**kw):
@@ -20,12 +20,14 @@ def filters(**kw):
 
 def test_dates_are_days_in_the_zone_and_to_includes_its_day():
     f = filters(start="2024-03-01", end="2024-03-02", tz="Europe/Berlin")
-    assert f.start == datetime(2024, 2, 29, 23, tzinfo=timezone.utc)
-    assert f.end == datetime(2024, 3, 2, 23, tzinfo=timezone.utc)
+    assert f.start == datetime(2024, 2, 29, 23, tzinfo=UTC)
+    assert f.end == datetime(2024, 3, 2, 23, tzinfo=UTC)
 
 
 def test_timestamps_keep_their_offset_and_naive_ones_use_the_zone():
-    assert parse_instant("from", "2024-03-01T10:00:00+02:00", ZoneInfo("UTC"), end_of_day=False) == datetime(2024, 3, 1, 8, tzinfo=timezone.utc)
+    assert parse_instant("from", "2024-03-01T10:00:00+02:00", ZoneInfo("UTC"), end_of_day=False) == datetime(
+        2024, 3, 1, 8, tzinfo=UTC
+    )
     assert parse_instant("from", "2024-03-01T10:00:00Z", ZoneInfo("Asia/Tokyo"), end_of_day=False).hour == 10
     assert parse_instant("from", "2024-03-01T10:00:00", ZoneInfo("Asia/Tokyo"), end_of_day=False).hour == 1
 
@@ -85,4 +87,4 @@ def test_built_sql_is_tenant_scoped_and_parameterised():
     assert "tenant'x" not in built.sql and "p1" not in built.sql
     assert built.sql.count("tenant = {tenant_") == len(built.tables) == 3
     assert built.tables == ["usage_minute", "usage_hourly", "usage_daily"]
-    assert built.sql.endswith("LIMIT {limit_%d:UInt32}" % (len(built.params) - 1))
+    assert built.sql.endswith(f"LIMIT {{limit_{len(built.params) - 1}:UInt32}}")

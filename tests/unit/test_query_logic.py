@@ -1,6 +1,6 @@
 """Pure planning of the query API: segments, grains, buckets in time zones, cursors, money."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -9,11 +9,20 @@ from hypothesis import strategies as st
 
 from query_api.errors import InvalidField
 from query_api.logic import (
-    DAY, HOUR, MINUTE, RAW, bucket_starts, coarsest_grain, decode_cursor, encode_cursor, money,
-    plan_segments, zero_fill,
+    DAY,
+    HOUR,
+    MINUTE,
+    RAW,
+    bucket_starts,
+    coarsest_grain,
+    decode_cursor,
+    encode_cursor,
+    money,
+    plan_segments,
+    zero_fill,
 )
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def t(s: str) -> datetime:
@@ -38,10 +47,14 @@ def test_without_minutes_the_edges_below_an_hour_are_raw():
 
 def test_aligned_range_is_one_aggregate_segment():
     segs = plan_segments(t("2024-01-01T00:00:00+00:00"), t("2024-04-01T00:00:00+00:00"), [DAY, HOUR, MINUTE])
-    assert [(s.grain, s.start, s.end) for s in segs] == [(DAY, t("2024-01-01T00:00:00+00:00"), t("2024-04-01T00:00:00+00:00"))]
+    assert [(s.grain, s.start, s.end) for s in segs] == [
+        (DAY, t("2024-01-01T00:00:00+00:00"), t("2024-04-01T00:00:00+00:00"))
+    ]
 
 
-instants = st.datetimes(min_value=datetime(2023, 1, 1), max_value=datetime(2025, 1, 1)).map(lambda d: d.replace(tzinfo=UTC))
+instants = st.datetimes(min_value=datetime(2023, 1, 1), max_value=datetime(2025, 1, 1)).map(
+    lambda d: d.replace(tzinfo=UTC)
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -76,7 +89,10 @@ def test_segments_tile_the_range_exactly(a, b, grains):
     ],
 )
 def test_coarsest_grain_follows_the_zone_offsets(granularity, tz, expected):
-    assert coarsest_grain(granularity, ZoneInfo(tz), t("2024-01-01T00:00:00+00:00"), t("2024-12-31T00:00:00+00:00")) == expected
+    assert (
+        coarsest_grain(granularity, ZoneInfo(tz), t("2024-01-01T00:00:00+00:00"), t("2024-12-31T00:00:00+00:00"))
+        == expected
+    )
 
 
 def test_europe_london_is_utc_only_in_winter():
@@ -100,7 +116,9 @@ def test_month_and_week_buckets():
     ny = ZoneInfo("America/New_York")
     months = bucket_starts(t("2024-01-15T00:00:00+00:00"), t("2024-03-02T00:00:00+00:00"), "month", ny)
     assert [s.isoformat() for s in months] == [
-        "2024-01-01T05:00:00+00:00", "2024-02-01T05:00:00+00:00", "2024-03-01T05:00:00+00:00",
+        "2024-01-01T05:00:00+00:00",
+        "2024-02-01T05:00:00+00:00",
+        "2024-03-01T05:00:00+00:00",
     ]
     weeks = bucket_starts(t("2024-12-31T00:00:00+00:00"), t("2025-01-14T00:00:00+00:00"), "week", ZoneInfo("UTC"))
     assert [s.date().isoformat() for s in weeks] == ["2024-12-30", "2025-01-06", "2025-01-13"]
@@ -139,6 +157,8 @@ def test_cursor_round_trip_and_garbage():
 
 def test_money_is_exact_string_and_number():
     assert money("cost", 1_234_567_890_123) == {
-        "cost_usd": "1234.567890123", "cost_usd_number": 1234.567890123, "cost_nanos": 1_234_567_890_123,
+        "cost_usd": "1234.567890123",
+        "cost_usd_number": 1234.567890123,
+        "cost_nanos": 1_234_567_890_123,
     }
     assert money("cost", 1)["cost_usd"] == "0.000000001"

@@ -27,7 +27,11 @@ SelectWithUnionQuery (children 1)
 
 def test_parse_explain_depths_and_kinds():
     nodes = parse_explain(SELECT_VIEW)
-    assert [(n.depth, n.kind) for n in nodes[:3]] == [(0, "SelectWithUnionQuery"), (1, "ExpressionList"), (2, "SelectQuery")]
+    assert [(n.depth, n.kind) for n in nodes[:3]] == [
+        (0, "SelectWithUnionQuery"),
+        (1, "ExpressionList"),
+        (2, "SelectQuery"),
+    ]
     assert nodes[-1].text == "usage_events (alias e)"
 
 
@@ -64,7 +68,13 @@ def test_settings_format_and_outfile_are_refused():
 
 
 def test_safe_table_functions_pass():
-    check_ast([line.replace("TableIdentifier usage_events (alias e)", "Function numbers (children 1)") for line in SELECT_VIEW], DB)
+    check_ast(
+        [
+            line.replace("TableIdentifier usage_events (alias e)", "Function numbers (children 1)")
+            for line in SELECT_VIEW
+        ],
+        DB,
+    )
 
 
 TREE = ast(f"""

@@ -1,4 +1,4 @@
-"""The one error classification every stage uses (stream_processors/retry.py): transient errors are
+"""The one error classification every stage uses (stream_processors/runtime/retry.py): transient errors are
 retried until they heal, data errors never are (the record is dead-lettered), anything else is a
 bug. retry_forever takes a predicate: a stage passing an exception tuple crashed (TypeError) on the
 first ClickHouse outage instead of retrying. Drive the real retry loop with errors that heal and
@@ -21,7 +21,7 @@ from clickhouse_connect.driver.exceptions import (
 )
 
 from stream_processors.notify.notifier import _store_error_is_retryable
-from stream_processors.retry import (
+from stream_processors.runtime.retry import (
     CLICKHOUSE_DATA_ERRORS,
     RETRIES,
     data_error_label,

@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from spendstream.aggregates import AGGREGATES, TENANT_VIEWS
 from spendstream.migrate import BOOTSTRAP, MigrationError, load_migrations, split_statements
 from spendstream.schema_cluster import ClusterSchemaError, cluster_statements
 
@@ -53,7 +54,10 @@ def test_tables_become_replicated_local_tables_behind_distributed_ones_with_the_
         if engine == "Null":  # stores nothing: nothing to replicate
             assert local.endswith("\nENGINE = Null")
         else:
-            assert f"ENGINE = Replicated{engine}('/clickhouse/tables/{{shard}}/{{database}}/{{table}}', '{{replica}}'" in local
+            assert (
+                f"ENGINE = Replicated{engine}('/clickhouse/tables/{{shard}}/{{database}}/{{table}}', '{{replica}}'"
+                in local
+            )
         assert f"{name} {ON} AS {name}_local" in distributed
         sharding = ", cityHash64(tenant)" if re.search(r"^\s*tenant\s", statement, re.M) else ""
         assert distributed.endswith(f"ENGINE = Distributed('prod', '{{db}}', '{short}_local'{sharding})")
@@ -74,12 +78,17 @@ def _after_engine(sql: str) -> str:
 def test_engine_arguments_follow_the_replication_arguments() -> None:
     statement = next(s for s in _all_statements() if "{db}.budgets\n" in s)
     local, _ = cluster_statements(statement, CLUSTER)
-    assert "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}', version, deleted)" in local
+    assert (
+        "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}', version, deleted)"
+        in local
+    )
 
 
 def test_materialized_views_read_and_write_the_local_tables() -> None:
     mvs = [s for s in _create_statements() if _created(s)[0] == "MATERIALIZED VIEW"]
-    assert len(mvs) == 7
+    # each aggregate's view once, and the sink's way in (usage_events_in -> usage_events)
+    expected = [a.mv for a in AGGREGATES] + ["usage_events_in_mv"]
+    assert sorted(_created(s)[1] for s in mvs) == sorted(f"{{db}}.{name}" for name in expected)
     for statement in mvs:
         (derived,) = cluster_statements(statement, CLUSTER)
         target = re.search(r"\bTO \{db\}\.(\w+)", statement)[1]
@@ -91,8 +100,9 @@ def test_materialized_views_read_and_write_the_local_tables() -> None:
 
 def test_tenant_views_stay_on_the_public_distributed_names() -> None:
     views = [s for s in _create_statements() if _created(s)[0] == "VIEW"]
-    # 0009 creates the four aggregate views again over their Int128 cost columns
-    assert len(views) == 12 + 4
+    # each tenant view once, and 0009 creates the four aggregate views again over their Int128 cost columns
+    assert {_created(s)[1] for s in views} == {f"{{db}}_tenant.{v}" for v in TENANT_VIEWS | {"current_tenant"}}
+    assert len(views) == len(TENANT_VIEWS | {"current_tenant"}) + 4
     assert sum(s.startswith("CREATE OR REPLACE VIEW") for s in views) == 4
     for statement in views:
         (derived,) = cluster_statements(statement, CLUSTER)
@@ -105,7 +115,10 @@ def test_tenant_views_stay_on_the_public_distributed_names() -> None:
 def test_a_view_query_change_runs_on_the_view_itself_reading_the_local_source() -> None:
     changes = [s for s in _all_statements() if re.match(r"ALTER TABLE \S+ MODIFY QUERY", s)]
     assert {re.match(r"ALTER TABLE (\S+)", s)[1] for s in changes} == {
-        "{db}.usage_minute_mv", "{db}.usage_hourly_mv", "{db}.usage_daily_mv", "{db}.usage_tags_daily_mv"
+        "{db}.usage_minute_mv",
+        "{db}.usage_hourly_mv",
+        "{db}.usage_daily_mv",
+        "{db}.usage_tags_daily_mv",
     }
     for statement in changes:
         (derived,) = cluster_statements(statement, CLUSTER)
@@ -126,7 +139,9 @@ def test_bookkeeping_tables_are_one_replica_set_over_the_whole_cluster() -> None
 
 def test_alter_table_goes_to_local_tables_and_to_distributed_ones_for_column_changes() -> None:
     ttl = "ALTER TABLE {db}.usage_events MODIFY TTL timestamp + INTERVAL 30 DAY"
-    assert cluster_statements(ttl, CLUSTER) == [f"ALTER TABLE {{db}}.usage_events_local {ON} MODIFY TTL timestamp + INTERVAL 30 DAY"]
+    assert cluster_statements(ttl, CLUSTER) == [
+        f"ALTER TABLE {{db}}.usage_events_local {ON} MODIFY TTL timestamp + INTERVAL 30 DAY"
+    ]
     add = "ALTER TABLE {db}.usage_events ADD COLUMN IF NOT EXISTS region LowCardinality(String)"
     assert cluster_statements(add, CLUSTER) == [
         f"ALTER TABLE {{db}}.usage_events_local {ON} ADD COLUMN IF NOT EXISTS region LowCardinality(String)",

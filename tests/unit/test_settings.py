@@ -26,10 +26,14 @@ def test_empty_urls_mean_embedded(monkeypatch):
 
 def test_check_config_masks_secrets_and_names_bad_field():
     env = {"SPENDSTREAM_BOOTSTRAP_ADMIN_KEY": "sk-very-secret", "PATH": "/usr/bin:/bin"}
-    ok = subprocess.run([sys.executable, "-m", "spendstream.cli", "check-config"], env=env, capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "spendstream.cli", "check-config"], env=env, capture_output=True, text=True
+    )
     assert ok.returncode == 0, ok.stderr
     assert "sk-very-secret" not in ok.stdout and "**********" in ok.stdout
     env["SPENDSTREAM_GATEWAY__PORT"] = "not-a-port"
-    bad = subprocess.run([sys.executable, "-m", "spendstream.cli", "check-config"], env=env, capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "spendstream.cli", "check-config"], env=env, capture_output=True, text=True
+    )
     assert bad.returncode == 2
     assert "SPENDSTREAM_GATEWAY__PORT" in bad.stderr

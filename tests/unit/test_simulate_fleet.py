@@ -1,5 +1,5 @@
-from spendstream.simulate import MODEL_MIX, Fleet
 from spendstream.contracts import TOKEN_PARENTS
+from spendstream.simulate import MODEL_MIX, Fleet
 
 
 def test_fleet_is_deterministic_and_valid():
@@ -24,4 +24,7 @@ def test_model_mix_is_priced_by_the_catalog():
     from genai_prices import Usage, calc_price
 
     for provider, model, _, _ in MODEL_MIX:
-        assert calc_price(Usage(input_tokens=1000, output_tokens=10), model_ref=model, provider_id=provider).total_price > 0
+        assert (
+            calc_price(Usage(input_tokens=1000, output_tokens=10), model_ref=model, provider_id=provider).total_price
+            > 0
+        )

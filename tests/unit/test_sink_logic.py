@@ -4,7 +4,7 @@ embedded ClickHouse in tests/integration/test_sink.py."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -12,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spendstream.contracts import COST_CLASSES, priced_envelope, priced_headers, raw_envelope
+from spendstream.timeutil import TimestampParser
 from stream_processors.sink.logic import (
     BadRecord,
     PricedRecord,
-    TimestampParser,
     Watermarks,
     decode_priced,
     dedupe_token,
@@ -209,7 +209,7 @@ def ms(iso: str) -> int:
 
 @given(st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2200, 1, 1)))
 def test_timestamp_fast_path_is_exact(instant):
-    instant = instant.replace(tzinfo=timezone.utc)
+    instant = instant.replace(tzinfo=UTC)
     text = instant.strftime("%Y-%m-%dT%H:%M:%S.") + f"{instant.microsecond // 1000:03d}Z"
     expected = (int(instant.replace(microsecond=0).timestamp())) * 1000 + instant.microsecond // 1000
     assert parse(text) == expected

@@ -19,10 +19,9 @@ import asyncio
 import os
 
 import faust
+from worker_app import app_options  # this folder (see worker_app.py)
 
 from spendstream.settings import Settings
-
-from worker_app import app_options  # this folder (see worker_app.py)
 
 settings = Settings()
 app = faust.App(os.environ["COUNTER_APP_ID"], **app_options(settings))

@@ -3,7 +3,7 @@
 Run as ``faust_early_fetch.py worker``. Broker settings come from SPENDSTREAM_* variables through
 ``spendstream.kafka.faust_settings``; the app id and source topic (one partition) from
 EARLY_FETCH_APP_ID / EARLY_FETCH_TOPIC, the committed offset the group starts from from
-EARLY_FETCH_COMMITTED. The app is ``stream_processors.faust_fixes.StageApp`` with two changes to
+EARLY_FETCH_COMMITTED. The app is ``stream_processors.runtime.consumer.StageApp`` with two changes to
 the first time recovery asks its consumer to seek to the committed offsets: the consumer first
 moves the fetch position ``AHEAD`` records past the committed one and waits ``WAIT_S``, and after
 the real seek it waits ``WAIT_S`` again, so the fetch loop fetches the records from the committed
@@ -25,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import os
 
-from spendstream.settings import Settings
-from stream_processors.faust_fixes import ContiguousConsumer, ContiguousTransport, StageApp
-
 from worker_app import app_options  # this folder (see worker_app.py)
+
+from spendstream.settings import Settings
+from stream_processors.runtime.consumer import ContiguousConsumer, ContiguousTransport, StageApp
 
 #: how far past the committed offset the fetcher stands, and for how long, before the real seek
 AHEAD, WAIT_S = 10, 1.0
@@ -63,6 +63,7 @@ class EarlyFetchTransport(ContiguousTransport):
 class EarlyFetchApp(StageApp):
     def _new_transport(self) -> EarlyFetchTransport:
         return EarlyFetchTransport(self.conf.broker_consumer, self)
+
 
 settings = Settings()
 app = EarlyFetchApp(os.environ["EARLY_FETCH_APP_ID"], **app_options(settings))

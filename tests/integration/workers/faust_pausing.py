@@ -3,7 +3,7 @@ recovery and rebalances do, while the consumer is still handing out an already f
 
 Run as ``faust_pausing.py worker``. Broker settings come from SPENDSTREAM_* variables through
 ``spendstream.kafka.faust_settings``; the app id and source topic (one partition) from
-PAUSING_APP_ID / PAUSING_TOPIC. The app is ``stream_processors.faust_fixes.StageApp``, what every
+PAUSING_APP_ID / PAUSING_TOPIC. The app is ``stream_processors.runtime.consumer.StageApp``, what every
 stage runs.
 
 The test's records arrive in one fetched batch; Faust's fetch loop hands them to the stream
@@ -21,11 +21,10 @@ import asyncio
 import os
 
 from faust.types import TP
+from worker_app import app_options  # this folder (see worker_app.py)
 
 from spendstream.settings import Settings
-from stream_processors.faust_fixes import StageApp
-
-from worker_app import app_options  # this folder (see worker_app.py)
+from stream_processors.runtime.consumer import StageApp
 
 settings = Settings()
 app = StageApp(os.environ["PAUSING_APP_ID"], **app_options(settings))

@@ -5,8 +5,8 @@ changelogs (``spendstream-<stage>-<table>-changelog``) and a stage process can b
 or restarted alone. Broker settings, including the embedded-broker workarounds, come only from
 ``spendstream.kafka.faust_settings``.
 
-Every app is a ``StageApp``: Faust with a consumer that never commits past a record no agent
-processed (see ``stream_processors.faust_fixes``).
+Every app is a ``StageApp``: Faust with the consumer whose delivery guarantee the stages rely on
+(in order from the committed offset, none left out; see ``stream_processors.runtime.consumer``).
 
 Every app serves on ``settings.processors.web_port``:
 - ``GET /healthz``: 200 once the worker got its first partition assignment and finished table
@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from spendstream.kafka import apply_faust_embedded_profile, faust_settings
 from spendstream.settings import Settings
-from stream_processors.faust_fixes import StageApp
+from stream_processors.runtime.consumer import StageApp
 
 
 def create_app(settings: Settings, stage: str) -> faust.App:

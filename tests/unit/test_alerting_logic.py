@@ -1,50 +1,48 @@
-"""Notify core: alert parsing, the four payload formats, signatures, retry schedule, SSRF rules."""
+"""spendstream.alerting: alert parsing, the four channel formats, signatures, retry schedule, SSRF rules."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
 import orjson
 import pytest
 
-from stream_processors.notify.logic import (
+from spendstream.alerting.channels import CHANNEL_TYPES
+from spendstream.alerting.channels.base import IDEMPOTENCY_HEADER, Channel
+from spendstream.alerting.channels.email import email_message
+from spendstream.alerting.channels.generic import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from spendstream.alerting.channels.pagerduty import pagerduty_severity
+from spendstream.alerting.payloads import GENERIC_FIELDS, BadAlert, created_at, human_usd, parse_alert, sample_alert
+from spendstream.alerting.retries import (
     DELIVERED,
     FAILED,
     GAVE_UP,
-    GENERIC_FIELDS,
-    IDEMPOTENCY_HEADER,
     REFUSED,
-    SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
-    BadAlert,
-    Channel,
     RetryPolicy,
+    attempt_outcome,
+    classify_http,
+    parse_retry_after,
+)
+from spendstream.alerting.targets import (
     UnsafeTarget,
     address_refusal,
-    attempt_outcome,
-    build_request,
-    classify_http,
-    created_at,
-    email_message,
     email_refusal,
-    human_usd,
     is_email_channel,
-    pagerduty_severity,
-    parse_alert,
-    parse_retry_after,
     parse_webhook_url,
-    sample_alert,
-    verify_signature,
 )
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "budget_alert_v1.json"
 RAW = FIXTURE.read_bytes()
 NOW = 1_711_876_502.0  # 2024-03-31T09:15:02Z
+
+
+def build_request(channel: Channel, a, now: float):
+    return CHANNEL_TYPES[channel.format].build_request(channel, a, now)
 
 
 def alert(**changes):
@@ -72,7 +70,10 @@ def test_parse_alert_collapses_repeated_channels():
         (b"not json", "not JSON"),
         (b"[1, 2]", "not a JSON object"),
         (orjson.dumps({**json.loads(RAW), "alert_id": ""}), "missing alert_id"),
-        (orjson.dumps({k: v for k, v in json.loads(RAW).items() if k not in ("tenant", "channels")}), "missing tenant, channels"),
+        (
+            orjson.dumps({k: v for k, v in json.loads(RAW).items() if k not in ("tenant", "channels")}),
+            "missing tenant, channels",
+        ),
         (orjson.dumps({**json.loads(RAW), "channels": "wh_1"}), "channels must be a list"),
         (orjson.dumps({**json.loads(RAW), "channels": ["wh_1", ""]}), "channels must be a list"),
         (orjson.dumps({**json.loads(RAW), "kind": "weird"}), "unknown kind"),
@@ -129,8 +130,15 @@ def test_generic_without_secret_is_sent_unsigned():
 
 
 def test_slack_body_has_text_and_blocks_with_escaped_names():
-    body = orjson.loads(build_request(Channel("wh_2", "slack", url="https://hooks.slack.com/services/T/B/X"), parse_alert(RAW), NOW).body)
-    assert body["text"] == "Budget 'Research agents <daily>' crossed 80% of its daily limit: 8.012345678 of 10.00 USD (80.12%)"
+    body = orjson.loads(
+        build_request(
+            Channel("wh_2", "slack", url="https://hooks.slack.com/services/T/B/X"), parse_alert(RAW), NOW
+        ).body
+    )
+    assert (
+        body["text"]
+        == "Budget 'Research agents <daily>' crossed 80% of its daily limit: 8.012345678 of 10.00 USD (80.12%)"
+    )
     assert [b["type"] for b in body["blocks"]] == ["section", "section", "context"]
     first = body["blocks"][0]["text"]
     assert first["type"] == "mrkdwn" and "&lt;daily&gt;" in first["text"] and "<daily>" not in first["text"]
@@ -140,7 +148,11 @@ def test_slack_body_has_text_and_blocks_with_escaped_names():
 
 def test_pagerduty_event_uses_routing_key_and_alert_id_as_dedup_key():
     a = parse_alert(RAW)
-    body = orjson.loads(build_request(Channel("wh_3", "pagerduty", url="https://events.pagerduty.com/v2/enqueue", secret="R0UTINGKEY"), a, NOW).body)
+    body = orjson.loads(
+        build_request(
+            Channel("wh_3", "pagerduty", url="https://events.pagerduty.com/v2/enqueue", secret="R0UTINGKEY"), a, NOW
+        ).body
+    )
     assert body["routing_key"] == "R0UTINGKEY"
     assert body["event_action"] == "trigger"
     assert body["dedup_key"] == a.alert_id
@@ -164,13 +176,16 @@ def test_pagerduty_severity_follows_the_threshold(kind, threshold, severity):
 def test_forecast_summary_names_the_projection():
     a = alert(kind="forecast", threshold=None, projected_usd="12.400000000", projected_at="2024-03-31T18:00:00.000Z")
     body = orjson.loads(build_request(Channel("wh_2", "slack", url="https://x.io/"), a, NOW).body)
-    assert body["text"] == "Budget 'Research agents <daily>' is projected to reach 12.40 USD in its daily window, over its 10.00 USD limit"
+    assert (
+        body["text"]
+        == "Budget 'Research agents <daily>' is projected to reach 12.40 USD in its daily window, over its 10.00 USD limit"
+    )
     assert "limit reached around 2024-03-31T18:00:00.000Z" in body["blocks"][1]["text"]["text"]
 
 
 def test_email_message_carries_the_alert_and_a_stable_message_id():
     a = parse_alert(RAW)
-    when = datetime(2024, 3, 31, 9, 15, 3, tzinfo=timezone.utc)
+    when = datetime(2024, 3, 31, 9, 15, 3, tzinfo=UTC)
     msg = email_message(a, "oncall@example.com", "spendstream@example.com", when)
     again = email_message(a, "oncall@example.com", "spendstream@example.com", when + timedelta(minutes=5))
     other = email_message(a, "cfo@example.com", "spendstream@example.com", when)
@@ -184,10 +199,10 @@ def test_email_message_carries_the_alert_and_a_stable_message_id():
 
 
 def test_sample_alert_is_a_marked_threshold_alert():
-    a = sample_alert("acme", datetime(2024, 1, 1, tzinfo=timezone.utc))
+    a = sample_alert("acme", datetime(2024, 1, 1, tzinfo=UTC))
     body = orjson.loads(build_request(Channel("wh_1", "generic", url="https://x.io/", secret="k" * 16), a, NOW).body)
     assert body["test"] is True and body["kind"] == "threshold" and body["tenant"] == "acme"
-    assert a.alert_id.startswith("test_") and a.alert_id != sample_alert("acme", datetime.now(timezone.utc)).alert_id
+    assert a.alert_id.startswith("test_") and a.alert_id != sample_alert("acme", datetime.now(UTC)).alert_id
 
 
 @pytest.mark.parametrize(
@@ -212,7 +227,7 @@ def test_classify_http(status, verdict):
 
 
 def test_retry_after_seconds_and_http_date():
-    now = datetime(2024, 3, 31, 9, 0, tzinfo=timezone.utc)
+    now = datetime(2024, 3, 31, 9, 0, tzinfo=UTC)
     assert parse_retry_after("7", now) == 7.0
     assert parse_retry_after(format_datetime(now + timedelta(seconds=30), usegmt=True), now) == 30.0
     assert parse_retry_after(format_datetime(now - timedelta(seconds=30), usegmt=True), now) == 1.0  # the floor
@@ -323,5 +338,5 @@ def test_channels_are_told_apart_by_at_sign():
 
 
 def test_created_at_is_read_when_present():
-    assert created_at(parse_alert(RAW)) == datetime(2024, 3, 31, 9, 15, 2, 456000, tzinfo=timezone.utc)
+    assert created_at(parse_alert(RAW)) == datetime(2024, 3, 31, 9, 15, 2, 456000, tzinfo=UTC)
     assert created_at(alert(created_at=None)) is None and created_at(alert(created_at="soon")) is None

@@ -1,10 +1,10 @@
-"""One delivery attempt of one alert to one channel: HTTP webhooks and SMTP. No Kafka, no ClickHouse.
-
-Used by the notify stage (with retries around it) and by ``POST /v1/webhooks/{id}/test``.
+"""One delivery attempt of one alert to one channel: HTTP webhooks and SMTP. No Kafka, no
+ClickHouse (except ``deliver_test_alert``, which records its one attempt), no metrics: the notify
+stage counts around ``Sender.send`` and retries it; ``POST /v1/webhooks/{id}/test`` sends once.
 
 SSRF: a webhook's host is resolved before EVERY attempt (the answer may have changed since the
 URL was accepted: DNS rebinding), every address it resolves to must pass
-``logic.address_refusal``, and the request then goes to the checked address itself (URL host
+``targets.address_refusal``, and the request then goes to the checked address itself (URL host
 replaced by the IP, ``Host`` header and TLS SNI/certificate check still use the name), so the
 address that was checked is the one connected to. Redirects are not followed and proxy
 variables are ignored.
@@ -21,35 +21,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import smtplib
-import socket
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
-from typing import Literal
 
 import httpx
+from clickhouse_connect.driver.asyncclient import AsyncClient
 
+from spendstream.alerting.channels import CHANNEL_TYPES, Channel, MailChannelType, WebhookChannelType
+from spendstream.alerting.payloads import Alert, sample_alert
+from spendstream.alerting.retries import Verdict, classify_http, outcome_of_test_delivery, parse_retry_after
+from spendstream.alerting.store import Attempt, insert_attempt
+from spendstream.alerting.targets import UnsafeTarget, resolve_checked
 from spendstream.settings import Settings
-from stream_processors.notify.logic import (
-    WEBHOOK_FORMATS,
-    Alert,
-    Channel,
-    UnsafeTarget,
-    WebhookTarget,
-    address_refusal,
-    build_request,
-    classify_http,
-    email_message,
-    parse_retry_after,
-    parse_webhook_url,
-)
 
 log = logging.getLogger(__name__)
 
-Verdict = Literal["delivered", "retry", "final", "refused"]
 #: at most this much of a failed answer's body is kept for the delivery record
 ERROR_BODY_BYTES = 300
 
@@ -67,43 +57,15 @@ class AttemptResult:
         return self.verdict == "delivered"
 
 
-async def resolve_checked(url: str, allow_private: bool, timeout_s: float) -> tuple[WebhookTarget, str]:
-    """(target, the address to connect to). Raises UnsafeTarget (refused: a syntax rule, or one of
-    the host's addresses is not allowed) or OSError (the name does not resolve now)."""
-    target = parse_webhook_url(url)
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM), timeout_s
-        )
-    except asyncio.TimeoutError:
-        raise OSError(f"resolving {target.host} timed out") from None
-    except socket.gaierror as exc:
-        raise OSError(f"cannot resolve {target.host}: {exc.strerror or exc}") from None
-    except UnicodeError:
-        # the IDNA encoding refuses the name (an empty or over-long label): no later attempt can succeed
-        raise UnsafeTarget(f"{target.host!r} is not a valid host name") from None
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    if not addresses:
-        raise OSError(f"{target.host} has no address")
-    # every address, not just the first: a host answering with one public and one private
-    # address would otherwise reach the private one on a later connection
-    for address in addresses:
-        reason = address_refusal(address, allow_private)
-        if reason:
-            raise UnsafeTarget(f"{target.host} resolves to {reason}" if address != target.host else reason)
-    return target, addresses[0]
-
-
 class Sender:
     """Makes single attempts. Owns an HTTP client and a small SMTP thread pool; ``close()`` them."""
 
     def __init__(self, settings: Settings):
-        p = settings.processors
-        self.allow_private = p.webhook_allow_private
-        self.timeout_s = p.webhook_timeout_s
-        self.smtp_host, self.smtp_port, self.smtp_from = p.smtp_host, p.smtp_port, p.smtp_from
-        self.smtp_starttls, self.smtp_username, self._smtp_password = p.smtp_starttls, p.smtp_username, p.smtp_password
+        notify, smtp = settings.notify, settings.notify.smtp
+        self.allow_private = notify.webhook.allow_private
+        self.timeout_s = notify.timeout_s
+        self.smtp_host, self.smtp_port, self.smtp_from = smtp.host, smtp.port, smtp.from_address
+        self.smtp_starttls, self.smtp_username, self._smtp_password = smtp.starttls, smtp.username, smtp.password
         self._http = httpx.AsyncClient(
             timeout=self.timeout_s,
             follow_redirects=False,
@@ -123,16 +85,17 @@ class Sender:
 
     async def send(self, channel: Channel, alert: Alert) -> AttemptResult:
         try:
-            if channel.format == "email":
-                return await self._mail(channel, alert)
-            if channel.format not in WEBHOOK_FORMATS:
+            kind = CHANNEL_TYPES.get(channel.format)
+            if isinstance(kind, MailChannelType):
+                return await self._mail(kind, channel, alert)
+            if not isinstance(kind, WebhookChannelType):
                 return AttemptResult("refused", 0, error=f"unknown channel format {channel.format!r}")
-            return await self._post(channel, alert)
+            return await self._post(kind, channel, alert)
         except Exception as exc:  # noqa: BLE001 - see the module docstring: one alert never stops the stage
             log.exception("delivering alert %s to %r failed unexpectedly", alert.alert_id, channel.id)
             return AttemptResult("refused", 0, error=f"not sent: {type(exc).__name__}: {exc}"[:ERROR_BODY_BYTES])
 
-    async def _post(self, channel: Channel, alert: Alert) -> AttemptResult:
+    async def _post(self, kind: WebhookChannelType, channel: Channel, alert: Alert) -> AttemptResult:
         started = time.perf_counter()
 
         def took() -> int:
@@ -145,7 +108,7 @@ class Sender:
         except OSError as exc:
             return AttemptResult("retry", took(), error=str(exc))
         try:
-            request = build_request(channel, alert, time.time())
+            request = kind.build_request(channel, alert, time.time())
             url = httpx.URL(channel.url)
             headers = {**request.headers, "Host": url.netloc.decode("ascii")}
         except Exception as exc:  # noqa: BLE001 - the same alert and channel would fail the same way again
@@ -167,18 +130,18 @@ class Sender:
         status = response.status_code
         if verdict == "delivered":
             return AttemptResult("delivered", took(), status)
-        retry_after = parse_retry_after(response.headers.get("Retry-After"), datetime.now(timezone.utc))
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), datetime.now(UTC))
         error = f"HTTP {status}" + (f": {detail}" if detail else "")
         if verdict == "final":
             error += " (not retried)"
         return AttemptResult(verdict, took(), status, error, retry_after)
 
-    async def _mail(self, channel: Channel, alert: Alert) -> AttemptResult:
+    async def _mail(self, kind: MailChannelType, channel: Channel, alert: Alert) -> AttemptResult:
         started = time.perf_counter()
         if not self.smtp_host:
-            return AttemptResult("refused", 0, error="no SMTP server configured (processors.smtp_host)")
+            return AttemptResult("refused", 0, error="no SMTP server configured (notify.smtp.host)")
         try:
-            message = email_message(alert, channel.email, self.smtp_from, datetime.now(timezone.utc))
+            message = kind.build_message(channel, alert, self.smtp_from, datetime.now(UTC))
         except Exception as exc:  # noqa: BLE001 - e.g. a header the e-mail policy refuses; the same next time
             error = f"cannot build the e-mail: {exc}"[:ERROR_BODY_BYTES]
             return AttemptResult("refused", int((time.perf_counter() - started) * 1000), error=error)
@@ -197,7 +160,7 @@ class Sender:
         except smtplib.SMTPNotSupportedError as exc:
             # a settings mismatch (servers offer AUTH only after STARTTLS): retrying cannot help
             verdict = "final"
-            error = f"{exc} (processors.smtp_starttls is {'on' if self.smtp_starttls else 'off'})"
+            error = f"{exc} (notify.smtp.starttls is {'on' if self.smtp_starttls else 'off'})"
         except (smtplib.SMTPException, OSError) as exc:
             verdict = "retry"
             error = f"{type(exc).__name__}: {exc}"
@@ -224,3 +187,22 @@ async def _body_excerpt(response: httpx.Response) -> str:
         if size >= ERROR_BODY_BYTES:
             break
     return b"".join(chunks)[:ERROR_BODY_BYTES].decode("utf-8", "replace").strip()
+
+
+async def deliver_test_alert(
+    settings: Settings, ch: AsyncClient, tenant: str, channel: Channel
+) -> tuple[Alert, AttemptResult]:
+    """``POST /v1/webhooks/{id}/test``: one attempt of a sample alert (``"test": true``, alert_id
+    ``test_...``), recorded in ``alert_deliveries`` like any attempt (outcome delivered, refused
+    or gave_up: a test is never retried)."""
+    alert = sample_alert(tenant, datetime.now(UTC))
+    sender = Sender(settings)
+    try:
+        attempted_at = datetime.now(UTC)
+        result = await sender.send(channel, alert)
+    finally:
+        await sender.close()
+    await insert_attempt(ch, Attempt(tenant, alert.alert_id, channel.id, channel.format, 1, attempted_at,
+                                     outcome_of_test_delivery(result.verdict), result.http_status, result.error,
+                                     result.duration_ms))  # fmt: skip
+    return alert, result

@@ -1,10 +1,10 @@
-"""Notify core against hostile values: Retry-After bounds, one-address e-mail channels, control
+"""spendstream.alerting against hostile values: Retry-After bounds, one-address e-mail channels, control
 characters in anything that reaches a header or a one-line summary."""
 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.policy import default as default_policy
 from email.utils import format_datetime
@@ -13,33 +13,29 @@ from pathlib import Path
 import orjson
 import pytest
 
-from stream_processors.notify.logic import (
-    EMAIL_MAX_LEN,
+from spendstream.alerting.channels import CHANNEL_TYPES
+from spendstream.alerting.channels.base import Channel
+from spendstream.alerting.channels.email import email_message
+from spendstream.alerting.channels.pagerduty import pagerduty_body
+from spendstream.alerting.channels.slack import slack_body
+from spendstream.alerting.payloads import Alert, BadAlert, created_at, parse_alert, summary
+from spendstream.alerting.retries import (
     GAVE_UP,
     RETRY_AFTER_MAX_S,
     RETRY_AFTER_MIN_S,
-    Alert,
-    BadAlert,
-    Channel,
     RetryPolicy,
-    UnsafeTarget,
     attempt_outcome,
-    build_request,
-    channel_refusal,
-    created_at,
-    email_message,
-    email_refusal,
-    pagerduty_body,
-    parse_alert,
     parse_retry_after,
-    parse_webhook_url,
-    slack_body,
-    summary,
 )
+from spendstream.alerting.targets import EMAIL_MAX_LEN, UnsafeTarget, channel_refusal, email_refusal, parse_webhook_url
 
 RAW = (Path(__file__).parent.parent / "fixtures" / "budget_alert_v1.json").read_bytes()
-NOW = datetime(2024, 3, 31, 9, 0, tzinfo=timezone.utc)
+NOW = datetime(2024, 3, 31, 9, 0, tzinfo=UTC)
 INJECTED_NAME = "Evil\r\nBcc: attacker@evil.example\r\n\r\nforged body"
+
+
+def build_request(channel: Channel, a: Alert, now: float):
+    return CHANNEL_TYPES[channel.format].build_request(channel, a, now)
 
 
 def alert(**changes) -> Alert:
@@ -223,4 +219,4 @@ def test_webhook_urls_with_control_characters_are_refused(url):
 
 def test_a_created_at_without_zone_is_read_as_utc():
     # subtracted from an aware "now" when a delivery is timed: a naive stamp used to raise there
-    assert created_at(alert(created_at="2024-03-31T09:15:02")) == datetime(2024, 3, 31, 9, 15, 2, tzinfo=timezone.utc)
+    assert created_at(alert(created_at="2024-03-31T09:15:02")) == datetime(2024, 3, 31, 9, 15, 2, tzinfo=UTC)

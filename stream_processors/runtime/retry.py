@@ -21,7 +21,7 @@ anything else: a bug. It propagates and stops the worker; the restart replays it
     Except where a stage runs its pure code over one record's hostile content: there the
     :data:`CONTENT_ERRORS` that content can provoke dead-letter that record (each stage says where).
 
-Webhook and e-mail answers are the notify stage's own business (``notify/logic.classify_http``:
+Webhook and e-mail answers are the notify stage's own business (``spendstream/alerting/retries.classify_http``:
 timeouts, HTTP 5xx and 429 are retried until the retry horizon, other answers are final); its
 ClickHouse IO follows the rules above.
 """

@@ -1,5 +1,5 @@
-"""The notify stage's ClickHouse side: channels (``webhooks``) and the delivery record
-(``alert_deliveries``). The stage writes nothing else: ``budget_alerts`` is the budgets stage's.
+"""Alerting's ClickHouse side as the notify stage uses it: channels (``webhooks``, read) and the
+delivery record (``alert_deliveries``, written). ``budget_alerts`` is the budgets stage's.
 
 Nothing here runs per alert on the way to a receiver, except the first look-up of a webhook
 created since the last refresh: the delivery record of the recent past is read in one query
@@ -7,24 +7,29 @@ created since the last refresh: the delivery record of the recent past is read i
 ``CHANNEL_REFRESH_S`` (``refresh_channels``). Under load the embedded ClickHouse answers in
 hundreds of milliseconds, which a per-alert query would add to every alert's latency.
 
-An attempt ClickHouse refuses as data (``retry.is_data_error``) raises :class:`UnstorableAttempt`,
-which no retry predicate takes for a passing fault: the alert's delivery fails at once instead of
-retrying the insert forever and holding back its partition's commits. The notify agent then
-records the alert as refused (:meth:`DeliveryStore.record_refusal`) or dead-letters it.
+An attempt ClickHouse refuses as data raises :class:`UnstorableAttempt`, which no retry predicate
+takes for a passing fault: the alert's delivery fails at once instead of retrying the insert
+forever and holding back its partition's commits. The notify agent then records the alert as
+refused (:meth:`DeliveryStore.record_refusal`) or dead-letters it. What counts as a data error is
+the stages' one classification (``stream_processors/runtime/retry.is_data_error``), handed in by the
+stage: this package imports no service.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from clickhouse_connect.driver.asyncclient import AsyncClient
 
+from spendstream.alerting.channels import EMAIL_FORMAT, Channel
+from spendstream.alerting.payloads import Alert
+from spendstream.alerting.retries import REFUSED
+from spendstream.alerting.targets import is_email_channel
 from spendstream.clickhouse import get_async_client
 from spendstream.settings import Settings
-from stream_processors.notify.logic import REFUSED, Alert, Channel, is_email_channel
-from stream_processors.retry import is_data_error
 
 #: how often the live webhooks are re-read: a deleted or changed webhook takes effect within it
 CHANNEL_REFRESH_S = 5.0
@@ -73,8 +78,12 @@ class Attempt:
 
 
 class DeliveryStore:
-    def __init__(self, settings: Settings):
+    """``is_data_error``: whether ClickHouse refused a write because of its content (the
+    attempt then raises UnstorableAttempt; any other error propagates as it is)."""
+
+    def __init__(self, settings: Settings, *, is_data_error: Callable[[BaseException], bool]):
         self._settings = settings
+        self._is_data_error = is_data_error
         self._client: AsyncClient | None = None
         # deliveries start concurrently: without it each would open (and leak) its own client
         self._connecting = asyncio.Lock()
@@ -103,7 +112,7 @@ class DeliveryStore:
     async def channel(self, tenant: str, channel_id: str) -> Channel | None:
         """The channel a budget's entry names, or None if the tenant has no such (live) webhook."""
         if is_email_channel(channel_id):
-            return Channel(channel_id, "email", email=channel_id)
+            return Channel(channel_id, EMAIL_FORMAT, email=channel_id)
         cached = self._channels.get((tenant, channel_id))
         if cached is not None:
             return cached
@@ -138,13 +147,13 @@ class DeliveryStore:
         try:
             await insert_attempt(await self._ch(), attempt)
         except Exception as exc:
-            if is_data_error(exc):
+            if self._is_data_error(exc):
                 raise UnstorableAttempt(f"alert_deliveries refused the attempt: {exc}") from exc
             raise
 
     async def record_refusal(self, alert: Alert, reason: str) -> None:
         """Every channel of ``alert`` refused with ``reason``: final, never tried again."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         rows = [Attempt(alert.tenant, alert.alert_id, channel, "", POISON_ATTEMPT, now, REFUSED, None, reason, 0).row()
                 for channel in alert.channels]  # fmt: skip
         await (await self._ch()).insert("alert_deliveries", rows, column_names=list(DELIVERY_COLUMNS))
@@ -155,4 +164,4 @@ async def insert_attempt(ch: AsyncClient, attempt: Attempt) -> None:
 
 
 def _utc(t: datetime) -> datetime:
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)

@@ -23,7 +23,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 
 from spendstream.kafka import producer_kwargs
 from spendstream.settings import Settings
-from stream_processors.retry import retry_forever
+from stream_processors.runtime.retry import retry_forever
 
 #: (topic, partition, key, value) or (topic, partition, key, value, headers)
 OutRecord = tuple[str, int, bytes | None, bytes] | tuple[str, int, bytes | None, bytes, list[tuple[str, bytes]]]
@@ -79,7 +79,12 @@ class StageProducer:
                 for (topic, partition), group in by_destination.items():
                     batch = producer.create_batch()
                     for _, _, key, value, *headers in group:
-                        record = {"key": key, "value": value, "timestamp": None, "headers": headers[0] if headers else None}
+                        record = {
+                            "key": key,
+                            "value": value,
+                            "timestamp": None,
+                            "headers": headers[0] if headers else None,
+                        }
                         if batch.append(**record) is None:
                             futures.append(await producer.send_batch(batch, topic, partition=partition))
                             batch = producer.create_batch()

@@ -1,4 +1,18 @@
-"""A Faust consumer that never commits past a record no agent processed.
+"""The stage consumer: the delivery guarantee every stage's correctness depends on.
+
+The guarantee: for each partition of a stage's source topics, the agent receives the records in
+offset order, starting at the group's committed offset (the earliest offset when none is
+committed), none left out; and an offset is committed only once every record below it was
+processed (acked by its agent). A restart or rebalance therefore replays from the committed offset,
+in order, and each stage drops its replays (pricing by its dedupe index, budgets and the sink by
+their source-offset watermarks), which is right only because nothing arrives late or not at all.
+
+This consumer is the one mechanism for it; nothing else re-reads or re-orders input. (The
+budgets stage used to keep its own source positions and read skipped records back directly; the
+SIGKILL test of tests/integration/test_budgets_stage.py passes without that, the restarted
+worker's records held back at its seek being fetched again here, see 6.) The pricing stage's
+``spendstream_pricing_skipped_offsets_total`` is observability only: a tripwire that counts, and
+logs at ERROR, a hole in the offsets its agent received; it repairs nothing.
 
 faust-streaming 0.15 (``faust/transport/consumer.py``) loses stream records after restarts and
 rebalances; measured as 3,630 of 1,006,666 acknowledged events missing after 20 SIGKILLs. The
@@ -46,11 +60,14 @@ ways a record gets skipped, and what this module does about each:
    restarted budgets worker fetched its whole backlog while held, then idled).
 7. Should a record handed out still be dropped unprocessed (a stream skips it, or flow control
    clears it from a queue), the consumer seeks back to it before handing out anything more of
-   that partition, with an ERROR: processed out of order, but processed.
+   that partition, with an ERROR: processed out of order, but processed. That breaks the order
+   half of the guarantee for this record (a watermark would take it for a replay): no known path
+   leads here since 6., and the ERROR is the alarm.
 
-The consumer is installed by ``StageApp`` (used by ``stream_processors.app.create_app``) for
-every stage. It depends on Faust internals (``_acked``, ``_gap``, ``_read_offset``); the
-regression tests in tests/integration/test_faust_recovery.py pin the behaviour.
+The consumer is installed by ``StageApp`` (used by ``stream_processors.runtime.app.create_app``)
+for every stage. It depends on Faust internals (``_acked``, ``_gap``, ``_read_offset``); the
+regression tests in tests/integration/test_faust_recovery.py pin the behaviour, and
+tests/unit/test_contiguous_consumer.py the sequence and commit rules record by record.
 """
 
 from __future__ import annotations
@@ -110,9 +127,14 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
             self._next_offset[tp] = offset
             self._commit_from[tp] = offset
             self._rewinds.pop(tp, None)
-        log.info("stream partitions sought to %s; held until flow resumes",
-                 {f"{tp.topic}/{tp.partition}": offset for tp, offset in sorted(positions.items())
-                  if self.app.topics.acks_enabled_for(tp.topic)})
+        log.info(
+            "stream partitions sought to %s; held until flow resumes",
+            {
+                f"{tp.topic}/{tp.partition}": offset
+                for tp, offset in sorted(positions.items())
+                if self.app.topics.acks_enabled_for(tp.topic)
+            },
+        )
 
     async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Mapping[TP, list[Any]]:
         records = await super()._getmany(active_partitions, timeout)
@@ -192,8 +214,13 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
                 # until flow resumes; the fetch position may already be past them
                 self._refetch.add(tp)
             elif tp not in rewound and expected < fetched_to:
-                log.warning("%s: fetched up to offset %d, handed out up to %d; seeking back to %d",
-                            tp, fetched_to - 1, expected - 1, expected)
+                log.warning(
+                    "%s: fetched up to offset %d, handed out up to %d; seeking back to %d",
+                    tp,
+                    fetched_to - 1,
+                    expected - 1,
+                    expected,
+                )
                 await self.seek(tp, expected)
 
     async def _fetch_held_again(self) -> None:
@@ -212,8 +239,10 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
             sought[tp] = expected
             await self.seek(tp, expected)
         if sought:
-            log.info("records fetched while held are fetched again from %s",
-                     {f"{tp.topic}/{tp.partition}": offset for tp, offset in sorted(sought.items())})
+            log.info(
+                "records fetched while held are fetched again from %s",
+                {f"{tp.topic}/{tp.partition}": offset for tp, offset in sorted(sought.items())},
+            )
 
     async def _seek_back_to_skipped(self) -> set[TP]:
         skipped, self._skipped = self._skipped, {}
@@ -222,8 +251,13 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
             expected, start = self._next_offset.get(tp), self._commit_from.get(tp)
             if expected is None or start is None or not start <= offset < expected:
                 continue  # sought since (rebalance), or already processed and committed
-            log.error("%s: offset %d was handed out but dropped unprocessed; seeking back to it "
-                      "(offsets up to %d were handed out after it)", tp, offset, expected - 1)
+            log.error(
+                "%s: offset %d was handed out but dropped unprocessed; seeking back to it "
+                "(offsets up to %d were handed out after it)",
+                tp,
+                offset,
+                expected - 1,
+            )
             self._next_offset[tp] = offset
             self._rewinds.pop(tp, None)
             await self.seek(tp, offset)
@@ -243,8 +277,13 @@ class ContiguousConsumer(aiokafka_driver.Consumer):
         previous = self._rewinds.get(tp)
         times = previous[2] + 1 if previous is not None and previous[:2] == (expected, offset) else 1
         if times >= REAL_GAP_CONFIRMATIONS:
-            log.warning("%s: offsets %d..%d are not in the log (seen %d times); treating them as a gap",
-                        tp, expected, offset - 1, times)
+            log.warning(
+                "%s: offsets %d..%d are not in the log (seen %d times); treating them as a gap",
+                tp,
+                expected,
+                offset - 1,
+                times,
+            )
             self._gap[tp].addi(expected, offset)
             self._next_offset[tp] = offset + 1
             self._rewinds.pop(tp, None)
