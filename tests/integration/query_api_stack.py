@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,6 +25,7 @@ import uvicorn
 from query_api.app import create_app
 from spendstream.clickhouse import get_client
 from spendstream.devstack import child_env
+from spendstream.keys import create_key
 from spendstream.migrate import apply_migrations
 from spendstream.settings import Settings
 
@@ -193,3 +196,16 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@contextmanager
+def admin_and_reader(settings: Settings, admin_key: str, tenant: str) -> Iterator[tuple[QueryApiServer, Any, Any]]:
+    """A running query API and two clients of ``tenant``: its admin key and a new read-only key."""
+    client = get_client(settings)
+    try:
+        _, read_key = create_key(client, tenant, ["read"], "reader")
+    finally:
+        client.close()
+    with QueryApiServer(settings) as server:
+        with server.client(admin_key) as admin, server.client(read_key) as reader:
+            yield server, admin, reader

@@ -8,7 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from query_api_stack import QueryApiServer, insert_events, make_events, migrate  # tests/integration on sys.path
+from query_api_stack import (  # tests/integration on sys.path
+    admin_and_reader,
+    insert_events,
+    make_events,
+    migrate,
+)
 
 from spendstream.budgets import Attribution, current_window, parse_limit_nanos, scope_matches
 from spendstream.budgets.store import budget_from_row, insert_alerts, scope_columns
@@ -32,14 +37,8 @@ BODY = {
 def api(make_settings):
     settings = make_settings(bootstrap_admin_key=ADMIN_KEY, bootstrap_tenant=TENANT)
     migrate(settings)
-    client = get_client(settings)
-    try:
-        _, read_key = create_key(client, TENANT, ["read"], "reader")
-    finally:
-        client.close()
-    with QueryApiServer(settings) as server:
-        with server.client(ADMIN_KEY) as admin, server.client(read_key) as reader:
-            yield {"settings": settings, "admin": admin, "reader": reader}
+    with admin_and_reader(settings, ADMIN_KEY, TENANT) as (_, admin, reader):
+        yield {"settings": settings, "admin": admin, "reader": reader}
 
 
 def test_crud_round_trip_and_durability(api):

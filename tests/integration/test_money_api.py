@@ -11,10 +11,9 @@ from decimal import Decimal
 
 import pytest
 from gateway_support import gateway  # tests/integration is on sys.path
-from query_api_stack import QueryApiServer, migrate
+from query_api_stack import admin_and_reader, migrate
 
 from spendstream.clickhouse import get_client
-from spendstream.keys import create_key
 from spendstream.money import MAX_BUDGET_LIMIT_NANOS, MAX_EVENT_COST_NANOS, format_usd
 from spendstream.pricing import OverrideBook
 from stream_processors.pricing.agents import OverrideRows
@@ -34,14 +33,8 @@ HOSTILE_AMOUNTS = ["1e999999", "1e999999999999", "-1e999999", "1" * 50_000, "0.0
 def api(make_settings):
     settings = make_settings(bootstrap_admin_key=ADMIN_KEY, bootstrap_tenant=TENANT)
     migrate(settings)
-    client = get_client(settings)
-    try:
-        _, read_key = create_key(client, TENANT, ["read"], "reader")
-    finally:
-        client.close()
-    with QueryApiServer(settings) as server:
-        with server.client(ADMIN_KEY) as admin, server.client(read_key) as reader:
-            yield {"settings": settings, "admin": admin, "reader": reader}
+    with admin_and_reader(settings, ADMIN_KEY, TENANT) as (_, admin, reader):
+        yield {"settings": settings, "admin": admin, "reader": reader}
 
 
 def assert_names(response, field: str, status: int = 422) -> None:

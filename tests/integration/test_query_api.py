@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 import pyarrow.parquet as pq
 import pytest
 from query_api_stack import (  # pytest puts tests/integration on sys.path
-    QueryApiServer,
+    admin_and_reader,
     insert_events,
     make_events,
     migrate,
@@ -22,8 +22,6 @@ from query_api_stack import (  # pytest puts tests/integration on sys.path
 
 from query_api.logic import encode_cursor
 from query_api.usage_sql import TOKEN_COLUMNS
-from spendstream.clickhouse import get_client
-from spendstream.keys import create_key
 
 pytestmark = pytest.mark.clickhouse
 
@@ -44,14 +42,8 @@ def stack(make_settings):
     events = make_events(TENANT, 3000, START, END, seed=1) + make_events(TENANT, 400, DST_START, DST_END, seed=2)
     other = make_events(OTHER, 500, START, END, seed=3)
     insert_events(settings, events + other)
-    client = get_client(settings)
-    try:
-        _, read_key = create_key(client, TENANT, ["read"], "reader")
-    finally:
-        client.close()
-    with QueryApiServer(settings) as server:
-        with server.client(ADMIN_KEY) as admin, server.client(read_key) as reader:
-            yield {"settings": settings, "events": events, "admin": admin, "reader": reader, "server": server}
+    with admin_and_reader(settings, ADMIN_KEY, TENANT) as (server, admin, reader):
+        yield {"settings": settings, "events": events, "admin": admin, "reader": reader, "server": server}
 
 
 def nanos(usd: str) -> int:
