@@ -101,8 +101,8 @@ def cluster_statements(statement: str, cluster: str, *, cluster_wide: bool = Fal
         return derived
     raise ClusterSchemaError(
         "no cluster form for this statement (expected CREATE DATABASE/TABLE/VIEW/MATERIALIZED VIEW "
-        f"IF NOT EXISTS, CREATE OR REPLACE VIEW, ALTER TABLE, DETACH TABLE IF EXISTS or ATTACH TABLE IF NOT EXISTS on "
-        "{{db}}-qualified names): {statement[:200]}"
+        "IF NOT EXISTS, CREATE OR REPLACE VIEW, ALTER TABLE, DETACH TABLE IF EXISTS or ATTACH TABLE IF NOT EXISTS on "
+        f"{{db}}-qualified names): {statement[:200]}"
     )
 
 
