@@ -101,9 +101,9 @@ _USAGE_NAMES = frozenset(name for names in TOKEN_ATTRIBUTES.values() for name in
 _PROVIDER_ATTRIBUTES = ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system", "ai.model.provider")
 _MODEL_ATTRIBUTES = (
     "gen_ai.response.model",
+    "ai.response.model",  # the response's model first: a dated snapshot prices exactly
     "gen_ai.request.model",
     "llm.model_name",
-    "ai.response.model",
     "ai.model.id",
 )
 #: semconv ``gen_ai.provider.name`` values (and other emitters' names) -> genai-prices provider ids;
@@ -264,8 +264,7 @@ def map_export(request: ExportTraceServiceRequest, *, client_cost: bool = False)
                 attrs = attributes(span.attributes)
                 agent = _first(attrs, ("gen_ai.agent.name",))
                 conversation = _first(attrs, ("gen_ai.conversation.id", "session.id"))
-                if agent or conversation:
-                    index[(span.trace_id, span.span_id)] = (span.parent_span_id, agent, conversation)
+                index[(span.trace_id, span.span_id)] = (span.parent_span_id, agent, conversation)
                 op, is_call = operation_of(attrs)
                 if is_call:
                     calls.append((span, attrs, resource, emitter))
