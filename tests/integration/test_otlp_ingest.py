@@ -22,6 +22,7 @@ from otel_support import (
     BASE_NS,
     export,
     legacy_openllmetry_chat,
+    merge,
     new_span_id,
     new_trace_id,
     semconv_chat,
@@ -183,7 +184,10 @@ async def test_otlp_exports_are_priced_once_per_model_call_span(otlp_stack):
             **at,
         ),  # fmt: skip
     ]
-    json_export = export(json_spans, {"service.name": "claude-fleet", "telemetry.sdk.name": "openlit"}, scope="openlit")
+    json_export = merge(
+        export(json_spans[:1], {"service.name": "claude-fleet"}),
+        export(json_spans[1:], {"service.name": "claude-fleet", "telemetry.sdk.name": "openlit"}, scope="openlit"),
+    )
 
     async with gateway(settings, key) as client:
         r = await client.post(
