@@ -300,7 +300,7 @@ async def test_client_cost_only_when_opted_in_and_mapping_rules_without_restart(
 
 async def test_answers_otlp_exporters_act_on(make_settings):
     key = "ss_test_" + secrets.token_urlsafe(16)
-    settings = make_settings(with_clickhouse=False, bootstrap_admin_key=key, gateway={"max_body_bytes": 4096})
+    settings = make_settings(with_clickhouse=False, bootstrap_admin_key=key, gateway={"max_body_bytes": 4096, "max_events_per_request": 5})
     good = export([span("chat", semconv_chat(), start_ns=BASE_NS)]).SerializeToString()
     async with gateway(settings) as client:
         r = await client.post("/otlp/v1/traces", content=good, headers=PB)
@@ -327,6 +327,10 @@ async def test_answers_otlp_exporters_act_on(make_settings):
         assert r.status_code == 200
         partial = ExportTraceServiceResponse.FromString(r.content).partial_success
         assert partial.rejected_spans == 1 and "timestamp" in partial.error_message
+        # more spans than a request may hold (gateway.max_events_per_request)
+        many = export([span("execute_tool x", {"gen_ai.operation.name": "execute_tool"}) for _ in range(6)])
+        r = await client.post("/otlp/v1/traces", content=many.SerializeToString(), headers={**auth, **PB})
+        assert r.status_code == 413 and "6 spans" in RpcStatus.FromString(r.content).message
         # only agent/tool spans: nothing to store, accepted
         tool = export([span("execute_tool x", {"gen_ai.operation.name": "execute_tool"})])
         r = await client.post("/otlp/v1/traces", json=to_otlp_json(tool), headers=auth)
