@@ -249,6 +249,22 @@ def _client_cost(value: Any) -> str | None:
     return str(value.quantize(Decimal("1e-9"), ROUND_HALF_EVEN))
 
 
+def _resource_defaults(resource: dict[str, Any]) -> dict[str, Any]:
+    """What a resource gives every span of it when the span does not say (computed once per resource)."""
+    out: dict[str, Any] = {
+        "project": _first(resource, ("spendstream.project",)),
+        "agent": _first(resource, ("service.name",)),
+        "user": _first(resource, ("user.id", "enduser.id")),
+        "session_id": _first(resource, ("gen_ai.conversation.id", "session.id")),
+        "session_label": _first(resource, ("spendstream.session.label",)),
+        "session_type": _first(resource, ("spendstream.session.type",)),
+    }
+    out["tags"] = {
+        k[len(TAG_PREFIX) :]: str(v) for k, v in resource.items() if k.startswith(TAG_PREFIX) and v is not None
+    }
+    return out
+
+
 def map_export(request: ExportTraceServiceRequest, *, client_cost: bool = False) -> MappedExport:
     """Every model-call span of ``request`` as a contract v1 event object (see the module doc)."""
     out = MappedExport()
@@ -257,6 +273,7 @@ def map_export(request: ExportTraceServiceRequest, *, client_cost: bool = False)
     calls: list[tuple[Any, dict[str, Any], dict[str, Any], str]] = []
     for resource_spans in request.resource_spans:
         resource = attributes(resource_spans.resource.attributes)
+        defaults = _resource_defaults(resource)
         for scope_spans in resource_spans.scope_spans:
             emitter = _emitter(resource, scope_spans.scope.name)
             for span in scope_spans.spans:
@@ -267,12 +284,12 @@ def map_export(request: ExportTraceServiceRequest, *, client_cost: bool = False)
                 index[(span.trace_id, span.span_id)] = (span.parent_span_id, agent, conversation)
                 op, is_call = operation_of(attrs)
                 if is_call:
-                    calls.append((span, attrs, resource, emitter))
+                    calls.append((span, attrs, defaults, emitter))
                 else:
                     out.ignored += 1
-    for span, attrs, resource, emitter in calls:
+    for span, attrs, defaults, emitter in calls:
         try:
-            out.events.append(_event(span, attrs, resource, emitter, index, client_cost))
+            out.events.append(_event(span, attrs, defaults, emitter, index, client_cost))
         except _SpanError as exc:
             out.rejected.append((f"{hex_id(span.trace_id)}/{hex_id(span.span_id)}", str(exc)))
     return out
@@ -296,7 +313,7 @@ def _inherited(span: Any, index: dict[tuple[bytes, bytes], tuple[bytes, str | No
 def _event(
     span: Any,
     attrs: dict[str, Any],
-    resource: dict[str, Any],
+    defaults: dict[str, Any],
     emitter: str,
     index: dict[tuple[bytes, bytes], tuple[bytes, str | None, str | None]],
     client_cost: bool,
@@ -333,27 +350,24 @@ def _event(
     if span.start_time_unix_nano and span.end_time_unix_nano >= span.start_time_unix_nano:
         ev["latency_ms"] = min((span.end_time_unix_nano - span.start_time_unix_nano) // 1_000_000, 2**31 - 1)
 
-    def pick(*names: str) -> str | None:
-        return _first(attrs, names) or _first(resource, names)
-
-    if project := pick("spendstream.project"):
-        ev["project"] = project
-    agent = _first(attrs, ("gen_ai.agent.name",)) or _inherited(span, index, 1) or _first(resource, ("service.name",))
-    if agent:
-        ev["agent"] = agent
-    if user := pick("user.id", "enduser.id"):
-        ev["user"] = user
-    session = _first(attrs, ("gen_ai.conversation.id", "session.id")) or _inherited(span, index, 2)
-    if session := session or _first(resource, ("gen_ai.conversation.id", "session.id")):
-        ev["session_id"] = session
-    if label := pick("spendstream.session.label"):
-        ev["session_label"] = label
-    if kind := pick("spendstream.session.type"):
-        ev["session_type"] = kind
-    tags = {k[len(TAG_PREFIX) :]: str(v) for k, v in resource.items() if k.startswith(TAG_PREFIX) and v is not None}
-    tags.update((k[len(TAG_PREFIX) :], str(v)) for k, v in attrs.items() if k.startswith(TAG_PREFIX) and v is not None)
+    entry = index[(span.trace_id, span.span_id)]
+    attribution = {
+        "project": _first(attrs, ("spendstream.project",)),
+        "agent": entry[1] or _inherited(span, index, 1),
+        "user": _first(attrs, ("user.id", "enduser.id")),
+        "session_id": entry[2] or _inherited(span, index, 2),
+        "session_label": _first(attrs, ("spendstream.session.label",)),
+        "session_type": _first(attrs, ("spendstream.session.type",)),
+    }
+    for name, value in attribution.items():
+        if value := value or defaults[name]:
+            ev[name] = value
+    tags = defaults["tags"]
+    span_tags = [(k[len(TAG_PREFIX) :], str(v)) for k, v in attrs.items() if k.startswith(TAG_PREFIX) and v is not None]
+    if span_tags:
+        tags = {**tags, **dict(span_tags)}
     if tags:
-        ev["tags"] = tags
+        ev["tags"] = dict(tags)
     if client_cost and (cost := attrs.get("gen_ai.usage.cost")) is not None:
         if (usd := _client_cost(cost)) is not None:
             ev["cost_usd"] = usd
