@@ -146,7 +146,9 @@ def breakdown_order(order: str) -> str:
     return f"{column} {'DESC' if descending else 'ASC'}, group_key ASC"
 
 
-@router.get("/breakdown", summary="Measures per project, agent, user, provider, model, session label or type, or tag value")
+@router.get(
+    "/breakdown", summary="Measures per project, agent, user, provider, model, session label or type, or tag value"
+)
 async def breakdown(
     principal: Reader,
     ch: CH,

@@ -300,7 +300,9 @@ async def test_client_cost_only_when_opted_in_and_mapping_rules_without_restart(
 
 async def test_answers_otlp_exporters_act_on(make_settings):
     key = "ss_test_" + secrets.token_urlsafe(16)
-    settings = make_settings(with_clickhouse=False, bootstrap_admin_key=key, gateway={"max_body_bytes": 4096, "max_events_per_request": 5})
+    settings = make_settings(
+        with_clickhouse=False, bootstrap_admin_key=key, gateway={"max_body_bytes": 4096, "max_events_per_request": 5}
+    )
     good = export([span("chat", semconv_chat(), start_ns=BASE_NS)]).SerializeToString()
     async with gateway(settings) as client:
         r = await client.post("/otlp/v1/traces", content=good, headers=PB)
