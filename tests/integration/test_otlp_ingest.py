@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import gzip
 import importlib.util
+import json
 import secrets
 import time
 from datetime import datetime
 from pathlib import Path
 
+import orjson
 import pytest
 from gateway_support import gateway
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
@@ -360,3 +362,46 @@ async def test_broker_down_is_503_with_retry_after(make_settings, tmp_path):
             assert RpcStatus.FromString(r.content).code == 14  # UNAVAILABLE
     finally:
         broker.stop()
+
+
+async def test_hostile_bodies_get_4xx_never_5xx(make_settings):
+    import random
+
+    key = "ss_test_" + secrets.token_urlsafe(16)
+    settings = make_settings(with_clickhouse=False, bootstrap_admin_key=key)
+    rng = random.Random(19)
+    base = export(
+        [span("chat", semconv_chat(**{"spendstream.tag.t": "v"}), start_ns=BASE_NS) for _ in range(3)]
+    ).SerializeToString()
+    base_json = orjson.dumps(to_otlp_json(export([span("chat", semconv_chat(), start_ns=BASE_NS)])))
+    nested_pb = b"\x0a\x02" * 2000  # ever deeper length-delimited fields
+    deep_value = "[" * 5000 + "]" * 5000
+    bodies = [(nested_pb, PB["Content-Type"]), (deep_value.encode(), "application/json")]
+    nested = {"kvlistValue": {"values": []}}
+    inner = nested
+    for _ in range(200):  # an attribute value nested 200 levels deep
+        child = {"kvlistValue": {"values": []}}
+        inner["kvlistValue"]["values"].append({"key": "k", "value": child})
+        inner = child
+    deep_attr = {
+        "resourceSpans": [{"scopeSpans": [{"spans": [{"name": "x", "attributes": [{"key": "a", "value": nested}]}]}]}]
+    }
+    bodies.append((json.dumps(deep_attr).encode(), "application/json"))
+    for _ in range(150):
+        raw = bytearray(base)
+        for _ in range(rng.randrange(1, 8)):
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+        bodies.append((bytes(raw[: rng.randrange(1, len(raw) + 1)]), PB["Content-Type"]))
+        js = bytearray(base_json)
+        at = rng.randrange(len(js))
+        js[at : at + rng.randrange(1, 4)] = rng.choice([b'"', b"{", b"]", b"1e999", b"null", b"-1", b'"zz"'])
+        bodies.append((bytes(js), "application/json"))
+    statuses = set()
+    async with gateway(settings, key) as client:
+        for body, ctype in bodies:
+            r = await client.post("/otlp/v1/traces", content=body, headers={"Content-Type": ctype})
+            assert r.status_code in (200, 400), (r.status_code, r.content[:300], body[:100])
+            statuses.add(r.status_code)
+        assert statuses == {200, 400}
+        r = await client.post("/otlp/v1/traces", content=base, headers=PB)
+        assert r.status_code == 200  # still serving
