@@ -13,8 +13,9 @@ from ingest_gateway.budget_view import BudgetView
 from ingest_gateway.ingest import IngestMiddleware
 from ingest_gateway.metrics import GatewayMetrics
 from ingest_gateway.openapi import add_ingest_path
+from ingest_gateway.project_rules import ProjectRules
 from ingest_gateway.publisher import Publisher
-from ingest_gateway.routers import budget_check, health
+from ingest_gateway.routers import budget_check, health, otlp
 from spendstream.keys import KeyStore, clickhouse_loader
 from spendstream.settings import Settings
 
@@ -37,14 +38,18 @@ def create_app(settings: Settings) -> FastAPI:
         publisher = Publisher(settings, metrics)
         keys = KeyStore.from_settings(settings, clickhouse_loader(settings), on_reload=_key_metrics(metrics))
         budget_view = BudgetView(settings)
+        project_rules = ProjectRules(settings)
         await publisher.start()
         await keys.start()
         await budget_view.start()
+        await project_rules.start()
         app.state.publisher, app.state.keys, app.state.budget_view = publisher, keys, budget_view
+        app.state.project_rules = project_rules
         metrics.in_flight_events.set_function(lambda: publisher.in_flight)
         try:
             yield
         finally:
+            await project_rules.close()
             await budget_view.close()
             await keys.close()
             await publisher.close()
@@ -63,6 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.ingest_settings = settings
     app.include_router(health.router)
     app.include_router(budget_check.router)
+    app.include_router(otlp.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

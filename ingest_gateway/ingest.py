@@ -99,7 +99,7 @@ class IngestMiddleware:
         encoding = headers.get(b"content-encoding")
         if encoding is not None:
             body = logic.decode_content(body, encoding.decode("latin-1"), self.max_bytes)
-        ctx = logic.RequestContext.now()
+        ctx = logic.RequestContext.now(state.project_rules.for_tenant(principal.tenant))
         result = logic.validate_body(body, ndjson, self.max_events, ctx)
         for reason in logic.rejection_reasons(result.rejected):
             metrics.events_rejected.labels(reason).inc()

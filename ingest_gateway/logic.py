@@ -32,6 +32,7 @@ from ingest_gateway.usage import MAX_TOKENS, FieldErrors, normalise_usage
 from spendstream.contracts import TOKEN_FIELDS, TOKEN_PARENTS
 from spendstream.money import EVENT_COST, MAX_EVENT_COST_NANOS, MoneyError, format_usd
 from spendstream.pricing.catalog import default_catalog
+from spendstream.project_mappings import RuleSet as ProjectRuleSet
 from spendstream.timeutil import format_epoch_ms, format_timestamp
 
 MAX_FUTURE = timedelta(minutes=5)
@@ -42,6 +43,7 @@ MAX_ID_LEN = 128
 MAX_ATTRIBUTION_LEN = 256
 MAX_MODEL_LEN = 256
 MAX_TAGS = 32
+MAX_SESSION_TYPE_LEN = 64
 MAX_TAG_KEY_LEN = 128
 MAX_TAG_VALUE_LEN = 256
 #: the per-event cost cap (spendstream/money.py), as the OpenAPI schema states it
@@ -67,10 +69,12 @@ class Event(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defau
 
     event_id: _Id | None = None
     timestamp: str | None = None
-    project: _Id
+    project: _Id | None = None  # required unless a project mapping rule matches (see _finish)
     agent: _Id | None = None
     user: _Attribution | None = None
     session_id: _Attribution | None = None
+    session_label: _Attribution | None = None
+    session_type: Annotated[str, Meta(max_length=MAX_SESSION_TYPE_LEN)] | None = None
     operation: _Attribution | None = None
     tags: _Tags | None = None
     provider: _Name | None = None
@@ -259,9 +263,11 @@ def uuid7(unix_ms: int) -> str:
 class RequestContext:
     """What every event of one request shares: the receive time and the future limit."""
 
-    __slots__ = ("received_ns", "received_ms", "received_at_str", "_latest", "_latest_str")
+    __slots__ = ("received_ns", "received_ms", "received_at_str", "_latest", "_latest_str", "rules")
 
-    def __init__(self, received_ns: int):
+    def __init__(self, received_ns: int, rules: ProjectRuleSet | None = None):
+        #: the tenant's project mapping rules, for events without a project
+        self.rules = rules
         self.received_ns = received_ns
         self.received_ms = received_ns // 1_000_000
         self.received_at_str = format_epoch_ms(self.received_ms)
@@ -283,8 +289,8 @@ class RequestContext:
         return self._latest_str
 
     @classmethod
-    def now(cls) -> RequestContext:
-        return cls(time.time_ns())
+    def now(cls, rules: ProjectRuleSet | None = None) -> RequestContext:
+        return cls(time.time_ns(), rules)
 
 
 _EARLIEST_STR = "1970-01-01T00:00:00.000Z"
@@ -424,12 +430,16 @@ def _finish(ev: Event, ctx: RequestContext) -> FieldErrors:
     elif ev.event_id.isspace():
         _blank(errors, "event_id")
     ev.timestamp = ctx.received_at_str if ev.timestamp is None else _timestamp(ev.timestamp, ctx, errors)
-    if ev.project.isspace():
-        _blank(errors, "project")
     if ev.agent is None:
         ev.agent = "default"
     elif ev.agent.isspace():
         _blank(errors, "agent")
+    if ev.project is None:
+        ev.project = ctx.rules.project_for(ev.agent, ev.session_label) if ctx.rules is not None else None
+        if ev.project is None:
+            errors.append({"field": "project", "message": "field required (no project mapping rule matched)"})
+    elif ev.project.isspace():
+        _blank(errors, "project")
     if ev.status is None:
         ev.status = "ok"
 
@@ -546,6 +556,35 @@ def validate_body(body: bytes, ndjson: bool, max_events: int, ctx: RequestContex
             group.append(ev)
     rejected.sort(key=lambda r: r["index"])
     return Validated(by_project, event_ids, rejected)
+
+
+def validate_objects(objs: list[dict[str, Any]], ctx: RequestContext) -> Validated:
+    """Event objects built by the gateway itself (the OTLP mapping) through the same checks as a
+    request's: the ``Event`` types and limits, then ``_finish``. Rejections carry the index in ``objs``."""
+    by_project: dict[str, list[Event]] = {}
+    event_ids: list[str] = []
+    rejected: list[dict[str, Any]] = []
+    for index, obj in enumerate(objs):
+        try:
+            ev = _convert_event(obj)
+        except msgspec.ValidationError as exc:
+            message = str(exc)
+            m = _AT_PATH.search(message)
+            name = (m.group(1) or "event") if m else "event"
+            errors = [{"field": name, "message": message[: m.start()] if m else message}]
+            rejected.append({"index": index, "event_id": obj.get("event_id"), "errors": errors})
+            continue
+        errors = _finish(ev, ctx)
+        if errors:
+            rejected.append({"index": index, "event_id": obj.get("event_id"), "errors": errors})
+            continue
+        event_ids.append(ev.event_id)  # type: ignore[arg-type]
+        by_project.setdefault(ev.project, []).append(ev)
+    return Validated(by_project, event_ids, rejected)
+
+
+def _convert_event(obj: dict[str, Any]) -> Event:
+    return msgspec.convert(obj, Event)
 
 
 def validate_event(obj: Any, ctx: RequestContext | None = None) -> tuple[dict[str, Any] | None, FieldErrors]:

@@ -61,6 +61,19 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        self.otlp_requests = Counter(
+            "spendstream_gateway_otlp_requests",
+            "POST /otlp/v1/traces requests by HTTP status",
+            ["status"],
+            registry=self.registry,
+        )
+        self.otlp_spans = Counter(
+            "spendstream_gateway_otlp_spans",
+            "OTLP spans by outcome: received, not_model_call (no cost), event (published), rejected",
+            ["outcome"],
+            registry=self.registry,
+        )
+
     def request_count(self, status: int) -> Any:
         """The requests counter of one status (label lookups cost more than the increment)."""
         child = self._request_counts.get(status)

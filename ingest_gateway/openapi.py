@@ -28,7 +28,7 @@ EVENT_SCHEMA: dict[str, Any] = {
     "input_tokens INCLUDES cache read/write and audio input; output_tokens INCLUDES reasoning and audio output. "
     "Unknown fields are rejected.",
     "additionalProperties": False,
-    "required": ["project", "model"],
+    "required": ["model"],
     "properties": {
         "event_id": _string(logic.MAX_ID_LEN, 1, description="idempotency key; a UUIDv7 is generated when absent"),
         "timestamp": {
@@ -36,11 +36,22 @@ EVENT_SCHEMA: dict[str, Any] = {
             "format": "date-time",
             "description": "RFC 3339 event time; absent = receive time; at most 5 minutes in the future",
         },
-        "project": _string(logic.MAX_ID_LEN, 1, pattern=r"\S"),
+        "project": _string(
+            logic.MAX_ID_LEN,
+            1,
+            pattern=r"\S",
+            description="required unless a project mapping rule of the tenant matches the event's session_label or agent",
+        ),
         "agent": _string(logic.MAX_ID_LEN, 1, pattern=r"\S", default="default"),
         "user": _string(logic.MAX_ATTRIBUTION_LEN),
         "session_id": _string(logic.MAX_ATTRIBUTION_LEN),
         "operation": _string(logic.MAX_ATTRIBUTION_LEN),
+        "session_label": _string(
+            logic.MAX_ATTRIBUTION_LEN, description="a session's name, e.g. peakpaws-safety-review"
+        ),
+        "session_type": _string(
+            logic.MAX_SESSION_TYPE_LEN, description="main, subagent, heartbeat or any short string"
+        ),
         "tags": {
             "type": "object",
             "maxProperties": logic.MAX_TAGS,

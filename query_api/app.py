@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
+import query_api.routers.project_mappings
 from query_api.errors import install_error_handlers
 from query_api.guard import RequestGuard
 from query_api.metrics import ApiMetrics, MetricsMiddleware
@@ -31,6 +32,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 #: one router per domain, in the order they appear in the OpenAPI document
 ROUTERS = (health, analytics, export, pricing, projects, keys, sql, budgets, webhooks, alerts)
+ROUTERS += (query_api.routers.project_mappings,)
 
 
 def create_app(settings: Settings) -> FastAPI:

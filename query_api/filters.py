@@ -15,8 +15,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from query_api.errors import InvalidField
 from spendstream.timeutil import epoch_ms
 
-#: attribution dimensions that can be filtered and grouped by (column names of usage_events)
-DIMENSIONS: tuple[str, ...] = ("project", "agent", "user", "provider", "model")
+#: attribution dimensions that can be filtered and grouped by (column names of usage_events; the
+#: session fields are only there, so a query using one reads usage_events, not an aggregate)
+DIMENSIONS: tuple[str, ...] = ("project", "agent", "user", "provider", "model", "session_label", "session_type")
 DEFAULT_RANGE = timedelta(days=30)
 MAX_TAG_FILTERS = 8
 #: what every time column (DateTime64(3, 'UTC'), clickhouse/schema/) can hold: an instant outside

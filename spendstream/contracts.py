@@ -93,6 +93,8 @@ class NormalisedEvent(TypedDict, total=False):
     agent: str
     user: str
     session_id: str
+    session_label: str
+    session_type: str  # "main", "subagent", "heartbeat" or any short string
     operation: str
     tags: dict[str, str]
     provider: str

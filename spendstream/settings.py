@@ -233,6 +233,21 @@ class ProcessorsSettings(BaseModel):
     web_port: int = Field(6066, ge=1, le=65535, description="Faust worker web/metrics port")
 
 
+class OtelSettings(BaseModel):
+    """OpenTelemetry ingest (the gateway's ``POST /otlp/v1/traces``) and the project mapping rules."""
+
+    default_project: str = Field(
+        "default",
+        min_length=1,
+        max_length=128,
+        description="project of OTLP spans without `spendstream.project` that no project mapping rule matches",
+    )
+    project_mappings_reload_s: float = Field(
+        2.0, gt=0, description="how often the gateway re-reads the project mapping rules (a change is live within it)"
+    )
+    max_project_mappings: int = Field(1000, ge=1, description="project mapping rules one tenant may have")
+
+
 #: Renamed settings still accepted under their old name (see the module docstring): old path ->
 #: new path. Applied once, by ``Settings._renamed_settings``, to env variables and keywords alike.
 RENAMED_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
@@ -355,6 +370,7 @@ class Settings(BaseSettings):
     budgets: BudgetsSettings = BudgetsSettings()
     notify: NotifySettings = NotifySettings()
     sink: SinkSettings = SinkSettings()
+    otel: OtelSettings = OtelSettings()
 
     @model_validator(mode="before")
     @classmethod

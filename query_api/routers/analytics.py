@@ -43,13 +43,23 @@ def usage_filters(
     user: Annotated[list[str] | None, Query()] = None,
     provider: Annotated[list[str] | None, Query()] = None,
     model: Annotated[list[str] | None, Query()] = None,
+    session_label: Annotated[list[str] | None, Query(description="e.g. peakpaws-safety-review")] = None,
+    session_type: Annotated[list[str] | None, Query(description="main, subagent, heartbeat, ...")] = None,
     tag: Annotated[list[str] | None, Query(description="key:value, repeatable: all must match")] = None,
 ) -> Filters:
     return parse_filters(
         start=from_,
         end=to,
         tz=tz,
-        dims={"project": project, "agent": agent, "user": user, "provider": provider, "model": model},
+        dims={
+            "project": project,
+            "agent": agent,
+            "user": user,
+            "provider": provider,
+            "model": model,
+            "session_label": session_label,
+            "session_type": session_type,
+        },
         tags=tag,
         now=datetime.now(UTC),
     )
@@ -136,7 +146,9 @@ def breakdown_order(order: str) -> str:
     return f"{column} {'DESC' if descending else 'ASC'}, group_key ASC"
 
 
-@router.get("/breakdown", summary="Measures per project, agent, user, provider, model or tag value")
+@router.get(
+    "/breakdown", summary="Measures per project, agent, user, provider, model, session label or type, or tag value"
+)
 async def breakdown(
     principal: Reader,
     ch: CH,
@@ -167,6 +179,8 @@ EVENT_COLUMNS = (
     "agent",
     "user",
     "session_id",
+    "session_label",
+    "session_type",
     "operation",
     "tags",
     "provider",

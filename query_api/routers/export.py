@@ -46,6 +46,8 @@ EVENT_EXPORT_COLUMNS = (
     "agent",
     "user",
     "session_id",
+    "session_label",
+    "session_type",
     "operation",
     "tags",
     "provider",
