@@ -88,6 +88,11 @@ SELECT
 FROM {db}.usage_events_in
 ARRAY JOIN events AS e;
 
+-- reloaded as a restart would: after MODIFY QUERY the server that ran it derives other insert-dedup
+-- block ids for the view's target than after a restart (see 0014)
+DETACH TABLE IF EXISTS {db}.usage_events_in_mv;
+ATTACH TABLE IF NOT EXISTS {db}.usage_events_in_mv;
+
 -- the analyst view over usage_events (0006) with the new columns
 CREATE OR REPLACE VIEW {db}_tenant.usage_events AS
 SELECT * FROM {db}.usage_events
