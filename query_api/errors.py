@@ -37,6 +37,22 @@ class InvalidField(DomainError):
         super().__init__(message, field)
 
 
+class BadRequest(DomainError):
+    status = 400
+    code = "bad_request"
+
+
+class TooManyRequests(DomainError):
+    """Login limits and a full password-hashing queue: retry after ``retry_after_s``."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, retry_after_s: int, field: str | None = None):
+        super().__init__(message, field)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
 class NotFound(DomainError):
     status = 404
     code = "not_found"

@@ -52,6 +52,11 @@ class Principal:
     tenant: str
     scopes: frozenset[str]
     name: str = ""
+    #: set for a person's access token (spendstream.identity): the user, the login session, the
+    #: role in ``tenant`` the scopes came from; empty for an API key
+    user_id: str = ""
+    session_id: str = ""
+    role: str = ""
 
     def allows(self, scope: str) -> bool:
         return scope in self.scopes
@@ -368,10 +373,11 @@ class AuthError(Exception):
     """A request's key was refused: ``status`` 401 (none, malformed, unknown or revoked) or 403
     (none of the scopes the route needs). Each service renders it in its own error format."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, field: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.field = field  # the header at fault, when it is not the credential itself (X-Org-Id)
 
 
 def presented_key(authorization: str | None, api_key: str | None) -> str | None:
@@ -388,7 +394,12 @@ def presented_key(authorization: str | None, api_key: str | None) -> str | None:
 def check_scopes(principal: Principal, scopes: Collection[str]) -> Principal:
     """``principal`` when it holds one of ``scopes`` (any key when none are asked), else 403."""
     if scopes and not any(principal.allows(s) for s in scopes):
-        raise AuthError(403, f"this API key needs the {' or '.join(repr(s) for s in sorted(scopes))} scope")
+        needed = " or ".join(repr(s) for s in sorted(scopes))
+        if principal.user_id:
+            raise AuthError(
+                403, f"your role {principal.role!r} in organisation {principal.tenant!r} lacks the {needed} scope"
+            )
+        raise AuthError(403, f"this API key needs the {needed} scope")
     return principal
 
 
