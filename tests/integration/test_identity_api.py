@@ -4,6 +4,10 @@ removal within seconds, X-Org-Id, and the isolation of organisations."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -14,6 +18,7 @@ from identity_support import IDENTITY, JWT_SECRET, PASSWORD, bearer, invite_and_
 from query_api_stack import QueryApiServer, insert_events, make_events, migrate
 
 from spendstream.clickhouse import get_client
+from spendstream.devstack import child_env
 from spendstream.identity.tokens import AccessTokens
 
 pytestmark = pytest.mark.clickhouse
@@ -349,3 +354,21 @@ def test_api_keys_still_work_beside_user_tokens(server, api):
     # a key acts as an admin: it may not make owners
     invite = api.post(f"/v1/orgs/{org}/invites", json={"email": "o@example.com", "role": "owner"}, headers=bearer(key))
     assert invite.status_code == 403
+
+
+def test_cli_users_create_bootstraps_an_owner_of_an_existing_tenant(server, api):
+    env = {**os.environ, **child_env(server.settings)}
+    command = [sys.executable, "-m", "spendstream.cli", "users", "create", "--email", "Root@Example.com",
+               "--org", "boot-tenant", "--role", "owner", "--password-stdin", "--json"]  # fmt: skip
+    done = subprocess.run(command, input=PASSWORD + "\n", env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) | {"user_id": ""} == {
+        "user_id": "", "email": "root@example.com", "org": "boot-tenant", "role": "owner", "created_user": True
+    }  # fmt: skip
+    token = login(api, "root@example.com")["access_token"]
+    assert api.get("/auth/me", headers=bearer(token)).json()["orgs"] == [
+        {"id": "boot-tenant", "name": "boot-tenant", "role": "owner"}
+    ]
+    weak = subprocess.run([*command[:6], "weak@example.com", *command[7:]], input="short\n", env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert weak.returncode == 2 and "at least 10" in weak.stderr
