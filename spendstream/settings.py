@@ -273,6 +273,13 @@ class IdentitySettings(BaseModel):
         "removals made by another process apply within this period (at once in the process that made them)",
     )
 
+    @field_validator("jwt_secret")
+    @classmethod
+    def _jwt_secret_long_enough(cls, v: SecretStr) -> SecretStr:
+        if v.get_secret_value() and len(v.get_secret_value().encode()) < 32:
+            raise ValueError("must be empty (a random key per process) or at least 32 bytes")
+        return v
+
 
 #: Renamed settings still accepted under their old name (see the module docstring): old path ->
 #: new path. Applied once, by ``Settings._renamed_settings``, to env variables and keywords alike.

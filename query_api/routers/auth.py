@@ -25,7 +25,7 @@ from query_api.identity import Identity
 from spendstream.identity import store
 from spendstream.identity.accounts import InvalidAccountField, check_name, new_org_id, new_user_id, normalize_email
 from spendstream.identity.passwords import HashPoolBusy, PasswordPolicyError, check_password
-from spendstream.identity.tokens import AccessClaims, InvalidToken, looks_like_jwt
+from spendstream.identity.tokens import AccessClaims, InvalidToken, looks_like_jwt, parse_refresh_token
 from spendstream.timeutil import iso_utc
 
 router = APIRouter(prefix="/auth", tags=["auth"])
@@ -97,13 +97,11 @@ def _client(request: Request) -> tuple[str, str]:
     return (request.client.host if request.client else ""), request.headers.get("user-agent", "")[:256]
 
 
-def _field(fn, *args: Any, **kw: Any) -> Any:
+def _field(fn, *args: Any) -> Any:
     try:
-        return fn(*args, **kw)
+        return fn(*args)
     except InvalidAccountField as exc:
         raise InvalidField(exc.field, exc.message) from None
-    except PasswordPolicyError as exc:
-        raise InvalidField(kw.get("field", "password"), str(exc)) from None
 
 
 def _password(password: str, identity: Identity, email: str, field: str = "password") -> str:
@@ -113,12 +111,13 @@ def _password(password: str, identity: Identity, email: str, field: str = "passw
         raise InvalidField(field, str(exc)) from None
 
 
-def _throttle_ip(identity: Identity, ip: str) -> None:
+def _throttle_ip(identity: Identity, ip: str, count: bool = True) -> None:
     now = time.monotonic()
     wait = identity.attempts_per_ip.retry_after(ip, now)
     if wait:
         raise TooManyRequests(f"too many attempts from your address; retry in {wait} s", wait)
-    identity.attempts_per_ip.hit(ip, now)
+    if count:
+        identity.attempts_per_ip.hit(ip, now)
 
 
 async def _hash(identity: Identity, fn, *args: Any) -> Any:
@@ -212,8 +211,11 @@ async def login(body: LoginIn, request: Request, identity: IdentityDep) -> dict:
 async def refresh(body: RefreshIn, request: Request, identity: IdentityDep) -> dict:
     ip, agent = _client(request)
     ch = request.app.state.ch
-    parsed = store.tokens.parse_refresh_token(body.refresh_token)
+    # refreshing is free for clients holding real tokens; guessing counts against the address
+    _throttle_ip(identity, ip, count=False)
+    parsed = parse_refresh_token(body.refresh_token)
     if parsed is None:
+        identity.attempts_per_ip.hit(ip, time.monotonic())
         raise Unauthorized("invalid refresh token")
     async with identity.session_lock(parsed[0]):
         result = await store.rotate_refresh_token(ch, body.refresh_token)
@@ -224,6 +226,8 @@ async def refresh(body: RefreshIn, request: Request, identity: IdentityDep) -> d
     if outcome is store.Rotation.REUSED:
         identity.cache.mark_revoked(result.session_id)
         raise Unauthorized("this refresh token was already used: the session is revoked, log in again")
+    if outcome is store.Rotation.INVALID:
+        identity.attempts_per_ip.hit(ip, time.monotonic())
     if outcome is not store.Rotation.ROTATED:
         message = {
             store.Rotation.INVALID: "invalid refresh token",

@@ -4,7 +4,9 @@ removal within seconds, X-Org-Id, and the isolation of organisations."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,11 +17,14 @@ import httpx
 import jwt
 import pytest
 from identity_support import IDENTITY, JWT_SECRET, PASSWORD, bearer, invite_and_accept, login, register
+from pydantic import ValidationError
 from query_api_stack import QueryApiServer, insert_events, make_events, migrate
 
-from spendstream.clickhouse import get_client
+from spendstream.clickhouse import get_async_client, get_client
 from spendstream.devstack import child_env
+from spendstream.identity import store
 from spendstream.identity.tokens import AccessTokens
+from spendstream.settings import Settings
 
 pytestmark = pytest.mark.clickhouse
 
@@ -372,3 +377,47 @@ def test_cli_users_create_bootstraps_an_owner_of_an_existing_tenant(server, api)
     weak = subprocess.run([*command[:6], "weak@example.com", *command[7:]], input="short\n", env=env,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert weak.returncode == 2 and "at least 10" in weak.stderr
+
+
+async def test_racing_rotations_of_one_refresh_token_revoke_the_session(server, api):
+    """Two processes rotating one refresh token at once (no shared lock): ClickHouse has no
+    compare-and-set, so each writes its child and reads back; two children of one token is reuse."""
+    register(api, "race@example.com")
+    token = login(api, "race@example.com")["refresh_token"]
+    first, second = await get_async_client(server.settings), await get_async_client(server.settings)
+    try:
+        outcomes = await asyncio.gather(
+            store.rotate_refresh_token(first, token), store.rotate_refresh_token(second, token)
+        )
+        kinds = sorted(o.outcome.value for o in outcomes)
+        assert store.Rotation.REUSED.value in kinds and kinds != ["rotated", "rotated"], kinds
+        assert await store.session_revoked(first, outcomes[0].session_id)
+        for outcome in outcomes:
+            if outcome.refresh_token:  # a winner's new token is dead too
+                again = await store.rotate_refresh_token(first, outcome.refresh_token)
+                assert again.outcome is store.Rotation.REVOKED
+    finally:
+        await first.close()
+        await second.close()
+
+
+def test_no_token_or_password_reaches_the_logs(api, caplog):
+    caplog.set_level(logging.DEBUG)
+    owner = register(api, "logs@example.com", password="log-secret-password-1")
+    first = login(api, "logs@example.com", "log-secret-password-1")
+    second = api.post("/auth/refresh", json={"refresh_token": first["refresh_token"]}).json()
+    invite = api.post(f"/v1/orgs/{owner['org']['id']}/invites", json={"email": "l2@example.com", "role": "viewer"},
+                      headers=bearer(second["access_token"])).json()  # fmt: skip
+    api.post("/auth/accept-invite", json={"token": invite["token"], "password": "log-secret-password-2", "name": "L"})
+    api.post("/auth/refresh", json={"refresh_token": first["refresh_token"]})  # reuse
+    api.post("/auth/login", json={"email": "logs@example.com", "password": "log-secret-password-3"})
+    secrets = ["log-secret-password", first["access_token"], first["refresh_token"], second["access_token"],
+               second["refresh_token"], invite["token"]]  # fmt: skip
+    text = caplog.text + "".join(str(r.args) for r in caplog.records)
+    assert not [s for s in secrets if s in text]
+
+
+def test_a_short_jwt_secret_is_a_settings_error_naming_it():
+    with pytest.raises(ValidationError, match="jwt_secret"):
+        Settings(identity={"jwt_secret": "too short"})
+    assert Settings(identity={"jwt_secret": "x" * 32}).identity.jwt_secret.get_secret_value() == "x" * 32
