@@ -176,7 +176,7 @@ async def register(body: RegisterIn, request: Request, identity: IdentityDep) ->
     org_id = new_org_id()
     await store.insert_org(ch, org_id, org_name, user["id"])
     await store.set_member(ch, org_id, user["id"], "owner")
-    await identity.cache.reload()
+    await identity.cache.reload_after_write()
     identity.audit.record("register", "ok", org=org_id, actor_id=user["id"], actor_email=email, ip=ip, user_agent=agent)
     stored = await store.user_by_id(ch, user["id"])
     return {"user": user_view(stored or {**user, "created_at": None}), "org": {"id": org_id, "name": org_name,
@@ -332,7 +332,7 @@ async def accept_invite(body: AcceptInviteIn, request: Request, identity: Identi
         )
         await store.set_member(ch, invite["org"], user["id"], role)
         await store.mark_invite_accepted(ch, invite, user["id"])
-    await identity.cache.reload()
+    await identity.cache.reload_after_write()
     identity.audit.record(
         "accept_invite", "ok", org=invite["org"], actor_id=user["id"], actor_email=email, target=invite["id"],
         detail=f"role={role}", ip=ip, user_agent=agent,

@@ -112,7 +112,7 @@ async def change_role(org_id: str, user_id: str, body: RoleIn, principal: Admin,
         raise Forbidden(refusal)
     await _keep_an_owner(ch, org_id, row, role)
     await store.set_member(ch, org_id, user_id, role, created_at=row["created_at"])
-    await identity.cache.reload()
+    await identity.cache.reload_after_write()
     identity.audit.record(
         "member_role", "ok", org=org_id, actor_id=principal.user_id or principal.key_id, target=user_id,
         detail=f"{row['role']}->{role}", ip=request.client.host if request.client else "",
@@ -132,7 +132,7 @@ async def remove_member(org_id: str, user_id: str, principal: Admin, request: Re
         raise Forbidden(refusal)
     await _keep_an_owner(ch, org_id, row, None)
     await store.set_member(ch, org_id, user_id, row["role"], created_at=row["created_at"], deleted=True)
-    await identity.cache.reload()
+    await identity.cache.reload_after_write()
     identity.audit.record(
         "member_remove", "ok", org=org_id, actor_id=principal.user_id or principal.key_id, target=user_id,
         detail=f"was {row['role']}", ip=request.client.host if request.client else "",
@@ -159,8 +159,10 @@ async def invite(org_id: str, body: InviteIn, principal: Admin, request: Request
     emailed = False
     if settings.notify.smtp.host:
         orgs = await store.orgs_by_ids(ch, [org_id])
+        inviter = await store.user_by_id(ch, principal.user_id) if principal.user_id else None
         message = mail.invite_message(
-            email, orgs[org_id]["name"] if org_id in orgs else org_id, principal.name, role, created["token"],
+            email, orgs[org_id]["name"] if org_id in orgs else org_id,
+            f"{inviter['name']} <{inviter['email']}>" if inviter else "An administrator", role, created["token"],
             created["expires_at"], settings.notify.smtp.from_address,
         )  # fmt: skip
         try:

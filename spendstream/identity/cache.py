@@ -73,6 +73,14 @@ class IdentityCache:
             self._reloading = asyncio.create_task(self._reload_once())
         await asyncio.shield(self._reloading)
 
+    async def reload_after_write(self) -> None:
+        """Reload so that a write that just returned is seen: a reload already running may have
+        read before it, so wait for that one and join (or start) the next."""
+        running = self._reloading
+        if running is not None and not running.done():
+            await asyncio.shield(running)
+        await self.reload()
+
     async def _reload_once(self) -> None:
         started = time.monotonic()
         try:

@@ -11,8 +11,10 @@ import jwt
 import pytest
 
 from spendstream.identity.accounts import InvalidAccountField, check_name, new_org_id, normalize_email
+from spendstream.identity.cache import IdentityCache, authenticate_user
 from spendstream.identity.passwords import HashPool, HashPoolBusy, PasswordPolicyError, Passwords, check_password
 from spendstream.identity.roles import ROLE_SCOPES, ROLES, InvalidRole, may_assign, parse_role, scopes_of
+from spendstream.identity.store import Snapshot
 from spendstream.identity.throttle import SlidingWindow
 from spendstream.identity.tokens import (
     AccessTokens,
@@ -23,7 +25,7 @@ from spendstream.identity.tokens import (
     parse_invite_token,
     parse_refresh_token,
 )
-from spendstream.keys import SCOPES, check_tenant
+from spendstream.keys import SCOPES, AuthError, Principal, check_scopes, check_tenant
 
 SECRET = b"s" * 32
 
@@ -205,3 +207,100 @@ async def test_hash_pool_bounds_work_and_keeps_the_event_loop_free():
     finally:
         tick_task.cancel()
         pool.close()
+
+
+# ---------------------------------------------------------------- the membership cache and a person's principal
+
+
+class Memberships:
+    """A loader over a dict the test edits, as ClickHouse would change under the cache."""
+
+    def __init__(self, members: dict[str, dict[str, str]], revoked: set[str] | None = None):
+        self.members, self.revoked, self.loads, self.delay = members, revoked or set(), 0, 0.0
+
+    async def __call__(self) -> Snapshot:
+        self.loads += 1
+        seen = Snapshot({u: dict(o) for u, o in self.members.items()}, frozenset(self.revoked))
+        await asyncio.sleep(self.delay)  # a load in flight still returns what it read before
+        return seen
+
+
+CODEC = AccessTokens(SECRET, "aud", "iss", 900)
+
+
+async def _principal(cache, user="u1", session="s1", header=None, path=None):
+    return await authenticate_user(cache, CODEC, CODEC.issue(user, session), header, path)
+
+
+async def test_a_persons_principal_is_the_api_key_shape_with_the_roles_scopes():
+    cache = IdentityCache(Memberships({"u1": {"acme": "viewer"}}))
+    await cache.reload()
+    principal = await _principal(cache)
+    assert principal == Principal("user:u1", "acme", frozenset({"read"}), "user u1", "u1", "s1", "viewer")
+    assert check_scopes(principal, ("read",)) is principal
+    with pytest.raises(AuthError) as refused:
+        check_scopes(principal, ("admin",))
+    assert refused.value.status == 403 and "viewer" in refused.value.message
+
+
+async def test_the_organisation_comes_from_the_path_the_header_or_the_only_membership():
+    cache = IdentityCache(Memberships({"u1": {"a": "owner", "b": "viewer"}}), miss_reload_s=0)
+    await cache.reload()
+    assert (await _principal(cache, header="b")).scopes == frozenset({"read"})
+    assert (await _principal(cache, path="a")).role == "owner"
+    assert (await _principal(cache, header=" a ", path="a")).tenant == "a"
+    cases = {
+        "several": ({}, 400, "X-Org-Id"),
+        "forged": ({"header": "c"}, 403, None),
+        "forged-path": ({"path": "c"}, 403, None),
+        "mismatch": ({"header": "b", "path": "a"}, 400, "X-Org-Id"),
+    }
+    for name, (kw, status, field) in cases.items():
+        with pytest.raises(AuthError) as refused:
+            await _principal(cache, **kw)
+        assert (refused.value.status, refused.value.field) == (status, field), name
+
+
+async def test_revoked_expired_and_foreign_tokens_are_401():
+    cache = IdentityCache(Memberships({"u1": {"a": "owner"}}, revoked={"gone"}))
+    await cache.reload()
+    for token in (
+        CODEC.issue("u1", "gone"),
+        CODEC.issue("u1", "s1", now=time.time() - 1000),
+        AccessTokens(b"z" * 32, "aud", "iss", 900).issue("u1", "s1"),
+    ):
+        with pytest.raises(AuthError) as refused:
+            await authenticate_user(cache, CODEC, token, None, None)
+        assert refused.value.status == 401
+    cache.mark_revoked("s1")
+    with pytest.raises(AuthError):
+        await _principal(cache)
+    await cache.reload()  # a load that does not know it yet keeps this process's revocation
+    with pytest.raises(AuthError):
+        await _principal(cache)
+
+
+async def test_removal_applies_at_the_next_load_and_a_new_membership_at_once():
+    source = Memberships({"u1": {"a": "admin"}})
+    cache = IdentityCache(source, miss_reload_s=0)
+    await cache.reload()
+    source.members["u1"]["b"] = "member"  # joined through another process
+    assert (await _principal(cache, header="b")).role == "member"  # a miss reloads
+    del source.members["u1"]["a"]
+    await cache.reload()
+    with pytest.raises(AuthError) as refused:
+        await _principal(cache, header="a")
+    assert refused.value.status == 403
+
+
+async def test_reload_after_write_never_settles_for_a_load_that_began_before_the_write():
+    source = Memberships({"u1": {"a": "admin"}})
+    cache = IdentityCache(source)
+    await cache.reload()
+    source.delay = 0.05
+    in_flight = asyncio.create_task(cache.reload())  # reads "admin"
+    await asyncio.sleep(0.01)
+    source.members["u1"]["a"] = "viewer"  # the write returns while that load is still running
+    await cache.reload_after_write()
+    assert cache.orgs_of("u1") == {"a": "viewer"}
+    await in_flight
