@@ -27,8 +27,8 @@ from spendstream.keys import AuthError, KeyStore, Principal, authenticate, check
 from spendstream.settings import Settings
 
 __all__ = [
-    "CH", "Admin", "KeysDep", "PRINCIPAL", "Principal", "Reader", "SettingsDep", "authenticate_request", "get_ch",
-    "get_keys", "get_settings", "require",
+    "CH", "Admin", "KeyManager", "KeysDep", "PRINCIPAL", "Principal", "Reader", "SettingsDep", "authenticate_request",
+    "get_ch", "get_keys", "get_settings", "require",
 ]  # fmt: skip
 
 #: where the request guard leaves the authenticated principal in the ASGI scope
@@ -89,8 +89,8 @@ async def authenticate_request(
         raise _domain_error(exc) from None
 
 
-def require(scope: str) -> Callable[..., Awaitable[Principal]]:
-    """Dependency: the caller's principal, after checking it holds ``scope``.
+def require(*scopes: str) -> Callable[..., Awaitable[Principal]]:
+    """Dependency: the caller's principal, after checking it holds one of ``scopes``.
 
     As at the gateway, a key has exactly the scopes it lists (the bootstrap admin key has all).
     ``bearer`` and ``api_key`` only declare the schemes in OpenAPI: the guard has read the key.
@@ -107,14 +107,16 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
             keys, request.headers, getattr(request.app.state, "identity", None), request.url.path
         )
         try:
-            return check_scopes(principal, (scope,))
+            return check_scopes(principal, scopes)
         except AuthError as exc:
             raise _domain_error(exc) from None
 
-    dependency.__name__ = f"require_{scope}"
+    dependency.__name__ = "require_" + "_or_".join(scopes)
     return dependency
 
 
 #: the principal of a key with the ``read`` / ``admin`` scope
 Reader = Annotated[Principal, Depends(require("read"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
+#: the principal of an admin, or of one who may manage the keys they created (``keys`` scope)
+KeyManager = Annotated[Principal, Depends(require("admin", "keys"))]

@@ -122,7 +122,7 @@ def processors(
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="tenant the key belongs to")],
-    scopes: Annotated[str, typer.Option(help="comma list of ingest,read,admin")] = "ingest",
+    scopes: Annotated[str, typer.Option(help="comma list of ingest,read,admin,keys")] = "ingest",
     name: Annotated[str, typer.Option(help="label for the key")] = "",
     as_json: Annotated[bool, typer.Option("--json", help='print {"id","key","tenant","scopes"}')] = False,
 ) -> None:

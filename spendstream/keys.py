@@ -1,7 +1,8 @@
 """API keys: ``ss_<id>_<secret>``, stored only as a SHA-256 hash in ClickHouse table ``api_keys``.
 
 Shared by the ingest gateway and the query API. A key belongs to one tenant and carries scopes
-(``ingest``, ``read``, ``admin``; a key has exactly the scopes it lists). The services never look
+(``ingest``, ``read``, ``admin``, and ``keys``: manage the keys one created oneself; a key has
+exactly the scopes it lists). The services never look
 a key up in ClickHouse per request: a :class:`KeyStore` keeps every non-revoked key in memory,
 reloads them periodically, and keeps serving the last good set while ClickHouse is down, so
 ingest goes on for known keys. The bootstrap admin key from settings
@@ -33,7 +34,7 @@ from spendstream.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SCOPES: tuple[str, ...] = ("ingest", "read", "admin")
+SCOPES: tuple[str, ...] = ("ingest", "read", "admin", "keys")
 KEY_PREFIX = "ss"
 TABLE = "api_keys"
 _KEY_RE = re.compile(r"^ss_([0-9a-f]{16})_[A-Za-z0-9_-]{20,}$")

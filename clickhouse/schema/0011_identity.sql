@@ -116,6 +116,19 @@ CREATE TABLE IF NOT EXISTS {db}.session_revocations
 ENGINE = MergeTree
 ORDER BY session_id;
 
+-- api_key_owners: who created an API key through the query API (a user id, or `key:<id>` for a
+-- key holding the `keys` scope). Someone with the `keys` scope but not `admin` (role member)
+-- lists and revokes only the keys they own. Append only. ORDER BY (tenant, owner, key_id).
+CREATE TABLE IF NOT EXISTS {db}.api_key_owners
+(
+    tenant LowCardinality(String),
+    owner String,
+    key_id String,
+    created_at DateTime64(3, 'UTC')
+)
+ENGINE = MergeTree
+ORDER BY (tenant, owner, key_id);
+
 -- audit_log: every authentication and membership event: who (`actor_id`, `actor_email`), what
 -- (`action`, `outcome`, `target`, `detail`), when, from where (`ip`, `user_agent`). `org` is ''
 -- for events before an organisation is known (a failed login). Tokens and passwords are never

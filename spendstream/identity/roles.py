@@ -1,7 +1,8 @@
 """Roles of a user in an organisation and the API-key scopes each one stands for.
 
 ``owner`` and ``admin`` hold every scope (``admin`` routes: keys, budgets, webhooks, overrides,
-members); ``member`` and ``viewer`` read analytics. Only an owner may make, change or remove an
+members); ``member`` reads analytics and manages the API keys they created themselves (the
+``keys`` scope); ``viewer`` only reads. Only an owner may make, change or remove an
 owner, and an organisation always keeps at least one owner (``store`` checks that part).
 """
 
@@ -14,7 +15,7 @@ ROLES: tuple[str, ...] = ("owner", "admin", "member", "viewer")
 ROLE_SCOPES: dict[str, frozenset[str]] = {
     "owner": frozenset(SCOPES),
     "admin": frozenset(SCOPES),
-    "member": frozenset({"read"}),
+    "member": frozenset({"read", "keys"}),
     "viewer": frozenset({"read"}),
 }
 

@@ -317,6 +317,28 @@ async def revoke_user_sessions(ch: Any, user_id: str, reason: str, keep: str = "
     return ids
 
 
+# ---------------------------------------------------------------- owners of API keys
+
+
+def key_owner(principal: Any) -> str:
+    """Who owns the keys a principal (spendstream.keys.Principal) creates: the person, else the key."""
+    return principal.user_id or f"key:{principal.key_id}"
+
+
+async def record_key_owner(ch: Any, tenant: str, owner: str, key_id: str) -> None:
+    await ch.insert(
+        "api_key_owners", [[tenant, owner, key_id, _now()]], column_names=["tenant", "owner", "key_id", "created_at"]
+    )
+
+
+async def owned_key_ids(ch: Any, tenant: str, owner: str) -> set[str]:
+    result = await ch.query(
+        "SELECT key_id FROM api_key_owners WHERE tenant = {tenant:String} AND owner = {owner:String}",
+        parameters={"tenant": tenant, "owner": owner},
+    )
+    return {row[0] for row in result.result_rows}
+
+
 # ---------------------------------------------------------------- what the query API keeps in memory
 
 

@@ -421,3 +421,35 @@ def test_a_short_jwt_secret_is_a_settings_error_naming_it():
     with pytest.raises(ValidationError, match="jwt_secret"):
         Settings(identity={"jwt_secret": "too short"})
     assert Settings(identity={"jwt_secret": "x" * 32}).identity.jwt_secret.get_secret_value() == "x" * 32
+
+
+def test_members_manage_their_own_keys_and_only_those(server, api):
+    owner = register(api, "keyowner@example.com")
+    org = owner["org"]["id"]
+    boss = login(api, "keyowner@example.com")["access_token"]
+    invite_and_accept(api, boss, org, "keymember@example.com", "member")
+    invite_and_accept(api, boss, org, "keyviewer@example.com", "viewer")
+    member = login(api, "keymember@example.com")["access_token"]
+    viewer = login(api, "keyviewer@example.com")["access_token"]
+    boss_key = api.post("/v1/keys", json={"scopes": ["read"], "name": "boss"}, headers=bearer(boss)).json()
+
+    mine = api.post("/v1/keys", json={"scopes": ["ingest", "read"], "name": "mine"}, headers=bearer(member))
+    assert mine.status_code == 201, mine.text
+    assert mine.json()["tenant"] == org and mine.json()["scopes"] == ["ingest", "read"]
+    too_much = api.post("/v1/keys", json={"scopes": ["read", "admin"]}, headers=bearer(member))
+    assert too_much.status_code == 403 and too_much.json()["field"] == "scopes"
+    assert api.post("/v1/keys", json={"scopes": ["keys"]}, headers=bearer(member)).status_code == 403
+    listed = api.get("/v1/keys", headers=bearer(member)).json()["keys"]
+    assert [k["id"] for k in listed] == [mine.json()["id"]]
+    # the new key reads, and the owner sees every key
+    assert _overview(api, bearer(mine.json()["key"])).status_code == 200
+    assert {mine.json()["id"], boss_key["id"]} <= {
+        k["id"] for k in api.get("/v1/keys", headers=bearer(boss)).json()["keys"]
+    }
+    # another's key is not the member's to revoke; their own is
+    assert api.delete(f"/v1/keys/{boss_key['id']}", headers=bearer(member)).status_code == 404
+    assert api.delete(f"/v1/keys/{mine.json()['id']}", headers=bearer(member)).status_code == 204
+    assert _overview(api, bearer(mine.json()["key"])).status_code == 401
+    # viewers read only
+    assert api.get("/v1/keys", headers=bearer(viewer)).status_code == 403
+    assert api.post("/v1/keys", json={"scopes": ["read"]}, headers=bearer(viewer)).status_code == 403

@@ -129,7 +129,8 @@ def test_roles_map_onto_the_api_key_scopes():
     assert ROLES == ("owner", "admin", "member", "viewer")
     assert all(ROLE_SCOPES[r] <= set(SCOPES) for r in ROLES)
     assert scopes_of("owner") == scopes_of("admin") == frozenset(SCOPES)
-    assert scopes_of("member") == scopes_of("viewer") == frozenset({"read"})
+    assert scopes_of("member") == frozenset({"read", "keys"})
+    assert scopes_of("viewer") == frozenset({"read"})
     assert scopes_of("nonsense") == frozenset()
     assert parse_role(" Admin ") == "admin"
     with pytest.raises(InvalidRole):
