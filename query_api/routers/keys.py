@@ -51,6 +51,7 @@ async def create(body: KeyIn, principal: KeyManager, request: Request, keys: Key
         raise Forbidden("without the admin scope a key may carry only the ingest and read scopes", "scopes")
     key_id, key = await asyncio.to_thread(create_key, request.app.state.ch_sync, principal.tenant, scopes, body.name)
     await store.record_key_owner(request.app.state.ch, principal.tenant, store.key_owner(principal), key_id)
+    _audit(request, principal, "key_create", key_id, f"scopes={','.join(scopes)}")
     # usable here at once; the gateway learns it at its next reload (or on first use)
     await keys.reload()
     return {"id": key_id, "key": key, "tenant": principal.tenant, "scopes": scopes, "name": body.name}
@@ -75,5 +76,13 @@ async def revoke(key_id: str, principal: KeyManager, request: Request, keys: Key
         raise NotFound(f"live key {key_id!r}")
     if not await asyncio.to_thread(revoke_key, request.app.state.ch_sync, key_id, principal.tenant):
         raise NotFound(f"live key {key_id!r}")
+    _audit(request, principal, "key_revoke", key_id)
     # this service stops accepting it now; the gateway at its next reload
     await keys.reload()
+
+
+def _audit(request: Request, principal: Principal, action: str, key_id: str, detail: str = "") -> None:
+    request.app.state.identity.audit.record(
+        action, "ok", org=principal.tenant, actor_id=store.key_owner(principal), target=key_id, detail=detail,
+        ip=request.client.host if request.client else "", user_agent=request.headers.get("user-agent", ""),
+    )  # fmt: skip

@@ -453,3 +453,9 @@ def test_members_manage_their_own_keys_and_only_those(server, api):
     # viewers read only
     assert api.get("/v1/keys", headers=bearer(viewer)).status_code == 403
     assert api.post("/v1/keys", json={"scopes": ["read"]}, headers=bearer(viewer)).status_code == 403
+    audit = api.get(f"/v1/orgs/{org}/audit", headers=bearer(boss)).json()["events"]
+    member_id = api.get("/auth/me", headers=bearer(member)).json()["user"]["id"]
+    assert {(e["action"], e["target"]) for e in audit if e["actor_id"] == member_id} >= {
+        ("key_create", mine.json()["id"]),
+        ("key_revoke", mine.json()["id"]),
+    }
