@@ -113,6 +113,7 @@ function currentRole() {
 function showSession() {
   const me = session.me;
   $("#login-form").hidden = Boolean(me);
+  if (me) $("#accept-form").hidden = true;
   $("#user-bar").hidden = !me;
   if (!me) {
     $("#members-panel").hidden = true;
@@ -431,6 +432,29 @@ function init() {
       schedule();
     } catch (err) {
       setStatus(err.status === 429 ? err.message : `Login failed: ${err.message}`, true);
+    }
+  });
+  $("#show-accept").addEventListener("click", () => {
+    $("#accept-form").hidden = !$("#accept-form").hidden;
+  });
+  // joining with an invite token: the account is created (or an existing one checked by its
+  // password), then logged in with the same password
+  $("#accept-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const password = $("#accept-password").value;
+    const body = { token: $("#accept-token").value.trim(), password, name: $("#accept-name").value.trim() || null };
+    $("#accept-password").value = "";
+    try {
+      const joined = await call("POST", "/auth/accept-invite", { json: body, auth: false });
+      adoptTokens(await call("POST", "/auth/login", { json: { email: joined.user.email, password }, auth: false }));
+      session.org = joined.org.id;
+      $("#accept-token").value = "";
+      $("#accept-form").hidden = true;
+      await loadMe();
+      setStatus(`Joined ${joined.org.name} as ${joined.org.role}.`);
+      schedule();
+    } catch (err) {
+      setStatus(`Invite refused: ${err.message}`, true);
     }
   });
   $("#logout").addEventListener("click", async () => {

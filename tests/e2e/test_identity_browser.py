@@ -1,7 +1,7 @@
 """The dashboard as a person, in headless Chromium (Debian package) against a running query API:
 log in with e-mail and password, see the dashboard of the first organisation, switch to another
-(where the person is a viewer: no members panel), switch back, invite a member, change a role,
-and check that no token ever reaches localStorage."""
+(where the person is a viewer: no members panel), switch back, invite a member who joins from
+their own browser, change their role, and check that no token ever reaches localStorage."""
 
 from __future__ import annotations
 
@@ -88,10 +88,23 @@ def test_log_in_switch_organisation_invite_and_see_the_dashboard(two_orgs):
             token = page.text_content("#invite-token")
             assert token.startswith("ssi_")
 
-            # the invitee accepts (out of band), then the owner makes them an admin from the page
-            accepted = api.post("/auth/accept-invite", json={"token": token, "password": PASSWORD, "name": "Carol"})
-            assert accepted.status_code == 200 and accepted.json()["org"]["role"] == "member"
-            carol = accepted.json()["user"]["id"]
+            # the invitee joins from the dashboard in a browser of their own
+            other = browser.new_page()
+            other.goto(server.url + "/")
+            other.click("#show-accept")
+            other.fill("#accept-token", token)
+            other.fill("#accept-name", "Carol")
+            other.fill("#accept-password", PASSWORD)
+            other.click("#accept-form button[type=submit]")
+            other.wait_for_selector("#user-bar:not([hidden])")
+            assert other.text_content("#org-role") == "member"
+            other.wait_for_function(
+                "want => document.querySelector('[data-field=cost]').title === want", arg=_usd(events[org_a])
+            )
+            assert other.is_hidden("#members-panel")
+            carol_me = api.get("/auth/me", headers=bearer(login(api, "carol@example.com")["access_token"])).json()
+            carol = carol_me["user"]["id"]
+            # then the owner makes them an admin from the page
             page.select_option("#org-switch", org_b)
             page.select_option("#org-switch", org_a)
             row = f'#members tbody tr[data-user="{carol}"]'
