@@ -459,3 +459,19 @@ def test_members_manage_their_own_keys_and_only_those(server, api):
         ("key_create", mine.json()["id"]),
         ("key_revoke", mine.json()["id"]),
     }
+
+
+async def test_expired_sessions_and_invites_are_refused(server, api):
+    owner = register(api, "expiry@example.com")
+    client = await get_async_client(server.settings)
+    try:
+        session_id, refresh = await store.create_session(client, owner["user"]["id"], ttl_s=-1)
+        assert (await store.rotate_refresh_token(client, refresh)).outcome is store.Rotation.EXPIRED
+        invite = await store.create_invite(client, owner["org"]["id"], "late@example.com", "viewer", "x", ttl_s=-1)
+        assert await store.invite_by_token(client, invite["token"]) is None
+    finally:
+        await client.close()
+    answer = api.post("/auth/refresh", json={"refresh_token": refresh})
+    assert answer.status_code == 401 and "expired" in answer.json()["message"]
+    late = api.post("/auth/accept-invite", json={"token": invite["token"], "password": PASSWORD, "name": "L"})
+    assert late.status_code == 422 and late.json()["field"] == "token"
