@@ -86,7 +86,7 @@ def people(server):
     return org, tokens, keys
 
 
-def _call(api: httpx.Client, method: str, path: str, org: str, credential: str) -> httpx.Response:
+def _call_url(path: str, org: str) -> str:
     url = (
         path.replace("{org_id}", org)
         .replace("{provider}", "openai")
@@ -96,8 +96,12 @@ def _call(api: httpx.Client, method: str, path: str, org: str, credential: str) 
     for name in ("budget_id", "webhook_id", "override_id", "project_id", "key_id"):
         url = url.replace("{" + name + "}", "nothing-here")
     assert "{" not in url, url
+    return url
+
+
+def _call(api: httpx.Client, method: str, path: str, org: str, credential: str) -> httpx.Response:
     body = {} if method in ("POST", "PUT", "PATCH") else None
-    return api.request(method, url, json=body, headers=bearer(credential))
+    return api.request(method, _call_url(path, org), json=body, headers=bearer(credential))
 
 
 @pytest.mark.parametrize("role", ["owner", "admin", "member", "viewer"])
@@ -166,3 +170,27 @@ def test_attempts_per_ip_end_in_429_whatever_the_account(strict):
     # registration from the same address is limited too
     assert strict.post("/auth/register", json={"email": "late@example.com", "password": PASSWORD,
                                                "name": "L"}).status_code == 429  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def other_org(server):
+    with httpx.Client(base_url=server.url, timeout=60.0) as api:
+        return register(api, "stranger@example.com", "Stranger")["org"]["id"]
+
+
+@pytest.mark.parametrize(("method", "path", "scopes"), ROUTES, ids=IDS)
+def test_a_forged_x_org_id_is_403_on_every_route(server, people, other_org, method, path, scopes):
+    """The owner of one organisation names another in X-Org-Id (and in the path, where there is
+    one): every route refuses before doing anything."""
+    _, tokens, _ = people
+    with httpx.Client(base_url=server.url, timeout=60.0) as api:
+        answer = _call(api, method, path, other_org, tokens["owner"]) if "{org_id}" in path else None
+        forged = api.request(
+            method,
+            _call_url(path, other_org),
+            json={} if method in ("POST", "PUT", "PATCH") else None,
+            headers=bearer(tokens["owner"], other_org),
+        )
+    assert forged.status_code == 403, forged.text
+    if answer is not None:
+        assert answer.status_code == 403, answer.text
