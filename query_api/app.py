@@ -60,7 +60,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.keys = KeyStore.from_settings(settings, load_keys)
         # compiled once (≈0.7 s) off the event loop; the pricing router serves from it
         app.state.catalog, _, app.state.identity = await asyncio.gather(
-            asyncio.to_thread(default_catalog), app.state.keys.start(), Identity.start(settings, lambda: app.state.ch)
+            asyncio.to_thread(default_catalog),
+            app.state.keys.start(),
+            Identity.start(settings, lambda: app.state.ch, app.state.metrics),
         )
         try:
             yield

@@ -37,7 +37,7 @@ class Identity:
     session_locks: tuple[asyncio.Lock, ...]
 
     @classmethod
-    async def start(cls, settings: Settings, get_ch: Callable[[], Any]) -> Identity:
+    async def start(cls, settings: Settings, get_ch: Callable[[], Any], metrics: Any = None) -> Identity:
         cfg = settings.identity
         if not cfg.jwt_secret.get_secret_value():
             log.warning(
@@ -47,7 +47,8 @@ class Identity:
         cache = IdentityCache(snapshot_loader(get_ch, cfg.access_ttl_s + 120), refresh_s=cfg.cache_refresh_s)
         # the dummy hash for unknown accounts costs one hash: made off the event loop
         passwords, _ = await asyncio.gather(asyncio.to_thread(Passwords.from_settings, cfg), cache.start())
-        audit = AuditLog(get_ch)
+        count = (lambda action, outcome: metrics.auth_events.labels(action, outcome).inc()) if metrics else None
+        audit = AuditLog(get_ch, on_record=count)
         audit.start()
         return cls(
             settings=settings,

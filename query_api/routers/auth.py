@@ -203,6 +203,13 @@ async def login(body: LoginIn, request: Request, identity: IdentityDep) -> dict:
         )
         raise Unauthorized("wrong e-mail address or password")
     identity.failures_per_account.reset(email)
+    if identity.passwords.needs_rehash(user["password_hash"]):
+        # made at another argon2 cost than today's settings: store a hash at today's cost
+        try:
+            rehashed = await _hash(identity, identity.passwords.hash, body.password)
+            await store.insert_user(request.app.state.ch, {**user, "password_hash": rehashed})
+        except TooManyRequests:
+            pass  # busy: the next login does it
     identity.audit.record("login", "ok", actor_id=user["id"], actor_email=email, ip=ip, user_agent=agent)
     return await _tokens(identity, request, user["id"])
 

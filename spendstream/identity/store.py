@@ -381,8 +381,15 @@ class AuditLog:
     costs one insert per ``flush_s``, not one per attempt. Bounded: beyond ``max_pending`` rows
     waiting, new rows are dropped and counted in ``dropped``."""
 
-    def __init__(self, get_ch: Callable[[], Any], flush_s: float = 0.5, max_pending: int = 10_000):
+    def __init__(
+        self,
+        get_ch: Callable[[], Any],
+        flush_s: float = 0.5,
+        max_pending: int = 10_000,
+        on_record: Callable[[str, str], None] | None = None,
+    ):
         self._get_ch = get_ch
+        self._on_record = on_record
         self._flush_s = flush_s
         self._max_pending = max_pending
         self._pending: list[list[Any]] = []
@@ -395,6 +402,8 @@ class AuditLog:
         self, action: str, outcome: str, *, org: str = "", actor_id: str = "", actor_email: str = "",
         target: str = "", detail: str = "", ip: str = "", user_agent: str = "",
     ) -> None:  # fmt: skip
+        if self._on_record is not None:
+            self._on_record(action, outcome)
         if len(self._pending) >= self._max_pending:
             self.dropped += 1
             return

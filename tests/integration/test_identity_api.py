@@ -23,6 +23,7 @@ from query_api_stack import QueryApiServer, insert_events, make_events, migrate
 from spendstream.clickhouse import get_async_client, get_client
 from spendstream.devstack import child_env
 from spendstream.identity import store
+from spendstream.identity.passwords import Passwords
 from spendstream.identity.tokens import AccessTokens
 from spendstream.settings import Settings
 
@@ -106,6 +107,8 @@ def test_login_wrong_password_and_unknown_account_get_the_same_answer(api):
     unknown = api.post("/auth/login", json={"email": "nobody@example.com", "password": "wrong password!"})
     assert wrong.status_code == unknown.status_code == 401
     assert wrong.json() == unknown.json()
+    metrics = api.get("/metrics").text
+    assert 'spendstream_query_api_auth_events_total{action="login",outcome="failed"}' in metrics
 
 
 def test_refresh_rotates_and_reuse_revokes_the_whole_session(api):
@@ -475,3 +478,18 @@ async def test_expired_sessions_and_invites_are_refused(server, api):
     assert answer.status_code == 401 and "expired" in answer.json()["message"]
     late = api.post("/auth/accept-invite", json={"token": invite["token"], "password": PASSWORD, "name": "L"})
     assert late.status_code == 422 and late.json()["field"] == "token"
+
+
+async def test_a_hash_made_at_another_cost_is_upgraded_at_login(server, api):
+    registered = register(api, "rehash@example.com")
+    old_hash = Passwords(time_cost=2, memory_kib=2048, parallelism=1).hash(PASSWORD)
+    client = await get_async_client(server.settings)
+    try:
+        user = await store.user_by_id(client, registered["user"]["id"])
+        await store.insert_user(client, {**user, "password_hash": old_hash})
+        login(api, "rehash@example.com")
+        upgraded = (await store.user_by_id(client, registered["user"]["id"]))["password_hash"]
+    finally:
+        await client.close()
+    assert upgraded != old_hash and "$m=1024,t=1,p=1$" in upgraded
+    login(api, "rehash@example.com")
