@@ -25,7 +25,7 @@ from spendstream.identity.tokens import (
     parse_invite_token,
     parse_refresh_token,
 )
-from spendstream.keys import SCOPES, AuthError, Principal, check_scopes, check_tenant
+from spendstream.keys import SCOPES, AuthError, KeyStore, Principal, authenticate, check_scopes, check_tenant
 
 SECRET = b"s" * 32
 
@@ -305,3 +305,12 @@ async def test_reload_after_write_never_settles_for_a_load_that_began_before_the
     await cache.reload_after_write()
     assert cache.orgs_of("u1") == {"a": "viewer"}
     await in_flight
+
+
+async def test_the_gateways_key_check_refuses_a_persons_token():
+    """The gateway stays API-key only: spendstream.keys.authenticate (its one check) knows no JWT."""
+    token = CODEC.issue("u1", "s1")
+    for headers in ((f"Bearer {token}", None), (None, token)):
+        with pytest.raises(AuthError) as refused:
+            await authenticate(KeyStore(None), *headers, scopes=("ingest",))
+        assert refused.value.status == 401
