@@ -17,6 +17,7 @@ import httpx
 import jwt
 import pytest
 from identity_support import IDENTITY, JWT_SECRET, PASSWORD, bearer, invite_and_accept, login, register
+from notify_support import Mailbox
 from pydantic import ValidationError
 from query_api_stack import QueryApiServer, insert_events, make_events, migrate
 
@@ -493,3 +494,22 @@ async def test_a_hash_made_at_another_cost_is_upgraded_at_login(server, api):
         await client.close()
     assert upgraded != old_hash and "$m=1024,t=1,p=1$" in upgraded
     login(api, "rehash@example.com")
+
+
+def test_an_invite_is_e_mailed_when_smtp_is_configured(make_settings):
+    with Mailbox() as mailbox:
+        settings = make_settings(
+            identity=IDENTITY, notify={"smtp": {"host": "127.0.0.1", "port": mailbox.port, "from_address": "ss@x.test"}}
+        )
+        migrate(settings)
+        with QueryApiServer(settings) as server, httpx.Client(base_url=server.url, timeout=60.0) as api:
+            org = register(api, "mailer@example.com", "Mailer", org_name="Mail Org")["org"]["id"]
+            boss = login(api, "mailer@example.com")["access_token"]
+            invite = api.post(f"/v1/orgs/{org}/invites", json={"email": "to@example.com", "role": "viewer"},
+                              headers=bearer(boss)).json()  # fmt: skip
+    assert invite["emailed"] is True
+    ((recipients, message),) = mailbox.messages
+    assert recipients == ["to@example.com"] and message["From"] == "ss@x.test"
+    text = message.get_payload(decode=True).decode()
+    assert invite["token"] in text and "Mail Org" in text and "Mailer <mailer@example.com>" in text
+    assert f"={invite['token']}" not in text and "://" not in text  # in the body, never in a link
