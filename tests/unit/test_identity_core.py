@@ -181,7 +181,7 @@ def test_sliding_window_memory_is_bounded():
     assert len(window) == 100
     for _ in range(1000):
         window.hit("ip-9999", 1)
-    assert len(window._hits["ip-9999"]) == 5
+    assert len(window._hits["ip-9999"]) == 5  # only the last `limit` hits are kept
 
 
 async def test_hash_pool_bounds_work_and_keeps_the_event_loop_free():
