@@ -180,6 +180,31 @@ async def invite(org_id: str, body: InviteIn, principal: Admin, request: Request
     }  # fmt: skip
 
 
+@router.get("/{org_id}/invites", summary="Pending invites (admin); their tokens are never shown again")
+async def list_invites(org_id: str, principal: Admin, request: Request) -> dict:
+    _own_org(principal, org_id)
+    rows = await store.pending_invites(request.app.state.ch, org_id)
+    return {
+        "invites": [
+            {"id": r["id"], "email": r["email"], "role": r["role"], "invited_by": r["invited_by"],
+             "created_at": iso_utc(r["created_at"]), "expires_at": iso_utc(r["expires_at"])}
+            for r in rows
+        ]
+    }  # fmt: skip
+
+
+@router.delete("/{org_id}/invites/{invite_id}", status_code=204, summary="Withdraw a pending invite (admin)")
+async def withdraw_invite(org_id: str, invite_id: str, principal: Admin, request: Request) -> Response:
+    _own_org(principal, org_id)
+    if not await store.revoke_invite(request.app.state.ch, org_id, invite_id):
+        raise NotFound(f"pending invite {invite_id[:64]!r}")
+    _identity(request).audit.record(
+        "invite_withdraw", "ok", org=org_id, actor_id=principal.user_id or principal.key_id, target=invite_id,
+        ip=request.client.host if request.client else "",
+    )  # fmt: skip
+    return Response(status_code=204)
+
+
 @router.get("/{org_id}/audit", summary="The organisation's audit log, newest first (admin)")
 async def audit(org_id: str, principal: Admin, request: Request, limit: int = Query(100, ge=1, le=1000)) -> dict:
     _own_org(principal, org_id)

@@ -184,6 +184,26 @@ async def invite_by_token(ch: Any, token: str) -> dict[str, Any] | None:
     return invite
 
 
+async def pending_invites(ch: Any, org: str) -> list[dict[str, Any]]:
+    """The organisation's live invites not yet accepted nor expired, newest first."""
+    result = await ch.query(
+        "SELECT * FROM invites FINAL WHERE org = {org:String} AND accepted_at IS NULL AND expires_at > now64(3) "
+        "ORDER BY created_at DESC",
+        parameters={"org": org},
+    )
+    return list(result.named_results())
+
+
+async def revoke_invite(ch: Any, org: str, invite_id: str) -> bool:
+    """Delete a pending invite; False when the organisation has no such pending invite."""
+    for invite in await pending_invites(ch, org):
+        if invite["id"] == invite_id:
+            row = {**invite, "deleted": 1, "version": _version()}
+            await ch.insert("invites", [[row[c] for c in INVITE_COLUMNS]], column_names=list(INVITE_COLUMNS))
+            return True
+    return False
+
+
 async def mark_invite_accepted(ch: Any, invite: dict[str, Any], user_id: str) -> None:
     row = {**invite, "accepted_at": _now(), "accepted_by": user_id, "version": _version()}
     await ch.insert("invites", [[row[c] for c in INVITE_COLUMNS]], column_names=list(INVITE_COLUMNS))

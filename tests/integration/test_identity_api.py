@@ -513,3 +513,23 @@ def test_an_invite_is_e_mailed_when_smtp_is_configured(make_settings):
     text = message.get_payload(decode=True).decode()
     assert invite["token"] in text and "Mail Org" in text and "Mailer <mailer@example.com>" in text
     assert f"={invite['token']}" not in text and "://" not in text  # in the body, never in a link
+
+
+def test_pending_invites_are_listed_without_tokens_and_can_be_withdrawn(api):
+    org = register(api, "withdraw@example.com")["org"]["id"]
+    boss = login(api, "withdraw@example.com")["access_token"]
+    made = [
+        api.post(f"/v1/orgs/{org}/invites", json={"email": f"w{i}@example.com", "role": "viewer"}, headers=bearer(boss))
+        for i in range(2)
+    ]
+    listed = api.get(f"/v1/orgs/{org}/invites", headers=bearer(boss)).json()["invites"]
+    assert {i["email"] for i in listed} == {"w0@example.com", "w1@example.com"}
+    assert not any(m.json()["token"] in str(listed) for m in made) and "token_hash" not in str(listed)
+    first = made[0].json()
+    assert api.delete(f"/v1/orgs/{org}/invites/{first['id']}", headers=bearer(boss)).status_code == 204
+    assert api.delete(f"/v1/orgs/{org}/invites/{first['id']}", headers=bearer(boss)).status_code == 404
+    withdrawn = api.post("/auth/accept-invite", json={"token": first["token"], "password": PASSWORD, "name": "W"})
+    assert withdrawn.status_code == 422 and withdrawn.json()["field"] == "token"
+    assert [i["email"] for i in api.get(f"/v1/orgs/{org}/invites", headers=bearer(boss)).json()["invites"]] == [
+        "w1@example.com"
+    ]
