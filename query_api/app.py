@@ -2,8 +2,8 @@
 
 ``create_app(settings)`` builds the FastAPI app with the settings on ``app.state.settings``; its
 lifespan owns the ClickHouse async client (``app.state.ch``), a sync client for the shared key
-functions (``app.state.ch_sync``), the API key store (``app.state.keys``) and the compiled price
-catalog (``app.state.catalog``).
+functions (``app.state.ch_sync``), the API key store (``app.state.keys``), the compiled price
+catalog (``app.state.catalog``) and people's login state (``app.state.identity``).
 Every request passes ``query_api.guard`` first (API key, then body size limit).
 """
 
@@ -21,8 +21,22 @@ from fastapi_offline import FastAPIOffline
 import query_api.routers.project_mappings
 from query_api.errors import install_error_handlers
 from query_api.guard import RequestGuard
+from query_api.identity import Identity
 from query_api.metrics import ApiMetrics, MetricsMiddleware
-from query_api.routers import alerts, analytics, budgets, export, health, keys, pricing, projects, sql, webhooks
+from query_api.routers import (
+    alerts,
+    analytics,
+    auth,
+    budgets,
+    export,
+    health,
+    keys,
+    orgs,
+    pricing,
+    projects,
+    sql,
+    webhooks,
+)
 from spendstream.clickhouse import get_async_client, get_client
 from spendstream.keys import KeyStore, load_live_keys
 from spendstream.pricing.catalog import default_catalog
@@ -31,7 +45,7 @@ from spendstream.settings import Settings
 STATIC_DIR = Path(__file__).parent / "static"
 
 #: one router per domain, in the order they appear in the OpenAPI document
-ROUTERS = (health, analytics, export, pricing, projects, keys, sql, budgets, webhooks, alerts)
+ROUTERS = (health, analytics, export, pricing, projects, keys, sql, budgets, webhooks, alerts, auth, orgs)
 ROUTERS += (query_api.routers.project_mappings,)
 
 
@@ -47,10 +61,15 @@ def create_app(settings: Settings) -> FastAPI:
 
         app.state.keys = KeyStore.from_settings(settings, load_keys)
         # compiled once (≈0.7 s) off the event loop; the pricing router serves from it
-        app.state.catalog, _ = await asyncio.gather(asyncio.to_thread(default_catalog), app.state.keys.start())
+        app.state.catalog, _, app.state.identity = await asyncio.gather(
+            asyncio.to_thread(default_catalog),
+            app.state.keys.start(),
+            Identity.start(settings, lambda: app.state.ch, app.state.metrics),
+        )
         try:
             yield
         finally:
+            await app.state.identity.close()
             await app.state.keys.close()
             await app.state.ch.close()
             app.state.ch_sync.close()

@@ -37,6 +37,22 @@ class InvalidField(DomainError):
         super().__init__(message, field)
 
 
+class BadRequest(DomainError):
+    status = 400
+    code = "bad_request"
+
+
+class TooManyRequests(DomainError):
+    """Login limits and a full password-hashing queue: retry after ``retry_after_s``."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, retry_after_s: int, field: str | None = None):
+        super().__init__(message, field)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
 class NotFound(DomainError):
     status = 404
     code = "not_found"
@@ -133,7 +149,8 @@ def _loc_to_field(loc: tuple) -> str | None:
         if loc and loc[0] in ("query", "body", "path", "header", "cookie")
         else [str(p) for p in loc]
     )
-    return ".".join(parts) or None
+    # a body that is not an object at all (a list, a number) has only "body" to name
+    return ".".join(parts) or (str(loc[0]) if loc else None)
 
 
 def domain_response(exc: DomainError) -> JSONResponse:
@@ -185,8 +202,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        # FastAPI's answer to a body it cannot decode at all (not JSON, not UTF-8): the body is at fault
+        field = "body" if exc.status_code == 400 and "parsing the body" in str(exc.detail) else None
         return JSONResponse(
-            {"error": code, "field": None, "message": str(exc.detail)},
+            {"error": code, "field": field, "message": str(exc.detail)},
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )

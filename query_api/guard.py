@@ -4,8 +4,8 @@ FastAPI reads and parses a route's body before it resolves the route's dependenc
 key checked in a dependency alone a caller without a key who sends malformed JSON learns 422, and
 a body of any size is buffered first. This pure ASGI middleware runs before all of that:
 
-- a request under ``/v1/`` must carry a known API key, checked from its headers alone: 401
-  otherwise, whatever its body, of which nothing is read;
+- a request under ``/v1/`` must carry a known API key or a person's valid access token, checked
+  from its headers alone: 401 otherwise, whatever its body, of which nothing is read;
 - every request's body is read here under ``query_api.max_body_bytes``: 413 naming ``body``
   beyond it (a larger Content-Length is refused unread, a chunked body as soon as it passes);
 - the body read is then handed to the app as if it arrived now, and the principal is left in the
@@ -38,7 +38,10 @@ class RequestGuard:
         headers = Headers(scope=scope)
         try:
             if scope["path"].startswith(PROTECTED_PREFIX):
-                scope[PRINCIPAL] = await authenticate_request(scope["app"].state.keys, headers)
+                state = scope["app"].state
+                scope[PRINCIPAL] = await authenticate_request(
+                    state.keys, headers, getattr(state, "identity", None), scope["path"]
+                )
             body = await asgi.read_body(receive, headers.get("content-length"), self.max_body_bytes)
         except DomainError as exc:
             await domain_response(exc)(scope, receive, send)

@@ -24,6 +24,13 @@ class ApiMetrics:
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self.auth_events = Counter(
+            "spendstream_query_api_auth_events_total",
+            "people's logins, refreshes, logouts, invites and membership changes, by action and outcome "
+            "(the audit_log rows, counted even when one is dropped)",
+            ["action", "outcome"],
+            registry=self.registry,
+        )
         self.sql_refused = Counter(
             "spendstream_query_api_sql_refused_total",
             "analyst SQL statements refused, by reason",

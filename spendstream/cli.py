@@ -17,6 +17,8 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="Manage API keys (stored hashed in ClickHouse).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+users_app = typer.Typer(help="Manage people and their organisations (see docs/identity.md).", no_args_is_help=True)
+app.add_typer(users_app, name="users")
 
 
 def _settings():
@@ -120,7 +122,7 @@ def processors(
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="tenant the key belongs to")],
-    scopes: Annotated[str, typer.Option(help="comma list of ingest,read,admin")] = "ingest",
+    scopes: Annotated[str, typer.Option(help="comma list of ingest,read,admin,keys")] = "ingest",
     name: Annotated[str, typer.Option(help="label for the key")] = "",
     as_json: Annotated[bool, typer.Option("--json", help='print {"id","key","tenant","scopes"}')] = False,
 ) -> None:
@@ -128,6 +130,27 @@ def keys_create(
     from spendstream.keys import cli_create
 
     cli_create(_settings(), tenant=tenant, scopes=scopes, name=name, as_json=as_json)
+
+
+@users_app.command("create")
+def users_create(
+    email: Annotated[str, typer.Option(help="the person's e-mail address (their login)")],
+    org: Annotated[str, typer.Option(help="organisation (tenant) id; created when new")],
+    role: Annotated[str, typer.Option(help="owner, admin, member or viewer")] = "owner",
+    name: Annotated[str, typer.Option(help="display name (default: the e-mail's local part)")] = "",
+    org_name: Annotated[str, typer.Option(help="name of a new organisation (default: its id)")] = "",
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help='print {"user_id","email","org","role","created_user"}')
+    ] = False,
+) -> None:
+    """Create a user (or take an existing one) and give them a role in an organisation (bootstrap)."""
+    from spendstream.identity.bootstrap import cli_create
+
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else None
+    if password is None and sys.stdin.isatty():
+        password = typer.prompt("password (for a new account)", hide_input=True, default="", show_default=False)
+    cli_create(_settings(), email, org, role, name, password or None, org_name, as_json)
 
 
 @app.command()

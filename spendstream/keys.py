@@ -1,7 +1,8 @@
 """API keys: ``ss_<id>_<secret>``, stored only as a SHA-256 hash in ClickHouse table ``api_keys``.
 
 Shared by the ingest gateway and the query API. A key belongs to one tenant and carries scopes
-(``ingest``, ``read``, ``admin``; a key has exactly the scopes it lists). The services never look
+(``ingest``, ``read``, ``admin``, and ``keys``: manage the keys one created oneself; a key has
+exactly the scopes it lists). The services never look
 a key up in ClickHouse per request: a :class:`KeyStore` keeps every non-revoked key in memory,
 reloads them periodically, and keeps serving the last good set while ClickHouse is down, so
 ingest goes on for known keys. The bootstrap admin key from settings
@@ -33,7 +34,7 @@ from spendstream.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SCOPES: tuple[str, ...] = ("ingest", "read", "admin")
+SCOPES: tuple[str, ...] = ("ingest", "read", "admin", "keys")
 KEY_PREFIX = "ss"
 TABLE = "api_keys"
 _KEY_RE = re.compile(r"^ss_([0-9a-f]{16})_[A-Za-z0-9_-]{20,}$")
@@ -52,6 +53,11 @@ class Principal:
     tenant: str
     scopes: frozenset[str]
     name: str = ""
+    #: set for a person's access token (spendstream.identity): the user, the login session, the
+    #: role in ``tenant`` the scopes came from; empty for an API key
+    user_id: str = ""
+    session_id: str = ""
+    role: str = ""
 
     def allows(self, scope: str) -> bool:
         return scope in self.scopes
@@ -368,10 +374,11 @@ class AuthError(Exception):
     """A request's key was refused: ``status`` 401 (none, malformed, unknown or revoked) or 403
     (none of the scopes the route needs). Each service renders it in its own error format."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, field: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.field = field  # the header at fault, when it is not the credential itself (X-Org-Id)
 
 
 def presented_key(authorization: str | None, api_key: str | None) -> str | None:
@@ -388,7 +395,12 @@ def presented_key(authorization: str | None, api_key: str | None) -> str | None:
 def check_scopes(principal: Principal, scopes: Collection[str]) -> Principal:
     """``principal`` when it holds one of ``scopes`` (any key when none are asked), else 403."""
     if scopes and not any(principal.allows(s) for s in scopes):
-        raise AuthError(403, f"this API key needs the {' or '.join(repr(s) for s in sorted(scopes))} scope")
+        needed = " or ".join(repr(s) for s in sorted(scopes))
+        if principal.user_id:
+            raise AuthError(
+                403, f"your role {principal.role!r} in organisation {principal.tenant!r} lacks the {needed} scope"
+            )
+        raise AuthError(403, f"this API key needs the {needed} scope")
     return principal
 
 

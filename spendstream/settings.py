@@ -248,6 +248,54 @@ class OtelSettings(BaseModel):
     max_project_mappings: int = Field(1000, ge=1, description="project mapping rules one tenant may have")
 
 
+class IdentitySettings(BaseModel):
+    """People, organisations and login (the query API's /auth and /v1/orgs; spendstream/identity/)."""
+
+    jwt_secret: SecretStr = Field(
+        SecretStr(""),
+        description="HS256 key of access tokens (at least 32 bytes); every query API process must share it. "
+        "Empty: a random key per process (tokens die with the process; fine for `spendstream dev`)",
+    )
+    jwt_audience: str = Field("spendstream-query-api", description="the `aud` of access tokens, checked on every use")
+    jwt_issuer: str = Field("spendstream", description="the `iss` of access tokens")
+    access_ttl_s: int = Field(900, ge=30, le=86_400, description="lifetime of an access token")
+    refresh_ttl_s: int = Field(
+        30 * 86_400, ge=300, description="lifetime of a login session: its refresh tokens rotate within it"
+    )
+    invite_ttl_s: int = Field(7 * 86_400, ge=300, description="how long an invite can be accepted")
+    allow_registration: bool = Field(True, description="POST /auth/register open to anyone (false: invites only)")
+    password_min_length: int = Field(10, ge=8, le=128, description="password policy: fewest characters")
+    argon2_time_cost: int = Field(3, ge=1, le=20, description="argon2id iterations")
+    argon2_memory_kib: int = Field(65_536, ge=8, le=1_048_576, description="argon2id memory per hash, KiB")
+    argon2_parallelism: int = Field(1, ge=1, le=16, description="argon2id lanes")
+    max_concurrent_hashes: int = Field(
+        2, ge=1, description="password hashes computed at once per process (each takes argon2_memory_kib)"
+    )
+    max_waiting_hashes: int = Field(
+        32, ge=0, description="logins waiting for a hashing slot; beyond it 429 with Retry-After"
+    )
+    login_failures_per_account: int = Field(
+        5, ge=1, description="failed logins of one e-mail address within login_window_s before 429"
+    )
+    login_attempts_per_ip: int = Field(
+        30, ge=1, description="logins, registrations and invite acceptances from one IP within login_window_s"
+    )
+    login_window_s: float = Field(300.0, gt=0, description="the sliding window of both login limits")
+    cache_refresh_s: float = Field(
+        1.0,
+        gt=0,
+        description="how often memberships and revoked sessions are re-read: role changes and "
+        "removals made by another process apply within this period (at once in the process that made them)",
+    )
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _jwt_secret_long_enough(cls, v: SecretStr) -> SecretStr:
+        if v.get_secret_value() and len(v.get_secret_value().encode()) < 32:
+            raise ValueError("must be empty (a random key per process) or at least 32 bytes")
+        return v
+
+
 #: Renamed settings still accepted under their old name (see the module docstring): old path ->
 #: new path. Applied once, by ``Settings._renamed_settings``, to env variables and keywords alike.
 RENAMED_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
@@ -371,6 +419,7 @@ class Settings(BaseSettings):
     notify: NotifySettings = NotifySettings()
     sink: SinkSettings = SinkSettings()
     otel: OtelSettings = OtelSettings()
+    identity: IdentitySettings = IdentitySettings()
 
     @model_validator(mode="before")
     @classmethod

@@ -1,9 +1,15 @@
-// The Spendstream dashboard: reads the query API with the key entered once (kept in this
-// browser session only), redraws every few seconds. Budgets and alerts appear when the
+// The Spendstream dashboard: reads the query API as a person logged in (e-mail and password), or
+// with an API key entered once, and redraws every few seconds. Budgets and alerts appear when the
 // deployment serves those endpoints.
+//
+// Tokens never go to localStorage: the access token lives in this page's memory only; the refresh
+// token (and an API key) in sessionStorage, which this tab alone sees and which ends with it. A page
+// reload trades the refresh token for a new access token (the refresh token rotates each time).
 "use strict";
 
 const KEY_STORAGE = "spendstream.apiKey";
+const REFRESH_STORAGE = "spendstream.refreshToken";
+const ORG_STORAGE = "spendstream.org";
 const RANGES = { "1h": 3600e3, "24h": 86400e3, "7d": 7 * 86400e3, "30d": 30 * 86400e3, "90d": 90 * 86400e3 };
 const { columnChart, barList, burnBar, formatUsd } = window.SpendCharts;
 
@@ -23,15 +29,152 @@ function apiKey() {
   return sessionStorage.getItem(KEY_STORAGE) || "";
 }
 
-async function api(path, params) {
+// -- a person's session ----------------------------------------------------------------------
+const session = { access: "", me: null, org: sessionStorage.getItem(ORG_STORAGE) || "", timer: null };
+let refreshing = null;
+
+function credentialHeaders() {
+  if (session.access) {
+    const headers = { Authorization: `Bearer ${session.access}` };
+    if (session.org) headers["X-Org-Id"] = session.org;
+    return headers;
+  }
+  return apiKey() ? { Authorization: `Bearer ${apiKey()}` } : {};
+}
+
+async function call(method, path, { params, json, auth = true } = {}) {
   const url = new URL(path, window.location.origin);
   for (const [k, v] of Object.entries(params || {})) {
     if (v !== undefined && v !== null && v !== "") url.searchParams.set(k, v);
   }
-  const response = await fetch(url, { headers: { Authorization: `Bearer ${apiKey()}` } });
+  const send = () => fetch(url, {
+    method,
+    headers: { ...(auth ? credentialHeaders() : {}), ...(json !== undefined ? { "Content-Type": "application/json" } : {}) },
+    body: json !== undefined ? JSON.stringify(json) : undefined,
+  });
+  let response = await send();
+  // an expired access token: trade the refresh token once, then try again
+  if (response.status === 401 && auth && session.access && (await refreshTokens())) response = await send();
   const body = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
   if (!response.ok) throw new ApiError(response.status, body);
   return body;
+}
+
+const api = (path, params) => call("GET", path, { params });
+
+function adoptTokens(tokens) {
+  session.access = tokens.access_token;
+  sessionStorage.setItem(REFRESH_STORAGE, tokens.refresh_token);
+  clearTimeout(session.timer);
+  // renew a little before expiry, so a refresh in flight never races a request's 401 retry
+  session.timer = setTimeout(refreshTokens, Math.max(5, tokens.expires_in * 0.8) * 1000);
+}
+
+// One refresh at a time: presenting a rotated refresh token twice would end the session.
+function refreshTokens() {
+  if (!refreshing) {
+    refreshing = (async () => {
+      const token = sessionStorage.getItem(REFRESH_STORAGE);
+      if (!token) return false;
+      try {
+        adoptTokens(await call("POST", "/auth/refresh", { json: { refresh_token: token }, auth: false }));
+        return true;
+      } catch (err) {
+        endSession();
+        setStatus("Your session ended; log in again.", true);
+        return false;
+      }
+    })().finally(() => { refreshing = null; });
+  }
+  return refreshing;
+}
+
+function endSession() {
+  session.access = "";
+  session.me = null;
+  clearTimeout(session.timer);
+  sessionStorage.removeItem(REFRESH_STORAGE);
+  showSession();
+}
+
+async function loadMe() {
+  session.me = await call("GET", "/auth/me");
+  const orgs = session.me.orgs;
+  if (!orgs.some((o) => o.id === session.org)) session.org = orgs.length ? orgs[0].id : "";
+  sessionStorage.setItem(ORG_STORAGE, session.org);
+  showSession();
+}
+
+function currentRole() {
+  const org = session.me?.orgs.find((o) => o.id === session.org);
+  return org ? org.role : "";
+}
+
+function showSession() {
+  const me = session.me;
+  $("#login-form").hidden = Boolean(me);
+  if (me) $("#accept-form").hidden = true;
+  $("#user-bar").hidden = !me;
+  if (!me) {
+    $("#members-panel").hidden = true;
+    return;
+  }
+  $("#user-name").textContent = me.user.name || me.user.email;
+  const select = $("#org-switch");
+  select.replaceChildren(...me.orgs.map((o) => new Option(o.name || o.id, o.id)));
+  select.value = session.org;
+  $("#org-role").textContent = currentRole();
+  showMembers();
+}
+
+// -- members (owners and admins) ---------------------------------------------------------------
+async function showMembers() {
+  const panel = $("#members-panel");
+  const role = currentRole();
+  if (!session.me || !["owner", "admin"].includes(role)) {
+    panel.hidden = true;
+    return;
+  }
+  const org = session.org;
+  const listing = await call("GET", `/v1/orgs/${encodeURIComponent(org)}/members`);
+  if (org !== session.org) return;
+  $("#members-org").textContent = org;
+  $("#members tbody").replaceChildren(...listing.members.map((m) => {
+    const tr = document.createElement("tr");
+    tr.dataset.user = m.user_id;
+    for (const value of [m.name, m.email]) {
+      const td = document.createElement("td");
+      td.textContent = value;
+      tr.append(td);
+    }
+    const roleCell = document.createElement("td");
+    const select = document.createElement("select");
+    select.className = "member-role";
+    select.append(...["owner", "admin", "member", "viewer"].map((r) => new Option(r, r)));
+    select.value = m.role;
+    select.addEventListener("change", () => memberAction("PUT", m.user_id, { role: select.value }));
+    roleCell.append(select);
+    const removeCell = document.createElement("td");
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "member-remove";
+    remove.textContent = "Remove";
+    remove.addEventListener("click", () => memberAction("DELETE", m.user_id));
+    removeCell.append(remove);
+    tr.append(roleCell, removeCell);
+    return tr;
+  }));
+  panel.hidden = false;
+}
+
+async function memberAction(method, userId, json) {
+  try {
+    await call(method, `/v1/orgs/${encodeURIComponent(session.org)}/members/${encodeURIComponent(userId)}`, { json });
+    setStatus(method === "DELETE" ? "Member removed." : "Role changed.");
+  } catch (err) {
+    setStatus(`Error: ${err.message}`, true);
+  }
+  await showMembers();
 }
 
 function setStatus(text, isError) {
@@ -219,8 +362,8 @@ function showUnpriced(models) {
 
 // -- refresh loop ----------------------------------------------------------------------------
 async function refresh() {
-  if (!apiKey()) {
-    setStatus("Enter an API key with the read scope.");
+  if (!session.access && !apiKey()) {
+    setStatus("Log in, or enter an API key with the read scope.");
     return;
   }
   const mine = ++generation;
@@ -249,7 +392,8 @@ async function refresh() {
     document.body.dataset.loaded = String(mine);
     setStatus(`Updated ${new Date().toLocaleTimeString()}`);
   } catch (err) {
-    setStatus(err.status === 401 ? "That key was not accepted." : `Error: ${err.message}`, true);
+    const refused = session.access ? "Your session was not accepted; log in again." : "That key was not accepted.";
+    setStatus(err.status === 401 ? refused : `Error: ${err.message}`, true);
   }
 }
 
@@ -277,6 +421,70 @@ function init() {
     $("#forget-key").hidden = true;
     setStatus("Key forgotten.");
   });
+  $("#login-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const email = $("#login-email").value.trim();
+    const password = $("#login-password").value;
+    $("#login-password").value = "";
+    try {
+      adoptTokens(await call("POST", "/auth/login", { json: { email, password }, auth: false }));
+      await loadMe();
+      schedule();
+    } catch (err) {
+      setStatus(err.status === 429 ? err.message : `Login failed: ${err.message}`, true);
+    }
+  });
+  $("#show-accept").addEventListener("click", () => {
+    $("#accept-form").hidden = !$("#accept-form").hidden;
+  });
+  // joining with an invite token: the account is created (or an existing one checked by its
+  // password), then logged in with the same password
+  $("#accept-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const password = $("#accept-password").value;
+    const body = { token: $("#accept-token").value.trim(), password, name: $("#accept-name").value.trim() || null };
+    $("#accept-password").value = "";
+    try {
+      const joined = await call("POST", "/auth/accept-invite", { json: body, auth: false });
+      adoptTokens(await call("POST", "/auth/login", { json: { email: joined.user.email, password }, auth: false }));
+      session.org = joined.org.id;
+      $("#accept-token").value = "";
+      $("#accept-form").hidden = true;
+      await loadMe();
+      setStatus(`Joined ${joined.org.name} as ${joined.org.role}.`);
+      schedule();
+    } catch (err) {
+      setStatus(`Invite refused: ${err.message}`, true);
+    }
+  });
+  $("#logout").addEventListener("click", async () => {
+    try { await call("POST", "/auth/logout"); } catch (err) { /* the session ends here either way */ }
+    endSession();
+    setStatus("Logged out.");
+  });
+  $("#org-switch").addEventListener("change", (event) => {
+    session.org = event.target.value;
+    sessionStorage.setItem(ORG_STORAGE, session.org);
+    $("#org-role").textContent = currentRole();
+    for (const name of ["project", "agent", "model"]) form.elements[name].value = "";
+    showMembers().catch((err) => setStatus(`Error: ${err.message}`, true));
+    schedule();
+  });
+  $("#invite-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const data = new FormData(event.target);
+    try {
+      const invite = await call("POST", `/v1/orgs/${encodeURIComponent(session.org)}/invites`, {
+        json: { email: data.get("email"), role: data.get("role") },
+      });
+      $("#invite-token").textContent = invite.token;
+      $("#invite-result").hidden = false;
+      event.target.reset();
+      setStatus(invite.emailed ? `Invite e-mailed to ${invite.email}.` : `Invite made for ${invite.email}.`);
+    } catch (err) {
+      setStatus(`Invite refused: ${err.message}`, true);
+    }
+  });
   form.addEventListener("change", () => {
     form.classList.toggle("show-custom", form.elements.range.value === "custom");
     schedule();
@@ -287,7 +495,12 @@ function init() {
     clearTimeout(resizing);
     resizing = setTimeout(schedule, 300);
   });
-  schedule();
+  // a reload of this tab resumes the session from its refresh token
+  if (sessionStorage.getItem(REFRESH_STORAGE)) {
+    refreshTokens().then((ok) => (ok ? loadMe() : null)).catch(() => null).finally(schedule);
+  } else {
+    schedule();
+  }
 }
 
 init();

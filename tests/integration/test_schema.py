@@ -28,6 +28,9 @@ pytestmark = pytest.mark.clickhouse
 
 SNAPSHOT = REPO_ROOT / "tests" / "fixtures" / "clickhouse_schema_snapshot.sql"
 SECRET_TABLES = {"api_keys", "webhooks"}  # no tenant view: they hold secrets or their hashes
+# people and login (0011): password and token hashes, other organisations' login attempts
+SECRET_TABLES |= {"orgs", "users", "org_members", "invites", "auth_sessions", "refresh_tokens",
+                  "session_revocations", "audit_log", "api_key_owners"}  # fmt: skip
 PUBLIC_TABLES = {
     "usage_events", "projects", "budgets", "price_overrides", "budget_alerts", "alert_deliveries",
     *SECRET_TABLES, *(a.table for a in AGGREGATES),
