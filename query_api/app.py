@@ -22,6 +22,7 @@ from query_api.errors import install_error_handlers
 from query_api.guard import RequestGuard
 from query_api.metrics import ApiMetrics, MetricsMiddleware
 from query_api.routers import alerts, analytics, budgets, export, health, keys, pricing, projects, sql, webhooks
+from query_api.routers import provider_keys
 from spendstream.clickhouse import get_async_client, get_client
 from spendstream.keys import KeyStore, load_live_keys
 from spendstream.pricing.catalog import default_catalog
@@ -31,6 +32,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 #: one router per domain, in the order they appear in the OpenAPI document
 ROUTERS = (health, analytics, export, pricing, projects, keys, sql, budgets, webhooks, alerts)
+ROUTERS += (provider_keys,)
 
 
 def create_app(settings: Settings) -> FastAPI:

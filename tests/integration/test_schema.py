@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.clickhouse
 
 SNAPSHOT = REPO_ROOT / "tests" / "fixtures" / "clickhouse_schema_snapshot.sql"
-SECRET_TABLES = {"api_keys", "webhooks"}  # no tenant view: they hold secrets or their hashes
+SECRET_TABLES = {"api_keys", "webhooks", "provider_keys"}  # no tenant view: they hold secrets or their hashes
 PUBLIC_TABLES = {
     "usage_events", "projects", "budgets", "price_overrides", "budget_alerts", "alert_deliveries",
     *SECRET_TABLES, *(a.table for a in AGGREGATES),
