@@ -15,6 +15,8 @@ from ingest_gateway.metrics import GatewayMetrics
 from ingest_gateway.openapi import add_ingest_path
 from ingest_gateway.publisher import Publisher
 from ingest_gateway.routers import budget_check, health
+from ingest_gateway.proxy import router as proxy_router
+from ingest_gateway.proxy.lifecycle import start_proxy
 from spendstream.keys import KeyStore, clickhouse_loader
 from spendstream.settings import Settings
 
@@ -42,9 +44,11 @@ def create_app(settings: Settings) -> FastAPI:
         await budget_view.start()
         app.state.publisher, app.state.keys, app.state.budget_view = publisher, keys, budget_view
         metrics.in_flight_events.set_function(lambda: publisher.in_flight)
+        stop_proxy = await start_proxy(app, settings)
         try:
             yield
         finally:
+            await stop_proxy()
             await budget_view.close()
             await keys.close()
             await publisher.close()
@@ -63,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.ingest_settings = settings
     app.include_router(health.router)
     app.include_router(budget_check.router)
+    app.include_router(proxy_router.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
