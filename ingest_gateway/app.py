@@ -13,10 +13,10 @@ from ingest_gateway.budget_view import BudgetView
 from ingest_gateway.ingest import IngestMiddleware
 from ingest_gateway.metrics import GatewayMetrics
 from ingest_gateway.openapi import add_ingest_path
-from ingest_gateway.publisher import Publisher
-from ingest_gateway.routers import budget_check, health
 from ingest_gateway.proxy import router as proxy_router
 from ingest_gateway.proxy.lifecycle import start_proxy
+from ingest_gateway.publisher import Publisher
+from ingest_gateway.routers import budget_check, health
 from spendstream.keys import KeyStore, clickhouse_loader
 from spendstream.settings import Settings
 

@@ -120,9 +120,7 @@ def delete_provider_key(client: Any, tenant: str, key_id: str) -> bool:
         return False
     # the deleted row keeps no ciphertext: a deleted key is gone from storage once rows merge
     tenant_, id_, provider, name, project, _, created = rows[0]
-    client.insert(
-        TABLE, [[tenant_, id_, provider, name, project, "", created, 1, _version()]], column_names=_COLUMNS
-    )
+    client.insert(TABLE, [[tenant_, id_, provider, name, project, "", created, 1, _version()]], column_names=_COLUMNS)
     return True
 
 

@@ -99,7 +99,9 @@ class Keyring:
         try:
             return aead.decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], header + aad)
         except InvalidTag:
-            raise SecretError("ciphertext does not authenticate (wrong key, other associated data, or altered)") from None
+            raise SecretError(
+                "ciphertext does not authenticate (wrong key, other associated data, or altered)"
+            ) from None
 
     def needs_reseal(self, blob: bytes) -> bool:
         """Sealed with a key other than the primary (after a rotation)."""

@@ -60,6 +60,11 @@ def max_cost_nanos(
         return None
     cache_1h = cost_nanos(
         catalog,
-        {**base, "input_tokens": input_tokens, "cache_write_tokens": input_tokens, "cache_write_1h_tokens": input_tokens},
+        {
+            **base,
+            "input_tokens": input_tokens,
+            "cache_write_tokens": input_tokens,
+            "cache_write_1h_tokens": input_tokens,
+        },
     )
     return max(plain, cache_1h or 0)

@@ -144,7 +144,9 @@ class Recorder:
         self._metrics.spooled.inc(written)
         if written < len(lines):
             self._metrics.dropped.inc(len(lines) - written)
-            log.error("proxy spool full (%d bytes): %d usage events dropped", self._spool.max_bytes, len(lines) - written)
+            log.error(
+                "proxy spool full (%d bytes): %d usage events dropped", self._spool.max_bytes, len(lines) - written
+            )
 
     async def _drain_forever(self) -> None:
         while True:
@@ -167,7 +169,9 @@ class Recorder:
                 groups: dict[tuple[str, str], dict[str, list[Any]]] = {}
                 for item in part:
                     ev = item["event"]
-                    groups.setdefault((item["tenant"], item["received_at"]), {}).setdefault(ev["project"], []).append(ev)
+                    groups.setdefault((item["tenant"], item["received_at"]), {}).setdefault(ev["project"], []).append(
+                        ev
+                    )
                 for (tenant, received_at), by_project in groups.items():
                     n = sum(len(v) for v in by_project.values())
                     await self._publisher.publish(tenant, received_at, by_project, n)  # raises: segment stays

@@ -22,7 +22,9 @@ _DESCRIPTION = (
 )
 
 
-@router.api_route("/proxy/openai/v1/{path:path}", methods=_METHODS, summary="OpenAI API proxy", description=_DESCRIPTION)
+@router.api_route(
+    "/proxy/openai/v1/{path:path}", methods=_METHODS, summary="OpenAI API proxy", description=_DESCRIPTION
+)
 async def openai(path: str, request: Request) -> Response:
     return await request.app.state.proxy.handle(request, "openai", path)
 

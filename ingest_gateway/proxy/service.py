@@ -97,7 +97,9 @@ def parse_tags(value: str) -> dict[str, str]:
         if not sep or not key:
             raise ValueError(f"each tag must be key=value, got {part.strip()[:64]!r}")
         if len(key) > logic.MAX_TAG_KEY_LEN or len(val) > logic.MAX_TAG_VALUE_LEN:
-            raise ValueError(f"tag keys are at most {logic.MAX_TAG_KEY_LEN}, values {logic.MAX_TAG_VALUE_LEN} characters")
+            raise ValueError(
+                f"tag keys are at most {logic.MAX_TAG_KEY_LEN}, values {logic.MAX_TAG_VALUE_LEN} characters"
+            )
         tags[key] = val
     if len(tags) > logic.MAX_TAGS:
         raise ValueError(f"at most {logic.MAX_TAGS} tags")
@@ -212,7 +214,9 @@ class Proxy:
         default_project = auth.pop("x-spendstream-default-project", "")
         cfg = self.settings.proxy
         try:
-            body = await asgi.read_body(request.receive, request.headers.get("content-length"), cfg.max_request_body_bytes)
+            body = await asgi.read_body(
+                request.receive, request.headers.get("content-length"), cfg.max_request_body_bytes
+            )
         except asgi.BodyTooLarge as exc:
             raise invalid(provider, "body", str(exc), status=413) from None
         call_req = read_request(provider, path, body) if request.method == "POST" else CallRequest()
@@ -230,7 +234,9 @@ class Proxy:
             self._finish(call)
             status, kind = (504, "timeout") if isinstance(exc, httpx.TimeoutException) else (502, "upstream_error")
             self.metrics.upstream_failures.labels(provider).inc()
-            raise ProxyError(status, kind, f"the upstream {provider} API could not be reached: {type(exc).__name__}") from None
+            raise ProxyError(
+                status, kind, f"the upstream {provider} API could not be reached: {type(exc).__name__}"
+            ) from None
         call.status = response.status_code
         return ProxiedResponse(self, call, response)
 
@@ -272,8 +278,12 @@ class Proxy:
             return None
         estimate = None
         if model:
-            out = costs.output_bound(call.provider, norm_model, call.request.max_output_tokens, self.settings.proxy.uncapped_output_tokens)
-            estimate = costs.max_cost_nanos(self._catalog, call.provider, norm_model, body_bytes, out, call.ctx.received_at_str)
+            out = costs.output_bound(
+                call.provider, norm_model, call.request.max_output_tokens, self.settings.proxy.uncapped_output_tokens
+            )
+            estimate = costs.max_cost_nanos(
+                self._catalog, call.provider, norm_model, body_bytes, out, call.ctx.received_at_str
+            )
         if estimate is None:
             self.metrics.denied.labels(call.provider).inc()
             names = ", ".join(f"'{s.budget.name}' ({s.budget.id})" for s in enforced)

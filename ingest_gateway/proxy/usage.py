@@ -89,8 +89,8 @@ def extract(provider: str, api_flavour: str | None, response: Any) -> tuple[str 
         else:
             api_flavour = "chat" if "prompt_tokens" in response["usage"] else "responses"
     try:
-        model, usage = get_snapshot().find_provider(None, provider, None).extract_usage(
-            response, api_flavor=api_flavour
+        model, usage = (
+            get_snapshot().find_provider(None, provider, None).extract_usage(response, api_flavor=api_flavour)
         )
     except (ValueError, LookupError, TypeError, KeyError):
         return None

@@ -99,7 +99,9 @@ async def test_openai_chat_non_streaming_passes_through_and_is_priced(settings, 
         r = await gw.post(
             "/proxy/openai/v1/chat/completions",
             content=json.dumps(body),
-            headers=openai_headers(key, **{"X-Spendstream-Agent": "planner", "X-Spendstream-Tags": "team=search,env=ci"}),
+            headers=openai_headers(
+                key, **{"X-Spendstream-Agent": "planner", "X-Spendstream-Tags": "team=search,env=ci"}
+            ),
         )
         assert r.status_code == 200
         assert r.content == (FIXTURES / "openai_chat.json").read_bytes()  # byte for byte
@@ -161,7 +163,11 @@ async def test_openai_chat_stream_usage_chunk(settings, upstream, tenant, client
     else:
         assert all(c["choices"] and c["choices"][0]["index"] == 0 for c in chunks)  # choices[0] never breaks
         assert len(chunks) == 4
-    assert ev["status"] == "ok" and (ev["input_tokens"], ev["output_tokens"], ev["cache_read_tokens"]) == (2006, 10, 1920)
+    assert ev["status"] == "ok" and (ev["input_tokens"], ev["output_tokens"], ev["cache_read_tokens"]) == (
+        2006,
+        10,
+        1920,
+    )
     assert stored_cost(ev) == expected_nanos(fixture_json("openai_chat.json"), "openai", "chat")
 
 
@@ -179,7 +185,12 @@ async def test_openai_responses(settings, upstream, tenant, stream):
         rid = r.headers["x-spendstream-request-id"]
         ev = (await events_for(settings, name, since, [rid]))[rid]
     assert ev["model"] == "gpt-5-2025-08-07" and ev["operation"] == "responses" and ev["status"] == "ok"
-    assert (ev["input_tokens"], ev["cache_read_tokens"], ev["output_tokens"], ev["reasoning_tokens"]) == (1200, 1024, 300, 256)
+    assert (ev["input_tokens"], ev["cache_read_tokens"], ev["output_tokens"], ev["reasoning_tokens"]) == (
+        1200,
+        1024,
+        300,
+        256,
+    )
     assert stored_cost(ev) == expected_nanos(fixture_json("openai_responses.json"), "openai", "responses")
 
 
@@ -188,7 +199,9 @@ async def test_openai_embeddings_and_unmetered_routes(settings, upstream, tenant
     since = await raw_position(settings)
     async with gateway(settings) as gw:
         r = await gw.post(
-            "/proxy/openai/v1/embeddings", json={"model": "text-embedding-3-small", "input": "hi"}, headers=openai_headers(key)
+            "/proxy/openai/v1/embeddings",
+            json={"model": "text-embedding-3-small", "input": "hi"},
+            headers=openai_headers(key),
         )
         assert r.status_code == 200
         models = await gw.get("/proxy/openai/v1/models", headers=openai_headers(key))
@@ -196,7 +209,12 @@ async def test_openai_embeddings_and_unmetered_routes(settings, upstream, tenant
         rids = [r.headers["x-spendstream-request-id"], models.headers["x-spendstream-request-id"]]
         events = await events_for(settings, name, since, rids)
     ev = events[rids[0]]
-    assert (ev["model"], ev["input_tokens"], ev["output_tokens"], ev["operation"]) == ("text-embedding-3-small", 8, 0, "embeddings")
+    assert (ev["model"], ev["input_tokens"], ev["output_tokens"], ev["operation"]) == (
+        "text-embedding-3-small",
+        8,
+        0,
+        "embeddings",
+    )
     assert stored_cost(ev) == expected_nanos(fixture_json("openai_embeddings.json"), "openai", "embeddings")
     listed = events[rids[1]]  # passed through, recorded without usage
     assert (listed["input_tokens"], listed["output_tokens"], listed["operation"]) == (0, 0, "models")
@@ -322,7 +340,13 @@ async def test_provider_keys_crud_on_the_query_api(settings, unique_name):
             secret = "sk-proj-never-shown-again-9876543210"
             created = api.post("/v1/provider-keys", json={"provider": "openai", "name": "prod", "api_key": secret})
             assert created.status_code == 201, created.text
-            assert secret not in created.text and set(created.json()) == {"id", "provider", "name", "project", "created_at"}
+            assert secret not in created.text and set(created.json()) == {
+                "id",
+                "provider",
+                "name",
+                "project",
+                "created_at",
+            }
             listed = api.get("/v1/provider-keys")
             assert [k["id"] for k in listed.json()["provider_keys"]] == [created.json()["id"]]
             assert secret not in listed.text
@@ -331,7 +355,9 @@ async def test_provider_keys_crud_on_the_query_api(settings, unique_name):
             bad = api.post("/v1/provider-keys", json={"provider": "openai", "name": "x", "api_key": "a\nb"})
             assert bad.status_code == 422 and bad.json()["field"] == "api_key"
             # stored sealed: the row holds no trace of the key
-            row = client.query("SELECT * FROM provider_keys WHERE tenant = {t:String}", parameters={"t": name}).named_results()
+            row = client.query(
+                "SELECT * FROM provider_keys WHERE tenant = {t:String}", parameters={"t": name}
+            ).named_results()
             assert secret not in str(list(row))
             assert api.delete(f"/v1/provider-keys/{created.json()['id']}").status_code == 204
             assert api.get("/v1/provider-keys").json()["provider_keys"] == []

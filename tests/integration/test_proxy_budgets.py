@@ -96,7 +96,11 @@ async def test_two_replicas_forty_clients_spend_within_the_limit(make_settings, 
     # the budget was used, not refused wholesale: at least half of it was spent
     assert settled >= LIMIT_NANOS // 2, settled
     # every allowed call reached the upstream once; no denied call did
-    mine = [r for r in upstream.requests if stored_key in (r["headers"].get("authorization", "") + r["headers"].get("x-api-key", ""))]
+    mine = [
+        r
+        for r in upstream.requests
+        if stored_key in (r["headers"].get("authorization", "") + r["headers"].get("x-api-key", ""))
+    ]
     assert len(mine) == len(ok) == len(events)
     for status, headers, body, _ in denied:
         assert status == 402 and status not in SDK_RETRIED
