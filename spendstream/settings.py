@@ -285,6 +285,12 @@ class ProxySettings(BaseModel):
         "events are dropped and counted",
     )
     provider_keys_refresh_s: float = Field(5.0, gt=0, description="how often stored provider keys are reloaded")
+    max_calls_per_tenant: int = Field(
+        500,
+        ge=1,
+        description="calls of one tenant in flight through one gateway process; beyond, 429 with retry-after "
+        "(in the provider's shape), so one tenant cannot take every upstream connection",
+    )
 
 
 #: Renamed settings still accepted under their old name (see the module docstring): old path ->

@@ -126,6 +126,7 @@ class Proxy:
         self.recorder = recorder
         self._catalog = catalog
         self.metrics = metrics
+        self._tenant_calls: dict[str, int] = {}
         self.ledger = Ledger(cfg.replicas, int(cfg.settled_hold_s * 1000), int(cfg.reservation_ttl_s * 1000))
         self._bases = {OPENAI: cfg.openai_base_url.rstrip("/"), ANTHROPIC: cfg.anthropic_base_url.rstrip("/") + "/v1"}
         self.client = httpx.AsyncClient(
@@ -145,13 +146,39 @@ class Proxy:
             return ProxyError(404, "not_found", f"unknown provider {provider!r}; use openai or anthropic").response(
                 OPENAI, request_id
             )
+        tenant_calls = self._tenant_calls
+        tenant: str | None = None
         try:
-            return await self._handle(request, provider, path, request_id)
+            principal, auth = await self._authenticate(request, provider)
+            tenant = principal.tenant
+            held = tenant_calls.get(tenant, 0)
+            if held >= self.settings.proxy.max_calls_per_tenant:
+                tenant = None
+                raise ProxyError(
+                    429, "rate_limit_exceeded", f"{held} calls of this tenant are in flight through this gateway; "
+                    "retry shortly", retry_after_s=1,
+                )  # fmt: skip
+            tenant_calls[tenant] = held + 1
+            response = await self._handle(request, provider, path, request_id, principal, auth)
+            if isinstance(response, ProxiedResponse):
+                response.tenant_slot, tenant = tenant, None  # held until the forwarding ends
+            return response
         except ProxyError as exc:
             self.metrics.refused.labels(provider, str(exc.status)).inc()
             return exc.response(provider, request_id)
         except asgi.ClientGone:
             return Response(status_code=499)
+        finally:
+            # a call that gets no upstream response is counted until here
+            if tenant is not None:
+                self._release_tenant(tenant)
+
+    def _release_tenant(self, tenant: str) -> None:
+        held = self._tenant_calls[tenant] - 1
+        if held:
+            self._tenant_calls[tenant] = held
+        else:
+            del self._tenant_calls[tenant]
 
     async def _authenticate(self, request: Request, provider: str) -> tuple[keys.Principal, dict[str, str]]:
         """The caller's principal and the upstream auth headers to set (empty: pass the caller's)."""
@@ -208,9 +235,11 @@ class Proxy:
         out.setdefault("agent", "default")
         return out
 
-    async def _handle(self, request: Request, provider: str, path: str, request_id: str) -> Response:
+    async def _handle(
+        self, request: Request, provider: str, path: str, request_id: str, principal: keys.Principal,
+        auth: dict[str, str],
+    ) -> Response:  # fmt: skip
         started = time.perf_counter()
-        principal, auth = await self._authenticate(request, provider)
         default_project = auth.pop("x-spendstream-default-project", "")
         cfg = self.settings.proxy
         try:
@@ -348,6 +377,7 @@ class ProxiedResponse(Response):
         self.upstream = upstream
         self.status_code = upstream.status_code
         self.background = None
+        self.tenant_slot: str | None = None
         self.sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
         raw = [
             (k.lower(), v)
@@ -405,6 +435,8 @@ class ProxiedResponse(Response):
                     if found is not None:
                         call.model, call.tokens = found
             self.proxy._finish(call)
+            if self.tenant_slot is not None:
+                self.proxy._release_tenant(self.tenant_slot)
         if cut is not None:
             raise UpstreamCut(f"the upstream ended the response early: {cut!r}") from cut
 

@@ -364,3 +364,32 @@ async def test_provider_keys_crud_on_the_query_api(settings, unique_name):
             assert api.delete(f"/v1/provider-keys/{created.json()['id']}").status_code == 404
     finally:
         client.close()
+
+
+async def test_one_tenant_cannot_hold_every_upstream_connection(make_settings, upstream, unique_name):
+    settings = make_settings(
+        proxy={"openai_base_url": upstream.url + "/v1", "max_calls_per_tenant": 2},
+    )
+    migrate(settings)
+    name = unique_name("t")
+    client = get_client(settings)
+    try:
+        _, key = create_key(client, name, "ingest", "agents")
+    finally:
+        client.close()
+    headers = openai_headers("sk-own", **{"X-Spendstream-Key": key})
+    async with gateway(settings) as gw:
+        proxy = gw.app.state.proxy  # type: ignore[attr-defined]
+        proxy._tenant_calls[name] = 2  # two calls of the tenant in flight
+        r = await gw.post(
+            "/proxy/openai/v1/chat/completions", json={"model": "gpt-4o", "messages": []}, headers=headers
+        )
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_exceeded"
+        assert r.headers["retry-after"] == "1"
+        proxy._tenant_calls[name] = 1
+        async with gw.stream("POST", "/proxy/openai/v1/chat/completions", headers=headers,
+                             json={"model": "gpt-4o", "messages": [], "stream": True}) as s:  # fmt: skip
+            assert s.status_code == 200
+            async for _ in s.aiter_raw():
+                pass
+        assert proxy._tenant_calls == {name: 1}  # the stream's slot was given back when it ended
