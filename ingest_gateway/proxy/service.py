@@ -413,6 +413,22 @@ class ProxiedResponse(Response):
         ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Forward, and stop forwarding (closing the upstream connection, so the provider stops
+        generating) as soon as the client hangs up."""
+        forward = asyncio.ensure_future(self._forward(send))
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait((forward, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not forward.done():
+                forward.cancel()  # the client is gone: the event says error, with the usage so far
+            watch.cancel()
+            # the forwarding's own finally (close upstream, settle, record) runs to its end
+            await asyncio.gather(forward, watch, return_exceptions=True)
+        if not forward.cancelled():
+            forward.result()  # UpstreamCut: the server aborts the client's connection
+
+    async def _forward(self, send: Send) -> None:
         call, upstream, cfg = self.call, self.upstream, self.proxy.settings.proxy
         ok_status = 200 <= upstream.status_code < 300
         meter = StreamMeter(call.provider, call.api_flavour, call.request.drop_usage_chunk) if self.sse else None
@@ -461,6 +477,12 @@ class ProxiedResponse(Response):
                 self.proxy._release_tenant(self.tenant_slot)
         if cut is not None:
             raise UpstreamCut(f"the upstream ended the response early: {cut!r}") from cut
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client hangs up (the request body was read before: nothing else comes)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class UpstreamCut(Exception):

@@ -86,6 +86,7 @@ class FakeUpstream:
         self.requests: list[dict[str, Any]] = []
         self.chunk_delay_s = chunk_delay_s
         self.latency_s = latency_s
+        self.pause_s = 1.5
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         app = Starlette(
@@ -135,12 +136,14 @@ class FakeUpstream:
             return JSONResponse(err, status_code=429, headers={"retry-after": "7", "x-request-id": "req_up_1"})
         return None
 
-    def _stream(self, events: list[bytes], cut_after: int | None = None) -> StreamingResponse:
+    def _stream(
+        self, events: list[bytes], cut_after: int | None = None, pause_after: int | None = None
+    ) -> StreamingResponse:
         async def gen():
             for i, raw in enumerate(events):
                 if cut_after is not None and i == cut_after:
                     raise RuntimeError("upstream connection dropped mid-stream")
-                await asyncio.sleep(self.chunk_delay_s)
+                await asyncio.sleep(self.pause_s if i == pause_after else self.chunk_delay_s)
                 yield raw
 
         return StreamingResponse(gen(), media_type="text/event-stream", headers={"x-request-id": "req_up_stream"})
@@ -157,6 +160,8 @@ class FakeUpstream:
         events = fixture_events("openai_chat_stream.sse")
         if not (body.get("stream_options") or {}).get("include_usage"):
             events = _strip_usage(events)
+        if body.get("model") == "slow-stream":  # the first chunk, then a pause before the rest
+            return self._stream(events, pause_after=1)
         return self._stream(events, cut_after=2 if body.get("model") == "cut-stream" else None)
 
     async def responses(self, request: Request) -> Response:
@@ -187,3 +192,30 @@ class FakeUpstream:
     async def count_tokens(self, request: Request) -> Response:
         await self._record(request)
         return JSONResponse({"input_tokens": 14})
+
+
+class GatewayServer:
+    """The gateway app behind uvicorn in a thread: real HTTP, so streaming and disconnects are real."""
+
+    def __init__(self, settings: Any):
+        from ingest_gateway.app import create_app
+
+        self.port = settings.gateway.port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="gateway", daemon=True)
+
+    def __enter__(self) -> GatewayServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise TimeoutError("gateway did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=15)
