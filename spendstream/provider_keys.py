@@ -140,18 +140,42 @@ def load_open_keys(client: Any, keyring: Keyring) -> tuple[list[OpenKey], int]:
     return keys, failed
 
 
-def reseal_all(client: Any, keyring: Keyring) -> int:
-    """After a rotation: every live key sealed with an older key is sealed again with the primary;
-    returns how many were. Afterwards the old key can be removed from the setting."""
+def reseal_all(client: Any, keyring: Keyring) -> tuple[int, int]:
+    """After a rotation: every live key sealed with an older key is sealed again with the primary.
+    Returns (resealed, not openable: their key is not configured or the row was altered; they stay
+    as they are). Once the second is 0, the old key can be removed from the setting."""
     rows = client.query(
         f"SELECT tenant, id, provider, name, project, ciphertext, created_at FROM {TABLE} FINAL"
     ).result_rows
-    out = []
+    out, failed = [], 0
     for tenant, key_id, provider, name, project, ciphertext, created in rows:
-        blob = bytes.fromhex(ciphertext)
-        if keyring.needs_reseal(blob):
+        try:
+            blob = bytes.fromhex(ciphertext)
+            if not keyring.needs_reseal(blob):
+                continue
             sealed = keyring.reseal(blob, aad(tenant, key_id, provider))
-            out.append([tenant, key_id, provider, name, project, sealed.hex(), created, 0, _version()])
+        except (SecretError, ValueError):
+            failed += 1
+            continue
+        out.append([tenant, key_id, provider, name, project, sealed.hex(), created, 0, _version()])
     if out:
         client.insert(TABLE, out, column_names=_COLUMNS)
-    return len(out)
+    return len(out), failed
+
+
+if __name__ == "__main__":  # python -m spendstream.provider_keys reseal
+    import sys
+
+    from spendstream.clickhouse import get_client
+    from spendstream.settings import get_settings
+
+    if sys.argv[1:] != ["reseal"]:
+        sys.exit("usage: python -m spendstream.provider_keys reseal   (after putting a new key first in "
+                 "SPENDSTREAM_SECRET_KEYS: seals every stored key with it)")  # fmt: skip
+    settings = get_settings()
+    ch = get_client(settings)
+    try:
+        done, failed = reseal_all(ch, Keyring.parse(settings.secret_keys.get_secret_value()))
+        print(f"resealed {done} provider keys; {failed} cannot be opened with the configured keys")
+    finally:
+        ch.close()

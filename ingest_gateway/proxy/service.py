@@ -171,7 +171,7 @@ class Proxy:
         tenant_calls = self._tenant_calls
         tenant: str | None = None
         try:
-            principal, auth = await self._authenticate(request, provider)
+            principal, auth, default_project = await self._authenticate(request, provider)
             tenant = principal.tenant
             held = tenant_calls.get(tenant, 0)
             if held >= self.settings.proxy.max_calls_per_tenant:
@@ -181,7 +181,7 @@ class Proxy:
                     "retry shortly", retry_after_s=1,
                 )  # fmt: skip
             tenant_calls[tenant] = held + 1
-            response = await self._handle(request, provider, path, request_id, principal, auth)
+            response = await self._handle(request, provider, path, request_id, principal, auth, default_project)
             if isinstance(response, ProxiedResponse):
                 response.tenant_slot, tenant = tenant, None  # held until the forwarding ends
             return response
@@ -202,13 +202,14 @@ class Proxy:
         else:
             del self._tenant_calls[tenant]
 
-    async def _authenticate(self, request: Request, provider: str) -> tuple[keys.Principal, dict[str, str]]:
-        """The caller's principal and the upstream auth headers to set (empty: pass the caller's)."""
+    async def _authenticate(self, request: Request, provider: str) -> tuple[keys.Principal, dict[str, str], str]:
+        """The caller's principal, the upstream auth headers to set (empty: pass the caller's) and
+        the stored key's default project."""
         headers = request.headers
         own = headers.get("x-spendstream-key")
         try:
             if own is not None:  # passthrough: the caller's provider key goes upstream untouched
-                return await keys.authenticate(self._keys, None, own, ("ingest",)), {}
+                return await keys.authenticate(self._keys, None, own, ("ingest",)), {}, ""
             principal = await keys.authenticate(
                 self._keys, headers.get("authorization"), headers.get("x-api-key"), ("ingest",)
             )
@@ -231,8 +232,7 @@ class Proxy:
             auth = {"authorization": f"Bearer {stored.api_key}"}
         else:
             auth = {"x-api-key": stored.api_key}
-        auth["x-spendstream-default-project"] = stored.project  # read below, never forwarded
-        return principal, auth
+        return principal, auth, stored.project
 
     def _attribution(self, request: Request, call: CallRequest, default_project: str, provider: str) -> dict[str, Any]:
         headers = request.headers
@@ -259,10 +259,9 @@ class Proxy:
 
     async def _handle(
         self, request: Request, provider: str, path: str, request_id: str, principal: keys.Principal,
-        auth: dict[str, str],
+        auth: dict[str, str], default_project: str,
     ) -> Response:  # fmt: skip
         started = time.perf_counter()
-        default_project = auth.pop("x-spendstream-default-project", "")
         cfg = self.settings.proxy
         try:
             body = await asgi.read_body(

@@ -32,9 +32,9 @@ class SecretsNotConfigured(DomainError):
 
 class ProviderKeyIn(BaseModel):
     provider: str = Field(description=f"one of {', '.join(PROVIDERS)}")
-    name: str = Field(description="a label, to tell keys apart")
-    api_key: str = Field(description="the provider's API key; stored sealed, never returned")
-    project: str = Field("", description="default project of calls made with this key")
+    name: str = Field(max_length=256, description="a label, to tell keys apart")
+    api_key: str = Field(max_length=4096, description="the provider's API key; stored sealed, never returned")
+    project: str = Field("", max_length=128, description="default project of calls made with this key")
 
 
 def _keyring(request: Request) -> Keyring:

@@ -393,3 +393,29 @@ async def test_one_tenant_cannot_hold_every_upstream_connection(make_settings, u
             async for _ in s.aiter_raw():
                 pass
         assert proxy._tenant_calls == {name: 1}  # the stream's slot was given back when it ended
+
+
+def test_rotation_reseals_stored_keys_with_the_new_primary(settings, unique_name):
+    from spendstream.provider_keys import load_open_keys, reseal_all
+    from spendstream.secrets import key_id_of
+
+    name = unique_name("t")
+    old_entry, new_entry = generate_key("old"), generate_key("new")
+    client = get_client(settings)
+    try:
+        create_provider_key(client, Keyring.parse(old_entry), name, "anthropic", "rotating", "sk-ant-rotate-me")
+        rotated = Keyring.parse(f"{new_entry},{old_entry}")
+        # (other tests' keys in this database are sealed with keys this ring lacks: counted, left alone)
+        resealed, _ = reseal_all(client, rotated)
+        assert resealed == 1
+        assert reseal_all(client, rotated)[0] == 0  # nothing left under the old key
+        mine = lambda keys: [k for k in keys if k.tenant == name]  # noqa: E731
+        opened, failed = load_open_keys(client, Keyring.parse(new_entry))  # the old key dropped
+        (key,) = mine(opened)
+        assert key.api_key == "sk-ant-rotate-me" and "sk-ant-rotate-me" not in repr(key)
+        (row,) = client.query(
+            "SELECT ciphertext FROM provider_keys FINAL WHERE tenant = {t:String}", parameters={"t": name}
+        ).result_rows
+        assert key_id_of(bytes.fromhex(row[0])) == "new"
+    finally:
+        client.close()
