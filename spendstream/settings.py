@@ -249,10 +249,10 @@ class ProxySettings(BaseModel):
         32 * 1024 * 1024, ge=1024, description="largest request body forwarded (413 beyond)"
     )
     max_usage_body_bytes: int = Field(
-        8 * 1024 * 1024,
+        1024 * 1024,
         ge=1024,
-        description="a non-streamed response body is also kept up to this size to read its usage; larger "
-        "bodies still pass through, recorded without usage",
+        description="a non-streamed response body is also kept up to this size to read its usage; of a "
+        "larger one (embeddings of many inputs) only its first 4 KiB and last 64 KiB, where model and usage are",
     )
     max_sse_event_bytes: int = Field(
         1024 * 1024, ge=1024, description="an SSE event longer than this is forwarded but not parsed for usage"

@@ -32,11 +32,14 @@ from ingest_gateway.proxy.metrics import ProxyMetrics
 from ingest_gateway.proxy.recorder import Recorder
 from ingest_gateway.proxy.usage import (
     ANTHROPIC,
+    HEAD_BYTES,
     OPENAI,
+    TAIL_BYTES,
     CallRequest,
     SseSplitter,
     StreamMeter,
     extract_body,
+    extract_head_tail,
     flavour,
     read_request,
 )
@@ -434,6 +437,7 @@ class ProxiedResponse(Response):
         splitter = SseSplitter(cfg.max_sse_event_bytes) if self.sse else None
         kept: list[bytes] = []
         kept_bytes = 0
+        head = tail = b""
         complete = False
         cut: httpx.HTTPError | None = None
         try:
@@ -444,9 +448,15 @@ class ProxiedResponse(Response):
                     if not out:
                         continue
                     chunk = b"".join(out)
-                elif kept_bytes <= cfg.max_usage_body_bytes:
-                    kept.append(chunk)
+                else:
                     kept_bytes += len(chunk)
+                    if kept_bytes <= cfg.max_usage_body_bytes:
+                        kept.append(chunk)
+                    else:  # too large to keep whole: its first and last bytes only
+                        if kept:
+                            joined = b"".join(kept)
+                            head, tail, kept = joined[:HEAD_BYTES], joined[-TAIL_BYTES:], []
+                        tail = (tail + chunk)[-TAIL_BYTES:]
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if splitter is not None:
                 rest = splitter.flush()
@@ -467,8 +477,11 @@ class ProxiedResponse(Response):
                 call.ok = complete and ok_status and (meter.completed or meter.tokens is not None)
             else:
                 call.ok = complete and ok_status
-                if ok_status and kept_bytes <= cfg.max_usage_body_bytes:
-                    found = extract_body(call.provider, call.api_flavour, b"".join(kept))
+                if ok_status:
+                    if kept_bytes <= cfg.max_usage_body_bytes:
+                        found = extract_body(call.provider, call.api_flavour, b"".join(kept))
+                    else:
+                        found = extract_head_tail(call.provider, call.api_flavour, head, tail)
                     if found is not None:
                         call.model, call.tokens = found
             self.proxy._finish(call)

@@ -20,6 +20,7 @@ Streams (docs/proxy.md):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,41 @@ def extract_body(provider: str, api_flavour: str | None, body: bytes) -> tuple[s
     except orjson.JSONDecodeError:
         return None
     return extract(provider, api_flavour, response)
+
+
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+#: what a large body keeps of its start and end to find its model and usage
+HEAD_BYTES = 4096
+TAIL_BYTES = 64 * 1024
+
+
+def extract_head_tail(
+    provider: str, api_flavour: str | None, head: bytes, tail: bytes
+) -> tuple[str | None, dict[str, int]] | None:
+    """Usage of a body too large to keep whole (embeddings of many inputs): the model from its
+    first bytes, the last ``"usage": {...}`` object from its last bytes. The providers put
+    ``usage`` at the end of these bodies; its object holds only numbers and nested objects."""
+    starts = [m.end() - 1 for m in _USAGE.finditer(tail)]
+    if not starts:
+        return None
+    start, depth = starts[-1], 0
+    for end in range(start, len(tail)):
+        c = tail[end]
+        if c == 0x7B:  # {
+            depth += 1
+        elif c == 0x7D:  # }
+            depth -= 1
+            if depth == 0:
+                break
+    else:
+        return None
+    try:
+        usage = orjson.loads(tail[start : end + 1])
+    except orjson.JSONDecodeError:
+        return None
+    model = _MODEL.search(head)
+    return extract(provider, api_flavour, {"model": model.group(1).decode() if model else "", "usage": usage})
 
 
 # ---------------------------------------------------------------- requests

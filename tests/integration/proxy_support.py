@@ -171,7 +171,15 @@ class FakeUpstream:
         return Response((FIXTURES / "openai_responses.json").read_bytes(), media_type="application/json")
 
     async def embeddings(self, request: Request) -> Response:
-        await self._record(request)
+        body = await self._record(request)
+        inputs = body.get("input")
+        if isinstance(inputs, list) and len(inputs) > 1:  # one vector per input: a large body
+            answer = fixture_json("openai_embeddings.json")
+            vector = [0.0123456789] * 256
+            answer["data"] = [{"object": "embedding", "index": i, "embedding": vector} for i in range(len(inputs))]
+            answer["model"] = body.get("model", answer["model"])
+            answer["usage"] = {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)}
+            return Response(json.dumps(answer).encode(), media_type="application/json")
         return Response((FIXTURES / "openai_embeddings.json").read_bytes(), media_type="application/json")
 
     async def models(self, request: Request) -> Response:

@@ -419,3 +419,26 @@ def test_rotation_reseals_stored_keys_with_the_new_primary(settings, unique_name
         assert key_id_of(bytes.fromhex(row[0])) == "new"
     finally:
         client.close()
+
+
+async def test_large_bodies_are_metered_from_their_first_and_last_bytes(make_settings, upstream, unique_name):
+    """An embeddings answer far above proxy.max_usage_body_bytes passes whole and is still metered."""
+    settings = make_settings(proxy={"openai_base_url": upstream.url + "/v1", "max_usage_body_bytes": 4096})
+    migrate(settings)
+    name = unique_name("t")
+    client = get_client(settings)
+    try:
+        _, key = create_key(client, name, "ingest", "agents")
+    finally:
+        client.close()
+    since = await raw_position(settings)
+    async with gateway(settings) as gw:
+        r = await gw.post(
+            "/proxy/openai/v1/embeddings",
+            json={"model": "text-embedding-3-small", "input": ["hi"] * 500},
+            headers=openai_headers("sk-own", **{"X-Spendstream-Key": key}),
+        )
+        assert r.status_code == 200 and len(r.content) > 500_000 and len(r.json()["data"]) == 500
+        rid = r.headers["x-spendstream-request-id"]
+        ev = (await events_for(settings, name, since, [rid]))[rid]
+    assert (ev["model"], ev["input_tokens"], ev["status"]) == ("text-embedding-3-small", 1500, "ok")

@@ -84,3 +84,16 @@ def test_parse_tags():
     for bad in ("novalue", "=x", ",".join(f"k{i}=v" for i in range(33))):
         with pytest.raises(ValueError):
             parse_tags(bad)
+
+
+def test_usage_from_the_first_and_last_bytes_of_a_large_body():
+    from ingest_gateway.proxy.usage import extract_head_tail
+
+    body = orjson.dumps({
+        "object": "list", "model": "text-embedding-3-small",
+        "data": [{"embedding": [0.5] * 50, "usage": "not this one"}] * 100,
+        "usage": {"prompt_tokens": 42, "total_tokens": 42},
+    })  # fmt: skip
+    model, tokens = extract_head_tail("openai", "embeddings", body[:4096], body[-2048:])
+    assert model == "text-embedding-3-small" and tokens["input_tokens"] == 42
+    assert extract_head_tail("openai", "embeddings", body[:100], body[:100]) is None
