@@ -22,15 +22,22 @@ _DESCRIPTION = (
 )
 
 
-@router.api_route(
-    "/proxy/openai/v1/{path:path}", methods=_METHODS, summary="OpenAI API proxy", description=_DESCRIPTION
-)
 async def openai(path: str, request: Request) -> Response:
     return await request.app.state.proxy.handle(request, "openai", path)
 
 
-@router.api_route(
-    "/proxy/anthropic/v1/{path:path}", methods=_METHODS, summary="Anthropic API proxy", description=_DESCRIPTION
-)
 async def anthropic(path: str, request: Request) -> Response:
     return await request.app.state.proxy.handle(request, "anthropic", path)
+
+
+# one route per method: each needs its own OpenAPI operation id
+for _method in _METHODS:
+    for _name, _title, _endpoint in (("openai", "OpenAI", openai), ("anthropic", "Anthropic", anthropic)):
+        router.add_api_route(
+            f"/proxy/{_name}/v1/{{path:path}}",
+            _endpoint,
+            methods=[_method],
+            operation_id=f"proxy_{_name}_{_method.lower()}",
+            summary=f"{_title} API proxy",
+            description=_DESCRIPTION,
+        )
