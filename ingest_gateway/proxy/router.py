@@ -40,4 +40,10 @@ for _method in _METHODS:
             operation_id=f"proxy_{_name}_{_method.lower()}",
             summary=f"{_title} API proxy",
             description=_DESCRIPTION,
+            # any status: the provider's own answers pass through, the proxy's refusals are in its shape
+            responses={
+                "default": {
+                    "description": "the provider's answer, or the proxy's refusal in the provider's error shape"
+                }
+            },
         )
