@@ -18,11 +18,13 @@ from query_api_stack import QueryApiServer, migrate
 from ingest_gateway.proxy.service import UpstreamCut
 from ingest_gateway.proxy.usage import sse_fields
 from spendstream.clickhouse import get_client
+from spendstream.contracts import raw_envelope
 from spendstream.keys import create_key
-from spendstream.pricing import default_catalog, price
+from spendstream.pricing import default_catalog
 from spendstream.provider_keys import create_provider_key
 from spendstream.secrets import Keyring, generate_key
 from spendstream.topics import BUDGET_STATE, USAGE_RAW, ensure_topics
+from stream_processors.pricing.logic import PricingStage, RawRecord
 
 pytestmark = [pytest.mark.clickhouse, pytest.mark.kafka]
 
@@ -75,10 +77,15 @@ def expected_nanos(response: dict, provider: str, flavour: str = "default") -> i
 
 
 def stored_cost(event: dict) -> int:
-    """What the pricing stage stores for the event (the same function, on the same catalog)."""
-    line = price(event, default_catalog())
-    assert line.pricing_status == "priced", line
-    return line.cost_nanos
+    """What the pricing stage writes for the event (its batch function on a raw record holding
+    it; the sink stores ``cost_nanos`` as written)."""
+    raw = raw_envelope("t", event["project"], event["timestamp"], [event])
+    stage = PricingStage(default_catalog(), USAGE_RAW.name, 3_600_000)
+    result = stage.process([RawRecord(0, 0, b"t/" + event["project"].encode(), orjson.dumps(raw))], now_ms=0)
+    assert not result.dlq, result.dlq
+    (priced,) = orjson.loads(result.priced[0].value)["events"]
+    assert priced["pricing_status"] == "priced", priced
+    return priced["cost_nanos"]
 
 
 def data_of(body: bytes) -> list[bytes]:
