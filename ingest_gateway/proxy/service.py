@@ -473,8 +473,8 @@ class ProxiedResponse(Response):
         finally:
             await upstream.aclose()
             if meter is not None:
-                call.model, call.tokens = meter.model, meter.tokens
-                call.ok = complete and ok_status and (meter.completed or meter.tokens is not None)
+                call.model, call.tokens = meter.model, meter.usage()
+                call.ok = complete and ok_status and (meter.completed or call.tokens is not None)
             else:
                 call.ok = complete and ok_status
                 if ok_status:

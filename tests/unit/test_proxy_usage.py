@@ -42,7 +42,7 @@ def test_anthropic_stream_usage_is_cumulative_never_summed():
     meter.event(sse({"type": "message_delta", "usage": {"output_tokens": 9}}, "message_delta"))
     meter.event(sse({"type": "message_stop"}, "message_stop"))
     assert meter.completed and meter.model == "claude-sonnet-4-5"
-    assert meter.tokens == {
+    assert meter.usage() == {
         "input_tokens": 200, "output_tokens": 9, "cache_read_tokens": 100, "cache_write_tokens": 30,
         "cache_write_1h_tokens": 20, "reasoning_tokens": 0, "input_audio_tokens": 0, "output_audio_tokens": 0,
     }  # fmt: skip
@@ -53,7 +53,7 @@ def test_openai_usage_chunk_dropped_only_when_injected():
     injected, asked = StreamMeter("openai", "chat", drop_usage_chunk=True), StreamMeter("openai", "chat")
     assert injected.event(sse({"model": "gpt-4o", "choices": [{"index": 0}], "usage": None}))
     assert not injected.event(sse(chunk)) and asked.event(sse(chunk))
-    assert injected.tokens["input_tokens"] == asked.tokens["input_tokens"] == 5
+    assert injected.usage()["input_tokens"] == asked.usage()["input_tokens"] == 5
 
 
 def test_read_request_asks_for_stream_usage_and_reads_caps():
