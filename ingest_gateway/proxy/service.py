@@ -206,13 +206,16 @@ class Proxy:
             del self._tenant_calls[tenant]
 
     async def _authenticate(self, request: Request, provider: str) -> tuple[keys.Principal, dict[str, str], str]:
-        """The caller's principal, the upstream auth headers to set (empty: pass the caller's) and
-        the stored key's default project."""
+        """The caller's principal, the upstream auth headers to replace (an empty value drops the
+        header; none: pass the caller's) and the stored key's default project."""
         headers = request.headers
         own = headers.get("x-spendstream-key")
         try:
             if own is not None:  # passthrough: the caller's provider key goes upstream untouched
-                return await keys.authenticate(self._keys, None, own, ("ingest",)), {}, ""
+                principal = await keys.authenticate(self._keys, None, own, ("ingest",))
+                # ...unless a Spendstream key sits in the provider's headers too: never sent upstream
+                leaked = [h for h in _AUTH_HEADERS if _is_spendstream_key(headers.get(h), own)]
+                return principal, dict.fromkeys(leaked, ""), ""
             principal = await keys.authenticate(
                 self._keys, headers.get("authorization"), headers.get("x-api-key"), ("ingest",)
             )
@@ -231,10 +234,11 @@ class Proxy:
                 f"no stored {provider} key for this tenant (POST /v1/provider-keys on the query API), "
                 "or send your own provider key with the Spendstream key in X-Spendstream-Key",
             )
+        # both auth headers are replaced: the caller's (holding the Spendstream key) never go upstream
         if provider == OPENAI:
-            auth = {"authorization": f"Bearer {stored.api_key}"}
+            auth = {"authorization": f"Bearer {stored.api_key}", "x-api-key": ""}
         else:
-            auth = {"x-api-key": stored.api_key}
+            auth = {"x-api-key": stored.api_key, "authorization": ""}
         return principal, auth, stored.project
 
     def _attribution(self, request: Request, call: CallRequest, default_project: str, provider: str) -> dict[str, Any]:
@@ -299,9 +303,9 @@ class Proxy:
         headers = [
             (k, v)
             for k, v in request.headers.items()
-            if k not in _DROP_REQUEST and not k.startswith("x-spendstream-") and not (auth and k in _AUTH_HEADERS)
+            if k not in _DROP_REQUEST and not k.startswith("x-spendstream-") and k not in auth
         ]
-        headers += list(auth.items())
+        headers += [(k, v) for k, v in auth.items() if v]  # an empty value: the header is dropped
         headers.append(("accept-encoding", "identity"))
         url = f"{self._bases[provider]}/{path}"
         if request.url.query:
@@ -389,6 +393,13 @@ class Proxy:
 
 
 _AUTH_HEADERS = frozenset({"authorization", "x-api-key"})
+
+
+def _is_spendstream_key(value: str | None, own: str) -> bool:
+    if not value:
+        return False
+    credential = value.partition(" ")[2].strip() if value.lower().startswith("bearer ") else value.strip()
+    return credential == own.strip() or keys.key_id_of(credential) is not None
 
 
 class ProxiedResponse(Response):

@@ -284,6 +284,13 @@ async def test_passthrough_mode_forwards_the_callers_own_key(settings, upstream,
         assert "x-spendstream-key" not in seen["headers"]
         rid = r.headers["x-spendstream-request-id"]
         ev = (await events_for(settings, name, since, [rid]))[rid]
+        # a Spendstream key in the provider's own header too is never sent upstream
+        h = anthropic_headers(key, **{"X-Spendstream-Key": key, "Authorization": "Bearer sk-ant-own-oauth"})
+        r = await gw.post("/proxy/anthropic/v1/messages/count_tokens", json={"model": "m", "messages": []}, headers=h)
+        assert r.status_code == 200
+        seen = upstream.requests[-1]["headers"]
+        assert "x-api-key" not in seen and seen["authorization"] == "Bearer sk-ant-own-oauth"
+        assert key not in json.dumps(seen)
     assert ev["project"] == "p1"
 
 
