@@ -42,10 +42,14 @@ class Spool:
     def __init__(self, root: Path, max_bytes: int):
         self.root = root
         self.max_bytes = max_bytes
-        self.dir = root / uuid.uuid4().hex
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.dir / "lock", "w")  # noqa: SIM115 - held for the instance's life
+        name = uuid.uuid4().hex
+        # locked before it gets the name other instances look at, so none adopts it meanwhile
+        making = root / f".new-{name}"
+        making.mkdir(parents=True)
+        self._lock = open(making / "lock", "w")  # noqa: SIM115 - held for the instance's life
         fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.dir = root / name
+        making.rename(self.dir)
         self._seq = 0
         self.bytes = 0
         self._adopt()
@@ -53,7 +57,7 @@ class Spool:
 
     def _adopt(self) -> None:
         for other in self.root.iterdir():
-            if other == self.dir or not other.is_dir():
+            if other == self.dir or not other.is_dir() or other.name.startswith("."):
                 continue
             try:
                 with open(other / "lock", "a") as lock:

@@ -97,3 +97,15 @@ def test_usage_from_the_first_and_last_bytes_of_a_large_body():
     model, tokens = extract_head_tail("openai", "embeddings", body[:4096], body[-2048:])
     assert model == "text-embedding-3-small" and tokens["input_tokens"] == 42
     assert extract_head_tail("openai", "embeddings", body[:100], body[:100]) is None
+
+
+def test_spool_is_bounded_and_adopted_by_the_next_process(tmp_path):
+    from ingest_gateway.proxy.recorder import Spool
+
+    first = Spool(tmp_path, max_bytes=100)
+    assert first.append([b"x" * 40, b"y" * 40, b"z" * 40]) == 2  # the third does not fit
+    assert Spool(tmp_path, max_bytes=100).segments() == []  # a live instance's spool is not taken
+    first.close()  # its owner gone (the lock released)
+    heir = Spool(tmp_path, max_bytes=10_000)
+    (segment,) = heir.segments()
+    assert segment.read_bytes() == b"x" * 40 + b"\n" + b"y" * 40 + b"\n" and heir.bytes == 82
