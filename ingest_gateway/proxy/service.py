@@ -315,15 +315,19 @@ class Proxy:
     # -- hard budgets ----------------------------------------------------------------------------
     async def _reserve(self, call: Call, body_bytes: int) -> Reservation | None:
         view = self._budgets
+        # fail closed while the view is loading (after a start): budgets first, then, for a tenant
+        # that has some, their spend from budget.state
+        deadline = time.monotonic() + _READY_WAIT_S
+        while not view.budgets_loaded and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if not view.budgets_loaded:
+            raise unavailable("budgets are still being loaded; retry shortly")
         if not view.index.has_tenant(call.tenant):
-            if view.budgets_loaded:
-                return None  # no budget of this tenant at all
+            return None  # no budget of this tenant at all
+        while not view.ready and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         if not view.ready:
-            deadline = time.monotonic() + _READY_WAIT_S
-            while not view.ready and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if not view.ready:
-                raise unavailable("budgets are still being loaded; retry shortly")
+            raise unavailable("budget spend is still being loaded; retry shortly")
         model = call.request.model
         provider, norm_model = logic.normalise_names(call.provider, model or "")
         a = call.attribution

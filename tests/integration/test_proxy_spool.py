@@ -48,7 +48,12 @@ async def test_calls_during_a_broker_outage_become_exactly_one_event_each(make_s
             client.close()
         own = {"X-Spendstream-Key": key}  # passthrough: the caller's own provider key
         async with gateway(settings) as gw:
-            await wait_until(lambda: gw.app.state.publisher.ready(), timeout=20)  # type: ignore[attr-defined]
+            state = gw.app.state  # type: ignore[attr-defined]
+
+            async def started() -> bool:  # broker usable, budgets read (this tenant has none)
+                return await state.publisher.ready() and state.budget_view.budgets_loaded
+
+            await wait_until(started, timeout=20)
             own_broker.stop()
             ids, slowest = [], 0.0
             for i in range(6):
