@@ -13,7 +13,7 @@ from gateway_support import events_by_id, gateway, raw_position, read_raw, wait_
 from proxy_support import FakeUpstream, anthropic_headers, openai_headers
 from query_api_stack import migrate
 
-from spendstream.budgets import Budget
+from spendstream.budgets import Attribution, Budget
 from spendstream.budgets.store import insert_budget
 from spendstream.clickhouse import get_client
 from spendstream.keys import create_key
@@ -110,3 +110,46 @@ async def test_two_replicas_forty_clients_spend_within_the_limit(make_settings, 
         if "type" in body:  # Anthropic's envelope
             assert body["type"] == "error"
     assert all(ledger.open_reservations == 0 for ledger in ledgers)
+
+
+async def test_soft_budgets_only_alert_and_unpriceable_calls_are_denied(make_settings, unique_name):
+    tenant = unique_name("t")
+    with FakeUpstream() as upstream:
+        settings = make_settings(
+            proxy={"openai_base_url": upstream.url + "/v1", "anthropic_base_url": upstream.url},
+            budgets={"reload_s": 0.2},
+        )
+        migrate(settings)
+        await ensure_topics(settings, (USAGE_RAW, BUDGET_STATE))
+        client = get_client(settings)
+        try:
+            _, key = create_key(client, tenant, "ingest", "fleet")
+            # exhausted by any call, but soft: it only alerts
+            insert_budget(client, Budget(tenant, "b_soft", "soft", {}, "daily", "UTC", 1, enforce=False), 1)
+            # hard, but only for project "guarded"
+            scope = {"project": "guarded"}
+            insert_budget(client, Budget(tenant, "b_guard", "guard", scope, "daily", "UTC", 10**9, enforce=True), 1)
+        finally:
+            client.close()
+        own = {"X-Spendstream-Key": key}
+        async with gateway(settings) as gw:
+            view = gw.app.state.budget_view  # type: ignore[attr-defined]
+
+            async def loaded() -> bool:
+                return view.ready and len(view.index.match(tenant, Attribution(project="guarded"))) == 2
+
+            await wait_until(loaded, timeout=20)
+            before = len(upstream.requests)
+            soft = await gw.post("/proxy/openai/v1/chat/completions", headers=openai_headers("sk-own", **own),
+                                 json={"model": "gpt-4o", "max_tokens": 10, "messages": []})  # fmt: skip
+            assert soft.status_code == 200
+            unknown = await gw.post(
+                "/proxy/anthropic/v1/messages",
+                headers=anthropic_headers("sk-own", **own, **{"X-Spendstream-Project": "guarded"}),
+                json={"model": "claude-from-the-future", "max_tokens": 10, "messages": []},
+            )
+            assert unknown.status_code == 402 and unknown.headers["x-should-retry"] == "false"
+            body = unknown.json()
+            assert body["type"] == "error" and body["error"]["type"] == "budget_exceeded"
+            assert "b_guard" in body["error"]["message"] and "no price" in body["error"]["message"]
+            assert len(upstream.requests) == before + 1  # only the allowed call went out
