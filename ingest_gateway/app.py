@@ -14,6 +14,8 @@ from ingest_gateway.ingest import IngestMiddleware
 from ingest_gateway.metrics import GatewayMetrics
 from ingest_gateway.openapi import add_ingest_path
 from ingest_gateway.project_rules import ProjectRules
+from ingest_gateway.proxy import router as proxy_router
+from ingest_gateway.proxy.lifecycle import start_proxy
 from ingest_gateway.publisher import Publisher
 from ingest_gateway.routers import budget_check, health, otlp
 from spendstream.keys import KeyStore, clickhouse_loader
@@ -46,10 +48,12 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.publisher, app.state.keys, app.state.budget_view = publisher, keys, budget_view
         app.state.project_rules = project_rules
         metrics.in_flight_events.set_function(lambda: publisher.in_flight)
+        stop_proxy = await start_proxy(app, settings)
         try:
             yield
         finally:
             await project_rules.close()
+            await stop_proxy()
             await budget_view.close()
             await keys.close()
             await publisher.close()
@@ -69,6 +73,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(budget_check.router)
     app.include_router(otlp.router)
+    app.include_router(proxy_router.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

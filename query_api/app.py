@@ -34,6 +34,7 @@ from query_api.routers import (
     orgs,
     pricing,
     projects,
+    provider_keys,
     sql,
     webhooks,
 )
@@ -45,7 +46,21 @@ from spendstream.settings import Settings
 STATIC_DIR = Path(__file__).parent / "static"
 
 #: one router per domain, in the order they appear in the OpenAPI document
-ROUTERS = (health, analytics, export, pricing, projects, keys, sql, budgets, webhooks, alerts, auth, orgs)
+ROUTERS = (
+    health,
+    analytics,
+    export,
+    pricing,
+    projects,
+    keys,
+    provider_keys,
+    sql,
+    budgets,
+    webhooks,
+    alerts,
+    auth,
+    orgs,
+)
 ROUTERS += (query_api.routers.project_mappings,)
 
 

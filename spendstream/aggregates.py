@@ -56,7 +56,7 @@ from spendstream.contracts import COST_CLASSES, TOKEN_FIELDS
 RAW_TABLE = "usage_events"
 #: Tables that are not aggregates and that analysts read through a tenant view of the same name
 #: (clickhouse/schema/0006_tenant_views.sql): the raw events, configuration and alert history.
-#: api_keys and webhooks hold secrets or their hashes and have none.
+#: api_keys, webhooks and provider_keys hold secrets or their hashes and have none.
 NON_AGGREGATE_TENANT_VIEWS: tuple[str, ...] = (
     RAW_TABLE, "projects", "budgets", "price_overrides", "budget_alerts", "alert_deliveries",
     "project_mappings",  # 0012

@@ -296,6 +296,66 @@ class IdentitySettings(BaseModel):
         return v
 
 
+class ProxySettings(BaseModel):
+    """The gateway's AI API proxy (``/proxy/openai/v1/...``, ``/proxy/anthropic/v1/...``); docs/proxy.md."""
+
+    openai_base_url: str = Field("https://api.openai.com/v1", description="upstream of /proxy/openai/v1 (with /v1)")
+    anthropic_base_url: str = Field(
+        "https://api.anthropic.com", description="upstream of /proxy/anthropic/v1 (without /v1, as the SDK's)"
+    )
+    connect_timeout_s: float = Field(10.0, gt=0, description="connecting to the upstream")
+    read_timeout_s: float = Field(
+        600.0, gt=0, description="longest silence from the upstream (between two stream chunks) before 504"
+    )
+    max_connections: int = Field(1000, ge=1, description="upstream connections kept by one gateway process")
+    max_request_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="largest request body forwarded (413 beyond)"
+    )
+    max_usage_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="a non-streamed response body is also kept up to this size to read its usage; of a "
+        "larger one (embeddings of many inputs) only its first 4 KiB and last 64 KiB, where model and usage are",
+    )
+    max_sse_event_bytes: int = Field(
+        1024 * 1024, ge=1024, description="an SSE event longer than this is forwarded but not parsed for usage"
+    )
+    uncapped_output_tokens: int = Field(
+        32_768,
+        ge=1,
+        description="hard budgets: output tokens reserved for a call without max_tokens / max_output_tokens "
+        "when the price catalog knows no context window for the model",
+    )
+    replicas: int = Field(
+        1,
+        ge=1,
+        description="gateway processes (replicas x workers) enforcing the same hard budgets; each may reserve "
+        "1/replicas of what a budget has left (docs/proxy.md, Hard budgets)",
+    )
+    settled_hold_s: float = Field(
+        30.0,
+        gt=0,
+        description="a settled call's cost stays counted locally this long, until the budgets stage's state "
+        "includes it (longer than the pipeline's lag)",
+    )
+    reservation_ttl_s: float = Field(
+        900.0, gt=0, description="a reservation whose call never settled is released after this long"
+    )
+    spool_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="usage events waiting on disk (data_dir/proxy-spool) while the broker is down; beyond, "
+        "events are dropped and counted",
+    )
+    provider_keys_refresh_s: float = Field(5.0, gt=0, description="how often stored provider keys are reloaded")
+    max_calls_per_tenant: int = Field(
+        500,
+        ge=1,
+        description="calls of one tenant in flight through one gateway process; beyond, 429 with retry-after "
+        "(in the provider's shape), so one tenant cannot take every upstream connection",
+    )
+
+
 #: Renamed settings still accepted under their old name (see the module docstring): old path ->
 #: new path. Applied once, by ``Settings._renamed_settings``, to env variables and keywords alike.
 RENAMED_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
@@ -408,6 +468,11 @@ class Settings(BaseSettings):
         SecretStr(""), description="admin key of tenant 'dev'/bootstrap, accepted by every service"
     )
     bootstrap_tenant: str = "dev"
+    secret_keys: SecretStr = Field(
+        SecretStr(""),
+        description="keys sealing stored secrets (provider API keys): '<id>:<base64 32 bytes>[,...]', the first "
+        "encrypts, all decrypt (rotation: spendstream/secrets.py); `python -m spendstream.secrets` makes one",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     kafka: KafkaSettings = KafkaSettings()
     clickhouse: ClickHouseSettings = ClickHouseSettings()
@@ -420,6 +485,7 @@ class Settings(BaseSettings):
     sink: SinkSettings = SinkSettings()
     otel: OtelSettings = OtelSettings()
     identity: IdentitySettings = IdentitySettings()
+    proxy: ProxySettings = ProxySettings()
 
     @model_validator(mode="before")
     @classmethod

@@ -31,6 +31,7 @@ SECRET_TABLES = {"api_keys", "webhooks"}  # no tenant view: they hold secrets or
 # people and login (0011): password and token hashes, other organisations' login attempts
 SECRET_TABLES |= {"orgs", "users", "org_members", "invites", "auth_sessions", "refresh_tokens",
                   "session_revocations", "audit_log", "api_key_owners"}  # fmt: skip
+SECRET_TABLES |= {"provider_keys"}  # proxy (0010): sealed provider keys
 PUBLIC_TABLES = {
     "usage_events", "projects", "budgets", "price_overrides", "budget_alerts", "alert_deliveries",
     *SECRET_TABLES, *(a.table for a in AGGREGATES),

@@ -1,0 +1,269 @@
+"""Proxy benchmark: the latency the gateway's AI API proxy adds over calling the upstream directly.
+
+    .venv/bin/python -m bench.bench_proxy [--requests 4000] [--concurrency 200] [--rounds 3]
+                                          [--streams 200] [--smoke]
+
+Starts its own embedded broker and ClickHouse (migrated), a fake OpenAI upstream (uvicorn,
+uvloop, its own process, answering the recorded shapes of tests/fixtures/proxy/) and the gateway
+(``spendstream gateway``, its own process). Then, alternating direct and proxied rounds so that
+load from other jobs on the machine hits both alike:
+
+1. non-streaming chat completions at ``--concurrency`` calls in flight: per-call latency, direct
+   and through the proxy; the added latency is the difference of the percentiles (p50, p99);
+2. streamed chat completions: time to the first body byte, direct and through the proxy;
+3. memory per open stream: ``--streams`` streams held open through the proxy (the upstream sends
+   one chunk, then waits), the gateway's RSS before and while they are open;
+4. the gateway's CPU time per proxied call (user + system, its whole process tree): on a shared
+   machine this varies far less than the latencies, so speed work is judged by it.
+
+Targets (issue 15): added p50 <= 1 ms, p99 <= 5 ms; figures go to bench/RESULTS.md (Proxy).
+The load generator is httpx in this process: its own cost is in both sides of each difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.profile import cpu_seconds  # noqa: E402
+from spendstream.ports import free_port  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "proxy"
+ADMIN = "ss_benchproxyadmin_" + "k" * 32
+BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 50}
+
+
+# ---------------------------------------------------------------- the fake upstream (child process)
+
+
+def serve_upstream(port: int) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+
+    chat = (FIXTURES / "openai_chat.json").read_bytes()
+    events = [p + b"\n\n" for p in (FIXTURES / "openai_chat_stream.sse").read_bytes().split(b"\n\n") if p.strip()]
+
+    async def completions(request: Request) -> Response:
+        body = json.loads(await request.body())
+        if not body.get("stream"):
+            return Response(chat, media_type="application/json")
+        hold = body.get("model") == "hold"
+
+        async def gen():
+            yield events[0]
+            if hold:
+                await asyncio.sleep(3600)
+            for e in events[1:]:
+                yield e
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", loop="uvloop", http="httptools")
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def latencies(url: str, headers: dict[str, str], n: int, concurrency: int) -> list[float]:
+    out: list[float] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        queue = iter(range(n))
+
+        async def worker() -> None:
+            for _ in queue:
+                started = time.perf_counter()
+                r = await client.post(url, json=BODY, headers=headers)
+                out.append(time.perf_counter() - started)
+                assert r.status_code == 200, r.text
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return out
+
+
+async def ttfb(url: str, headers: dict[str, str], n: int) -> list[float]:
+    out = []
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(n):
+            started = time.perf_counter()
+            async with client.stream("POST", url, json={**BODY, "stream": True}, headers=headers) as r:
+                first = True
+                async for _ in r.aiter_raw():
+                    if first:
+                        out.append(time.perf_counter() - started)
+                        first = False
+    return out
+
+
+def rss(pid: int) -> int:
+    total = 0
+    for child in [pid, *_children(pid)]:
+        try:
+            for line in Path(f"/proc/{child}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+async def stream_memory(url: str, headers: dict[str, str], streams: int, gateway_pid: int) -> tuple[int, int]:
+    limits = httpx.Limits(max_connections=streams + 10)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        before = rss(gateway_pid)
+        opened = []
+        for _ in range(streams):
+            cm = client.stream("POST", url, json={**BODY, "model": "hold", "stream": True}, headers=headers)
+            r = await cm.__aenter__()
+            await r.aiter_raw().__anext__()
+            opened.append(cm)
+        await asyncio.sleep(0.5)
+        during = rss(gateway_pid)
+        for cm in opened:
+            await cm.__aexit__(None, None, None)
+    return before, during
+
+
+# ---------------------------------------------------------------- the run
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=200)
+    parser.add_argument("--smoke", action="store_true", help="a few calls only: checks that the bench runs")
+    parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.upstream:
+        serve_upstream(args.upstream)
+        return 0
+    if args.smoke:
+        args.requests, args.concurrency, args.rounds, args.streams = 40, 10, 1, 10
+
+    from spendstream.clickhouse import get_client
+    from spendstream.devstack import child_env
+    from spendstream.embedded.clickhouse import EmbeddedClickHouse
+    from spendstream.embedded.kafka import EmbeddedKafka
+    from spendstream.migrate import apply_migrations
+    from spendstream.settings import Settings
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    broker = EmbeddedKafka(log_path=tmp / "tansu.log").start()
+    ch = EmbeddedClickHouse(path=str(tmp / "chdb"), port=None).start()
+    try:
+        up_port = free_port()
+        settings = Settings(
+            data_dir=str(tmp),
+            bootstrap_admin_key=ADMIN,
+            kafka={"bootstrap_servers": broker.bootstrap, "profile": "embedded"},
+            clickhouse={"url": ch.url, "database": "bench_proxy"},
+            gateway={"port": free_port()},
+            proxy={"openai_base_url": f"http://127.0.0.1:{up_port}/v1"},
+        )
+        client = get_client(settings, database="default")
+        apply_migrations(client, settings, echo=lambda _: None)
+        client.close()
+        log = open(tmp / "children.log", "ab")  # noqa: SIM115
+        procs.append(subprocess.Popen([sys.executable, "-m", "bench.bench_proxy", "--upstream", str(up_port)],
+                                      stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+        gateway = subprocess.Popen([sys.executable, "-m", "spendstream.cli", "gateway"],
+                                   env={**os.environ, **child_env(settings)}, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        procs.append(gateway)
+        gw = f"http://127.0.0.1:{settings.gateway.port}"
+        wait_http(f"http://127.0.0.1:{up_port}/")
+        wait_http(gw + "/healthz")
+        direct_url, proxy_url = (
+            f"http://127.0.0.1:{up_port}/v1/chat/completions",
+            gw + "/proxy/openai/v1/chat/completions",
+        )
+        # passthrough mode: the same provider headers both ways, the Spendstream key added
+        headers = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
+        proxied = {**headers, "X-Spendstream-Key": ADMIN}
+        asyncio.run(latencies(proxy_url, proxied, 20, 5))  # warm up (catalog, connections)
+
+        direct: list[float] = []
+        through: list[float] = []
+        gateway_cpu = 0.0
+        for _ in range(args.rounds):
+            direct += asyncio.run(latencies(direct_url, headers, args.requests, args.concurrency))
+            cpu_before = cpu_seconds(gateway.pid)
+            through += asyncio.run(latencies(proxy_url, proxied, args.requests, args.concurrency))
+            gateway_cpu += cpu_seconds(gateway.pid) - cpu_before
+        t_direct = asyncio.run(ttfb(direct_url, headers, max(10, args.requests // 40)))
+        t_proxy = asyncio.run(ttfb(proxy_url, proxied, max(10, args.requests // 40)))
+        before, during = asyncio.run(stream_memory(proxy_url, proxied, args.streams, gateway.pid))
+
+        ms = 1000
+        result = {
+            "concurrency": args.concurrency, "calls_each": len(direct),
+            "direct_p50_ms": pct(direct, 0.5) * ms, "proxy_p50_ms": pct(through, 0.5) * ms,
+            "direct_p99_ms": pct(direct, 0.99) * ms, "proxy_p99_ms": pct(through, 0.99) * ms,
+            "added_p50_ms": (pct(through, 0.5) - pct(direct, 0.5)) * ms,
+            "added_p99_ms": (pct(through, 0.99) - pct(direct, 0.99)) * ms,
+            # CPU the gateway spent per proxied call (forwarding, metering, publishing): a shared box
+            # does not inflate it, unlike the latencies
+            "gateway_cpu_us_per_call": gateway_cpu / len(through) * 1e6,
+            "ttfb_direct_p50_ms": statistics.median(t_direct) * ms, "ttfb_proxy_p50_ms": statistics.median(t_proxy) * ms,
+            "ttfb_added_p50_ms": (statistics.median(t_proxy) - statistics.median(t_direct)) * ms,
+            "ttfb_added_p99_ms": (pct(t_proxy, 0.99) - pct(t_direct, 0.99)) * ms,
+            "open_streams": args.streams, "gateway_rss_before_mb": before / 2**20,
+            "gateway_rss_streams_mb": during / 2**20, "bytes_per_open_stream": (during - before) / args.streams,
+        }  # fmt: skip
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}, indent=2))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        ch.stop()
+        broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,517 @@
+"""The proxy's request path: authenticate, attribute, reserve, forward, meter, settle, record.
+
+One ``Proxy`` per gateway process (owned by the app's lifespan): the upstream httpx client (a
+bounded connection pool), the stored provider keys, the hard-budget ledger and the recorder.
+Bodies and responses pass through byte for byte, with three exceptions, all documented in
+docs/proxy.md: the auth header in stored-key mode, ``stream_options.include_usage`` added to
+OpenAI streams that did not ask for it (its extra chunk is then dropped before the client), and
+``accept-encoding: identity`` towards the upstream (the proxy reads usage from the bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from ingest_gateway import logic
+from ingest_gateway.budget_view import BudgetView
+from ingest_gateway.proxy import costs
+from ingest_gateway.proxy.errors import ProxyError, budget_exceeded, forbidden, invalid, unauthenticated, unavailable
+from ingest_gateway.proxy.keys import ProviderKeyCache
+from ingest_gateway.proxy.metrics import ProxyMetrics
+from ingest_gateway.proxy.recorder import Recorder
+from ingest_gateway.proxy.usage import (
+    ANTHROPIC,
+    HEAD_BYTES,
+    OPENAI,
+    TAIL_BYTES,
+    CallRequest,
+    SseSplitter,
+    StreamMeter,
+    extract_body,
+    extract_head_tail,
+    flavour,
+    read_request,
+)
+from spendstream import asgi, keys
+from spendstream.budgets import Attribution
+from spendstream.budgets.reservations import Denial, Ledger, Reservation
+from spendstream.pricing import Catalog
+from spendstream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+try:  # noqa: SIM105
+    import sniffio  # noqa: F401
+except ImportError:
+    # httpcore runs `import sniffio` on every upstream request and falls back to asyncio when it
+    # fails; a failing import searches sys.path each time (~0.3 ms of CPU per request, a third of
+    # the proxy's cost in profiles). None in sys.modules makes it fail at once, same outcome.
+    sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
+
+PROVIDERS = (OPENAI, ANTHROPIC)
+#: request headers never forwarded: hop-by-hop (RFC 9110), ours, and what httpx sets itself
+_DROP_REQUEST = frozenset({
+    "host", "content-length", "connection", "keep-alive", "proxy-authorization", "proxy-connection", "te",
+    "trailer", "transfer-encoding", "upgrade", "accept-encoding", "x-spendstream-key",
+})  # fmt: skip
+_DROP_RESPONSE = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade",
+})  # fmt: skip
+ATTRIBUTION_HEADERS = {
+    "x-spendstream-project": ("project", logic.MAX_ID_LEN),
+    "x-spendstream-agent": ("agent", logic.MAX_ID_LEN),
+    "x-spendstream-user": ("user", logic.MAX_ATTRIBUTION_LEN),
+    "x-spendstream-session": ("session_id", logic.MAX_ATTRIBUTION_LEN),
+}
+_READY_WAIT_S = 2.0
+#: upstream connection pools per process (proxy.max_connections is split between them)
+UPSTREAM_POOLS = 8
+
+
+@dataclass
+class Call:
+    """One proxied call, from its request to its recorded event."""
+
+    request_id: str
+    provider: str
+    tenant: str
+    ctx: logic.RequestContext
+    started: float
+    attribution: dict[str, Any]
+    operation: str
+    api_flavour: str | None
+    request: CallRequest
+    reservation: Reservation | None = None
+    status: int = 0
+    model: str | None = None
+    tokens: dict[str, int] | None = None
+    ok: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_tags(value: str) -> dict[str, str]:
+    """``k=v,k2=v2`` -> tags (the header's bounds are the event's)."""
+    tags: dict[str, str] = {}
+    for part in value.split(","):
+        if not part.strip():
+            continue
+        key, sep, val = part.partition("=")
+        key, val = key.strip(), val.strip()
+        if not sep or not key:
+            raise ValueError(f"each tag must be key=value, got {part.strip()[:64]!r}")
+        if len(key) > logic.MAX_TAG_KEY_LEN or len(val) > logic.MAX_TAG_VALUE_LEN:
+            raise ValueError(
+                f"tag keys are at most {logic.MAX_TAG_KEY_LEN}, values {logic.MAX_TAG_VALUE_LEN} characters"
+            )
+        tags[key] = val
+    if len(tags) > logic.MAX_TAGS:
+        raise ValueError(f"at most {logic.MAX_TAGS} tags")
+    return tags
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: Settings,
+        key_store: keys.KeyStore,
+        budget_view: BudgetView,
+        provider_keys: ProviderKeyCache,
+        recorder: Recorder,
+        catalog: Catalog,
+        metrics: ProxyMetrics,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        self.settings = settings
+        cfg = settings.proxy
+        self._keys = key_store
+        self._budgets = budget_view
+        self.provider_keys = provider_keys
+        self.recorder = recorder
+        self._catalog = catalog
+        self.metrics = metrics
+        self._tenant_calls: dict[str, int] = {}
+        self.ledger = Ledger(cfg.replicas, int(cfg.settled_hold_s * 1000), int(cfg.reservation_ttl_s * 1000))
+        self._bases = {OPENAI: cfg.openai_base_url.rstrip("/"), ANTHROPIC: cfg.anthropic_base_url.rstrip("/") + "/v1"}
+        # several small pools instead of one: httpcore scans its whole pool (and polls each idle
+        # socket) for every request, so at hundreds of calls in flight one pool costs O(n) per call
+        shards = max(1, min(UPSTREAM_POOLS, cfg.max_connections))
+        per_pool = max(1, cfg.max_connections // shards)
+        self._clients = [
+            httpx.AsyncClient(
+                transport=transport,
+                timeout=httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s, pool=cfg.connect_timeout_s),
+                limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool),
+                follow_redirects=False,
+            )
+            for _ in range(shards)
+        ]
+        self._next_pool = itertools.cycle(self._clients)
+        self.client = self._clients[0]
+
+    async def close(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+    # -- the request ---------------------------------------------------------------------------
+    async def handle(self, request: Request, provider: str, path: str) -> Response:
+        request_id = logic.uuid7(time.time_ns() // 1_000_000)
+        if provider not in PROVIDERS:
+            return ProxyError(404, "not_found", f"unknown provider {provider!r}; use openai or anthropic").response(
+                OPENAI, request_id
+            )
+        tenant_calls = self._tenant_calls
+        tenant: str | None = None
+        try:
+            principal, auth, default_project = await self._authenticate(request, provider)
+            tenant = principal.tenant
+            held = tenant_calls.get(tenant, 0)
+            if held >= self.settings.proxy.max_calls_per_tenant:
+                tenant = None
+                raise ProxyError(
+                    429, "rate_limit_exceeded", f"{held} calls of this tenant are in flight through this gateway; "
+                    "retry shortly", retry_after_s=1,
+                )  # fmt: skip
+            tenant_calls[tenant] = held + 1
+            response = await self._handle(request, provider, path, request_id, principal, auth, default_project)
+            if isinstance(response, ProxiedResponse):
+                response.tenant_slot, tenant = tenant, None  # held until the forwarding ends
+            return response
+        except ProxyError as exc:
+            self.metrics.refused.labels(provider, str(exc.status)).inc()
+            return exc.response(provider, request_id)
+        except asgi.ClientGone:
+            return Response(status_code=499)
+        finally:
+            # a call that gets no upstream response is counted until here
+            if tenant is not None:
+                self._release_tenant(tenant)
+
+    def _release_tenant(self, tenant: str) -> None:
+        held = self._tenant_calls[tenant] - 1
+        if held:
+            self._tenant_calls[tenant] = held
+        else:
+            del self._tenant_calls[tenant]
+
+    async def _authenticate(self, request: Request, provider: str) -> tuple[keys.Principal, dict[str, str], str]:
+        """The caller's principal, the upstream auth headers to replace (an empty value drops the
+        header; none: pass the caller's) and the stored key's default project."""
+        headers = request.headers
+        own = headers.get("x-spendstream-key")
+        try:
+            if own is not None:  # passthrough: the caller's provider key goes upstream untouched
+                principal = await keys.authenticate(self._keys, None, own, ("ingest",))
+                # ...unless a Spendstream key sits in the provider's headers too: never sent upstream
+                leaked = [h for h in _AUTH_HEADERS if _is_spendstream_key(headers.get(h), own)]
+                return principal, dict.fromkeys(leaked, ""), ""
+            principal = await keys.authenticate(
+                self._keys, headers.get("authorization"), headers.get("x-api-key"), ("ingest",)
+            )
+        except keys.AuthError as exc:
+            hint = (
+                " (send your Spendstream API key as the SDK's API key, or your own provider key with the "
+                "Spendstream key in X-Spendstream-Key)"
+            )
+            if exc.status == 401:
+                raise unauthenticated(provider, exc.message + hint) from None
+            raise forbidden(provider, exc.message) from None
+        stored = await self.provider_keys.find(principal.tenant, provider, headers.get("x-spendstream-provider-key"))
+        if stored is None:
+            raise unauthenticated(
+                provider,
+                f"no stored {provider} key for this tenant (POST /v1/provider-keys on the query API), "
+                "or send your own provider key with the Spendstream key in X-Spendstream-Key",
+            )
+        # both auth headers are replaced: the caller's (holding the Spendstream key) never go upstream
+        if provider == OPENAI:
+            auth = {"authorization": f"Bearer {stored.api_key}", "x-api-key": ""}
+        else:
+            auth = {"x-api-key": stored.api_key, "authorization": ""}
+        return principal, auth, stored.project
+
+    def _attribution(self, request: Request, call: CallRequest, default_project: str, provider: str) -> dict[str, Any]:
+        headers = request.headers
+        out: dict[str, Any] = {}
+        for header, (name, limit) in ATTRIBUTION_HEADERS.items():
+            value = headers.get(header)
+            if value is None:
+                continue
+            value = value.strip()
+            if not value or len(value) > limit:
+                raise invalid(provider, header, f"must be 1 to {limit} characters")
+            out[name] = value
+        if "user" not in out and call.user:
+            out["user"] = call.user[: logic.MAX_ATTRIBUTION_LEN]
+        tags = headers.get("x-spendstream-tags")
+        if tags is not None:
+            try:
+                out["tags"] = parse_tags(tags)
+            except ValueError as exc:
+                raise invalid(provider, "x-spendstream-tags", str(exc)) from None
+        out.setdefault("project", default_project or "default")
+        out.setdefault("agent", "default")
+        return out
+
+    async def _handle(
+        self, request: Request, provider: str, path: str, request_id: str, principal: keys.Principal,
+        auth: dict[str, str], default_project: str,
+    ) -> Response:  # fmt: skip
+        started = time.perf_counter()
+        cfg = self.settings.proxy
+        try:
+            body = await asgi.read_body(
+                request.receive, request.headers.get("content-length"), cfg.max_request_body_bytes
+            )
+        except asgi.BodyTooLarge as exc:
+            raise invalid(provider, "body", str(exc), status=413) from None
+        call_req = read_request(provider, path, body) if request.method == "POST" else CallRequest()
+        api_flavour, operation = flavour(provider, path)
+        call = Call(
+            request_id, provider, principal.tenant, logic.RequestContext.now(), started,
+            self._attribution(request, call_req, default_project, provider), operation, api_flavour, call_req,
+        )  # fmt: skip
+        if request.method == "POST":
+            call.reservation = await self._reserve(call, len(body))
+        upstream = self._upstream_request(request, provider, path, call_req.rewritten or body, auth, request_id)
+        try:
+            response = await next(self._next_pool).send(upstream, stream=True)
+        except httpx.HTTPError as exc:
+            self._finish(call)
+            status, kind = (504, "timeout") if isinstance(exc, httpx.TimeoutException) else (502, "upstream_error")
+            self.metrics.upstream_failures.labels(provider).inc()
+            raise ProxyError(
+                status, kind, f"the upstream {provider} API could not be reached: {type(exc).__name__}"
+            ) from None
+        call.status = response.status_code
+        return ProxiedResponse(self, call, response)
+
+    def _upstream_request(
+        self, request: Request, provider: str, path: str, body: bytes, auth: dict[str, str], request_id: str
+    ) -> httpx.Request:
+        headers = [
+            (k, v)
+            for k, v in request.headers.items()
+            if k not in _DROP_REQUEST and not k.startswith("x-spendstream-") and k not in auth
+        ]
+        headers += [(k, v) for k, v in auth.items() if v]  # an empty value: the header is dropped
+        headers.append(("accept-encoding", "identity"))
+        url = f"{self._bases[provider]}/{path}"
+        if request.url.query:
+            url += "?" + request.url.query
+        return self.client.build_request(request.method, url, headers=headers, content=body)
+
+    # -- hard budgets ----------------------------------------------------------------------------
+    async def _reserve(self, call: Call, body_bytes: int) -> Reservation | None:
+        view = self._budgets
+        # fail closed while the view is loading (after a start): budgets first, then, for a tenant
+        # that has some, their spend from budget.state
+        deadline = time.monotonic() + _READY_WAIT_S
+        while not view.budgets_loaded and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if not view.budgets_loaded:
+            raise unavailable("budgets are still being loaded; retry shortly")
+        if not view.index.has_tenant(call.tenant):
+            return None  # no budget of this tenant at all
+        while not view.ready and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if not view.ready:
+            raise unavailable("budget spend is still being loaded; retry shortly")
+        model = call.request.model
+        provider, norm_model = logic.normalise_names(call.provider, model or "")
+        a = call.attribution
+        attr = Attribution(a["project"], a["agent"], a.get("user", ""), provider or "", norm_model, a.get("tags") or {})
+        now_ms = time.time_ns() // 1_000_000
+        _, standings = view.check(call.tenant, attr, 0, now_ms)
+        enforced = [s for s in standings if s.budget.enforce]
+        if not enforced:
+            return None
+        estimate = None
+        if model:
+            out = costs.output_bound(
+                call.provider, norm_model, call.request.max_output_tokens, self.settings.proxy.uncapped_output_tokens
+            )
+            estimate = costs.max_cost_nanos(
+                self._catalog, call.provider, norm_model, body_bytes, out, call.ctx.received_at_str
+            )
+        if estimate is None:
+            self.metrics.denied.labels(call.provider).inc()
+            names = ", ".join(f"'{s.budget.name}' ({s.budget.id})" for s in enforced)
+            raise budget_exceeded(
+                f"Hard budget {names} applies to this call, but its cost cannot be bounded: "
+                + (f"model {model!r} has no price in the catalog." if model else "the request names no model.")
+            )
+        result = self.ledger.reserve(enforced, estimate, now_ms)
+        if isinstance(result, Denial):
+            self.metrics.denied.labels(call.provider).inc()
+            raise budget_exceeded(result.message())
+        return result
+
+    # -- the end of a call ---------------------------------------------------------------------
+    def _finish(self, call: Call) -> None:
+        """Settle the reservation and record the event (never raises: runs in finally blocks)."""
+        try:
+            latency_ms = int((time.perf_counter() - call.started) * 1000)
+            model = call.model or call.request.model or "unknown"
+            event: dict[str, Any] = {
+                "event_id": call.request_id,
+                "timestamp": call.ctx.received_at_str,
+                **call.attribution,
+                "operation": call.operation,
+                "provider": call.provider,
+                "model": model[: logic.MAX_MODEL_LEN],
+                **(call.tokens or {"input_tokens": 0, "output_tokens": 0}),
+                "latency_ms": min(latency_ms, logic.MAX_LATENCY_MS),
+                "status": "ok" if call.ok else "error",
+            }
+            normalised, errors = logic.validate_event(event, call.ctx)
+            if call.reservation is not None:
+                now_ms = time.time_ns() // 1_000_000
+                if call.tokens is not None and normalised is not None:
+                    cost = costs.cost_nanos(self._catalog, normalised)
+                    self.ledger.settle(call.reservation, call.reservation.amount if cost is None else cost, now_ms)
+                elif 200 <= call.status < 300:
+                    # answered, usage unknown (a stream cut before its usage): assume the most
+                    self.ledger.settle(call.reservation, call.reservation.amount, now_ms)
+                else:
+                    self.ledger.release(call.reservation)
+            self.metrics.calls.labels(call.provider, event["status"]).inc()
+            if normalised is None:
+                log.error("proxy call %s made an invalid event (%s); not recorded", call.request_id, errors)
+                self.metrics.invalid_events.inc()
+                return
+            self.recorder.record(call.tenant, call.ctx.received_at_str, normalised)
+        except Exception:
+            log.exception("proxy call %s: recording failed", call.request_id)
+
+
+_AUTH_HEADERS = frozenset({"authorization", "x-api-key"})
+
+
+def _is_spendstream_key(value: str | None, own: str) -> bool:
+    if not value:
+        return False
+    credential = value.partition(" ")[2].strip() if value.lower().startswith("bearer ") else value.strip()
+    return credential == own.strip() or keys.key_id_of(credential) is not None
+
+
+class ProxiedResponse(Response):
+    """The upstream response forwarded as it arrives; usage read on the way; the call finished
+    (settled, recorded) however the forwarding ends: complete, upstream cut, client gone."""
+
+    def __init__(self, proxy: Proxy, call: Call, upstream: httpx.Response):
+        self.proxy = proxy
+        self.call = call
+        self.upstream = upstream
+        self.status_code = upstream.status_code
+        self.background = None
+        self.tenant_slot: str | None = None
+        self.sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        raw = [
+            (k.lower(), v)
+            for k, v in upstream.headers.multi_items()
+            if k.lower() not in _DROP_RESPONSE and not (self.sse and k.lower() == "content-length")
+        ]
+        raw.append((b"x-spendstream-request-id", call.request_id.encode()))
+        self.raw_headers = [
+            (k.encode("latin-1") if isinstance(k, str) else k, v.encode("latin-1") if isinstance(v, str) else v)
+            for k, v in raw
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Forward, and stop forwarding (closing the upstream connection, so the provider stops
+        generating) as soon as the client hangs up."""
+        forward = asyncio.ensure_future(self._forward(send))
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait((forward, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not forward.done():
+                forward.cancel()  # the client is gone: the event says error, with the usage so far
+            watch.cancel()
+            # the forwarding's own finally (close upstream, settle, record) runs to its end
+            await asyncio.gather(forward, watch, return_exceptions=True)
+        if not forward.cancelled():
+            forward.result()  # UpstreamCut: the server aborts the client's connection
+
+    async def _forward(self, send: Send) -> None:
+        call, upstream, cfg = self.call, self.upstream, self.proxy.settings.proxy
+        ok_status = 200 <= upstream.status_code < 300
+        meter = StreamMeter(call.provider, call.api_flavour, call.request.drop_usage_chunk) if self.sse else None
+        splitter = SseSplitter(cfg.max_sse_event_bytes) if self.sse else None
+        kept: list[bytes] = []
+        kept_bytes = 0
+        head = tail = b""
+        complete = False
+        cut: httpx.HTTPError | None = None
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in upstream.aiter_raw():
+                if splitter is not None and meter is not None and ok_status:
+                    out = [raw for raw, parse in splitter.feed(chunk) if not parse or meter.event(raw)]
+                    if not out:
+                        continue
+                    chunk = b"".join(out)
+                else:
+                    kept_bytes += len(chunk)
+                    if kept_bytes <= cfg.max_usage_body_bytes:
+                        kept.append(chunk)
+                    else:  # too large to keep whole: its first and last bytes only
+                        if kept:
+                            joined = b"".join(kept)
+                            head, tail, kept = joined[:HEAD_BYTES], joined[-TAIL_BYTES:], []
+                        tail = (tail + chunk)[-TAIL_BYTES:]
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if splitter is not None:
+                rest = splitter.flush()
+                if rest:
+                    await send({"type": "http.response.body", "body": rest, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            complete = True
+        except OSError as exc:  # the client went away: the event says error, with the usage so far
+            log.info("proxy call %s: client gone: %r", call.request_id, exc)
+        except httpx.HTTPError as exc:
+            # the upstream cut the response: so is the client's (the server aborts the connection,
+            # the client sees a truncated body, as it would calling the provider directly)
+            cut = exc
+        finally:
+            await upstream.aclose()
+            if meter is not None:
+                call.model, call.tokens = meter.model, meter.usage()
+                call.ok = complete and ok_status and (meter.completed or call.tokens is not None)
+            else:
+                call.ok = complete and ok_status
+                if ok_status:
+                    if kept_bytes <= cfg.max_usage_body_bytes:
+                        found = extract_body(call.provider, call.api_flavour, b"".join(kept))
+                    else:
+                        found = extract_head_tail(call.provider, call.api_flavour, head, tail)
+                    if found is not None:
+                        call.model, call.tokens = found
+            self.proxy._finish(call)
+            if self.tenant_slot is not None:
+                self.proxy._release_tenant(self.tenant_slot)
+        if cut is not None:
+            raise UpstreamCut(f"the upstream ended the response early: {cut!r}") from cut
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client hangs up (the request body was read before: nothing else comes)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class UpstreamCut(Exception):
+    """Raised after a cut upstream response was forwarded so far and recorded: the ASGI server
+    then aborts the client's connection instead of ending the response as if it were whole."""
