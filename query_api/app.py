@@ -20,8 +20,21 @@ from fastapi_offline import FastAPIOffline
 
 from query_api.errors import install_error_handlers
 from query_api.guard import RequestGuard
+from query_api.insights import ForecastRunner
 from query_api.metrics import ApiMetrics, MetricsMiddleware
-from query_api.routers import alerts, analytics, budgets, export, health, keys, pricing, projects, sql, webhooks
+from query_api.routers import (
+    alerts,
+    analytics,
+    budgets,
+    export,
+    health,
+    insights,
+    keys,
+    pricing,
+    projects,
+    sql,
+    webhooks,
+)
 from spendstream.clickhouse import get_async_client, get_client
 from spendstream.keys import KeyStore, load_live_keys
 from spendstream.pricing.catalog import default_catalog
@@ -30,7 +43,7 @@ from spendstream.settings import Settings
 STATIC_DIR = Path(__file__).parent / "static"
 
 #: one router per domain, in the order they appear in the OpenAPI document
-ROUTERS = (health, analytics, export, pricing, projects, keys, sql, budgets, webhooks, alerts)
+ROUTERS = (health, analytics, export, pricing, projects, keys, sql, budgets, webhooks, alerts, insights)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -46,9 +59,13 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.keys = KeyStore.from_settings(settings, load_keys)
         # compiled once (≈0.7 s) off the event loop; the pricing router serves from it
         app.state.catalog, _ = await asyncio.gather(asyncio.to_thread(default_catalog), app.state.keys.start())
+        app.state.forecasts = ForecastRunner(settings.insights)
+        if settings.insights.forecast_warm_up:
+            app.state.forecasts.start_background()
         try:
             yield
         finally:
+            await asyncio.to_thread(app.state.forecasts.close)
             await app.state.keys.close()
             await app.state.ch.close()
             app.state.ch_sync.close()
