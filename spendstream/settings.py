@@ -237,7 +237,10 @@ class InsightsSettings(BaseModel):
     """Forecasts, recommendations and cost comparison (query API; docs/insights.md)."""
 
     forecast_workers: int = Field(
-        1, ge=1, le=16, description="worker processes fitting forecasts (each ≈ 150 MB; fits never run on the event loop)"
+        1,
+        ge=1,
+        le=16,
+        description="worker processes fitting forecasts (each ≈ 150 MB; fits never run on the event loop)",
     )
     forecast_timeout_s: float = Field(
         30.0, gt=0, description="a forecast request answers 503 after this; its worker stops at the next series"

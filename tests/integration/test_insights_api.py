@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 import pytest
+from genai_prices import Usage, calc_price
+from genai_prices.data import providers
 from query_api_stack import EVENT_COLUMNS, admin_and_reader, insert_events, migrate  # tests/integration is on sys.path
 
 from spendstream.pricing import default_catalog, price
@@ -62,9 +64,7 @@ def weekly_history(days: int, agent: str, model: str, start_index: int, per_week
 
 @pytest.fixture(scope="module")
 def api(make_settings):
-    settings = make_settings(
-        bootstrap_admin_key=ADMIN_KEY, bootstrap_tenant=TENANT, insights={"forecast_fit_days": 60}
-    )
+    settings = make_settings(bootstrap_admin_key=ADMIN_KEY, bootstrap_tenant=TENANT, insights={"forecast_fit_days": 60})
     migrate(settings)
     rows = weekly_history(60, "weekly-agent", "gpt-4o", 0)
     rows += weekly_history(4, "young-agent", "gpt-4o-mini", 10_000)
@@ -163,3 +163,148 @@ def test_forecast_bad_input_is_422_naming_the_field(api, params, field):
     response = api["reader"].get("/v1/forecast", params=params)
     assert response.status_code == 422, response.text
     assert response.json()["field"] == field
+
+
+# ---------------------------------------------------------------- recommendations and comparison
+RECENT = NOW - timedelta(days=12)
+
+
+def calc_nanos(row: dict[str, Any], provider: str, model: str) -> int:
+    """genai-prices' own price of the event's usage on (provider, model), to the nano-USD."""
+    usage = Usage(input_tokens=row["input_tokens"], output_tokens=row["output_tokens"],
+                  cache_read_tokens=row["cache_read_tokens"], cache_write_tokens=row["cache_write_tokens"])  # fmt: skip
+    total = calc_price(usage, model, provider_id=provider, genai_request_timestamp=row["timestamp"]).total_price
+    return int((total * 10**9).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+
+
+def seed_recommendations() -> list[dict]:
+    rng = random.Random(7)
+    rows = []
+
+    def add(agent, model, provider, ts, **kw):
+        rows.append(event(100_000 + len(rows), ts, agent=agent, model=model, provider=provider, project="recs", **kw))
+
+    for i in range(40):  # short outputs on gpt-4o: downgrade to gpt-4o-mini; 5 failing calls
+        add("downgrade-agent", "gpt-4o", "openai", RECENT + timedelta(hours=i * 5, minutes=rng.randrange(60)),
+            input_tokens=rng.randrange(2000, 3000), output_tokens=rng.randrange(100, 200),
+            status="error" if i % 8 == 0 else "ok")  # fmt: skip
+    for i in range(10):  # just over gemini-2.5-pro's 200k tier, long outputs (no downgrade)
+        add("longctx-agent", "gemini-2.5-pro", "google", RECENT + timedelta(hours=i * 7),
+            input_tokens=200_001 + rng.randrange(15_000), output_tokens=600 + i)  # fmt: skip
+    burst = RECENT + timedelta(days=3, hours=4)
+    for i in range(120):  # one burst of 120 calls within two hours
+        add("batch-agent", "claude-haiku-4-5", "anthropic", burst + timedelta(seconds=i * 50),
+            input_tokens=rng.randrange(300, 600), output_tokens=rng.randrange(600, 900))  # fmt: skip
+    for day in range(10):  # large, steady input without cache reads, long outputs
+        for hour in range(14):
+            add("cache-agent", "claude-sonnet-4-5", "anthropic", RECENT + timedelta(days=day, hours=hour),
+                input_tokens=5000 + rng.randrange(500), output_tokens=800)  # fmt: skip
+    return rows
+
+
+@pytest.fixture(scope="module")
+def recs(api):
+    rows = seed_recommendations()
+    insert_events(api["settings"], rows)
+    return rows
+
+
+def of(rows, agent, status=None):
+    return [r for r in rows if r["agent"] == agent and (status is None or r["status"] == status)]
+
+
+def one(items, kind, agent):
+    found = [i for i in items if i["type"] == kind and i["agent"] == agent]
+    assert len(found) == 1, [(i["type"], i["agent"]) for i in items]
+    return found[0]
+
+
+def test_recommendation_savings_equal_an_independent_repricing(api, recs):
+    response = api["reader"].get("/v1/recommendations", params={"project": "recs"})
+    assert response.status_code == 200, response.text
+    items = response.json()["recommendations"]
+    for item in items:
+        assert set(item) >= {"type", "title", "description", "agent", "project", "estimated_savings_monthly",
+                             "estimated_savings_percent", "priority", "action_items", "evidence", "confidence"}  # fmt: skip
+        assert item["priority"] in ("high", "medium", "low")
+        usd(item["estimated_savings_monthly"])
+
+    ok = of(recs, "downgrade-agent", "ok")
+    down = one(items, "model_downgrade", "downgrade-agent")
+    expected = sum(r["cost_nanos"] for r in ok) - sum(calc_nanos(r, "openai", "gpt-4o-mini") for r in ok)
+    assert down["estimated_savings_monthly_nanos"] == expected > 0
+    assert down["evidence"]["alternative"]["model"] == "gpt-4o-mini"
+    waste = one(items, "error_waste", "downgrade-agent")
+    assert waste["estimated_savings_monthly_nanos"] == sum(
+        r["cost_nanos"] for r in of(recs, "downgrade-agent", "error")
+    )
+
+    # every call of longctx-agent paid the >200k tier: one tier lower is the base price of all tokens
+    pro = next(m for p in providers if p.id == "google" for m in p.models if m.id == "gemini-2.5-pro").prices
+    base_in, base_out = pro.input_mtok.base, pro.output_mtok.base
+    lower = sum(
+        int(
+            ((r["input_tokens"] * base_in + r["output_tokens"] * base_out) * 1000).quantize(Decimal(1), ROUND_HALF_EVEN)
+        )
+        for r in of(recs, "longctx-agent")
+    )
+    tier = one(items, "long_context_tier", "longctx-agent")
+    assert tier["estimated_savings_monthly_nanos"] == sum(r["cost_nanos"] for r in of(recs, "longctx-agent")) - lower
+
+    batch = one(items, "batch_api", "batch-agent")
+    total = sum(r["cost_nanos"] for r in of(recs, "batch-agent"))
+    assert batch["estimated_savings_monthly_nanos"] == int((Decimal(total) / 2).quantize(Decimal(1), ROUND_HALF_EVEN))
+    assert batch["estimated_savings_percent"] == 50.0
+
+    sonnet = next(m for p in providers if p.id == "anthropic" for m in p.models if m.id == "claude-sonnet-4-5").prices
+    # the base tier: every call is far below the 200k threshold
+    rate_in, rate_read, rate_write = (getattr(p, "base", p) for p in (sonnet.input_mtok, sonnet.cache_read_mtok,
+                                                                      sonnet.cache_write_mtok))  # fmt: skip
+    plain = sum(r["input_tokens"] for r in of(recs, "cache-agent"))
+    estimate = Decimal(plain) / 2 * (Decimal("0.9") * (rate_in - rate_read) - Decimal("0.1") * (rate_write - rate_in))
+    caching = one(items, "prompt_caching", "cache-agent")
+    assert caching["estimated_savings_monthly_nanos"] == int((estimate * 1000).quantize(Decimal(1), ROUND_HALF_EVEN))
+    assert caching["evidence"]["assumptions"]["cache_reads_per_write"] == 9
+
+    # the same dollars are never counted twice for one agent: one kind per agent's successful calls
+    kinds = {(i["agent"], i["type"]) for i in items if i["type"] != "error_waste"}
+    assert len(kinds) == len({a for a, _ in kinds})
+
+    summary = api["reader"].get("/v1/recommendations/summary", params={"project": "recs"}).json()
+    assert summary["count"] == len(items)
+    assert usd(summary["total_estimated_savings_monthly"]) == sum(usd(i["estimated_savings_monthly"]) for i in items)
+    assert summary["by_type"]["model_downgrade"]["count"] == 1
+
+
+def test_cost_comparison_reprices_exactly(api, recs):
+    response = api["reader"].get(
+        "/v1/analytics/cost-comparison", params={"agent": "downgrade-agent", "models": "gpt-4o-mini,gpt-4.1,gpt-4o"}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    rows = of(recs, "downgrade-agent")
+    current = sum(r["cost_nanos"] for r in rows)
+    assert body["label"] == "price only"
+    assert body["current"] == {"provider": "openai", "model": "gpt-4o", "cost_usd": usd_text(current)}
+    by_model = {m["model"]: m for m in body["models"]}
+    for target in ("gpt-4o-mini", "gpt-4.1", "gpt-4o"):
+        expected = sum(calc_nanos(r, "openai", target) for r in rows)
+        assert by_model[target]["cost_usd"] == usd_text(expected)
+        assert by_model[target]["difference_usd"] == usd_text(expected - current)
+        assert by_model[target]["fits_context"] is True
+    assert by_model["gpt-4o"]["difference_usd"] == "0.000000000"  # re-priced on itself: as charged
+
+    default = api["reader"].get("/v1/analytics/cost-comparison", params={"agent": "downgrade-agent"}).json()
+    assert {"gpt-4o-mini", "gpt-4.1"} <= {m["model"] for m in default["models"]}
+    assert all(m["provider"] == "openai" for m in default["models"])
+
+    several = api["reader"].get("/v1/analytics/cost-comparison", params={"project": "recs", "models": "gpt-4o-mini"})
+    assert len(several.json()["current_models"]) == 4 and "current" not in several.json()
+
+    bad = api["reader"].get("/v1/analytics/cost-comparison", params={"models": "no-such-model-xyz"})
+    assert bad.status_code == 422 and bad.json()["field"] == "models"
+
+
+def usd_text(nanos: int) -> str:
+    whole, frac = divmod(abs(nanos), 10**9)
+    return f"{'-' if nanos < 0 else ''}{whole}.{frac:09d}"
