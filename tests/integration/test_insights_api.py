@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 from genai_prices import Usage, calc_price
+from genai_prices import types as gp
 from genai_prices.data import providers
 from query_api_stack import EVENT_COLUMNS, admin_and_reader, insert_events, migrate  # tests/integration is on sys.path
 
-from spendstream.pricing import default_catalog, price
+from spendstream.pricing import default_catalog, load_catalog, price
 
 pytestmark = pytest.mark.clickhouse
 
@@ -75,8 +76,8 @@ def api(make_settings):
         r["event_id"] = "x" + r["event_id"]
         rows.append(r)
     insert_events(settings, rows)
-    with admin_and_reader(settings, ADMIN_KEY, TENANT) as (_, admin, reader):
-        yield {"settings": settings, "admin": admin, "reader": reader, "rows": rows}
+    with admin_and_reader(settings, ADMIN_KEY, TENANT) as (server, admin, reader):
+        yield {"settings": settings, "admin": admin, "reader": reader, "rows": rows, "server": server}
 
 
 def usd(text: str) -> Decimal:
@@ -308,3 +309,75 @@ def test_cost_comparison_reprices_exactly(api, recs):
 def usd_text(nanos: int) -> str:
     whole, frac = divmod(abs(nanos), 10**9)
     return f"{'-' if nanos < 0 else ''}{whole}.{frac:09d}"
+
+
+# ---------------------------------------------------------------- a price change inside the history
+def test_forecast_reprices_history_across_a_catalog_price_change(api):
+    change = (TODAY - timedelta(days=10)).date()
+    old = gp.ModelPrice(input_mtok=Decimal("4"), output_mtok=Decimal("16"))
+    new = gp.ModelPrice(input_mtok=Decimal("1"), output_mtok=Decimal("4"))
+    house = gp.ModelInfo(
+        id="house-1", match=gp.ClauseEquals(equals="house-1"), context_window=100_000,
+        prices=[gp.ConditionalPrice(prices=old), gp.ConditionalPrice(gp.StartDateConstraint(change), prices=new)],
+    )  # fmt: skip
+    catalog = load_catalog([*providers, gp.Provider(id="acme", name="Acme", api_pattern="x", models=[house])])
+    app = api["server"]._server.config.app
+    saved, app.state.catalog = app.state.catalog, catalog
+    try:
+        rows = []
+        for d in range(30, 0, -1):  # the same usage every day: 10 calls of 1M input + 100k output tokens
+            day = TODAY - timedelta(days=d)
+            for c in range(10):
+                ts = day + timedelta(hours=c)
+                usage = {"provider": "acme", "model": "house-1", "input_tokens": 1_000_000, "output_tokens": 100_000,
+                         "timestamp": ts.strftime("%Y-%m-%dT%H:%M:%S.000Z")}  # fmt: skip
+                row = event(200_000 + len(rows), ts, agent="house-agent", model="house-1", provider="acme",
+                            input_tokens=1_000_000, output_tokens=100_000)  # fmt: skip
+                line = price(usage, catalog)
+                row |= {"cost_nanos": line.cost_nanos, **{f"cost_{k}_nanos": v for k, v in line.cost.items()}}
+                rows.append(row)
+        insert_events(api["settings"], rows)
+        body = api["reader"].get("/v1/forecast", params={"agent": "house-agent", "horizon": 7}).json()
+    finally:
+        app.state.catalog = saved
+    old_day, new_day = 10 * (4 + 1.6) * 10**9, 10 * (1 + 0.4) * 10**9  # 56 USD a day before, 14 after
+    days_before = 20
+    (repriced,) = body["prices"]["repriced"]
+    assert (repriced["provider"], repriced["model"], repriced["days"]) == ("acme", "house-1", days_before)
+    assert repriced["delta_usd"] == usd_text(int(days_before * (new_day - old_day)))
+    # at today's price every day of the history costs 14 USD: so does every forecast day
+    for day in body["series"]:
+        assert usd(day["point_usd"]) == Decimal(14), day
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "field"),
+    [
+        ("/v1/recommendations", {"type": "free_money"}, "type"),
+        ("/v1/recommendations", {"priority": "urgent"}, "priority"),
+        ("/v1/recommendations", {"limit": 0}, "limit"),
+        ("/v1/recommendations", {"tag": "novalue"}, "tag"),
+        ("/v1/recommendations/summary", {"tag": "a:b", "project": "x", "user": "u", "model": "m"}, None),
+        ("/v1/analytics/cost-comparison", {"models": ""}, "models"),
+        ("/v1/analytics/cost-comparison", {"models": ",".join(["gpt-4o"] * 61)}, "models"),
+        ("/v1/analytics/cost-comparison", {"models": "x" * 5000}, "models"),
+        ("/v1/analytics/cost-comparison", {"tag": ":"}, "tag"),
+    ],
+)
+def test_insights_bad_input_is_422_naming_the_field(api, path, params, field):
+    response = api["reader"].get(path, params=params)
+    if field is None:  # valid, matching nothing: an empty answer
+        assert response.status_code == 200, response.text
+        assert response.json()["count"] == 0
+        return
+    assert response.status_code == 422, response.text
+    assert response.json()["field"].split(".")[0] == field  # a repeated parameter's item: type.0
+
+
+def test_other_tenants_usage_never_shows(api, recs):
+    items = api["reader"].get("/v1/recommendations").json()["recommendations"]
+    assert items and all(not i["agent"].startswith("x") for i in items)
+    forecast = api["reader"].get("/v1/forecast", params={"by": "agent", "limit": 50, "horizon": 3}).json()
+    # other-agent's own history here is 20 days; the other tenant's 30 days do not add to it
+    other = next(g for g in forecast["groups"] if g["key"] == "other-agent")
+    assert other["history_days"] == 20

@@ -1,0 +1,61 @@
+"""The forecast runner: fits in worker processes, a deadline, one forecast per tenant at a time,
+and a cache keyed by the data."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from query_api.insights import ForecastBusy, ForecastRunner, ForecastUnavailable
+from spendstream.insights.forecast import ForecastJob, SeriesInput
+from spendstream.settings import InsightsSettings
+
+USD = 10**9
+
+
+def job(n_series: int, days: int = 120, horizon: int = 30) -> ForecastJob:
+    history = tuple((10 + 5 * (d % 7 < 5) + (d * 7919 % 13) / 10) * USD for d in range(days))
+    return ForecastJob(series=tuple(SeriesInput(f"s{i}", tuple(int(v) + i for v in history)) for i in range(n_series)),
+                       horizon=horizon)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runner():
+    r = ForecastRunner(InsightsSettings(forecast_timeout_s=4.0, forecast_cache_entries=8))
+    started = time.perf_counter()
+    r._get_pool().apply(len, ([],))  # spawn the worker (statsforecast imported by its initializer)
+    print(f"worker started in {time.perf_counter() - started:.2f} s")
+    yield r
+    r.close()
+
+
+def test_forecasts_run_in_a_worker_and_are_cached_by_data(runner):
+    async def main():
+        first, cached = await runner.forecast("t1", job(2, days=60, horizon=7))
+        again, cached_again = await runner.forecast("t1", job(2, days=60, horizon=7))
+        other, cached_other = await runner.forecast("t1", job(2, days=61, horizon=7))  # new data: a new fit
+        return first, cached, again, cached_again, cached_other
+
+    first, cached, again, cached_again, cached_other = asyncio.run(main())
+    assert len(first) == 2 and (cached, cached_again, cached_other) == (False, True, False)
+    assert again == first
+
+
+def test_one_forecast_per_tenant_and_a_deadline(runner):
+    async def main():
+        big = asyncio.create_task(runner.forecast("busy", job(400)))
+        await asyncio.sleep(0.2)
+        with pytest.raises(ForecastBusy):
+            await runner.forecast("busy", job(1, days=30, horizon=7))
+        started = time.monotonic()
+        with pytest.raises(ForecastUnavailable):
+            await big
+        return time.monotonic() - started
+
+    waited = asyncio.run(main())
+    assert waited < 4.0 + 5.0  # the deadline, plus at most the kill grace
+    # the worker is usable afterwards
+    results, _ = asyncio.run(runner.forecast("busy", job(1, days=30, horizon=7)))
+    assert len(results) == 1
