@@ -243,7 +243,7 @@ class InsightsSettings(BaseModel):
         description="worker processes fitting forecasts (each ≈ 150 MB; fits never run on the event loop)",
     )
     forecast_timeout_s: float = Field(
-        30.0, gt=0, description="a forecast request answers 503 after this; its worker stops at the next series"
+        60.0, gt=0, description="a forecast request answers 503 after this; its worker stops at the next series"
     )
     forecast_max_groups: int = Field(1000, ge=1, description="the largest `limit` of a forecast with `by=`")
     forecast_fit_days: int = Field(
