@@ -140,7 +140,9 @@ class ForecastRunner:
             deadline = time.time() + self.settings.forecast_timeout_s
             results: list[SeriesForecast] = []
             for start in range(0, len(job.series), CHUNK_SERIES):
-                chunk = ForecastJob(**{**job.__dict__, "series": job.series[start : start + CHUNK_SERIES]})
+                chunk = ForecastJob(
+                    **{**job.__dict__, "series": job.series[start : start + CHUNK_SERIES], "offset": start}
+                )
                 results.extend(await self._submit(chunk, deadline))
         finally:
             self._jobs -= 1

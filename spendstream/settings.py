@@ -246,6 +246,11 @@ class InsightsSettings(BaseModel):
         60.0, gt=0, description="a forecast request answers 503 after this; its worker stops at the next series"
     )
     forecast_max_groups: int = Field(1000, ge=1, description="the largest `limit` of a forecast with `by=`")
+    forecast_full_groups: int = Field(
+        50,
+        ge=0,
+        description="with `by=`, groups past the most expensive this many get the quick fit (OptimizedTheta/SeasonalNaive)",
+    )
     forecast_fit_days: int = Field(
         120, ge=14, le=400, description="days of history a model is fitted on (older days are not read)"
     )

@@ -171,6 +171,7 @@ async def forecast(
         levels=levels,
         month_remaining_days=month_remaining,
         fit_days=insights.forecast_fit_days,
+        full_series=insights.forecast_full_groups if by else None,
     )
     results, cached = await get_runner(request).forecast(principal.tenant, job) if job.series else ([], False)
 

@@ -2,6 +2,11 @@
 
 Method (per series, from its history of complete days, leading days without spend dropped):
 
+``quick`` (the groups of a large ``by=`` forecast beyond the most expensive
+``insights.forecast_full_groups``): OptimizedTheta (AutoTheta's optimised variant alone) or
+SeasonalNaive(7) by the same backtest (OptimizedTheta alone under 14 days), with the models' own
+bands: a fraction of the CPU of a full fit.
+
 History: the last ``fit_days`` days (default :data:`DEFAULT_FIT_DAYS`, at most
 :data:`MAX_FIT_DAYS`).
 
@@ -61,6 +66,9 @@ MAX_HORIZON = 92
 RUN_RATE = "run_rate"
 SEASONAL_CANDIDATES = ("AutoETS", "AutoTheta", "SeasonalNaive")
 NONSEASONAL_CANDIDATES = ("AutoETS", "AutoTheta")
+#: ``quick``: the cheap candidates (AutoETS is most of a fit's time) and the models' own bands
+QUICK_SEASONAL_CANDIDATES = ("OptimizedTheta", "SeasonalNaive")
+QUICK_NONSEASONAL_CANDIDATES = ("OptimizedTheta",)
 
 
 @dataclass(frozen=True)
@@ -128,7 +136,7 @@ def _path_band(points: list[int], path_sums: np.ndarray, levels: Sequence[int], 
 
 
 def _model(name: str, seasonal: bool, conformal_h: int | None = None, conformal_windows: int = 0):
-    from statsforecast.models import AutoETS, AutoTheta, SeasonalNaive
+    from statsforecast.models import AutoETS, AutoTheta, OptimizedTheta, SeasonalNaive
     from statsforecast.utils import ConformalIntervals
 
     intervals = ConformalIntervals(h=conformal_h, n_windows=conformal_windows) if conformal_h else None
@@ -139,6 +147,8 @@ def _model(name: str, seasonal: bool, conformal_h: int | None = None, conformal_
         return AutoETS(season_length=season, model="AZZ", prediction_intervals=intervals)
     if name == "AutoTheta":
         return AutoTheta(season_length=season, prediction_intervals=intervals)
+    if name == "OptimizedTheta":  # one of AutoTheta's four variants: a quarter of its fit time
+        return OptimizedTheta(season_length=season, prediction_intervals=intervals)
     return SeasonalNaive(season_length=SEASON, prediction_intervals=intervals)
 
 
@@ -193,6 +203,7 @@ def forecast_series(
     month_to_date_nanos: int = 0,
     seed: int = 0,
     fit_days: int = DEFAULT_FIT_DAYS,
+    quick: bool = False,
 ) -> SeriesForecast:
     """Forecast the next ``horizon`` days after ``history_nanos`` (complete days, oldest first).
 
@@ -214,7 +225,10 @@ def forecast_series(
     mean, bands, paths = None, None, None
     if n >= MIN_MODEL_DAYS:
         seasonal = n >= MIN_SEASONAL_DAYS
-        candidates = SEASONAL_CANDIDATES if seasonal else NONSEASONAL_CANDIDATES
+        if quick:
+            candidates = QUICK_SEASONAL_CANDIDATES if seasonal else QUICK_NONSEASONAL_CANDIDATES
+        else:
+            candidates = SEASONAL_CANDIDATES if seasonal else NONSEASONAL_CANDIDATES
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
             scores = backtest(y, candidates, seasonal, steps)
@@ -223,7 +237,7 @@ def forecast_series(
             ranked += [c for c in candidates if c not in scores]
             for name in ranked:
                 try:
-                    mean, bands, paths, intervals = _fit(name, seasonal, y, steps, levels, seed)
+                    mean, bands, paths, intervals = _fit(name, seasonal, y, steps, levels, seed, conformal=not quick)
                     method = name
                     break
                 except Exception:  # noqa: BLE001 - next candidate, and run_rate after the last
@@ -251,7 +265,7 @@ def forecast_series(
     return SeriesForecast(method, n, intervals, levels, days[:horizon], total, month_end, scores)
 
 
-def _fit(name: str, seasonal: bool, y: np.ndarray, steps: int, levels: Sequence[int], seed: int):
+def _fit(name: str, seasonal: bool, y: np.ndarray, steps: int, levels: Sequence[int], seed: int, *, conformal=True):
     """The model's forecast, bands and simulated paths. With enough history the bands are the wider
     of the model's own and the conformal ones (measured on synthetic spend, conformal bands from a
     few windows alone covered too little: bench/RESULTS.md, "Forecasts")."""
@@ -263,7 +277,7 @@ def _fit(name: str, seasonal: bool, y: np.ndarray, steps: int, levels: Sequence[
     paths = model.simulate(h=steps, n_paths=N_PATHS, seed=seed)
     windows = min(CONFORMAL_MAX_WINDOWS, (len(y) - 1) // steps)
     intervals = "model"
-    if windows >= CONFORMAL_MIN_WINDOWS:
+    if conformal and windows >= CONFORMAL_MIN_WINDOWS:
         try:
             conformal = _model(name, seasonal, steps, windows)
             conformal.fit(y)
@@ -295,6 +309,10 @@ class ForecastJob:
     month_remaining_days: int | None = None
     fit_days: int = DEFAULT_FIT_DAYS
     seed: int = 0
+    #: series after the first ``full_series`` are fitted ``quick`` (None: none)
+    full_series: int | None = None
+    #: the index of the job's first series in its request (a chunk of a larger job)
+    offset: int = 0
 
 
 class ForecastTimeout(Exception):
@@ -307,7 +325,7 @@ def run_job(job: ForecastJob, deadline: float | None = None) -> list[SeriesForec
     import time as _time
 
     out = []
-    for s in job.series:
+    for index, s in enumerate(job.series, start=job.offset):
         if deadline is not None and _time.time() > deadline:
             raise ForecastTimeout(f"stopped after {len(out)} of {len(job.series)} series")
         out.append(
@@ -319,6 +337,7 @@ def run_job(job: ForecastJob, deadline: float | None = None) -> list[SeriesForec
                 month_to_date_nanos=s.month_to_date,
                 seed=job.seed,
                 fit_days=job.fit_days,
+                quick=job.full_series is not None and index >= job.full_series,
             )
         )
     return out

@@ -184,3 +184,16 @@ def test_linear_cost_rounds_once_half_to_even():
     row = catalog.resolve("acme", "odd").model.schedule.fixed
     assert linear_cost(row, {"input_tokens": 1}, 0) == 0  # 0.5 nano -> 0 (even)
     assert linear_cost(row, {"input_tokens": 3}, 0) == 2  # 1.5 nano -> 2 (even)
+
+
+def test_quick_fits_use_the_cheap_candidates_past_full_series():
+    history = tuple(series(84, weekly))
+    job = ForecastJob(series=(SeriesInput("a", history), SeriesInput("b", history)), horizon=7, full_series=1)
+    full, quick = run_job(job)
+    assert full.method in SEASONAL_CANDIDATES and set(full.backtest_mae) == set(SEASONAL_CANDIDATES)
+    assert quick.method in ("OptimizedTheta", "SeasonalNaive") and quick.intervals == "model"
+    assert set(quick.backtest_mae) == {"OptimizedTheta", "SeasonalNaive"}
+    assert_all_bands(quick)
+    # a chunk of a larger job counts its series from its offset
+    (chunk,) = run_job(ForecastJob(series=(SeriesInput("c", history),), horizon=7, full_series=1, offset=5))
+    assert chunk.method in ("OptimizedTheta", "SeasonalNaive")
