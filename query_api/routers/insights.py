@@ -38,6 +38,7 @@ from spendstream.insights.catalog_info import catalog_model, context_window, sam
 from spendstream.insights.forecast import MAX_HORIZON, ForecastJob, SeriesForecast, SeriesInput
 from spendstream.insights.recommendations import TIER_MARGIN, TYPES, WINDOW_DAYS, Usage, recommend, summary
 from spendstream.insights.repricing import reprice_history
+from spendstream.insights.trends import PERIODS, change, figures, movers
 from spendstream.pricing.catalog import Catalog, CatalogModel
 
 router = APIRouter(tags=["insights"])
@@ -451,4 +452,53 @@ async def cost_comparison(
     }  # fmt: skip
     if len(current_view) == 1:
         body["current"] = {k: current_view[0][k] for k in ("provider", "model", "cost_usd")}
+    return json_response(body)
+
+
+# -- trends ------------------------------------------------------------------------------------------
+MAX_TREND_GROUPS = 10_000
+
+
+@router.get("/v1/analytics/trends", summary="Week-over-week and month-over-month change, with the biggest movers")
+async def trends(
+    principal: Reader,
+    ch: CH,
+    by: Annotated[Literal["project", "agent", "model", "provider"], Query()] = "agent",
+    limit: Annotated[int, Query(ge=1, le=1000, description="movers per period")] = 10,
+    project: Annotated[list[str] | None, Query()] = None,
+    agent: Annotated[list[str] | None, Query()] = None,
+    user: Annotated[list[str] | None, Query()] = None,
+    provider: Annotated[list[str] | None, Query()] = None,
+    model: Annotated[list[str] | None, Query()] = None,
+    tag: Annotated[list[str] | None, Query()] = None,
+) -> Response:
+    now = datetime.now(UTC)
+    dims = scope_dims(project, agent, user, provider, model)
+    body: dict[str, Any] = {"by": by, "as_of": now.isoformat(), "currency": "USD", "periods": {}}
+    for name, days in PERIODS.items():
+        sums: list[dict[str, tuple[int, int]]] = []
+        totals: list[tuple[int, int]] = []
+        for end in (now, now - timedelta(days=days)):
+            start = end - timedelta(days=days)
+            filters = parse_filters(
+                start=start.isoformat(), end=end.isoformat(), tz=None, dims=dims, tags=tag, now=now
+            )  # fmt: skip
+            rows, _ = await run_usage(
+                ch, UsageQuery(filters, group=GroupBy(dimension=by), measures=("cost_nanos", "calls")),
+                principal.tenant, order_by="cost_nanos DESC, group_key ASC", limit=MAX_TREND_GROUPS,
+            )  # fmt: skip
+            groups = {r["group_key"]: (int(r["cost_nanos"]), int(r["calls"])) for r in rows}
+            sums.append(groups)
+            totals.append((sum(c for c, _ in groups.values()), sum(n for _, n in groups.values())))
+        body["periods"][name] = {
+            "days": days,
+            "current": {"from": (now - timedelta(days=days)).isoformat(), "to": now.isoformat(), **figures(*totals[0])},
+            "previous": {
+                "from": (now - timedelta(days=2 * days)).isoformat(),
+                "to": (now - timedelta(days=days)).isoformat(),
+                **figures(*totals[1]),
+            },
+            "change": change(totals[0], totals[1]),
+            "movers": movers(sums[0], sums[1], limit),
+        }
     return json_response(body)

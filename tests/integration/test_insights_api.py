@@ -381,3 +381,33 @@ def test_other_tenants_usage_never_shows(api, recs):
     # other-agent's own history here is 20 days; the other tenant's 30 days do not add to it
     other = next(g for g in forecast["groups"] if g["key"] == "other-agent")
     assert other["history_days"] == 20
+
+
+def test_trends_week_over_week_and_month_over_month(api):
+    agents = ["weekly-agent", "young-agent", "other-agent"]
+    response = api["reader"].get("/v1/analytics/trends", params={"by": "agent", "agent": agents, "limit": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    now = datetime.fromisoformat(body["as_of"])
+    mine = [r for r in api["rows"] if r["tenant"] == TENANT and r["agent"] in agents]
+    for name, days in (("week", 7), ("month", 30)):
+        period = body["periods"][name]
+
+        def sums(start, end, agent=None):
+            chosen = [r for r in mine if start <= r["timestamp"] < end and (agent is None or r["agent"] == agent)]
+            return sum(r["cost_nanos"] for r in chosen), len(chosen)
+
+        current = sums(now - timedelta(days=days), now)
+        previous = sums(now - timedelta(days=2 * days), now - timedelta(days=days))
+        assert period["current"]["cost_usd"] == usd_text(current[0]) and period["current"]["calls"] == current[1]
+        assert period["previous"]["cost_usd"] == usd_text(previous[0])
+        assert period["change"]["cost_usd"] == usd_text(current[0] - previous[0])
+        changes = [abs(usd(m["change"]["cost_usd"])) for m in period["movers"]]
+        assert changes == sorted(changes, reverse=True)
+        young = next(m for m in period["movers"] if m["key"] == "young-agent")
+        assert young["previous"]["calls"] == 0 and young["change"]["cost_percent"] is None  # new this period
+        weekly_now = sums(now - timedelta(days=days), now, "weekly-agent")
+        weekly = next(m for m in period["movers"] if m["key"] == "weekly-agent")
+        assert weekly["current"]["cost_usd"] == usd_text(weekly_now[0])
+    bad = api["reader"].get("/v1/analytics/trends", params={"by": "session"})
+    assert bad.status_code == 422 and bad.json()["field"] == "by"

@@ -197,3 +197,15 @@ def test_quick_fits_use_the_cheap_candidates_past_full_series():
     # a chunk of a larger job counts its series from its offset
     (chunk,) = run_job(ForecastJob(series=(SeriesInput("c", history),), horizon=7, full_series=1, offset=5))
     assert chunk.method in ("OptimizedTheta", "SeasonalNaive")
+
+
+def test_trend_changes_are_exact_and_ranked():
+    from spendstream.insights.trends import change, movers
+
+    assert change((3 * USD, 3), (USD, 2)) == {
+        "cost_usd": "2.000000000", "cost_percent": 200.0, "calls": 1, "calls_percent": 50.0,
+        "cost_per_call_usd": "0.500000000", "cost_per_call_percent": 100.0,
+    }  # fmt: skip
+    assert change((USD, 1), (0, 0))["cost_percent"] is None
+    ranked = movers({"a": (5, 1), "b": (100, 2)}, {"a": (50, 1), "c": (30, 3)}, limit=2)
+    assert [m["key"] for m in ranked] == ["b", "a"]  # |+100| then |-45|; c (-30) is cut by the limit
