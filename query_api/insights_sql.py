@@ -151,3 +151,62 @@ def repriced_sql(filters: Filters, tenant: str, params: Params, keys: list[str],
         f"SELECT {', '.join(columns)} FROM usage_events WHERE {' AND '.join(scope_conditions(filters, tenant, params))}"
     )
     return sql + (f" GROUP BY {', '.join(keys)}" if keys else "")
+
+
+#: FinOps FOCUS 1.2 columns written by ``GET /v1/analytics/export?format=focus`` (docs/insights.md),
+#: one row per (day in the request's zone, project, agent, provider, model); ``x_`` columns are
+#: Spendstream's own, as FOCUS names custom columns.
+FOCUS_VERSION = "1.2"
+
+
+def _utc(expr: str) -> str:
+    """FOCUS date-times: ISO 8601 in UTC (the period boundaries are the local midnights of the zone)."""
+    return f"formatDateTime(toTimeZone({expr}, 'UTC'), '%Y-%m-%dT%H:%i:%SZ')"
+
+
+def focus_sql(built_sql: str, tz_placeholder: str, tenant_placeholder: str) -> str:
+    """The FOCUS projection of a usage query with day buckets split by project, agent, provider
+    and model (``bucket_start`` epoch seconds of the local day)."""
+    usd = "toDecimal128(cost_nanos, 9) / 1000000000"
+    start = f"toDateTime(bucket_start, {tz_placeholder})"
+    month = f"toStartOfMonth({start})"
+    columns = [
+        f"{usd} AS BilledCost",
+        f"{usd} AS EffectiveCost",
+        f"{usd} AS ListCost",
+        f"{usd} AS ContractedCost",
+        "'USD' AS BillingCurrency",
+        f"{tenant_placeholder} AS BillingAccountId",
+        f"{tenant_placeholder} AS BillingAccountName",
+        f"{_utc(f'toDateTime({month}, {tz_placeholder})')} AS BillingPeriodStart",
+        f"{_utc(f'toDateTime(addMonths({month}, 1), {tz_placeholder})')} AS BillingPeriodEnd",
+        f"{_utc(start)} AS ChargePeriodStart",
+        f"{_utc(f'toDateTime(addDays(toDate({start}), 1), {tz_placeholder})')} AS ChargePeriodEnd",
+        "'Usage' AS ChargeCategory",
+        "'Usage-Based' AS ChargeFrequency",
+        "concat(provider, ' ', model, ' tokens for agent ', agent) AS ChargeDescription",
+        "provider AS ProviderName",
+        "provider AS PublisherName",
+        "provider AS InvoiceIssuerName",
+        "'AI and Machine Learning' AS ServiceCategory",
+        "model AS ServiceName",
+        "concat(provider, '/', model) AS SkuId",
+        "agent AS ResourceId",
+        "agent AS ResourceName",
+        "'AI Agent' AS ResourceType",
+        "project AS SubAccountId",
+        "project AS SubAccountName",
+        "input_tokens + output_tokens AS ConsumedQuantity",
+        "'Tokens' AS ConsumedUnit",
+        "input_tokens + output_tokens AS PricingQuantity",
+        "'Tokens' AS PricingUnit",
+        "toJSONString(map('spendstream/project', project, 'spendstream/agent', agent)) AS Tags",
+        "calls AS x_Calls",
+        "input_tokens AS x_InputTokens",
+        "output_tokens AS x_OutputTokens",
+        "cost_nanos AS x_CostNanos",
+    ]
+    return (
+        f"SELECT {', '.join(columns)} FROM ({built_sql}) "
+        "ORDER BY bucket_start, SubAccountId, ResourceId, ProviderName, ServiceName"
+    )

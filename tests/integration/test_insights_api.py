@@ -4,6 +4,9 @@ pricing stage prices them, and every dollar checked against an independent compu
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -411,3 +414,29 @@ def test_trends_week_over_week_and_month_over_month(api):
         assert weekly["current"]["cost_usd"] == usd_text(weekly_now[0])
     bad = api["reader"].get("/v1/analytics/trends", params={"by": "session"})
     assert bad.status_code == 422 and bad.json()["field"] == "by"
+
+
+def test_focus_export(api):
+    first, last = (TODAY - timedelta(days=20)).date(), (TODAY - timedelta(days=1)).date()
+    response = api["reader"].get(
+        "/v1/analytics/export",
+        params={"format": "focus", "agent": ["weekly-agent", "young-agent"], "from": first.isoformat(),
+                "to": last.isoformat()},
+    )  # fmt: skip
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(response.text)))
+    assert {"BilledCost", "EffectiveCost", "ListCost", "BillingCurrency", "ChargePeriodStart", "ChargePeriodEnd",
+            "BillingPeriodStart", "ChargeCategory", "ServiceName", "ServiceCategory", "ResourceId", "SubAccountId",
+            "ProviderName", "ConsumedQuantity", "ConsumedUnit", "Tags"} <= set(rows[0])  # fmt: skip
+    expected = [r for r in api["rows"] if r["tenant"] == TENANT and r["agent"] in ("weekly-agent", "young-agent")
+                and TODAY - timedelta(days=20) <= r["timestamp"] < TODAY]  # fmt: skip
+    assert sum(Decimal(r["BilledCost"]) for r in rows) == Decimal(sum(r["cost_nanos"] for r in expected)) / 10**9
+    assert sum(int(r["x_Calls"]) for r in rows) == len(expected)
+    assert {r["ResourceId"] for r in rows} == {"weekly-agent", "young-agent"}
+    for r in rows:
+        assert r["BilledCost"] == r["EffectiveCost"] and r["BillingCurrency"] == "USD"
+        start, end = (datetime.fromisoformat(r[k]) for k in ("ChargePeriodStart", "ChargePeriodEnd"))
+        assert end - start == timedelta(days=1) and start.hour == 0
+        assert json.loads(r["Tags"])["spendstream/agent"] == r["ResourceId"]
+        assert (r["ProviderName"], r["ServiceName"], r["ConsumedUnit"]) == ("openai", r["ServiceName"], "Tokens")
