@@ -37,7 +37,7 @@ from spendstream.insights import usd
 from spendstream.insights.catalog_info import catalog_model, context_window, same_provider_models, substitute
 from spendstream.insights.forecast import MAX_HORIZON, ForecastJob, SeriesForecast, SeriesInput
 from spendstream.insights.recommendations import TIER_MARGIN, TYPES, WINDOW_DAYS, Usage, recommend, summary
-from spendstream.insights.repricing import reprice_history
+from spendstream.insights.repricing import price_changed_since, reprice_history
 from spendstream.insights.trends import PERIODS, change, figures, movers
 from spendstream.pricing.catalog import Catalog, CatalogModel
 
@@ -131,40 +131,38 @@ async def forecast(
     filters = scope_filters(tz=tz, dims=dims, tags=tag, first=start, last=yesterday) if start < today else None
     month_remaining = calendar.monthrange(today.year, today.month)[1] - today.day + 1
 
-    rows: list[dict[str, Any]] = []
+    days = (today - start).days
     keys: list[str | None] = [None]
+    daily: dict[str | None, list[int]] = {}
+    repriced: list = []
     if filters is not None:
+        group = GroupBy(dimension=by) if by else None
         if by:
             top, _ = await run_usage(
-                ch, UsageQuery(filters, group=GroupBy(dimension=by), measures=("cost_nanos", "calls")),
+                ch, UsageQuery(filters, group=group, measures=("cost_nanos", "calls")),
                 principal.tenant, order_by="cost_nanos DESC, group_key ASC", limit=limit,
             )  # fmt: skip
             keys = [r["group_key"] for r in top]
             if keys:
                 filters = _with_dimension(filters, by, keys)
-        if keys:
-            rows, _ = await run_usage(
-                ch,
-                UsageQuery(
-                    filters, group=GroupBy(dimension=by) if by else None, granularity="day",
-                    split_by=("provider", "model"), measures=HISTORY_MEASURES,
-                ),
-                principal.tenant,
-            )  # fmt: skip
-    overridden = frozenset(
-        (r["provider"].lower(), r["model"].lower()) for r in await tenant_override_rows(ch, principal.tenant)
-    )
-    for r in rows:
-        r["day"] = datetime.fromtimestamp(int(r["bucket_start"]), probe.tz).date()
-    repriced_rows, repriced = await asyncio.to_thread(reprice_history, rows, catalog, today, overridden=overridden)
+        daily = {k: [0] * days for k in keys}
 
-    days = (today - start).days
-    daily: dict[str | None, list[int]] = {k: [0] * days for k in keys}
-    for r in repriced_rows:
-        index = (r["day"] - start).days
-        key = r.get("group_key") if by else None
-        if key in daily and 0 <= index < days:
-            daily[key][index] += int(r["cost_nanos"])
+        def add(rows: list[dict[str, Any]], field: str, sign: int = 1) -> None:
+            for r in rows:
+                index = (datetime.fromtimestamp(int(r["bucket_start"]), probe.tz).date() - start).days
+                key = r.get("group_key") if by else None
+                if key in daily and 0 <= index < days:
+                    daily[key][index] += sign * int(r[field])
+
+        if keys:
+            # the cost per day (and group), then corrections for the models whose price changed
+            costs, _ = await run_usage(
+                ch, UsageQuery(filters, group=group, granularity="day", measures=("cost_nanos",)), principal.tenant
+            )
+            add(costs, "cost_nanos")
+            repriced = await _reprice(ch, catalog, filters, group, principal.tenant, start, today, add)
+    else:
+        daily = {None: [0] * days}
     month_offset = (month_start - start).days
     job = ForecastJob(
         series=tuple(SeriesInput(k, tuple(v[(first - start).days :]), sum(v[month_offset:])) for k, v in daily.items()),
@@ -218,6 +216,35 @@ async def forecast(
         f, s = results[0], job.series[0]
         body |= {**_band_view(f, today), "month_end": month_end(f, s)}
     return json_response(body)
+
+
+async def _reprice(ch, catalog: Catalog, filters: Filters, group, tenant: str, start: date, today: date, add) -> list:
+    """Add to the daily costs what today's catalog price changes in them: only models whose catalog
+    price changed since ``start`` are read per day and model, with their tokens."""
+    pairs, _ = await run_usage(
+        ch, UsageQuery(filters, group=GroupBy(dimension="model"), split_by=("provider",), measures=("calls",)), tenant
+    )
+    overridden = frozenset((r["provider"].lower(), r["model"].lower()) for r in await tenant_override_rows(ch, tenant))
+    changed = [
+        (r["provider"], r["group_key"]) for r in pairs
+        if (r["provider"].lower(), r["group_key"].lower()) not in overridden
+        and price_changed_since(catalog, r["provider"], r["group_key"], start, today)
+    ]  # fmt: skip
+    if not changed:
+        return []
+    narrowed = _with_dimension(_with_dimension(filters, "provider", sorted({p for p, _ in changed})), "model",
+                               sorted({m for _, m in changed}))  # fmt: skip
+    rows, _ = await run_usage(
+        ch,
+        UsageQuery(narrowed, group=group, granularity="day", split_by=("provider", "model"), measures=HISTORY_MEASURES),
+        tenant,
+    )
+    for r in rows:
+        r["day"] = datetime.fromtimestamp(int(r["bucket_start"]), filters.tz).date()
+    new_rows, repriced = await asyncio.to_thread(reprice_history, rows, catalog, today, overridden=overridden)
+    add(rows, "cost_nanos", -1)
+    add(new_rows, "cost_nanos")
+    return repriced
 
 
 # -- recommendations and cost comparison: the last 30 days of events, re-priced exactly -------------

@@ -74,6 +74,15 @@ def _row_on(catalog: Catalog, provider: str, model: str, day: date) -> PriceRow 
     return schedule.row_at(day.isoformat(), datetime.combine(day, time(12), tzinfo=UTC))
 
 
+def price_changed_since(catalog: Catalog, provider: str, model: str, since: date, today: date) -> bool:
+    """Whether the model's catalog price (date-bound, not time-of-day) changed after ``since``."""
+    resolution = catalog.resolve(provider, model)
+    if resolution.model is None or resolution.model.schedule.fixed is not None:
+        return False
+    schedule = resolution.model.schedule
+    return not any(schedule.windows) and any(since.isoformat() < b <= today.isoformat() for b in schedule.date_bounds)
+
+
 def reprice_history(
     rows: Iterable[dict[str, Any]],
     catalog: Catalog,

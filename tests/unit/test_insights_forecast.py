@@ -22,7 +22,7 @@ from spendstream.insights.forecast import (
     nest,
     run_job,
 )
-from spendstream.insights.repricing import linear_cost, reprice_history
+from spendstream.insights.repricing import linear_cost, price_changed_since, reprice_history
 from spendstream.pricing import load_catalog
 
 USD = 10**9
@@ -171,6 +171,9 @@ def test_a_price_change_inside_the_history_is_repriced_to_today():
     assert [r["cost_nanos"] for r in rows] == [USD + 400_000_000, USD + 400_000_000, 3 * USD, 0]
     (change,) = changes
     assert (change.provider, change.model, change.days, change.delta_nanos) == ("acme", "house-1", 1, -1_400_000_000)
+    assert price_changed_since(catalog, "acme", "house-1", CHANGE - timedelta(days=30), CHANGE)
+    assert not price_changed_since(catalog, "acme", "house-1", CHANGE, CHANGE + timedelta(days=30))  # before the window
+    assert not price_changed_since(catalog, "acme", "steady-1", date(2000, 1, 1), CHANGE)
     # overrides keep the history as charged
     rows, changes = reprice_history([before], catalog, CHANGE, overridden=frozenset({("acme", "house-1")}))
     assert rows[0]["cost_nanos"] == before["cost_nanos"] and changes == []
