@@ -12,8 +12,8 @@ Bounds, so one tenant cannot stall the others:
   other, so chunks of different tenants interleave in the pool's queue;
 - every chunk carries the request's deadline (``insights.forecast_timeout_s``); the worker checks
   it between series and the request answers 503. A worker silent a grace period past the
-  deadline is killed with its pool (``Pool.terminate``), the jobs that were queued fail with 503
-  (retry), and a new pool starts.
+  deadline is killed with its pool (``Pool.terminate``), the chunks queued behind it fail at once
+  with 503 (retry), and a new pool starts.
 
 Results are cached per (tenant, job): the job holds the history itself, so new data makes a new
 key and the cache never answers with a forecast of old data.
@@ -72,6 +72,9 @@ class ForecastRunner:
         self._in_flight: dict[str, int] = {}
         self._jobs = 0
         self._cache: OrderedDict[str, list[SeriesForecast]] = OrderedDict()
+        #: submitted chunks not yet answered: a pool restart fails them at once instead of leaving
+        #: them to wait out their deadlines
+        self._pending: set[asyncio.Future] = set()
         self.warm_seconds: float | None = None
 
     # -- the pool ----------------------------------------------------------------------------
@@ -101,6 +104,9 @@ class ForecastRunner:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.terminate()
+        for future in list(self._pending):
+            error = ForecastUnavailable("the forecast workers were restarted; retry")
+            future.get_loop().call_soon_threadsafe(lambda f=future, e=error: f.done() or f.set_exception(e))
 
     def close(self) -> None:
         self._restart()
@@ -165,8 +171,9 @@ class ForecastRunner:
         pool = await asyncio.to_thread(self._get_pool)
         pool.apply_async(run_job, (job, deadline), callback=done, error_callback=failed)
         timeout = max(0.0, deadline - time.time()) + KILL_GRACE_S
+        self._pending.add(future)
         try:
-            return await asyncio.wait_for(future, timeout)
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
         except ForecastTimeout as exc:
             raise ForecastUnavailable(
                 f"the forecast took longer than {self.settings.forecast_timeout_s:g} s ({exc}); "
@@ -174,5 +181,8 @@ class ForecastRunner:
             ) from None
         except TimeoutError:
             log.warning("forecast worker silent past its deadline: restarting the pool")
+            self._pending.discard(future)
             await asyncio.to_thread(self._restart)
             raise ForecastUnavailable("the forecast workers were restarted; retry") from None
+        finally:
+            self._pending.discard(future)

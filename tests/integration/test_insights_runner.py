@@ -59,3 +59,16 @@ def test_one_forecast_per_tenant_and_a_deadline(runner):
     # the worker is usable afterwards
     results, _ = asyncio.run(runner.forecast("busy", job(1, days=30, horizon=7)))
     assert len(results) == 1
+
+
+def test_a_pool_restart_fails_the_queued_chunks_at_once():
+    runner = ForecastRunner(InsightsSettings(forecast_warm_up=False))
+
+    async def main():
+        queued = asyncio.get_running_loop().create_future()
+        runner._pending.add(queued)
+        await asyncio.to_thread(runner._restart)
+        with pytest.raises(ForecastUnavailable):
+            await asyncio.wait_for(queued, 2)
+
+    asyncio.run(main())
