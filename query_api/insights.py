@@ -16,7 +16,8 @@ Bounds, so one tenant cannot stall the others:
   with 503 (retry), and a new pool starts.
 
 Results are cached per (tenant, job): the job holds the history itself, so new data makes a new
-key and the cache never answers with a forecast of old data.
+key and the cache never answers with a forecast of old data. The cache holds at most
+``insights.forecast_cache_entries`` answers and :data:`CACHE_MAX_SERIES` series in all.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from spendstream.settings import InsightsSettings
 log = logging.getLogger(__name__)
 
 CHUNK_SERIES = 25
+#: the cache's bound in series (a series' forecast is ≈ 10 KB with a 30-day horizon): ≈ 200 MB at most
+CACHE_MAX_SERIES = 20_000
 KILL_GRACE_S = 5.0
 
 
@@ -72,6 +75,7 @@ class ForecastRunner:
         self._in_flight: dict[str, int] = {}
         self._jobs = 0
         self._cache: OrderedDict[str, list[SeriesForecast]] = OrderedDict()
+        self._cached_series = 0
         #: submitted chunks not yet answered: a pool restart fails them at once instead of leaving
         #: them to wait out their deadlines
         self._pending: set[asyncio.Future] = set()
@@ -125,10 +129,14 @@ class ForecastRunner:
     def _store(self, key: str, value: list[SeriesForecast]) -> None:
         if self.settings.forecast_cache_entries <= 0:
             return
+        if len(value) > CACHE_MAX_SERIES:
+            return
         self._cache[key] = value
         self._cache.move_to_end(key)
-        while len(self._cache) > self.settings.forecast_cache_entries:
-            self._cache.popitem(last=False)
+        self._cached_series += len(value)
+        while len(self._cache) > self.settings.forecast_cache_entries or self._cached_series > CACHE_MAX_SERIES:
+            _, dropped = self._cache.popitem(last=False)
+            self._cached_series -= len(dropped)
 
     # -- running -----------------------------------------------------------------------------
     async def forecast(self, tenant: str, job: ForecastJob) -> tuple[list[SeriesForecast], bool]:

@@ -72,3 +72,17 @@ def test_a_pool_restart_fails_the_queued_chunks_at_once():
             await asyncio.wait_for(queued, 2)
 
     asyncio.run(main())
+
+
+def test_the_cache_is_bounded_in_answers_and_series(monkeypatch):
+    import query_api.insights as insights
+
+    monkeypatch.setattr(insights, "CACHE_MAX_SERIES", 10)
+    runner = ForecastRunner(InsightsSettings(forecast_warm_up=False, forecast_cache_entries=3))
+    for i in range(5):
+        runner._store(f"k{i}", [None] * 2)
+    assert list(runner._cache) == ["k2", "k3", "k4"]  # entries: the oldest go first
+    runner._store("big", [None] * 8)
+    assert list(runner._cache) == ["k4", "big"] and runner._cached_series == 10  # series
+    runner._store("huge", [None] * 11)  # never cached
+    assert "huge" not in runner._cache
