@@ -440,3 +440,16 @@ def test_focus_export(api):
         assert end - start == timedelta(days=1) and start.hour == 0
         assert json.loads(r["Tags"])["spendstream/agent"] == r["ResourceId"]
         assert (r["ProviderName"], r["ServiceName"], r["ConsumedUnit"]) == ("openai", r["ServiceName"], "Tokens")
+
+
+def test_forecast_days_and_month_are_the_time_zones(api):
+    from zoneinfo import ZoneInfo
+
+    zone = "Pacific/Kiritimati"  # UTC+14: its today is often not UTC's
+    body = api["reader"].get("/v1/forecast", params={"agent": "weekly-agent", "horizon": 3, "tz": zone}).json()
+    local_today = datetime.now(ZoneInfo(zone)).date()
+    assert body["tz"] == zone and body["today"] == local_today.isoformat()
+    assert body["series"][0]["date"] == local_today.isoformat()
+    assert body["month_end"]["month"] == f"{local_today:%Y-%m}"
+    # the local days hold the same events: the history's total is the agent's (its spend began 60 UTC days ago)
+    assert body["history_days"] in (60, 61)
