@@ -86,3 +86,16 @@ def test_the_cache_is_bounded_in_answers_and_series(monkeypatch):
     assert list(runner._cache) == ["k4", "big"] and runner._cached_series == 10  # series
     runner._store("huge", [None] * 11)  # never cached
     assert "huge" not in runner._cache
+
+
+def test_background_warm_up_starts_the_workers():
+    runner = ForecastRunner(InsightsSettings())
+    try:
+        runner.start_background()
+        deadline = time.monotonic() + 60
+        while runner.warm_seconds is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert runner.warm_seconds is not None and runner._pool is not None
+        print(f"forecast worker spawned and warm in {runner.warm_seconds:.2f} s")
+    finally:
+        runner.close()
