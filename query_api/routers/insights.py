@@ -43,7 +43,6 @@ from spendstream.pricing.catalog import Catalog, CatalogModel
 
 router = APIRouter(tags=["insights"])
 
-FORECAST_BY = ("project", "agent", "model", "provider", "user")
 MAX_LEVELS = 4
 HISTORY_MEASURES = ("calls", "cost_nanos", *TOKEN_COLUMNS)
 
@@ -128,41 +127,38 @@ async def forecast(
     first = today - timedelta(days=insights.forecast_fit_days)
     month_start = today.replace(day=1)
     start = min(first, month_start)
-    filters = scope_filters(tz=tz, dims=dims, tags=tag, first=start, last=yesterday) if start < today else None
+    # forecast_fit_days >= 14: the history holds at least one day
+    filters = scope_filters(tz=tz, dims=dims, tags=tag, first=start, last=yesterday)
     month_remaining = calendar.monthrange(today.year, today.month)[1] - today.day + 1
 
     days = (today - start).days
     keys: list[str | None] = [None]
-    daily: dict[str | None, list[int]] = {}
     repriced: list = []
-    if filters is not None:
-        group = GroupBy(dimension=by) if by else None
-        if by:
-            top, _ = await run_usage(
-                ch, UsageQuery(filters, group=group, measures=("cost_nanos", "calls")),
-                principal.tenant, order_by="cost_nanos DESC, group_key ASC", limit=limit,
-            )  # fmt: skip
-            keys = [r["group_key"] for r in top]
-            if keys:
-                filters = _with_dimension(filters, by, keys)
-        daily = {k: [0] * days for k in keys}
-
-        def add(rows: list[dict[str, Any]], field: str, sign: int = 1) -> None:
-            for r in rows:
-                index = (datetime.fromtimestamp(int(r["bucket_start"]), probe.tz).date() - start).days
-                key = r.get("group_key") if by else None
-                if key in daily and 0 <= index < days:
-                    daily[key][index] += sign * int(r[field])
-
+    group = GroupBy(dimension=by) if by else None
+    if by:
+        top, _ = await run_usage(
+            ch, UsageQuery(filters, group=group, measures=("cost_nanos", "calls")),
+            principal.tenant, order_by="cost_nanos DESC, group_key ASC", limit=limit,
+        )  # fmt: skip
+        keys = [r["group_key"] for r in top]
         if keys:
-            # the cost per day (and group), then corrections for the models whose price changed
-            costs, _ = await run_usage(
-                ch, UsageQuery(filters, group=group, granularity="day", measures=("cost_nanos",)), principal.tenant
-            )
-            add(costs, "cost_nanos")
-            repriced = await _reprice(ch, catalog, filters, group, principal.tenant, start, today, add)
-    else:
-        daily = {None: [0] * days}
+            filters = _with_dimension(filters, by, keys)
+    daily = {k: [0] * days for k in keys}
+
+    def add(rows: list[dict[str, Any]], field: str, sign: int = 1) -> None:
+        for r in rows:
+            index = (datetime.fromtimestamp(int(r["bucket_start"]), probe.tz).date() - start).days
+            key = r.get("group_key") if by else None
+            if key in daily and 0 <= index < days:
+                daily[key][index] += sign * int(r[field])
+
+    if keys:
+        # the cost per day (and group), then corrections for the models whose price changed
+        costs, _ = await run_usage(
+            ch, UsageQuery(filters, group=group, granularity="day", measures=("cost_nanos",)), principal.tenant
+        )
+        add(costs, "cost_nanos")
+        repriced = await _reprice(ch, catalog, filters, group, principal.tenant, start, today, add)
     month_offset = (month_start - start).days
     job = ForecastJob(
         series=tuple(SeriesInput(k, tuple(v[(first - start).days :]), sum(v[month_offset:])) for k, v in daily.items()),
@@ -203,7 +199,7 @@ async def forecast(
                     "delta_usd": usd(c.delta_nanos),
                 }
                 for c in repriced
-            ],  # fmt: skip
+            ],
         },
         "cached": cached,
     }
