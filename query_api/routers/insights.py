@@ -244,6 +244,8 @@ async def _reprice(ch, catalog: Catalog, filters: Filters, group, tenant: str, s
 
 
 # -- recommendations and cost comparison: the last 30 days of events, re-priced exactly -------------
+#: the scans of 30 days of raw events stop here (a ClickHouse error answer, not a stalled server)
+SCAN_LIMITS = {"max_execution_time": 60}
 MAX_SOURCE_MODELS = 50
 MAX_COMPARED_MODELS = 60
 MAX_USAGE_GROUPS = 1000
@@ -263,7 +265,7 @@ def scope_dims(project, agent, user, provider, model) -> dict[str, list[str] | N
 async def _check_size(ch: CH, filters: Filters, tenant: str, max_events: int) -> int:
     params = Params()
     sql = f"SELECT count() AS n FROM usage_events WHERE {' AND '.join(scope_conditions(filters, tenant, params))}"
-    n = int((await ch.query(sql, parameters=params.values)).first_row[0])
+    n = int((await ch.query(sql, parameters=params.values, settings=SCAN_LIMITS)).first_row[0])
     if n > max_events:
         raise InvalidField(
             "agent", f"{n} events in the last {WINDOW_DAYS} days; at most {max_events}: narrow with agent= or project="
@@ -274,12 +276,16 @@ async def _check_size(ch: CH, filters: Filters, tenant: str, max_events: int) ->
 async def recommendation_items(ch: CH, catalog: Catalog, filters: Filters, tenant: str, max_events: int) -> list:
     await _check_size(ch, filters, tenant, max_events)
     params = Params()
-    result = await ch.query(usage_summary_sql(filters, tenant, params, MAX_USAGE_GROUPS), parameters=params.values)
+    result = await ch.query(
+        usage_summary_sql(filters, tenant, params, MAX_USAGE_GROUPS), parameters=params.values, settings=SCAN_LIMITS
+    )
     rows = list(result.named_results())
     params = Params()
     hours = {
         (r["agent"], r["project"], r["provider"], r["model"]): tuple(r["hourly_calls"])
-        for r in (await ch.query(hourly_calls_sql(filters, tenant, params), parameters=params.values)).named_results()
+        for r in (
+            await ch.query(hourly_calls_sql(filters, tenant, params), parameters=params.values, settings=SCAN_LIMITS)
+        ).named_results()
     }
     # exact re-pricings, one scan: per source model its substitute's cost and its near-tier costs
     costs: dict[str, str] = {}
@@ -309,7 +315,7 @@ async def recommendation_items(ch: CH, catalog: Catalog, filters: Filters, tenan
     repriced: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     if costs:
         sql = repriced_sql(filters, tenant, params, ["agent", "project", "provider", "model"], costs)
-        for r in (await ch.query(sql, parameters=params.values)).named_results():
+        for r in (await ch.query(sql, parameters=params.values, settings=SCAN_LIMITS)).named_results():
             repriced[(r["agent"], r["project"], r["provider"], r["model"])] = r
     usages = []
     for r in rows:
@@ -434,7 +440,7 @@ async def cost_comparison(
         + " AND ".join(scope_conditions(filters, principal.tenant, params))
         + " GROUP BY provider, model ORDER BY cost_total DESC, provider, model"
     )
-    current = list((await ch.query(current_sql, parameters=params.values)).named_results())
+    current = list((await ch.query(current_sql, parameters=params.values, settings=SCAN_LIMITS)).named_results())
     p99 = max((int(r["p99_input_tokens"]) for r in current), default=0)
     providers = list(dict.fromkeys(r["provider"] for r in current))
     if models is not None:
@@ -450,7 +456,7 @@ async def cost_comparison(
         params = Params()
         costs = {f"t{i}": price_sql(m.schedule) for i, m in enumerate(targets)}
         sql = repriced_sql(filters, principal.tenant, params, [], costs)
-        totals = (await ch.query(sql, parameters=params.values)).first_item
+        totals = (await ch.query(sql, parameters=params.values, settings=SCAN_LIMITS)).first_item
     current_total = sum(int(r["cost_total"]) for r in current)
     current_view = [
         {"provider": r["provider"], "model": r["model"], "cost_usd": usd(int(r["cost_total"])), "calls": int(r["calls"]),
