@@ -22,6 +22,7 @@ import query_api.routers.project_mappings
 from query_api.errors import install_error_handlers
 from query_api.guard import RequestGuard
 from query_api.identity import Identity
+from query_api.insights import ForecastRunner
 from query_api.metrics import ApiMetrics, MetricsMiddleware
 from query_api.routers import (
     alerts,
@@ -30,6 +31,7 @@ from query_api.routers import (
     budgets,
     export,
     health,
+    insights,
     keys,
     orgs,
     pricing,
@@ -60,8 +62,9 @@ ROUTERS = (
     alerts,
     auth,
     orgs,
+    query_api.routers.project_mappings,
+    insights,
 )
-ROUTERS += (query_api.routers.project_mappings,)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -81,9 +84,13 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.keys.start(),
             Identity.start(settings, lambda: app.state.ch, app.state.metrics),
         )
+        app.state.forecasts = ForecastRunner(settings.insights)
+        if settings.insights.forecast_warm_up:
+            app.state.forecasts.start_background()
         try:
             yield
         finally:
+            await asyncio.to_thread(app.state.forecasts.close)
             await app.state.identity.close()
             await app.state.keys.close()
             await app.state.ch.close()

@@ -99,6 +99,8 @@ class UsageQuery:
     #: False answers everything from usage_events (the benchmark's baseline)
     use_aggregates: bool = True
     measures: tuple[str, ...] = CORE_MEASURES
+    #: dimensions grouped by as well, each a column of its own name (forecasts re-price per model)
+    split_by: tuple[str, ...] = ()
 
 
 def _tag_keys(q: UsageQuery) -> set[str]:
@@ -115,6 +117,7 @@ def eligible_sources(q: UsageQuery) -> dict[int, Source]:
     needed = set(q.filters.dimension_names())
     if q.group and q.group.dimension:
         needed.add(q.group.dimension)
+    needed.update(q.split_by)
     tag_keys = _tag_keys(q)
     # one tag key with at most one value filter: the tag table has one row per (key, value)
     single_tag = len(tag_keys) == 1 and len(q.filters.tags) <= 1
@@ -180,6 +183,7 @@ def _source_select(
         else:
             conds.append(f"mapContains(tags, {k})")
             keys.append(f"tags[{k}] AS group_key")
+    keys += [f"`{d}` AS {d}" for d in q.split_by]
     measures = [f"{MEASURES[m][0] if src.grain else MEASURES[m][1]} AS {m}" for m in q.measures]
     sql = f"SELECT {', '.join(keys + measures)} FROM {src.table} WHERE {' AND '.join(conds)}"
     if keys:
@@ -200,7 +204,7 @@ def build_usage_query(q: UsageQuery, tenant: str, *, order_by: str | None = None
     params = Params()
     parts = [_source_select(q, src, ranges, tenant, params) for src, ranges in by_source.items()]
     tables = [src.table for src in by_source]
-    keys = (["bucket_start"] if q.granularity else []) + (["group_key"] if q.group else [])
+    keys = (["bucket_start"] if q.granularity else []) + (["group_key"] if q.group else []) + list(q.split_by)
     outer = ", ".join(keys + [f"sum({m}) AS {m}" for m in q.measures])
     sql = f"SELECT {outer} FROM ({' UNION ALL '.join(parts)})"
     if keys:

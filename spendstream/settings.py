@@ -356,6 +356,34 @@ class ProxySettings(BaseModel):
     )
 
 
+class InsightsSettings(BaseModel):
+    """Forecasts, recommendations and cost comparison (query API; docs/insights.md)."""
+
+    forecast_workers: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="worker processes fitting forecasts (each ≈ 150 MB; fits never run on the event loop)",
+    )
+    forecast_timeout_s: float = Field(
+        60.0, gt=0, description="a forecast request answers 503 after this; its worker stops at the next series"
+    )
+    forecast_max_groups: int = Field(1000, ge=1, description="the largest `limit` of a forecast with `by=`")
+    forecast_full_groups: int = Field(
+        50,
+        ge=0,
+        description="with `by=`, groups past the most expensive this many get the quick fit (OptimizedTheta/SeasonalNaive)",
+    )
+    forecast_fit_days: int = Field(
+        120, ge=14, le=400, description="days of history a model is fitted on (older days are not read)"
+    )
+    forecast_cache_entries: int = Field(256, ge=0, description="forecasts kept per query-API process (LRU)")
+    forecast_warm_up: bool = Field(True, description="start the workers and fit once at start-up, in the background")
+    max_events: int = Field(
+        5_000_000, ge=1, description="recommendations and cost comparison: refuse scopes with more events in 30 days"
+    )
+
+
 #: Renamed settings still accepted under their old name (see the module docstring): old path ->
 #: new path. Applied once, by ``Settings._renamed_settings``, to env variables and keywords alike.
 RENAMED_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
@@ -486,6 +514,7 @@ class Settings(BaseSettings):
     otel: OtelSettings = OtelSettings()
     identity: IdentitySettings = IdentitySettings()
     proxy: ProxySettings = ProxySettings()
+    insights: InsightsSettings = InsightsSettings()
 
     @model_validator(mode="before")
     @classmethod

@@ -129,6 +129,8 @@ def make_settings(
             "query_api": {"port": free_port()},
             # a stack started from these settings listens on web_port + i, one port per stage
             "processors": {"web_port": free_port_run(len(STAGES))},
+            # test servers start no forecast worker until a test asks for a forecast (≈ 2.6 s of CPU each)
+            "insights": {"forecast_warm_up": False},
         }
         return Settings(**_deep_merge(base, overrides))
 

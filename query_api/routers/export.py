@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 from query_api.deps import CH, Reader
 from query_api.errors import QueryFailed, clickhouse_message
 from query_api.filters import Filters, Params
+from query_api.insights_sql import focus_sql
 from query_api.routers.analytics import FiltersDep, breakdown_order, events_select
 from query_api.usage_sql import COST_COLUMNS, MEASURES, TOKEN_COLUMNS, GroupBy, UsageQuery, build_usage_query
 
@@ -95,6 +96,19 @@ def breakdown_export_sql(
     return sql, built.params, ["key" if n == key else n for n in names]
 
 
+def focus_export_sql(filters: Filters, tenant: str) -> tuple[str, dict[str, Any]]:
+    q = UsageQuery(
+        filters, granularity="day", split_by=("project", "agent", "provider", "model"),
+        measures=("calls", "cost_nanos", "input_tokens", "output_tokens"),
+    )  # fmt: skip
+    built = build_usage_query(q, tenant)
+    params = Params(dict(built.params))
+    sql = focus_sql(
+        built.sql, params.add(filters.tz.key, "String", "focus_tz"), params.add(tenant, "String", "account")
+    )
+    return sql, params.values
+
+
 def _csv_header(names: list[str]) -> bytes:
     return (",".join('"' + n.replace('"', '""') + '"' for n in names) + "\n").encode()
 
@@ -129,7 +143,7 @@ async def _with_prefix(prefix: bytes, chunks: AsyncIterator[bytes]) -> AsyncIter
 
 @router.get(
     "/export",
-    summary="Download raw events or a breakdown (csv, json, ndjson, parquet), streamed",
+    summary="Download raw events or a breakdown (csv, json, ndjson, parquet), or FinOps FOCUS rows (focus), streamed",
     response_class=StreamingResponse,
     responses={200: {"content": {m: {} for _, m, _ in FORMATS.values()}}},
 )
@@ -137,14 +151,17 @@ async def export(
     principal: Reader,
     ch: CH,
     filters: FiltersDep,
-    format: Literal["csv", "json", "ndjson", "parquet"] = "csv",
+    format: Literal["csv", "json", "ndjson", "parquet", "focus"] = "csv",
     data: Annotated[Literal["events", "breakdown"], Query(description="raw events, or the breakdown `by`")] = "events",
     by: Annotated[str, Query(description="breakdown key: project|agent|user|provider|model|tag:<key>")] = "agent",
     order: Annotated[str, Query(description="breakdown order, as /breakdown")] = "-cost",
     limit: Annotated[int | None, Query(ge=1, description="breakdown rows (default all)")] = None,
 ) -> StreamingResponse:
-    ch_format, media_type, ext = FORMATS[format]
-    if data == "events":
+    ch_format, media_type, ext = FORMATS.get(format, ("CSVWithNames", "text/csv; charset=utf-8", "csv"))
+    if format == "focus":  # FinOps FOCUS columns, per day, project, agent, provider and model (docs/insights.md)
+        sql, parameters = focus_export_sql(filters, principal.tenant)
+        data = "focus"
+    elif data == "events":
         params = Params()
         sql, names = events_export_sql(filters, principal.tenant, params)
         parameters: dict[str, Any] = params.values
@@ -163,7 +180,7 @@ async def export(
     elif format == "csv":
         body = _with_prefix(_csv_header(names), body)
     stamp = f"{filters.start:%Y%m%dT%H%M%SZ}-{filters.end:%Y%m%dT%H%M%SZ}"
-    label = data if data == "events" else "breakdown-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", by)
+    label = data if data in ("events", "focus") else "breakdown-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", by)
     filename = f"spendstream-{label}-{stamp}.{ext}"
     return StreamingResponse(
         body, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{filename}"'}

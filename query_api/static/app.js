@@ -11,7 +11,7 @@ const KEY_STORAGE = "spendstream.apiKey";
 const REFRESH_STORAGE = "spendstream.refreshToken";
 const ORG_STORAGE = "spendstream.org";
 const RANGES = { "1h": 3600e3, "24h": 86400e3, "7d": 7 * 86400e3, "30d": 30 * 86400e3, "90d": 90 * 86400e3 };
-const { columnChart, barList, burnBar, formatUsd } = window.SpendCharts;
+const { columnChart, barList, burnBar, bandChart, formatUsd } = window.SpendCharts;
 
 const $ = (sel) => document.querySelector(sel);
 const form = $("#filters");
@@ -345,6 +345,67 @@ async function showAlerts() {
   panel.hidden = alerts.length === 0;
 }
 
+// The forecast of the filtered scope (project, agent, model; the range does not apply: a forecast
+// reads its own history). Busy or timed-out forecasts keep the last chart and say so.
+async function showForecast(params) {
+  const panel = $("#forecast-panel");
+  let f;
+  try {
+    f = await api("/v1/forecast", { horizon: 30, tz: params.tz, project: params.project, agent: params.agent, model: params.model });
+  } catch (err) {
+    if (err.status === 404) { panel.hidden = true; return; }
+    if (err.status === 429 || err.status === 503) { $("#forecast-note").textContent = `(${err.message})`; return; }
+    throw err;
+  }
+  const points = f.series.map((d) => ({
+    label: d.date.slice(5), point: Number(d.point_usd), lo80: Number(d.lo_80_usd), hi80: Number(d.hi_80_usd),
+    lo95: Number(d.lo_95_usd), hi95: Number(d.hi_95_usd),
+    title: `${d.date}\n${d.point_usd} USD (80 %: ${d.lo_80_usd}–${d.hi_80_usd}, 95 %: ${d.lo_95_usd}–${d.hi_95_usd})`,
+  }));
+  panel.hidden = false; // shown first: a hidden panel has no width to draw into
+  bandChart($("#forecast-chart"), points, { format: formatUsd });
+  $("#forecast-note").textContent = `${f.method}, ${f.history_days} days of history, bands 80 % and 95 %`;
+  const me = f.month_end;
+  $("#month-name").textContent = me.month;
+  const point = $("#month-end-point");
+  point.textContent = formatUsd(Number(me.point_usd));
+  point.title = `${me.point_usd} USD`;
+  $("#month-end-band").textContent = `(80 %: ${formatUsd(Number(me.lo_80_usd))}–${formatUsd(Number(me.hi_80_usd))})`;
+  const total = $("#forecast-total");
+  total.textContent = formatUsd(Number(f.total.point_usd));
+  total.title = `${f.total.point_usd} USD`;
+}
+
+async function showRecommendations(params) {
+  const panel = $("#recommendations-panel");
+  let listing;
+  try {
+    listing = await api("/v1/recommendations", { project: params.project, agent: params.agent, model: params.model, limit: 20 });
+  } catch (err) {
+    if (err.status === 404) { panel.hidden = true; return; }
+    throw err;
+  }
+  const items = listing.recommendations;
+  const body = $("#recommendations tbody");
+  body.replaceChildren(...items.map((r) => {
+    const tr = document.createElement("tr");
+    const cells = [[r.priority, `priority-${r.priority}`], [r.type.replaceAll("_", " ")], [r.agent], [r.title],
+      [formatUsd(Number(r.estimated_savings_monthly)), "num", `${r.estimated_savings_monthly} USD`]];
+    for (const [value, cls, title] of cells) {
+      const td = document.createElement("td");
+      td.textContent = value;
+      if (cls) td.className = cls;
+      if (title) td.title = title;
+      tr.append(td);
+    }
+    tr.title = r.description;
+    return tr;
+  }));
+  const total = items.reduce((sum, r) => sum + Number(r.estimated_savings_monthly), 0);
+  $("#savings-total").textContent = items.length ? `up to ${formatUsd(total)} a month` : "nothing to change";
+  panel.hidden = false;
+}
+
 function showUnpriced(models) {
   const body = $("#unpriced tbody");
   body.replaceChildren(...models.map((m) => {
@@ -388,7 +449,7 @@ async function refresh() {
     if (!params.project) fillOptions(form.elements.project, projects.groups.map((g) => g.key));
     if (!params.agent) fillOptions(form.elements.agent, agents.groups.map((g) => g.key));
     if (!params.model) fillOptions(form.elements.model, models.groups.map((g) => g.key));
-    await Promise.all([showBudgets(), showAlerts()]);
+    await Promise.all([showBudgets(), showAlerts(), showForecast(params), showRecommendations(params)]);
     document.body.dataset.loaded = String(mine);
     setStatus(`Updated ${new Date().toLocaleTimeString()}`);
   } catch (err) {

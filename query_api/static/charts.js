@@ -120,5 +120,41 @@ function burnBar(percent, thresholds) {
   return track;
 }
 
-window.SpendCharts = { columnChart, barList, burnBar, formatUsd };
+// A forecast: the 95 % and 80 % bands as areas, the point forecast as a line with a dot per day.
+// points: [{label, title, point, lo80, hi80, lo95, hi95}] (numbers, USD).
+function bandChart(container, points, options) {
+  const width = Math.max(container.clientWidth || 0, 320);
+  const height = options.height || 220;
+  const pad = { left: 64, right: 12, top: 12, bottom: 36 };
+  const innerW = width - pad.left - pad.right;
+  const innerH = height - pad.top - pad.bottom;
+  const max = niceMax(Math.max(0, ...points.map((p) => p.hi95)));
+  const svg = svgEl("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img", class: "band-chart" });
+  for (let i = 0; i <= 4; i++) {
+    const y = pad.top + innerH - (innerH * i) / 4;
+    svg.append(svgEl("line", { x1: pad.left, x2: width - pad.right, y1: y, y2: y, class: "grid" }));
+    svg.append(svgEl("text", { x: pad.left - 6, y: y + 4, class: "axis", "text-anchor": "end" }, options.format((max * i) / 4)));
+  }
+  const step = innerW / Math.max(points.length - 1, 1);
+  const x = (i) => pad.left + i * step;
+  const y = (v) => pad.top + innerH - (max > 0 ? (innerH * v) / max : 0);
+  const area = (lo, hi) => points.map((p, i) => `${x(i)},${y(p[hi])}`).concat(
+    points.map((p, i) => `${x(i)},${y(p[lo])}`).reverse()).join(" ");
+  svg.append(svgEl("polygon", { points: area("lo95", "hi95"), class: "band95" }));
+  svg.append(svgEl("polygon", { points: area("lo80", "hi80"), class: "band80" }));
+  svg.append(svgEl("polyline", { points: points.map((p, i) => `${x(i)},${y(p.point)}`).join(" "), class: "point-line" }));
+  const labelEvery = Math.ceil(points.length / Math.max(1, Math.floor(innerW / 70)));
+  points.forEach((p, i) => {
+    const dot = svgEl("circle", { cx: x(i), cy: y(p.point), r: 2.5, class: "point", "data-value": p.point });
+    dot.append(svgEl("title", {}, p.title));
+    svg.append(dot);
+    if (i % labelEvery === 0) {
+      svg.append(svgEl("text", { x: x(i), y: height - pad.bottom + 16, class: "axis", "text-anchor": "middle" }, p.label));
+    }
+  });
+  container.replaceChildren(svg);
+  return svg;
+}
+
+window.SpendCharts = { columnChart, barList, burnBar, bandChart, formatUsd };
 })();
