@@ -59,6 +59,7 @@ RAW_TABLE = "usage_events"
 #: api_keys and webhooks hold secrets or their hashes and have none.
 NON_AGGREGATE_TENANT_VIEWS: tuple[str, ...] = (
     RAW_TABLE, "projects", "budgets", "price_overrides", "budget_alerts", "alert_deliveries",
+    "anomaly_settings",
 )  # fmt: skip
 
 

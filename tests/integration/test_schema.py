@@ -30,7 +30,7 @@ SNAPSHOT = REPO_ROOT / "tests" / "fixtures" / "clickhouse_schema_snapshot.sql"
 SECRET_TABLES = {"api_keys", "webhooks"}  # no tenant view: they hold secrets or their hashes
 PUBLIC_TABLES = {
     "usage_events", "projects", "budgets", "price_overrides", "budget_alerts", "alert_deliveries",
-    *SECRET_TABLES, *(a.table for a in AGGREGATES),
+    "anomaly_settings", *SECRET_TABLES, *(a.table for a in AGGREGATES),
 }  # fmt: skip
 COST_COLUMNS = ["cost_nanos"] + [f"cost_{c}_nanos" for c in COST_CLASSES]
 # measure name -> how usage_events computes it (stated here independently of the registry and the
