@@ -162,8 +162,9 @@ def _summary(alert: Alert) -> str:
         ratio = a.get("ratio")
         times = f"{ratio}x" if ratio is not None else "far above"
         return (
-            f"Spend anomaly in {_scope_text(f.get('scope'))}: {human_usd(f.get('spent_usd'))} USD in 10 minutes, "
-            f"{times} the usual {limit} USD ({a.get('spike_type', '?')} spike)"
+            f"Spend anomaly in {_scope_text(f.get('scope'))}: spending {times} the usual since "
+            f"{a.get('episode_start')} ({a.get('spike_type', '?')} spike); {human_usd(f.get('spent_usd'))} USD in "
+            f"10 minutes, usually {limit} USD"
         )
     if alert.kind == "forecast":
         return (
@@ -218,8 +219,10 @@ def _anomaly_lines(alert: Alert) -> list[str]:
     return [
         f"Scope: {_scope_text(f.get('scope'))}",
         f"Window: {f.get('window_start')} .. {f.get('window_end')} (UTC); episode since {a.get('episode_start')}",
-        f"Spent: {human_usd(f.get('spent_usd'))} USD; usual for this hour: {human_usd(f.get('limit_usd'))} USD "
-        f"(ratio {a.get('ratio')}, score {a.get('score')})",
+        f"Spent: {human_usd(f.get('spent_usd'))} USD in the window; usual for this hour: "
+        f"{human_usd(f.get('limit_usd'))} USD (window ratio {a.get('window_ratio')}, score {a.get('score')})",
+        f"Since the episode started: {human_usd(a.get('episode_usd'))} USD, usually "
+        f"{human_usd(a.get('usual_episode_usd'))} USD: {a.get('ratio')}x",
         f"Why: {why}",
         f"Excess by model: {models or 'n/a'}",
         f"Example events: {', '.join(a.get('event_ids') or [])}  Alert: {alert.alert_id}",

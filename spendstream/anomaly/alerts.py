@@ -34,7 +34,9 @@ def scope_name(project: str, agent: str) -> str:
 
 
 def details(a: Anomaly) -> dict[str, Any]:
-    """The explanation: the window against the usual, the spike's kind (calls x N: volume,
+    """The explanation: the window against the usual, ``ratio`` = the episode's spend over its
+    usual (the runaway's rate; the 10-minute window's ``window_ratio`` is diluted by the normal
+    minutes before it), the spike's kind (calls x N: volume,
     tokens per call x N: size, cost per token x N: price_mix, over the episode's minutes), the
     excess by model and example event ids."""
     return {
@@ -44,7 +46,10 @@ def details(a: Anomaly) -> dict[str, Any]:
         "window_usd": nanos_to_usd_str(a.window_nanos),
         "usual_usd": nanos_to_usd_str(a.usual_window_nanos),
         "excess_usd": nanos_to_usd_str(a.excess_nanos),
-        "ratio": _round(a.ratio) if a.usual_window_nanos else None,
+        "window_ratio": _round(a.ratio) if a.usual_window_nanos else None,
+        "episode_usd": nanos_to_usd_str(a.episode_nanos),
+        "usual_episode_usd": nanos_to_usd_str(a.usual_episode_nanos),
+        "ratio": _round(a.episode_ratio) if a.usual_episode_nanos else None,
         "score": _round(a.score, 1),
         "minute_usd": nanos_to_usd_str(a.minute_nanos),
         "usual_minute_usd": nanos_to_usd_str(a.usual_minute_nanos),

@@ -130,6 +130,10 @@ class Anomaly:
     excess_nanos: int
     minute_nanos: int
     usual_minute_nanos: int
+    #: the episode's minutes: their spend, its usual, and the ratio (the runaway's rate, undiluted)
+    episode_nanos: int
+    usual_episode_nanos: int
+    episode_ratio: float
     spike_type: str
     calls: int
     usual_calls: float
@@ -393,6 +397,8 @@ def explain(tenant: str, project: str, agent: str, series: Series, m: int, basel
         window_nanos=window, usual_window_nanos=usual_window,
         ratio=window / usual_window if usual_window else math.inf, score=score,
         excess_nanos=window - usual_window, minute_nanos=last.cost if last else 0, usual_minute_nanos=round(usual),
+        episode_nanos=cost, usual_episode_nanos=round(usual * n),
+        episode_ratio=cost / (usual * n) if usual else math.inf,
         spike_type=spike_type, calls=calls, usual_calls=usual_calls, calls_ratio=calls_ratio,
         tokens_per_call=tpc, usual_tokens_per_call=usual_tpc, size_ratio=size_ratio,
         nanos_per_token=npt, usual_nanos_per_token=usual_npt, price_ratio=price_ratio,

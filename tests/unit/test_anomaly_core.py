@@ -109,7 +109,7 @@ def test_a_20x_runaway_alerts_once_at_once_with_a_volume_explanation() -> None:
     assert a.alert_id == anomaly_alert_id("t1", "p1", "a1", T0 + 20 * MINUTE_MS)
     assert a.spike_type == "volume" and math.isclose(a.calls_ratio, 20) and math.isclose(a.size_ratio, 1)
     assert a.window_nanos == 9 * USUAL + 20 * USUAL and a.usual_window_nanos == 10 * USUAL
-    assert math.isclose(a.ratio, 2.9)
+    assert math.isclose(a.ratio, 2.9) and math.isclose(a.episode_ratio, 20)
     assert a.models[0].model == "openai/gpt-4o" and math.isclose(a.models[0].share, 1)
     assert len(a.event_ids) == 3
     value = anomaly_alert_value(a, ("wh1",), T0 + 21 * MINUTE_MS)
