@@ -81,8 +81,9 @@ def _view(row: dict[str, Any], defaults: bool) -> dict[str, Any]:
 @router.get("", summary="The tenant's anomaly settings (the defaults until it sets its own)")
 async def get_settings(principal: Reader, ch: CH, settings: SettingsDep) -> dict:
     rows = list(
-        (await ch.query(RULES_SQL + " WHERE tenant = {tenant:String}", parameters={"tenant": principal.tenant}))
-        .named_results()
+        (
+            await ch.query(RULES_SQL + " WHERE tenant = {tenant:String}", parameters={"tenant": principal.tenant})
+        ).named_results()
     )
     if rows:
         return _view(rows[0], defaults=False)

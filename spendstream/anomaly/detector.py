@@ -379,8 +379,13 @@ def explain(tenant: str, project: str, agent: str, series: Series, m: int, basel
     models = tuple(
         sorted(
             (
-                ModelExcess(model, spent_by_model[model], round(baseline.model_cost.get(model, 0.0) * n), excess,
-                            excess / total_excess if total_excess else 0.0)  # fmt: skip
+                ModelExcess(
+                    model,
+                    spent_by_model[model],
+                    round(baseline.model_cost.get(model, 0.0) * n),
+                    excess,
+                    excess / total_excess if total_excess else 0.0,
+                )  # fmt: skip
                 for model, excess in excesses.items()
             ),
             key=lambda e: (-e.excess_nanos, e.model),

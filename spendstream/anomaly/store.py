@@ -78,8 +78,9 @@ def default_rule(settings: AnomalySettings) -> Rule:
 
 def load_rules(client: Any) -> dict[str, Rule]:
     return {
-        tenant: Rule(bool(enabled), float(score), float(ratio), int(excess), float(extreme), tuple(channels),
-                     tuple(muted))  # fmt: skip
+        tenant: Rule(
+            bool(enabled), float(score), float(ratio), int(excess), float(extreme), tuple(channels), tuple(muted)
+        )  # fmt: skip
         for tenant, enabled, score, ratio, excess, extreme, channels, muted in client.query(RULES_SQL).result_rows
     }
 

@@ -155,6 +155,9 @@ class Context:
 
 
 def register(app: faust.App, settings: Settings) -> None:
+    # the held records are acked minutes after they arrive: Faust would hold a rebalance or a
+    # shutdown until they are; the next owner replays them instead (each stage is its own process)
+    app.conf.stream_wait_empty = False
     p, a = settings.processors, settings.anomaly
     partitions = settings.kafka.partitions
     ctx = Context(settings)

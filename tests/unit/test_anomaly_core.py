@@ -281,7 +281,9 @@ def test_baselines_from_aggregate_rows_cover_projects_and_new_agents() -> None:
     rows = []
     for k in range(1, 4):  # hour of week: 3 past weeks
         for i in range(60):
-            rows.append(("t1", "p1", "old", "openai/gpt-4o", dt(T0 - k * 7 * DAY_MS + i * MINUTE_MS), USUAL, 10, 10_000))
+            rows.append(
+                ("t1", "p1", "old", "openai/gpt-4o", dt(T0 - k * 7 * DAY_MS + i * MINUTE_MS), USUAL, 10, 10_000)
+            )
     out = baselines_from_rows(first, rows, T0, AnomalySettings(), {})
     assert out[("t1", "p1", "old")].median == USUAL
     assert out[("t1", "p1", "old")].seasonality == "hour_of_week"
