@@ -14,7 +14,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from notify_support import Receiver, insert_webhook, wait_until
-from stage_support import FAST_BATCHING, StageWorker, migrate
+from stage_support import FAST_BATCHING, StageWorker, migrate, produce, read_topic
 
 from spendstream.anomaly.baseline import DAY_MS, HOUR_MS, MINUTE_MS
 from spendstream.clickhouse import get_client
@@ -23,7 +23,7 @@ from spendstream.embedded.kafka import EmbeddedKafka
 from spendstream.kafka import producer_kwargs
 from spendstream.settings import Settings
 from spendstream.timeutil import format_epoch_ms
-from spendstream.topics import USAGE_PRICED, ensure_topics
+from spendstream.topics import USAGE_DLQ, USAGE_PRICED, ensure_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -167,6 +167,8 @@ async def test_a_runaway_agent_is_reported_within_two_minutes_with_the_reason(se
         feeding = asyncio.create_task(fleet.run(stop))
         try:
             worker.wait_healthy()
+            # a record the stage cannot read goes to the DLQ with the reason; the stage goes on
+            await produce(settings, USAGE_PRICED.name, [(record_key(TENANT, PROJECT), b"not a priced envelope")])
             await asyncio.sleep(8)  # steady spend only: baselines loaded, nothing alerts
             assert anomaly_posts(receiver) == []
             fleet.runaway_since = time.time()
@@ -192,6 +194,9 @@ async def test_a_runaway_agent_is_reported_within_two_minutes_with_the_reason(se
             rows = recorded_alerts(settings)
             assert [(r["alert_id"], r["kind"]) for r in rows] == [(body["alert_id"], "anomaly")]
             assert orjson.loads(rows[0]["details"])["spike_type"] == "volume"
+            dead = await read_topic(settings, USAGE_DLQ.name, lambda rs: len(rs) >= 1, timeout=10)
+            letter = orjson.loads(dead[0].value)
+            assert letter["stage"] == "anomaly" and "cannot read for anomalies" in letter["reason"]
         finally:
             stop.set()
             await feeding

@@ -289,3 +289,34 @@ def test_baselines_from_aggregate_rows_cover_projects_and_new_agents() -> None:
     assert out[("t1", "p1", "old")].seasonality == "hour_of_week"
     assert out[("t1", "p1", "")].median == USUAL
     assert ("t1", "p1", "new") not in out  # no history for this hour yet: not scored
+
+
+def test_the_stage_reads_priced_envelopes_and_refuses_what_it_cannot_read() -> None:
+    import orjson
+    import pytest
+
+    from spendstream.timeutil import TimestampParser, format_epoch_ms
+    from stream_processors.anomaly.logic import add_record
+    from stream_processors.runtime.retry import CONTENT_ERRORS
+
+    d = Detector()
+    event = {"event_id": "e1", "timestamp": format_epoch_ms(T0), "agent": "a1", "provider": "openai",
+             "model": "gpt-4o", "input_tokens": 100, "output_tokens": 20, "cost_nanos": 5}  # fmt: skip
+    envelope = {"v": 1, "tenant": "t1", "project": "p1", "events": [event]}
+    assert add_record(d, orjson.dumps(envelope), TimestampParser()) == T0
+    bucket = d.tenants["t1"][("p1", "a1")].minutes[T0]
+    assert (bucket.cost, bucket.calls, bucket.tokens, bucket.models) == (5, 1, 120, {"openai/gpt-4o": 5})
+    assert d.tenants["t1"][("p1", "")].minutes[T0].cost == 5
+    bad = [
+        b"not json",
+        b"[]",
+        orjson.dumps({**envelope, "events": [{**event, "cost_nanos": "5"}]}),
+        orjson.dumps({**envelope, "events": [{**event, "timestamp": "yesterday"}]}),
+        orjson.dumps({**envelope, "tenant": 3}),
+        orjson.dumps({**envelope, "events": [{"event_id": "x"}]}),
+    ]
+    for value in bad:
+        with pytest.raises(CONTENT_ERRORS):
+            add_record(d, value, TimestampParser())
+    # nothing of a refused record was counted
+    assert d.tenants["t1"][("p1", "a1")].minutes[T0].calls == 1
