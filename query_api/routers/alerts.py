@@ -77,7 +77,8 @@ def _alert_view(row: dict[str, Any], deliveries: list[dict[str, Any]]) -> dict[s
         "scope": dict(row["scope"]),
         "window_start": iso_utc(row["window_start"]),
         "window_end": iso_utc(row["window_end"]),
-        "threshold": None if forecast else _decimal_text(row["threshold"]),
+        # forecasts and anomalies have no threshold (stored as 0)
+        "threshold": None if forecast or row["kind"] == "anomaly" else _decimal_text(row["threshold"]),
         "spent_usd": nanos_to_usd_str(row["spent_nanos"]),
         "limit_usd": nanos_to_usd_str(row["limit_nanos"]),
         "percent_used": _decimal_text(row["percent_used"]),

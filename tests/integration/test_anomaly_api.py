@@ -99,7 +99,7 @@ def test_anomaly_alerts_are_listed_with_their_explanation_and_restore_as_episode
     listed = api["reader"].get("/v1/alerts", params={"kind": "anomaly"}).json()["alerts"]
     assert len(listed) == 1
     a = listed[0]
-    assert a["kind"] == "anomaly" and a["alert_id"] == value["alert_id"]
+    assert a["kind"] == "anomaly" and a["alert_id"] == value["alert_id"] and a["threshold"] is None
     assert a["scope"] == {"project": "p1", "agent": "a1"}
     assert a["spent_usd"] == "0.490000000" and a["limit_usd"] == "0.100000000" and a["percent_used"] == "490"
     assert a["anomaly"]["spike_type"] == "size" and a["anomaly"]["size_ratio"] == 20.0
