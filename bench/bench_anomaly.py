@@ -2,7 +2,7 @@
 tenant, and the detector's quality on a replayed synthetic fleet.
 
     .venv/bin/python -m bench.bench_anomaly cpu [--events 200000] [--agents 200] [--write-results]
-    .venv/bin/python -m bench.bench_anomaly replay [--days 14] [--agents 200] [--write-results]
+    .venv/bin/python -m bench.bench_anomaly replay [--days 28] [--live-days 7] [--agents 200] [--write-results]
 
 ``cpu``: in this process, the stage's pure hot path (``stream_processors/anomaly/logic.add_record``
 on priced envelopes of 50 events, as usage.priced carries them, then ``Detector.close`` of each
@@ -11,7 +11,7 @@ minute closed; then a hostile tenant sending 1,000,000 distinct agent names: the
 and the peak memory of the detector (tracemalloc) stay bounded by ``max_series_per_tenant``.
 
 ``replay``: the detector and the baseline builder in simulated time, no broker: a fleet of
-``--agents`` agents over ``--days`` days with daily and weekly patterns (quiet nights and
+``--agents`` agents over ``--days`` days (the last ``--live-days`` scored live) with daily and weekly patterns (quiet nights and
 weekends), noise, agents that start mid-way, and injected spikes of several kinds (volume, size,
 price/mix) and sizes (3x..30x, 2..30 minutes). Minutes before each simulated hour are the
 history its baselines are built from (the same ``baseline.build_baseline`` the stage runs over
@@ -39,6 +39,7 @@ import orjson
 from bench.stage_bench import machine, replace_section
 from spendstream.anomaly import Detector, MinuteSample, Rule, build_baseline
 from spendstream.anomaly.baseline import DAY_MS, HOUR_MS, MINUTE_MS, sample_days
+from spendstream.settings import AnomalySettings
 from spendstream.timeutil import TimestampParser, format_epoch_ms
 from stream_processors.anomaly.logic import add_record
 
@@ -124,14 +125,14 @@ class Spike:
     detected_at: int | None = None
 
 
-def bench_replay(days: int, agents: int, seed: int = 18) -> str:
+def bench_replay(days: int, agents: int, live_days: int = 7, seed: int = 18) -> str:
     rng = random.Random(seed)
     minutes_total = days * 1440
     level = [rng.uniform(0.002, 0.05) * 1e9 for _ in range(agents)]  # USD per minute at the daily peak
     night = [rng.random() < 0.5 for _ in range(agents)]  # quiet nights
     start_day = [0 if rng.random() < 0.9 else rng.randint(1, days - 3) for _ in range(agents)]  # new agents
     spikes: list[Spike] = []
-    live_from = 7 * 1440  # a week of history first
+    live_from = (days - live_days) * 1440  # history first (hour-of-week baselines need 21 days)
     for a in range(agents):
         for _ in range(rng.randint(0, 2)):
             start = rng.randint(max(live_from, (start_day[a] + 2) * 1440), minutes_total - 60)
@@ -153,6 +154,7 @@ def bench_replay(days: int, agents: int, seed: int = 18) -> str:
     history: list[dict[int, MinuteSample]] = [{} for _ in range(agents)]
     detector = Detector()
     rule = Rule(min_excess_nanos=50_000_000)
+    min_history = AnomalySettings().min_history_minutes
     baselines: dict[tuple[int, int], object] = {}
     alerts: list[tuple[int, int]] = []  # (agent, minute)
     started = time.process_time()
@@ -195,7 +197,7 @@ def bench_replay(days: int, agents: int, seed: int = 18) -> str:
                 first = T0 + start_day[a] * DAY_MS
                 hours, seasonality = sample_days(hour, first, 28, 7)
                 baselines[key] = build_baseline(history[a], hours, seasonality, score=rule.score, ratio=rule.ratio,
-                                                min_samples=60)  # fmt: skip
+                                                min_samples=min_history)  # fmt: skip
             return baselines[key]
 
         for found in detector.close(ts, baseline_of, lambda t: rule):
@@ -209,12 +211,12 @@ def bench_replay(days: int, agents: int, seed: int = 18) -> str:
                 s.detected_at = at if s.detected_at is None else min(s.detected_at, at)
                 matched.add(i)
     false_alerts = len(alerts) - len(matched)
-    live_agent_days = sum(max(0, days - max(7, start_day[a])) for a in range(agents))
+    live_agent_days = sum(max(0, days - max(days - live_days, start_day[a])) for a in range(agents))
     delays = sorted((s.detected_at - s.start + 1) for s in big if s.detected_at is not None)
     recall = sum(1 for s in big if s.detected_at is not None) / len(big) if big else float("nan")
     p95 = delays[min(len(delays) - 1, int(0.95 * len(delays)))] if delays else float("nan")
     return (
-        f"- {agents} agents, {days} days (7 of history, {days - 7} live), {len(spikes)} spikes injected "
+        f"- {agents} agents, {days} days ({days - live_days} of history, {live_days} live), {len(spikes)} spikes injected "
         f"({len(big)} of >= 5x for >= 5 min)\n"
         f"- recall on spikes >= 5x for >= 5 min: {recall:.1%}; false alerts: "
         f"{false_alerts / max(live_agent_days, 1) * 100:.2f} per 100 agent-days ({false_alerts} in {live_agent_days} "
@@ -229,15 +231,16 @@ def main() -> None:
     parser.add_argument("mode", choices=("cpu", "replay"))
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--agents", type=int, default=200)
-    parser.add_argument("--days", type=int, default=14)
+    parser.add_argument("--days", type=int, default=28)
+    parser.add_argument("--live-days", type=int, default=7)
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args()
     if args.mode == "cpu":
         report = bench_cpu(args.events, args.agents)
         command = f"python -m bench.bench_anomaly cpu --events {args.events} --agents {args.agents}"
     else:
-        report = bench_replay(args.days, args.agents)
-        command = f"python -m bench.bench_anomaly replay --days {args.days} --agents {args.agents}"
+        report = bench_replay(args.days, args.agents, args.live_days)
+        command = f"python -m bench.bench_anomaly replay --days {args.days} --live-days {args.live_days} --agents {args.agents}"
     print(report)
     if args.write_results:
         replace_section(f"Anomaly detection ({args.mode})", f"`{command}`, {machine()}\n\n{report}")

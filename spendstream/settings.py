@@ -250,10 +250,13 @@ class AnomalySettings(BaseModel):
         28, ge=1, le=90, description="history read for the baseline: same hour of week over this many days"
     )
     short_history_days: int = Field(
-        7, ge=1, le=28, description="while a scope has under 14 days of history: same hour of day over this many days"
+        7, ge=1, le=28, description="while a scope has under 21 days of history: same hour of day over this many days"
     )
     min_history_minutes: int = Field(
-        60, ge=1, description="a scope with fewer minutes of history for the hour has no baseline (not scored)"
+        180,
+        ge=1,
+        description="a scope with fewer minutes of history for the hour (3 days by default: a new agent's "
+        "weekend is no baseline for its Monday) has no baseline and is not scored; its project is",
     )
     baseline_reload_s: float = Field(
         300.0, gt=0, description="how often the baselines and the tenants' settings are re-read from ClickHouse"

@@ -24,8 +24,9 @@ MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
 WEEK_MS = 7 * DAY_MS
-#: history a scope needs before its baseline is the same hour of the WEEK (else of the day)
-WEEKLY_HISTORY_DAYS = 14
+#: history a scope needs before its baseline is the same hour of the WEEK (else of the day): three
+#: weeks, so that it has three past hours of the week (180 samples, ``min_history_minutes``)
+WEEKLY_HISTORY_DAYS = 21
 #: MAD -> standard deviation of a normal distribution
 MAD_SCALE = 1.4826
 
@@ -71,7 +72,7 @@ def sample_days(hour_start_ms: int, first_seen_ms: int, lookback_days: int, shor
     """The starts of the past hours that are samples of the hour starting at ``hour_start_ms``,
     and the seasonality used; only hours at or after the scope's first minute count."""
     history_days = (hour_start_ms - first_seen_ms) // DAY_MS
-    if history_days >= WEEKLY_HISTORY_DAYS:
+    if history_days >= WEEKLY_HISTORY_DAYS and lookback_days // 7 >= 3:
         starts = [hour_start_ms - k * WEEK_MS for k in range(1, lookback_days // 7 + 1)]
         seasonality = "hour_of_week"
     else:

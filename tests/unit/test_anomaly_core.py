@@ -71,6 +71,8 @@ def test_steady_baseline_is_the_usual_minute() -> None:
 def test_seasonal_baseline_uses_the_same_hour_of_week_with_long_history() -> None:
     hours, seasonality = sample_days(T0, T0 - 30 * DAY_MS, 28, 7)
     assert seasonality == "hour_of_week" and hours == [T0 - k * 7 * DAY_MS for k in range(1, 5)]
+    hours, seasonality = sample_days(T0, T0 - 20 * DAY_MS, 28, 7)
+    assert seasonality == "hour_of_day" and len(hours) == 7  # under three weeks of history
     hours, seasonality = sample_days(T0, T0 - 3 * DAY_MS - HOUR_MS, 28, 7)
     assert seasonality == "hour_of_day" and len(hours) == 3  # only days the scope existed
 
@@ -277,7 +279,7 @@ def test_baselines_from_aggregate_rows_cover_projects_and_new_agents() -> None:
     def dt(ms):
         return datetime.fromtimestamp(ms / 1000, UTC)
 
-    first = [("t1", "p1", "old", dt(T0 - 20 * DAY_MS)), ("t1", "p1", "new", dt(T0 - HOUR_MS))]
+    first = [("t1", "p1", "old", dt(T0 - 25 * DAY_MS)), ("t1", "p1", "new", dt(T0 - HOUR_MS))]
     rows = []
     for k in range(1, 4):  # hour of week: 3 past weeks
         for i in range(60):
