@@ -112,10 +112,11 @@ def build_baseline(
         median = median_of(costs)
         mad = median_of([abs(c - median) for c in costs])
     n = len(samples)
-    model_cost: dict[str, float] = {}
+    model_sums: dict[str, int] = {}
     for s in kept:
         for model, cost in s.models.items():
-            model_cost[model] = model_cost.get(model, 0.0) + cost / n
+            model_sums[model] = model_sums.get(model, 0) + cost
+    model_cost = {model: total / n for model, total in model_sums.items()}
     return Baseline(
         median=median,
         mad=mad,

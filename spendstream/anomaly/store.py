@@ -3,9 +3,11 @@
 clickhouse-connect calls: the stage runs them in a worker thread.
 
 Baselines come from ``usage_minute`` (cost, calls, tokens per tenant, project, agent, model and
-minute), so a restarted stage, a new replica or a backfilled tenant has one at once: one query
-per hour of the day reads the minutes of that hour on the sample days of ``baseline.py`` for
-every tenant; each scope's first minute comes from ``usage_hourly``.
+minute), so a restarted stage, a new replica or a backfilled tenant has one at once: per hour of
+the day, two queries read the minutes of that hour on the sample days of ``baseline.py`` for every
+tenant, per agent and per project; each scope's first minute comes from ``usage_hourly``, which
+also picks the scopes: per tenant the ``max_series_per_tenant`` agents, and as many projects,
+with the most spend in the lookback (a tenant's millions of agent names cost a bounded read).
 """
 
 from __future__ import annotations
@@ -32,20 +34,42 @@ from spendstream.settings import AnomalySettings
 #: (tenant, project, agent) -> baseline; agent "" is the whole project
 Baselines = dict[tuple[str, str, str], Baseline]
 
-FIRST_SEEN_SQL = """
-SELECT tenant, project, agent, min(bucket) AS first
+#: each tenant's scopes with the most spend in the lookback, at most ``per_tenant`` of them: a
+#: tenant with millions of agent names costs this query a bounded result, and the stage bounded memory
+TOP_AGENTS_SQL = """
+SELECT tenant, project, agent, min(bucket) AS first, sum(cost_nanos) AS spent
 FROM usage_hourly
 WHERE bucket >= {since:DateTime64(3, 'UTC')} AND bucket < {hour:DateTime64(3, 'UTC')}
-GROUP BY tenant, project, agent"""
+GROUP BY tenant, project, agent
+ORDER BY tenant, spent DESC
+LIMIT {per_tenant:UInt32} BY tenant"""
 
-MINUTES_SQL = """
-SELECT tenant, project, agent, concat(provider, '/', model) AS model, bucket,
-       toInt64(sum(cost_nanos)) AS cost, sum(calls) AS calls, sum(input_tokens + output_tokens) AS tokens
-FROM usage_minute
+TOP_PROJECTS_SQL = """
+SELECT tenant, project, min(bucket) AS first, sum(cost_nanos) AS spent
+FROM usage_hourly
+WHERE bucket >= {since:DateTime64(3, 'UTC')} AND bucket < {hour:DateTime64(3, 'UTC')}
+GROUP BY tenant, project
+ORDER BY tenant, spent DESC
+LIMIT {per_tenant:UInt32} BY tenant"""
+
+_SAMPLE_MINUTES = """
 WHERE bucket >= {since:DateTime64(3, 'UTC')} AND bucket < {hour:DateTime64(3, 'UTC')}
   AND toHour(bucket) = {hour_of_day:UInt8}
-  AND (bucket >= {short_since:DateTime64(3, 'UTC')} OR toDayOfWeek(bucket) = {day_of_week:UInt8})
+  AND (bucket >= {short_since:DateTime64(3, 'UTC')} OR toDayOfWeek(bucket) = {day_of_week:UInt8})"""
+
+AGENT_MINUTES_SQL = f"""
+SELECT tenant, project, agent, concat(provider, '/', model) AS model, bucket,
+       toInt64(sum(cost_nanos)) AS cost, sum(calls) AS calls, sum(input_tokens + output_tokens) AS tokens
+FROM usage_minute{_SAMPLE_MINUTES}
+  AND (tenant, project, agent) IN (SELECT tenant, project, agent FROM ({TOP_AGENTS_SQL}))
 GROUP BY tenant, project, agent, model, bucket"""
+
+PROJECT_MINUTES_SQL = f"""
+SELECT tenant, project, '' AS agent, concat(provider, '/', model) AS model, bucket,
+       toInt64(sum(cost_nanos)) AS cost, sum(calls) AS calls, sum(input_tokens + output_tokens) AS tokens
+FROM usage_minute{_SAMPLE_MINUTES}
+  AND (tenant, project) IN (SELECT tenant, project FROM ({TOP_PROJECTS_SQL}))
+GROUP BY tenant, project, model, bucket"""
 
 RULES_SQL = """
 SELECT tenant, enabled, score_threshold, min_ratio, min_excess_nanos, extreme_ratio, channels, muted
@@ -109,16 +133,19 @@ def load_episodes(client: Any, since_ms: int) -> list[OpenEpisode]:
 
 
 def load_baselines(client: Any, hour_start_ms: int, settings: AnomalySettings, rules: dict[str, Rule]) -> Baselines:
-    """Every scope's baseline for the hour starting at ``hour_start_ms``."""
+    """Every scope's baseline for the hour starting at ``hour_start_ms`` (per tenant, the
+    ``max_series_per_tenant`` agents and as many projects with the most spend)."""
     since = hour_start_ms - settings.lookback_days * DAY_MS
     hour = _dt(hour_start_ms)
-    first_rows = client.query(FIRST_SEEN_SQL, parameters={"since": _dt(since), "hour": hour}).result_rows
     params = {
-        "since": _dt(since), "hour": hour, "hour_of_day": hour.hour,
+        "since": _dt(since), "hour": hour, "hour_of_day": hour.hour, "per_tenant": settings.max_series_per_tenant,
         "short_since": _dt(hour_start_ms - settings.short_history_days * DAY_MS), "day_of_week": hour.isoweekday(),
     }  # fmt: skip
-    minute_rows = client.query(MINUTES_SQL, parameters=params).result_rows
-    return baselines_from_rows(first_rows, minute_rows, hour_start_ms, settings, rules)
+    first = [(t, p, a, f) for t, p, a, f, _ in client.query(TOP_AGENTS_SQL, parameters=params).result_rows]
+    first += [(t, p, "", f) for t, p, f, _ in client.query(TOP_PROJECTS_SQL, parameters=params).result_rows]
+    minute_rows = client.query(AGENT_MINUTES_SQL, parameters=params).result_rows
+    minute_rows += client.query(PROJECT_MINUTES_SQL, parameters=params).result_rows
+    return baselines_from_rows(first, minute_rows, hour_start_ms, settings, rules)
 
 
 def baselines_from_rows(
@@ -128,23 +155,20 @@ def baselines_from_rows(
     settings: AnomalySettings,
     rules: dict[str, Rule],
 ) -> Baselines:
-    first: dict[tuple[str, str, str], int] = {}
-    for tenant, project, agent, t in first_rows:
-        ms = _ms(t)
-        first[(tenant, project, agent)] = ms
-        key = (tenant, project, "")
-        first[key] = min(first.get(key, ms), ms)
+    """Baselines from each scope's first minute and its minutes of the sample hours (agent ""
+    rows: the whole project)."""
+    first = {(tenant, project, agent): _ms(t) for tenant, project, agent, t in first_rows}
     minutes: dict[tuple[str, str, str], dict[int, MinuteSample]] = {}
     for tenant, project, agent, model, bucket, cost, calls, tokens in minute_rows:
         ms = _ms(bucket)
-        for key in ((tenant, project, agent), (tenant, project, "")):
-            sample = minutes.setdefault(key, {}).get(ms)
-            if sample is None:
-                sample = minutes[key][ms] = MinuteSample()
-            sample.cost += int(cost)
-            sample.calls += int(calls)
-            sample.tokens += int(tokens)
-            sample.models[model] = sample.models.get(model, 0) + int(cost)
+        key = (tenant, project, agent)
+        sample = minutes.setdefault(key, {}).get(ms)
+        if sample is None:
+            sample = minutes[key][ms] = MinuteSample()
+        sample.cost += int(cost)
+        sample.calls += int(calls)
+        sample.tokens += int(tokens)
+        sample.models[model] = sample.models.get(model, 0) + int(cost)
     defaults = default_rule(settings)
     out: Baselines = {}
     for key, first_ms in first.items():

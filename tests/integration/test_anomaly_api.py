@@ -107,3 +107,38 @@ def test_anomaly_alerts_are_listed_with_their_explanation_and_restore_as_episode
     assert a["anomaly"]["models"][0]["share"] == 1.0
     assert api["reader"].get("/v1/alerts", params={"kind": "threshold"}).json()["alerts"] == []
     assert api["reader"].get("/v1/alerts", params={"kind": "nope"}).status_code == 422
+
+
+def test_baselines_load_from_the_aggregates_with_a_bounded_number_of_scopes(api):
+    """usage_minute / usage_hourly -> baselines: per tenant only the agents (and projects) with the
+    most spend, up to max_series_per_tenant; a project's baseline sums all its agents."""
+    from datetime import UTC, datetime
+
+    from spendstream.anomaly.baseline import DAY_MS, HOUR_MS, MINUTE_MS
+    from spendstream.anomaly.store import load_baselines
+    from spendstream.settings import AnomalySettings
+
+    tenant = "tenant_baselines"
+    hour = int(time.time() * 1000) // HOUR_MS * HOUR_MS
+    cols = ["tenant", "bucket", "project", "agent", "provider", "model", "calls", "input_tokens", "cost_nanos"]
+    minutes, hourly = [], []
+    for agent, nanos in (("big", 3_000_000), ("mid", 2_000_000), ("tiny", 1_000_000)):
+        hourly.append([tenant, datetime.fromtimestamp((hour - 8 * DAY_MS) / 1000, UTC), "p", agent, "openai",
+                       "gpt-4o", 1, 1000, nanos * 60 * 24 * 8])  # fmt: skip
+        for d in range(1, 8):
+            for i in range(60):
+                bucket = datetime.fromtimestamp((hour - d * DAY_MS + i * MINUTE_MS) / 1000, UTC)
+                minutes.append([tenant, bucket, "p", agent, "openai", "gpt-4o", 2, 2000, nanos])
+    client = get_client(api["settings"])
+    try:
+        client.insert("usage_minute", minutes, column_names=cols)
+        client.insert("usage_hourly", hourly, column_names=cols)
+        baselines = load_baselines(client, hour, AnomalySettings(max_series_per_tenant=2), {})
+    finally:
+        client.close()
+    mine = {k: v for k, v in baselines.items() if k[0] == tenant}
+    assert set(mine) == {(tenant, "p", "big"), (tenant, "p", "mid"), (tenant, "p", "")}
+    assert mine[(tenant, "p", "big")].median == 3_000_000 and mine[(tenant, "p", "big")].samples == 420
+    project = mine[(tenant, "p", "")]
+    assert project.median == 6_000_000 and project.mean_calls == 6 and project.mean_tokens == 6000
+    assert project.model_cost == {"openai/gpt-4o": 6_000_000.0}

@@ -286,6 +286,8 @@ def test_baselines_from_aggregate_rows_cover_projects_and_new_agents() -> None:
             rows.append(
                 ("t1", "p1", "old", "openai/gpt-4o", dt(T0 - k * 7 * DAY_MS + i * MINUTE_MS), USUAL, 10, 10_000)
             )
+    first.append(("t1", "p1", "", dt(T0 - 25 * DAY_MS)))
+    rows += [("t1", "p1", "", *r[3:]) for r in rows]  # the project's own rows
     out = baselines_from_rows(first, rows, T0, AnomalySettings(), {})
     assert out[("t1", "p1", "old")].median == USUAL
     assert out[("t1", "p1", "old")].seasonality == "hour_of_week"
