@@ -176,6 +176,8 @@ class Detector:
         self.dropped_series = 0
         #: newest minute closed
         self.closed_ms = 0
+        #: minute not closed yet -> the scopes with spend in it (what ``peek`` looks at)
+        self._open: dict[int, set[tuple[str, tuple[str, str]]]] = {}
 
     # ----------------------------------------------------------------- input
 
@@ -195,6 +197,8 @@ class Detector:
             bucket = series.minutes.get(minute)
             if bucket is None:
                 bucket = series.minutes[minute] = Bucket()
+                if minute > self.closed_ms:
+                    self._open.setdefault(minute, set()).add((tenant, key))
             bucket.add(model, cost_nanos, tokens, event_id)
             if minute > series.last_spend_ms:
                 series.last_spend_ms = minute
@@ -237,6 +241,8 @@ class Detector:
         if minute_ms <= self.closed_ms:
             return []
         self.closed_ms = minute_ms
+        for done in [m for m in self._open if m <= minute_ms]:
+            del self._open[done]
         out: list[Anomaly] = []
         horizon = minute_ms - WINDOW_MINUTES * MINUTE_MS
         for tenant, scopes in list(self.tenants.items()):
@@ -267,15 +273,13 @@ class Detector:
         if minute_ms != self.closed_ms + MINUTE_MS:
             return []
         out: list[Anomaly] = []
-        for tenant, scopes in self.tenants.items():
-            rule = rule_of(tenant)
-            for key, series in scopes.items():
-                bucket = series.minutes.get(minute_ms)
-                if bucket is None or series.episode is not None or series.scored_ms >= minute_ms:
-                    continue
-                found = self._score(tenant, key, series, minute_ms, baseline_of, rule, open_minute=True)
-                if found is not None:
-                    out.append(found)
+        for tenant, key in self._open.get(minute_ms, ()):
+            series = self.tenants.get(tenant, {}).get(key)
+            if series is None or series.episode is not None or series.scored_ms >= minute_ms:
+                continue
+            found = self._score(tenant, key, series, minute_ms, baseline_of, rule_of(tenant), open_minute=True)
+            if found is not None:
+                out.append(found)
         return self._one_per_incident(out)
 
     def _one_per_incident(self, found: list[Anomaly]) -> list[Anomaly]:
