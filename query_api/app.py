@@ -27,6 +27,7 @@ from query_api.metrics import ApiMetrics, MetricsMiddleware
 from query_api.routers import (
     alerts,
     analytics,
+    anomaly_settings,
     auth,
     budgets,
     export,
@@ -64,6 +65,7 @@ ROUTERS = (
     orgs,
     query_api.routers.project_mappings,
     insights,
+    anomaly_settings,
 )
 
 

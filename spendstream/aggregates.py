@@ -60,6 +60,7 @@ RAW_TABLE = "usage_events"
 NON_AGGREGATE_TENANT_VIEWS: tuple[str, ...] = (
     RAW_TABLE, "projects", "budgets", "price_overrides", "budget_alerts", "alert_deliveries",
     "project_mappings",  # 0012
+    "anomaly_settings",
 )  # fmt: skip
 
 

@@ -252,7 +252,9 @@ def dlq_envelope(
 # topic ack; ReplacingMergeTree by (tenant, alert_id) collapses re-sends). `scope` there is the
 # same flat map; `top` is the JSON of the list above. notify only writes `alert_deliveries`.
 
-BUDGET_ALERT_KINDS = ("threshold", "forecast")
+#: "anomaly": a spend anomaly (the anomaly stage, spendstream/anomaly/alerts.py): the same fields, read
+#: as that module says, plus "anomaly": its explanation
+BUDGET_ALERT_KINDS = ("threshold", "forecast", "anomaly")
 BUDGET_WINDOWS = ("daily", "weekly", "monthly", "rolling_1h", "rolling_24h", "total")
 BUDGET_SCOPE_FIELDS = ("project", "agent", "user", "provider", "model", "tag")
 

@@ -225,6 +225,51 @@ class SinkSettings(BaseModel):
     )
 
 
+class AnomalySettings(BaseModel):
+    """Spend anomaly detection (the anomaly stage); each tenant may override the rule's defaults
+    in ClickHouse ``anomaly_settings`` (docs/anomaly.md)."""
+
+    enabled: bool = Field(True, description="default for tenants without their own anomaly settings")
+    score_threshold: float = Field(
+        6.0, gt=0, description="robust score (minute spend - usual) / (1.4826 x MAD) a minute must reach"
+    )
+    min_ratio: float = Field(3.0, gt=1, description="a minute's spend must be at least this multiple of the usual")
+    min_excess_usd: str = Field(
+        "1", description="the 10-minute window's spend above the usual must reach this many USD (decimal string)"
+    )
+    extreme_ratio: float = Field(
+        20.0, gt=1, description="a minute this many times the usual alerts at once (otherwise two minutes in a row)"
+    )
+    rearm_minutes: int = Field(
+        15, ge=1, le=1440, description="an episode ends (and the scope can alert again) after this many normal minutes"
+    )
+    grace_s: float = Field(
+        5.0, ge=0, le=60, description="a minute is scored this long after it ended (late events of the minute)"
+    )
+    lookback_days: int = Field(
+        28, ge=1, le=90, description="history read for the baseline: same hour of week over this many days"
+    )
+    short_history_days: int = Field(
+        7, ge=1, le=28, description="while a scope has under 21 days of history: same hour of day over this many days"
+    )
+    min_history_minutes: int = Field(
+        180,
+        ge=1,
+        description="a scope with fewer minutes of history for the hour (3 days by default: a new agent's "
+        "weekend is no baseline for its Monday) has no baseline and is not scored; its project is",
+    )
+    baseline_reload_s: float = Field(
+        300.0, gt=0, description="how often the baselines and the tenants' settings are re-read from ClickHouse"
+    )
+    max_series_per_tenant: int = Field(
+        2_000, ge=2, description="(project, agent) and project scopes tracked per tenant; more go to '(other)'"
+    )
+    max_series: int = Field(200_000, ge=2, description="scopes tracked by one worker in all (memory bound)")
+    max_held_records: int = Field(
+        200_000, ge=1, description="usage.priced records held unacked for replay after a crash (memory bound)"
+    )
+
+
 class ProcessorsSettings(BaseModel):
     """The stream processors as a whole (every stage)."""
 
@@ -515,6 +560,7 @@ class Settings(BaseSettings):
     identity: IdentitySettings = IdentitySettings()
     proxy: ProxySettings = ProxySettings()
     insights: InsightsSettings = InsightsSettings()
+    anomaly: AnomalySettings = AnomalySettings()
 
     @model_validator(mode="before")
     @classmethod

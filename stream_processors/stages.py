@@ -2,4 +2,4 @@
 module exposes ``register(app, settings)``. The order is the pipeline's; ``spendstream dev`` gives
 stage i the Faust web port ``processors.web_port + i``."""
 
-STAGES = ("pricing", "budgets", "notify", "sink")
+STAGES = ("pricing", "budgets", "notify", "sink", "anomaly")

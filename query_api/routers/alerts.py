@@ -1,6 +1,7 @@
 """Alert history of a tenant with the delivery state of each channel, newest first.
 
-Alerts come from ``budget_alerts`` (written by the budgets stage), deliveries from
+Alerts come from ``budget_alerts`` (written by the budgets stage, and by the anomaly stage for
+kind "anomaly", whose explanation is ``details``), deliveries from
 ``alert_deliveries`` (every attempt, written by the notify stage); both are read through their
 replacing keys, so a record written twice after a restart counts once.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Query
@@ -28,7 +29,7 @@ UTC_ZONE = ZoneInfo("UTC")
 
 _ALERT_SQL = """
 SELECT alert_id, kind, budget_id, budget_name, scope, window_start, window_end, threshold, spent_nanos,
-       limit_nanos, percent_used, projected_nanos, projected_at, event_id, top, fired_at
+       limit_nanos, percent_used, projected_nanos, projected_at, event_id, top, fired_at, details
 FROM budget_alerts FINAL
 WHERE tenant = {tenant:String}"""
 
@@ -76,7 +77,8 @@ def _alert_view(row: dict[str, Any], deliveries: list[dict[str, Any]]) -> dict[s
         "scope": dict(row["scope"]),
         "window_start": iso_utc(row["window_start"]),
         "window_end": iso_utc(row["window_end"]),
-        "threshold": None if forecast else _decimal_text(row["threshold"]),
+        # forecasts and anomalies have no threshold (stored as 0)
+        "threshold": None if forecast or row["kind"] == "anomaly" else _decimal_text(row["threshold"]),
         "spent_usd": nanos_to_usd_str(row["spent_nanos"]),
         "limit_usd": nanos_to_usd_str(row["limit_nanos"]),
         "percent_used": _decimal_text(row["percent_used"]),
@@ -87,7 +89,16 @@ def _alert_view(row: dict[str, Any], deliveries: list[dict[str, Any]]) -> dict[s
         "fired_at": iso_utc(row["fired_at"]),
         "delivery_status": delivery_status([d["outcome"] for d in deliveries]),
         "deliveries": deliveries,
+        **({"anomaly": _details(row["details"])} if row["kind"] == "anomaly" else {}),
     }
+
+
+def _details(text: str) -> Any:
+    """An anomaly alert's explanation (spendstream/anomaly/alerts.py ``details``)."""
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return text
 
 
 def _delivery_view(row: dict[str, Any]) -> dict[str, Any]:
@@ -109,6 +120,9 @@ async def list_alerts(
     principal: Reader,
     ch: CH,
     budget_id: Annotated[str | None, Query(description="only this budget's alerts")] = None,
+    kind: Annotated[
+        Literal["threshold", "forecast", "anomaly"] | None, Query(description="only alerts of this kind")
+    ] = None,
     from_: Annotated[
         str | None, Query(alias="from", description="fired at or after (RFC 3339 or YYYY-MM-DD, UTC)")
     ] = None,
@@ -124,6 +138,9 @@ async def list_alerts(
     if budget_id is not None:
         sql += " AND budget_id = {budget_id:String}"
         params["budget_id"] = budget_id
+    if kind is not None:
+        sql += " AND kind = {kind:String}"
+        params["kind"] = kind
     if from_ is not None:
         sql += " AND fired_at >= {from_:DateTime64(3, 'UTC')}"
         params["from_"] = parse_instant("from", from_, UTC_ZONE, end_of_day=False)

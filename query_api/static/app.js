@@ -265,11 +265,40 @@ function bucketLabel(iso, granularity) {
   return day.slice(5);
 }
 
-function showSeries(series) {
-  const points = series.points.map((p) => ({
+// The one-line reason of an anomaly alert (its explanation, GET /v1/alerts).
+function anomalyWhy(a) {
+  const x = a.anomaly || {};
+  const kinds = {
+    volume: `volume: ${x.calls} calls, ${x.calls_ratio}x the usual`,
+    size: `size: ${x.tokens_per_call} tokens per call, ${x.size_ratio}x the usual`,
+    price_mix: `price/mix: cost per token ${x.price_ratio}x the usual`,
+  };
+  const top = (x.models || [])[0];
+  const model = top ? `; ${top.model} ${Math.round(100 * top.share)}% of the excess` : "";
+  return `${kinds[x.spike_type] || x.spike_type || "?"}${model}`;
+}
+
+function scopeText(scope) {
+  return scope && scope.agent ? `${scope.project} / ${scope.agent}` : (scope && scope.project) || "";
+}
+
+function showSeries(series, anomalies) {
+  const starts = series.points.map((p) => Date.parse(p.start));
+  // an anomaly marks the bucket its episode started in
+  const marks = new Map();
+  for (const a of anomalies || []) {
+    const at = Date.parse((a.anomaly && a.anomaly.episode_start) || a.window_start);
+    let i = starts.length - 1;
+    while (i >= 0 && starts[i] > at) i--;
+    if (i < 0 || (i === starts.length - 1 && at - starts[i] > 2 * (starts[i] - (starts[i - 1] ?? starts[i])) + 60000)) continue;
+    const text = `Anomaly: ${scopeText(a.scope)}, ${a.anomaly?.ratio ?? "?"}x (${anomalyWhy(a)})`;
+    marks.set(i, marks.has(i) ? `${marks.get(i)}\n${text}` : text);
+  }
+  const points = series.points.map((p, i) => ({
     label: bucketLabel(p.start, series.granularity),
     title: `${p.start}\n${p.cost_usd} USD, ${p.calls} calls`,
     value: p.cost_usd_number,
+    mark: marks.get(i),
   }));
   columnChart($("#spend-chart"), points, { format: formatUsd });
   $("#series-note").textContent = `${series.granularity} buckets, ${series.tz}`;
@@ -316,7 +345,39 @@ async function showBudgets() {
 function alertLevel(alert) {
   if (alert.threshold !== null && alert.threshold !== undefined) return `${alert.threshold} %`;
   if (alert.projected_usd) return `projected $${alert.projected_usd}`;
+  if (alert.kind === "anomaly" && alert.anomaly) return `${alert.anomaly.ratio ?? "?"}x ${alert.anomaly.spike_type}`;
   return "";
+}
+
+async function loadAnomalies(params) {
+  try {
+    const listing = await api("/v1/alerts", { kind: "anomaly", limit: 100, ...(params.from ? { from: params.from } : {}) });
+    return listing.alerts || [];
+  } catch (err) {
+    if (err.status === 404 || err.status === 422) return [];
+    throw err;
+  }
+}
+
+function showAnomalies(anomalies) {
+  const body = $("#anomalies tbody");
+  body.replaceChildren(...anomalies.slice(0, 20).map((a) => {
+    const x = a.anomaly || {};
+    const tr = document.createElement("tr");
+    const cells = [
+      [x.episode_start || a.fired_at || ""], [scopeText(a.scope)], [x.ratio !== null && x.ratio !== undefined ? `${x.ratio}x` : "new"],
+      [`$${a.spent_usd} / $${a.limit_usd}`], [anomalyWhy(a), "why"], [a.delivery_status || ""],
+    ];
+    for (const [value, cls] of cells) {
+      const td = document.createElement("td");
+      td.textContent = value;
+      if (cls) td.className = cls;
+      if (cls === "why") td.title = `example events: ${(x.event_ids || []).join(", ")}`;
+      tr.append(td);
+    }
+    return tr;
+  }));
+  $("#anomalies-panel").hidden = anomalies.length === 0;
 }
 
 async function showAlerts() {
@@ -431,17 +492,19 @@ async function refresh() {
   const { params, granularity } = currentFilters();
   setStatus("Loading…");
   try {
-    const [overview, series, agents, models, projects, unpriced] = await Promise.all([
+    const [overview, series, agents, models, projects, unpriced, anomalies] = await Promise.all([
       api("/v1/analytics/overview", params),
       api("/v1/analytics/timeseries", { ...params, granularity }),
       api("/v1/analytics/breakdown", { ...params, by: "agent", limit: 12 }),
       api("/v1/analytics/breakdown", { ...params, by: "model", limit: 12 }),
       api("/v1/analytics/breakdown", { ...params, by: "project", limit: 12 }),
       api("/v1/pricing/unpriced"),
+      loadAnomalies(params),
     ]);
     if (mine !== generation) return; // a newer refresh started while this one waited
     showCards(overview);
-    showSeries(series);
+    showSeries(series, anomalies);
+    showAnomalies(anomalies);
     showBreakdown($("#by-agent"), agents.groups);
     showBreakdown($("#by-model"), models.groups);
     showBreakdown($("#by-project"), projects.groups);

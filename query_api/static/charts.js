@@ -31,7 +31,8 @@ function formatUsd(value) {
   return "$" + value.toPrecision(2);
 }
 
-// points: [{label, title, value}] drawn as columns with a y axis; returns the <svg>.
+// points: [{label, title, value, mark?}] drawn as columns with a y axis (a point with a mark is
+// highlighted, with the mark as its tooltip); returns the <svg>.
 function columnChart(container, points, options) {
   const width = Math.max(container.clientWidth || 0, 320);
   const height = options.height || 240;
@@ -54,11 +55,17 @@ function columnChart(container, points, options) {
     const h = max > 0 ? (innerH * p.value) / max : 0;
     const x = pad.left + i * slot + (slot - barW) / 2;
     const bar = svgEl("rect", {
-      x, y: pad.top + innerH - h, width: barW, height: Math.max(h, p.value > 0 ? 1 : 0), class: "bar",
-      "data-value": p.value,
+      x, y: pad.top + innerH - h, width: barW, height: Math.max(h, p.value > 0 ? 1 : 0),
+      class: p.mark ? "bar anomaly" : "bar", "data-value": p.value,
     });
-    bar.append(svgEl("title", {}, p.title));
+    bar.append(svgEl("title", {}, p.mark ? `${p.title}\n${p.mark}` : p.title));
     svg.append(bar);
+    if (p.mark) {
+      // a marker above the column of a bucket with a spend anomaly (points[i].mark: its explanation)
+      const marker = svgEl("text", { x: x + barW / 2, y: pad.top + 10, class: "anomaly-mark", "text-anchor": "middle" }, "▲");
+      marker.append(svgEl("title", {}, p.mark));
+      svg.append(marker);
+    }
     if (i % labelEvery === 0) {
       svg.append(svgEl("text", { x: x + barW / 2, y: height - pad.bottom + 16, class: "axis", "text-anchor": "middle" }, p.label));
     }

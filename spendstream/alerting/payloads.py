@@ -117,6 +117,8 @@ def generic_body(alert: Alert) -> dict[str, Any]:
     body = {name: f.get(name) for name in GENERIC_FIELDS}
     if f.get("test"):
         body["test"] = True
+    if alert.kind == "anomaly":
+        body["anomaly"] = f.get("anomaly")
     return body
 
 
@@ -155,6 +157,15 @@ def _summary(alert: Alert) -> str:
     name = f.get("budget_name") or f.get("budget_id")
     window = f.get("window") or "budget"
     limit = human_usd(f.get("limit_usd"))
+    if alert.kind == "anomaly":
+        a = f.get("anomaly") or {}
+        ratio = a.get("ratio")
+        times = f"{ratio}x" if ratio is not None else "far above"
+        return (
+            f"Spend anomaly in {_scope_text(f.get('scope'))}: spending {times} the usual since "
+            f"{a.get('episode_start')} ({a.get('spike_type', '?')} spike); {human_usd(f.get('spent_usd'))} USD in "
+            f"10 minutes, usually {limit} USD"
+        )
     if alert.kind == "forecast":
         return (
             f"Budget '{name}' is projected to reach {human_usd(f.get('projected_usd'))} USD in its {window} "
@@ -169,6 +180,8 @@ def _summary(alert: Alert) -> str:
 def detail_lines(alert: Alert) -> list[str]:
     """The alert's details for humans (Slack's second block, the e-mail body), one line each."""
     f = alert.fields
+    if alert.kind == "anomaly":
+        return [one_line(line) for line in _anomaly_lines(alert)]
     lines = [
         f"Scope: {_scope_text(f.get('scope'))}",
         f"Window: {f.get('window_start')} .. {f.get('window_end') or 'open'} ({f.get('timezone') or 'UTC'})",
@@ -187,3 +200,30 @@ def detail_lines(alert: Alert) -> list[str]:
     lines.append(f"Event: {f.get('event_id')}  Alert: {alert.alert_id}")
     # a scope value or agent name with line breaks could otherwise forge lines such as "Spent: ..."
     return [one_line(line) for line in lines]
+
+
+def _anomaly_lines(alert: Alert) -> list[str]:
+    f = alert.fields
+    a = f.get("anomaly") or {}
+    kind = a.get("spike_type")
+    why = {
+        "volume": f"volume spike: {a.get('calls')} calls, {a.get('calls_ratio')}x the usual {a.get('usual_calls')}",
+        "size": f"size spike: {a.get('tokens_per_call')} tokens per call, {a.get('size_ratio')}x the usual "
+        f"{a.get('usual_tokens_per_call')}",
+        "price_mix": f"price/mix shift: cost per token {a.get('price_ratio')}x the usual (a more expensive model)",
+    }.get(kind, str(kind))
+    models = ", ".join(
+        f"{m.get('model')} {human_usd(m.get('excess_usd'))} USD ({round(100 * (m.get('share') or 0))}%)"
+        for m in a.get("models") or []
+    )
+    return [
+        f"Scope: {_scope_text(f.get('scope'))}",
+        f"Window: {f.get('window_start')} .. {f.get('window_end')} (UTC); episode since {a.get('episode_start')}",
+        f"Spent: {human_usd(f.get('spent_usd'))} USD in the window; usual for this hour: "
+        f"{human_usd(f.get('limit_usd'))} USD (window ratio {a.get('window_ratio')}, score {a.get('score')})",
+        f"Since the episode started: {human_usd(a.get('episode_usd'))} USD, usually "
+        f"{human_usd(a.get('usual_episode_usd'))} USD: {a.get('ratio')}x",
+        f"Why: {why}",
+        f"Excess by model: {models or 'n/a'}",
+        f"Example events: {', '.join(a.get('event_ids') or [])}  Alert: {alert.alert_id}",
+    ]

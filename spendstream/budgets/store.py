@@ -138,7 +138,7 @@ def insert_budget(client: Any, budget: Budget, version: int) -> None:
 
 ALERT_COLUMNS = (
     "tenant", "alert_id", "kind", "budget_id", "budget_name", "scope", "window_start", "window_end", "threshold",
-    "spent_nanos", "limit_nanos", "percent_used", "projected_nanos", "projected_at", "event_id", "top", "fired_at",
+    "spent_nanos", "limit_nanos", "percent_used", "projected_nanos", "projected_at", "event_id", "top", "fired_at", "details",
 )  # fmt: skip
 
 
@@ -154,6 +154,8 @@ def alert_row(value: dict[str, Any]) -> list[Any]:
         value["spent_nanos"], value["limit_nanos"], Decimal(value["percent_used"]), value["projected_nanos"],
         _instant(value["projected_at"]), value["event_id"], orjson.dumps(value["top"]).decode(),
         _instant(value["created_at"]),
+        # an anomaly alert's explanation (kind "anomaly"); '' for budget alerts
+        orjson.dumps(value["anomaly"]).decode() if value.get("anomaly") else "",
     ]  # fmt: skip
 
 

@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 from query_api_stack import QueryApiServer, insert_events, make_events, migrate  # noqa: E402
 
+from spendstream.budgets.store import insert_alerts  # noqa: E402
 from spendstream.clickhouse import get_client  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -70,8 +71,30 @@ def seed_alerts(settings, now: datetime) -> None:
     client = get_client(settings)
     try:
         client.insert("budget_alerts", rows, column_names=ALERT_COLUMNS)
+        insert_alerts(client, [anomaly_alert(now)])
     finally:
         client.close()
+
+
+def anomaly_alert(now: datetime) -> dict:
+    """An anomaly alert (the anomaly stage's value): agent acme-agent-1 at 20x, a volume spike."""
+    from spendstream.anomaly.alerts import anomaly_alert_value
+    from spendstream.anomaly.detector import Anomaly, ModelExcess, anomaly_alert_id
+
+    start = int((now - timedelta(minutes=30)).timestamp()) // 60 * 60_000
+    a = Anomaly(
+        tenant="acme", project="acme-project-0", agent="acme-agent-1",
+        alert_id=anomaly_alert_id("acme", "acme-project-0", "acme-agent-1", start), episode_start_ms=start,
+        minute_ms=start + 60_000, window_start_ms=start - 480_000, window_end_ms=start + 120_000,
+        window_nanos=490_000_000, usual_window_nanos=100_000_000, ratio=4.9, score=250.0, excess_nanos=390_000_000,
+        minute_nanos=200_000_000, usual_minute_nanos=10_000_000, episode_nanos=400_000_000,
+        usual_episode_nanos=20_000_000, episode_ratio=20.0, spike_type="volume", calls=400, usual_calls=20.0,
+        calls_ratio=20.0, tokens_per_call=1000.0, usual_tokens_per_call=1000.0, size_ratio=1.0,
+        nanos_per_token=1.0, usual_nanos_per_token=1.0, price_ratio=1.0,
+        models=(ModelExcess("openai/gpt-4o", 400_000_000, 20_000_000, 380_000_000, 1.0),), event_ids=("ev_9",),
+        seasonality="hour_of_day", baseline_samples=420, extreme=True,
+    )  # fmt: skip
+    return anomaly_alert_value(a, (), int((now - timedelta(minutes=20)).timestamp() * 1000))
 
 
 def test_dashboard_renders_filters_and_screenshots(dashboard, tmp_path):
@@ -119,7 +142,13 @@ def test_dashboard_renders_filters_and_screenshots(dashboard, tmp_path):
 
             page.wait_for_selector("#alerts tbody tr")
             levels = page.eval_on_selector_all("#alerts tbody td:nth-child(4)", "els => els.map(e => e.textContent)")
-            assert levels == ["80 %", "projected $12.400000000"]
+            assert levels == ["80 %", "projected $12.400000000", "20x volume"]
+            # the anomaly: listed with its explanation, and marked on the spend chart
+            row = page.eval_on_selector_all("#anomalies tbody td", "els => els.map(e => e.textContent)")
+            assert row[1:5] == ["acme-project-0 / acme-agent-1", "20x", "$0.490000000 / $0.100000000",
+                                "volume: 400 calls, 20x the usual; openai/gpt-4o 100% of the excess"]  # fmt: skip
+            assert page.locator("#spend-chart rect.bar.anomaly").count() == 1
+            assert page.locator("#spend-chart .anomaly-mark").count() == 1
 
             loaded = page.get_attribute("body", "data-loaded")
             page.select_option("select[name=agent]", "acme-agent-2")

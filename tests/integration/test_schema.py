@@ -34,7 +34,7 @@ SECRET_TABLES |= {"orgs", "users", "org_members", "invites", "auth_sessions", "r
 SECRET_TABLES |= {"provider_keys"}  # proxy (0010): sealed provider keys
 PUBLIC_TABLES = {
     "usage_events", "projects", "budgets", "price_overrides", "budget_alerts", "alert_deliveries",
-    *SECRET_TABLES, *(a.table for a in AGGREGATES),
+    "anomaly_settings", *SECRET_TABLES, *(a.table for a in AGGREGATES),
 }  # fmt: skip
 COST_COLUMNS = ["cost_nanos"] + [f"cost_{c}_nanos" for c in COST_CLASSES]
 # measure name -> how usage_events computes it (stated here independently of the registry and the

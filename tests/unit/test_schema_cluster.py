@@ -102,9 +102,11 @@ def test_tenant_views_stay_on_the_public_distributed_names() -> None:
     views = [s for s in _create_statements() if _created(s)[0] == "VIEW"]
     # each tenant view once, and 0009 creates the four aggregate views again over their Int128 cost
     # columns, 0012 the usage_events view over the session columns
+    # each tenant view once, 0009 creates the four aggregate views again over their Int128 cost columns
+    # and 0015 the budget_alerts view with its new column
     assert {_created(s)[1] for s in views} == {f"{{db}}_tenant.{v}" for v in TENANT_VIEWS | {"current_tenant"}}
-    assert len(views) == len(TENANT_VIEWS | {"current_tenant"}) + 5
-    assert sum(s.startswith("CREATE OR REPLACE VIEW") for s in views) == 5
+    assert len(views) == len(TENANT_VIEWS | {"current_tenant"}) + 6
+    assert sum(s.startswith("CREATE OR REPLACE VIEW") for s in views) == 6
     for statement in views:
         (derived,) = cluster_statements(statement, CLUSTER)
         assert "_local" not in derived

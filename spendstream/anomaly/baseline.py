@@ -1,0 +1,135 @@
+"""The usual spend of a scope for one hour: robust statistics of its past minutes. Pure.
+
+A scope is (project, agent) or (project, "") for the whole project. Its samples are the minutes
+of the same hour of the week over the last weeks once the scope has at least
+``WEEKLY_HISTORY_DAYS`` of history, else of the same hour of the day over the last days; a minute
+without spend in that time is a sample of 0 (quiet nights stay quiet). The statistics are the
+median and the MAD (median absolute deviation) of the minute spends, robust to the odd spike.
+
+Anomalous minutes do not widen the baseline: a sample that would itself be scored anomalous
+against the first estimate (``Rule``'s score and ratio) is replaced by the median before the
+final statistics, so a past runaway does not hide the next one.
+
+The means (cost, calls, tokens, cost per model per minute) of the trimmed samples explain an
+alert: cost = calls x tokens per call x cost per token, so the ratios of the three factors to
+their usual values multiply to the cost ratio exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+WEEK_MS = 7 * DAY_MS
+#: history a scope needs before its baseline is the same hour of the WEEK (else of the day): three
+#: weeks, so that it has three past hours of the week (180 samples, ``min_history_minutes``)
+WEEKLY_HISTORY_DAYS = 21
+#: MAD -> standard deviation of a normal distribution
+MAD_SCALE = 1.4826
+
+
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    """Per-minute usual figures of a scope for one hour (nano-USD; calls and tokens as means)."""
+
+    median: int
+    mad: int
+    mean_cost: float
+    mean_calls: float
+    mean_tokens: float
+    #: "provider/model" -> mean cost per minute
+    model_cost: dict[str, float]
+    samples: int
+    seasonality: str  # "hour_of_week" | "hour_of_day"
+
+    @property
+    def usual(self) -> float:
+        """The usual spend of one minute: the median, or the mean for a scope that spends in
+        few minutes (median 0)."""
+        return max(float(self.median), self.mean_cost)
+
+
+@dataclass(slots=True)
+class MinuteSample:
+    cost: int = 0
+    calls: int = 0
+    tokens: int = 0
+    models: dict[str, int] = field(default_factory=dict)
+
+
+def median_of(values: list[int]) -> int:
+    """The lower median (an int: money stays integer)."""
+    if not values:
+        return 0
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def sample_days(hour_start_ms: int, first_seen_ms: int, lookback_days: int, short_days: int) -> tuple[list[int], str]:
+    """The starts of the past hours that are samples of the hour starting at ``hour_start_ms``,
+    and the seasonality used; only hours at or after the scope's first minute count."""
+    history_days = (hour_start_ms - first_seen_ms) // DAY_MS
+    if history_days >= WEEKLY_HISTORY_DAYS and lookback_days // 7 >= 3:
+        starts = [hour_start_ms - k * WEEK_MS for k in range(1, lookback_days // 7 + 1)]
+        seasonality = "hour_of_week"
+    else:
+        starts = [hour_start_ms - k * DAY_MS for k in range(1, short_days + 1)]
+        seasonality = "hour_of_day"
+    # an hour that ended before the scope's first minute is no sample; the hour it started in is
+    return [s for s in starts if s + HOUR_MS > first_seen_ms], seasonality
+
+
+def build_baseline(
+    minutes: dict[int, MinuteSample],
+    hour_starts: Iterable[int],
+    seasonality: str,
+    *,
+    score: float,
+    ratio: float,
+    min_samples: int,
+) -> Baseline | None:
+    """The baseline from a scope's minutes (minute start ms -> figures) within ``hour_starts``'s
+    hours; None with fewer than ``min_samples`` minutes of history."""
+    keys = [h + i * MINUTE_MS for h in hour_starts for i in range(60)]
+    if len(keys) < min_samples:
+        return None
+    empty = MinuteSample()
+    samples = [minutes.get(k, empty) for k in keys]
+    costs = [s.cost for s in samples]
+    median = median_of(costs)
+    mad = median_of([abs(c - median) for c in costs])
+    mean = sum(costs) / len(costs)
+    usual = max(float(median), mean)
+    scale = spread(mad, usual)
+    # drop what this first estimate calls anomalous, then estimate again
+    kept = [s for s in samples if not (s.cost >= ratio * usual and (s.cost - usual) / scale >= score)]
+    trimmed = len(samples) - len(kept)
+    if trimmed:
+        costs = [s.cost for s in kept] + [median] * trimmed
+        median = median_of(costs)
+        mad = median_of([abs(c - median) for c in costs])
+    n = len(samples)
+    model_sums: dict[str, int] = {}
+    for s in kept:
+        for model, cost in s.models.items():
+            model_sums[model] = model_sums.get(model, 0) + cost
+    model_cost = {model: total / n for model, total in model_sums.items()}
+    return Baseline(
+        median=median,
+        mad=mad,
+        mean_cost=sum(costs) / n,
+        mean_calls=sum(s.calls for s in kept) / n,
+        mean_tokens=sum(s.tokens for s in kept) / n,
+        model_cost=model_cost,
+        samples=n,
+        seasonality=seasonality,
+    )
+
+
+def spread(mad: int, usual: float) -> float:
+    """The robust spread of a minute's spend: 1.4826 x MAD, but at least a tenth of the usual
+    spend and 1 nano-USD (a perfectly steady scope has MAD 0: any wobble would score infinite)."""
+    return max(MAD_SCALE * mad, 0.1 * usual, 1.0)

@@ -1,0 +1,416 @@
+"""Spend anomaly detection over 1-minute buckets. Pure: no Kafka, HTTP or ClickHouse.
+
+Scopes: every (tenant, project, agent) and every (tenant, project) (agent ""). Each priced
+event adds its cost, one call and its tokens to its minute in both scopes
+(:meth:`Detector.add`). When a minute has ended (plus a grace for late events) the caller
+closes it (:meth:`Detector.close`) and every tracked scope of every tenant is scored on it
+against its baseline for that hour (``baseline.py``):
+
+- the minute is *elevated* when its spend is at least ``rule.ratio`` x the usual minute, and
+  its robust score ``(spend - usual) / (1.4826 x MAD)`` is at least ``rule.score``;
+- an alert fires when the minute is elevated and so was the minute before (two consecutive
+  windows; a one-minute blip never alerts) or the minute alone is ``rule.extreme_ratio`` x the
+  usual, AND the rolling 10-minute window's spend exceeds its usual (10 usual minutes) by at
+  least ``rule.min_excess_nanos``;
+- one alert per *episode*: after it, the scope alerts again only once ``rearm_minutes`` minutes
+  in a row were not elevated. The alert id is a hash of the scope and the episode's first
+  elevated minute, so a replay of the same events after a crash yields the same id.
+
+A scope without a baseline (less history than ``min_history_minutes`` for the hour: a new agent)
+is not scored itself; its project is.
+
+Memory is bounded: a scope keeps the minutes of one window; a scope without spend for a window
+and without an open episode is forgotten; a tenant tracks at most ``max_series_per_tenant``
+scopes (more agents fold into one ``(other)`` scope, which has no baseline) and the detector at
+most ``max_series`` (more are not tracked; counted in ``dropped_series``). Per minute bucket at
+most ``MAX_MODELS`` models and ``MAX_EXAMPLES`` example event ids are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from spendstream.anomaly.baseline import MINUTE_MS, Baseline, spread
+
+WINDOW_MINUTES = 10
+MAX_MODELS = 8
+MAX_EXAMPLES = 3
+OTHER = "(other)"
+#: the spike kinds: more calls, bigger calls (tokens per call), or dearer tokens (a pricier model)
+SPIKE_TYPES = ("volume", "size", "price_mix")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A tenant's alert rule (its ``anomaly_settings``, or the defaults)."""
+
+    enabled: bool = True
+    score: float = 6.0
+    ratio: float = 3.0
+    min_excess_nanos: int = 1_000_000_000
+    extreme_ratio: float = 20.0
+    channels: tuple[str, ...] = ()
+    #: "project" or "project/agent" scopes that never alert
+    muted: tuple[str, ...] = ()
+
+    def mutes(self, project: str, agent: str) -> bool:
+        return project in self.muted or (bool(agent) and f"{project}/{agent}" in self.muted)
+
+
+@dataclass(slots=True)
+class Bucket:
+    """One scope's one minute."""
+
+    cost: int = 0
+    calls: int = 0
+    tokens: int = 0
+    models: dict[str, int] = field(default_factory=dict)
+    model_calls: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, model: str, cost: int, tokens: int, event_id: str) -> None:
+        self.cost += cost
+        self.calls += 1
+        self.tokens += tokens
+        if model not in self.models and len(self.models) >= MAX_MODELS:
+            model = OTHER
+        self.models[model] = self.models.get(model, 0) + cost
+        self.model_calls[model] = self.model_calls.get(model, 0) + 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(event_id)
+
+
+@dataclass(slots=True)
+class Episode:
+    start_ms: int
+    alert_id: str
+    quiet: int = 0
+
+
+@dataclass(slots=True)
+class Series:
+    minutes: dict[int, Bucket] = field(default_factory=dict)
+    #: newest minute scored (ms); the next close scores every minute after it
+    scored_ms: int = 0
+    #: first minute of the current run of elevated minutes
+    run_start_ms: int | None = None
+    episode: Episode | None = None
+    last_spend_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelExcess:
+    model: str
+    spent_nanos: int
+    usual_nanos: int
+    excess_nanos: int
+    share: float
+
+
+@dataclass(frozen=True, slots=True)
+class Anomaly:
+    """An alert's figures. Window = the 10 minutes ending with ``minute_ms``; the episode's
+    minutes (``episode_start_ms`` .. ``minute_ms``) explain it."""
+
+    tenant: str
+    project: str
+    agent: str
+    alert_id: str
+    episode_start_ms: int
+    minute_ms: int
+    window_start_ms: int
+    window_end_ms: int
+    window_nanos: int
+    usual_window_nanos: int
+    ratio: float
+    score: float
+    excess_nanos: int
+    minute_nanos: int
+    usual_minute_nanos: int
+    #: the episode's minutes: their spend, its usual, and the ratio (the runaway's rate, undiluted)
+    episode_nanos: int
+    usual_episode_nanos: int
+    episode_ratio: float
+    spike_type: str
+    calls: int
+    usual_calls: float
+    calls_ratio: float | None
+    tokens_per_call: float | None
+    usual_tokens_per_call: float | None
+    size_ratio: float | None
+    nanos_per_token: float | None
+    usual_nanos_per_token: float | None
+    price_ratio: float | None
+    models: tuple[ModelExcess, ...]
+    event_ids: tuple[str, ...]
+    seasonality: str
+    baseline_samples: int
+    extreme: bool
+
+
+def anomaly_alert_id(tenant: str, project: str, agent: str, episode_start_ms: int) -> str:
+    """Stable per (scope, episode's first elevated minute)."""
+    digest = hashlib.sha256(f"anomaly|{tenant}|{project}|{agent}|{episode_start_ms}".encode()).hexdigest()
+    return f"an_{digest[:32]}"
+
+
+def minute_of(ts_ms: int) -> int:
+    return ts_ms - ts_ms % MINUTE_MS
+
+
+BaselineOf = Callable[[str, str, str, int], Baseline | None]
+RuleOf = Callable[[str], Rule]
+
+
+class Detector:
+    def __init__(self, *, rearm_minutes: int = 15, max_series_per_tenant: int = 2_000, max_series: int = 200_000):
+        self.rearm_minutes = rearm_minutes
+        self.max_series_per_tenant = max_series_per_tenant
+        self.max_series = max_series
+        #: tenant -> (project, agent) -> series
+        self.tenants: dict[str, dict[tuple[str, str], Series]] = {}
+        self.series_count = 0
+        self.dropped_series = 0
+        #: newest minute closed
+        self.closed_ms = 0
+        #: minute not closed yet -> the scopes with spend in it (what ``peek`` looks at)
+        self._open: dict[int, set[tuple[str, tuple[str, str]]]] = {}
+
+    # ----------------------------------------------------------------- input
+
+    def add(self, tenant: str, project: str, agent: str, model: str, ts_ms: int, cost_nanos: int, tokens: int,
+            event_id: str) -> bool:  # fmt: skip
+        """Count one priced event; False when it is too old to matter (before the open window)."""
+        minute = minute_of(ts_ms)
+        if self.closed_ms and minute <= self.closed_ms - WINDOW_MINUTES * MINUTE_MS:
+            return False
+        scopes = self.tenants.get(tenant)
+        if scopes is None:
+            scopes = self.tenants[tenant] = {}
+        for key in ((project, ""), (project, agent)):
+            series = self._series(scopes, key, minute)
+            if series is None:
+                continue
+            bucket = series.minutes.get(minute)
+            if bucket is None:
+                bucket = series.minutes[minute] = Bucket()
+                if minute > self.closed_ms:
+                    self._open.setdefault(minute, set()).add((tenant, key))
+            bucket.add(model, cost_nanos, tokens, event_id)
+            if minute > series.last_spend_ms:
+                series.last_spend_ms = minute
+        return True
+
+    def _series(self, scopes: dict[tuple[str, str], Series], key: tuple[str, str], minute: int) -> Series | None:
+        series = scopes.get(key)
+        if series is not None:
+            return series
+        if len(scopes) >= self.max_series_per_tenant:
+            key = (OTHER, OTHER if key[1] else "")
+            series = scopes.get(key)
+            if series is not None:
+                return series
+        if self.series_count >= self.max_series:
+            self.dropped_series += 1
+            return None
+        self.series_count += 1
+        # scored from its first minute on (minutes before it had no spend of its own to score)
+        series = scopes[key] = Series(scored_ms=minute - MINUTE_MS)
+        return series
+
+    def restore_episode(self, tenant: str, project: str, agent: str, start_ms: int, alert_id: str) -> None:
+        """An episode alerted before a restart: open until ``rearm_minutes`` normal minutes pass."""
+        scopes = self.tenants.setdefault(tenant, {})
+        series = scopes.get((project, agent))
+        if series is None:
+            if self.series_count >= self.max_series:
+                return
+            self.series_count += 1
+            series = scopes[(project, agent)] = Series(scored_ms=minute_of(start_ms))
+        if series.episode is None:
+            series.episode = Episode(start_ms, alert_id)
+
+    # ----------------------------------------------------------------- scoring
+
+    def close(self, minute_ms: int, baseline_of: BaselineOf, rule_of: RuleOf) -> list[Anomaly]:
+        """Score every tracked scope on every minute up to ``minute_ms`` (inclusive) not scored yet."""
+        minute_ms = minute_of(minute_ms)
+        if minute_ms <= self.closed_ms:
+            return []
+        self.closed_ms = minute_ms
+        for done in [m for m in self._open if m <= minute_ms]:
+            del self._open[done]
+        out: list[Anomaly] = []
+        horizon = minute_ms - WINDOW_MINUTES * MINUTE_MS
+        for tenant, scopes in list(self.tenants.items()):
+            rule = rule_of(tenant)
+            for key, series in list(scopes.items()):
+                m = max(series.scored_ms + MINUTE_MS, horizon + MINUTE_MS)
+                while m <= minute_ms:
+                    found = self._score(tenant, key, series, m, baseline_of, rule)
+                    if found is not None:
+                        out.append(found)
+                    m += MINUTE_MS
+                series.scored_ms = max(series.scored_ms, minute_ms)
+                for old in [k for k in series.minutes if k <= horizon]:
+                    del series.minutes[old]
+                if series.episode is None and series.last_spend_ms <= horizon:
+                    del scopes[key]
+                    self.series_count -= 1
+            if not scopes:
+                del self.tenants[tenant]
+        return self._one_per_incident(out)
+
+    def peek(self, minute_ms: int, baseline_of: BaselineOf, rule_of: RuleOf) -> list[Anomaly]:
+        """Score the open minute ``minute_ms`` (the one after the newest closed) early, for the
+        scopes it already makes elevated: spend only grows while a minute is open, so such a
+        minute stays elevated; its closing then finds the episode open and alerts nothing twice.
+        A minute that is not elevated yet is left for :meth:`close`."""
+        minute_ms = minute_of(minute_ms)
+        if minute_ms != self.closed_ms + MINUTE_MS:
+            return []
+        out: list[Anomaly] = []
+        for tenant, key in self._open.get(minute_ms, ()):
+            series = self.tenants.get(tenant, {}).get(key)
+            if series is None or series.episode is not None or series.scored_ms >= minute_ms:
+                continue
+            found = self._score(tenant, key, series, minute_ms, baseline_of, rule_of(tenant), open_minute=True)
+            if found is not None:
+                out.append(found)
+        return self._one_per_incident(out)
+
+    def _one_per_incident(self, found: list[Anomaly]) -> list[Anomaly]:
+        """A project's alert is left out when one of its agents has an open episode: the agent's
+        alert names the incident more precisely (the project's episode still opens)."""
+        out = []
+        for a in found:
+            if not a.agent:
+                scopes = self.tenants.get(a.tenant, {})
+                if any(k[0] == a.project and k[1] and s.episode is not None for k, s in scopes.items()):
+                    continue
+            out.append(a)
+        return out
+
+    def _score(self, tenant: str, key: tuple[str, str], series: Series, m: int, baseline_of: BaselineOf,
+               rule: Rule, *, open_minute: bool = False) -> Anomaly | None:  # fmt: skip
+        project, agent = key
+        baseline = baseline_of(tenant, project, agent, m) if OTHER not in key else None
+        if baseline is None:
+            if open_minute:
+                return None
+            series.run_start_ms = None
+            if series.episode is not None:
+                self._quiet(series)
+            return None
+        bucket = series.minutes.get(m)
+        spent = bucket.cost if bucket else 0
+        usual = baseline.usual
+        score = (spent - usual) / spread(baseline.mad, usual)
+        elevated = spent > usual and spent >= rule.ratio * usual and score >= rule.score
+        if not elevated:
+            if open_minute:
+                return None
+            series.run_start_ms = None
+            if series.episode is not None:
+                self._quiet(series)
+            return None
+        if series.run_start_ms is None:
+            series.run_start_ms = m
+        if series.episode is not None:
+            series.episode.quiet = 0
+            return None
+        if not rule.enabled or rule.mutes(project, agent):
+            return None
+        extreme = spent >= rule.extreme_ratio * usual
+        if series.run_start_ms == m and not extreme:
+            return None
+        window_start = m - (WINDOW_MINUTES - 1) * MINUTE_MS
+        window = sum(b.cost for k, b in series.minutes.items() if window_start <= k <= m)
+        usual_window = usual * WINDOW_MINUTES
+        excess = window - usual_window
+        if excess < rule.min_excess_nanos:
+            return None
+        alert_id = anomaly_alert_id(tenant, project, agent, series.run_start_ms)
+        series.episode = Episode(series.run_start_ms, alert_id)
+        return explain(tenant, project, agent, series, m, baseline, score, extreme)
+
+    def _quiet(self, series: Series) -> None:
+        assert series.episode is not None
+        series.episode.quiet += 1
+        if series.episode.quiet >= self.rearm_minutes:
+            series.episode = None
+
+
+def explain(tenant: str, project: str, agent: str, series: Series, m: int, baseline: Baseline, score: float,
+            extreme: bool) -> Anomaly:  # fmt: skip
+    """The alert's figures: the window against the usual, and the episode's minutes decomposed
+    into calls x tokens per call x cost per token, and by model."""
+    start = series.run_start_ms if series.run_start_ms is not None else m
+    window_start = m - (WINDOW_MINUTES - 1) * MINUTE_MS
+    window = sum(b.cost for k, b in series.minutes.items() if window_start <= k <= m)
+    usual = baseline.usual
+    episode = [b for k, b in sorted(series.minutes.items()) if start <= k <= m]
+    n = (m - start) // MINUTE_MS + 1
+    cost = sum(b.cost for b in episode)
+    calls = sum(b.calls for b in episode)
+    tokens = sum(b.tokens for b in episode)
+    usual_calls = baseline.mean_calls * n
+
+    def ratio(now: float | None, then: float | None) -> float | None:
+        return None if now is None or not then else now / then
+
+    tpc = tokens / calls if calls else None
+    usual_tpc = baseline.mean_tokens / baseline.mean_calls if baseline.mean_calls else None
+    npt = cost / tokens if tokens else None
+    usual_npt = baseline.mean_cost / baseline.mean_tokens if baseline.mean_tokens else None
+    calls_ratio = ratio(calls, usual_calls)
+    size_ratio = ratio(tpc, usual_tpc)
+    price_ratio = ratio(npt, usual_npt)
+    factors = {"volume": calls_ratio, "size": size_ratio, "price_mix": price_ratio}
+    known = {k: abs(math.log(v)) for k, v in factors.items() if v}
+    spike_type = max(known, key=known.__getitem__) if known else "volume"
+    spent_by_model: dict[str, int] = {}
+    for b in episode:
+        for model, c in b.models.items():
+            spent_by_model[model] = spent_by_model.get(model, 0) + c
+    excesses = {
+        model: max(0, spent - round(baseline.model_cost.get(model, 0.0) * n)) for model, spent in spent_by_model.items()
+    }
+    total_excess = sum(excesses.values())
+    models = tuple(
+        sorted(
+            (
+                ModelExcess(
+                    model,
+                    spent_by_model[model],
+                    round(baseline.model_cost.get(model, 0.0) * n),
+                    excess,
+                    excess / total_excess if total_excess else 0.0,
+                )  # fmt: skip
+                for model, excess in excesses.items()
+            ),
+            key=lambda e: (-e.excess_nanos, e.model),
+        )[:5]
+    )
+    examples: list[str] = []
+    for b in reversed(episode):
+        examples.extend(e for e in b.examples if len(examples) < MAX_EXAMPLES)
+    usual_window = round(usual * WINDOW_MINUTES)
+    last = series.minutes.get(m)
+    return Anomaly(
+        tenant=tenant, project=project, agent=agent, alert_id=anomaly_alert_id(tenant, project, agent, start),
+        episode_start_ms=start, minute_ms=m, window_start_ms=window_start, window_end_ms=m + MINUTE_MS,
+        window_nanos=window, usual_window_nanos=usual_window,
+        ratio=window / usual_window if usual_window else math.inf, score=score,
+        excess_nanos=window - usual_window, minute_nanos=last.cost if last else 0, usual_minute_nanos=round(usual),
+        episode_nanos=cost, usual_episode_nanos=round(usual * n),
+        episode_ratio=cost / (usual * n) if usual else math.inf,
+        spike_type=spike_type, calls=calls, usual_calls=usual_calls, calls_ratio=calls_ratio,
+        tokens_per_call=tpc, usual_tokens_per_call=usual_tpc, size_ratio=size_ratio,
+        nanos_per_token=npt, usual_nanos_per_token=usual_npt, price_ratio=price_ratio,
+        models=models, event_ids=tuple(examples), seasonality=baseline.seasonality,
+        baseline_samples=baseline.samples, extreme=extreme,
+    )  # fmt: skip

@@ -1,0 +1,326 @@
+"""The anomaly core with synthetic spend: baselines (steady, seasonal, past spikes trimmed), the
+alert rule (20x runaway, slow ramp, one-minute blip), re-arming, stable ids and the explanation
+(volume vs size vs price/mix)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from spendstream.anomaly import Detector, MinuteSample, Rule, anomaly_alert_value, build_baseline
+from spendstream.anomaly.baseline import DAY_MS, HOUR_MS, MINUTE_MS, sample_days
+from spendstream.anomaly.detector import anomaly_alert_id
+from spendstream.anomaly.store import baselines_from_rows
+from spendstream.settings import AnomalySettings
+
+T0 = 1_780_000_000_000 - 1_780_000_000_000 % DAY_MS + 14 * HOUR_MS  # some day, 14:00 UTC
+USUAL = 10_000_000  # $0.01 per minute
+RULE = Rule(min_excess_nanos=50_000_000)  # $0.05
+
+
+def history(per_minute, days: int = 7, hour: int = T0) -> dict[int, MinuteSample]:
+    """minute start -> sample for the same hour on the ``days`` days before ``hour``."""
+    out = {}
+    for d in range(1, days + 1):
+        for i in range(60):
+            ms = hour - d * DAY_MS + i * MINUTE_MS
+            cost, calls, tokens = per_minute(d, i)
+            out[ms] = MinuteSample(cost, calls, tokens, {"openai/gpt-4o": cost})
+    return out
+
+
+def steady(d: int, i: int) -> tuple[int, int, int]:
+    return USUAL, 10, 10_000
+
+
+def baseline_for(per_minute=steady, days: int = 7):
+    hours, seasonality = sample_days(T0, T0 - days * DAY_MS, 28, 7)
+    return build_baseline(history(per_minute, days), hours, seasonality, score=6, ratio=3, min_samples=60)
+
+
+class Feed:
+    """Drives a Detector minute by minute with one scope's spend."""
+
+    def __init__(self, baseline, rule: Rule = RULE, rearm: int = 15):
+        self.detector = Detector(rearm_minutes=rearm)
+        self.baseline = baseline
+        self.rule = rule
+        self.alerts = []
+        self.n = 0
+
+    def minute(self, m: int, calls: int, tokens_per_call: int, nanos_per_call: int, model: str = "openai/gpt-4o"):
+        ts = T0 + m * MINUTE_MS
+        for c in range(calls):
+            self.n += 1
+            self.detector.add("t1", "p1", "a1", model, ts + c, nanos_per_call, tokens_per_call, f"ev{self.n}")
+        found = self.detector.close(ts, lambda t, p, a, ms: self.baseline if a else None, lambda t: self.rule)
+        self.alerts += found
+        return found
+
+    def usual(self, m: int):
+        return self.minute(m, 10, 1000, USUAL // 10)
+
+
+def test_steady_baseline_is_the_usual_minute() -> None:
+    b = baseline_for()
+    assert b.median == USUAL and b.mad == 0 and b.samples == 7 * 60
+    assert b.seasonality == "hour_of_day"
+    assert math.isclose(b.mean_calls, 10) and math.isclose(b.mean_tokens, 10_000)
+
+
+def test_seasonal_baseline_uses_the_same_hour_of_week_with_long_history() -> None:
+    hours, seasonality = sample_days(T0, T0 - 30 * DAY_MS, 28, 7)
+    assert seasonality == "hour_of_week" and hours == [T0 - k * 7 * DAY_MS for k in range(1, 5)]
+    hours, seasonality = sample_days(T0, T0 - 20 * DAY_MS, 28, 7)
+    assert seasonality == "hour_of_day" and len(hours) == 7  # under three weeks of history
+    hours, seasonality = sample_days(T0, T0 - 3 * DAY_MS - HOUR_MS, 28, 7)
+    assert seasonality == "hour_of_day" and len(hours) == 3  # only days the scope existed
+
+
+def test_past_spikes_do_not_widen_the_baseline() -> None:
+    # a noisy agent with a 30x runaway for 20 minutes on one past day
+    rng = random.Random(1)
+
+    def noisy(d: int, i: int):
+        cost = int(USUAL * rng.uniform(0.8, 1.2))
+        return (cost * 30, 300, 300_000) if d == 2 and i < 20 else (cost, 10, 10_000)
+
+    b = baseline_for(noisy)
+    assert 0.8 * USUAL <= b.median <= 1.2 * USUAL
+    assert b.mad < 0.15 * USUAL
+    assert b.mean_cost < 1.25 * USUAL  # the runaway's minutes were trimmed
+
+
+def test_steady_agent_never_alerts() -> None:
+    feed = Feed(baseline_for())
+    rng = random.Random(7)
+    for m in range(180):
+        feed.minute(m, rng.randint(8, 12), 1000, USUAL // 10)
+    assert feed.alerts == []
+
+
+def test_a_20x_runaway_alerts_once_at_once_with_a_volume_explanation() -> None:
+    feed = Feed(baseline_for())
+    for m in range(20):
+        feed.usual(m)
+    assert feed.minute(20, 200, 1000, USUAL // 10)  # 20x: extreme, alerts in its first minute
+    for m in range(21, 40):
+        feed.minute(m, 200, 1000, USUAL // 10)
+    assert len(feed.alerts) == 1
+    a = feed.alerts[0]
+    assert a.alert_id == anomaly_alert_id("t1", "p1", "a1", T0 + 20 * MINUTE_MS)
+    assert a.spike_type == "volume" and math.isclose(a.calls_ratio, 20) and math.isclose(a.size_ratio, 1)
+    assert a.window_nanos == 9 * USUAL + 20 * USUAL and a.usual_window_nanos == 10 * USUAL
+    assert math.isclose(a.ratio, 2.9) and math.isclose(a.episode_ratio, 20)
+    assert a.models[0].model == "openai/gpt-4o" and math.isclose(a.models[0].share, 1)
+    assert len(a.event_ids) == 3
+    value = anomaly_alert_value(a, ("wh1",), T0 + 21 * MINUTE_MS)
+    assert value["kind"] == "anomaly" and value["scope"] == {"project": "p1", "agent": "a1"}
+    assert value["spent_usd"] == "0.290000000" and value["limit_usd"] == "0.100000000"
+    assert value["anomaly"]["spike_type"] == "volume" and value["anomaly"]["models"][0]["excess_usd"] == "0.190000000"
+    assert value["channels"] == ["wh1"] and value["event_id"] == a.event_ids[0]
+
+
+def test_a_size_spike_is_told_from_a_volume_spike() -> None:
+    feed = Feed(baseline_for())
+    for m in range(20):
+        feed.usual(m)
+    feed.minute(20, 10, 8000, 8 * USUAL // 10)  # same calls, 8x tokens per call and cost
+    assert feed.alerts == []  # 8x is not extreme: a second minute is needed
+    feed.minute(21, 10, 8000, 8 * USUAL // 10)
+    (a,) = feed.alerts
+    assert a.spike_type == "size" and math.isclose(a.size_ratio, 8) and math.isclose(a.calls_ratio, 1)
+    assert a.episode_start_ms == T0 + 20 * MINUTE_MS
+
+
+def test_a_pricier_model_is_a_price_mix_shift() -> None:
+    feed = Feed(baseline_for())
+    for m in range(20):
+        feed.usual(m)
+    for m in (20, 21):
+        feed.minute(m, 10, 1000, 6 * USUAL // 10, model="openai/o1")
+    (a,) = feed.alerts
+    assert a.spike_type == "price_mix" and math.isclose(a.price_ratio, 6)
+    assert a.models[0].model == "openai/o1" and math.isclose(a.models[0].share, 1)
+
+
+def test_a_one_minute_blip_does_not_alert() -> None:
+    feed = Feed(baseline_for())
+    for m in range(20):
+        feed.usual(m)
+    feed.minute(20, 150, 1000, USUAL // 10)  # 15x for one minute
+    for m in range(21, 60):
+        feed.usual(m)
+    assert feed.alerts == []
+
+
+def test_a_slow_ramp_alerts_once_when_it_is_far_above_the_usual() -> None:
+    feed = Feed(baseline_for())
+    for m in range(120):
+        calls = 10 + m // 6  # +1 call every 6 minutes: 3x after 2 hours
+        feed.minute(m, calls, 1000, USUAL // 10)
+    assert feed.alerts == []  # 2.98x at most: below the ratio
+    for m in range(120, 200):
+        feed.minute(m, 10 + m // 6, 1000, USUAL // 10)
+    assert len(feed.alerts) == 1
+
+
+def test_the_episode_re_arms_after_normal_minutes() -> None:
+    feed = Feed(baseline_for(), rearm=5)
+    for m in range(10):
+        feed.usual(m)
+    for m in range(10, 15):
+        feed.minute(m, 100, 1000, USUAL // 10)
+    for m in range(15, 18):  # 3 normal minutes: still the same episode
+        feed.usual(m)
+    for m in range(18, 20):
+        feed.minute(m, 100, 1000, USUAL // 10)
+    assert len(feed.alerts) == 1
+    for m in range(20, 30):  # 10 normal minutes: re-armed
+        feed.usual(m)
+    for m in range(30, 33):
+        feed.minute(m, 100, 1000, USUAL // 10)
+    assert len(feed.alerts) == 2
+    assert feed.alerts[1].alert_id != feed.alerts[0].alert_id
+    assert feed.alerts[1].episode_start_ms == T0 + 30 * MINUTE_MS
+
+
+def test_the_same_events_replayed_give_the_same_alert_id() -> None:
+    ids = []
+    for _ in range(2):
+        feed = Feed(baseline_for())
+        for m in range(5, 20):
+            feed.usual(m)
+        for m in (20, 21):
+            feed.minute(m, 60, 1000, USUAL // 10)
+        ids.append([a.alert_id for a in feed.alerts])
+    assert ids[0] == ids[1] and len(ids[0]) == 1
+
+
+def test_a_restored_episode_is_not_alerted_again() -> None:
+    feed = Feed(baseline_for())
+    feed.detector.restore_episode("t1", "p1", "a1", T0, anomaly_alert_id("t1", "p1", "a1", T0))
+    for m in range(0, 10):
+        feed.minute(m, 200, 1000, USUAL // 10)
+    assert feed.alerts == []
+
+
+def test_below_the_dollar_floor_nothing_alerts() -> None:
+    feed = Feed(baseline_for(), rule=Rule(min_excess_nanos=10**10))  # $10
+    for m in range(30):
+        feed.minute(m, 100, 1000, USUAL // 10)
+    assert feed.alerts == []
+
+
+def test_muted_and_disabled_scopes_do_not_alert() -> None:
+    for rule in (Rule(min_excess_nanos=1, muted=("p1/a1",)), Rule(min_excess_nanos=1, enabled=False)):
+        feed = Feed(baseline_for(), rule=rule)
+        for m in range(10):
+            feed.minute(m, 300, 1000, USUAL // 10)
+        assert feed.alerts == []
+
+
+def test_open_minute_alerts_early_and_closing_does_not_repeat() -> None:
+    d = Detector()
+    base = baseline_for()
+
+    def baseline_of(t, p, a, ms):
+        return base if a else None
+
+    def rule_of(t):
+        return RULE
+
+    for m in range(5):
+        for c in range(10):
+            d.add("t1", "p1", "a1", "openai/gpt-4o", T0 + m * MINUTE_MS + c, USUAL // 10, 1000, f"e{m}.{c}")
+        d.close(T0 + m * MINUTE_MS, baseline_of, rule_of)
+    for m in (5, 6):
+        for c in range(50):  # 5x
+            d.add("t1", "p1", "a1", "openai/gpt-4o", T0 + m * MINUTE_MS + c, USUAL // 10, 1000, f"x{m}.{c}")
+        if m == 5:
+            assert d.peek(T0 + m * MINUTE_MS, baseline_of, rule_of) == []  # first elevated minute
+            assert d.close(T0 + m * MINUTE_MS, baseline_of, rule_of) == []
+    early = d.peek(T0 + 6 * MINUTE_MS, baseline_of, rule_of)
+    assert len(early) == 1
+    assert d.close(T0 + 6 * MINUTE_MS, baseline_of, rule_of) == []
+
+
+def test_a_hostile_tenant_cannot_track_unbounded_scopes() -> None:
+    d = Detector(max_series_per_tenant=50, max_series=120)
+    for i in range(10_000):
+        d.add("evil", "p", f"agent-{i}", "m/m", T0, 1, 1, f"e{i}")
+    assert len(d.tenants["evil"]) <= 52
+    for i in range(200):
+        d.add(f"t{i}", "p", "a", "m/m", T0, 1, 1, f"f{i}")
+    assert d.series_count <= 120 and d.dropped_series > 0
+    # idle scopes are forgotten once they leave the window
+    d.close(T0 + 30 * MINUTE_MS, lambda *a: None, lambda t: RULE)
+    assert d.series_count == 0 and d.tenants == {}
+
+
+def test_project_alert_is_left_out_when_an_agent_explains_it() -> None:
+    d = Detector()
+    base = baseline_for()
+
+    def baseline_of(t, p, a, ms):
+        return base
+
+    for m in range(10):
+        n = 200 if m >= 8 else 10
+        for c in range(n):
+            d.add("t1", "p1", "a1", "openai/gpt-4o", T0 + m * MINUTE_MS + c, USUAL // 10, 1000, f"e{m}.{c}")
+    found = d.close(T0 + 9 * MINUTE_MS, baseline_of, lambda t: RULE)
+    assert [(a.project, a.agent) for a in found] == [("p1", "a1")]
+
+
+def test_baselines_from_aggregate_rows_cover_projects_and_new_agents() -> None:
+    from datetime import UTC, datetime
+
+    def dt(ms):
+        return datetime.fromtimestamp(ms / 1000, UTC)
+
+    first = [("t1", "p1", "old", dt(T0 - 25 * DAY_MS)), ("t1", "p1", "new", dt(T0 - HOUR_MS))]
+    rows = []
+    for k in range(1, 4):  # hour of week: 3 past weeks
+        for i in range(60):
+            rows.append(
+                ("t1", "p1", "old", "openai/gpt-4o", dt(T0 - k * 7 * DAY_MS + i * MINUTE_MS), USUAL, 10, 10_000)
+            )
+    first.append(("t1", "p1", "", dt(T0 - 25 * DAY_MS)))
+    rows += [("t1", "p1", "", *r[3:]) for r in rows]  # the project's own rows
+    out = baselines_from_rows(first, rows, T0, AnomalySettings(), {})
+    assert out[("t1", "p1", "old")].median == USUAL
+    assert out[("t1", "p1", "old")].seasonality == "hour_of_week"
+    assert out[("t1", "p1", "")].median == USUAL
+    assert ("t1", "p1", "new") not in out  # no history for this hour yet: not scored
+
+
+def test_the_stage_reads_priced_envelopes_and_refuses_what_it_cannot_read() -> None:
+    import orjson
+    import pytest
+
+    from spendstream.timeutil import TimestampParser, format_epoch_ms
+    from stream_processors.anomaly.logic import add_record
+    from stream_processors.runtime.retry import CONTENT_ERRORS
+
+    d = Detector()
+    event = {"event_id": "e1", "timestamp": format_epoch_ms(T0), "agent": "a1", "provider": "openai",
+             "model": "gpt-4o", "input_tokens": 100, "output_tokens": 20, "cost_nanos": 5}  # fmt: skip
+    envelope = {"v": 1, "tenant": "t1", "project": "p1", "events": [event]}
+    assert add_record(d, orjson.dumps(envelope), TimestampParser()) == T0
+    bucket = d.tenants["t1"][("p1", "a1")].minutes[T0]
+    assert (bucket.cost, bucket.calls, bucket.tokens, bucket.models) == (5, 1, 120, {"openai/gpt-4o": 5})
+    assert d.tenants["t1"][("p1", "")].minutes[T0].cost == 5
+    bad = [
+        b"not json",
+        b"[]",
+        orjson.dumps({**envelope, "events": [{**event, "cost_nanos": "5"}]}),
+        orjson.dumps({**envelope, "events": [{**event, "timestamp": "yesterday"}]}),
+        orjson.dumps({**envelope, "tenant": 3}),
+        orjson.dumps({**envelope, "events": [{"event_id": "x"}]}),
+    ]
+    for value in bad:
+        with pytest.raises(CONTENT_ERRORS):
+            add_record(d, value, TimestampParser())
+    # nothing of a refused record was counted
+    assert d.tenants["t1"][("p1", "a1")].minutes[T0].calls == 1
