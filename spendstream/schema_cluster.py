@@ -20,6 +20,8 @@ passes every statement through :func:`cluster_statements`:
   as in its CREATE.
 - ``ALTER TABLE {db}.t ...``: on ``t_local`` ``ON CLUSTER``, and on the Distributed ``t`` too when it
   changes columns.
+- ``DETACH TABLE IF EXISTS {db}.v`` / ``ATTACH TABLE IF NOT EXISTS {db}.v`` (reloading a materialized
+  view from its metadata): ``ON CLUSTER`` on ``v`` itself, which keeps its name on the cluster.
 - ``cluster_wide=True`` (the migrator's own bookkeeping tables): one Replicated table across all
   nodes of the cluster, without Distributed table.
 
@@ -58,6 +60,9 @@ _MV_SOURCE = re.compile(r"\bFROM\s+\{db\}\.(\w+)", re.I)
 _MODIFY_QUERY = re.compile(r"^ALTER\s+TABLE\s+(\{db\}\.\w+)\s+(MODIFY\s+QUERY\s.*)$", re.S | re.I)
 _ALTER_TABLE = re.compile(r"^ALTER\s+TABLE\s+\{db\}\.(\w+)\s+(.*)$", re.S | re.I)
 _COLUMN_ALTER = re.compile(r"\b(ADD|DROP|MODIFY|RENAME|COMMENT|CLEAR)\s+COLUMN\b", re.I)
+_RELOAD = re.compile(
+    r"^(DETACH\s+TABLE\s+IF\s+EXISTS|ATTACH\s+TABLE\s+IF\s+NOT\s+EXISTS)\s+(\{db\}\.\w+)\s*$", re.S | re.I
+)
 _ENGINE = re.compile(r"\bENGINE\s*=\s*(\w+)\s*", re.I)
 
 
@@ -84,6 +89,8 @@ def cluster_statements(statement: str, cluster: str, *, cluster_wide: bool = Fal
         return [f"CREATE MATERIALIZED VIEW IF NOT EXISTS {m[1]} {on_cluster} TO {{db}}.{m[2]}{LOCAL_SUFFIX} {select}"]
     if m := _MODIFY_QUERY.match(statement):
         return [f"ALTER TABLE {m[1]} {on_cluster} {_from_local_source(m[2], m[1], statement)}"]
+    if m := _RELOAD.match(statement):
+        return [f"{m[1]} {m[2]} {on_cluster}"]
     if m := _CREATE_TABLE.match(statement):
         return _create_table(m[1], m[2], cluster, on_cluster, cluster_wide)
     if m := _ALTER_TABLE.match(statement):
@@ -94,7 +101,8 @@ def cluster_statements(statement: str, cluster: str, *, cluster_wide: bool = Fal
         return derived
     raise ClusterSchemaError(
         "no cluster form for this statement (expected CREATE DATABASE/TABLE/VIEW/MATERIALIZED VIEW "
-        f"IF NOT EXISTS, CREATE OR REPLACE VIEW, or ALTER TABLE on {{db}}-qualified names): {statement[:200]}"
+        "IF NOT EXISTS, CREATE OR REPLACE VIEW, ALTER TABLE, DETACH TABLE IF EXISTS or ATTACH TABLE IF NOT EXISTS on "
+        f"{{db}}-qualified names): {statement[:200]}"
     )
 
 

@@ -233,6 +233,61 @@ def test_an_insert_retried_after_a_partial_failure_is_stored_once(make_settings,
     conn.close()
 
 
+#: one ClickHouse lifetime of the test below: migrates when asked (in this same process, as a server
+#: runs its migrations), runs each statement of the file it is given, prints the last one's answer
+_CHDB_LIFETIME = """
+import sys, chdb
+conn = chdb.connect(sys.argv[1])  # first: the engine lives until its last connection closes
+if sys.argv[3] == "migrate":
+    from spendstream.migrate import main
+    from spendstream.settings import Settings
+    assert main(Settings()) == 0
+for sql in open(sys.argv[2], "rb").read().split(b"\\n;;\\n"):
+    answer = conn.query(sql, "TSVRaw")
+print(answer.bytes().decode(), end="")
+conn.close()
+"""
+
+
+def test_a_retry_across_a_restart_after_modify_query_is_stored_once(make_settings, tmp_path: Path):
+    """The fault suite's double count, made deterministic: an insert whose views committed but whose
+    usage_events part did not when ClickHouse died, retried with the same token after the restart.
+    The server that ran 0009's MODIFY QUERY derives other dedup block ids for the views' targets
+    than a restarted one; 0014 reloads those views, so the retry adds nothing twice. The kill is
+    played by separate processes (one ClickHouse lifetime each) and by dropping usage_events' part,
+    which drops its dedup entry too, as if that part had never committed."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "chdb"
+    s = make_settings(with_clickhouse=False, clickhouse={"url": f"chdb://{path}"})
+    db = s.clickhouse.database
+    feed = PricedFeed(seed=5)
+    records = [read_priced(p, o, 1_000, v, h, TimestampParser()) for o, (_, v, p, h) in enumerate(feed.chunk(5))]
+    insert = plan_inserts(USAGE_PRICED.name, records, 10_000)[0]
+    settings = ", ".join(
+        f"{k} = {v!r}" for k, v in {**INSERT_SETTINGS, "insert_deduplication_token": insert.token}.items()
+    )
+    sql = f"INSERT INTO {db}.usage_events_in SETTINGS {settings} FORMAT JSONEachRow\n".encode() + json_rows(records)
+    parts = f"SELECT name FROM system.parts WHERE database = '{db}' AND table = 'usage_events' AND active".encode()
+
+    env = {**os.environ, "SPENDSTREAM_CLICKHOUSE__URL": s.clickhouse.url, "SPENDSTREAM_CLICKHOUSE__DATABASE": db}
+
+    def lifetime(*statements: bytes, migrate: bool = False) -> str:
+        script = tmp_path / "lifetime.sql"
+        script.write_bytes(b"\n;;\n".join(statements))
+        run = [sys.executable, "-c", _CHDB_LIFETIME, str(path), str(script), "migrate" if migrate else "-"]
+        done = subprocess.run(run, timeout=300, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    # the first lifetime migrates (0009's MODIFY QUERY included) and takes the insert
+    part = lifetime(sql, parts, migrate=True).split()[-1]
+    # the next: usage_events' part goes (as if it had not committed) and the sink retries the insert
+    lifetime(f"ALTER TABLE {db}.usage_events DROP PART '{part}'".encode(), sql)
+    assert_exact(stored_totals(s), feed)
+
+
 def test_clickhouse_reads_a_priced_record_as_the_contract_says(stage_settings):
     """Absent fields take the contract's defaults; src, position and costs land in their columns."""
     sparse = {"event_id": "bare", "timestamp": "2025-03-01T12:00:00Z", "provider": "x", "model": "y",

@@ -130,6 +130,23 @@ def test_a_view_query_change_runs_on_the_view_itself_reading_the_local_source() 
         cluster_statements("ALTER TABLE {db}.v_mv MODIFY QUERY SELECT 1", CLUSTER)
 
 
+def test_every_view_whose_query_changed_is_reloaded_afterwards_on_the_view_itself() -> None:
+    """After MODIFY QUERY the server that ran it derives other insert-dedup block ids for the view's
+    target than after a restart (0014's header): a later file must DETACH and ATTACH the view."""
+    statements = _all_statements()
+    for i, statement in enumerate(statements):
+        if m := re.match(r"ALTER TABLE (\S+) MODIFY QUERY", statement):
+            view = m[1]
+            later = statements[i + 1 :]
+            detach = later.index(f"DETACH TABLE IF EXISTS {view}")
+            assert later[detach + 1] == f"ATTACH TABLE IF NOT EXISTS {view}", view
+    for statement in (s for s in statements if re.match(r"(DETACH|ATTACH) TABLE", s)):
+        (derived,) = cluster_statements(statement, CLUSTER)
+        assert derived == f"{statement} {ON}" and "_local" not in derived
+    with pytest.raises(ClusterSchemaError):
+        cluster_statements("DETACH TABLE {db}.usage_minute_mv PERMANENTLY", CLUSTER)
+
+
 def test_bookkeeping_tables_are_one_replica_set_over_the_whole_cluster() -> None:
     for statement in BOOTSTRAP[1:]:
         (derived,) = cluster_statements(statement, CLUSTER, cluster_wide=True)
