@@ -137,3 +137,18 @@ def _collect(
                     progress(run["buckets"], total)
         finally:
             run["retries"] = http.retries
+
+
+def options_from_settings(settings: Any, **overrides: Any) -> CollectOptions:
+    """The collect options of ``settings.collectors`` (``overrides``: e.g. a test's ``sleep``)."""
+    c = settings.collectors
+    policy = HttpPolicy(
+        timeout_s=c.timeout_s,
+        max_attempts=c.max_attempts,
+        backoff_base_s=c.backoff_base_s,
+        backoff_max_s=c.backoff_max_s,
+        max_retry_after_s=c.max_retry_after_s,
+        max_response_bytes=c.max_response_bytes,
+    )
+    base_urls = {"openai": c.openai_base_url, "anthropic": c.anthropic_base_url}
+    return CollectOptions(base_urls, policy, timedelta(hours=c.recollect_hours), **overrides)
