@@ -23,6 +23,7 @@ from query_api.guard import RequestGuard
 from query_api.metrics import ApiMetrics, MetricsMiddleware
 from query_api.routers import alerts, analytics, budgets, export, health, keys, pricing, projects, sql, webhooks
 from query_api.routers import provider_keys
+from query_api.routers import collectors, provider_connections, reconciliation
 from spendstream.clickhouse import get_async_client, get_client
 from spendstream.keys import KeyStore, load_live_keys
 from spendstream.pricing.catalog import default_catalog
@@ -33,6 +34,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 #: one router per domain, in the order they appear in the OpenAPI document
 ROUTERS = (health, analytics, export, pricing, projects, keys, sql, budgets, webhooks, alerts)
 ROUTERS += (provider_keys,)
+ROUTERS += (provider_connections, reconciliation, collectors)
 
 
 def create_app(settings: Settings) -> FastAPI:

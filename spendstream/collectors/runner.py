@@ -152,3 +152,10 @@ def options_from_settings(settings: Any, **overrides: Any) -> CollectOptions:
     )
     base_urls = {"openai": c.openai_base_url, "anthropic": c.anthropic_base_url}
     return CollectOptions(base_urls, policy, timedelta(hours=c.recollect_hours), **overrides)
+
+
+def is_running(connection_id: str) -> bool:
+    """A run of this connection is going in this process."""
+    with _locks_guard:
+        lock = _locks.get(connection_id)
+    return lock is not None and lock.locked()
