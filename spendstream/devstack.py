@@ -154,6 +154,9 @@ class Stack:
                 )
             )
         comps.append(Component("query-api", cli + ["query-api"], _http_ok(self.query_url + "/readyz")))
+        if s.secret_keys.get_secret_value():
+            # a scheduler without a port: healthy while its process runs (the supervisor restarts it)
+            comps.append(Component("collectors", cli + ["collectors", "run"], lambda: True))
         return comps
 
     @property

@@ -276,3 +276,58 @@ def test_the_admin_keys_are_in_no_table_in_clear(env):
         for key in (OPENAI_KEY, ANTHROPIC_KEY):
             assert key not in text, table
             assert key.encode().hex() not in text, table
+
+
+def test_the_schedule_follows_the_issue_and_never_overlaps(env):
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from spendstream.collectors.service import schedule
+
+    scheduler = schedule(env["settings"], BackgroundScheduler(timezone=UTC))
+    jobs = {j.id: j for j in scheduler.get_jobs()}
+    assert set(jobs) == {"collect-openai", "collect-anthropic"}
+    after = datetime(2025, 12, 6, 10, 37, tzinfo=UTC)
+    openai_fires, anthropic_fires, t_o, t_a = [], [], after, after
+    for _ in range(3):
+        t_o = jobs["collect-openai"].trigger.get_next_fire_time(None, t_o + timedelta(seconds=1))
+        t_a = jobs["collect-anthropic"].trigger.get_next_fire_time(None, t_a + timedelta(seconds=1))
+        openai_fires.append(t_o.strftime("%d %H:%M"))
+        anthropic_fires.append(t_a.strftime("%d %H:%M"))
+    assert openai_fires == ["06 12:10", "06 18:10", "07 00:10"]
+    assert anthropic_fires == ["06 11:05", "06 12:05", "06 13:05"]
+    assert all(j.max_instances == 1 and j.coalesce for j in jobs.values())
+
+
+def test_a_provider_job_collects_every_live_connection(env):
+    from spendstream.collectors.service import run_provider
+
+    fake = env["fake"]
+    a, b = connect(env, "openai", days=1), connect(env, "openai", days=1)
+    runs = run_provider(env["settings"], "openai", trigger="manual")
+    mine = [(r["connection_id"], r["dataset"], r["status"]) for r in runs if r["connection_id"] in (a.id, b.id)]
+    assert sorted(mine) == sorted((c.id, d, "ok") for c in (a, b) for d in ("usage", "costs"))
+    assert fake.requests("openai", "usage")
+
+
+def test_cli_backfill_shows_progress_and_stores_the_figures(env):
+    from typer.testing import CliRunner
+
+    from spendstream.cli import app
+    from spendstream.devstack import child_env
+
+    fake = env["fake"]
+    # the CLI collects back from the real clock: data around today
+    today = int(datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
+    for n in range(0, 12):
+        fake.data["anthropic", "costs"][today - n * D] = [anthropic_cost("claude-opus-4-1-20250805", f"{n}.5", "w")]
+    conn = connect(env, "anthropic", days=0)
+    result = CliRunner().invoke(
+        app, ["collectors", "backfill", "--connection", conn.id, "--days", "10", "--dataset", "costs"],
+        env=child_env(env["settings"]),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "anthropic costs: ok" in result.output and "11/11" in result.output  # the bar: 10 days back + today
+    assert ANTHROPIC_KEY not in result.output
+    assert stored_costs(env, conn) == expected_costs(fake, "anthropic", today - 10 * D, today + D)
+    bad = CliRunner().invoke(app, ["collectors", "backfill", "--connection", "pc_nope"], env=child_env(env["settings"]))
+    assert bad.exit_code == 2 and "no live connection" in bad.output
