@@ -21,9 +21,22 @@ from fastapi_offline import FastAPIOffline
 from query_api.errors import install_error_handlers
 from query_api.guard import RequestGuard
 from query_api.metrics import ApiMetrics, MetricsMiddleware
-from query_api.routers import alerts, analytics, budgets, export, health, keys, pricing, projects, sql, webhooks
-from query_api.routers import provider_keys
-from query_api.routers import collectors, provider_connections, reconciliation
+from query_api.routers import (
+    alerts,
+    analytics,
+    budgets,
+    collectors,
+    export,
+    health,
+    keys,
+    pricing,
+    projects,
+    provider_connections,
+    provider_keys,
+    reconciliation,
+    sql,
+    webhooks,
+)
 from spendstream.clickhouse import get_async_client, get_client
 from spendstream.keys import KeyStore, load_live_keys
 from spendstream.pricing.catalog import default_catalog

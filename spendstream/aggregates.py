@@ -59,6 +59,7 @@ RAW_TABLE = "usage_events"
 #: api_keys, webhooks and provider_keys hold secrets or their hashes and have none.
 NON_AGGREGATE_TENANT_VIEWS: tuple[str, ...] = (
     RAW_TABLE, "projects", "budgets", "price_overrides", "budget_alerts", "alert_deliveries",
+    "provider_usage_hourly", "provider_costs_daily",  # provider reports (0016), each bucket's current collection
 )  # fmt: skip
 
 

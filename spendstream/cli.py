@@ -176,7 +176,9 @@ def collectors_backfill(
     try:
         found, failed = load_open_connections(client, keyring_of(settings), ids=[connection])
         if not found:
-            typer.echo(f"no live connection {connection!r}" + (" (its key cannot be opened)" if failed else ""), err=True)
+            typer.echo(
+                f"no live connection {connection!r}" + (" (its key cannot be opened)" if failed else ""), err=True
+            )
             raise typer.Exit(2)
         conn = found[0]
         chosen = [d for d in PROVIDERS[conn.provider].datasets if dataset in ("all", d.kind)]
@@ -187,8 +189,15 @@ def collectors_backfill(
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
             for d in chosen:
                 task = bar.add_task(f"{conn.provider} {d.kind}", total=None)
-                run = collect(client, conn, d, options_from_settings(settings), trigger="backfill", backfill_days=days,
-                              progress=lambda done, total, task=task: bar.update(task, completed=done, total=total))
+                run = collect(
+                    client,
+                    conn,
+                    d,
+                    options_from_settings(settings),
+                    trigger="backfill",
+                    backfill_days=days,
+                    progress=lambda done, total, task=task: bar.update(task, completed=done, total=total),
+                )
                 bar.update(task, description=f"{conn.provider} {d.kind}: {run['status']} {run['rows']} rows")
                 if run["status"] != "ok":
                     errors += 1

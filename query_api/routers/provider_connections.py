@@ -18,7 +18,6 @@ from spendstream.collectors.connections import (
     delete_connection,
     list_connections,
 )
-from spendstream.collectors.registry import PROVIDERS
 from spendstream.money import format_usd
 from spendstream.secrets import Keyring, SecretError
 from spendstream.timeutil import iso_utc
@@ -34,7 +33,9 @@ class SecretsNotConfigured(DomainError):
 def keyring(request: Request) -> Keyring:
     spec = request.app.state.settings.secret_keys.get_secret_value()
     if not spec:
-        raise SecretsNotConfigured("storing admin keys needs SPENDSTREAM_SECRET_KEYS (docs/collectors.md)", "secret_keys")
+        raise SecretsNotConfigured(
+            "storing admin keys needs SPENDSTREAM_SECRET_KEYS (docs/collectors.md)", "secret_keys"
+        )
     try:
         return Keyring.parse(spec)
     except SecretError as exc:
@@ -79,4 +80,3 @@ async def delete(connection_id: str, principal: Admin, request: Request) -> None
         delete_connection, request.app.state.ch_sync, principal.tenant, connection_id
     ):
         raise NotFound(f"provider connection {connection_id!r}")
-

@@ -31,7 +31,9 @@ def _date(name: str, value: str) -> date:
 async def reconciliation(
     principal: Reader,
     request: Request,
-    from_: Annotated[str | None, Query(alias="from", description="first UTC day, YYYY-MM-DD; default: 29 days before `to`")] = None,
+    from_: Annotated[
+        str | None, Query(alias="from", description="first UTC day, YYYY-MM-DD; default: 29 days before `to`")
+    ] = None,
     to: Annotated[str | None, Query(description="last UTC day (inclusive), YYYY-MM-DD; default: today")] = None,
     granularity: Annotated[str, Query(description="'day' (the only one)")] = "day",
     by: Annotated[str, Query(description="'model' or 'project'")] = "model",

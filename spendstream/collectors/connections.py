@@ -148,7 +148,12 @@ def delete_connection(client: Any, tenant: str, connection_id: str) -> bool:
 
 
 def load_open_connections(
-    client: Any, keyring: Keyring, *, provider: str | None = None, tenant: str | None = None, ids: list[str] | None = None
+    client: Any,
+    keyring: Keyring,
+    *,
+    provider: str | None = None,
+    tenant: str | None = None,
+    ids: list[str] | None = None,
 ) -> tuple[list[OpenConnection], int]:
     """Live connections opened (optionally of one provider / tenant / ids), and how many could not be."""
     where, params = [], {}

@@ -58,7 +58,9 @@ def merge(
         r_cost = reported_cost.get(key, 0)
         r_in, r_out = reported_tokens.get(key, (0, 0))
         reported_seen = key in reported_cost or key in reported_tokens
-        seen_by = "both" if key in tracked and reported_seen else ("spendstream_only" if key in tracked else "provider_only")
+        seen_by = (
+            "both" if key in tracked and reported_seen else ("spendstream_only" if key in tracked else "provider_only")
+        )
         diff = r_cost - t.cost_nanos
         rows.append({
             "date": day.isoformat(), "provider": provider, by: name,

@@ -59,5 +59,7 @@ def backfill(now: datetime, days: int, bucket_seconds: int) -> Window:
     if not 1 <= days <= MAX_BACKFILL_DAYS:
         raise ValueError(f"days must be 1..{MAX_BACKFILL_DAYS}")
     return Window(
-        floor_to(now - timedelta(days=days), bucket_seconds), ceil_to(now, bucket_seconds), floor_to(now, bucket_seconds)
+        floor_to(now - timedelta(days=days), bucket_seconds),
+        ceil_to(now, bucket_seconds),
+        floor_to(now, bucket_seconds),
     )

@@ -165,7 +165,9 @@ class FakeProviders:
         shown, rest = starts[:size], starts[size:]
         store = self.data[provider, dataset]
         if provider == "openai":
-            data = [{"object": "bucket", "start_time": s, "end_time": s + width, "results": store.get(s, [])} for s in shown]
+            data = [
+                {"object": "bucket", "start_time": s, "end_time": s + width, "results": store.get(s, [])} for s in shown
+            ]
         else:
             data = [{"starting_at": _rfc3339(s), "ending_at": _rfc3339(s + width), "results": store.get(s, [])}
                     for s in shown]  # fmt: skip

@@ -51,10 +51,16 @@ def env(make_settings):
     ch = get_client(settings)
     with FakeProviders(openai_key=OPENAI_KEY, anthropic_key=ANTHROPIC_KEY, page_size=24) as fake:
         settings = settings.model_copy(
-            update={"collectors": settings.collectors.model_copy(update={
-                "openai_base_url": fake.base_url("openai"), "anthropic_base_url": fake.base_url("anthropic"),
-                "backoff_base_s": 0.01, "backoff_max_s": 0.05,
-            })}  # fmt: skip
+            update={
+                "collectors": settings.collectors.model_copy(
+                    update={
+                        "openai_base_url": fake.base_url("openai"),
+                        "anthropic_base_url": fake.base_url("anthropic"),
+                        "backoff_base_s": 0.01,
+                        "backoff_max_s": 0.05,
+                    }
+                )
+            }  # fmt: skip
         )
         yield {"settings": settings, "ch": ch, "fake": fake, "keyring": Keyring.parse(secret)}
     ch.close()
@@ -113,28 +119,38 @@ def expected_costs(fake, provider: str, since: int, until: int) -> dict[tuple[in
 
 
 def stored_usage(env, conn) -> dict[tuple[int, str], tuple[int, int]]:
-    rows = env["ch"].query(
-        f"SELECT toUnixTimestamp(bucket_start), model, sum(input_tokens), sum(output_tokens) "
-        f"FROM {store.latest(store.USAGE_TABLE)} WHERE connection_id = {{c:String}} AND model != '' "
-        "GROUP BY 1, 2",
-        parameters={"tenant": TENANT, "c": conn.id},
-    ).result_rows
+    rows = (
+        env["ch"]
+        .query(
+            f"SELECT toUnixTimestamp(bucket_start), model, sum(input_tokens), sum(output_tokens) "
+            f"FROM {store.latest(store.USAGE_TABLE)} WHERE connection_id = {{c:String}} AND model != '' "
+            "GROUP BY 1, 2",
+            parameters={"tenant": TENANT, "c": conn.id},
+        )
+        .result_rows
+    )
     return {(int(s), m): (int(i), int(o)) for s, m, i, o in rows}
 
 
 def stored_costs(env, conn) -> dict[tuple[int, str], int]:
-    rows = env["ch"].query(
-        f"SELECT toUnixTimestamp(bucket_start), model, sum(amount_nanos) FROM {store.latest(store.COSTS_TABLE)} "
-        "WHERE connection_id = {c:String} AND model != '' GROUP BY 1, 2",
-        parameters={"tenant": TENANT, "c": conn.id},
-    ).result_rows
+    rows = (
+        env["ch"]
+        .query(
+            f"SELECT toUnixTimestamp(bucket_start), model, sum(amount_nanos) FROM {store.latest(store.COSTS_TABLE)} "
+            "WHERE connection_id = {c:String} AND model != '' GROUP BY 1, 2",
+            parameters={"tenant": TENANT, "c": conn.id},
+        )
+        .result_rows
+    )
     return {(int(s), m): int(a) for s, m, a in rows}
 
 
 def seed_openai(fake, hours: range, days: range) -> None:
     for n in hours:
         fake.data["openai", "usage"][hour(n)] = [
-            openai_usage("gpt-4o-2024-08-06", "proj_a", "key_1", input_tokens=1000 + n, cached=600, output_tokens=50 + n),
+            openai_usage(
+                "gpt-4o-2024-08-06", "proj_a", "key_1", input_tokens=1000 + n, cached=600, output_tokens=50 + n
+            ),
             openai_usage("gpt-4o-mini-2024-07-18", "proj_b", "key_2", input_tokens=7 * n, output_tokens=n, requests=n),
         ]
     for n in days:
@@ -188,9 +204,14 @@ def test_collection_is_exact_paged_throttled_and_idempotent(env):
     assert stored_costs(env, anthropic_conn)[day(0), "claude-sonnet-4-20250514"] == 1_237_891_200
 
     def counts():
-        return env["ch"].query(
-            f"SELECT count(), sum(input_tokens) FROM {store.latest(store.USAGE_TABLE)}", parameters={"tenant": TENANT}
-        ).result_rows[0]
+        return (
+            env["ch"]
+            .query(
+                f"SELECT count(), sum(input_tokens) FROM {store.latest(store.USAGE_TABLE)}",
+                parameters={"tenant": TENANT},
+            )
+            .result_rows[0]
+        )
 
     before = counts()
     again = run_all(env, openai_conn, now=NOW + timedelta(minutes=10))
@@ -216,7 +237,9 @@ def test_a_90_day_backfill_stores_every_bucket_once_with_progress(env):
     seed_anthropic(fake, range(0, 90 * 24, 7), range(0, 90))
     conn = connect(env, "anthropic", days=1)
     seen = []
-    runs = run_all(env, conn, trigger="backfill", backfill_days=90, progress=lambda done, total: seen.append((done, total)))
+    runs = run_all(
+        env, conn, trigger="backfill", backfill_days=90, progress=lambda done, total: seen.append((done, total))
+    )
     assert runs["costs"]["status"] == runs["usage"]["status"] == "ok"
     assert runs["costs"]["buckets"] == 91 and runs["costs"]["pages"] == 4  # the fake pages by 24
     assert seen[-1][0] == seen[-1][1] and len(seen) >= 3
@@ -269,7 +292,12 @@ def test_runs_of_one_connection_never_overlap(env):
 def test_the_admin_keys_are_in_no_table_in_clear(env):
     ch = env["ch"]
     db = env["settings"].clickhouse.database
-    tables = [r[0] for r in ch.query(f"SELECT name FROM system.tables WHERE database = '{db}' AND engine NOT LIKE '%View%'").result_rows]
+    tables = [
+        r[0]
+        for r in ch.query(
+            f"SELECT name FROM system.tables WHERE database = '{db}' AND engine NOT LIKE '%View%'"
+        ).result_rows
+    ]
     assert "provider_connections" in tables and "collector_runs" in tables
     for table in tables:
         text = ch.raw_query(f"SELECT * FROM `{table}` FORMAT TSV").decode("utf-8", "replace")

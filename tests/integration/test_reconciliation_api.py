@@ -46,7 +46,13 @@ def api(make_settings):
         settings = settings.model_copy(update={"collectors": settings.collectors.model_copy(update={
             "openai_base_url": fake.base_url("openai"), "anthropic_base_url": fake.base_url("anthropic")})})  # fmt: skip
         with admin_and_reader(settings, ADMIN_KEY, TENANT) as (server, admin, reader):
-            yield {"settings": settings, "admin": admin, "reader": reader, "fake": fake, "keyring": Keyring.parse(secret)}
+            yield {
+                "settings": settings,
+                "admin": admin,
+                "reader": reader,
+                "fake": fake,
+                "keyring": Keyring.parse(secret),
+            }
 
 
 def assert_names(response, field: str, status: int = 422) -> None:
@@ -157,14 +163,18 @@ def test_reconciliation_equals_an_independent_computation(api):
         ts(1): [openai_cost(f"{gpt}, input", "proj_a", 0.5), openai_cost(f"{mini}, input", "proj_b", 0.042)],
     })  # fmt: skip
     fake.data["anthropic", "usage"][ts(0, 1)] = [
-        anthropic_usage(sonnet, "wrkspc_1", "ak", uncached=1500, read=200, write_5m=500, write_1h=1000, output_tokens=500)
+        anthropic_usage(
+            sonnet, "wrkspc_1", "ak", uncached=1500, read=200, write_5m=500, write_1h=1000, output_tokens=500
+        )
     ]
     fake.data["anthropic", "costs"].update({ts(0): [anthropic_cost(sonnet, "123.78912")],
                                             ts(2): [anthropic_cost(sonnet, "250")]})  # fmt: skip
 
     for provider, key in (("openai", OPENAI_KEY), ("anthropic", ANTHROPIC_KEY)):
-        created = admin.post("/v1/provider-connections",
-                             json={"provider": provider, "name": provider, "admin_key": key, "backfill_days": 3})
+        created = admin.post(
+            "/v1/provider-connections",
+            json={"provider": provider, "name": provider, "admin_key": key, "backfill_days": 3},
+        )
         client = get_client(settings)
         try:
             (conn,), _ = load_open_connections(client, api["keyring"], ids=[created.json()["id"]])

@@ -27,10 +27,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.clickhouse
 
 SNAPSHOT = REPO_ROOT / "tests" / "fixtures" / "clickhouse_schema_snapshot.sql"
-SECRET_TABLES = {"api_keys", "webhooks", "provider_keys"}  # no tenant view: they hold secrets or their hashes
+# no tenant view: they hold secrets or their hashes
+SECRET_TABLES = {"api_keys", "webhooks", "provider_keys", "provider_connections"}
 PUBLIC_TABLES = {
     "usage_events", "projects", "budgets", "price_overrides", "budget_alerts", "alert_deliveries",
-    *SECRET_TABLES, *(a.table for a in AGGREGATES),
+    "provider_usage_hourly", "provider_costs_daily", *SECRET_TABLES, *(a.table for a in AGGREGATES),
 }  # fmt: skip
 COST_COLUMNS = ["cost_nanos"] + [f"cost_{c}_nanos" for c in COST_CLASSES]
 # measure name -> how usage_events computes it (stated here independently of the registry and the

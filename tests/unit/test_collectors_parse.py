@@ -11,7 +11,13 @@ import httpx
 import pytest
 
 from spendstream.collectors import anthropic, openai, windows
-from spendstream.collectors.http import HttpPolicy, ProviderHttpError, ReportClient, backoff_seconds, retry_after_seconds
+from spendstream.collectors.http import (
+    HttpPolicy,
+    ProviderHttpError,
+    ReportClient,
+    backoff_seconds,
+    retry_after_seconds,
+)
 from spendstream.collectors.model import PageError
 
 FIXTURES = json.loads((Path(__file__).parents[1] / "fixtures" / "provider_reports.json").read_text())
@@ -44,7 +50,12 @@ def test_anthropic_usage_input_includes_cache_reads_and_both_cache_writes():
     assert page.has_more and page.next_page
     a, b = page.buckets[0].rows
     # 1500 uncached + 200 read + 500 (5m) + 1000 (1h) writes
-    assert (a.input_tokens, a.cache_read_tokens, a.cache_write_tokens, a.cache_write_1h_tokens) == (3200, 200, 1500, 1000)
+    assert (a.input_tokens, a.cache_read_tokens, a.cache_write_tokens, a.cache_write_1h_tokens) == (
+        3200,
+        200,
+        1500,
+        1000,
+    )
     assert (a.output_tokens, a.web_search_requests, a.project_id) == (500, 10, "wrkspc_01JwQvzr7rXLA5AGx3HKfFUJ")
     assert (b.input_tokens, b.api_key_id, b.project_id, b.model) == (300, "", "", "claude-3-5-haiku-20241022")
 
