@@ -250,7 +250,16 @@ def dlq_envelope(
 # topic ack; ReplacingMergeTree by (tenant, alert_id) collapses re-sends). `scope` there is the
 # same flat map; `top` is the JSON of the list above. notify only writes `alert_deliveries`.
 
-BUDGET_ALERT_KINDS = ("threshold", "forecast")
+#
+# kind "reconciliation" (the collectors, spendstream/collectors/alerts.py): a UTC day on which a
+# provider's reported cost and Spendstream's tracked cost differ by more than both thresholds of
+# a provider connection. alert_id = "rc_" + 32 hex, stable per (connection, day): sent once.
+# The fields above read: budget_id/budget_name = the connection's id/name, scope = {"provider"},
+# window "daily" [window_start, window_end) = the day (UTC), threshold = the connection's drift %,
+# spent_* = reported, limit_* = tracked, percent_used = drift % (signed), top [], event_id "";
+# plus "date", "provider", "connection_id", "reported_usd", "tracked_usd", "difference_usd"
+# (reported - tracked), "drift_pct" (difference / reported, 2 places) and "unattributed_usd".
+BUDGET_ALERT_KINDS = ("threshold", "forecast", "reconciliation")
 BUDGET_WINDOWS = ("daily", "weekly", "monthly", "rolling_1h", "rolling_24h", "total")
 BUDGET_SCOPE_FIELDS = ("project", "agent", "user", "provider", "model", "tag")
 

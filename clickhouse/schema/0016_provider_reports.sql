@@ -5,7 +5,8 @@
 -- /v1/provider-connections. The admin key is only stored sealed: `ciphertext` is AES-256-GCM
 -- (spendstream/secrets.py, hex; names its key id for rotation) bound to tenant, id and provider.
 -- Config-table rules (0004): a change or delete inserts the row again with a higher version; FINAL
--- hides deleted connections. No tenant view: this table holds secrets.
+-- hides deleted connections. `channels` (webhook ids, e-mail addresses) receive the
+-- `reconciliation` alert when a day's drift exceeds both thresholds. No tenant view: secrets.
 -- ORDER BY (tenant, id): the replacing key.
 CREATE TABLE IF NOT EXISTS {db}.provider_connections
 (
@@ -17,6 +18,7 @@ CREATE TABLE IF NOT EXISTS {db}.provider_connections
     backfill_days UInt16,
     drift_threshold_pct Decimal(9, 3),
     drift_threshold_nanos Int64,
+    channels Array(String),
     created_at DateTime64(3, 'UTC'),
     deleted UInt8,
     version UInt64

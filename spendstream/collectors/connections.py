@@ -30,9 +30,12 @@ DEFAULT_DRIFT_USD = "1"
 DRIFT_USD = MoneyRule("drift_threshold_usd", 0, 10**6 * 10**9)
 _COLUMNS = [
     "tenant", "id", "provider", "name", "ciphertext", "backfill_days", "drift_threshold_pct",
-    "drift_threshold_nanos", "created_at", "deleted", "version",
+    "drift_threshold_nanos", "channels", "created_at", "deleted", "version",
 ]  # fmt: skip
-_LISTED = ("id", "provider", "name", "backfill_days", "drift_threshold_pct", "drift_threshold_nanos", "created_at")
+_LISTED = (
+    "id", "provider", "name", "backfill_days", "drift_threshold_pct", "drift_threshold_nanos", "channels", "created_at",
+)  # fmt: skip
+MAX_CHANNELS = 16
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -52,6 +55,7 @@ class ConnectionInput:
     backfill_days: int
     drift_threshold_pct: Decimal
     drift_threshold_nanos: int
+    channels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,7 @@ class OpenConnection:
     backfill_days: int
     drift_threshold_pct: Decimal
     drift_threshold_nanos: int
+    channels: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # never print the key, not even in a traceback
         return f"OpenConnection(tenant={self.tenant!r}, id={self.id!r}, provider={self.provider!r})"
@@ -104,7 +109,14 @@ def check_input(body: dict[str, Any]) -> ConnectionInput:
         usd = DRIFT_USD.nanos(body.get("drift_threshold_usd", DEFAULT_DRIFT_USD))
     except MoneyError as exc:
         raise ConnectionError_("drift_threshold_usd", exc.message) from None
-    return ConnectionInput(provider, name.strip(), key.strip(), days, pct, usd)
+    channels = body.get("channels", [])
+    if (
+        not isinstance(channels, list)
+        or len(channels) > MAX_CHANNELS
+        or not all(isinstance(c, str) and 0 < len(c) <= MAX_NAME and not _UNSAFE.search(c) for c in channels)
+    ):
+        raise ConnectionError_("channels", f"must be a list of at most {MAX_CHANNELS} webhook ids or e-mail addresses")
+    return ConnectionInput(provider, name.strip(), key.strip(), days, pct, usd, tuple(dict.fromkeys(channels)))
 
 
 def _version() -> int:
@@ -117,10 +129,10 @@ def create_connection(client: Any, keyring: Keyring, tenant: str, data: Connecti
     sealed = keyring.encrypt(data.admin_key.encode(), aad(tenant, connection_id, data.provider))
     created = datetime.now(UTC)
     row = [tenant, connection_id, data.provider, data.name, sealed.hex(), data.backfill_days,
-           data.drift_threshold_pct, data.drift_threshold_nanos, created, 0, _version()]  # fmt: skip
+           data.drift_threshold_pct, data.drift_threshold_nanos, list(data.channels), created, 0, _version()]  # fmt: skip
     client.insert(TABLE, [row], column_names=_COLUMNS)
-    return dict(zip(_LISTED, (connection_id, data.provider, data.name, data.backfill_days,
-                              data.drift_threshold_pct, data.drift_threshold_nanos, created)))  # fmt: skip
+    return dict(zip(_LISTED, (connection_id, data.provider, data.name, data.backfill_days, data.drift_threshold_pct,
+                              data.drift_threshold_nanos, list(data.channels), created)))  # fmt: skip
 
 
 def list_connections(client: Any, tenant: str) -> list[dict[str, Any]]:
@@ -167,16 +179,17 @@ def load_open_connections(
         where.append("id IN {ids:Array(String)}")
         params["ids"] = ids
     rows = client.query(
-        f"SELECT tenant, id, provider, name, ciphertext, backfill_days, drift_threshold_pct, drift_threshold_nanos "
+        "SELECT tenant, id, provider, name, ciphertext, backfill_days, drift_threshold_pct, drift_threshold_nanos, "
+        f"channels "
         f"FROM {TABLE} FINAL {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY tenant, id",
         parameters=params,
     ).result_rows
     out, failed = [], 0
-    for tenant_, cid, prov, name, ciphertext, days, pct, nanos in rows:
+    for tenant_, cid, prov, name, ciphertext, days, pct, nanos, channels in rows:
         try:
             key = keyring.decrypt(bytes.fromhex(ciphertext), aad(tenant_, cid, prov)).decode()
         except (SecretError, ValueError):
             failed += 1
             continue
-        out.append(OpenConnection(tenant_, cid, prov, name, key, int(days), Decimal(pct), int(nanos)))
+        out.append(OpenConnection(tenant_, cid, prov, name, key, int(days), Decimal(pct), int(nanos), tuple(channels)))
     return out, failed

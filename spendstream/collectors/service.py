@@ -1,7 +1,8 @@
 """The ``spendstream collectors`` service: APScheduler 3.x (a BlockingScheduler, UTC cron
 triggers) runs one job per provider of the registry on its schedule (defaults: OpenAI every 6 h at
 :10, Anthropic hourly at :05; settings ``collectors.<provider>_schedule``). A job collects every
-live connection of its provider, both datasets, one after the other.
+live connection of its provider, both datasets, one after the other, then judges the connection's
+settled days for the ``reconciliation`` alert (spendstream/collectors/alerts.py).
 
 Why APScheduler and not the stream runtime: collection is a clock-driven batch against HTTP APIs,
 not a stream; APScheduler's cron triggers, ``max_instances=1`` (a job never overlaps itself) and
@@ -23,6 +24,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from spendstream.clickhouse import get_client
 from spendstream.collectors import runner
+from spendstream.collectors.alerts import raise_drift_alerts
 from spendstream.collectors.connections import load_open_connections
 from spendstream.collectors.registry import PROVIDERS
 from spendstream.secrets import Keyring
@@ -44,8 +46,15 @@ def run_provider(settings: Any, provider: str, trigger: str = "schedule", **opti
         collect_options = runner.options_from_settings(settings, **options)
         runs = []
         for conn in connections:
-            for dataset in PROVIDERS[provider].datasets:
-                runs.append(runner.collect(client, conn, dataset, collect_options, trigger=trigger))
+            mine = [
+                runner.collect(client, conn, d, collect_options, trigger=trigger) for d in PROVIDERS[provider].datasets
+            ]
+            runs += mine
+            if any(r["dataset"] == "costs" and r["status"] == "ok" for r in mine):
+                try:
+                    raise_drift_alerts(client, settings, conn)
+                except Exception:  # Kafka or ClickHouse away: nothing recorded, the next run judges again
+                    log.exception("collectors: reconciliation alerts of %s not sent this run", conn.id)
         log.info("collectors: %s job done, %d run(s), %d failed", provider, len(runs),
                  sum(r["status"] == "error" for r in runs))  # fmt: skip
         return runs

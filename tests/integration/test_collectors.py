@@ -359,3 +359,60 @@ def test_cli_backfill_shows_progress_and_stores_the_figures(env):
     assert stored_costs(env, conn) == expected_costs(fake, "anthropic", today - 10 * D, today + D)
     bad = CliRunner().invoke(app, ["collectors", "backfill", "--connection", "pc_nope"], env=child_env(env["settings"]))
     assert bad.exit_code == 2 and "no live connection" in bad.output
+
+
+def test_a_drifting_day_raises_exactly_one_reconciliation_alert(env):
+    import asyncio
+
+    from query_api_stack import EVENT_COLUMNS, insert_events
+    from stage_support import read_topic
+
+    from spendstream.alerting.payloads import parse_alert
+    from spendstream.collectors.alerts import alert_id
+    from spendstream.collectors.service import run_provider
+    from spendstream.topics import BUDGET_ALERTS, ensure_topics
+
+    settings, fake, ch = env["settings"], env["fake"], env["ch"]
+    asyncio.run(ensure_topics(settings, (BUDGET_ALERTS,)))
+    tenant = "tenant_drift"
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    days = {n: today - timedelta(days=n) for n in (2, 3)}
+    # tracked: $5 on day -3, $10 on day -2; reported: $5 and $12 (+$2, 16.67 %: over 5 % and $1)
+    events = []
+    for i, (n, nanos) in enumerate(((3, 5 * 10**9), (2, 10 * 10**9))):
+        row = dict.fromkeys(EVENT_COLUMNS, 0)
+        row.update(tenant=tenant, project="p", agent="a", user="", session_id="", operation="chat", tags={},
+                   provider="openai", model="gpt-4o", cost_nanos=nanos, price_id="x", pricing_status="priced",
+                   price_source="catalog", status="ok", latency_ms=None, event_id=f"drift-{i}",
+                   timestamp=days[n] + timedelta(hours=5), received_at=days[n])  # fmt: skip
+        events.append(row)
+    insert_events(settings, events)
+    fake.data["openai", "costs"][int(days[3].timestamp())] = [openai_cost("gpt-4o, input", "proj_x", 5.0)]
+    fake.data["openai", "costs"][int(days[2].timestamp())] = [openai_cost("gpt-4o, input", "proj_x", 12.0)]
+    created = create_connection(ch, env["keyring"], tenant, check_input({
+        "provider": "openai", "name": "drift org", "admin_key": OPENAI_KEY, "backfill_days": 4, "channels": ["wh_ops"]}))  # fmt: skip
+
+    for _ in range(2):  # a second run judges the same days again: no second alert
+        runs = run_provider(settings, "openai")
+        assert all(r["status"] == "ok" for r in runs if r["connection_id"] == created["id"])
+
+    expected = alert_id(created["id"], days[2].date().isoformat())
+    records = asyncio.run(
+        read_topic(settings, BUDGET_ALERTS.name, lambda rs: any(r.key == expected.encode() for r in rs))
+    )
+    time.sleep(1.0)
+    records = asyncio.run(read_topic(settings, BUDGET_ALERTS.name, lambda rs: len(rs) >= len(records), timeout=5))
+    mine = [parse_alert(r.value) for r in records if parse_alert(r.value).tenant == tenant]
+    assert [a.alert_id for a in mine] == [expected]
+    alert = mine[0]
+    assert alert.kind == "reconciliation" and alert.channels == ("wh_ops",)
+    assert (alert.fields["reported_usd"], alert.fields["tracked_usd"], alert.fields["drift_pct"]) == (
+        "12",
+        "10",
+        "16.67",
+    )
+    history = ch.query(
+        "SELECT alert_id, kind, spent_nanos, limit_nanos FROM budget_alerts FINAL WHERE tenant = {t:String}",
+        parameters={"t": tenant},
+    ).result_rows
+    assert history == [(expected, "reconciliation", 12 * 10**9, 10 * 10**9)]

@@ -76,6 +76,8 @@ BODY = {"provider": "openai", "name": "org", "admin_key": OPENAI_KEY}
         ({"backfill_days": "30"}, "backfill_days"),
         ({"drift_threshold_pct": "NaN"}, "drift_threshold_pct"),
         ({"drift_threshold_usd": "-1"}, "drift_threshold_usd"),
+        ({"channels": "wh_1"}, "channels"),
+        ({"channels": ["x"] * 17}, "channels"),
     ],
 )
 def test_bad_connection_input_is_422_naming_the_field(api, change, field):
@@ -92,7 +94,7 @@ def test_connections_need_admin_and_never_answer_the_key(api, caplog):
     assert created.status_code == 201, created.text
     conn = created.json()
     assert conn["provider"] == "openai" and conn["backfill_days"] == 2 and conn["drift_threshold_pct"] == "5"
-    assert conn["drift_threshold_usd"] == "1"
+    assert conn["drift_threshold_usd"] == "1" and conn["channels"] == []
     listed = admin.get("/v1/provider-connections")
     assert conn["id"] in [c["id"] for c in listed.json()["provider_connections"]]
     jobs = admin.get("/v1/collectors/jobs").json()["jobs"]

@@ -201,3 +201,33 @@ def test_retries_are_bounded_and_oversized_answers_refused():
                        transport=httpx.MockTransport(lambda r: httpx.Response(200, content=b"[" + b"0," * 100 + b"0]")))  # fmt: skip
     with pytest.raises(ProviderHttpError, match="exceeds"):
         big.get_json("/r", [])
+
+
+# ---------------------------------------------------------------- reconciliation alert (pure)
+
+
+def test_drift_alert_needs_both_thresholds_and_reads_as_a_contract_alert():
+    from decimal import Decimal
+
+    from spendstream.alerting.payloads import detail_lines, generic_body, parse_alert, summary
+    from spendstream.collectors.alerts import alert_id, drift_alerts
+    from spendstream.collectors.connections import OpenConnection
+    from spendstream.collectors.reconcile import Side, merge
+
+    conn = OpenConnection("t", "pc_1", "openai", "prod", "k", 30, Decimal("5"), 1_000_000_000, ("wh_1",))
+    d1, d2, d3 = (datetime(2025, 12, n, tzinfo=UTC).date() for n in (1, 2, 3))
+    days = merge(
+        "model",
+        {(d1, "openai", "m"): Side(100 * 10**9), (d2, "openai", "m"): Side(10 * 10**9), (d3, "openai", "m"): Side(10)},
+        {(d1, "openai", "m"): 104 * 10**9, (d2, "openai", "m"): 12 * 10**9, (d3, "openai", "m"): 20},
+        {},
+    )["days"]
+    # d1: $4 but 3.85 % (under 5 %); d2: $2 and 16.67 %; d3: 50 % but 10 nano-USD (under $1)
+    alerts = drift_alerts(conn, days, datetime(2025, 12, 6, tzinfo=UTC))
+    assert [a["date"] for a in alerts] == ["2025-12-02"]
+    alert = parse_alert(alerts[0])
+    assert alert.kind == "reconciliation" and alert.channels == ("wh_1",)
+    assert alert.alert_id == alert_id("pc_1", "2025-12-02") == alerts[0]["alert_id"]
+    assert generic_body(alert)["difference_usd"] == "2" and generic_body(alert)["drift_pct"] == "16.67"
+    assert "reported 12.00 USD on 2025-12-02" in summary(alert) and "drift 16.67%" in summary(alert)
+    assert any("Difference: 2.00 USD" in line for line in detail_lines(alert))
