@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from query_api.deps import Admin, Reader
-from query_api.errors import Conflict, NotFound
+from query_api.errors import Conflict, DomainError, NotFound
 from query_api.routers.provider_connections import keyring
 from spendstream.clickhouse import get_client
 from spendstream.collectors import runner, store
@@ -23,6 +23,19 @@ from spendstream.timeutil import iso_utc
 
 router = APIRouter(prefix="/v1/collectors", tags=["collectors"])
 MAX_HISTORY = 500
+#: manual runs going at once in this process, all tenants together: a tenant with many
+#: connections cannot fill the API's threads with collections
+MAX_MANUAL_RUNS = 4
+_manual_runs = threading.BoundedSemaphore(MAX_MANUAL_RUNS)
+
+
+class TooManyRuns(DomainError):
+    status = 429
+    code = "too_many_runs"
+
+    def __init__(self) -> None:
+        super().__init__(f"{MAX_MANUAL_RUNS} manual collector runs are already going; retry later", "job_id")
+        self.headers = {"Retry-After": "30"}
 
 
 def _run_view(run: dict[str, Any]) -> dict[str, Any]:
@@ -87,13 +100,18 @@ async def run_now(job_id: str, principal: Admin, request: Request) -> dict:
         raise NotFound(f"collector job {job_id[:80]!r}")
     if runner.is_running(connection_id):
         raise Conflict("a run of this connection is going; see /v1/collectors/history", "job_id")
+    if not _manual_runs.acquire(blocking=False):
+        raise TooManyRuns()
 
     def run() -> None:
-        client = get_client(settings)  # its own client: the run outlives this request
         try:
-            runner.collect(client, found[0], dataset, runner.options_from_settings(settings), trigger="manual")
+            client = get_client(settings)  # its own client: the run outlives this request
+            try:
+                runner.collect(client, found[0], dataset, runner.options_from_settings(settings), trigger="manual")
+            finally:
+                client.close()
         finally:
-            client.close()
+            _manual_runs.release()
 
     threading.Thread(target=run, name=f"collect-{job_id}", daemon=True).start()
     return {"job": job_id, "accepted_at": iso_utc(datetime.now(UTC))}

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from query_api.deps import Admin
-from query_api.errors import DomainError, InvalidField, NotFound
+from query_api.errors import Conflict, DomainError, InvalidField, NotFound
 from spendstream.collectors.connections import (
     ConnectionError_,
     check_input,
@@ -65,7 +65,10 @@ async def create(body: dict[str, Any], principal: Admin, request: Request) -> di
     except ConnectionError_ as exc:
         raise InvalidField(exc.field, str(exc)) from None
     ring = keyring(request)
-    row = await asyncio.to_thread(create_connection, request.app.state.ch_sync, ring, principal.tenant, data)
+    try:
+        row = await asyncio.to_thread(create_connection, request.app.state.ch_sync, ring, principal.tenant, data)
+    except ConnectionError_ as exc:  # too many connections
+        raise Conflict(str(exc), exc.field) from None
     return _view(row)
 
 

@@ -36,6 +36,7 @@ _LISTED = (
     "id", "provider", "name", "backfill_days", "drift_threshold_pct", "drift_threshold_nanos", "channels", "created_at",
 )  # fmt: skip
 MAX_CHANNELS = 16
+MAX_PER_TENANT = 50  # live connections of one tenant: each is collected on every run
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -124,7 +125,13 @@ def _version() -> int:
 
 
 def create_connection(client: Any, keyring: Keyring, tenant: str, data: ConnectionInput) -> dict[str, Any]:
-    """Seal and store a connection; the row as listed (without the key)."""
+    """Seal and store a connection; the row as listed (without the key). ConnectionError_ (field
+    ``provider``) when the tenant already has MAX_PER_TENANT live connections."""
+    live = client.query(
+        f"SELECT count() FROM {TABLE} FINAL WHERE tenant = {{tenant:String}}", parameters={"tenant": tenant}
+    ).result_rows[0][0]
+    if live >= MAX_PER_TENANT:
+        raise ConnectionError_("provider", f"at most {MAX_PER_TENANT} connections per tenant; delete one first")
     connection_id = "pc_" + _random.token_hex(8)
     sealed = keyring.encrypt(data.admin_key.encode(), aad(tenant, connection_id, data.provider))
     created = datetime.now(UTC)

@@ -267,8 +267,15 @@ def test_a_failing_run_is_recorded_and_the_next_recovers(env, caplog):
     assert stored_costs(env, conn) == expected_costs(fake, "openai", day(1), day(-1))
     history = store.history(env["ch"], TENANT, connection_id=conn.id)
     assert [(h["dataset"], h["status"]) for h in history].count(("costs", "error")) == 1
-    # a bad admin key: 401, recorded, never echoed
-    assert all(OPENAI_KEY not in r.getMessage() for r in caplog.records)
+    # a revoked admin key: 401 fails at once (no retries), recorded, the key never echoed
+    wrong = "sk-admin-REVOKED-" + "w" * 20
+    bad = create_connection(env["ch"], env["keyring"], TENANT, check_input({"provider": "openai", "name": "old",
+                                                                          "admin_key": wrong}))  # fmt: skip
+    (bad_conn,), _ = load_open_connections(env["ch"], env["keyring"], ids=[bad["id"]])
+    refused = run_all(env, bad_conn)
+    assert [(r["status"], r["retries"]) for r in refused.values()] == [("error", 0), ("error", 0)]
+    assert all("HTTP 401" in r["error"] and wrong not in r["error"] for r in refused.values())
+    assert all(k not in r.getMessage() for r in caplog.records for k in (OPENAI_KEY, wrong))
 
 
 def test_runs_of_one_connection_never_overlap(env):

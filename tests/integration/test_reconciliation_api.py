@@ -234,3 +234,15 @@ def test_reconciliation_equals_an_independent_computation(api):
     for bad, field in (({"by": "agent"}, "by"), ({"granularity": "hour"}, "granularity"),
                        ({"from": "2025-13-01"}, "from"), ({"from": "2020-01-01", "to": "2025-01-01"}, "from")):  # fmt: skip
         assert_names(admin.get("/v1/reconciliation", params=bad), field)
+
+
+def test_connections_per_tenant_are_bounded(api, monkeypatch):
+    from spendstream.collectors import connections
+
+    admin = api["admin"]
+    live = len(admin.get("/v1/provider-connections").json()["provider_connections"])
+    monkeypatch.setattr(connections, "MAX_PER_TENANT", live + 1)
+    first = admin.post("/v1/provider-connections", json=BODY)
+    assert first.status_code == 201, first.text
+    assert_names(admin.post("/v1/provider-connections", json=BODY), "provider", status=409)
+    assert admin.delete(f"/v1/provider-connections/{first.json()['id']}").status_code == 204
