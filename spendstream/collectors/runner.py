@@ -23,8 +23,7 @@ import httpx
 
 from spendstream.collectors import store, windows
 from spendstream.collectors.connections import OpenConnection
-from spendstream.collectors.http import HttpPolicy, ProviderHttpError, ReportClient
-from spendstream.collectors.model import PageError
+from spendstream.collectors.http import HttpPolicy, ReportClient
 from spendstream.collectors.registry import PROVIDERS, Dataset
 
 log = logging.getLogger(__name__)
@@ -78,13 +77,9 @@ def collect(
         return run
     try:
         _collect(ch, connection, dataset, options, run, now, backfill_days, progress)
-    except (ProviderHttpError, PageError, ValueError, OSError) as exc:
+    except Exception as exc:  # HTTP, page shape, ClickHouse: recorded (masked), the next run recovers
         run["status"] = "error"
         run["error"] = _masked(f"{type(exc).__name__}: {exc}", connection.admin_key)[:2000]
-    except Exception as exc:  # a ClickHouse failure and the like: recorded, the scheduler goes on
-        run["status"] = "error"
-        run["error"] = _masked(f"{type(exc).__name__}: {exc}", connection.admin_key)[:2000]
-        log.exception("collector run %s failed", run["run_id"])
     finally:
         lock.release()
     run["finished_at"] = datetime.now(UTC)

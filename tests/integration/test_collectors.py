@@ -423,3 +423,32 @@ def test_a_drifting_day_raises_exactly_one_reconciliation_alert(env):
         parameters={"t": tenant},
     ).result_rows
     assert history == [(expected, "reconciliation", 12 * 10**9, 10 * 10**9)]
+
+
+def test_the_service_process_starts_its_schedule_and_stops_on_sigterm(env, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from spendstream.devstack import child_env
+
+    log_path = tmp_path / "collectors.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "spendstream.cli", "collectors", "run"],
+            env={**os.environ, **child_env(env["settings"])}, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while "collect anthropic" not in log_path.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log_path.read_text()
+    assert "collect openai usage and costs" in text and "cron[" in text
+    assert OPENAI_KEY not in text and ANTHROPIC_KEY not in text
