@@ -246,3 +246,14 @@ def test_connections_per_tenant_are_bounded(api, monkeypatch):
     assert first.status_code == 201, first.text
     assert_names(admin.post("/v1/provider-connections", json=BODY), "provider", status=409)
     assert admin.delete(f"/v1/provider-connections/{first.json()['id']}").status_code == 204
+
+
+def test_a_body_that_is_not_an_object_is_a_4xx(api):
+    for body in ([BODY], "x", 3):
+        response = api["admin"].post("/v1/provider-connections", json=body)
+        assert response.status_code == 422, response.text
+        assert OPENAI_KEY not in response.text
+    garbled = api["admin"].post(
+        "/v1/provider-connections", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert garbled.status_code == 422
