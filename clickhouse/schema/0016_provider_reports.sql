@@ -120,10 +120,13 @@ CREATE TABLE IF NOT EXISTS {db}.collector_runs
 ENGINE = MergeTree
 ORDER BY (tenant, connection_id, dataset, started_at);
 
--- Tenant views for /v1/sql (see 0006): the current collection of each bucket only.
+-- Tenant views for /v1/sql (see 0006): the current collection of each bucket of live connections
+-- only, as /v1/reconciliation reads them.
 CREATE VIEW IF NOT EXISTS {db}_tenant.provider_usage_hourly AS
 SELECT * FROM {db}.provider_usage_hourly FINAL
 WHERE tenant = (SELECT tenant FROM {db}_tenant.current_tenant)
+  AND connection_id IN (
+    SELECT id FROM {db}.provider_connections FINAL WHERE tenant = (SELECT tenant FROM {db}_tenant.current_tenant))
   AND (connection_id, bucket_start, version) IN (
     SELECT connection_id, bucket_start, max(version) FROM {db}.provider_usage_hourly
     WHERE tenant = (SELECT tenant FROM {db}_tenant.current_tenant)
@@ -132,6 +135,8 @@ WHERE tenant = (SELECT tenant FROM {db}_tenant.current_tenant)
 CREATE VIEW IF NOT EXISTS {db}_tenant.provider_costs_daily AS
 SELECT * FROM {db}.provider_costs_daily FINAL
 WHERE tenant = (SELECT tenant FROM {db}_tenant.current_tenant)
+  AND connection_id IN (
+    SELECT id FROM {db}.provider_connections FINAL WHERE tenant = (SELECT tenant FROM {db}_tenant.current_tenant))
   AND (connection_id, bucket_start, version) IN (
     SELECT connection_id, bucket_start, max(version) FROM {db}.provider_costs_daily
     WHERE tenant = (SELECT tenant FROM {db}_tenant.current_tenant)

@@ -231,6 +231,18 @@ def test_reconciliation_equals_an_independent_computation(api):
     unseen = got["2025-12-05", "openai", mini]
     assert unseen["seen_by"] == "provider_only" and unseen["unattributed_cost_usd"] == "0.042"
 
+    # analysts' SQL reads the same current collections through the tenant views
+    sql = admin.post("/v1/sql", json={"sql": "SELECT provider, sum(amount_nanos) FROM provider_costs_daily "
+                                              "GROUP BY provider ORDER BY provider"})  # fmt: skip
+    assert sql.status_code == 200, sql.text
+    by_provider = defaultdict(int)
+    for (_, provider, _), (cost, _, _) in reported.items():
+        by_provider[provider] += cost
+    assert [tuple(r) for r in sql.json()["rows"]] == [(p, by_provider[p]) for p in sorted(by_provider)]
+    tokens = admin.post("/v1/sql", json={"sql": "SELECT sum(input_tokens) FROM provider_usage_hourly"})
+    assert tokens.status_code == 200, tokens.text
+    assert tokens.json()["rows"][0][0] == sum(r[1] for r in reported.values())
+
     for bad, field in (({"by": "agent"}, "by"), ({"granularity": "hour"}, "granularity"),
                        ({"from": "2025-13-01"}, "from"), ({"from": "2020-01-01", "to": "2025-01-01"}, "from")):  # fmt: skip
         assert_names(admin.get("/v1/reconciliation", params=bad), field)
