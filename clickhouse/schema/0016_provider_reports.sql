@@ -6,7 +6,9 @@
 -- (spendstream/secrets.py, hex; names its key id for rotation) bound to tenant, id and provider.
 -- Config-table rules (0004): a change or delete inserts the row again with a higher version; FINAL
 -- hides deleted connections. `channels` (webhook ids, e-mail addresses) receive the
--- `reconciliation` alert when a day's drift exceeds both thresholds. No tenant view: secrets.
+-- `reconciliation` alert when a day's drift exceeds both thresholds; `project_map` maps the
+-- provider's project / workspace ids to Spendstream project names for /v1/reconciliation?by=project.
+-- No tenant view: this table holds secrets.
 -- ORDER BY (tenant, id): the replacing key.
 CREATE TABLE IF NOT EXISTS {db}.provider_connections
 (
@@ -19,6 +21,7 @@ CREATE TABLE IF NOT EXISTS {db}.provider_connections
     drift_threshold_pct Decimal(9, 3),
     drift_threshold_nanos Int64,
     channels Array(String),
+    project_map Map(String, String),
     created_at DateTime64(3, 'UTC'),
     deleted UInt8,
     version UInt64

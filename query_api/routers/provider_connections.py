@@ -47,7 +47,7 @@ def _view(row: dict[str, Any]) -> dict[str, Any]:
         "id": row["id"], "provider": row["provider"], "name": row["name"], "backfill_days": int(row["backfill_days"]),
         "drift_threshold_pct": str(row["drift_threshold_pct"].normalize()),
         "drift_threshold_usd": format_usd(int(row["drift_threshold_nanos"])),
-        "channels": list(row["channels"]), "created_at": iso_utc(row["created_at"]),
+        "channels": list(row["channels"]), "project_map": dict(row["project_map"]), "created_at": iso_utc(row["created_at"]),
     }  # fmt: skip
 
 
@@ -56,7 +56,8 @@ def _view(row: dict[str, Any]) -> dict[str, Any]:
     status_code=201,
     summary="Connect a provider's admin API (the key is sealed, never returned)",
     description='Body: {"provider": "openai"|"anthropic", "name", "admin_key", "backfill_days": 30 (0..90), '
-    '"drift_threshold_pct": "5", "drift_threshold_usd": "1", "channels": [webhook id | e-mail, ...]}',
+    '"drift_threshold_pct": "5", "drift_threshold_usd": "1", "channels": [webhook id | e-mail, ...], '
+    '"project_map": {"<provider project/workspace id>": "<Spendstream project>"}}',
 )
 async def create(body: dict[str, Any], principal: Admin, request: Request) -> dict:
     # a raw dict, checked by check_input: every bad field is a 422 naming it, never echoing the key

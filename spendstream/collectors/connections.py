@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import secrets as _random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -30,11 +30,13 @@ DEFAULT_DRIFT_USD = "1"
 DRIFT_USD = MoneyRule("drift_threshold_usd", 0, 10**6 * 10**9)
 _COLUMNS = [
     "tenant", "id", "provider", "name", "ciphertext", "backfill_days", "drift_threshold_pct",
-    "drift_threshold_nanos", "channels", "created_at", "deleted", "version",
+    "drift_threshold_nanos", "channels", "project_map", "created_at", "deleted", "version",
 ]  # fmt: skip
 _LISTED = (
-    "id", "provider", "name", "backfill_days", "drift_threshold_pct", "drift_threshold_nanos", "channels", "created_at",
+    "id", "provider", "name", "backfill_days", "drift_threshold_pct", "drift_threshold_nanos", "channels",
+    "project_map", "created_at",
 )  # fmt: skip
+MAX_PROJECT_MAP = 1000
 MAX_CHANNELS = 16
 MAX_PER_TENANT = 50  # live connections of one tenant: each is collected on every run
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
@@ -57,6 +59,7 @@ class ConnectionInput:
     drift_threshold_pct: Decimal
     drift_threshold_nanos: int
     channels: tuple[str, ...] = ()
+    project_map: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +120,22 @@ def check_input(body: dict[str, Any]) -> ConnectionInput:
         or not all(isinstance(c, str) and 0 < len(c) <= MAX_NAME and not _UNSAFE.search(c) for c in channels)
     ):
         raise ConnectionError_("channels", f"must be a list of at most {MAX_CHANNELS} webhook ids or e-mail addresses")
-    return ConnectionInput(provider, name.strip(), key.strip(), days, pct, usd, tuple(dict.fromkeys(channels)))
+    project_map = body.get("project_map", {})
+    if (
+        not isinstance(project_map, dict)
+        or len(project_map) > MAX_PROJECT_MAP
+        or not all(
+            isinstance(v, str) and len(k) <= 128 and 0 < len(v) <= 128 and not _UNSAFE.search(k + v)
+            for k, v in project_map.items()
+        )
+    ):
+        raise ConnectionError_(
+            "project_map",
+            f"must map at most {MAX_PROJECT_MAP} provider project/workspace ids ('' = none) to project names",
+        )
+    return ConnectionInput(
+        provider, name.strip(), key.strip(), days, pct, usd, tuple(dict.fromkeys(channels)), dict(project_map)
+    )
 
 
 def _version() -> int:
@@ -136,10 +154,11 @@ def create_connection(client: Any, keyring: Keyring, tenant: str, data: Connecti
     sealed = keyring.encrypt(data.admin_key.encode(), aad(tenant, connection_id, data.provider))
     created = datetime.now(UTC)
     row = [tenant, connection_id, data.provider, data.name, sealed.hex(), data.backfill_days,
-           data.drift_threshold_pct, data.drift_threshold_nanos, list(data.channels), created, 0, _version()]  # fmt: skip
+           data.drift_threshold_pct, data.drift_threshold_nanos, list(data.channels), data.project_map, created, 0,
+           _version()]  # fmt: skip
     client.insert(TABLE, [row], column_names=_COLUMNS)
     return dict(zip(_LISTED, (connection_id, data.provider, data.name, data.backfill_days, data.drift_threshold_pct,
-                              data.drift_threshold_nanos, list(data.channels), created)))  # fmt: skip
+                              data.drift_threshold_nanos, list(data.channels), data.project_map, created)))  # fmt: skip
 
 
 def list_connections(client: Any, tenant: str) -> list[dict[str, Any]]:

@@ -7,8 +7,8 @@ each bucket's current collection, live connections only) next to what Spendstrea
 even; null when nothing was reported). A row seen on one side only says so (``seen_by``): spend the
 provider reports that Spendstream never saw (other teams, the console, a forgotten key) is
 ``unattributed_cost_usd``. Model names are compared as the gateway stores them (trimmed, lower
-case) on both sides. ``by=project`` compares Spendstream's project names with the providers'
-project / workspace ids as they are (no mapping between the two yet).
+case) on both sides. ``by=project`` maps the providers' project / workspace ids to Spendstream
+project names through each connection's ``project_map`` (an id it does not map is shown as is).
 """
 
 from __future__ import annotations
@@ -99,18 +99,38 @@ def query(client: Any, tenant: str, start: datetime, end: datetime, by: str) -> 
         parameters=params,
     ).result_rows
     cost_rows = client.query(
-        f"SELECT toDate(bucket_start) AS d, provider, {reported_col} AS k, sum(amount_nanos) "
+        f"SELECT toDate(bucket_start) AS d, provider, connection_id, {reported_col} AS k, sum(amount_nanos) "
         f"FROM {store.latest(store.COSTS_TABLE)} WHERE {span} AND NOT (row_index = 0 AND amount_nanos = 0 AND k = '') "
-        "GROUP BY d, provider, k",
+        "GROUP BY d, provider, connection_id, k",
         parameters=params,
     ).result_rows
     token_rows = client.query(
-        f"SELECT toDate(bucket_start) AS d, provider, {reported_col} AS k, sum(input_tokens), sum(output_tokens) "
-        f"FROM {store.latest(store.USAGE_TABLE)} WHERE {span} "
-        "AND NOT (row_index = 0 AND input_tokens = 0 AND output_tokens = 0 AND k = '') GROUP BY d, provider, k",
+        f"SELECT toDate(bucket_start) AS d, provider, connection_id, {reported_col} AS k, sum(input_tokens), "
+        f"sum(output_tokens) FROM {store.latest(store.USAGE_TABLE)} WHERE {span} "
+        "AND NOT (row_index = 0 AND input_tokens = 0 AND output_tokens = 0 AND k = '') "
+        "GROUP BY d, provider, connection_id, k",
         parameters=params,
     ).result_rows
+    maps: dict[str, dict[str, str]] = {}
+    if by == "project":  # provider project / workspace ids -> Spendstream projects, per connection
+        maps = dict(
+            client.query(
+                "SELECT id, project_map FROM provider_connections FINAL WHERE tenant = {tenant:String}",
+                parameters=params,
+            ).result_rows
+        )
+
+    def key(d: Any, provider: str, connection_id: str, k: str) -> tuple[date, str, str]:
+        return _day(d), provider, maps.get(connection_id, {}).get(k, k)
+
     tracked = {(_day(d), p, k): Side(int(c), int(i), int(o)) for d, p, k, c, i, o in tracked_rows}
-    reported_cost = {(_day(d), p, k): int(c) for d, p, k, c in cost_rows}
-    reported_tokens = {(_day(d), p, k): (int(i), int(o)) for d, p, k, i, o in token_rows}
+    reported_cost: dict[tuple[date, str, str], int] = {}
+    for d, p, cid, k, c in cost_rows:
+        at = key(d, p, cid, k)
+        reported_cost[at] = reported_cost.get(at, 0) + int(c)
+    reported_tokens: dict[tuple[date, str, str], tuple[int, int]] = {}
+    for d, p, cid, k, i, o in token_rows:
+        at = key(d, p, cid, k)
+        before = reported_tokens.get(at, (0, 0))
+        reported_tokens[at] = (before[0] + int(i), before[1] + int(o))
     return merge(by, tracked, reported_cost, reported_tokens)

@@ -78,6 +78,8 @@ BODY = {"provider": "openai", "name": "org", "admin_key": OPENAI_KEY}
         ({"drift_threshold_usd": "-1"}, "drift_threshold_usd"),
         ({"channels": "wh_1"}, "channels"),
         ({"channels": ["x"] * 17}, "channels"),
+        ({"project_map": ["proj"]}, "project_map"),
+        ({"project_map": {"proj": ""}}, "project_map"),
     ],
 )
 def test_bad_connection_input_is_422_naming_the_field(api, change, field):
@@ -172,11 +174,17 @@ def test_reconciliation_equals_an_independent_computation(api):
     fake.data["anthropic", "costs"].update({ts(0): [anthropic_cost(sonnet, "123.78912")],
                                             ts(2): [anthropic_cost(sonnet, "250")]})  # fmt: skip
 
+    maps = {"openai": {"proj_b": "search"}, "anthropic": {"wrkspc_1": "proj_a", "": "proj_a"}}
     for provider, key in (("openai", OPENAI_KEY), ("anthropic", ANTHROPIC_KEY)):
-        created = admin.post(
-            "/v1/provider-connections",
-            json={"provider": provider, "name": provider, "admin_key": key, "backfill_days": 3},
-        )
+        body = {
+            "provider": provider,
+            "name": provider,
+            "admin_key": key,
+            "backfill_days": 3,
+            "project_map": maps[provider],
+        }
+        created = admin.post("/v1/provider-connections", json=body)
+        assert created.json()["project_map"] == maps[provider]
         client = get_client(settings)
         try:
             (conn,), _ = load_open_connections(client, api["keyring"], ids=[created.json()["id"]])
@@ -230,6 +238,44 @@ def test_reconciliation_equals_an_independent_computation(api):
     assert got["2025-12-06", "anthropic", sonnet]["drift_pct"] == "20.00"  # $2.50 reported, $2 tracked
     unseen = got["2025-12-05", "openai", mini]
     assert unseen["seen_by"] == "provider_only" and unseen["unattributed_cost_usd"] == "0.042"
+
+    # by project: the providers' project / workspace ids through each connection's project_map
+    by_project = admin.get("/v1/reconciliation", params={"from": "2025-12-04", "to": "2025-12-06", "by": "project"})
+    assert by_project.status_code == 200, by_project.text
+    got_p = {(r["date"], r["provider"], r["project"]): r for r in by_project.json()["rows"]}
+    tracked_p = defaultdict(lambda: [0, 0, 0])
+    for e in events:
+        if e["provider"] in ("openai", "anthropic"):
+            t = tracked_p[e["timestamp"].date().isoformat(), e["provider"], e["project"]]
+            t[0] += e["cost_nanos"]
+            t[1] += e["input_tokens"]
+            t[2] += e["output_tokens"]
+    reported_p = defaultdict(lambda: [0, 0, 0])
+    for (provider, dataset), buckets in fake.data.items():
+        for start, results in buckets.items():
+            d = datetime.fromtimestamp(start, UTC).date().isoformat()
+            for r in results:
+                raw = (r.get("project_id") if provider == "openai" else r.get("workspace_id")) or ""
+                at = reported_p[d, provider, maps[provider].get(raw, raw)]
+                if dataset == "costs":
+                    cents = Decimal(repr(r["amount"]["value"])) * 100 if provider == "openai" else Decimal(r["amount"])
+                    at[0] += int(cents * 10**7)
+                elif provider == "openai":
+                    at[1] += r["input_tokens"]
+                    at[2] += r["output_tokens"]
+                else:
+                    c = r["cache_creation"]
+                    at[1] += r["uncached_input_tokens"] + r["cache_read_input_tokens"] + sum(c.values())
+                    at[2] += r["output_tokens"]
+    assert set(got_p) == set(tracked_p) | set(reported_p)
+    for key in got_p:
+        t, r = tracked_p.get(key, [0, 0, 0]), reported_p.get(key, [0, 0, 0])
+        assert got_p[key]["tracked_cost_usd"] == format_usd(t[0]) and got_p[key]["reported_cost_usd"] == format_usd(
+            r[0]
+        )
+        assert (got_p[key]["tracked_input_tokens"], got_p[key]["reported_input_tokens"]) == (t[1], r[1]), key
+    assert got_p["2025-12-05", "openai", "search"]["reported_cost_usd"] == "0.042"  # proj_b mapped
+    assert got_p["2025-12-04", "anthropic", "proj_a"]["difference_usd"] == "0"  # the default workspace mapped
 
     # analysts' SQL reads the same current collections through the tenant views
     sql = admin.post("/v1/sql", json={"sql": "SELECT provider, sum(amount_nanos) FROM provider_costs_daily "
