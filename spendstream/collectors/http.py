@@ -160,5 +160,7 @@ class ReportClient:
             yield page
             if not page.has_more:
                 return
+            if page.next_page == cursor:  # a provider repeating its cursor would page forever
+                raise ProviderHttpError(f"GET {path}: next_page repeats the page just read")
             cursor = page.next_page
         raise ProviderHttpError(f"GET {path}: more than {self._policy.max_pages} pages")

@@ -231,3 +231,12 @@ def test_drift_alert_needs_both_thresholds_and_reads_as_a_contract_alert():
     assert generic_body(alert)["difference_usd"] == "2" and generic_body(alert)["drift_pct"] == "16.67"
     assert "reported 12.00 USD on 2025-12-02" in summary(alert) and "drift 16.67%" in summary(alert)
     assert any("Difference: 2.00 USD" in line for line in detail_lines(alert))
+
+
+def test_a_repeated_cursor_stops_the_paging():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"data": [], "has_more": True, "next_page": "same"})
+
+    client = ReportClient("https://x.test", {}, "k", HttpPolicy(), transport=httpx.MockTransport(handler))
+    with pytest.raises(ProviderHttpError, match="repeats"):
+        list(client.pages("/r", [], anthropic.parse_usage_page))
