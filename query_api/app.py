@@ -30,6 +30,7 @@ from query_api.routers import (
     anomaly_settings,
     auth,
     budgets,
+    collectors,
     export,
     health,
     insights,
@@ -37,7 +38,9 @@ from query_api.routers import (
     orgs,
     pricing,
     projects,
+    provider_connections,
     provider_keys,
+    reconciliation,
     sql,
     webhooks,
 )
@@ -66,6 +69,9 @@ ROUTERS = (
     query_api.routers.project_mappings,
     insights,
     anomaly_settings,
+    provider_connections,
+    reconciliation,
+    collectors,
 )
 
 

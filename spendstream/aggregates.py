@@ -61,6 +61,7 @@ NON_AGGREGATE_TENANT_VIEWS: tuple[str, ...] = (
     RAW_TABLE, "projects", "budgets", "price_overrides", "budget_alerts", "alert_deliveries",
     "project_mappings",  # 0012
     "anomaly_settings",
+    "provider_usage_hourly", "provider_costs_daily",  # provider reports (0016), each bucket's current collection
 )  # fmt: skip
 
 

@@ -19,6 +19,8 @@ keys_app = typer.Typer(help="Manage API keys (stored hashed in ClickHouse).", no
 app.add_typer(keys_app, name="keys")
 users_app = typer.Typer(help="Manage people and their organisations (see docs/identity.md).", no_args_is_help=True)
 app.add_typer(users_app, name="users")
+collectors_app = typer.Typer(help="Provider usage/cost collectors (docs/collectors.md).", no_args_is_help=True)
+app.add_typer(collectors_app, name="collectors")
 
 
 def _settings():
@@ -151,6 +153,81 @@ def users_create(
     if password is None and sys.stdin.isatty():
         password = typer.prompt("password (for a new account)", hide_input=True, default="", show_default=False)
     cli_create(_settings(), email, org, role, name, password or None, org_name, as_json)
+
+
+@collectors_app.command("run")
+def collectors_run(
+    once: Annotated[bool, typer.Option("--once", help="run every provider's job now and exit")] = False,
+) -> None:
+    """Run the collectors on their schedules (OpenAI every 6 h at :10, Anthropic hourly at :05)."""
+    import logging
+
+    from spendstream.collectors.registry import PROVIDERS
+    from spendstream.collectors.service import run_provider, run_service
+
+    settings = _settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.secret_keys.get_secret_value():
+        typer.echo("SPENDSTREAM_SECRET_KEYS is needed to open the stored admin keys", err=True)
+        raise typer.Exit(2)
+    if not once:
+        run_service(settings)
+        return
+    runs = [r for provider in PROVIDERS for r in run_provider(settings, provider, trigger="manual")]
+    for r in runs:
+        typer.echo(f"{r['connection_id']} {r['dataset']}: {r['status']} {r['buckets']} buckets {r['error']}".rstrip())
+    raise typer.Exit(1 if any(r["status"] == "error" for r in runs) else 0)
+
+
+@collectors_app.command("backfill")
+def collectors_backfill(
+    connection: Annotated[str, typer.Option(help="connection id (GET /v1/provider-connections)")],
+    days: Annotated[int, typer.Option(min=1, max=90, help="days back from now")] = 30,
+    dataset: Annotated[str, typer.Option(help="usage, costs or all")] = "all",
+) -> None:
+    """Collect up to 90 days of a connection's reports now, with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from spendstream.clickhouse import get_client
+    from spendstream.collectors.connections import load_open_connections
+    from spendstream.collectors.registry import PROVIDERS
+    from spendstream.collectors.runner import collect, options_from_settings
+    from spendstream.collectors.service import keyring_of
+
+    settings = _settings()
+    client = get_client(settings)
+    try:
+        found, failed = load_open_connections(client, keyring_of(settings), ids=[connection])
+        if not found:
+            typer.echo(
+                f"no live connection {connection!r}" + (" (its key cannot be opened)" if failed else ""), err=True
+            )
+            raise typer.Exit(2)
+        conn = found[0]
+        chosen = [d for d in PROVIDERS[conn.provider].datasets if dataset in ("all", d.kind)]
+        if not chosen:
+            typer.echo("dataset must be usage, costs or all", err=True)
+            raise typer.Exit(2)
+        errors = 0
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+            for d in chosen:
+                task = bar.add_task(f"{conn.provider} {d.kind}", total=None)
+                run = collect(
+                    client,
+                    conn,
+                    d,
+                    options_from_settings(settings),
+                    trigger="backfill",
+                    backfill_days=days,
+                    progress=lambda done, total, task=task: bar.update(task, completed=done, total=total),
+                )
+                bar.update(task, description=f"{conn.provider} {d.kind}: {run['status']} {run['rows']} rows")
+                if run["status"] != "ok":
+                    errors += 1
+                    bar.console.print(f"[red]{d.kind}: {run['error']}[/red]")
+        raise typer.Exit(1 if errors else 0)
+    finally:
+        client.close()
 
 
 @app.command()

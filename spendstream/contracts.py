@@ -254,7 +254,16 @@ def dlq_envelope(
 
 #: "anomaly": a spend anomaly (the anomaly stage, spendstream/anomaly/alerts.py): the same fields, read
 #: as that module says, plus "anomaly": its explanation
-BUDGET_ALERT_KINDS = ("threshold", "forecast", "anomaly")
+#
+# kind "reconciliation" (the collectors, spendstream/collectors/alerts.py): a UTC day on which a
+# provider's reported cost and Spendstream's tracked cost differ by more than both thresholds of
+# a provider connection. alert_id = "rc_" + 32 hex, stable per (connection, day): sent once.
+# The fields above read: budget_id/budget_name = the connection's id/name, scope = {"provider"},
+# window "daily" [window_start, window_end) = the day (UTC), threshold = the connection's drift %,
+# spent_* = reported, limit_* = tracked, percent_used = drift % (signed), top [], event_id "";
+# plus "date", "provider", "connection_id", "reported_usd", "tracked_usd", "difference_usd"
+# (reported - tracked), "drift_pct" (difference / reported, 2 places) and "unattributed_usd".
+BUDGET_ALERT_KINDS = ("threshold", "forecast", "anomaly", "reconciliation")
 BUDGET_WINDOWS = ("daily", "weekly", "monthly", "rolling_1h", "rolling_24h", "total")
 BUDGET_SCOPE_FIELDS = ("project", "agent", "user", "provider", "model", "tag")
 

@@ -154,6 +154,9 @@ class Stack:
                 )
             )
         comps.append(Component("query-api", cli + ["query-api"], _http_ok(self.query_url + "/readyz")))
+        if s.secret_keys.get_secret_value():
+            # a scheduler without a port: healthy while its process runs (the supervisor restarts it)
+            comps.append(Component("collectors", cli + ["collectors", "run"], lambda: True))
         return comps
 
     @property
@@ -448,6 +451,23 @@ def _dev_admin_key(data_dir: Path, settings: Settings) -> str:
     return key
 
 
+def _dev_secret_keys(data_dir: Path, settings: Settings) -> str:
+    """The configured SPENDSTREAM_SECRET_KEYS, else a keyring generated once and kept in
+    .spendstream/ (0600), so stored provider and admin keys and the collectors work in development."""
+    configured = settings.secret_keys.get_secret_value()
+    if configured:
+        return configured
+    path = data_dir / "dev-secret-keys"
+    if path.exists():
+        return path.read_text().strip()
+    from spendstream.secrets import generate_key
+
+    spec = generate_key("dev1")
+    path.write_text(spec + "\n")
+    path.chmod(0o600)
+    return spec
+
+
 def run_dev(demo: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # health polls would drown the console
@@ -459,6 +479,7 @@ def run_dev(demo: bool = False) -> int:
         update={
             "env": "dev",
             "bootstrap_admin_key": type(base.bootstrap_admin_key)(key),
+            "secret_keys": type(base.secret_keys)(_dev_secret_keys(data_dir, base)),
             "kafka": base.kafka.model_copy(update={"profile": "embedded"} if base.kafka.embedded else {}),
         }
     )

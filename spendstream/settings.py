@@ -429,6 +429,22 @@ class InsightsSettings(BaseModel):
     )
 
 
+class CollectorsSettings(BaseModel):
+    """Provider usage/cost collectors (``spendstream collectors``); docs/collectors.md."""
+
+    openai_base_url: str = Field("https://api.openai.com/v1", description="OpenAI admin API base (with /v1)")
+    anthropic_base_url: str = Field("https://api.anthropic.com", description="Anthropic Admin API base (without /v1)")
+    openai_schedule: str = Field("10 */6 * * *", description="crontab (UTC) of the OpenAI job: every 6 h at :10")
+    anthropic_schedule: str = Field("5 * * * *", description="crontab (UTC) of the Anthropic job: hourly at :05")
+    recollect_hours: float = Field(48.0, ge=0, le=24 * 90, description="every run collects at least this far back")
+    timeout_s: float = Field(30.0, gt=0, description="bound of one provider request (connect, read, write, pool)")
+    max_attempts: int = Field(6, ge=1, le=20, description="attempts of one page (429, 5xx, network errors retried)")
+    backoff_base_s: float = Field(1.0, gt=0, description="backoff: full jitter up to base * 2^attempt")
+    backoff_max_s: float = Field(60.0, gt=0, description="backoff: the longest wait between attempts")
+    max_retry_after_s: float = Field(300.0, gt=0, description="a 429 asking to wait longer fails the run")
+    max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest provider answer read")
+
+
 #: Renamed settings still accepted under their old name (see the module docstring): old path ->
 #: new path. Applied once, by ``Settings._renamed_settings``, to env variables and keywords alike.
 RENAMED_SETTINGS: dict[tuple[str, ...], tuple[str, ...]] = {
@@ -561,6 +577,7 @@ class Settings(BaseSettings):
     proxy: ProxySettings = ProxySettings()
     insights: InsightsSettings = InsightsSettings()
     anomaly: AnomalySettings = AnomalySettings()
+    collectors: CollectorsSettings = CollectorsSettings()
 
     @model_validator(mode="before")
     @classmethod

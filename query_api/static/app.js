@@ -467,6 +467,34 @@ async function showRecommendations(params) {
   panel.hidden = false;
 }
 
+// Tracked (Spendstream) vs reported (the providers' cost reports) per day; hidden until a provider
+// connection has reported something. A failure here never breaks the rest of the dashboard.
+async function showReconciliation() {
+  const panel = $("#reconciliation-panel");
+  let answer;
+  try {
+    answer = await api("/v1/reconciliation", { granularity: "day", by: "model" });
+  } catch (err) {
+    panel.hidden = true;
+    return;
+  }
+  const days = (answer.days || []).filter((d) => d.reported_cost_usd !== "0" || d.tracked_cost_usd !== "0").reverse();
+  $("#reconciliation tbody").replaceChildren(...days.map((d) => {
+    const tr = document.createElement("tr");
+    const cells = [[d.date], [d.provider], [`$${d.tracked_cost_usd}`, "num"], [`$${d.reported_cost_usd}`, "num"],
+      [`$${d.difference_usd}`, "num"], [d.drift_pct === null ? "–" : `${d.drift_pct} %`, "num"],
+      [`$${d.unattributed_cost_usd}`, "num"]];
+    for (const [value, cls] of cells) {
+      const td = document.createElement("td");
+      td.textContent = value;
+      if (cls) td.className = cls;
+      tr.append(td);
+    }
+    return tr;
+  }));
+  panel.hidden = !(answer.days || []).some((d) => d.reported_cost_usd !== "0");
+}
+
 function showUnpriced(models) {
   const body = $("#unpriced tbody");
   body.replaceChildren(...models.map((m) => {
@@ -512,7 +540,7 @@ async function refresh() {
     if (!params.project) fillOptions(form.elements.project, projects.groups.map((g) => g.key));
     if (!params.agent) fillOptions(form.elements.agent, agents.groups.map((g) => g.key));
     if (!params.model) fillOptions(form.elements.model, models.groups.map((g) => g.key));
-    await Promise.all([showBudgets(), showAlerts(), showForecast(params), showRecommendations(params)]);
+    await Promise.all([showBudgets(), showAlerts(), showForecast(params), showRecommendations(params), showReconciliation()]);
     document.body.dataset.loaded = String(mine);
     setStatus(`Updated ${new Date().toLocaleTimeString()}`);
   } catch (err) {

@@ -31,6 +31,10 @@ GENERIC_FIELDS = (
     "window_start", "window_end", "threshold", "spent_usd", "limit_usd", "percent_used",
     "projected_usd", "projected_at", "top", "event_id", "event_time", "created_at",
 )  # fmt: skip
+#: what a reconciliation alert adds to the generic body (spendstream/contracts.py)
+RECONCILIATION_FIELDS = (
+    "date", "provider", "connection_id", "reported_usd", "tracked_usd", "difference_usd", "drift_pct", "unattributed_usd",
+)  # fmt: skip
 _REQUIRED = ("alert_id", "kind", "tenant", "budget_id", "spent_usd", "limit_usd", "channels")
 #: alert ids go into headers verbatim (Idempotency-Key, Message-ID); budget_alert_id() makes "al_<hex>"
 _ALERT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -115,6 +119,8 @@ def generic_body(alert: Alert) -> dict[str, Any]:
     """The alert's contract fields as sent on (the generic webhook's body, PagerDuty's details)."""
     f = alert.fields
     body = {name: f.get(name) for name in GENERIC_FIELDS}
+    if alert.kind == "reconciliation":
+        body.update({name: f.get(name) for name in RECONCILIATION_FIELDS})
     if f.get("test"):
         body["test"] = True
     if alert.kind == "anomaly":
@@ -166,6 +172,11 @@ def _summary(alert: Alert) -> str:
             f"{a.get('episode_start')} ({a.get('spike_type', '?')} spike); {human_usd(f.get('spent_usd'))} USD in "
             f"10 minutes, usually {limit} USD"
         )
+    if alert.kind == "reconciliation":
+        return (
+            f"{f.get('provider')} reported {human_usd(f.get('reported_usd'))} USD on {f.get('date')}, Spendstream "
+            f"counted {human_usd(f.get('tracked_usd'))} USD: drift {f.get('drift_pct')}% (connection '{name}')"
+        )
     if alert.kind == "forecast":
         return (
             f"Budget '{name}' is projected to reach {human_usd(f.get('projected_usd'))} USD in its {window} "
@@ -182,6 +193,15 @@ def detail_lines(alert: Alert) -> list[str]:
     f = alert.fields
     if alert.kind == "anomaly":
         return [one_line(line) for line in _anomaly_lines(alert)]
+    if alert.kind == "reconciliation":
+        lines = [
+            f"Day: {f.get('date')} (UTC)  Provider: {f.get('provider')}  Connection: {f.get('connection_id')}",
+            f"Reported: {human_usd(f.get('reported_usd'))} USD  Tracked: {human_usd(f.get('tracked_usd'))} USD",
+            f"Difference: {human_usd(f.get('difference_usd'))} USD ({f.get('drift_pct')}%); "
+            f"unattributed: {human_usd(f.get('unattributed_usd'))} USD",
+            f"Alert: {alert.alert_id}",
+        ]
+        return [one_line(line) for line in lines]
     lines = [
         f"Scope: {_scope_text(f.get('scope'))}",
         f"Window: {f.get('window_start')} .. {f.get('window_end') or 'open'} ({f.get('timezone') or 'UTC'})",

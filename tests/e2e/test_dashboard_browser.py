@@ -17,6 +17,7 @@ from query_api_stack import QueryApiServer, insert_events, make_events, migrate 
 
 from spendstream.budgets.store import insert_alerts  # noqa: E402
 from spendstream.clickhouse import get_client  # noqa: E402
+from spendstream.money import format_usd  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
@@ -36,6 +37,7 @@ def dashboard(make_settings):
     events = make_events("acme", 1500, now - timedelta(days=6), now - timedelta(minutes=1), seed=21)
     insert_events(settings, events)
     seed_alerts(settings, now)
+    seed_provider_costs(settings, now)
     with QueryApiServer(settings) as server:
         if os.path.exists(Path(__file__).resolve().parents[2] / "query_api" / "routers" / "budgets.py"):
             with server.client(ADMIN_KEY) as admin:
@@ -97,6 +99,27 @@ def anomaly_alert(now: datetime) -> dict:
     return anomaly_alert_value(a, (), int((now - timedelta(minutes=20)).timestamp() * 1000))
 
 
+def seed_provider_costs(settings, now: datetime) -> None:
+    """A live Anthropic connection whose cost report says $3 yesterday (the reconciliation panel)."""
+    yesterday = now.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+    client = get_client(settings)
+    try:
+        client.insert(
+            "provider_connections",
+            [["acme", "pc_dash", "anthropic", "org", "00", 30, Decimal(5), 10**9, [], now, 0, 1]],
+            column_names=["tenant", "id", "provider", "name", "ciphertext", "backfill_days", "drift_threshold_pct",
+                          "drift_threshold_nanos", "channels", "created_at", "deleted", "version"],
+        )  # fmt: skip
+        client.insert(
+            "provider_costs_daily",
+            [["acme", "pc_dash", "anthropic", yesterday, yesterday + timedelta(days=1), 0, "m-large", 3 * 10**9, now, 1]],
+            column_names=["tenant", "connection_id", "provider", "bucket_start", "bucket_end", "row_index", "model",
+                          "amount_nanos", "collected_at", "version"],
+        )  # fmt: skip
+    finally:
+        client.close()
+
+
 def test_dashboard_renders_filters_and_screenshots(dashboard, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     server, events = dashboard
@@ -149,6 +172,17 @@ def test_dashboard_renders_filters_and_screenshots(dashboard, tmp_path):
                                 "volume: 400 calls, 20x the usual; openai/gpt-4o 100% of the excess"]  # fmt: skip
             assert page.locator("#spend-chart rect.bar.anomaly").count() == 1
             assert page.locator("#spend-chart .anomaly-mark").count() == 1
+
+            # reconciliation: yesterday's Anthropic spend, tracked (the events) vs reported ($3)
+            page.wait_for_selector("#reconciliation tbody tr")
+            yesterday = (datetime.now(UTC) - timedelta(days=1)).date()
+            tracked = sum(e["cost_nanos"] for e in events
+                          if e["provider"] == "anthropic" and e["timestamp"].date() == yesterday)  # fmt: skip
+            rows = page.eval_on_selector_all(
+                "#reconciliation tbody tr", "trs => trs.map(tr => [...tr.children].map(td => td.textContent))"
+            )
+            row = next(r for r in rows if r[0] == yesterday.isoformat() and r[1] == "anthropic")
+            assert row[2:5] == [f"${format_usd(tracked)}", "$3", f"${format_usd(3 * 10**9 - tracked)}"]
 
             loaded = page.get_attribute("body", "data-loaded")
             page.select_option("select[name=agent]", "acme-agent-2")

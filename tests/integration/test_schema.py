@@ -31,10 +31,10 @@ SECRET_TABLES = {"api_keys", "webhooks"}  # no tenant view: they hold secrets or
 # people and login (0011): password and token hashes, other organisations' login attempts
 SECRET_TABLES |= {"orgs", "users", "org_members", "invites", "auth_sessions", "refresh_tokens",
                   "session_revocations", "audit_log", "api_key_owners"}  # fmt: skip
-SECRET_TABLES |= {"provider_keys"}  # proxy (0010): sealed provider keys
+SECRET_TABLES |= {"provider_keys", "provider_connections"}  # proxy (0010), collectors (0016): sealed keys
 PUBLIC_TABLES = {
     "usage_events", "projects", "budgets", "price_overrides", "budget_alerts", "alert_deliveries",
-    "anomaly_settings", *SECRET_TABLES, *(a.table for a in AGGREGATES),
+    "anomaly_settings", "provider_usage_hourly", "provider_costs_daily", *SECRET_TABLES, *(a.table for a in AGGREGATES),
 }  # fmt: skip
 COST_COLUMNS = ["cost_nanos"] + [f"cost_{c}_nanos" for c in COST_CLASSES]
 # measure name -> how usage_events computes it (stated here independently of the registry and the

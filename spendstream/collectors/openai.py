@@ -1,0 +1,143 @@
+"""OpenAI's organization usage and costs (admin key as ``Authorization: Bearer``), per
+WIRE-CONTRACTS.md section 3 (openai-python ``types/admin/organization/usage_*``):
+
+- ``GET /organization/usage/completions`` (base URL includes ``/v1``): hourly buckets grouped by
+  model, project_id and api_key_id; ``input_tokens`` already includes cached and cache-write
+  tokens, as the event contract's ``input_tokens`` does.
+- ``GET /organization/costs``: daily buckets by line_item and project_id; ``amount.value`` is a
+  float of USD (read via its shortest repr, rounded to the nano-USD).
+Pagination: ``page=<next_page>`` while ``has_more``. Pure: requests are described, not sent.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from spendstream.collectors.model import (
+    Bucket,
+    CostRow,
+    Page,
+    PageError,
+    UsageRow,
+    count,
+    dollars_nanos,
+    from_unix,
+    items,
+    model_name,
+    name,
+    obj,
+    page_cursor,
+)
+
+PROVIDER = "openai"
+USAGE_PATH = "/organization/usage/completions"
+COSTS_PATH = "/organization/costs"
+USAGE_LIMIT = 168  # 1h buckets: at most 168 a page
+COSTS_LIMIT = 180  # 1d buckets: at most 180 a page
+
+
+def headers(admin_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {admin_key}"}
+
+
+def usage_params(start: datetime, end: datetime) -> list[tuple[str, str]]:
+    return [
+        ("start_time", str(int(start.timestamp()))),
+        ("end_time", str(int(end.timestamp()))),
+        ("bucket_width", "1h"),
+        ("limit", str(USAGE_LIMIT)),
+        ("group_by[]", "model"),
+        ("group_by[]", "project_id"),
+        ("group_by[]", "api_key_id"),
+    ]
+
+
+def costs_params(start: datetime, end: datetime) -> list[tuple[str, str]]:
+    return [
+        ("start_time", str(int(start.timestamp()))),
+        ("end_time", str(int(end.timestamp()))),
+        ("bucket_width", "1d"),
+        ("limit", str(COSTS_LIMIT)),
+        ("group_by[]", "line_item"),
+        ("group_by[]", "project_id"),
+    ]
+
+
+def _buckets(answer: Any) -> tuple[list[tuple[datetime, datetime, list[Any], str]], bool, str | None]:
+    answer = obj(answer, "page")
+    out = []
+    for i, raw in enumerate(items(answer.get("data"), "data")):
+        where = f"data[{i}]"
+        bucket = obj(raw, where)
+        start = from_unix(bucket.get("start_time"), f"{where}.start_time")
+        end = from_unix(bucket.get("end_time"), f"{where}.end_time")
+        if end <= start:
+            raise PageError(f"{where}.end_time", "must be after start_time")
+        out.append((start, end, items(bucket.get("results"), f"{where}.results"), where))
+    has_more, next_page = page_cursor(answer)
+    return out, has_more, next_page
+
+
+def parse_usage_page(answer: Any) -> Page:
+    buckets, has_more, next_page = _buckets(answer)
+    parsed = []
+    for start, end, results, where in buckets:
+        rows = []
+        for j, raw in enumerate(results):
+            at = f"{where}.results[{j}]"
+            r = obj(raw, at)
+            rows.append(
+                UsageRow(
+                    provider=PROVIDER,
+                    bucket_start=start,
+                    bucket_end=end,
+                    model=model_name(r, "model", at),
+                    project_id=name(r, "project_id", at),
+                    api_key_id=name(r, "api_key_id", at),
+                    service_tier=name(r, "service_tier", at),
+                    input_tokens=count(r, "input_tokens", at),
+                    output_tokens=count(r, "output_tokens", at),
+                    cache_read_tokens=count(r, "input_cached_tokens", at),
+                    cache_write_tokens=count(r, "input_cache_write_tokens", at),
+                    input_audio_tokens=count(r, "input_audio_tokens", at),
+                    output_audio_tokens=count(r, "output_audio_tokens", at),
+                    requests=count(r, "num_model_requests", at),
+                )
+            )
+        parsed.append(Bucket(start, end, rows))
+    return Page(parsed, has_more, next_page)
+
+
+def model_of_line_item(line_item: str) -> str:
+    """``"gpt-4o-2024-08-06, input"`` -> ``"gpt-4o-2024-08-06"``: OpenAI names the model first."""
+    return line_item.split(",", 1)[0].strip().lower()
+
+
+def parse_costs_page(answer: Any) -> Page:
+    buckets, has_more, next_page = _buckets(answer)
+    parsed = []
+    for start, end, results, where in buckets:
+        rows = []
+        for j, raw in enumerate(results):
+            at = f"{where}.results[{j}]"
+            r = obj(raw, at)
+            amount = obj(r.get("amount"), f"{at}.amount")
+            currency = name(amount, "currency", f"{at}.amount").lower() or "usd"
+            if currency != "usd":
+                raise PageError(f"{at}.amount.currency", f"only usd is supported, got {currency!r}")
+            line_item = name(r, "line_item", at)
+            rows.append(
+                CostRow(
+                    provider=PROVIDER,
+                    bucket_start=start,
+                    bucket_end=end,
+                    amount_nanos=dollars_nanos(amount.get("value"), f"{at}.amount.value"),
+                    currency=currency,
+                    model=model_of_line_item(line_item),
+                    project_id=name(r, "project_id", at),
+                    line_item=line_item,
+                )
+            )
+        parsed.append(Bucket(start, end, rows))
+    return Page(parsed, has_more, next_page)
