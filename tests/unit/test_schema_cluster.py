@@ -100,10 +100,11 @@ def test_materialized_views_read_and_write_the_local_tables() -> None:
 
 def test_tenant_views_stay_on_the_public_distributed_names() -> None:
     views = [s for s in _create_statements() if _created(s)[0] == "VIEW"]
-    # each tenant view once, and 0009 creates the four aggregate views again over their Int128 cost columns
+    # each tenant view once, and 0009 creates the four aggregate views again over their Int128 cost columns,
+    # 0017 usage_events' with its correction columns
     assert {_created(s)[1] for s in views} == {f"{{db}}_tenant.{v}" for v in TENANT_VIEWS | {"current_tenant"}}
-    assert len(views) == len(TENANT_VIEWS | {"current_tenant"}) + 4
-    assert sum(s.startswith("CREATE OR REPLACE VIEW") for s in views) == 4
+    assert len(views) == len(TENANT_VIEWS | {"current_tenant"}) + 5
+    assert sum(s.startswith("CREATE OR REPLACE VIEW") for s in views) == 5
     for statement in views:
         (derived,) = cluster_statements(statement, CLUSTER)
         assert "_local" not in derived
@@ -119,13 +120,17 @@ def test_a_view_query_change_runs_on_the_view_itself_reading_the_local_source() 
         "{db}.usage_hourly_mv",
         "{db}.usage_daily_mv",
         "{db}.usage_tags_daily_mv",
+        # 0017 (re-pricing's correction columns)
+        "{db}.unpriced_models_mv",
+        "{db}.usage_events_in_mv",
     }
     for statement in changes:
         (derived,) = cluster_statements(statement, CLUSTER)
         view = re.match(r"ALTER TABLE (\S+)", statement)[1]
         # a materialized view keeps its name on the cluster (only tables get a _local twin)
         assert derived.startswith(f"ALTER TABLE {view} {ON} MODIFY QUERY")
-        assert "FROM {db}.usage_events_local" in derived and derived.count("_local") == 1
+        source = "usage_events_in" if view == "{db}.usage_events_in_mv" else "usage_events"
+        assert f"FROM {{db}}.{source}_local" in derived and derived.count("_local") == 1
     with pytest.raises(ClusterSchemaError, match="no FROM"):
         cluster_statements("ALTER TABLE {db}.v_mv MODIFY QUERY SELECT 1", CLUSTER)
 
