@@ -21,7 +21,19 @@ from fastapi_offline import FastAPIOffline
 from query_api.errors import install_error_handlers
 from query_api.guard import RequestGuard
 from query_api.metrics import ApiMetrics, MetricsMiddleware
-from query_api.routers import alerts, analytics, budgets, export, health, keys, pricing, projects, sql, webhooks
+from query_api.routers import (
+    alerts,
+    analytics,
+    budgets,
+    export,
+    health,
+    keys,
+    pricing,
+    projects,
+    reprice,
+    sql,
+    webhooks,
+)
 from spendstream.clickhouse import get_async_client, get_client
 from spendstream.keys import KeyStore, load_live_keys
 from spendstream.pricing.catalog import default_catalog
@@ -29,8 +41,9 @@ from spendstream.settings import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
 
-#: one router per domain, in the order they appear in the OpenAPI document
-ROUTERS = (health, analytics, export, pricing, projects, keys, sql, budgets, webhooks, alerts)
+#: one router per domain, in the order they appear in the OpenAPI document (reprice before pricing:
+#: pricing's GET /{provider}/{model:path} would take /reprice/{id})
+ROUTERS = (health, analytics, export, reprice, pricing, projects, keys, sql, budgets, webhooks, alerts)
 
 
 def create_app(settings: Settings) -> FastAPI:

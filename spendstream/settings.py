@@ -167,6 +167,18 @@ class PricingSettings(BaseModel):
     overrides_reload_s: float = Field(2.0, gt=0, description="how often the pricing stage re-reads price overrides")
 
 
+class RepricingSettings(BaseModel):
+    """Re-pricing of stored usage (POST /v1/pricing/reprice; spendstream/repricing)."""
+
+    batch_events: int = Field(
+        5_000, ge=1, le=100_000, description="events read, re-priced and corrected per insert (bounds memory)"
+    )
+    sample_size: int = Field(20, ge=0, le=1_000, description="changed events listed in a diff's sample")
+    stale_after_s: float = Field(
+        120.0, gt=0, description="a running job without progress for this long may be resumed (its process died)"
+    )
+
+
 class BudgetsSettings(BaseModel):
     """Budgets: the budgets stage, and the gateway's budget check."""
 
@@ -355,6 +367,7 @@ class Settings(BaseSettings):
     budgets: BudgetsSettings = BudgetsSettings()
     notify: NotifySettings = NotifySettings()
     sink: SinkSettings = SinkSettings()
+    repricing: RepricingSettings = RepricingSettings()
 
     @model_validator(mode="before")
     @classmethod

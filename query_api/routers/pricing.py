@@ -196,7 +196,9 @@ async def delete_override(override_id: str, principal: Admin, ch: CH) -> None:
 async def unpriced(principal: Reader, ch: CH, catalog: CatalogDep) -> dict:
     result = await ch.query(
         "SELECT provider, model, sum(events) AS events, min(first_seen) AS first_seen, max(last_seen) AS last_seen "
-        "FROM unpriced_models WHERE tenant = {tenant:String} GROUP BY provider, model ORDER BY events DESC, provider, model",
+        "FROM unpriced_models WHERE tenant = {tenant:String} GROUP BY provider, model "
+        # a model whose events were all re-priced sums to 0 (0017_repricing.sql)
+        "HAVING events > 0 ORDER BY events DESC, provider, model",
         parameters={"tenant": principal.tenant},
     )
     overrides_now = await tenant_overrides(ch, principal.tenant, catalog)

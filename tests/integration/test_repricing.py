@@ -288,3 +288,60 @@ def test_a_reader_during_the_apply_never_sees_an_event_counted_twice(client, set
         assert old <= daily <= new and old <= raw <= new
     assert [d for d, _ in seen] == sorted(d for d, _ in seen), "totals only move forward"
     assert totals(client)["usage_daily"][5] == new
+
+
+ADMIN_KEY = "ss_test_admin_" + "r" * 24
+
+
+def test_the_api_dry_runs_applies_reports_progress_and_audits(make_settings, catalog) -> None:
+    import time
+
+    from query_api_stack import admin_and_reader
+
+    s = make_settings(bootstrap_admin_key=ADMIN_KEY, bootstrap_tenant=TENANT, repricing={"batch_events": 8})
+    migrate(s)
+    c = get_client(s)
+    try:
+        _store_priced(c, catalog, None, [_events(30, "mystery-1", 0)])
+        with admin_and_reader(s, ADMIN_KEY, TENANT) as (_, admin, reader):
+            put = admin.put(
+                "/v1/pricing/overrides",
+                json={"provider": "acme", "model": "mystery-1", "effective_from": "2026-03-01",
+                      "per_mtok": {"input": "1.25", "output": "10", "cache_read": "0.125"}},
+            )  # fmt: skip
+            assert put.status_code == 200, put.text
+            body = {"from": "2026-03-01", "to": "2026-03-04", "model": "mystery-1", "reason": "late price"}
+            before = totals(c)
+            dry = admin.post("/v1/pricing/reprice", json=body)
+            assert dry.status_code == 200, dry.text
+            diff = dry.json()["diff"]
+            assert diff["events_changed"] == 30 and diff["new_nanos"] > 0
+            assert totals(c) == before
+            # bad input names the field; readers may not re-price
+            bad = admin.post("/v1/pricing/reprice", json={**body, "to": "2026-02-01"})
+            assert bad.status_code == 422 and "to" in bad.text
+            assert admin.post("/v1/pricing/reprice", json={**body, "from": "yesterday-ish"}).status_code == 422
+            assert reader.post("/v1/pricing/reprice", json=body).status_code == 403
+
+            started = admin.post("/v1/pricing/reprice", json={**body, "dry_run": False})
+            assert started.status_code == 202, started.text
+            job_id = started.json()["id"]
+            deadline = time.monotonic() + 60
+            while (job := reader.get(f"/v1/pricing/reprice/{job_id}").json())["status"] != "done":
+                assert job["status"] == "running" and time.monotonic() < deadline, job
+                time.sleep(0.2)
+            assert job["progress"]["batches"] == 4 and job["diff"] == diff
+            after = totals(c)
+            assert_consistent(after)
+            assert after["usage_events"][5] == diff["new_nanos"] and after["unpriced"][0] == 0
+            assert reader.get("/v1/pricing/unpriced").json()["models"] == []
+            # the same job again: nothing changes
+            again = admin.post("/v1/pricing/reprice", json={**body, "dry_run": False, "job_id": job_id})
+            assert again.status_code == 200 and again.json()["status"] == "done"
+            assert totals(c) == after
+            assert reader.get("/v1/pricing/reprice/nope").status_code == 404
+            audit = reader.get("/v1/pricing/audit").json()["audit"]
+            assert [a["status"] for a in audit if a["job_id"] == job_id] == ["done", "started"]
+            assert audit[0]["reason"] == "late price" and audit[0]["new_nanos"] == diff["new_nanos"]
+    finally:
+        c.close()
