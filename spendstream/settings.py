@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -176,6 +177,17 @@ class RepricingSettings(BaseModel):
     sample_size: int = Field(20, ge=0, le=1_000, description="changed events listed in a diff's sample")
     stale_after_s: float = Field(
         120.0, gt=0, description="a running job without progress for this long may be resumed (its process died)"
+    )
+    on_override_change: bool = Field(
+        True,
+        description="creating, changing or deleting a price override proposes a re-price of the affected range "
+        "(a dry run stored as a 'proposed' job, applied on confirmation through the API)",
+    )
+    auto_apply_max_usd: Decimal = Field(
+        Decimal(0),
+        ge=0,
+        description="a proposed re-price whose spend change is at most this (absolute USD) is applied without "
+        "confirmation; 0 = always confirm",
     )
 
 

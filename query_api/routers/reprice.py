@@ -14,17 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from query_api.deps import Admin, Reader, SettingsDep
+from query_api.deps import Admin, Principal, Reader, SettingsDep
 from query_api.errors import Conflict, InvalidField, NotFound
 from query_api.filters import parse_instant, parse_tz
 from spendstream.clickhouse import get_client
+from spendstream.contracts import usd_to_nanos
 from spendstream.repricing import jobs, store
 from spendstream.repricing.planner import Scope
 
@@ -80,6 +81,11 @@ async def reprice(body: RepriceIn, principal: Admin, request: Request, settings:
             raise NotFound(f"re-pricing job {body.job_id!r}")
         if job.status == store.DONE:
             return job.describe()
+        if job.status == store.PROPOSED:
+            if body.dry_run:
+                return job.describe()
+            # confirmed: the apply computes its own diff from the start of the scope
+            job = replace(job, actor=principal.key_id or job.actor, diff=None, batches=0, cursor=store.START)
         age = (datetime.now(UTC) - job.updated_at).total_seconds()
         if tenant in _running or (job.status == store.RUNNING and age < settings.repricing.stale_after_s):
             raise Conflict(f"job {job.id} is running")
@@ -136,3 +142,42 @@ async def reprice_job(principal: Reader, request: Request, job_id: Annotated[str
 @router.get("/audit", summary="Re-pricings: who, when, why, scope, old and new totals (nano-USD)")
 async def pricing_audit(principal: Reader, request: Request) -> dict:
     return {"audit": await _sync(request, store.read_audit, principal.tenant)}
+
+
+async def propose_after_override_change(
+    request: Request, principal: Principal, override_id: str, since: datetime, what: str
+) -> dict[str, Any] | None:
+    """The automatic trigger of a price override change (``repricing.on_override_change``): a dry
+    run of the tenant's events since ``since`` (the earliest effective_from involved) in the
+    background, stored as a ``proposed`` job, or applied at once when its spend change is at most
+    ``repricing.auto_apply_max_usd``. The range is not narrowed to the override's model: an
+    override also covers the catalog aliases of its model (spendstream/pricing/overrides.py), and
+    only events whose price changes are corrected anyway."""
+    settings = request.app.state.settings
+    if not settings.repricing.on_override_change:
+        return None
+    tenant = principal.tenant
+    scope = Scope(tenant, since, datetime.now(UTC) + timedelta(minutes=5))
+    job = store.Job(
+        tenant, jobs.new_job_id(), actor=f"auto:{principal.key_id}", reason=f"price override {override_id} {what}",
+        scope=scope.describe(), status=store.PROPOSED,
+    )  # fmt: skip
+    options = {"batch_events": settings.repricing.batch_events, "sample_size": settings.repricing.sample_size}
+    limit = usd_to_nanos(settings.repricing.auto_apply_max_usd)
+
+    async def propose() -> None:
+        try:
+            diff = await _sync(request, jobs.dry_run, request.app.state.catalog, scope, **options)
+            if diff.events_changed == 0:
+                return
+            proposed = await _sync(request, store.save_job, replace(job, diff=diff.to_json()))
+            await _sync(request, store.audit, proposed, store.PROPOSED)
+            if limit and abs(diff.new_nanos - diff.old_nanos) <= limit and tenant not in _running:
+                await _start(request, replace(proposed, status=store.RUNNING, diff=None), options)
+        except Exception:
+            log.exception("re-pricing proposal %s failed", job.id)
+
+    task = asyncio.create_task(propose())
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return {"job_id": job.id, "status": "proposing", "scope": scope.describe()}

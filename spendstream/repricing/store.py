@@ -140,6 +140,8 @@ def override_rows(client: Client, tenant: str) -> list[dict[str, Any]]:
 # --- jobs and audit -------------------------------------------------------------------------------
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
+#: a trigger's dry run waiting for confirmation (POST /v1/pricing/reprice with its job_id)
+PROPOSED = "proposed"
 
 
 @dataclass(frozen=True)

@@ -316,6 +316,16 @@ def test_the_api_dry_runs_applies_reports_progress_and_audits(make_settings, cat
             assert dry.status_code == 200, dry.text
             diff = dry.json()["diff"]
             assert diff["events_changed"] == 30 and diff["new_nanos"] > 0
+            # the override change proposed a re-price by itself (a dry run, nothing applied)
+            proposal = put.json()["reprice"]["job_id"]
+            deadline = time.monotonic() + 60
+            while (proposed := reader.get(f"/v1/pricing/reprice/{proposal}")).status_code == 404:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            assert proposed.json()["status"] == "proposed" and proposed.json()["actor"].startswith("auto:")
+            assert {k: proposed.json()["diff"][k] for k in ("events_changed", "new_nanos", "by_day")} == {
+                k: diff[k] for k in ("events_changed", "new_nanos", "by_day")
+            }
             assert totals(c) == before
             # bad input names the field; readers may not re-price
             bad = admin.post("/v1/pricing/reprice", json={**body, "to": "2026-02-01"})
@@ -340,8 +350,17 @@ def test_the_api_dry_runs_applies_reports_progress_and_audits(make_settings, cat
             assert again.status_code == 200 and again.json()["status"] == "done"
             assert totals(c) == after
             assert reader.get("/v1/pricing/reprice/nope").status_code == 404
+            # confirming the proposal now: it finds everything re-priced already and changes nothing
+            confirmed = admin.post("/v1/pricing/reprice", json={**body, "dry_run": False, "job_id": proposal})
+            assert confirmed.status_code == 202, confirmed.text
+            while (job := reader.get(f"/v1/pricing/reprice/{proposal}").json())["status"] != "done":
+                assert time.monotonic() < deadline + 60, job
+                time.sleep(0.2)
+            assert job["diff"]["events_changed"] == 0 and totals(c) == after
             audit = reader.get("/v1/pricing/audit").json()["audit"]
             assert [a["status"] for a in audit if a["job_id"] == job_id] == ["done", "started"]
-            assert audit[0]["reason"] == "late price" and audit[0]["new_nanos"] == diff["new_nanos"]
+            done = next(a for a in audit if a["job_id"] == job_id and a["status"] == "done")
+            assert done["reason"] == "late price" and done["new_nanos"] == diff["new_nanos"]
+            assert "proposed" in [a["status"] for a in audit if a["job_id"] == proposal]
     finally:
         c.close()
