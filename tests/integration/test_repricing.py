@@ -364,3 +364,53 @@ def test_the_api_dry_runs_applies_reports_progress_and_audits(make_settings, cat
             assert "proposed" in [a["status"] for a in audit if a["job_id"] == proposal]
     finally:
         c.close()
+
+
+#: a job in a process of its own, slowed down per batch so the test can SIGKILL it mid-way
+_JOB_PROCESS = """
+import sys, time
+from spendstream.clickhouse import get_client
+from spendstream.pricing import default_catalog
+from spendstream.repricing import jobs, store
+from spendstream.settings import Settings
+
+client = get_client(Settings())
+job = store.load_job(client, sys.argv[1], sys.argv[2])
+jobs.run(client, default_catalog(), job, batch_events=4, sample_size=3, after_batch=lambda j: time.sleep(0.3))
+"""
+
+
+def test_a_sigkilled_job_process_rerun_ends_exact(settings, client, catalog, stored) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from spendstream.settings import settings_env
+
+    _, expected = stored
+    dry = jobs.dry_run(client, catalog, _scope(), batch_events=4, sample_size=3).to_json()
+    job = store.save_job(client, _new_job(_scope()))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _JOB_PROCESS, TENANT, job.id], env={**os.environ, **settings_env(settings)},
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while (store.load_job(client, TENANT, job.id).batches or 0) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "the job process ended early"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    killed = store.load_job(client, TENANT, job.id)
+    assert killed.status == store.RUNNING and 3 <= killed.batches < 21
+    done = jobs.run(client, catalog, killed, batch_events=4, sample_size=3)
+    assert done.status == store.DONE
+    assert per_event_costs(client) == expected
+    after = totals(client)
+    assert_consistent(after)
+    assert after["unpriced"] == (0, 0, 0, 0) and after["unpriced_models"] == (0,)
+    for key in ("events_scanned", "events_changed", "old_nanos", "new_nanos", "by_model", "by_day"):
+        assert done.diff[key] == dry[key], key
