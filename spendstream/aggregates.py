@@ -197,7 +197,8 @@ USAGE_MEASURES: tuple[Measure, ...] = (
     Measure("calls", "UInt64", "countIf(correction_kind = '')"),
     Measure("errors", "UInt64", "countIf(status = 'error' AND correction_kind = '')"),
     # a reversal row takes back its event's unpriced count; the re-priced row counts as it is priced
-    Measure("unpriced", "UInt64", f"sumIf({SIGN}, pricing_status IN {UNPRICED_STATUSES!r})"),
+    # (UInt64 like the column, so reads over usage_events and over the table have one type)
+    Measure("unpriced", "UInt64", f"toUInt64(sumIf({SIGN}, pricing_status IN {UNPRICED_STATUSES!r}))"),
     *(Measure(c, "UInt64", f"sum({c})") for c in TOKEN_COLUMNS),
     # widened before summing: 9,224 events at the per-event cap already pass Int64
     *(Measure(c, "Int128", f"sum(toInt128({c}))") for c in COST_COLUMNS),

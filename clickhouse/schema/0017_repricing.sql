@@ -14,7 +14,7 @@
 -- event are in the same insert, hence the same part of every table: a reader sees the old cost
 -- or the new one, never both. clickhouse/README.md, "Re-pricing", says how to read the raw table.
 --
--- The views count only original rows as calls and errors, and `unpriced` / unpriced_models.events
+-- The views count only original rows as calls and errors, and `unpriced` (toUInt64 of a signed sum) / unpriced_models.events
 -- take -1 for a reversal of an unpriced event (the counts are UInt64: a part may hold the value
 -- modulo 2^64, which sum() reads back exactly, as every reader of these tables must anyway).
 -- Tokens and latency need no change: correction rows carry none. New columns take their DEFAULT
@@ -83,7 +83,7 @@ SELECT
     model,
     countIf(correction_kind = '') AS calls,
     countIf(status = 'error' AND correction_kind = '') AS errors,
-    sumIf(if(correction_kind = 'reversal', -1, 1), pricing_status IN ('unknown_model', 'cost_over_cap')) AS unpriced,
+    toUInt64(sumIf(if(correction_kind = 'reversal', -1, 1), pricing_status IN ('unknown_model', 'cost_over_cap'))) AS unpriced,
     sum(input_tokens) AS input_tokens,
     sum(output_tokens) AS output_tokens,
     sum(cache_read_tokens) AS cache_read_tokens,
@@ -122,7 +122,7 @@ SELECT
     user,
     countIf(correction_kind = '') AS calls,
     countIf(status = 'error' AND correction_kind = '') AS errors,
-    sumIf(if(correction_kind = 'reversal', -1, 1), pricing_status IN ('unknown_model', 'cost_over_cap')) AS unpriced,
+    toUInt64(sumIf(if(correction_kind = 'reversal', -1, 1), pricing_status IN ('unknown_model', 'cost_over_cap'))) AS unpriced,
     sum(input_tokens) AS input_tokens,
     sum(output_tokens) AS output_tokens,
     sum(cache_read_tokens) AS cache_read_tokens,
@@ -161,7 +161,7 @@ SELECT
     user,
     countIf(correction_kind = '') AS calls,
     countIf(status = 'error' AND correction_kind = '') AS errors,
-    sumIf(if(correction_kind = 'reversal', -1, 1), pricing_status IN ('unknown_model', 'cost_over_cap')) AS unpriced,
+    toUInt64(sumIf(if(correction_kind = 'reversal', -1, 1), pricing_status IN ('unknown_model', 'cost_over_cap'))) AS unpriced,
     sum(input_tokens) AS input_tokens,
     sum(output_tokens) AS output_tokens,
     sum(cache_read_tokens) AS cache_read_tokens,
@@ -201,7 +201,7 @@ SELECT
     model,
     countIf(correction_kind = '') AS calls,
     countIf(status = 'error' AND correction_kind = '') AS errors,
-    sumIf(if(correction_kind = 'reversal', -1, 1), pricing_status IN ('unknown_model', 'cost_over_cap')) AS unpriced,
+    toUInt64(sumIf(if(correction_kind = 'reversal', -1, 1), pricing_status IN ('unknown_model', 'cost_over_cap'))) AS unpriced,
     sum(input_tokens) AS input_tokens,
     sum(output_tokens) AS output_tokens,
     sum(cache_read_tokens) AS cache_read_tokens,
