@@ -41,6 +41,7 @@ from query_api.routers import (
     provider_connections,
     provider_keys,
     reconciliation,
+    reprice,
     sql,
     webhooks,
 )
@@ -51,11 +52,13 @@ from spendstream.settings import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
 
-#: one router per domain, in the order they appear in the OpenAPI document
+#: one router per domain, in the order they appear in the OpenAPI document (reprice before pricing:
+#: pricing's GET /{provider}/{model:path} would take /reprice/{id})
 ROUTERS = (
     health,
     analytics,
     export,
+    reprice,
     pricing,
     projects,
     keys,

@@ -192,11 +192,16 @@ TOKEN_COLUMNS: tuple[str, ...] = TOKEN_FIELDS
 COST_COLUMNS: tuple[str, ...] = ("cost_nanos", *(f"cost_{c}_nanos" for c in COST_CLASSES))
 #: events stored at cost 0 without a usable price, as the aggregates' ``unpriced`` counts them
 UNPRICED_STATUSES = ("unknown_model", "cost_over_cap")
+#: +1 for an original or re-priced row of usage_events, -1 for a re-pricing reversal (0017_repricing.sql)
+SIGN = "if(correction_kind = 'reversal', -1, 1)"
 _UNIQ = "AggregateFunction(uniq, String)"
 USAGE_MEASURES: tuple[Measure, ...] = (
-    Measure("calls", "UInt64", "count()"),
-    Measure("errors", "UInt64", "countIf(status = 'error')"),
-    Measure("unpriced", "UInt64", f"countIf(pricing_status IN {UNPRICED_STATUSES!r})"),
+    # original rows only: re-pricing's correction rows (0017_repricing.sql) are no new calls
+    Measure("calls", "UInt64", "countIf(correction_kind = '')"),
+    Measure("errors", "UInt64", "countIf(status = 'error' AND correction_kind = '')"),
+    # a reversal row takes back its event's unpriced count; the re-priced row counts as it is priced
+    # (UInt64 like the column, so reads over usage_events and over the table have one type)
+    Measure("unpriced", "UInt64", f"toUInt64(sumIf({SIGN}, pricing_status IN {UNPRICED_STATUSES!r}))"),
     *(Measure(c, "UInt64", f"sum({c})") for c in TOKEN_COLUMNS),
     # widened before summing: 9,224 events at the per-event cap already pass Int64
     *(Measure(c, "Int128", f"sum(toInt128({c}))") for c in COST_COLUMNS),
@@ -266,7 +271,7 @@ AGGREGATES: tuple[Aggregate, ...] = (
     Aggregate(
         "unpriced_models", None, _key("tenant", "provider", "model"),
         (
-            Measure("events", "SimpleAggregateFunction(sum, UInt64)", "count()"),
+            Measure("events", "SimpleAggregateFunction(sum, UInt64)", f"sum({SIGN})"),
             Measure("first_seen", "SimpleAggregateFunction(min, DateTime64(3, 'UTC'))", "min(timestamp)", merge="min"),
             Measure("last_seen", "SimpleAggregateFunction(max, DateTime64(3, 'UTC'))", "max(timestamp)", merge="max"),
         ),

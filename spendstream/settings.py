@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -165,6 +166,29 @@ class PricingSettings(BaseModel):
         "bench/RESULTS.md, Dedupe memory) x new ids/s x 3,600 x hours: 48 h at 1,000 events/s is 173M ids, ~5.5 GiB",
     )
     overrides_reload_s: float = Field(2.0, gt=0, description="how often the pricing stage re-reads price overrides")
+
+
+class RepricingSettings(BaseModel):
+    """Re-pricing of stored usage (POST /v1/pricing/reprice; spendstream/repricing)."""
+
+    batch_events: int = Field(
+        5_000, ge=1, le=100_000, description="events read, re-priced and corrected per insert (bounds memory)"
+    )
+    sample_size: int = Field(20, ge=0, le=1_000, description="changed events listed in a diff's sample")
+    stale_after_s: float = Field(
+        120.0, gt=0, description="a running job without progress for this long may be resumed (its process died)"
+    )
+    on_override_change: bool = Field(
+        True,
+        description="creating, changing or deleting a price override proposes a re-price of the affected range "
+        "(a dry run stored as a 'proposed' job, applied on confirmation through the API)",
+    )
+    auto_apply_max_usd: Decimal = Field(
+        Decimal(0),
+        ge=0,
+        description="a proposed re-price whose spend change is at most this (absolute USD) is applied without "
+        "confirmation; 0 = always confirm",
+    )
 
 
 class BudgetsSettings(BaseModel):
@@ -578,6 +602,7 @@ class Settings(BaseSettings):
     insights: InsightsSettings = InsightsSettings()
     anomaly: AnomalySettings = AnomalySettings()
     collectors: CollectorsSettings = CollectorsSettings()
+    repricing: RepricingSettings = RepricingSettings()
 
     @model_validator(mode="before")
     @classmethod

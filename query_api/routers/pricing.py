@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from query_api.deps import CH, Admin, Reader
 from query_api.errors import InvalidField, NotFound
 from query_api.filters import parse_instant, parse_tz
+from query_api.routers.reprice import propose_after_override_change
 from spendstream.money import PRICE_PER_MTOK, PRICE_PER_REQUEST, format_usd
 from spendstream.pricing.catalog import Catalog
 from spendstream.pricing.logic import effective_price, list_prices
@@ -161,7 +162,7 @@ def _tombstone(tenant: str, override_id: str, key: dict[str, Any], now: datetime
 @router.put(
     "/overrides", summary="Create or replace a price override (admin); the pricing stage picks it up within seconds"
 )
-async def put_override(body: OverrideIn, principal: Admin, ch: CH) -> dict:
+async def put_override(body: OverrideIn, principal: Admin, ch: CH, request: Request) -> dict:
     override = _validated(body, principal.tenant, body.id or uuid.uuid4().hex)
     stored = await _stored_keys(ch, override.tenant, override.id) if body.id else []
     now = datetime.now(UTC)
@@ -178,11 +179,14 @@ async def put_override(body: OverrideIn, principal: Admin, ch: CH) -> dict:
         if (key["provider"], key["model"]) != (override.provider, override.model)
     ]
     await ch.insert("price_overrides", rows, column_names=_WRITE_COLUMNS)
-    return override.describe() | {"note": body.note}
+    # stored costs from the earliest start involved on may change: propose a re-price (docs/repricing.md)
+    since = min([override.effective_from, *(_utc(k["effective_from"]) for k in stored)])
+    proposal = await propose_after_override_change(request, principal, override.id, since, "changed")
+    return override.describe() | {"note": body.note} | ({"reprice": proposal} if proposal else {})
 
 
 @router.delete("/overrides/{override_id}", status_code=204, summary="Delete a price override (admin)")
-async def delete_override(override_id: str, principal: Admin, ch: CH) -> None:
+async def delete_override(override_id: str, principal: Admin, ch: CH, request: Request) -> None:
     stored = await _stored_keys(ch, principal.tenant, override_id)
     if not stored:
         raise NotFound(f"price override {override_id!r}")
@@ -190,13 +194,21 @@ async def delete_override(override_id: str, principal: Admin, ch: CH) -> None:
     version = _next_version(now, stored)
     rows = [_tombstone(principal.tenant, override_id, key, now, version) for key in stored]
     await ch.insert("price_overrides", rows, column_names=_WRITE_COLUMNS)
+    since = min(_utc(k["effective_from"]) for k in stored)
+    await propose_after_override_change(request, principal, override_id, since, "deleted")
+
+
+def _utc(instant: datetime) -> datetime:
+    return instant.replace(tzinfo=UTC) if instant.tzinfo is None else instant
 
 
 @router.get("/unpriced", summary="Models seen without a price, with event counts and the time range to re-price")
 async def unpriced(principal: Reader, ch: CH, catalog: CatalogDep) -> dict:
     result = await ch.query(
         "SELECT provider, model, sum(events) AS events, min(first_seen) AS first_seen, max(last_seen) AS last_seen "
-        "FROM unpriced_models WHERE tenant = {tenant:String} GROUP BY provider, model ORDER BY events DESC, provider, model",
+        "FROM unpriced_models WHERE tenant = {tenant:String} GROUP BY provider, model "
+        # a model whose events were all re-priced sums to 0 (0017_repricing.sql)
+        "HAVING events > 0 ORDER BY events DESC, provider, model",
         parameters={"tenant": principal.tenant},
     )
     overrides_now = await tenant_overrides(ch, principal.tenant, catalog)

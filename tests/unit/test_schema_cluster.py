@@ -100,13 +100,12 @@ def test_materialized_views_read_and_write_the_local_tables() -> None:
 
 def test_tenant_views_stay_on_the_public_distributed_names() -> None:
     views = [s for s in _create_statements() if _created(s)[0] == "VIEW"]
-    # each tenant view once, and 0009 creates the four aggregate views again over their Int128 cost
-    # columns, 0012 the usage_events view over the session columns
-    # each tenant view once, 0009 creates the four aggregate views again over their Int128 cost columns
-    # and 0015 the budget_alerts view with its new column
+    # each tenant view once; 0009 creates the four aggregate views again over their Int128 cost columns,
+    # 0012 the usage_events view over the session columns, 0015 the budget_alerts view with its new
+    # column and 0017 usage_events' with its correction columns
     assert {_created(s)[1] for s in views} == {f"{{db}}_tenant.{v}" for v in TENANT_VIEWS | {"current_tenant"}}
-    assert len(views) == len(TENANT_VIEWS | {"current_tenant"}) + 6
-    assert sum(s.startswith("CREATE OR REPLACE VIEW") for s in views) == 6
+    assert len(views) == len(TENANT_VIEWS | {"current_tenant"}) + 7
+    assert sum(s.startswith("CREATE OR REPLACE VIEW") for s in views) == 7
     for statement in views:
         (derived,) = cluster_statements(statement, CLUSTER)
         assert "_local" not in derived
@@ -122,7 +121,8 @@ def test_a_view_query_change_runs_on_the_view_itself_reading_the_local_source() 
         "{db}.usage_hourly_mv",
         "{db}.usage_daily_mv",
         "{db}.usage_tags_daily_mv",
-        "{db}.usage_events_in_mv",  # 0012: the session columns
+        "{db}.usage_events_in_mv",  # 0012: the session columns; 0017: re-pricing's correction columns
+        "{db}.unpriced_models_mv",  # 0017
     }
     for statement in changes:
         (derived,) = cluster_statements(statement, CLUSTER)
