@@ -32,6 +32,8 @@ SELECT
     if(e.agent = '', 'default', e.agent) AS agent,
     e.user AS user,
     e.session_id AS session_id,
+    e.session_label AS session_label,
+    e.session_type AS session_type,
     e.operation AS operation,
     e.tags AS tags,
     e.provider AS provider,

@@ -11,6 +11,7 @@ OpenAI streams that did not ask for it (its extra chunk is then dropped before t
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 import logging
 import sys
@@ -51,9 +52,7 @@ from spendstream.settings import Settings
 
 log = logging.getLogger(__name__)
 
-try:  # noqa: SIM105
-    import sniffio  # noqa: F401
-except ImportError:
+if importlib.util.find_spec("sniffio") is None:
     # httpcore runs `import sniffio` on every upstream request and falls back to asyncio when it
     # fails; a failing import searches sys.path each time (~0.3 ms of CPU per request, a third of
     # the proxy's cost in profiles). None in sys.modules makes it fail at once, same outcome.
