@@ -267,6 +267,7 @@ class KeyStore:
         self._on_reload = on_reload
         self._last_miss_reload = 0.0
         self._reloading: asyncio.Task[None] | None = None
+        self._reload_started = 0.0
         self._loop_task: asyncio.Task[None] | None = None
         self.loaded = load is None
         self._healthy = True
@@ -309,9 +310,18 @@ class KeyStore:
             await asyncio.sleep(self._refresh_s)
             await self.reload()
 
-    async def reload(self) -> None:
-        """Reload now, or join a reload already running. Failures keep the last good set."""
-        if self._reloading is None or self._reloading.done():
+    async def reload(self, *, started_after: float | None = None) -> None:
+        """Reload now, or join a reload already running. Failures keep the last good set.
+
+        ``started_after`` (a monotonic time): join only a reload that began at or after it; one that
+        began earlier may have read the keys before a key created since, so it is waited out and a
+        new one started (an unknown key must be looked up in a read that follows its request)."""
+        running = self._reloading is not None and not self._reloading.done()
+        if running and started_after is not None and self._reload_started < started_after:
+            await asyncio.shield(self._reloading)
+            running = False
+        if not running:
+            self._reload_started = time.monotonic()
             self._reloading = asyncio.create_task(self._reload_once())
         await asyncio.shield(self._reloading)
 
@@ -360,7 +370,7 @@ class KeyStore:
         if key_id and key_id not in self._by_id and now - self._last_miss_reload >= self._miss_reload_s:
             self._last_miss_reload = now
             try:
-                await asyncio.wait_for(self.reload(), self._miss_wait_s)
+                await asyncio.wait_for(self.reload(started_after=now), self._miss_wait_s)
             except TimeoutError:
                 return None
             return self.lookup(key)

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query, Request
 
 from query_api.deps import Admin, Reader
 from query_api.errors import Conflict, DomainError, NotFound
-from query_api.routers.provider_connections import keyring
+from query_api.routers.provider_connections import SecretsNotConfigured, keyring
 from spendstream.clickhouse import get_client
 from spendstream.collectors import runner, store
 from spendstream.collectors.connections import list_connections, load_open_connections
@@ -91,7 +91,11 @@ async def history(
 async def run_now(job_id: str, principal: Admin, request: Request) -> dict:
     connection_id, _, kind = job_id.partition(":")
     settings = request.app.state.settings
-    ring = keyring(request)
+    try:
+        ring = keyring(request)
+    except SecretsNotConfigured:
+        # without a keyring no connection can have been stored, so no job exists
+        raise NotFound(f"collector job {job_id[:80]!r}") from None
     found, _ = await asyncio.to_thread(
         load_open_connections, request.app.state.ch_sync, ring, tenant=principal.tenant, ids=[connection_id[:64]]
     )

@@ -93,7 +93,17 @@ def _call_url(path: str, org: str) -> str:
         .replace("{model:path}", "gpt-4o")
         .replace("{user_id}", "usr-nobody")
     )
-    for name in ("budget_id", "webhook_id", "override_id", "project_id", "key_id", "invite_id"):
+    for name in (
+        "budget_id",
+        "webhook_id",
+        "override_id",
+        "project_id",
+        "key_id",
+        "invite_id",
+        "rule_id",
+        "connection_id",
+        "job_id",
+    ):
         url = url.replace("{" + name + "}", "nothing-here")
     assert "{" not in url, url
     return url
