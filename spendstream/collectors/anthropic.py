@@ -21,14 +21,13 @@ from spendstream.collectors.model import (
     Page,
     PageError,
     UsageRow,
+    buckets_page,
     cents_nanos,
     count,
     from_rfc3339,
-    items,
     model_name,
     name,
     obj,
-    page_cursor,
 )
 
 PROVIDER = "anthropic"
@@ -71,18 +70,7 @@ def costs_params(start: datetime, end: datetime) -> list[tuple[str, str]]:
 
 
 def _buckets(answer: Any) -> tuple[list[tuple[datetime, datetime, list[Any], str]], bool, str | None]:
-    answer = obj(answer, "page")
-    out = []
-    for i, raw in enumerate(items(answer.get("data"), "data")):
-        where = f"data[{i}]"
-        bucket = obj(raw, where)
-        start = from_rfc3339(bucket.get("starting_at"), f"{where}.starting_at")
-        end = from_rfc3339(bucket.get("ending_at"), f"{where}.ending_at")
-        if end <= start:
-            raise PageError(f"{where}.ending_at", "must be after starting_at")
-        out.append((start, end, items(bucket.get("results"), f"{where}.results"), where))
-    has_more, next_page = page_cursor(answer)
-    return out, has_more, next_page
+    return buckets_page(answer, "starting_at", "ending_at", from_rfc3339)
 
 
 def parse_usage_page(answer: Any) -> Page:

@@ -4,6 +4,7 @@ breaks the documented shape raises. Pure: no HTTP, no ClickHouse."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -134,6 +135,25 @@ def page_cursor(answer: dict[str, Any]) -> tuple[bool, str | None]:
     if has_more and not next_page:
         raise PageError("next_page", "missing although has_more is true")
     return has_more, next_page if has_more else None
+
+
+def buckets_page(
+    answer: Any, start_key: str, end_key: str, parse_time: Callable[[Any, str], datetime]
+) -> tuple[list[tuple[datetime, datetime, list[Any], str]], bool, str | None]:
+    """A provider's page of time buckets: (start, end, results, where) per bucket, has_more, next_page.
+    Both providers page the same way and differ only in the bounds' names and time format."""
+    answer = obj(answer, "page")
+    out = []
+    for i, raw in enumerate(items(answer.get("data"), "data")):
+        where = f"data[{i}]"
+        bucket = obj(raw, where)
+        start = parse_time(bucket.get(start_key), f"{where}.{start_key}")
+        end = parse_time(bucket.get(end_key), f"{where}.{end_key}")
+        if end <= start:
+            raise PageError(f"{where}.{end_key}", f"must be after {start_key}")
+        out.append((start, end, items(bucket.get("results"), f"{where}.results"), where))
+    has_more, next_page = page_cursor(answer)
+    return out, has_more, next_page
 
 
 def from_unix(value: Any, where: str) -> datetime:

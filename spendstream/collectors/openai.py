@@ -20,14 +20,13 @@ from spendstream.collectors.model import (
     Page,
     PageError,
     UsageRow,
+    buckets_page,
     count,
     dollars_nanos,
     from_unix,
-    items,
     model_name,
     name,
     obj,
-    page_cursor,
 )
 
 PROVIDER = "openai"
@@ -65,18 +64,7 @@ def costs_params(start: datetime, end: datetime) -> list[tuple[str, str]]:
 
 
 def _buckets(answer: Any) -> tuple[list[tuple[datetime, datetime, list[Any], str]], bool, str | None]:
-    answer = obj(answer, "page")
-    out = []
-    for i, raw in enumerate(items(answer.get("data"), "data")):
-        where = f"data[{i}]"
-        bucket = obj(raw, where)
-        start = from_unix(bucket.get("start_time"), f"{where}.start_time")
-        end = from_unix(bucket.get("end_time"), f"{where}.end_time")
-        if end <= start:
-            raise PageError(f"{where}.end_time", "must be after start_time")
-        out.append((start, end, items(bucket.get("results"), f"{where}.results"), where))
-    has_more, next_page = page_cursor(answer)
-    return out, has_more, next_page
+    return buckets_page(answer, "start_time", "end_time", from_unix)
 
 
 def parse_usage_page(answer: Any) -> Page:
