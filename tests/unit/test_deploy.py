@@ -273,13 +273,19 @@ def test_compose_health_checks_and_start_order(compose: dict[str, Any]) -> None:
         if name == "migrate":
             assert svc["restart"] == "no", "one-shot job"
             assert "healthcheck" not in svc
+        elif name == "collectors":
+            # a scheduler without a port: its health is its runs (GET /v1/collectors/status), and
+            # nothing depends on it
+            assert svc["restart"] == "unless-stopped" and not any(
+                "collectors" in s.get("depends_on", {}) for s in services.values()
+            )
         else:
             assert svc.get("healthcheck", {}).get("test"), f"{name} has no health check"
         for dependency, condition in svc.get("depends_on", {}).items():
             assert dependency in services, f"{name} depends on unknown {dependency}"
             expected = "service_completed_successfully" if dependency == "migrate" else "service_healthy"
             assert condition["condition"] == expected, (name, dependency)
-    for name in ("gateway", "processors", "query-api"):
+    for name in ("gateway", "processors", "query-api", "collectors"):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
@@ -406,7 +412,7 @@ def test_k8s_containers_run_real_spendstream_commands() -> None:
         assert_cli_command(args)
         assert_known_stages(args)
         commands[args[0]] = args
-    assert set(commands) == {"gateway", "query-api", "processors", "migrate"}
+    assert set(commands) == {"gateway", "query-api", "processors", "migrate", "collectors"}
 
 
 def test_k8s_migrate_job_applies_the_cluster_schema(monkeypatch: pytest.MonkeyPatch) -> None:
