@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from spendstream.reloading import Reloader
 from spendstream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -261,14 +262,14 @@ class KeyStore:
             else None
         )
         self._by_id: dict[str, StoredKey] = {}
-        self._refresh_s = refresh_s
-        self._miss_reload_s = miss_reload_s
-        self._miss_wait_s = miss_wait_s
         self._on_reload = on_reload
-        self._last_miss_reload = 0.0
-        self._reloading: asyncio.Task[None] | None = None
-        self._reload_started = 0.0
-        self._loop_task: asyncio.Task[None] | None = None
+        self._reloader = Reloader(
+            self._reload_once,
+            name="keystore-refresh",
+            refresh_s=refresh_s,
+            miss_reload_s=miss_reload_s,
+            miss_wait_s=miss_wait_s,
+        )
         self.loaded = load is None
         self._healthy = True
         self.last_success: float | None = None
@@ -289,41 +290,16 @@ class KeyStore:
         return len(self._by_id)
 
     async def start(self) -> None:
-        if self._load is None:
-            return
-        await self.reload()
-        self._loop_task = asyncio.create_task(self._refresh_forever(), name="keystore-refresh")
+        if self._load is not None:
+            await self._reloader.start()
 
     async def close(self) -> None:
-        for task in (self._loop_task, self._reloading):
-            if task is not None:
-                task.cancel()
-        for task in (self._loop_task, self._reloading):
-            if task is not None:
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            await self.reload()
+        await self._reloader.close()
 
     async def reload(self, *, started_after: float | None = None) -> None:
-        """Reload now, or join a reload already running. Failures keep the last good set.
-
-        ``started_after`` (a monotonic time): join only a reload that began at or after it; one that
-        began earlier may have read the keys before a key created since, so it is waited out and a
-        new one started (an unknown key must be looked up in a read that follows its request)."""
-        running = self._reloading is not None and not self._reloading.done()
-        if running and started_after is not None and self._reload_started < started_after:
-            await asyncio.shield(self._reloading)
-            running = False
-        if not running:
-            self._reload_started = time.monotonic()
-            self._reloading = asyncio.create_task(self._reload_once())
-        await asyncio.shield(self._reloading)
+        """Reload now, or join a reload already running (see :class:`Reloader`). Failures keep
+        the last good set."""
+        await self._reloader.reload(started_after=started_after)
 
     async def _reload_once(self) -> None:
         assert self._load is not None
@@ -366,13 +342,7 @@ class KeyStore:
         if principal is not None or self._load is None:
             return principal
         key_id = key_id_of(key)
-        now = time.monotonic()
-        if key_id and key_id not in self._by_id and now - self._last_miss_reload >= self._miss_reload_s:
-            self._last_miss_reload = now
-            try:
-                await asyncio.wait_for(self.reload(started_after=now), self._miss_wait_s)
-            except TimeoutError:
-                return None
+        if key_id and key_id not in self._by_id and await self._reloader.reload_on_miss():
             return self.lookup(key)
         return None
 

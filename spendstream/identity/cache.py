@@ -10,7 +10,6 @@ applies it to its own cache at once (``reload`` / ``mark_revoked``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ from spendstream.identity.roles import scopes_of
 from spendstream.identity.store import Snapshot
 from spendstream.identity.tokens import AccessTokens, InvalidToken
 from spendstream.keys import AuthError, Principal
+from spendstream.reloading import Reloader
 
 log = logging.getLogger(__name__)
 
@@ -35,51 +35,33 @@ class IdentityCache:
         miss_wait_s: float = 2.0,
     ) -> None:
         self._load = load
-        self._refresh_s = refresh_s
-        self._miss_reload_s = miss_reload_s
-        self._miss_wait_s = miss_wait_s
         self._memberships: dict[str, dict[str, str]] = {}
         self._revoked: set[str] = set()
         self._revoked_here: dict[str, float] = {}  # revoked by this process, until a load shows them
-        self._last_miss_reload = 0.0
-        self._reloading: asyncio.Task[None] | None = None
-        self._loop_task: asyncio.Task[None] | None = None
+        self._reloader = Reloader(
+            self._reload_once,
+            name="identity-refresh",
+            refresh_s=refresh_s,
+            miss_reload_s=miss_reload_s,
+            miss_wait_s=miss_wait_s,
+        )
         self._healthy = True
         self.loaded = False
 
     async def start(self) -> None:
-        await self.reload()
-        self._loop_task = asyncio.create_task(self._refresh_forever(), name="identity-refresh")
+        await self._reloader.start()
 
     async def close(self) -> None:
-        for task in (self._loop_task, self._reloading):
-            if task is not None:
-                task.cancel()
-        for task in (self._loop_task, self._reloading):
-            if task is not None:
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            await self.reload()
+        await self._reloader.close()
 
     async def reload(self) -> None:
         """Reload now, or join a reload already running. Failures keep the last good snapshot."""
-        if self._reloading is None or self._reloading.done():
-            self._reloading = asyncio.create_task(self._reload_once())
-        await asyncio.shield(self._reloading)
+        await self._reloader.reload()
 
     async def reload_after_write(self) -> None:
-        """Reload so that a write that just returned is seen: a reload already running may have
-        read before it, so wait for that one and join (or start) the next."""
-        running = self._reloading
-        if running is not None and not running.done():
-            await asyncio.shield(running)
-        await self.reload()
+        """Reload so that a write that just returned is seen (a reload already running may have
+        read before it)."""
+        await self._reloader.reload_after_write()
 
     async def _reload_once(self) -> None:
         started = time.monotonic()
@@ -112,13 +94,7 @@ class IdentityCache:
         orgs = self._memberships.get(user_id, {})
         if (wanted in orgs) if wanted else orgs:
             return dict(orgs)
-        now = time.monotonic()
-        if now - self._last_miss_reload >= self._miss_reload_s:
-            self._last_miss_reload = now
-            try:
-                await asyncio.wait_for(self.reload(), self._miss_wait_s)
-            except TimeoutError:
-                pass
+        await self._reloader.reload_on_miss()
         return self.orgs_of(user_id)
 
 
