@@ -28,7 +28,7 @@ dev: install
 
 ## make test: install, then run every test (unit, integration, e2e, faults at CI size, browser)
 test: install browser-deps
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30
 
 ## make lint: ruff's linter and formatter check (config in pyproject.toml); `make format` applies the formatter
 lint: install
