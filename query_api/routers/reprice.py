@@ -28,6 +28,7 @@ from query_api.filters import parse_instant, parse_tz
 from spendstream.clickhouse import get_client
 from spendstream.contracts import usd_to_nanos
 from spendstream.repricing import catalog_trigger, jobs, store
+from spendstream.repricing.budgets import DeltaPublisher
 from spendstream.repricing.planner import Scope
 
 router = APIRouter(prefix="/v1/pricing", tags=["pricing"])
@@ -106,7 +107,10 @@ async def reprice(body: RepriceIn, principal: Admin, request: Request, settings:
 
 
 def _budget_note() -> dict[str, str]:
-    return {"budgets": "budget windows are not re-evaluated by a re-pricing (their spend is the stream's)"}
+    return {
+        "budgets": "budget windows still open follow the correction (thresholds it crosses alert as usual, none "
+        "twice); closed windows are left alone; diff.budgets lists each window met and its state"
+    }
 
 
 async def _start(request: Request, job: store.Job, options: dict[str, int]) -> JSONResponse:
@@ -119,12 +123,14 @@ async def _start(request: Request, job: store.Job, options: dict[str, int]) -> J
         raise
 
     async def work() -> None:
+        publish = DeltaPublisher(request.app.state.settings)  # open budget windows follow (budgets.py)
         try:
-            await _sync(request, jobs.run, request.app.state.catalog, job, **options)
+            await _sync(request, jobs.run, request.app.state.catalog, job, publish=publish, **options)
         except Exception:
             log.exception("re-pricing job %s failed", job.id)
         finally:
             _running.discard(tenant)
+            await asyncio.to_thread(publish.close)
 
     task = asyncio.create_task(work())
     _tasks.add(task)

@@ -16,12 +16,16 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from clickhouse_connect.driver.client import Client
 
+from spendstream.budgets import Delta
+from spendstream.budgets.store import load_budgets
 from spendstream.pricing.catalog import Catalog
 from spendstream.pricing.overrides import OverrideBook, TenantOverrides
 from spendstream.repricing import store
+from spendstream.repricing.budgets import BudgetImpact
 from spendstream.repricing.planner import ROW_COLUMNS, Diff, Scope
 
 
@@ -34,12 +38,21 @@ def tenant_overrides(client: Client, catalog: Catalog, tenant: str) -> TenantOve
     return OverrideBook.from_rows(store.override_rows(client, tenant), catalog).for_tenant(tenant)
 
 
+def budget_impact(client: Client, tenant: str, now: datetime | None = None) -> BudgetImpact:
+    """The tenant's budgets as a job meets them now (spendstream/repricing/budgets.py)."""
+    now = now or datetime.now(UTC)
+    return BudgetImpact(tenant, load_budgets(client), int(now.timestamp() * 1000))
+
+
 def dry_run(client: Client, catalog: Catalog, scope: Scope, *, batch_events: int, sample_size: int) -> Diff:
-    """What applying would change, computed exactly as the apply does; nothing is written."""
+    """What applying would change, computed exactly as the apply does; nothing is written. Its
+    ``budgets`` lists the budget windows the change would reach (open) or leave alone (closed)."""
     overrides = tenant_overrides(client, catalog, scope.tenant)
+    impact = budget_impact(client, scope.tenant)
     diff = Diff(sample_size)
     for _, events in store.scan(client, scope, batch_events):
         diff.plan(events, catalog, overrides, job_id="")
+        impact.deltas(diff.changes, 0, diff.budgets)
     return diff
 
 
@@ -58,23 +71,32 @@ def run(
     batch_events: int,
     sample_size: int,
     after_batch: Callable[[store.Job], None] | None = None,
+    publish: Callable[[list[Delta]], None] | None = None,
 ) -> store.Job:
-    """Apply ``job`` from its cursor to the end of its scope; the job's final state."""
+    """Apply ``job`` from its cursor to the end of its scope; the job's final state. ``publish``
+    sends the budget.deltas records of the tenant's open budget windows (budgets.DeltaPublisher);
+    without it, budgets are not followed (the diff still lists the windows)."""
     if job.status == store.DONE:
         return job
     scope = Scope.from_description(job.tenant, job.scope)
     overrides = tenant_overrides(client, catalog, job.tenant)
+    impact = budget_impact(client, job.tenant)
     diff = Diff.from_json(job.diff, sample_size) if job.diff else Diff(sample_size)
     if job.batches == 0 and job.diff is None:
-        job = store.save_job(client, replace(job, status=store.RUNNING, diff=diff.to_json()))
+        diff.budget_seq = time.time_ns() // 1000 * 1000  # offsets of its budget.deltas: budgets.py
+        job = store.save_job(client, replace(job, status=store.RUNNING, diff=diff.to_json(internal=True)))
         store.audit(client, job, "started")
     try:
         for cursor, events in store.scan(client, scope, batch_events, after=job.cursor, job_id=job.id):
             rows = diff.plan(events, catalog, overrides, job.id)
             batch = job.batches + 1
+            deltas = impact.deltas(diff.changes, diff.budget_seq + batch, diff.budgets)
+            if publish is not None:
+                publish(deltas)  # before the rows: a batch sent twice is a replay the stage drops
             store.insert_corrections(client, rows, batch_token(job.id, batch, rows))
             job = store.save_job(
-                client, replace(job, status=store.RUNNING, cursor=cursor, batches=batch, diff=diff.to_json())
+                client,
+                replace(job, status=store.RUNNING, cursor=cursor, batches=batch, diff=diff.to_json(internal=True)),
             )
             if after_batch is not None:
                 after_batch(job)
@@ -82,6 +104,6 @@ def run(
         job = store.save_job(client, replace(job, status=store.FAILED, error=str(exc)[:1000]))
         store.audit(client, job, store.FAILED)
         raise
-    job = store.save_job(client, replace(job, status=store.DONE, diff=diff.to_json(), error=""))
+    job = store.save_job(client, replace(job, status=store.DONE, diff=diff.to_json(internal=True), error=""))
     store.audit(client, job, store.DONE)
     return job
