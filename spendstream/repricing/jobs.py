@@ -44,7 +44,15 @@ def budget_impact(client: Client, tenant: str, now: datetime | None = None) -> B
     return BudgetImpact(tenant, load_budgets(client), int(now.timestamp() * 1000))
 
 
-def dry_run(client: Client, catalog: Catalog, scope: Scope, *, batch_events: int, sample_size: int) -> Diff:
+def dry_run(
+    client: Client,
+    catalog: Catalog,
+    scope: Scope,
+    *,
+    batch_events: int,
+    sample_size: int,
+    progress: Callable[[Diff], None] | None = None,
+) -> Diff:
     """What applying would change, computed exactly as the apply does; nothing is written. Its
     ``budgets`` lists the budget windows the change would reach (open) or leave alone (closed)."""
     overrides = tenant_overrides(client, catalog, scope.tenant)
@@ -53,6 +61,8 @@ def dry_run(client: Client, catalog: Catalog, scope: Scope, *, batch_events: int
     for _, events in store.scan(client, scope, batch_events):
         diff.plan(events, catalog, overrides, job_id="")
         impact.deltas(diff.changes, 0, diff.budgets)
+        if progress is not None:
+            progress(diff)
     return diff
 
 
