@@ -345,6 +345,32 @@ def test_the_api_dry_runs_applies_reports_progress_and_audits(make_settings, cat
             assert_consistent(after)
             assert after["usage_events"][5] == diff["new_nanos"] and after["unpriced"][0] == 0
             assert reader.get("/v1/pricing/unpriced").json()["models"] == []
+            # /v1/events lists each event once, in its current state, paging by event; or as stored
+            # with its corrections; the export likewise (docs/repricing.md)
+            window = {"from": "2026-03-01", "to": "2026-03-04", "tz": "UTC"}
+            listed, cursor = [], None
+            while True:
+                page = reader.get(
+                    "/v1/analytics/events", params={**window, "limit": 7, **({"cursor": cursor} if cursor else {})}
+                ).json()
+                listed += page["events"]
+                if not (cursor := page["next_cursor"]):
+                    break
+            assert len(listed) == len({e["event_id"] for e in listed}) == 30
+            assert sum(e["cost_nanos"] for e in listed) == diff["new_nanos"]
+            assert {e["pricing_status"] for e in listed} == {"priced"} and all(
+                e["corrected_by"] == [job_id] for e in listed
+            )
+            stored = reader.get("/v1/analytics/events", params={**window, "limit": 100, "corrections": "true"}).json()
+            assert {e["cost_nanos"] for e in stored["events"]} == {0}
+            assert all([c["kind"] for c in e["corrections"]] == ["reversal", "repriced"] for e in stored["events"])
+            net_csv = reader.get("/v1/analytics/export", params={**window, "format": "ndjson"})
+            rows = [orjson.loads(line) for line in net_csv.text.splitlines()]
+            assert len(rows) == 30 and sum(int(r["cost_nanos"]) for r in rows) == diff["new_nanos"]
+            raw = reader.get("/v1/analytics/export", params={**window, "format": "ndjson", "corrections": "true"})
+            rows = [orjson.loads(line) for line in raw.text.splitlines()]
+            assert sorted(r["correction_kind"] for r in rows) == [""] * 30 + ["repriced"] * 30 + ["reversal"] * 30
+            assert sum(int(r["cost_nanos"]) for r in rows) == diff["new_nanos"]
             # the same job again: nothing changes
             again = admin.post("/v1/pricing/reprice", json={**body, "dry_run": False, "job_id": job_id})
             assert again.status_code == 200 and again.json()["status"] == "done"
