@@ -89,7 +89,7 @@ def main() -> None:
         apply_progress = Progress("apply", args.events)
         job = jobs.run(
             client, catalog, job, batch_events=args.batch, sample_size=5,
-            after_batch=lambda j: apply_progress(j.diff["events_scanned"]),
+            after_batch=lambda j: apply_progress(j.diff["events_scanned"]), scan_client=get_client(stack.settings),
         )  # fmt: skip
         apply_s = time.perf_counter() - t0
         raw = client.query("SELECT sum(cost_nanos) FROM usage_events").result_rows[0][0]

@@ -123,9 +123,18 @@ async def _start(request: Request, job: store.Job, options: dict[str, int]) -> J
         raise
 
     async def work() -> None:
-        publish = DeltaPublisher(request.app.state.settings)  # open budget windows follow (budgets.py)
+        settings = request.app.state.settings
+        publish = DeltaPublisher(settings)  # open budget windows follow (budgets.py)
+
+        def run(client, catalog, job):
+            scan_client = get_client(settings)  # reads the next batch while one is inserted
+            try:
+                return jobs.run(client, catalog, job, publish=publish, scan_client=scan_client, **options)
+            finally:
+                scan_client.close()
+
         try:
-            await _sync(request, jobs.run, request.app.state.catalog, job, publish=publish, **options)
+            await _sync(request, run, request.app.state.catalog, job)
         except Exception:
             log.exception("re-pricing job %s failed", job.id)
         finally:

@@ -12,11 +12,14 @@ token, which the table and every aggregate take at most once. A finished job rer
 from __future__ import annotations
 
 import hashlib
+import queue
 import secrets
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from clickhouse_connect.driver.client import Client
 
@@ -27,6 +30,8 @@ from spendstream.pricing.overrides import OverrideBook, TenantOverrides
 from spendstream.repricing import store
 from spendstream.repricing.budgets import BudgetImpact
 from spendstream.repricing.planner import ROW_COLUMNS, Diff, Scope
+
+T = TypeVar("T")
 
 
 def new_job_id() -> str:
@@ -82,10 +87,12 @@ def run(
     sample_size: int,
     after_batch: Callable[[store.Job], None] | None = None,
     publish: Callable[[list[Delta]], None] | None = None,
+    scan_client: Client | None = None,
 ) -> store.Job:
     """Apply ``job`` from its cursor to the end of its scope; the job's final state. ``publish``
     sends the budget.deltas records of the tenant's open budget windows (budgets.DeltaPublisher);
-    without it, budgets are not followed (the diff still lists the windows)."""
+    without it, budgets are not followed (the diff still lists the windows). ``scan_client`` (a
+    second client): the next batch is read while this one is inserted (:func:`_read_ahead`)."""
     if job.status == store.DONE:
         return job
     scope = Scope.from_description(job.tenant, job.scope)
@@ -97,7 +104,8 @@ def run(
         job = store.save_job(client, replace(job, status=store.RUNNING, diff=diff.to_json(internal=True)))
         store.audit(client, job, "started")
     try:
-        for cursor, events in store.scan(client, scope, batch_events, after=job.cursor, job_id=job.id):
+        batches = store.scan(scan_client or client, scope, batch_events, after=job.cursor, job_id=job.id)
+        for cursor, events in _read_ahead(batches) if scan_client is not None else batches:
             rows = diff.plan(events, catalog, overrides, job.id)
             batch = job.batches + 1
             deltas = impact.deltas(diff.changes, diff.budget_seq + batch, diff.budgets)
@@ -117,3 +125,43 @@ def run(
     job = store.save_job(client, replace(job, status=store.DONE, diff=diff.to_json(internal=True), error=""))
     store.audit(client, job, store.DONE)
     return job
+
+
+def _read_ahead(batches: Iterator[T]) -> Iterator[T]:
+    """``batches``, each read by a thread while the caller handles the one before (at most one
+    ahead). Safe for a job's scan: batch n+1 is the events after batch n's last key, which batch
+    n's correction rows do not touch. The reader stops when the caller does."""
+    ahead: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for item in batches:
+                if not put((True, item)):
+                    return
+            put((False, None))
+        except BaseException as exc:  # handed to the caller
+            put((False, exc))
+
+    reader = threading.Thread(target=read, name="reprice-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            more, item = ahead.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        reader.join(timeout=30)

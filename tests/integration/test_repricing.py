@@ -167,7 +167,7 @@ def stored(client, catalog):
     return priced, expected
 
 
-def test_dry_run_changes_nothing_and_the_apply_does_what_it_said(client, catalog, stored) -> None:
+def test_dry_run_changes_nothing_and_the_apply_does_what_it_said(client, settings, catalog, stored) -> None:
     priced, expected = stored
     before = totals(client)
     assert_consistent(before)
@@ -184,7 +184,11 @@ def test_dry_run_changes_nothing_and_the_apply_does_what_it_said(client, catalog
     assert sum(g["new_nanos"] for g in diff["by_day"]) == diff["new_nanos"]
     assert len(diff["sample"]) == 5 and diff["sample"][0]["new"]["pricing_status"] == "priced"
 
-    job = jobs.run(client, catalog, _new_job(_scope()), batch_events=10, sample_size=5)
+    reader = get_client(settings)  # the apply reads each next batch ahead, as the API's jobs do
+    try:
+        job = jobs.run(client, catalog, _new_job(_scope()), batch_events=10, sample_size=5, scan_client=reader)
+    finally:
+        reader.close()
     assert job.status == store.DONE and job.batches == 9
     assert store.public_diff(job.diff) == diff, "the apply changed exactly what the dry run said"
 
@@ -222,7 +226,7 @@ class Killed(BaseException):
 
 
 @pytest.mark.parametrize("when", ["after_saving", "between_insert_and_save"])
-def test_a_job_killed_mid_way_and_rerun_ends_exact(client, catalog, stored, monkeypatch, when) -> None:
+def test_a_job_killed_mid_way_and_rerun_ends_exact(client, settings, catalog, stored, monkeypatch, when) -> None:
     _, expected = stored
     dry = jobs.dry_run(client, catalog, _scope(), batch_events=7, sample_size=3).to_json()
     job = _new_job(_scope())
@@ -240,8 +244,12 @@ def test_a_job_killed_mid_way_and_rerun_ends_exact(client, catalog, stored, monk
         return saved
 
     monkeypatch.setattr(store, "save_job", dying_save)
-    with pytest.raises(Killed):
-        jobs.run(client, catalog, job, batch_events=7, sample_size=3)
+    reader = get_client(settings)  # reading ahead when the job dies: the reader stops with it
+    try:
+        with pytest.raises(Killed):
+            jobs.run(client, catalog, job, batch_events=7, sample_size=3, scan_client=reader)
+    finally:
+        reader.close()
     monkeypatch.setattr(store, "save_job", real_save)
     partial = store.load_job(client, TENANT, job.id)
     assert partial.status == store.RUNNING and partial.batches == 3 + (when == "after_saving")
