@@ -14,6 +14,7 @@ section of bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -46,6 +47,23 @@ def load(client, events: int) -> None:
     )  # fmt: skip
 
 
+class Progress:
+    """Events done, events/s and the time left, on stderr at most every ``every_s`` seconds."""
+
+    def __init__(self, what: str, total: int, every_s: float = 5.0):
+        self.what, self.total, self.every_s = what, total, every_s
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or done >= self.total:
+            self.last = now
+            rate = done / max(now - self.t0, 1e-9)
+            left = (self.total - done) / rate if rate else float("inf")
+            print(f"  {self.what}: {done:,}/{self.total:,} events, {rate:,.0f}/s, ~{left:.0f} s left",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=10_000_000)
@@ -55,14 +73,24 @@ def main() -> None:
     catalog = default_catalog()
     with embedded_stack() as stack:
         client = get_client(stack.settings)
+        t0 = time.perf_counter()
         load(client, args.events)
+        print(f"  loaded {args.events:,} events in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         scope = Scope("bench", START, START + timedelta(days=DAYS + 1))
         t0 = time.perf_counter()
-        diff = jobs.dry_run(client, catalog, scope, batch_events=args.batch, sample_size=5)
+        dry_progress = Progress("dry run", args.events)
+        diff = jobs.dry_run(
+            client, catalog, scope, batch_events=args.batch, sample_size=5,
+            progress=lambda d: dry_progress(d.events_scanned),
+        )  # fmt: skip
         dry_s = time.perf_counter() - t0
         job = store.Job("bench", jobs.new_job_id(), actor="bench", reason="bench", scope=scope.describe())
         t0 = time.perf_counter()
-        job = jobs.run(client, catalog, job, batch_events=args.batch, sample_size=5)
+        apply_progress = Progress("apply", args.events)
+        job = jobs.run(
+            client, catalog, job, batch_events=args.batch, sample_size=5,
+            after_batch=lambda j: apply_progress(j.diff["events_scanned"]), scan_client=get_client(stack.settings),
+        )  # fmt: skip
         apply_s = time.perf_counter() - t0
         raw = client.query("SELECT sum(cost_nanos) FROM usage_events").result_rows[0][0]
         daily = client.query("SELECT sum(cost_nanos) FROM usage_daily").result_rows[0][0]

@@ -45,6 +45,7 @@ from query_api.routers import (
     sql,
     webhooks,
 )
+from query_api.routers.reprice import propose_after_catalog_change
 from spendstream.clickhouse import get_async_client, get_client
 from spendstream.keys import KeyStore, load_live_keys
 from spendstream.pricing.catalog import default_catalog
@@ -95,6 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.keys.start(),
             Identity.start(settings, lambda: app.state.ch, app.state.metrics),
         )
+        app.state.catalog_check = propose_after_catalog_change(app)  # re-pricing (#21): a new catalog's prices
         app.state.forecasts = ForecastRunner(settings.insights)
         if settings.insights.forecast_warm_up:
             app.state.forecasts.start_background()

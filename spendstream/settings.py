@@ -189,6 +189,11 @@ class RepricingSettings(BaseModel):
         description="a proposed re-price whose spend change is at most this (absolute USD) is applied without "
         "confirmation; 0 = always confirm",
     )
+    on_catalog_change: bool = Field(
+        True,
+        description="a query API starting with a price catalog (genai-prices) whose prices differ from the last one "
+        "it checked proposes, per affected tenant, a re-price of the changed models' periods (like on_override_change)",
+    )
 
 
 class BudgetsSettings(BaseModel):

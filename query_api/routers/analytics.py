@@ -208,6 +208,85 @@ def events_select(filters: Filters, tenant: str, params: Params, columns: tuple[
     return f"SELECT {cols} FROM usage_events WHERE {' AND '.join(conds)}"
 
 
+# --- re-pricing corrections (clickhouse/README.md, "Re-pricing") ------------------------------------
+#: an event's newest row last: its original, then each correcting job's reversal before its re-priced row
+NEWEST_ROW = "(correction_kind != '', correction_id, correction_kind = 'repriced')"
+PRICING_FIELDS = ("price_id", "pricing_status", "price_source")
+_CORRECTION_COLUMNS = ("event_id", "timestamp", "correction_id", "correction_kind", *COST_COLUMNS, *PRICING_FIELDS)
+
+
+def net_events_select(filters: Filters, tenant: str, params: Params, columns: tuple[str, ...]) -> str:
+    """Like :func:`events_select`, one row per event in its current state: costs summed over its
+    original and correction rows, pricing fields of its newest row, everything else of the
+    original. Grouped by the table's key prefix, so ClickHouse aggregates in order
+    (``optimize_aggregation_in_order``) with bounded memory."""
+    conds = [
+        tenant_condition(tenant, params),
+        f"timestamp >= {instant_param(filters.start, params, 'from')}",
+        f"timestamp < {instant_param(filters.end, params, 'to')}",
+        *attribute_conditions(filters, params),
+    ]
+
+    def state(c: str) -> str:
+        if c in ("timestamp", "event_id"):
+            return f"`{c}` AS `_s_{c}`"
+        if c in COST_COLUMNS:
+            return f"sum(`{c}`) AS `_s_{c}`"
+        if c in PRICING_FIELDS:
+            return f"argMax(`{c}`, {NEWEST_ROW}) AS `_s_{c}`"
+        return f"anyIf(`{c}`, correction_kind = '') AS `_s_{c}`"
+
+    # the inner aliases differ from every column name: an alias equal to one would replace the
+    # column in WHERE and in the other aggregates
+    inner = (
+        f"SELECT {', '.join(state(c) for c in columns)} FROM usage_events WHERE {' AND '.join(conds)} "
+        "GROUP BY tenant, timestamp, event_id HAVING countIf(correction_kind = '') = 1"
+    )
+    return f"SELECT {', '.join(f'`_s_{c}` AS `{c}`' for c in columns)} FROM ({inner})"
+
+
+async def page_corrections(ch: Any, tenant: str, page: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The correction rows of a page of events (by event id, newest last): one query bounded by
+    the page's time range and ids."""
+    if not page:
+        return {}
+    params = Params()
+    stamps = [r["timestamp"] for r in page]
+    instant = "DateTime64(3, 'UTC')"
+    sql = (
+        f"SELECT {', '.join(f'`{c}`' for c in _CORRECTION_COLUMNS)} FROM usage_events "
+        f"WHERE {tenant_condition(tenant, params)} AND timestamp >= {params.add(min(stamps), instant, 'lo')} "
+        f"AND timestamp <= {params.add(max(stamps), instant, 'hi')} "
+        f"AND event_id IN {params.add([r['event_id'] for r in page], 'Array(String)', 'ids')} AND correction_kind != '' "
+        f"ORDER BY timestamp, event_id, {NEWEST_ROW}"
+    )
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in (await ch.query(sql, parameters=params.values)).named_results():
+        out.setdefault(row["event_id"], []).append(row)
+    return out
+
+
+def with_corrections(row: dict[str, Any], corrections: list[dict[str, Any]], listed: bool) -> dict[str, Any]:
+    """An event's view after re-pricings: its current state (``listed`` False: costs summed,
+    pricing fields of the newest row, ``corrected_by`` the jobs), or its original as stored with
+    a ``corrections`` list (``listed`` True)."""
+    if not corrections:
+        return event_view(row)
+    if listed:
+        out = event_view(row)
+        out["corrections"] = [
+            {"job_id": c["correction_id"], "kind": c["correction_kind"], **money("cost", int(c["cost_nanos"])),
+             **{f: c[f] for f in PRICING_FIELDS}}
+            for c in corrections
+        ]  # fmt: skip
+        return out
+    current = dict(row)
+    for c in COST_COLUMNS:
+        current[c] = int(row[c]) + sum(int(x[c]) for x in corrections)
+    current |= {f: corrections[-1][f] for f in PRICING_FIELDS}
+    return event_view(current) | {"corrected_by": sorted({c["correction_id"] for c in corrections})}
+
+
 def event_view(row: dict[str, Any]) -> dict[str, Any]:
     out = {k: row[k] for k in EVENT_COLUMNS if k not in COST_COLUMNS}
     out["timestamp"] = iso_utc(row["timestamp"])
@@ -226,9 +305,17 @@ async def events(
     filters: FiltersDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    corrections: Annotated[
+        bool,
+        Query(
+            description="re-pricing corrections: false (default) shows each event's current cost and pricing, "
+            "true its original as stored with a `corrections` list"
+        ),
+    ] = False,
 ) -> Response:
     params = Params()
-    sql = events_select(filters, principal.tenant, params)
+    # one row per event (its original), so paging is by event; corrections are read per page
+    sql = events_select(filters, principal.tenant, params) + " AND correction_kind = ''"
     if cursor:
         ts, event_id = decode_cursor(cursor)
         sql += (
@@ -244,4 +331,6 @@ async def events(
     if more:
         last = page[-1]
         next_cursor = encode_cursor(epoch_ms(last["timestamp"]), last["event_id"])
-    return json_response({**_range(filters), "events": [event_view(r) for r in page], "next_cursor": next_cursor})
+    fixes = await page_corrections(ch, principal.tenant, page)
+    views = [with_corrections(r, fixes.get(r["event_id"], []), corrections) for r in page]
+    return json_response({**_range(filters), "events": views, "next_cursor": next_cursor})

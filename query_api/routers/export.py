@@ -19,7 +19,7 @@ from query_api.deps import CH, Reader
 from query_api.errors import QueryFailed, clickhouse_message
 from query_api.filters import Filters, Params
 from query_api.insights_sql import focus_sql
-from query_api.routers.analytics import FiltersDep, breakdown_order, events_select
+from query_api.routers.analytics import NEWEST_ROW, FiltersDep, breakdown_order, events_select, net_events_select
 from query_api.usage_sql import COST_COLUMNS, MEASURES, TOKEN_COLUMNS, GroupBy, UsageQuery, build_usage_query
 
 router = APIRouter(prefix="/v1/analytics", tags=["analytics"])
@@ -63,16 +63,26 @@ EVENT_EXPORT_COLUMNS = (
 )
 
 
-def events_export_sql(filters: Filters, tenant: str, params: Params) -> tuple[str, list[str]]:
-    inner = events_select(filters, tenant, params, EVENT_EXPORT_COLUMNS)
+def events_export_sql(
+    filters: Filters, tenant: str, params: Params, corrections: bool = False
+) -> tuple[str, list[str]]:
+    """Events in their current state (one row each), or, with ``corrections``, every stored row:
+    originals and re-pricing correction rows, told apart by ``correction_kind``."""
+    if corrections:
+        columns = (*EVENT_EXPORT_COLUMNS, "correction_id", "correction_kind")
+        inner = events_select(filters, tenant, params, columns)
+    else:
+        columns = EVENT_EXPORT_COLUMNS
+        inner = net_events_select(filters, tenant, params, columns)
     names = [
         "event_id",
         "timestamp",
         "cost_usd",
-        *[c for c in EVENT_EXPORT_COLUMNS if c not in ("event_id", "timestamp")],
+        *[c for c in columns if c not in ("event_id", "timestamp")],
     ]
     select = ", ".join(_USD + " AS cost_usd" if n == "cost_usd" else f"`{n}`" for n in names)
-    return f"SELECT {select} FROM ({inner}) ORDER BY timestamp, event_id", names
+    order = "timestamp, event_id" + (f", {NEWEST_ROW}" if corrections else "")
+    return f"SELECT {select} FROM ({inner}) ORDER BY {order}", names
 
 
 def breakdown_export_sql(
@@ -156,6 +166,13 @@ async def export(
     by: Annotated[str, Query(description="breakdown key: project|agent|user|provider|model|tag:<key>")] = "agent",
     order: Annotated[str, Query(description="breakdown order, as /breakdown")] = "-cost",
     limit: Annotated[int | None, Query(ge=1, description="breakdown rows (default all)")] = None,
+    corrections: Annotated[
+        bool,
+        Query(
+            description="events: false (default) one row per event in its current state after re-pricings, "
+            "true every stored row incl. correction rows (with correction_id, correction_kind)"
+        ),
+    ] = False,
 ) -> StreamingResponse:
     ch_format, media_type, ext = FORMATS.get(format, ("CSVWithNames", "text/csv; charset=utf-8", "csv"))
     if format == "focus":  # FinOps FOCUS columns, per day, project, agent, provider and model (docs/insights.md)
@@ -163,7 +180,7 @@ async def export(
         data = "focus"
     elif data == "events":
         params = Params()
-        sql, names = events_export_sql(filters, principal.tenant, params)
+        sql, names = events_export_sql(filters, principal.tenant, params, corrections)
         parameters: dict[str, Any] = params.values
     else:
         sql, parameters, names = breakdown_export_sql(
@@ -171,7 +188,8 @@ async def export(
         )
     try:
         # opened before answering, so a failing query is a proper error response, not a cut stream
-        stream = await ch.raw_stream(sql, parameters=parameters, settings=_EXPORT_SETTINGS, fmt=ch_format)
+        settings = {**_EXPORT_SETTINGS, "optimize_aggregation_in_order": 1}  # the net events' GROUP BY streams
+        stream = await ch.raw_stream(sql, parameters=parameters, settings=settings, fmt=ch_format)
     except ClickHouseError as exc:
         raise QueryFailed(clickhouse_message(exc)[1]) from None
     body = _chunks(stream)

@@ -15,6 +15,7 @@ import asyncio
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
@@ -26,7 +27,8 @@ from query_api.errors import Conflict, InvalidField, NotFound
 from query_api.filters import parse_instant, parse_tz
 from spendstream.clickhouse import get_client
 from spendstream.contracts import usd_to_nanos
-from spendstream.repricing import jobs, store
+from spendstream.repricing import catalog_trigger, jobs, store
+from spendstream.repricing.budgets import DeltaPublisher
 from spendstream.repricing.planner import Scope
 
 router = APIRouter(prefix="/v1/pricing", tags=["pricing"])
@@ -105,7 +107,10 @@ async def reprice(body: RepriceIn, principal: Admin, request: Request, settings:
 
 
 def _budget_note() -> dict[str, str]:
-    return {"budgets": "budget windows are not re-evaluated by a re-pricing (their spend is the stream's)"}
+    return {
+        "budgets": "budget windows still open follow the correction (thresholds it crosses alert as usual, none "
+        "twice); closed windows are left alone; diff.budgets lists each window met and its state"
+    }
 
 
 async def _start(request: Request, job: store.Job, options: dict[str, int]) -> JSONResponse:
@@ -118,12 +123,23 @@ async def _start(request: Request, job: store.Job, options: dict[str, int]) -> J
         raise
 
     async def work() -> None:
+        settings = request.app.state.settings
+        publish = DeltaPublisher(settings)  # open budget windows follow (budgets.py)
+
+        def run(client, catalog, job):
+            scan_client = get_client(settings)  # reads the next batch while one is inserted
+            try:
+                return jobs.run(client, catalog, job, publish=publish, scan_client=scan_client, **options)
+            finally:
+                scan_client.close()
+
         try:
-            await _sync(request, jobs.run, request.app.state.catalog, job, **options)
+            await _sync(request, run, request.app.state.catalog, job)
         except Exception:
             log.exception("re-pricing job %s failed", job.id)
         finally:
             _running.discard(tenant)
+            await asyncio.to_thread(publish.close)
 
     task = asyncio.create_task(work())
     _tasks.add(task)
@@ -181,3 +197,31 @@ async def propose_after_override_change(
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
     return {"job_id": job.id, "status": "proposing", "scope": scope.describe()}
+
+
+def propose_after_catalog_change(app: Any) -> asyncio.Task | None:
+    """The automatic trigger of a catalog update (``repricing.on_catalog_change``), started once
+    the app has compiled its catalog: in the background, compare it with the last catalog checked
+    and store a ``proposed`` job per affected tenant (spendstream/repricing/catalog_trigger.py);
+    a proposal whose spend change is at most ``repricing.auto_apply_max_usd`` is applied at once."""
+    settings = app.state.settings
+    if not settings.repricing.on_catalog_change:
+        return None
+    holder = SimpleNamespace(app=app)  # what _sync and _start read of a request
+    options = {"batch_events": settings.repricing.batch_events, "sample_size": settings.repricing.sample_size}
+    limit = usd_to_nanos(settings.repricing.auto_apply_max_usd)
+
+    async def check() -> None:
+        try:
+            proposed = await _sync(holder, catalog_trigger.propose, app.state.catalog, **options)
+            for job in proposed:
+                delta = abs(job.diff["new_nanos"] - job.diff["old_nanos"]) if job.diff else 0
+                if limit and delta <= limit and job.tenant not in _running:
+                    await _start(holder, replace(job, status=store.RUNNING, diff=None), options)
+        except Exception:
+            log.exception("re-pricing proposal after a catalog update failed")
+
+    task = asyncio.create_task(check())
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return task

@@ -510,6 +510,42 @@ function showUnpriced(models) {
   $("#unpriced-empty").hidden = models.length > 0;
 }
 
+// Re-pricings (GET /v1/pricing/audit): one row per job, its newest audit entry (the audit lists
+// newest first: proposed, started, done or failed). Hidden while there are none.
+async function showRepricings() {
+  const panel = $("#repricings-panel");
+  let answer;
+  try {
+    answer = await api("/v1/pricing/audit");
+  } catch (err) {
+    panel.hidden = true;
+    return;
+  }
+  const seen = new Set();
+  const jobs = (answer.audit || []).filter((a) => !seen.has(a.job_id) && seen.add(a.job_id)).slice(0, 20);
+  const usd = (nanos) => formatUsd(Number(nanos) / 1e9);
+  $("#repricings tbody").replaceChildren(...jobs.map((a) => {
+    const tr = document.createElement("tr");
+    tr.dataset.job = a.job_id;
+    const s = a.scope || {};
+    const filters = ["provider", "model", "project"].filter((k) => s[k]).map((k) => `${k} ${s[k]}`);
+    const scope = `${(s.from || "").slice(0, 10)} – ${(s.to || "").slice(0, 10)}${filters.length ? ", " + filters.join(", ") : ""}`;
+    const cells = [[a.at.replace("T", " ").slice(0, 16)], [a.actor], [a.reason], [scope],
+      [Number(a.events_changed).toLocaleString(), "num"], [usd(a.old_nanos), "num", `${a.old_nanos} nano-USD`],
+      [usd(a.new_nanos), "num", `${a.new_nanos} nano-USD`], [a.status, `status-${a.status}`]];
+    for (const [value, cls, title] of cells) {
+      const td = document.createElement("td");
+      td.textContent = value;
+      if (cls) td.className = cls;
+      if (title) td.title = title;
+      tr.append(td);
+    }
+    tr.title = a.job_id;
+    return tr;
+  }));
+  panel.hidden = jobs.length === 0;
+}
+
 // -- refresh loop ----------------------------------------------------------------------------
 async function refresh() {
   if (!session.access && !apiKey()) {
@@ -540,7 +576,8 @@ async function refresh() {
     if (!params.project) fillOptions(form.elements.project, projects.groups.map((g) => g.key));
     if (!params.agent) fillOptions(form.elements.agent, agents.groups.map((g) => g.key));
     if (!params.model) fillOptions(form.elements.model, models.groups.map((g) => g.key));
-    await Promise.all([showBudgets(), showAlerts(), showForecast(params), showRecommendations(params), showReconciliation()]);
+    await Promise.all([showBudgets(), showAlerts(), showForecast(params), showRecommendations(params), showReconciliation(),
+      showRepricings()]);
     document.body.dataset.loaded = String(mine);
     setStatus(`Updated ${new Date().toLocaleTimeString()}`);
   } catch (err) {

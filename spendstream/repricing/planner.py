@@ -21,7 +21,7 @@ from spendstream.contracts import COST_CLASSES, TOKEN_FIELDS
 from spendstream.pricing.catalog import Catalog
 from spendstream.pricing.logic import PricedLine, PricingError, price
 from spendstream.pricing.overrides import TenantOverrides
-from spendstream.timeutil import format_timestamp
+from spendstream.timeutil import format_epoch_ms, format_timestamp
 
 REVERSAL = "reversal"
 REPRICED = "repriced"
@@ -152,12 +152,21 @@ class Diff:
     by_model: dict[str, list[int]] = field(default_factory=dict)
     by_day: dict[str, list[int]] = field(default_factory=dict)
     sample: list[dict[str, Any]] = field(default_factory=list)
+    #: budget windows the changes count in: "<budget id>|<window start or 'rolling'>" ->
+    #: [budget id, name, window, start ms, end ms | None, open, events, delta nano-USD]
+    #: (spendstream/repricing/budgets.py)
+    budgets: dict[str, list[Any]] = field(default_factory=dict)
+    #: the offset base of this job's budget.deltas records (0 until it applies)
+    budget_seq: int = 0
+    #: the last planned batch's changes: (attribution, new - old nano-USD) per changed event
+    changes: list[tuple[dict[str, Any], int]] = field(default_factory=list, repr=False)
 
     def add(self, event: StoredEvent, new: PricedLine | None, old: int | None = None) -> None:
         self.events_scanned += 1
         if new is None:
             return
         old = event.cost_nanos if old is None else old
+        self.changes.append((event.attribution, new.cost_nanos - old))
         self.events_changed += 1
         self.old_nanos += old
         self.new_nanos += new.cost_nanos
@@ -188,6 +197,7 @@ class Diff:
     def plan(self, events: Iterable[StoredEvent], catalog: Catalog, overrides: TenantOverrides | None, job_id: str):
         """Add a batch of events; return the correction rows of those that change."""
         rows: list[dict[str, Any]] = []
+        self.changes = []
         for event in events:
             new = reprice(event, catalog, overrides)
             if new is None and event.before_job is not None:
@@ -199,8 +209,9 @@ class Diff:
                 rows.extend(correction_rows(event, new, job_id))
         return rows
 
-    def to_json(self) -> dict[str, Any]:
-        """The API's answer: nano-USD as integers (exact), groups sorted by key."""
+    def to_json(self, internal: bool = False) -> dict[str, Any]:
+        """The API's answer: nano-USD as integers (exact), groups sorted by key; ``internal``
+        adds what a job saves to continue (``budget_seq``)."""
 
         def groups(by: dict[str, list[int]], key: str) -> list[dict[str, Any]]:
             return [
@@ -217,7 +228,20 @@ class Diff:
             "by_model": groups(self.by_model, "model"),
             "by_day": groups(self.by_day, "day"),
             "sample": self.sample,
-        }
+            "budgets": [
+                {
+                    "budget_id": bid,
+                    "name": name,
+                    "window": window,
+                    "window_start": format_epoch_ms(start),
+                    "window_end": format_epoch_ms(end),
+                    "events": n,
+                    "delta_nanos": delta,
+                    "state": "open: follows the correction" if is_open else "closed: left alone",
+                }
+                for bid, name, window, start, end, is_open, n, delta in (self.budgets[k] for k in sorted(self.budgets))
+            ],
+        } | ({"budget_seq": self.budget_seq} if internal else {})
 
     @classmethod
     def from_json(cls, data: dict[str, Any], sample_size: int = 20) -> Diff:
@@ -231,4 +255,18 @@ class Diff:
             by_model={g["model"]: [g["events"], g["old_nanos"], g["new_nanos"]] for g in data["by_model"]},
             by_day={g["day"]: [g["events"], g["old_nanos"], g["new_nanos"]] for g in data["by_day"]},
             sample=list(data["sample"]),
-        )
+            budgets={
+                f"{b['budget_id']}|{'rolling' if b['window'].startswith('rolling') else _epoch_ms(b['window_start'])}": [
+                    b["budget_id"], b["name"], b["window"], _epoch_ms(b["window_start"]), _epoch_ms(b["window_end"]),
+                    b["state"].startswith("open"), b["events"], b["delta_nanos"],
+                ]
+                for b in data.get("budgets", [])
+            },
+            budget_seq=data.get("budget_seq", 0),
+        )  # fmt: skip
+
+
+def _epoch_ms(text: str | None) -> int | None:
+    if text is None:
+        return None
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)

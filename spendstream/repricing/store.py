@@ -175,9 +175,14 @@ class Job:
                 "events_changed": diff.get("events_changed", 0),
                 "cursor": {"timestamp": self.cursor[0].isoformat(), "event_id": self.cursor[1]},
             },
-            "diff": self.diff,
+            "diff": public_diff(self.diff) if self.diff is not None else None,
             "error": self.error or None,
         }
+
+
+def public_diff(diff: dict[str, Any]) -> dict[str, Any]:
+    """A diff as the API answers it (budget_seq is internal: spendstream/repricing/budgets.py)."""
+    return {k: v for k, v in diff.items() if k != "budget_seq"}
 
 
 _JOB_COLUMNS = [

@@ -38,6 +38,7 @@ def dashboard(make_settings):
     insert_events(settings, events)
     seed_alerts(settings, now)
     seed_provider_costs(settings, now)
+    seed_repricings(settings)
     with QueryApiServer(settings) as server:
         if os.path.exists(Path(__file__).resolve().parents[2] / "query_api" / "routers" / "budgets.py"):
             with server.client(ADMIN_KEY) as admin:
@@ -120,6 +121,33 @@ def seed_provider_costs(settings, now: datetime) -> None:
         client.close()
 
 
+#: re-pricing audit rows (spendstream.repricing.store.audit): one job applied, one proposed
+REPRICINGS = [
+    ("rp1", "key-finance", "late discount", {"from": "2026-03-01T00:00:00.000Z", "to": "2026-03-04T00:00:00.000Z",
+     "model": "mystery-1"}, 62, 0, 1_234_567_890, ("started", "done")),
+    ("rp2", "auto:catalog", "catalog update genai-prices 1 -> 2: openai/gpt-4o",
+     {"from": "2026-03-02T00:00:00.000Z", "to": "2026-03-05T00:00:00.000Z"}, 7, 2_500_000_000, 3_000_000_000,
+     ("proposed",)),
+]  # fmt: skip
+
+
+def seed_repricings(settings) -> None:
+    import time
+
+    from spendstream.repricing import store
+
+    client = get_client(settings)
+    try:
+        for job_id, actor, reason, scope, changed, old, new, statuses in REPRICINGS:
+            diff = {"events_changed": changed, "old_nanos": old, "new_nanos": new}
+            job = store.Job("acme", job_id, actor, reason, scope, diff=diff)
+            for status in statuses:
+                store.audit(client, job, status)
+                time.sleep(0.01)  # distinct, ordered audit times
+    finally:
+        client.close()
+
+
 def test_dashboard_renders_filters_and_screenshots(dashboard, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     server, events = dashboard
@@ -172,6 +200,18 @@ def test_dashboard_renders_filters_and_screenshots(dashboard, tmp_path):
                                 "volume: 400 calls, 20x the usual; openai/gpt-4o 100% of the excess"]  # fmt: skip
             assert page.locator("#spend-chart rect.bar.anomaly").count() == 1
             assert page.locator("#spend-chart .anomaly-mark").count() == 1
+
+            # re-pricings: one row per job (its newest audit entry), newest first, exact totals in the title
+            page.wait_for_selector("#repricings tbody tr")
+            rows = page.eval_on_selector_all(
+                "#repricings tbody tr", "trs => trs.map(tr => [...tr.children].map(td => td.textContent))"
+            )
+            assert [r[1:3] + r[7:] for r in rows] == [
+                [actor, reason, statuses[-1]] for _, actor, reason, *_, statuses in reversed(REPRICINGS)
+            ]
+            assert rows[1][3] == "2026-03-01 – 2026-03-04, model mystery-1" and rows[1][4] == "62"
+            assert rows[1][5:7] == ["$0", "$1.23"] and rows[0][5:7] == ["$2.50", "$3.00"]
+            assert page.get_attribute("#repricings tr[data-job=rp1] td:nth-child(7)", "title") == "1234567890 nano-USD"
 
             # reconciliation: yesterday's Anthropic spend, tracked (the events) vs reported ($3)
             page.wait_for_selector("#reconciliation tbody tr")

@@ -167,7 +167,7 @@ def stored(client, catalog):
     return priced, expected
 
 
-def test_dry_run_changes_nothing_and_the_apply_does_what_it_said(client, catalog, stored) -> None:
+def test_dry_run_changes_nothing_and_the_apply_does_what_it_said(client, settings, catalog, stored) -> None:
     priced, expected = stored
     before = totals(client)
     assert_consistent(before)
@@ -184,9 +184,13 @@ def test_dry_run_changes_nothing_and_the_apply_does_what_it_said(client, catalog
     assert sum(g["new_nanos"] for g in diff["by_day"]) == diff["new_nanos"]
     assert len(diff["sample"]) == 5 and diff["sample"][0]["new"]["pricing_status"] == "priced"
 
-    job = jobs.run(client, catalog, _new_job(_scope()), batch_events=10, sample_size=5)
+    reader = get_client(settings)  # the apply reads each next batch ahead, as the API's jobs do
+    try:
+        job = jobs.run(client, catalog, _new_job(_scope()), batch_events=10, sample_size=5, scan_client=reader)
+    finally:
+        reader.close()
     assert job.status == store.DONE and job.batches == 9
-    assert job.diff == diff, "the apply changed exactly what the dry run said"
+    assert store.public_diff(job.diff) == diff, "the apply changed exactly what the dry run said"
 
     after = totals(client)
     assert_consistent(after)
@@ -222,7 +226,7 @@ class Killed(BaseException):
 
 
 @pytest.mark.parametrize("when", ["after_saving", "between_insert_and_save"])
-def test_a_job_killed_mid_way_and_rerun_ends_exact(client, catalog, stored, monkeypatch, when) -> None:
+def test_a_job_killed_mid_way_and_rerun_ends_exact(client, settings, catalog, stored, monkeypatch, when) -> None:
     _, expected = stored
     dry = jobs.dry_run(client, catalog, _scope(), batch_events=7, sample_size=3).to_json()
     job = _new_job(_scope())
@@ -240,8 +244,12 @@ def test_a_job_killed_mid_way_and_rerun_ends_exact(client, catalog, stored, monk
         return saved
 
     monkeypatch.setattr(store, "save_job", dying_save)
-    with pytest.raises(Killed):
-        jobs.run(client, catalog, job, batch_events=7, sample_size=3)
+    reader = get_client(settings)  # reading ahead when the job dies: the reader stops with it
+    try:
+        with pytest.raises(Killed):
+            jobs.run(client, catalog, job, batch_events=7, sample_size=3, scan_client=reader)
+    finally:
+        reader.close()
     monkeypatch.setattr(store, "save_job", real_save)
     partial = store.load_job(client, TENANT, job.id)
     assert partial.status == store.RUNNING and partial.batches == 3 + (when == "after_saving")
@@ -345,6 +353,32 @@ def test_the_api_dry_runs_applies_reports_progress_and_audits(make_settings, cat
             assert_consistent(after)
             assert after["usage_events"][5] == diff["new_nanos"] and after["unpriced"][0] == 0
             assert reader.get("/v1/pricing/unpriced").json()["models"] == []
+            # /v1/events lists each event once, in its current state, paging by event; or as stored
+            # with its corrections; the export likewise (docs/repricing.md)
+            window = {"from": "2026-03-01", "to": "2026-03-04", "tz": "UTC"}
+            listed, cursor = [], None
+            while True:
+                page = reader.get(
+                    "/v1/analytics/events", params={**window, "limit": 7, **({"cursor": cursor} if cursor else {})}
+                ).json()
+                listed += page["events"]
+                if not (cursor := page["next_cursor"]):
+                    break
+            assert len(listed) == len({e["event_id"] for e in listed}) == 30
+            assert sum(e["cost_nanos"] for e in listed) == diff["new_nanos"]
+            assert {e["pricing_status"] for e in listed} == {"priced"} and all(
+                e["corrected_by"] == [job_id] for e in listed
+            )
+            stored = reader.get("/v1/analytics/events", params={**window, "limit": 100, "corrections": "true"}).json()
+            assert {e["cost_nanos"] for e in stored["events"]} == {0}
+            assert all([c["kind"] for c in e["corrections"]] == ["reversal", "repriced"] for e in stored["events"])
+            net_csv = reader.get("/v1/analytics/export", params={**window, "format": "ndjson"})
+            rows = [orjson.loads(line) for line in net_csv.text.splitlines()]
+            assert len(rows) == 30 and sum(int(r["cost_nanos"]) for r in rows) == diff["new_nanos"]
+            raw = reader.get("/v1/analytics/export", params={**window, "format": "ndjson", "corrections": "true"})
+            rows = [orjson.loads(line) for line in raw.text.splitlines()]
+            assert sorted(r["correction_kind"] for r in rows) == [""] * 30 + ["repriced"] * 30 + ["reversal"] * 30
+            assert sum(int(r["cost_nanos"]) for r in rows) == diff["new_nanos"]
             # the same job again: nothing changes
             again = admin.post("/v1/pricing/reprice", json={**body, "dry_run": False, "job_id": job_id})
             assert again.status_code == 200 and again.json()["status"] == "done"
