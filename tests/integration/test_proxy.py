@@ -376,6 +376,32 @@ async def test_stream_cut_short_is_recorded_as_error_with_usage_so_far(settings,
     assert (ev["input_tokens"], ev["output_tokens"], ev["cache_write_1h_tokens"]) == (13050, 1, 2000)
 
 
+async def test_streams_are_forwarded_as_they_arrive_and_hang_ups_are_recorded(settings, upstream, gw, tenant):
+    """Over real HTTP: a stream reaches the SDK as the upstream sends it (no whole-response
+    buffering), and a client that hangs up mid-stream still leaves one event."""
+    name, key = tenant
+    since = await raw_position(settings)
+    async with openai_sdk(gw, key) as sdk:
+        started = time.monotonic()
+        raw = await sdk.chat.completions.with_raw_response.create(model="slow-stream", messages=[], stream=True)
+        arrivals = [(time.monotonic() - started, chunk) async for chunk in raw.parse()]
+        complete = request_id(raw)
+        # the first chunk came before the upstream's pause (1.5 s), the rest after it
+        assert arrivals[0][0] < upstream.pause_s, arrivals[0][0]
+        assert arrivals[-1][0] >= upstream.pause_s
+        assert arrivals[-1][1].choices[0].finish_reason == "stop"
+
+        # a client that hangs up after the first chunk
+        raw = await sdk.chat.completions.with_raw_response.create(model="slow-stream", messages=[], stream=True)
+        stream = raw.parse()
+        async for _ in stream:
+            break
+        await stream.close()
+    events = await events_for(settings, name, since, [complete, gone := request_id(raw)])
+    assert events[complete]["status"] == "ok" and events[complete]["input_tokens"] == 2006
+    assert events[gone]["status"] == "error"
+
+
 async def test_provider_keys_crud_on_the_query_api(settings, unique_name):
     name = unique_name("t")
     client = get_client(settings)
