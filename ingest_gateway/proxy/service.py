@@ -24,10 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from multidict import CIMultiDict
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
-from yarl import URL
 
 from ingest_gateway import logic
 from ingest_gateway.budget_view import BudgetView
@@ -344,16 +342,14 @@ class Proxy:
         )  # fmt: skip
         if method == "POST":
             call.reservation = await self._reserve(call, len(body))
-        forwarded = CIMultiDict(
+        forwarded = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in scope["headers"]
             if k not in _DROP_REQUEST and not k.startswith(_SPENDSTREAM) and k.decode("latin-1") not in auth
-        )
-        for k, v in auth.items():
-            if v:  # an empty value: the header is dropped
-                forwarded[k] = v
-        forwarded.add(*_IDENTITY)
-        url = URL(f"{self._bases[provider]}/{_upstream_path(scope)}", encoded=True)
+        ]
+        forwarded += [(k, v) for k, v in auth.items() if v]  # an empty value: the header is dropped
+        forwarded.append(_IDENTITY)
+        url = f"{self._bases[provider]}/{_upstream_path(scope)}"
         data = call_req.rewritten or body
         try:
             upstream = await self.session.request(
