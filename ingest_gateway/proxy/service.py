@@ -191,6 +191,8 @@ class Proxy:
         self._catalog = catalog
         self.metrics = metrics
         self._tenant_calls: dict[str, int] = {}
+        # labelled once: a labels() lookup per call costs more than the increment
+        self._calls = {(p, status): metrics.calls.labels(p, status) for p in PROVIDERS for status in ("ok", "error")}
         self.ledger = Ledger(cfg.replicas, int(cfg.settled_hold_s * 1000), int(cfg.reservation_ttl_s * 1000))
         self._bases = {OPENAI: cfg.openai_base_url.rstrip("/"), ANTHROPIC: cfg.anthropic_base_url.rstrip("/") + "/v1"}
         self.session = aiohttp.ClientSession(
@@ -442,7 +444,7 @@ class Proxy:
                     self.ledger.settle(call.reservation, call.reservation.amount, now_ms)
                 else:
                     self.ledger.release(call.reservation)
-            self.metrics.calls.labels(call.provider, event["status"]).inc()
+            self._calls[call.provider, event["status"]].inc()
             if normalised is None:
                 log.error("proxy call %s made an invalid event (%s); not recorded", call.request_id, errors)
                 self.metrics.invalid_events.inc()
