@@ -12,7 +12,8 @@ load from other jobs on the machine hits both alike:
    and through the proxy; the added latency is the difference of the percentiles (p50, p99);
 2. streamed chat completions: time to the first body byte, direct and through the proxy;
 3. memory per open stream: ``--streams`` streams held open through the proxy (the upstream sends
-   one chunk, then waits), the gateway's RSS before and while they are open;
+   one chunk, then waits), the gateway's RSS before and while they are open (measured first, after
+   50 warm-up calls, so that memory freed by the rounds does not hide it; RSS is page-granular);
 4. the gateway's CPU time per proxied call (user + system, its whole process tree, less what it
    spends idle over the same time: key and budget reloads): on a shared machine this varies far
    less than the latencies, so speed work is judged by it.
@@ -280,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         # passthrough mode: the same provider headers both ways, the Spendstream key added
         headers = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
         proxied = {**headers, "X-Spendstream-Key": ADMIN}
-        asyncio.run(latencies(proxy_url, proxied, 200, 20))  # warm up (catalog, connections)
+        asyncio.run(latencies(proxy_url, proxied, 50, 10))  # warm up (catalog, connections)
+        # memory per open stream first: the rounds below leave freed memory the process would reuse
+        before, during = asyncio.run(stream_memory(proxy_url, proxied, args.streams, gateway.pid))
+        asyncio.run(latencies(proxy_url, proxied, 200, 20))
         asyncio.run(latencies(direct_url, headers, 200, 20))
         # what the gateway spends with no call (key, budget and provider-key reloads), per second
         idle_started, idle_cpu = time.monotonic(), cpu_seconds(gateway.pid)
@@ -307,7 +311,6 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             t_direct += asyncio.run(ttfb(direct_url, headers, n_streams))
             t_proxy += asyncio.run(ttfb(proxy_url, proxied, n_streams))
-        before, during = asyncio.run(stream_memory(proxy_url, proxied, args.streams, gateway.pid))
 
         ms = 1000
         result = {
