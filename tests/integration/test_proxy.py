@@ -35,6 +35,7 @@ from ingest_gateway.proxy.usage import sse_fields
 from spendstream.clickhouse import get_client
 from spendstream.contracts import raw_envelope
 from spendstream.keys import create_key
+from spendstream.ports import free_port
 from spendstream.pricing import default_catalog
 from spendstream.provider_keys import create_provider_key
 from spendstream.secrets import Keyring, generate_key
@@ -439,7 +440,11 @@ async def test_provider_keys_crud_on_the_query_api(settings, unique_name):
 
 async def test_one_tenant_cannot_hold_every_upstream_connection(make_settings, upstream, unique_name):
     # (the proxy's own 429 is below the SDKs' level: they would retry it, as told by x-should-retry)
-    settings = proxy_settings(make_settings, proxy={"openai_base_url": upstream.url + "/v1", "max_calls_per_tenant": 2})
+    unreachable = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    settings = proxy_settings(
+        make_settings,
+        proxy={"openai_base_url": upstream.url + "/v1", "anthropic_base_url": unreachable, "max_calls_per_tenant": 2},
+    )
     name = unique_name("t")
     client = get_client(settings)
     try:
@@ -462,6 +467,13 @@ async def test_one_tenant_cannot_hold_every_upstream_connection(make_settings, u
             async for _ in s.aiter_raw():
                 pass
         assert proxy._tenant_calls == {name: 1}  # the stream's slot was given back when it ended
+        # an upstream that cannot be reached: 502 in the provider's shape, not retried, slot given back
+        down = await gw.post(
+            "/proxy/anthropic/v1/messages", json={"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": []},
+            headers={"x-api-key": "sk-ant-own", "X-Spendstream-Key": key},
+        )  # fmt: skip
+        assert down.status_code == 502 and down.json()["error"]["type"] == "upstream_error"
+        assert down.headers["x-should-retry"] == "false" and proxy._tenant_calls == {name: 1}
 
 
 def test_rotation_reseals_stored_keys_with_the_new_primary(settings, unique_name):
