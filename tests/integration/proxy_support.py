@@ -9,8 +9,8 @@ event by event with a short pause, so they really arrive in pieces.
 ``openai_sdk`` / ``anthropic_sdk`` are the real ``openai`` and ``anthropic`` packages' async
 clients with their base URL on the proxy (``<gateway>/proxy/openai/v1``, ``<gateway>/proxy/anthropic``),
 calling a gateway served by uvicorn over real HTTP (``GatewayServer``), with their own HTTP
-clients, which count the attempts they make. ``openai_headers`` / ``anthropic_headers`` remain for the
-few checks below the SDKs' level (the proxy's own 429, raw header handling).
+clients, which count the attempts they make. ``openai_headers`` remains for the checks below the
+SDKs' level (the proxy's own 429, which they would retry).
 """
 
 from __future__ import annotations
@@ -53,18 +53,6 @@ def openai_headers(api_key: str, **extra: str) -> dict[str, str]:
         "User-Agent": "OpenAI/Python 2.8.0",
         "X-Stainless-Lang": "python",
         "X-Stainless-Package-Version": "2.8.0",
-        "X-Stainless-Retry-Count": "0",
-        **extra,
-    }
-
-
-def anthropic_headers(api_key: str, **extra: str) -> dict[str, str]:
-    return {
-        "x-api-key": api_key,
-        "anthropic-version": "2023-06-01",
-        "Content-Type": "application/json",
-        "Accept": "application/json",
-        "User-Agent": "Anthropic/Python 0.72.0",
         "X-Stainless-Retry-Count": "0",
         **extra,
     }
