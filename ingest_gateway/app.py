@@ -16,6 +16,7 @@ from ingest_gateway.openapi import add_ingest_path
 from ingest_gateway.project_rules import ProjectRules
 from ingest_gateway.proxy import router as proxy_router
 from ingest_gateway.proxy.lifecycle import start_proxy
+from ingest_gateway.proxy.service import ProxyFrontDoor
 from ingest_gateway.publisher import Publisher
 from ingest_gateway.routers import budget_check, health, otlp
 from spendstream.keys import KeyStore, clickhouse_loader
@@ -23,12 +24,13 @@ from spendstream.settings import Settings
 
 
 class GatewayApp(FastAPI):
-    """FastAPI with ``POST /v1/events`` served in front of its middleware stack (see ingest.py)."""
+    """FastAPI with ``POST /v1/events`` served in front of its middleware stack (see ingest.py), and
+    the AI API proxy's ``/proxy/...`` too (proxy/service.py)."""
 
     ingest_settings: Settings
 
     def build_middleware_stack(self) -> ASGIApp:
-        return IngestMiddleware(super().build_middleware_stack(), self.ingest_settings)
+        return IngestMiddleware(ProxyFrontDoor(super().build_middleware_stack()), self.ingest_settings)
 
 
 def create_app(settings: Settings) -> FastAPI:

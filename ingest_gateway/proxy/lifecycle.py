@@ -15,7 +15,7 @@ from spendstream.pricing.catalog import default_catalog
 from spendstream.settings import Settings
 
 
-async def start_proxy(app: Any, settings: Settings, transport: Any = None) -> Callable[[], Awaitable[None]]:
+async def start_proxy(app: Any, settings: Settings) -> Callable[[], Awaitable[None]]:
     """``app.state.proxy`` ready (needs ``app.state.publisher``, ``keys``, ``budget_view``); returns its stop."""
     state = app.state
     metrics = ProxyMetrics(state.metrics.registry)
@@ -26,8 +26,7 @@ async def start_proxy(app: Any, settings: Settings, transport: Any = None) -> Ca
     catalog = await asyncio.to_thread(default_catalog)
     await provider_keys.start()
     await recorder.start()
-    transport = transport or getattr(state, "proxy_transport", None)
-    state.proxy = Proxy(settings, state.keys, state.budget_view, provider_keys, recorder, catalog, metrics, transport)
+    state.proxy = Proxy(settings, state.keys, state.budget_view, provider_keys, recorder, catalog, metrics)
 
     async def stop() -> None:
         await state.proxy.close()

@@ -3,12 +3,16 @@
 Point the SDKs' base URL here (OpenAI: ``<gateway>/proxy/openai/v1``; Anthropic:
 ``<gateway>/proxy/anthropic``) and use the Spendstream API key as the SDK's API key (the tenant's
 stored provider key goes upstream), or keep your own provider key and add the Spendstream key in
-``X-Spendstream-Key``. The work is in ingest_gateway/proxy/service.py.
+``X-Spendstream-Key``. The work is in ingest_gateway/proxy/service.py. The gateway serves these
+paths in front of FastAPI's stack (``service.ProxyFrontDoor``); the routes here describe them in the
+OpenAPI document and serve them all the same where the front door is not installed.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+
+from ingest_gateway.proxy.service import ProxyCall
 
 router = APIRouter(tags=["proxy"])
 
@@ -23,11 +27,11 @@ _DESCRIPTION = (
 
 
 async def openai(path: str, request: Request) -> Response:
-    return await request.app.state.proxy.handle(request, "openai", path)
+    return ProxyCall(request.app.state.proxy, "openai")
 
 
 async def anthropic(path: str, request: Request) -> Response:
-    return await request.app.state.proxy.handle(request, "anthropic", path)
+    return ProxyCall(request.app.state.proxy, "anthropic")
 
 
 # one route per method: each needs its own OpenAPI operation id

@@ -1,28 +1,31 @@
 """The proxy's request path: authenticate, attribute, reserve, forward, meter, settle, record.
 
-One ``Proxy`` per gateway process (owned by the app's lifespan): the upstream httpx client (a
+One ``Proxy`` per gateway process (owned by the app's lifespan): the upstream aiohttp session (a
 bounded connection pool), the stored provider keys, the hard-budget ledger and the recorder.
-Bodies and responses pass through byte for byte, with three exceptions, all documented in
-docs/proxy.md: the auth header in stored-key mode, ``stream_options.include_usage`` added to
-OpenAI streams that did not ask for it (its extra chunk is then dropped before the client), and
-``accept-encoding: identity`` towards the upstream (the proxy reads usage from the bytes).
+``ProxyFrontDoor`` serves ``/proxy/...`` as a plain ASGI handler in front of FastAPI's stack (as
+``POST /v1/events`` is, see ingest.py): routing, middleware and request wrappers cost more CPU
+than the proxy's own work on a small call. Bodies and responses pass through byte for byte, with
+three exceptions, all documented in docs/proxy.md: the auth header in stored-key mode,
+``stream_options.include_usage`` added to OpenAI streams that did not ask for it (its extra chunk
+is then dropped before the client), and ``accept-encoding: identity`` towards the upstream (the
+proxy reads usage from the bytes).
+
+Why aiohttp and not httpx as the upstream client: per proxied call httpx/httpcore cost about a
+third of the gateway's CPU (pool scans, anyio wrappers, header models); aiohttp's client hands
+back raw header tuples and reads the body straight off its protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import itertools
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-from starlette.requests import Request
+import aiohttp
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ingest_gateway import logic
 from ingest_gateway.budget_view import BudgetView
@@ -52,22 +55,18 @@ from spendstream.settings import Settings
 
 log = logging.getLogger(__name__)
 
-if importlib.util.find_spec("sniffio") is None:
-    # httpcore runs `import sniffio` on every upstream request and falls back to asyncio when it
-    # fails; a failing import searches sys.path each time (~0.3 ms of CPU per request, a third of
-    # the proxy's cost in profiles). None in sys.modules makes it fail at once, same outcome.
-    sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
-
 PROVIDERS = (OPENAI, ANTHROPIC)
-#: request headers never forwarded: hop-by-hop (RFC 9110), ours, and what httpx sets itself
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+#: request headers never forwarded: hop-by-hop (RFC 9110), ours, and what the client sets itself
 _DROP_REQUEST = frozenset({
-    "host", "content-length", "connection", "keep-alive", "proxy-authorization", "proxy-connection", "te",
-    "trailer", "transfer-encoding", "upgrade", "accept-encoding", "x-spendstream-key",
+    b"host", b"content-length", b"connection", b"keep-alive", b"proxy-authorization", b"proxy-connection", b"te",
+    b"trailer", b"transfer-encoding", b"upgrade", b"accept-encoding", b"x-spendstream-key",
 })  # fmt: skip
 _DROP_RESPONSE = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade",
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade",
 })  # fmt: skip
+_SPENDSTREAM = b"x-spendstream-"
 ATTRIBUTION_HEADERS = {
     "x-spendstream-project": ("project", logic.MAX_ID_LEN),
     "x-spendstream-agent": ("agent", logic.MAX_ID_LEN),
@@ -75,8 +74,11 @@ ATTRIBUTION_HEADERS = {
     "x-spendstream-session": ("session_id", logic.MAX_ATTRIBUTION_LEN),
 }
 _READY_WAIT_S = 2.0
-#: upstream connection pools per process (proxy.max_connections is split between them)
-UPSTREAM_POOLS = 8
+#: what aiohttp would add on its own when the caller did not send it: the caller's request goes as sent
+_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+_IDENTITY = ("accept-encoding", "identity")
+#: the upstream read errors that mean "the response was cut" (timeouts included)
+_CUT = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 @dataclass
@@ -120,6 +122,54 @@ def parse_tags(value: str) -> dict[str, str]:
     return tags
 
 
+def route(path: str) -> tuple[str, str] | None:
+    """``/proxy/<provider>/v1/<rest>`` -> (provider, rest), else None (FastAPI answers: 404)."""
+    if not path.startswith("/proxy/"):
+        return None
+    provider, sep, rest = path[7:].partition("/v1/")
+    if not sep or "/" in provider:
+        return None
+    return provider, rest
+
+
+class ProxyFrontDoor:
+    """``/proxy/<provider>/v1/...`` served before FastAPI's stack; every other path goes on to it."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in METHODS:
+            found = route(scope["path"])
+            if found is not None:
+                proxy: Proxy | None = getattr(scope["app"].state, "proxy", None)
+                if proxy is not None:
+                    await proxy.serve(scope, receive, send, found[0])
+                    return
+        await self.app(scope, receive, send)
+
+
+class ProxyCall(Response):
+    """What the documented FastAPI routes return: the same proxy, served from the route."""
+
+    def __init__(self, proxy: Any, provider: str):
+        self.proxy, self.provider = proxy, provider
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.proxy.serve(scope, receive, send, self.provider)
+
+
+def _upstream_path(scope: Scope) -> str:
+    """The path after ``/v1/`` as the client sent it (still percent-encoded), with its query."""
+    raw = scope.get("raw_path")
+    # (without its query: some ASGI clients, httpx's among them, put it in raw_path too)
+    path = raw.decode("latin-1").partition("?")[0] if raw else scope["path"]
+    rest = path.split("/v1/", 1)[1] if "/v1/" in path else ""
+    query = scope.get("query_string")
+    return f"{rest}?{query.decode('latin-1')}" if query else rest
+
+
 class Proxy:
     def __init__(
         self,
@@ -130,10 +180,10 @@ class Proxy:
         recorder: Recorder,
         catalog: Catalog,
         metrics: ProxyMetrics,
-        transport: httpx.AsyncBaseTransport | None = None,
     ):
         self.settings = settings
         cfg = settings.proxy
+        self._cfg = cfg
         self._keys = key_store
         self._budgets = budget_view
         self.provider_keys = provider_keys
@@ -141,61 +191,68 @@ class Proxy:
         self._catalog = catalog
         self.metrics = metrics
         self._tenant_calls: dict[str, int] = {}
+        # labelled once: a labels() lookup per call costs more than the increment
+        self._calls = {(p, status): metrics.calls.labels(p, status) for p in PROVIDERS for status in ("ok", "error")}
         self.ledger = Ledger(cfg.replicas, int(cfg.settled_hold_s * 1000), int(cfg.reservation_ttl_s * 1000))
         self._bases = {OPENAI: cfg.openai_base_url.rstrip("/"), ANTHROPIC: cfg.anthropic_base_url.rstrip("/") + "/v1"}
-        # several small pools instead of one: httpcore scans its whole pool (and polls each idle
-        # socket) for every request, so at hundreds of calls in flight one pool costs O(n) per call
-        shards = max(1, min(UPSTREAM_POOLS, cfg.max_connections))
-        per_pool = max(1, cfg.max_connections // shards)
-        self._clients = [
-            httpx.AsyncClient(
-                transport=transport,
-                timeout=httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s, pool=cfg.connect_timeout_s),
-                limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool),
-                follow_redirects=False,
-            )
-            for _ in range(shards)
-        ]
-        self._next_pool = itertools.cycle(self._clients)
-        self.client = self._clients[0]
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=cfg.max_connections, limit_per_host=0, ttl_dns_cache=60),
+            # connect: waiting for a pooled connection and opening one; sock_read: the longest
+            # silence between two reads (a stream's chunks); no total: streams last what they last
+            timeout=aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s),
+            auto_decompress=False,  # bytes as sent (the proxy asks for identity anyway)
+            cookie_jar=aiohttp.DummyCookieJar(),  # an upstream's cookies never reach another caller
+            skip_auto_headers=_NO_AUTO_HEADERS,
+            trust_env=False,
+            raise_for_status=False,
+        )
 
     async def close(self) -> None:
-        for client in self._clients:
-            await client.aclose()
+        await self.session.close()
 
     # -- the request ---------------------------------------------------------------------------
-    async def handle(self, request: Request, provider: str, path: str) -> Response:
+    async def serve(self, scope: Scope, receive: Receive, send: Send, provider: str) -> None:
+        """One proxied call, answered on ``send``: the upstream's response forwarded as it arrives,
+        or the proxy's refusal in the provider's error shape."""
         request_id = logic.uuid7(time.time_ns() // 1_000_000)
         if provider not in PROVIDERS:
-            return ProxyError(404, "not_found", f"unknown provider {provider!r}; use openai or anthropic").response(
-                OPENAI, request_id
-            )
+            error = ProxyError(404, "not_found", f"unknown provider {provider!r}; use openai or anthropic")
+            await error.response(OPENAI, request_id)(scope, receive, send)
+            return
         tenant_calls = self._tenant_calls
         tenant: str | None = None
         try:
-            principal, auth, default_project = await self._authenticate(request, provider)
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            principal, auth, default_project = await self._authenticate(headers, provider)
             tenant = principal.tenant
             held = tenant_calls.get(tenant, 0)
-            if held >= self.settings.proxy.max_calls_per_tenant:
+            if held >= self._cfg.max_calls_per_tenant:
                 tenant = None
                 raise ProxyError(
                     429, "rate_limit_exceeded", f"{held} calls of this tenant are in flight through this gateway; "
                     "retry shortly", retry_after_s=1,
                 )  # fmt: skip
             tenant_calls[tenant] = held + 1
-            response = await self._handle(request, provider, path, request_id, principal, auth, default_project)
-            if isinstance(response, ProxiedResponse):
-                response.tenant_slot, tenant = tenant, None  # held until the forwarding ends
-            return response
+            call, upstream = await self._open(scope, receive, headers, provider, request_id, principal, auth,
+                                              default_project)  # fmt: skip
         except ProxyError as exc:
-            self.metrics.refused.labels(provider, str(exc.status)).inc()
-            return exc.response(provider, request_id)
-        except asgi.ClientGone:
-            return Response(status_code=499)
-        finally:
-            # a call that gets no upstream response is counted until here
             if tenant is not None:
                 self._release_tenant(tenant)
+            self.metrics.refused.labels(provider, str(exc.status)).inc()
+            await exc.response(provider, request_id)(scope, receive, send)
+            return
+        except asgi.ClientGone:  # hung up before its request was read: nobody to answer
+            if tenant is not None:
+                self._release_tenant(tenant)
+            return
+        except BaseException:
+            if tenant is not None:  # a call that gets no upstream response is counted until here
+                self._release_tenant(tenant)
+            raise
+        try:
+            await Forwarding(self, call, upstream).run(receive, send)
+        finally:
+            self._release_tenant(principal.tenant)
 
     def _release_tenant(self, tenant: str) -> None:
         held = self._tenant_calls[tenant] - 1
@@ -204,10 +261,9 @@ class Proxy:
         else:
             del self._tenant_calls[tenant]
 
-    async def _authenticate(self, request: Request, provider: str) -> tuple[keys.Principal, dict[str, str], str]:
+    async def _authenticate(self, headers: dict[str, str], provider: str) -> tuple[keys.Principal, dict[str, str], str]:
         """The caller's principal, the upstream auth headers to replace (an empty value drops the
         header; none: pass the caller's) and the stored key's default project."""
-        headers = request.headers
         own = headers.get("x-spendstream-key")
         try:
             if own is not None:  # passthrough: the caller's provider key goes upstream untouched
@@ -240,8 +296,9 @@ class Proxy:
             auth = {"x-api-key": stored.api_key, "authorization": ""}
         return principal, auth, stored.project
 
-    def _attribution(self, request: Request, call: CallRequest, default_project: str, provider: str) -> dict[str, Any]:
-        headers = request.headers
+    def _attribution(
+        self, headers: dict[str, str], call: CallRequest, default_project: str, provider: str
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for header, (name, limit) in ATTRIBUTION_HEADERS.items():
             value = headers.get(header)
@@ -263,53 +320,55 @@ class Proxy:
         out.setdefault("agent", "default")
         return out
 
-    async def _handle(
-        self, request: Request, provider: str, path: str, request_id: str, principal: keys.Principal,
-        auth: dict[str, str], default_project: str,
-    ) -> Response:  # fmt: skip
+    async def _open(
+        self, scope: Scope, receive: Receive, headers: dict[str, str], provider: str, request_id: str,
+        principal: keys.Principal, auth: dict[str, str], default_project: str,
+    ) -> tuple[Call, aiohttp.ClientResponse]:  # fmt: skip
+        """Read and check the request, reserve, send it upstream: the call and the upstream's
+        response (its headers read, its body not yet)."""
         started = time.perf_counter()
-        cfg = self.settings.proxy
+        cfg = self._cfg
+        method = scope["method"]
+        path = scope["path"].split("/v1/", 1)[1]
+        if "." in path and any(part in (".", "..") for part in path.split("/")):
+            raise invalid(provider, "path", "dot segments are not forwarded")
         try:
-            body = await asgi.read_body(
-                request.receive, request.headers.get("content-length"), cfg.max_request_body_bytes
-            )
+            body = await asgi.read_body(receive, headers.get("content-length"), cfg.max_request_body_bytes)
         except asgi.BodyTooLarge as exc:
             raise invalid(provider, "body", str(exc), status=413) from None
-        call_req = read_request(provider, path, body) if request.method == "POST" else CallRequest()
+        call_req = read_request(provider, path, body) if method == "POST" else CallRequest()
         api_flavour, operation = flavour(provider, path)
         call = Call(
             request_id, provider, principal.tenant, logic.RequestContext.now(), started,
-            self._attribution(request, call_req, default_project, provider), operation, api_flavour, call_req,
+            self._attribution(headers, call_req, default_project, provider), operation, api_flavour, call_req,
         )  # fmt: skip
-        if request.method == "POST":
+        if method == "POST":
             call.reservation = await self._reserve(call, len(body))
-        upstream = self._upstream_request(request, provider, path, call_req.rewritten or body, auth, request_id)
+        forwarded = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k not in _DROP_REQUEST and not k.startswith(_SPENDSTREAM) and k.decode("latin-1") not in auth
+        ]
+        forwarded += [(k, v) for k, v in auth.items() if v]  # an empty value: the header is dropped
+        forwarded.append(_IDENTITY)
+        url = f"{self._bases[provider]}/{_upstream_path(scope)}"
+        data = call_req.rewritten or body
         try:
-            response = await next(self._next_pool).send(upstream, stream=True)
-        except httpx.HTTPError as exc:
+            upstream = await self.session.request(
+                method, url, headers=forwarded, data=data if data or method != "GET" else None, allow_redirects=False
+            )
+        except _CUT as exc:
             self._finish(call)
-            status, kind = (504, "timeout") if isinstance(exc, httpx.TimeoutException) else (502, "upstream_error")
+            status, kind = (504, "timeout") if isinstance(exc, asyncio.TimeoutError) else (502, "upstream_error")
             self.metrics.upstream_failures.labels(provider).inc()
             raise ProxyError(
                 status, kind, f"the upstream {provider} API could not be reached: {type(exc).__name__}"
             ) from None
-        call.status = response.status_code
-        return ProxiedResponse(self, call, response)
-
-    def _upstream_request(
-        self, request: Request, provider: str, path: str, body: bytes, auth: dict[str, str], request_id: str
-    ) -> httpx.Request:
-        headers = [
-            (k, v)
-            for k, v in request.headers.items()
-            if k not in _DROP_REQUEST and not k.startswith("x-spendstream-") and k not in auth
-        ]
-        headers += [(k, v) for k, v in auth.items() if v]  # an empty value: the header is dropped
-        headers.append(("accept-encoding", "identity"))
-        url = f"{self._bases[provider]}/{path}"
-        if request.url.query:
-            url += "?" + request.url.query
-        return self.client.build_request(request.method, url, headers=headers, content=body)
+        except BaseException:
+            self._finish(call)  # cancelled (the server shuts down): settled and recorded all the same
+            raise
+        call.status = upstream.status
+        return call, upstream
 
     # -- hard budgets ----------------------------------------------------------------------------
     async def _reserve(self, call: Call, body_bytes: int) -> Reservation | None:
@@ -385,7 +444,7 @@ class Proxy:
                     self.ledger.settle(call.reservation, call.reservation.amount, now_ms)
                 else:
                     self.ledger.release(call.reservation)
-            self.metrics.calls.labels(call.provider, event["status"]).inc()
+            self._calls[call.provider, event["status"]].inc()
             if normalised is None:
                 log.error("proxy call %s made an invalid event (%s); not recorded", call.request_id, errors)
                 self.metrics.invalid_events.inc()
@@ -405,32 +464,37 @@ def _is_spendstream_key(value: str | None, own: str) -> bool:
     return credential == own.strip() or keys.key_id_of(credential) is not None
 
 
-class ProxiedResponse(Response):
+class Forwarding:
     """The upstream response forwarded as it arrives; usage read on the way; the call finished
     (settled, recorded) however the forwarding ends: complete, upstream cut, client gone."""
 
-    def __init__(self, proxy: Proxy, call: Call, upstream: httpx.Response):
+    __slots__ = ("proxy", "call", "upstream", "sse", "raw_headers")
+
+    def __init__(self, proxy: Proxy, call: Call, upstream: aiohttp.ClientResponse):
         self.proxy = proxy
         self.call = call
         self.upstream = upstream
-        self.status_code = upstream.status_code
-        self.background = None
-        self.tenant_slot: str | None = None
-        self.sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
-        raw = [
-            (k.lower(), v)
-            for k, v in upstream.headers.multi_items()
-            if k.lower() not in _DROP_RESPONSE and not (self.sse and k.lower() == "content-length")
-        ]
+        sse = False
+        raw: list[tuple[bytes, bytes]] = []
+        for k, v in upstream.raw_headers:
+            k = k.lower()
+            if k == b"content-type" and v.startswith(b"text/event-stream"):
+                sse = True
+            if k not in _DROP_RESPONSE:
+                raw.append((k, v))
+        if sse:
+            raw = [(k, v) for k, v in raw if k != b"content-length"]
         raw.append((b"x-spendstream-request-id", call.request_id.encode()))
-        self.raw_headers = [
-            (k.encode("latin-1") if isinstance(k, str) else k, v.encode("latin-1") if isinstance(v, str) else v)
-            for k, v in raw
-        ]
+        self.sse = sse
+        self.raw_headers = raw
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Forward, and stop forwarding (closing the upstream connection, so the provider stops
-        generating) as soon as the client hangs up."""
+    async def run(self, receive: Receive, send: Send) -> None:
+        """Forward; for a stream, stop forwarding (closing the upstream connection, so the
+        provider stops generating) as soon as the client hangs up. A whole body follows its
+        headers at once: it is forwarded without watching (a hang-up shows as a failed send)."""
+        if not self.sse:
+            await self._forward(send)
+            return
         forward = asyncio.ensure_future(self._forward(send))
         watch = asyncio.ensure_future(_disconnected(receive))
         try:
@@ -445,23 +509,23 @@ class ProxiedResponse(Response):
             forward.result()  # UpstreamCut: the server aborts the client's connection
 
     async def _forward(self, send: Send) -> None:
-        call, upstream, cfg = self.call, self.upstream, self.proxy.settings.proxy
-        ok_status = 200 <= upstream.status_code < 300
+        call, upstream, cfg = self.call, self.upstream, self.proxy._cfg
+        ok_status = 200 <= upstream.status < 300
         meter = StreamMeter(call.provider, call.api_flavour, call.request.drop_usage_chunk) if self.sse else None
         splitter = SseSplitter(cfg.max_sse_event_bytes) if self.sse else None
         kept: list[bytes] = []
         kept_bytes = 0
         head = tail = b""
         complete = False
-        cut: httpx.HTTPError | None = None
+        cut: BaseException | None = None
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for chunk in upstream.aiter_raw():
+            await send({"type": "http.response.start", "status": upstream.status, "headers": self.raw_headers})
+            async for chunk in upstream.content.iter_any():
                 if splitter is not None and meter is not None and ok_status:
                     out = [raw for raw, parse in splitter.feed(chunk) if not parse or meter.event(raw)]
                     if not out:
                         continue
-                    chunk = b"".join(out)
+                    chunk = out[0] if len(out) == 1 else b"".join(out)
                 else:
                     kept_bytes += len(chunk)
                     if kept_bytes <= cfg.max_usage_body_bytes:
@@ -478,14 +542,17 @@ class ProxiedResponse(Response):
                     await send({"type": "http.response.body", "body": rest, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             complete = True
-        except OSError as exc:  # the client went away: the event says error, with the usage so far
-            log.info("proxy call %s: client gone: %r", call.request_id, exc)
-        except httpx.HTTPError as exc:
+        except _CUT as exc:
             # the upstream cut the response: so is the client's (the server aborts the connection,
             # the client sees a truncated body, as it would calling the provider directly)
             cut = exc
+        except OSError as exc:  # the client went away: the event says error, with the usage so far
+            log.info("proxy call %s: client gone: %r", call.request_id, exc)
         finally:
-            await upstream.aclose()
+            if complete:
+                upstream.release()  # the connection goes back to the pool
+            else:
+                upstream.close()  # closed: the provider stops generating
             if meter is not None:
                 call.model, call.tokens = meter.model, meter.usage()
                 call.ok = complete and ok_status and (meter.completed or call.tokens is not None)
@@ -493,14 +560,14 @@ class ProxiedResponse(Response):
                 call.ok = complete and ok_status
                 if ok_status:
                     if kept_bytes <= cfg.max_usage_body_bytes:
-                        found = extract_body(call.provider, call.api_flavour, b"".join(kept))
+                        found = extract_body(
+                            call.provider, call.api_flavour, kept[0] if len(kept) == 1 else b"".join(kept)
+                        )
                     else:
                         found = extract_head_tail(call.provider, call.api_flavour, head, tail)
                     if found is not None:
                         call.model, call.tokens = found
             self.proxy._finish(call)
-            if self.tenant_slot is not None:
-                self.proxy._release_tenant(self.tenant_slot)
         if cut is not None:
             raise UpstreamCut(f"the upstream ended the response early: {cut!r}") from cut
 

@@ -1,4 +1,4 @@
-"""A fake OpenAI + Anthropic upstream for the proxy tests, and clients that call like the SDKs.
+"""A fake OpenAI + Anthropic upstream for the proxy tests, and the official SDKs pointed at the proxy.
 
 ``FakeUpstream`` serves the recorded wire shapes of tests/fixtures/proxy/ over real HTTP (uvicorn
 in a thread): OpenAI under ``/v1/...`` (the OpenAI SDK's base URL includes /v1) and Anthropic under
@@ -6,9 +6,11 @@ in a thread): OpenAI under ``/v1/...`` (the OpenAI SDK's base URL includes /v1) 
 headers, JSON body) so tests can say what reached the provider and what did not. Streams are sent
 event by event with a short pause, so they really arrive in pieces.
 
-``openai_headers`` / ``anthropic_headers`` are what openai-python and anthropic-sdk-python send
-(the packages are not in the lock; their headers and paths are reproduced here, see
-WIRE-CONTRACTS.md).
+``openai_sdk`` / ``anthropic_sdk`` are the real ``openai`` and ``anthropic`` packages' async
+clients with their base URL on the proxy (``<gateway>/proxy/openai/v1``, ``<gateway>/proxy/anthropic``),
+calling a gateway served by uvicorn over real HTTP (``GatewayServer``), with their own HTTP
+clients, which count the attempts they make. ``openai_headers`` remains for the checks below the
+SDKs' level (the proxy's own 429, which they would retry).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import openai
 import uvicorn
+from query_api_stack import migrate  # tests/integration is on sys.path
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -53,16 +58,52 @@ def openai_headers(api_key: str, **extra: str) -> dict[str, str]:
     }
 
 
-def anthropic_headers(api_key: str, **extra: str) -> dict[str, str]:
-    return {
-        "x-api-key": api_key,
-        "anthropic-version": "2023-06-01",
-        "Content-Type": "application/json",
-        "Accept": "application/json",
-        "User-Agent": "Anthropic/Python 0.72.0",
-        "X-Stainless-Retry-Count": "0",
-        **extra,
-    }
+class Attempts:
+    """The HTTP requests an SDK client sent (its retries included): an httpx event hook."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    async def __call__(self, request: Any) -> None:
+        self.paths.append(request.url.path)
+
+
+def openai_sdk(gateway_url: str, api_key: str, attempts: Attempts | None = None, **kwargs: Any) -> openai.AsyncOpenAI:
+    """``openai.AsyncOpenAI`` with its base URL on the proxy of the gateway at ``gateway_url``."""
+    hooks = {"request": [attempts]} if attempts is not None else {}
+    return openai.AsyncOpenAI(
+        base_url=f"{gateway_url}/proxy/openai/v1", api_key=api_key,
+        http_client=openai.DefaultAsyncHttpxClient(event_hooks=hooks), **kwargs,
+    )  # fmt: skip
+
+
+def anthropic_sdk(
+    gateway_url: str, api_key: str | None, attempts: Attempts | None = None, **kwargs: Any
+) -> anthropic.AsyncAnthropic:
+    """``anthropic.AsyncAnthropic`` with its base URL on the proxy of the gateway at ``gateway_url``."""
+    hooks = {"request": [attempts]} if attempts is not None else {}
+    return anthropic.AsyncAnthropic(
+        base_url=f"{gateway_url}/proxy/anthropic", api_key=api_key,
+        http_client=anthropic.DefaultAsyncHttpxClient(event_hooks=hooks), **kwargs,
+    )  # fmt: skip
+
+
+def request_id(raw: Any) -> str:
+    """The proxy's request id (= the event id) of an SDK ``with_raw_response`` answer."""
+    return raw.headers["x-spendstream-request-id"]
+
+
+_DB: dict[str, str] = {}
+
+
+def proxy_settings(make_settings: Any, **overrides: Any) -> Any:
+    """Settings on one migrated database shared by the proxy tests (migrating costs seconds;
+    tenants keep the tests apart)."""
+    if "name" not in _DB:
+        first = make_settings()
+        migrate(first)
+        _DB["name"] = first.clickhouse.database
+    return make_settings(clickhouse={"database": _DB["name"]}, **overrides)
 
 
 def _strip_usage(events: list[bytes]) -> list[bytes]:
