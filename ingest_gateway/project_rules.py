@@ -13,6 +13,7 @@ from typing import Any
 
 from spendstream.clickhouse import get_client
 from spendstream.project_mappings import EMPTY, RuleSet, load_all
+from spendstream.reloading import Reloader
 from spendstream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -21,36 +22,31 @@ log = logging.getLogger(__name__)
 class ProjectRules:
     def __init__(self, settings: Settings):
         self._settings = settings
-        self._reload_s = settings.otel.project_mappings_reload_s
         self._by_tenant: dict[str, RuleSet] = {}
         self._client: Any = None
-        self._task: asyncio.Task[None] | None = None
+        self._reloader = Reloader(
+            self._reload_once, name="gateway-project-rules", refresh_s=settings.otel.project_mappings_reload_s
+        )
         self._healthy = True
 
     def for_tenant(self, tenant: str) -> RuleSet:
         return self._by_tenant.get(tenant, EMPTY)
 
     async def start(self) -> None:
-        await self.reload()
-        self._task = asyncio.create_task(self._reload_forever(), name="gateway-project-rules")
+        await self._reloader.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await self._reloader.close()
         if self._client is not None:
             self._client.close()
             self._client = None
 
-    async def _reload_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._reload_s)
-            await self.reload()
-
     async def reload(self) -> None:
+        """Reload now, or join a reload already running (reloads never overlap, so an older read
+        can't replace a newer one)."""
+        await self._reloader.reload()
+
+    async def _reload_once(self) -> None:
         try:
             self._by_tenant = await asyncio.to_thread(self._load)
         except Exception as exc:  # ClickHouse down or not migrated: keep the last good rules

@@ -2,7 +2,7 @@
 
 Reloaded from ClickHouse every ``proxy.provider_keys_refresh_s`` (the last good set is kept while
 ClickHouse is down), and at once, at most every second, when a tenant asks for a key it has none
-of (a key stored a moment ago works without waiting for the period). Without
+of (a key stored a moment ago works without waiting for the period: the reload joined began after the miss, spendstream/reloading.py). Without
 ``SPENDSTREAM_SECRET_KEYS`` nothing is loaded: only passthrough calls (the caller's own provider
 key) work. Opened keys are never logged (``OpenKey.__repr__`` hides them).
 """
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from spendstream.clickhouse import get_client
 from spendstream.provider_keys import OpenKey, load_open_keys
+from spendstream.reloading import Reloader
 from spendstream.secrets import Keyring, SecretError
 from spendstream.settings import Settings
 
@@ -29,9 +29,12 @@ class ProviderKeyCache:
         self._settings = settings
         self._by_scope: dict[tuple[str, str], list[OpenKey]] = {}
         self._client: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self._reloading: asyncio.Task[None] | None = None
-        self._last_miss = 0.0
+        self._reloader = Reloader(
+            self._reload_once,
+            name="proxy-provider-keys",
+            refresh_s=settings.proxy.provider_keys_refresh_s,
+            miss_reload_s=_MISS_RELOAD_S,
+        )
         self._failing = False
         self.unopenable = 0
         spec = settings.secret_keys.get_secret_value()
@@ -43,28 +46,17 @@ class ProviderKeyCache:
                 log.error("SPENDSTREAM_SECRET_KEYS is invalid (%s): stored provider keys are not used", exc)
 
     async def start(self) -> None:
-        if self.keyring is None:
-            return
-        await self.reload()
-        self._task = asyncio.create_task(self._refresh_forever(), name="proxy-provider-keys")
+        if self.keyring is not None:
+            await self._reloader.start()
 
     async def close(self) -> None:
-        for task in (self._task, self._reloading):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        await self._reloader.close()
         if self._client is not None:
             self._client.close()
 
-    async def _refresh_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.proxy.provider_keys_refresh_s)
-            await self.reload()
-
     async def reload(self) -> None:
-        if self._reloading is None or self._reloading.done():
-            self._reloading = asyncio.create_task(self._reload_once())
-        await asyncio.shield(self._reloading)
+        """Reload now, or join a reload already running (spendstream/reloading.py)."""
+        await self._reloader.reload()
 
     async def _reload_once(self) -> None:
         try:
@@ -104,12 +96,6 @@ class ProviderKeyCache:
         found = self.lookup(tenant, provider, name)
         if found is not None or self.keyring is None:
             return found
-        now = time.monotonic()
-        if now - self._last_miss >= _MISS_RELOAD_S:
-            self._last_miss = now
-            try:
-                await asyncio.wait_for(self.reload(), 2.0)
-            except TimeoutError:
-                return None
+        if await self._reloader.reload_on_miss():
             return self.lookup(tenant, provider, name)
         return None
