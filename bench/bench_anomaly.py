@@ -19,8 +19,8 @@ history its baselines are built from (the same ``baseline.build_baseline`` the s
 agent-days and the detection delay in simulated minutes from spike start to the alert minute
 (the stage adds ``anomaly.grace_s`` and notify's delivery; an open minute is scored early, so
 this is an upper bound at minute granularity). The acceptance run of issue 18 (history in
-ClickHouse, the last hours live through the gateway, delay to the webhook) is the lead's to add
-on top of ``tests/integration/test_anomaly_stage.py``'s harness.
+ClickHouse, the last hours through the gateway, the delay to a webhook in wall time) is
+``bench/bench_anomaly_e2e.py``.
 
 ``--write-results`` replaces the "Anomaly detection" section of bench/RESULTS.md.
 """
