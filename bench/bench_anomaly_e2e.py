@@ -403,7 +403,10 @@ def plan_spikes(agents: list[Agent], usual: dict[str, float], floor_nanos: int, 
     with_baseline = [a for a in agents if a.name in usual]
     rng.shuffle(with_baseline)
     spikes: list[Spike] = []
-    big = [a for a in with_baseline if usual[a.name] >= floor_nanos / 8]
+    # active now at about its usual level (an agent whose baseline hour mixes its quiet and busy
+    # minutes, e.g. a half-hour time zone at 7:00, cannot be sized against it)
+    big = [a for a in with_baseline if usual[a.name] >= floor_nanos / 8
+           and a.usual_calls(first) * a.call_cost() >= 0.5 * usual[a.name]]  # fmt: skip
     small = [a for a in with_baseline if 0 < usual[a.name] < floor_nanos / 8]
     n_target = max(1, round(len(with_baseline) * 0.25))
     used: set[str] = set()
@@ -447,7 +450,7 @@ def size_spike(s: Spike, usual_nanos: float, traffic: Traffic) -> None:
     if s.role == "noise":
         s.multiplier = s.factor
         return
-    want = max(1.2, s.factor * usual_nanos / max(expected, 1.0))
+    want = min(100.0, max(1.2, s.factor * usual_nanos / max(expected, 1.0)))
     if s.kind == "price_mix":
         s.multiplier = min(1.0, (want - 1) / (a.price_ratio - 1))
     else:
@@ -626,6 +629,12 @@ def score(out: Outcome) -> None:
                     s.named = (alert.get("anomaly") or {}).get("spike_type")
 
 
+def traffic_level(s: Spike) -> float:
+    """The agent's day level at the spike (the same draw as Traffic.day_level)."""
+    key = (s.agent.index, (s.start_ms // MINUTE_MS + s.agent.tz_min) // 1440)
+    return random.Random(hash(key)).uniform(0.8, 1.2)
+
+
 def p95(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)] if ordered else float("nan")
@@ -707,11 +716,17 @@ def render(out: Outcome) -> str:
         "",
         f"- by kind (detected / in the recall set): {', '.join(by_kind)}; the alert named the injected kind for "
         f"{named} of {len(found)}",
-        f"- the first spiked events of a spike were sent at most {max(send_lag, default=0):.1f} s after its start "
-        "(event time = wall time; the delay is counted from the start)",
+        f"- a spike's first event went out at most {max(send_lag, default=0):.1f} s after its start (calls are "
+        "Poisson: a low-rate agent's first spiked call comes later; the delay is counted from the start)",
         f"- agent-days: {out.baseline_agents} agents with a baseline x {out.realtime_minutes:.1f} real-time minutes "
         "/ 1440 (agents without one cannot alert on their own)",
     ]
+    slowest = sorted(found, key=lambda s: s.detected_wall - s.start_ms / 1000, reverse=True)[:8]
+    if slowest:
+        lines.append("- slowest detections (kind, measured x usual, the agent's usual calls a minute then, delay): " + "; ".join(
+            f"{s.kind} x{s.measured_ratio:.1f} "
+            f"{s.agent.usual_calls(s.start_ms) * traffic_level(s):.1f}/min {s.detected_wall - s.start_ms / 1000:.0f} s"
+            for s in slowest))  # fmt: skip
     if missed:
         lines.append(f"- missed: {'; '.join(missed[:10])}")
     if falses:
