@@ -22,7 +22,8 @@ this is an upper bound at minute granularity). The acceptance run of issue 18 (h
 ClickHouse, the last hours through the gateway, the delay to a webhook in wall time) is
 ``bench/bench_anomaly_e2e.py``.
 
-``--write-results`` replaces the "Anomaly detection" section of bench/RESULTS.md.
+``--write-results`` replaces the "Anomaly detector (cpu)" or "(replay)" section of bench/RESULTS.md
+(not "Anomaly detection": a heading that prefix would match, and that one is bench_anomaly_e2e's).
 """
 
 from __future__ import annotations
@@ -243,7 +244,9 @@ def main() -> None:
         command = f"python -m bench.bench_anomaly replay --days {args.days} --live-days {args.live_days} --agents {args.agents}"
     print(report)
     if args.write_results:
-        replace_section(f"Anomaly detection ({args.mode})", f"`{command}`, {machine()}\n\n{report}")
+        title = f"Anomaly detector ({args.mode})"
+        # the section's text starts with its heading (replace_section replaces the heading too)
+        replace_section(title, f"## {title}\n\n`{command}`, {machine()}\n\n{report}")
 
 
 if __name__ == "__main__":
