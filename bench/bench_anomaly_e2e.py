@@ -44,7 +44,7 @@ clock, its last minutes are played in real time, and every delay below is wall t
    loads every scope's baseline for the hour with the stage's loader (``load_baselines``) and
    sets a spike's spend to F x that baseline's usual minute. Kinds: ``volume`` (calls x m),
    ``size`` (tokens per call x m), ``price_mix`` (a share of the calls go to a dearer model; only
-   on agents whose dearer model is at least F x dearer). Target spikes: F in 5, 8, 12, 20, 50 for
+   on agents whose dearer model is at least F x dearer). Target spikes: F in 5, 6, 8, 12, 20, 50 for
    ``--spike-minutes`` minutes, on a quarter of the agents with a baseline whose usual minute is
    at least 1/8 of the tenant's dollar floor (so that a 5x spike's excess can reach the floor in
    two minutes; smaller agents are below what the tenant asked to hear about, see 7). Other
@@ -119,7 +119,7 @@ MODELS = (
 TIME_ZONES_MIN = (-480, -300, 0, 60, 330, 480, 540)
 TOKEN_SIGMA = 0.35  # log-normal spread of tokens per call
 TOKEN_CV = math.sqrt(math.exp(TOKEN_SIGMA**2) - 1)
-TARGET_FACTORS = (5, 8, 12, 20, 50)
+TARGET_FACTORS = (5, 6, 8, 12, 20, 50)
 KINDS = ("volume", "size", "price_mix")
 BATCH = 1000
 
