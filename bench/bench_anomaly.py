@@ -19,10 +19,11 @@ history its baselines are built from (the same ``baseline.build_baseline`` the s
 agent-days and the detection delay in simulated minutes from spike start to the alert minute
 (the stage adds ``anomaly.grace_s`` and notify's delivery; an open minute is scored early, so
 this is an upper bound at minute granularity). The acceptance run of issue 18 (history in
-ClickHouse, the last hours live through the gateway, delay to the webhook) is the lead's to add
-on top of ``tests/integration/test_anomaly_stage.py``'s harness.
+ClickHouse, the last hours through the gateway, the delay to a webhook in wall time) is
+``bench/bench_anomaly_e2e.py``.
 
-``--write-results`` replaces the "Anomaly detection" section of bench/RESULTS.md.
+``--write-results`` replaces the "Anomaly detector (cpu)" or "(replay)" section of bench/RESULTS.md
+(not "Anomaly detection": a heading that prefix would match, and that one is bench_anomaly_e2e's).
 """
 
 from __future__ import annotations
@@ -243,7 +244,9 @@ def main() -> None:
         command = f"python -m bench.bench_anomaly replay --days {args.days} --live-days {args.live_days} --agents {args.agents}"
     print(report)
     if args.write_results:
-        replace_section(f"Anomaly detection ({args.mode})", f"`{command}`, {machine()}\n\n{report}")
+        title = f"Anomaly detector ({args.mode})"
+        # the section's text starts with its heading (replace_section replaces the heading too)
+        replace_section(title, f"## {title}\n\n`{command}`, {machine()}\n\n{report}")
 
 
 if __name__ == "__main__":

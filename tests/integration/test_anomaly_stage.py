@@ -10,6 +10,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -27,40 +28,49 @@ from spendstream.topics import USAGE_DLQ, USAGE_PRICED, ensure_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
-TENANT = "acme"
+TENANT = "acme"  # the first test's; the second's is OTHER_TENANT (one database for both)
+OTHER_TENANT = "globex"
 PROJECT = "p1"
 CALL_NANOS = 1_000_000  # $0.001 per call; usual: 10 calls a minute per agent
 USUAL_CALLS = 10
 RUNAWAY_CALLS_PER_S = 4.0  # 240 a minute: 24x
 
 
+@pytest.fixture(scope="module")
+def database(make_settings) -> str:
+    """One migrated database for the module's tests (each test has a tenant of its own)."""
+    s = make_settings()
+    migrate(s)
+    return s.clickhouse.database
+
+
 @pytest.fixture
-def settings(make_settings, tmp_path: Path):
+def settings(make_settings, database: str, tmp_path: Path):
+    # a broker per test: the stage topics have fixed names, and a test's held records must not replay in the next
     broker = EmbeddedKafka(log_path=tmp_path / "tansu.log").start()
     s = make_settings(
-        kafka={"bootstrap_servers": broker.bootstrap}, notify={"webhook": {"allow_private": True}},
-        anomaly={"grace_s": 1.0}, **FAST_BATCHING,
+        kafka={"bootstrap_servers": broker.bootstrap}, clickhouse={"database": database},
+        notify={"webhook": {"allow_private": True}}, anomaly={"grace_s": 1.0}, **FAST_BATCHING,
     )  # fmt: skip
-    migrate(s)
     try:
         yield s
     finally:
         broker.stop()
 
 
-def write_history(settings: Settings, agents: list[str]) -> None:
+def write_history(settings: Settings, agents: list[str], tenant: str = TENANT) -> None:
     """7 days of steady spend for the agents, in usage_minute (this hour and the next) and their
     first minute in usage_hourly, as the sink's materialized views would have them."""
     now = int(time.time() * 1000)
     hour = now - now % HOUR_MS
     minute_rows, hourly_rows = [], []
     for agent in agents:
-        hourly_rows.append([TENANT, datetime.fromtimestamp((hour - 7 * DAY_MS) / 1000, UTC), PROJECT, agent, "openai",
+        hourly_rows.append([tenant, datetime.fromtimestamp((hour - 7 * DAY_MS) / 1000, UTC), PROJECT, agent, "openai",
                             "gpt-4o", USUAL_CALLS, 1000 * USUAL_CALLS, USUAL_CALLS * CALL_NANOS])  # fmt: skip
         for d in range(1, 8):
             for i in range(120):
                 bucket = datetime.fromtimestamp((hour - d * DAY_MS + i * MINUTE_MS) / 1000, UTC)
-                minute_rows.append([TENANT, bucket, PROJECT, agent, "openai", "gpt-4o", USUAL_CALLS,
+                minute_rows.append([tenant, bucket, PROJECT, agent, "openai", "gpt-4o", USUAL_CALLS,
                                     1000 * USUAL_CALLS, USUAL_CALLS * CALL_NANOS])  # fmt: skip
     cols = ["tenant", "bucket", "project", "agent", "provider", "model", "calls", "input_tokens", "cost_nanos"]
     client = get_client(settings)
@@ -69,7 +79,7 @@ def write_history(settings: Settings, agents: list[str]) -> None:
         client.insert("usage_hourly", hourly_rows, column_names=cols)
         client.insert(
             "anomaly_settings",
-            [[TENANT, 1, 6.0, 3.0, 50_000_000, 20.0, ["wh-anomaly"], [], datetime.now(UTC), 1]],
+            [[tenant, 1, 6.0, 3.0, 50_000_000, 20.0, ["wh-anomaly"], [], datetime.now(UTC), 1]],
             column_names=["tenant", "enabled", "score_threshold", "min_ratio", "min_excess_nanos", "extreme_ratio",
                           "channels", "muted", "updated_at", "version"],
         )  # fmt: skip
@@ -80,8 +90,9 @@ def write_history(settings: Settings, agents: list[str]) -> None:
 class Fleet:
     """Live priced events on usage.priced: a steady agent, and a runaway once started."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, tenant: str = TENANT):
         self.settings = settings
+        self.tenant = tenant
         self.producer = AIOKafkaProducer(**producer_kwargs(settings))
         self.offset = 0
         self.n = 0
@@ -116,10 +127,10 @@ class Fleet:
                         events.append(self.event("runaway"))
                 if events:
                     self.offset += 1
-                    envelope = {"v": 1, "tenant": TENANT, "project": PROJECT, "received_at": events[0]["timestamp"],
+                    envelope = {"v": 1, "tenant": self.tenant, "project": PROJECT, "received_at": events[0]["timestamp"],
                                 "src": {"partition": 0, "offset": self.offset}, "events": events}  # fmt: skip
                     await self.producer.send_and_wait(USAGE_PRICED.name, orjson.dumps(envelope),
-                                                      key=record_key(TENANT, PROJECT))  # fmt: skip
+                                                      key=record_key(self.tenant, PROJECT))  # fmt: skip
                 await asyncio.sleep(0.25)
         finally:
             await self.producer.stop()
@@ -136,23 +147,31 @@ def anomaly_posts(receiver: Receiver) -> list[dict]:
     return [r.json() for r in receiver.at("/anomaly") if r.status == 200]
 
 
-def delivered(settings: Settings) -> bool:
+def minutes_closed(worker: StageWorker) -> float:
+    """How many times this worker process has closed (scored) minutes."""
+    try:
+        return worker.metrics().get("spendstream_anomaly_score_seconds_count", 0.0)
+    except httpx.HTTPError:
+        return 0.0
+
+
+def delivered(settings: Settings, tenant: str = TENANT) -> bool:
     client = get_client(settings)
     try:
         return bool(client.query(
             "SELECT count() FROM alert_deliveries WHERE tenant = {t:String} AND outcome = 'delivered'",
-            parameters={"t": TENANT},
+            parameters={"t": tenant},
         ).result_rows[0][0])  # fmt: skip
     finally:
         client.close()
 
 
-def recorded_alerts(settings: Settings) -> list[dict]:
+def recorded_alerts(settings: Settings, tenant: str = TENANT) -> list[dict]:
     client = get_client(settings)
     try:
         return list(client.query(
             "SELECT alert_id, kind, scope, spent_nanos, limit_nanos, details FROM budget_alerts FINAL"
-            " WHERE tenant = {t:String}", parameters={"t": TENANT},
+            " WHERE tenant = {t:String}", parameters={"t": tenant},
         ).named_results())  # fmt: skip
     finally:
         client.close()
@@ -204,11 +223,11 @@ async def test_a_runaway_agent_is_reported_within_two_minutes_with_the_reason(se
 
 
 async def test_sigkill_mid_spike_neither_misses_nor_repeats_the_alert(settings, tmp_path) -> None:
-    write_history(settings, ["steady", "runaway"])
+    write_history(settings, ["steady", "runaway"], OTHER_TENANT)
     async with Receiver() as receiver:
-        insert_webhook(settings, TENANT, "wh-anomaly", "generic", url=receiver.script("/anomaly", [200]))
+        insert_webhook(settings, OTHER_TENANT, "wh-anomaly", "generic", url=receiver.script("/anomaly", [200]))
         worker = StageWorker(settings, "anomaly,notify", tmp_path)
-        fleet, stop = Fleet(settings), asyncio.Event()
+        fleet, stop = Fleet(settings, OTHER_TENANT), asyncio.Event()
         feeding = asyncio.create_task(fleet.run(stop))
         try:
             worker.wait_healthy()
@@ -221,16 +240,21 @@ async def test_sigkill_mid_spike_neither_misses_nor_repeats_the_alert(settings, 
             assert time.time() - fleet.runaway_since <= 150
             # notify's own guarantee allows a second copy (same Idempotency-Key) when it dies between a
             # 2xx and recording it: kill once the delivery is recorded, to see what the anomaly stage does
-            await wait_until(lambda: delivered(settings), "the delivery recorded", timeout=30)
+            await wait_until(lambda: delivered(settings, OTHER_TENANT), "the delivery recorded", timeout=30)
             worker.restart()  # SIGKILL again after the alert went out, mid-spike
             worker.wait_healthy()
-            await asyncio.sleep(75)  # more than a minute of the spike after the second restart
+            # the replayed window scored, then a whole minute of the spike after the second restart
+            # (two closes of the new process), and time for notify to deliver a repeat if one were sent
+            await wait_until(
+                lambda: minutes_closed(worker) >= 2, "two minutes closed after the restart", timeout=90, step=0.5
+            )
+            await asyncio.sleep(3)
             posts = anomaly_posts(receiver)
             sent = [line for path in sorted(tmp_path.glob("anomaly,notify-*.log"))
                     for line in path.read_text().splitlines() if "anomaly alert" in line]  # fmt: skip
             assert len({p["alert_id"] for p in posts}) == 1, (posts, sent)
             assert len(posts) == 1, sent
-            assert len(recorded_alerts(settings)) == 1
+            assert len(recorded_alerts(settings, OTHER_TENANT)) == 1
         finally:
             stop.set()
             await feeding
