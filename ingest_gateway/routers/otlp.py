@@ -48,7 +48,7 @@ JSON = "application/json"
 CLIENT_COST_HEADER = "x-spendstream-client-cost"
 #: bodies above this are decoded and mapped in a worker thread: OTLP JSON costs ~170 us per span
 #: to decode (protobuf's pure-Python json_format), so a 5 MB JSON export is about a second of CPU
-INLINE_BYTES = 64 * 1024
+INLINE_BYTES = 64 * 1024 * 1024
 #: reasons quoted in a partial-success message (the count covers all)
 MAX_REASONS = 5
 
@@ -76,7 +76,7 @@ def _decode_and_map(body: bytes, as_json: bool, client_cost: bool, max_spans: in
         raise BodyError(
             413, "too_many_spans", f"{spans} spans in one export, more than {max_spans}: export smaller batches"
         )
-    return map_export(export, client_cost=client_cost)
+    return map_export(export, client_cost=client_cost, body=None if as_json else body)
 
 
 @router.post(
