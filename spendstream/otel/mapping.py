@@ -236,19 +236,21 @@ def _decoded(raw: bytes) -> Any:
     return value
 
 
-def read_attributes(span: Any) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+def read_attributes(span: Any) -> tuple[dict[str, Any], list[tuple[str, Any]] | None]:
     """A ``TraceView`` span's attributes the rules read and its ``spendstream.tag.*`` ones, with
     the values :func:`attributes` gives them."""
     encoded = span.attributes  # map<string, bytes>, still in C
     cached = _VALUES.get
     attrs: dict[str, Any] = {}
-    tags: list[tuple[str, Any]] = []
+    tags: list[tuple[str, Any]] | None = None
     for name in encoded:
         if name in READ_ATTRIBUTES:
             raw = encoded[name]
             value = cached(raw, _MISSING)
             attrs[name] = _decoded(raw) if value is _MISSING else value
         elif name.startswith(TAG_PREFIX):
+            if tags is None:
+                tags = []
             tags.append((name, _decoded(encoded[name])))
     return attrs, tags
 
@@ -396,14 +398,14 @@ def map_export_reference(request: ExportTraceServiceRequest, *, client_cost: boo
 _Index = dict[tuple[bytes, bytes], tuple[bytes, str | None, str | None]]
 
 
-_SpanAttributes = Callable[[Any], tuple[dict[str, Any], list[tuple[str, Any]]]]
+_SpanAttributes = Callable[[Any], tuple[dict[str, Any], list[tuple[str, Any]] | None]]
 
 
 def _map(request: Any, span_attributes: _SpanAttributes, client_cost: bool) -> MappedExport:
     out = MappedExport()
     # (span, its agent name, its conversation id) of every span, for inheritance
     seen: list[tuple[Any, str | None, str | None]] = []
-    calls: list[tuple[Any, dict[str, Any], list[tuple[str, Any]], str | None, int, dict[str, Any], str]] = []
+    calls: list[tuple[Any, dict[str, Any], list[tuple[str, Any]] | None, str | None, int, dict[str, Any], str]] = []
     for resource_spans in request.resource_spans:
         resource = attributes(resource_spans.resource.attributes)
         defaults = _resource_defaults(resource)
@@ -465,7 +467,7 @@ def _inherited(span: Any, index: _Index, slot: int) -> Any:
 def _event(
     span: Any,
     attrs: dict[str, Any],
-    span_tags: list[tuple[str, Any]],
+    span_tags: list[tuple[str, Any]] | None,
     op: str | None,
     agent: str | None,
     conversation: str | None,
@@ -499,7 +501,10 @@ def _event(
         plan = _token_plan(present)
     input_tokens = output_tokens = cache = 0
     for name, names in plan:
-        if value := _count(attrs, names):
+        value = attrs[names[0]]
+        if type(value) is not int or value < 0 or value > MAX_TOKENS_PER_EVENT:
+            value = _count(attrs, names)  # a later name, a double or digit string, or the error
+        if value:
             ev[name] = value
             if name == "input_tokens":
                 input_tokens = value
