@@ -322,6 +322,19 @@ def operation_of(attrs: dict[str, Any]) -> tuple[str | None, bool]:
 
 
 def provider_id(name: str) -> str:
+    provider = _PROVIDER_IDS.get(name)
+    if provider is None:
+        if len(_PROVIDER_IDS) >= 1024:
+            _PROVIDER_IDS.clear()
+        provider = _PROVIDER_IDS[name] = _provider_id(name)
+    return provider
+
+
+#: emitted provider name -> provider id (bounded: emptied when full)
+_PROVIDER_IDS: dict[str, str] = {}
+
+
+def _provider_id(name: str) -> str:
     key = name.strip().lower()
     if key in PROVIDER_IDS:
         return PROVIDER_IDS[key]
@@ -405,7 +418,9 @@ def _map(request: Any, span_attributes: _SpanAttributes, client_cost: bool) -> M
     out = MappedExport()
     # (span, its agent name, its conversation id) of every span, for inheritance
     seen: list[tuple[Any, str | None, str | None]] = []
-    calls: list[tuple[Any, dict[str, Any], list[tuple[str, Any]] | None, str | None, int, dict[str, Any], str]] = []
+    calls: list[
+        tuple[Any, dict[str, Any], list[tuple[str, Any]] | None, str | None, Any, Any, dict[str, Any], str]
+    ] = []
     for resource_spans in request.resource_spans:
         resource = attributes(resource_spans.resource.attributes)
         defaults = _resource_defaults(resource)
@@ -413,15 +428,18 @@ def _map(request: Any, span_attributes: _SpanAttributes, client_cost: bool) -> M
             emitter = _emitter(resource, scope_spans.scope.name)
             for span in scope_spans.spans:
                 attrs, tags = span_attributes(span)
-                seen.append((span, _first(attrs, _AGENT), _first(attrs, _SESSION)))
+                agent = attrs.get(_AGENT[0])
+                if agent is not None and (type(agent) is not str or not agent.strip()):
+                    agent = None  # as _first(attrs, _AGENT)
+                conversation = _first(attrs, _SESSION)
+                seen.append((span, agent, conversation))
                 op, is_call = operation_of(attrs)
                 if is_call:
-                    calls.append((span, attrs, tags, op, len(seen) - 1, defaults, emitter))
+                    calls.append((span, attrs, tags, op, agent, conversation, defaults, emitter))
     out.spans = len(seen)
     out.ignored = len(seen) - len(calls)
     index: _Index | None = None
-    for span, attrs, tags, op, at, defaults, emitter in calls:
-        _, agent, conversation = seen[at]
+    for span, attrs, tags, op, agent, conversation, defaults, emitter in calls:
         if (agent is None or conversation is None) and index is None:
             index = {(s.trace_id, s.span_id): (s.parent_span_id, a, c) for s, a, c in seen}
         if index is not None:
