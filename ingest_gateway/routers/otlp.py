@@ -25,6 +25,7 @@ Answers as OTLP clients expect (OTLP spec, "OTLP/HTTP Response"), in the request
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
 from fastapi import APIRouter, Request, Response
@@ -128,21 +129,36 @@ async def _export(request: Request, content_type: str, as_json: bool) -> Respons
         body = logic.decode_content(body, encoding, max_bytes)
     client_cost = request.headers.get(CLIENT_COST_HEADER, "").strip().lower() in ("1", "true", "yes")
     max_spans = settings.gateway.max_events_per_request
-    if len(body) > INLINE_BYTES[content_type]:
-        mapped = await asyncio.to_thread(_decode_and_map, body, as_json, client_cost, max_spans)
-    else:
-        mapped = _decode_and_map(body, as_json, client_cost, max_spans)
+    inline = len(body) <= INLINE_BYTES[content_type]
+    # an inline export is decoded, mapped and validated with the cyclic GC paused: it makes ~5 GC-
+    # tracked objects per span (message wrappers, event dicts) and no cycles, all gone by the end
+    # (the validated events are untracked msgspec structs), so the collections it would trigger
+    # only walk and promote short-lived objects (~15 % of the OTLP CPU, measured in the gateway)
+    paused = inline and gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        if inline:
+            mapped = _decode_and_map(body, as_json, client_cost, max_spans)
+        else:  # the event loop keeps serving other requests meanwhile
+            mapped = await asyncio.to_thread(_decode_and_map, body, as_json, client_cost, max_spans)
+        rules = state.project_rules.for_tenant(principal.tenant)
+        default_project = settings.otel.default_project
+        for ev in mapped.events:
+            if "project" not in ev:
+                ev["project"] = (
+                    rules.project_for(ev.get("agent", "default"), ev.get("session_label")) or default_project
+                )
+        ctx = logic.RequestContext.now()
+        result = logic.validate_objects(mapped.events, ctx)
+        mapped.events.clear()  # the objects; the events go on as structs
+    finally:
+        if paused:
+            gc.enable()
     metrics: GatewayMetrics = state.metrics
     metrics.otlp_spans.labels("received").inc(mapped.spans)
     metrics.otlp_spans.labels("not_model_call").inc(mapped.ignored)
 
-    rules = state.project_rules.for_tenant(principal.tenant)
-    default_project = settings.otel.default_project
-    for ev in mapped.events:
-        if "project" not in ev:
-            ev["project"] = rules.project_for(ev.get("agent", "default"), ev.get("session_label")) or default_project
-    ctx = logic.RequestContext.now()
-    result = logic.validate_objects(mapped.events, ctx)
     reasons = [reason for _, reason in mapped.rejected]
     for r in result.rejected:
         first = r["errors"][0]

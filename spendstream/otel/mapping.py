@@ -236,13 +236,13 @@ def _decoded(raw: bytes) -> Any:
     return value
 
 
-def read_attributes(span: Any) -> tuple[dict[str, Any], list[tuple[str, Any]] | None]:
+def read_attributes(span: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A ``TraceView`` span's attributes the rules read and its ``spendstream.tag.*`` ones, with
     the values :func:`attributes` gives them."""
     encoded = span.attributes  # map<string, bytes>, still in C
     cached = _VALUES.get
     attrs: dict[str, Any] = {}
-    tags: list[tuple[str, Any]] | None = None
+    tags: dict[str, Any] | None = None  # (dicts of scalars are not tracked by the cyclic GC)
     for name in encoded:
         if name in READ_ATTRIBUTES:
             raw = encoded[name]
@@ -250,15 +250,15 @@ def read_attributes(span: Any) -> tuple[dict[str, Any], list[tuple[str, Any]] | 
             attrs[name] = _decoded(raw) if value is _MISSING else value
         elif name.startswith(TAG_PREFIX):
             if tags is None:
-                tags = []
-            tags.append((name, _decoded(encoded[name])))
+                tags = {}
+            tags[name] = _decoded(encoded[name])
     return attrs, tags
 
 
-def _all_attributes(span: Any) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+def _all_attributes(span: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """The same from a decoded ``ExportTraceServiceRequest`` span, every attribute decoded."""
     attrs = attributes(span.attributes)
-    return attrs, [(k, v) for k, v in attrs.items() if k.startswith(TAG_PREFIX)]
+    return attrs, {k: v for k, v in attrs.items() if k.startswith(TAG_PREFIX)}
 
 
 #: the usage attribute names a span has -> (event field, those of its names present, in order)
@@ -411,16 +411,14 @@ def map_export_reference(request: ExportTraceServiceRequest, *, client_cost: boo
 _Index = dict[tuple[bytes, bytes], tuple[bytes, str | None, str | None]]
 
 
-_SpanAttributes = Callable[[Any], tuple[dict[str, Any], list[tuple[str, Any]] | None]]
+_SpanAttributes = Callable[[Any], tuple[dict[str, Any], dict[str, Any] | None]]
 
 
 def _map(request: Any, span_attributes: _SpanAttributes, client_cost: bool) -> MappedExport:
     out = MappedExport()
     # (span, its agent name, its conversation id) of every span, for inheritance
     seen: list[tuple[Any, str | None, str | None]] = []
-    calls: list[
-        tuple[Any, dict[str, Any], list[tuple[str, Any]] | None, str | None, Any, Any, dict[str, Any], str]
-    ] = []
+    calls: list[tuple[Any, dict[str, Any], dict[str, Any] | None, str | None, Any, Any, dict[str, Any], str]] = []
     for resource_spans in request.resource_spans:
         resource = attributes(resource_spans.resource.attributes)
         defaults = _resource_defaults(resource)
@@ -485,7 +483,7 @@ def _inherited(span: Any, index: _Index, slot: int) -> Any:
 def _event(
     span: Any,
     attrs: dict[str, Any],
-    span_tags: list[tuple[str, Any]] | None,
+    span_tags: dict[str, Any] | None,
     op: str | None,
     agent: str | None,
     conversation: str | None,
@@ -569,7 +567,7 @@ def _event(
     tags = defaults["tags"]
     if span_tags:
         tags = dict(tags)
-        for key, value in span_tags:
+        for key, value in span_tags.items():
             if value is not None:
                 tags[key[_TAG_PREFIX_LEN:]] = str(value)
     if tags:
