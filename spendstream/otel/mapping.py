@@ -429,9 +429,15 @@ def _map(request: Any, span_attributes: _SpanAttributes, client_cost: bool) -> M
                 agent = attrs.get(_AGENT[0])
                 if agent is not None and (type(agent) is not str or not agent.strip()):
                     agent = None  # as _first(attrs, _AGENT)
-                conversation = _first(attrs, _SESSION)
+                conversation = attrs.get(_SESSION[0])
+                if type(conversation) is not str or not conversation.strip():
+                    conversation = _first(attrs, _SESSION)
                 seen.append((span, agent, conversation))
-                op, is_call = operation_of(attrs)
+                op = attrs.get(_OPERATION)
+                if type(op) is str and op:  # the common case of operation_of
+                    is_call = op in MODEL_OPERATIONS
+                else:
+                    op, is_call = operation_of(attrs)
                 if is_call:
                     calls.append((span, attrs, tags, op, agent, conversation, defaults, emitter))
     out.spans = len(seen)
@@ -494,10 +500,14 @@ def _event(
     trace_id, span_id = span.trace_id, span.span_id
     if len(trace_id) != 16 or len(span_id) != 8:
         raise _SpanError("a span needs a 16-byte trace_id and an 8-byte span_id (they make its event id)")
-    model = _first(attrs, _MODEL_ATTRIBUTES)
+    model = attrs.get(_MODEL_ATTRIBUTES[0])  # (the first name present: _first, inlined for it)
+    if type(model) is not str or not model.strip():
+        model = _first(attrs, _MODEL_ATTRIBUTES)
     if model is None:
         raise _SpanError("model-call span without gen_ai.response.model or gen_ai.request.model")
-    provider_name = _first(attrs, _PROVIDER_ATTRIBUTES)
+    provider_name = attrs.get(_PROVIDER_ATTRIBUTES[0])
+    if type(provider_name) is not str or not provider_name.strip():
+        provider_name = _first(attrs, _PROVIDER_ATTRIBUTES)
     provider = provider_id(provider_name) if provider_name else None
 
     ev: dict[str, Any] = {
