@@ -560,31 +560,48 @@ def validate_body(body: bytes, ndjson: bool, max_events: int, ctx: RequestContex
 
 def validate_objects(objs: list[dict[str, Any]], ctx: RequestContext) -> Validated:
     """Event objects built by the gateway itself (the OTLP mapping) through the same checks as a
-    request's: the ``Event`` types and limits, then ``_finish``. Rejections carry the index in ``objs``."""
+    request's: the ``Event`` types and limits, then ``_finish``. Rejections carry the index in ``objs``.
+    All objects are converted in one call (C); when one fails, each again, to name it."""
     by_project: dict[str, list[Event]] = {}
     event_ids: list[str] = []
     rejected: list[dict[str, Any]] = []
-    for index, obj in enumerate(objs):
-        try:
-            ev = _convert_event(obj)
-        except msgspec.ValidationError as exc:
-            message = str(exc)
-            m = _AT_PATH.search(message)
-            name = (m.group(1) or "event") if m else "event"
-            errors = [{"field": name, "message": message[: m.start()] if m else message}]
-            rejected.append({"index": index, "event_id": obj.get("event_id"), "errors": errors})
+    try:
+        events: list[Event | None] = _convert_events(objs)
+    except msgspec.ValidationError:
+        events = []
+        for index, obj in enumerate(objs):
+            try:
+                events.append(_convert_event(obj))
+            except msgspec.ValidationError as exc:
+                message = str(exc)
+                m = _AT_PATH.search(message)
+                name = (m.group(1) or "event") if m else "event"
+                errors = [{"field": name, "message": message[: m.start()] if m else message}]
+                rejected.append({"index": index, "event_id": obj.get("event_id"), "errors": errors})
+                events.append(None)
+    for index, ev in enumerate(events):
+        if ev is None:
             continue
         errors = _finish(ev, ctx)
         if errors:
-            rejected.append({"index": index, "event_id": obj.get("event_id"), "errors": errors})
+            rejected.append({"index": index, "event_id": objs[index].get("event_id"), "errors": errors})
             continue
         event_ids.append(ev.event_id)  # type: ignore[arg-type]
-        by_project.setdefault(ev.project, []).append(ev)
+        group = by_project.get(ev.project)  # type: ignore[arg-type]
+        if group is None:
+            by_project[ev.project] = [ev]  # type: ignore[index]
+        else:
+            group.append(ev)
+    rejected.sort(key=lambda r: r["index"])
     return Validated(by_project, event_ids, rejected)
 
 
 def _convert_event(obj: dict[str, Any]) -> Event:
     return msgspec.convert(obj, Event)
+
+
+def _convert_events(objs: list[dict[str, Any]]) -> list[Event | None]:
+    return msgspec.convert(objs, list[Event])  # type: ignore[arg-type]
 
 
 def validate_event(obj: Any, ctx: RequestContext | None = None) -> tuple[dict[str, Any] | None, FieldErrors]:

@@ -26,6 +26,13 @@ Only model calls cost money, and each costs once:
 - ``gen_ai.usage.cost`` (OpenLIT's estimate; semconv has no cost attribute) becomes the event's
   client price only when the caller opts in (``client_cost``); by default Spendstream prices it.
 
+The attributes are read from a ``TraceView`` of the request (spendstream/otel/wire.py): only the
+names in :data:`READ_ATTRIBUTES` and ``spendstream.tag.*`` are looked at, each value decoded once per
+distinct encoding (a bounded cache: a fleet repeats its models, operations and agents). The rules
+below see the same ``{name: value}`` as :func:`attributes` gives for those names;
+:func:`map_export_reference` applies them to the fully decoded ``ExportTraceServiceRequest``
+instead, and the unit tests hold the two equal.
+
 What cannot be an event (a model call without a model, a token count that is not a count, no span
 id) is rejected with its reason; the gateway counts those in the OTLP partial-success answer.
 Field limits and token consistency are checked afterwards by the gateway's event validation.
@@ -34,14 +41,17 @@ Field limits and token consistency are checked afterwards by the gateway's event
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from spendstream.money import MAX_TOKENS_PER_EVENT
-from spendstream.otel.wire import hex_id
+from spendstream.otel.wire import decode_view, hex_id
 from spendstream.timeutil import format_epoch_ms
 
 #: ``gen_ai.operation.name`` values of a model call (semconv), plus the legacy spellings
@@ -126,9 +136,47 @@ PROVIDER_IDS = {
     "xai": "x-ai",
 }
 
+_OPERATION = "gen_ai.operation.name"
+_VERCEL_OPERATION = "ai.operationId"
+_OPENINFERENCE_KIND = "openinference.span.kind"
+_TRACELOOP_KIND = "traceloop.span.kind"
+_LEGACY_REQUEST_TYPE = "llm.request.type"
+_AGENT = ("gen_ai.agent.name",)
+_SESSION = ("gen_ai.conversation.id", "session.id")
+_PROJECT = ("spendstream.project",)
+_USER = ("user.id", "enduser.id")
+_SESSION_LABEL = ("spendstream.session.label",)
+_SESSION_TYPE = ("spendstream.session.type",)
+_COST = "gen_ai.usage.cost"
+
 MAX_ANCESTORS = 32
 MAX_TAGS = 32
 TAG_PREFIX = "spendstream.tag."
+_TAG_PREFIX_LEN = len(TAG_PREFIX)
+_CACHE_FIELDS = frozenset(("cache_read_tokens", "cache_write_tokens"))
+_SPAN_ATTRIBUTION = frozenset((*_PROJECT, *_USER, *_SESSION_LABEL, *_SESSION_TYPE))
+_MAX_LATENCY_MS = 2**31 - 1
+
+#: every span attribute the rules read (besides ``spendstream.tag.*``); the others are never decoded
+READ_ATTRIBUTES = frozenset(
+    (
+        _OPERATION,
+        _VERCEL_OPERATION,
+        _OPENINFERENCE_KIND,
+        _TRACELOOP_KIND,
+        _LEGACY_REQUEST_TYPE,
+        _COST,
+        *_USAGE_NAMES,
+        *_PROVIDER_ATTRIBUTES,
+        *_MODEL_ATTRIBUTES,
+        *_AGENT,
+        *_SESSION,
+        *_PROJECT,
+        *_USER,
+        *_SESSION_LABEL,
+        *_SESSION_TYPE,
+    )
+)
 
 
 @dataclass
@@ -165,6 +213,70 @@ def attributes(key_values: Any) -> dict[str, Any]:
     return {kv.key: _value(kv.value) for kv in key_values}
 
 
+_MISSING = object()
+#: encoded ``AnyValue`` -> its value, for the attributes the rules read (bounded: emptied when full)
+_VALUES: dict[bytes, Any] = {}
+VALUE_CACHE_SIZE = 16_384
+#: longer encodings are decoded every time (a read attribute that long is rare: names and ids)
+VALUE_CACHE_BYTES = 256
+
+
+def _decoded(raw: bytes) -> Any:
+    """An encoded ``AnyValue`` -> what :func:`_value` gives for it."""
+    value = _VALUES.get(raw, _MISSING)
+    if value is _MISSING:
+        try:
+            value = _value(AnyValue.FromString(raw))
+        except DecodeError:  # not after ExportTraceServiceRequest decoded the same bytes
+            value = None
+        if len(raw) <= VALUE_CACHE_BYTES:
+            if len(_VALUES) >= VALUE_CACHE_SIZE:
+                _VALUES.clear()
+            _VALUES[raw] = value
+    return value
+
+
+def read_attributes(span: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A ``TraceView`` span's attributes the rules read and its ``spendstream.tag.*`` ones, with
+    the values :func:`attributes` gives them."""
+    encoded = span.attributes  # map<string, bytes>, still in C
+    cached = _VALUES.get
+    attrs: dict[str, Any] = {}
+    tags: dict[str, Any] | None = None  # (dicts of scalars are not tracked by the cyclic GC)
+    for name in encoded:
+        if name in READ_ATTRIBUTES:
+            raw = encoded[name]
+            value = cached(raw, _MISSING)
+            attrs[name] = _decoded(raw) if value is _MISSING else value
+        elif name.startswith(TAG_PREFIX):
+            if tags is None:
+                tags = {}
+            tags[name] = _decoded(encoded[name])
+    return attrs, tags
+
+
+def _all_attributes(span: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same from a decoded ``ExportTraceServiceRequest`` span, every attribute decoded."""
+    attrs = attributes(span.attributes)
+    return attrs, {k: v for k, v in attrs.items() if k.startswith(TAG_PREFIX)}
+
+
+#: the usage attribute names a span has -> (event field, those of its names present, in order)
+_TOKEN_PLANS: dict[frozenset[str], tuple[tuple[str, tuple[str, ...]], ...]] = {}
+
+
+def _token_plan(present: frozenset[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    plan = tuple(
+        (name, tuple(n for n in names if n in present))
+        for name, names in TOKEN_ATTRIBUTES.items()
+        if present & set(names)
+    )
+    if len(_TOKEN_PLANS) >= 1024:  # a few shapes per emitter; bounded against crafted spans
+        _TOKEN_PLANS.clear()
+    _TOKEN_PLANS[present] = plan
+    return plan
+
+
 def _count(attrs: dict[str, Any], names: tuple[str, ...]) -> int:
     for name in names:
         value = attrs.get(name)
@@ -190,18 +302,18 @@ def _first(attrs: dict[str, Any], names: tuple[str, ...]) -> str | None:
 
 def operation_of(attrs: dict[str, Any]) -> tuple[str | None, bool]:
     """``(operation, is a model call)`` of a span's attributes."""
-    op = attrs.get("gen_ai.operation.name")
+    op = attrs.get(_OPERATION)
     if type(op) is str and op:
         return op, op in MODEL_OPERATIONS
-    vercel = attrs.get("ai.operationId")
+    vercel = attrs.get(_VERCEL_OPERATION)
     if type(vercel) is str and vercel:
         return vercel, vercel.endswith(_VERCEL_CALL_SUFFIXES)
-    kind = attrs.get("openinference.span.kind")
+    kind = attrs.get(_OPENINFERENCE_KIND)
     if type(kind) is str and kind:
         return _OPENINFERENCE_KINDS.get(kind.upper(), kind.lower()), kind.upper() in _OPENINFERENCE_KINDS
-    if attrs.get("traceloop.span.kind") in _TRACELOOP_NON_CALLS:
+    if attrs.get(_TRACELOOP_KIND) in _TRACELOOP_NON_CALLS:
         return None, False
-    legacy = attrs.get("llm.request.type")
+    legacy = attrs.get(_LEGACY_REQUEST_TYPE)
     if type(legacy) is str and legacy in _LEGACY_REQUEST_TYPES:
         return _LEGACY_REQUEST_TYPES[legacy], True
     # an older instrumentation without any of the above: a model and a usage count make a call
@@ -210,6 +322,19 @@ def operation_of(attrs: dict[str, Any]) -> tuple[str | None, bool]:
 
 
 def provider_id(name: str) -> str:
+    provider = _PROVIDER_IDS.get(name)
+    if provider is None:
+        if len(_PROVIDER_IDS) >= 1024:
+            _PROVIDER_IDS.clear()
+        provider = _PROVIDER_IDS[name] = _provider_id(name)
+    return provider
+
+
+#: emitted provider name -> provider id (bounded: emptied when full)
+_PROVIDER_IDS: dict[str, str] = {}
+
+
+def _provider_id(name: str) -> str:
     key = name.strip().lower()
     if key in PROVIDER_IDS:
         return PROVIDER_IDS[key]
@@ -252,12 +377,12 @@ def _client_cost(value: Any) -> str | None:
 def _resource_defaults(resource: dict[str, Any]) -> dict[str, Any]:
     """What a resource gives every span of it when the span does not say (computed once per resource)."""
     out: dict[str, Any] = {
-        "project": _first(resource, ("spendstream.project",)),
+        "project": _first(resource, _PROJECT),
         "agent": _first(resource, ("service.name",)),
-        "user": _first(resource, ("user.id", "enduser.id")),
-        "session_id": _first(resource, ("gen_ai.conversation.id", "session.id")),
-        "session_label": _first(resource, ("spendstream.session.label",)),
-        "session_type": _first(resource, ("spendstream.session.type",)),
+        "user": _first(resource, _USER),
+        "session_id": _first(resource, _SESSION),
+        "session_label": _first(resource, _SESSION_LABEL),
+        "session_type": _first(resource, _SESSION_TYPE),
     }
     out["tags"] = {
         k[len(TAG_PREFIX) :]: str(v) for k, v in resource.items() if k.startswith(TAG_PREFIX) and v is not None
@@ -265,37 +390,88 @@ def _resource_defaults(resource: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def map_export(request: ExportTraceServiceRequest, *, client_cost: bool = False) -> MappedExport:
-    """Every model-call span of ``request`` as a contract v1 event object (see the module doc)."""
+def map_export(
+    request: ExportTraceServiceRequest, *, client_cost: bool = False, body: bytes | None = None
+) -> MappedExport:
+    """Every model-call span of ``request`` as a contract v1 event object (see the module doc).
+
+    ``body``: the protobuf encoding ``request`` was decoded from, when the caller has it (the
+    attributes are read from a ``TraceView`` of it; without it ``request`` is encoded again)."""
+    view = decode_view(request.SerializeToString() if body is None else body)
+    return _map(view, read_attributes, client_cost)
+
+
+def map_export_reference(request: ExportTraceServiceRequest, *, client_cost: bool = False) -> MappedExport:
+    """The same rules over every attribute of ``request`` decoded by :func:`attributes` (for the
+    tests: :func:`map_export` must give the same)."""
+    return _map(request, _all_attributes, client_cost)
+
+
+#: (trace id, span id) -> (parent span id, agent name, conversation id), for inheritance
+_Index = dict[tuple[bytes, bytes], tuple[bytes, str | None, str | None]]
+
+
+_SpanAttributes = Callable[[Any], tuple[dict[str, Any], dict[str, Any] | None]]
+
+
+def _map(request: Any, span_attributes: _SpanAttributes, client_cost: bool) -> MappedExport:
     out = MappedExport()
-    # (trace id, span id) -> (parent span id, agent name, conversation id), for inheritance
-    index: dict[tuple[bytes, bytes], tuple[bytes, str | None, str | None]] = {}
-    calls: list[tuple[Any, dict[str, Any], dict[str, Any], str]] = []
+    # (span, its agent name, its conversation id) of every span, for inheritance
+    seen: list[tuple[Any, str | None, str | None]] = []
+    calls: list[tuple[Any, dict[str, Any], dict[str, Any] | None, str | None, Any, Any, dict[str, Any], str]] = []
     for resource_spans in request.resource_spans:
         resource = attributes(resource_spans.resource.attributes)
         defaults = _resource_defaults(resource)
         for scope_spans in resource_spans.scope_spans:
             emitter = _emitter(resource, scope_spans.scope.name)
             for span in scope_spans.spans:
-                out.spans += 1
-                attrs = attributes(span.attributes)
-                agent = _first(attrs, ("gen_ai.agent.name",))
-                conversation = _first(attrs, ("gen_ai.conversation.id", "session.id"))
-                index[(span.trace_id, span.span_id)] = (span.parent_span_id, agent, conversation)
-                op, is_call = operation_of(attrs)
-                if is_call:
-                    calls.append((span, attrs, defaults, emitter))
+                attrs, tags = span_attributes(span)
+                agent = attrs.get(_AGENT[0])
+                if agent is not None and (type(agent) is not str or not agent.strip()):
+                    agent = None  # as _first(attrs, _AGENT)
+                conversation = attrs.get(_SESSION[0])
+                if type(conversation) is not str or not conversation.strip():
+                    conversation = _first(attrs, _SESSION)
+                seen.append((span, agent, conversation))
+                op = attrs.get(_OPERATION)
+                if type(op) is str and op:  # the common case of operation_of
+                    is_call = op in MODEL_OPERATIONS
                 else:
-                    out.ignored += 1
-    for span, attrs, defaults, emitter in calls:
+                    op, is_call = operation_of(attrs)
+                if is_call:
+                    calls.append((span, attrs, tags, op, agent, conversation, defaults, emitter))
+    out.spans = len(seen)
+    out.ignored = len(seen) - len(calls)
+    index: _Index | None = None
+    for span, attrs, tags, op, agent, conversation, defaults, emitter in calls:
+        if (agent is None or conversation is None) and index is None:
+            index = {(s.trace_id, s.span_id): (s.parent_span_id, a, c) for s, a, c in seen}
+        if index is not None:
+            agent = agent or _inherited(span, index, 1)
+            conversation = conversation or _inherited(span, index, 2)
         try:
-            out.events.append(_event(span, attrs, defaults, emitter, index, client_cost))
+            out.events.append(_event(span, attrs, tags, op, agent, conversation, defaults, emitter, client_cost))
         except _SpanError as exc:
             out.rejected.append((f"{hex_id(span.trace_id)}/{hex_id(span.span_id)}", str(exc)))
     return out
 
 
-def _inherited(span: Any, index: dict[tuple[bytes, bytes], tuple[bytes, str | None, str | None]], slot: int) -> Any:
+#: epoch second -> its canonical text up to the seconds (bounded: emptied when full)
+_SECONDS: dict[int, str] = {}
+
+
+def _timestamp(ns: int) -> str:
+    """Epoch nanoseconds -> the canonical timestamp (``format_epoch_ms``), a dict hit per second."""
+    seconds, millis = divmod(ns // 1_000_000, 1000)
+    prefix = _SECONDS.get(seconds)
+    if prefix is None:
+        if len(_SECONDS) >= 4096:
+            _SECONDS.clear()
+        prefix = _SECONDS[seconds] = format_epoch_ms(seconds * 1000)[:-5]
+    return f"{prefix}.{millis:03d}Z"
+
+
+def _inherited(span: Any, index: _Index, slot: int) -> Any:
     """The nearest ancestor's agent name (slot 1) or conversation id (slot 2) in this export."""
     parent = span.parent_span_id
     for _ in range(MAX_ANCESTORS):
@@ -313,27 +489,29 @@ def _inherited(span: Any, index: dict[tuple[bytes, bytes], tuple[bytes, str | No
 def _event(
     span: Any,
     attrs: dict[str, Any],
+    span_tags: dict[str, Any] | None,
+    op: str | None,
+    agent: str | None,
+    conversation: str | None,
     defaults: dict[str, Any],
     emitter: str,
-    index: dict[tuple[bytes, bytes], tuple[bytes, str | None, str | None]],
     client_cost: bool,
 ) -> dict[str, Any]:
-    if len(span.trace_id) != 16 or len(span.span_id) != 8:
+    trace_id, span_id = span.trace_id, span.span_id
+    if len(trace_id) != 16 or len(span_id) != 8:
         raise _SpanError("a span needs a 16-byte trace_id and an 8-byte span_id (they make its event id)")
-    model = _first(attrs, _MODEL_ATTRIBUTES)
+    model = attrs.get(_MODEL_ATTRIBUTES[0])  # (the first name present: _first, inlined for it)
+    if type(model) is not str or not model.strip():
+        model = _first(attrs, _MODEL_ATTRIBUTES)
     if model is None:
         raise _SpanError("model-call span without gen_ai.response.model or gen_ai.request.model")
-    provider_name = _first(attrs, _PROVIDER_ATTRIBUTES)
+    provider_name = attrs.get(_PROVIDER_ATTRIBUTES[0])
+    if type(provider_name) is not str or not provider_name.strip():
+        provider_name = _first(attrs, _PROVIDER_ATTRIBUTES)
     provider = provider_id(provider_name) if provider_name else None
-    op, _ = operation_of(attrs)
-
-    tokens = {name: _count(attrs, names) for name, names in TOKEN_ATTRIBUTES.items()}
-    cache = tokens["cache_read_tokens"] + tokens["cache_write_tokens"]
-    if cache and (input_excludes_cache(provider, emitter) or cache > tokens["input_tokens"]):
-        tokens["input_tokens"] += cache
 
     ev: dict[str, Any] = {
-        "event_id": f"otel-{hex_id(span.trace_id)}-{hex_id(span.span_id)}",
+        "event_id": f"otel-{trace_id.hex()}-{span_id.hex()}",
         "model": model,
         "status": "error" if span.status.code == 2 else "ok",  # STATUS_CODE_ERROR
     }
@@ -341,34 +519,70 @@ def _event(
         ev["provider"] = provider
     if op:
         ev["operation"] = op
-    for name, value in tokens.items():
-        if value or name in ("input_tokens", "output_tokens"):
-            ev[name] = value
-    end_ns = span.end_time_unix_nano or span.start_time_unix_nano
-    if end_ns:
-        ev["timestamp"] = format_epoch_ms(end_ns // 1_000_000)
-    if span.start_time_unix_nano and span.end_time_unix_nano >= span.start_time_unix_nano:
-        ev["latency_ms"] = min((span.end_time_unix_nano - span.start_time_unix_nano) // 1_000_000, 2**31 - 1)
 
-    entry = index[(span.trace_id, span.span_id)]
-    attribution = {
-        "project": _first(attrs, ("spendstream.project",)),
-        "agent": entry[1] or _inherited(span, index, 1),
-        "user": _first(attrs, ("user.id", "enduser.id")),
-        "session_id": entry[2] or _inherited(span, index, 2),
-        "session_label": _first(attrs, ("spendstream.session.label",)),
-        "session_type": _first(attrs, ("spendstream.session.type",)),
-    }
-    for name, value in attribution.items():
-        if value := value or defaults[name]:
+    # the counts, checked in TOKEN_ATTRIBUTES order (the first bad one names the rejection)
+    present = _USAGE_NAMES.intersection(attrs)
+    plan = _TOKEN_PLANS.get(present)
+    if plan is None:
+        plan = _token_plan(present)
+    input_tokens = output_tokens = cache = 0
+    for name, names in plan:
+        value = attrs[names[0]]
+        if type(value) is not int or value < 0 or value > MAX_TOKENS_PER_EVENT:
+            value = _count(attrs, names)  # a later name, a double or digit string, or the error
+        if value:
             ev[name] = value
+            if name == "input_tokens":
+                input_tokens = value
+            elif name == "output_tokens":
+                output_tokens = value
+            elif name in _CACHE_FIELDS:
+                cache += value
+    if cache and (input_excludes_cache(provider, emitter) or cache > input_tokens):
+        input_tokens += cache
+    ev["input_tokens"] = input_tokens
+    ev["output_tokens"] = output_tokens
+
+    start_ns, end_ns = span.start_time_unix_nano, span.end_time_unix_nano
+    if at_ns := end_ns or start_ns:
+        ev["timestamp"] = _timestamp(at_ns)
+    if start_ns and end_ns >= start_ns:
+        latency = (end_ns - start_ns) // 1_000_000
+        ev["latency_ms"] = latency if latency < _MAX_LATENCY_MS else _MAX_LATENCY_MS
+
+    if _SPAN_ATTRIBUTION.isdisjoint(attrs):  # the common case: the resource's
+        project, user, label, kind = (
+            defaults["project"],
+            defaults["user"],
+            defaults["session_label"],
+            defaults["session_type"],
+        )
+    else:
+        project = _first(attrs, _PROJECT) or defaults["project"]
+        user = _first(attrs, _USER) or defaults["user"]
+        label = _first(attrs, _SESSION_LABEL) or defaults["session_label"]
+        kind = _first(attrs, _SESSION_TYPE) or defaults["session_type"]
+    if project:
+        ev["project"] = project
+    if agent := agent or defaults["agent"]:
+        ev["agent"] = agent
+    if user:
+        ev["user"] = user
+    if conversation := conversation or defaults["session_id"]:
+        ev["session_id"] = conversation
+    if label:
+        ev["session_label"] = label
+    if kind:
+        ev["session_type"] = kind
     tags = defaults["tags"]
-    span_tags = [(k[len(TAG_PREFIX) :], str(v)) for k, v in attrs.items() if k.startswith(TAG_PREFIX) and v is not None]
     if span_tags:
-        tags = {**tags, **dict(span_tags)}
+        tags = dict(tags)
+        for key, value in span_tags.items():
+            if value is not None:
+                tags[key[_TAG_PREFIX_LEN:]] = str(value)
     if tags:
-        ev["tags"] = dict(tags)
-    if client_cost and (cost := attrs.get("gen_ai.usage.cost")) is not None:
+        ev["tags"] = tags if span_tags else dict(tags)
+    if client_cost and (cost := attrs.get(_COST)) is not None:
         if (usd := _client_cost(cost)) is not None:
             ev["cost_usd"] = usd
     return ev

@@ -83,6 +83,7 @@ async def test_rules_reach_the_running_gateway_in_priority_order(api):
 
         ids = [(await asyncio.to_thread(admin.post, "/v1/project-mappings", json=body)).json()["id"] for body in SEED]
         await wait_for("peakpaws-safety-review", "default", "PeakPaws")
+        await wait_for("something-else", "default", "General")  # a reload may fall between the posts
         rules = rules_view.for_tenant(TENANT)
         assert rules.project_for("default", "Kanban-Sync") == "Kanban Board"  # case-insensitive
         assert rules.project_for("default", "something-else") == "General"
