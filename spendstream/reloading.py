@@ -12,7 +12,8 @@ memory so no request reads ClickHouse. :class:`Reloader` holds the one way they 
   began earlier may have read before the row existed, so it is waited out and another started;
 - ``reload_on_miss``: a lookup that found nothing reloads early, at most once per
   ``miss_reload_s``, waiting at most ``miss_wait_s``, so a hostile caller presenting unknown ids
-  can't turn every request into a ClickHouse read.
+  can't turn every request into a ClickHouse read; misses meanwhile join the reload still running
+  (simultaneous first uses of a new key all succeed).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Reloader:
         self._running: asyncio.Task[None] | None = None
         self._running_started = 0.0
         self._last_miss = float("-inf")
+        self._miss_reload: asyncio.Future[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -48,7 +50,7 @@ class Reloader:
         self._loop_task = asyncio.create_task(self._refresh_forever(), name=self._name)
 
     async def close(self) -> None:
-        tasks = [t for t in (self._loop_task, self._running) if t is not None]
+        tasks = [t for t in (self._loop_task, self._miss_reload, self._running) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -81,14 +83,18 @@ class Reloader:
         await self.reload(started_after=time.monotonic())
 
     async def reload_on_miss(self) -> bool:
-        """A lookup missed: reload (rate-limited). True when a reload that began after the miss
-        finished in time, so looking again is worth it."""
+        """A lookup missed: reload (rate-limited), or join the miss reload still running. True when
+        that reload finished within ``miss_wait_s``, so looking again is worth it."""
         now = time.monotonic()
-        if now - self._last_miss < self._miss_reload_s:
-            return False
-        self._last_miss = now
+        miss = self._miss_reload
+        if now - self._last_miss >= self._miss_reload_s:
+            self._last_miss = now
+            miss = self._miss_reload = asyncio.ensure_future(self.reload(started_after=now))
+        elif miss is None or miss.done():
+            return False  # rate-limited, and no miss reload left to join
+        # (a miss reload still running is joined: simultaneous first uses of a new row all find it)
         try:
-            await asyncio.wait_for(self.reload(started_after=now), self._miss_wait_s)
+            await asyncio.wait_for(asyncio.shield(miss), self._miss_wait_s)
         except TimeoutError:
             return False
         return True

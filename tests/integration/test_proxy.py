@@ -87,7 +87,7 @@ def gw(server):
 
 @pytest.fixture
 def tenant(settings, server, unique_name):
-    """A fresh tenant with an ingest key and a stored key for each provider, both known to the gateway."""
+    """A fresh tenant with an ingest key and a stored key for each provider, all known to the gateway."""
     name = unique_name("t")
     client = get_client(settings)
     try:
@@ -98,9 +98,10 @@ def tenant(settings, server, unique_name):
     finally:
         client.close()
     stored = server.app.state.proxy.provider_keys  # reloaded every 0.1 s here
+    keys = server.app.state.keys  # every 0.2 s (a miss reloads at once, but at most every 0.5 s)
     deadline = time.monotonic() + 10
-    while not (stored.lookup(name, "openai", None) and stored.lookup(name, "anthropic", None)):
-        assert time.monotonic() < deadline, "the gateway did not load the stored provider keys"
+    while not (stored.lookup(name, "openai", None) and stored.lookup(name, "anthropic", None) and keys.lookup(key)):
+        assert time.monotonic() < deadline, "the gateway did not load the new keys"
         time.sleep(0.02)
     return name, key
 

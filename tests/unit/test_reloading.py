@@ -71,6 +71,14 @@ async def test_misses_reload_at_most_once_per_interval() -> None:
     assert source.reads == 1
 
 
+async def test_simultaneous_misses_share_one_reload_and_all_find_the_row() -> None:
+    source = Source(delay=0.05)
+    reloader = Reloader(source.reload_once, name="t", refresh_s=60, miss_reload_s=10)
+    source.version = 1
+    assert await asyncio.gather(*(reloader.reload_on_miss() for _ in range(10))) == [True] * 10
+    assert source.reads == 1 and source.seen == 1
+
+
 async def test_a_miss_waits_at_most_miss_wait_s() -> None:
     source = Source(delay=5)
     reloader = Reloader(source.reload_once, name="t", refresh_s=60, miss_wait_s=0.05)
