@@ -9,7 +9,11 @@ uvloop, its own process, answering the recorded shapes of tests/fixtures/proxy/)
 load from other jobs on the machine hits both alike:
 
 1. non-streaming chat completions at ``--concurrency`` calls in flight: per-call latency, direct
-   and through the proxy; the added latency is the difference of the percentiles (p50, p99);
+   and through the proxy; the added latency is the difference of the percentiles (p50, p99).
+   With ``--upstream-ms M`` each call asks the upstream to take a model time drawn from
+   [M/2, 3M/2] ms (one seeded sequence, the same both ways), subtracted from its latency: 200
+   calls in flight then arrive at the rate real model calls of that length would (200 / M per ms)
+   instead of saturating the gateway as an upstream that answers at once does;
 2. streamed chat completions: time to the first body byte, direct and through the proxy;
 3. memory per open stream: ``--streams`` streams held open through the proxy (the upstream sends
    one chunk, then waits), the gateway's RSS before and while they are open (measured first, after
@@ -30,6 +34,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -55,7 +60,7 @@ BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello"}], "
 # ---------------------------------------------------------------- the fake upstream (child process)
 
 
-def serve_upstream(port: int) -> None:
+def serve_upstream(port: int, delay_ms: int = 0) -> None:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -68,6 +73,9 @@ def serve_upstream(port: int) -> None:
     async def completions(request: Request) -> Response:
         body = json.loads(await request.body())
         if not body.get("stream"):
+            model_ms = int(request.headers.get(DELAY_HEADER, delay_ms))
+            if model_ms:
+                await asyncio.sleep(model_ms / 1000)  # the model's time
             return Response(chat, media_type="application/json")
         hold = body.get("model") == "hold"
 
@@ -98,18 +106,31 @@ def _session(connections: int) -> aiohttp.ClientSession:
     )
 
 
-async def latencies(url: str, headers: dict[str, str], n: int, concurrency: int) -> list[float]:
+DELAY_HEADER = "x-bench-model-ms"
+
+
+def model_times(n: int, mean_ms: int, seed: int = 15) -> list[int]:
+    """Per-call model times, the same sequence for the direct and the proxied rounds: uniform over
+    [mean/2, 3 mean/2], so calls in flight finish (and arrive again) spread out, not in lock-step."""
+    rng = random.Random(seed)
+    return [rng.randint(mean_ms // 2, mean_ms * 3 // 2) for _ in range(n)] if mean_ms else [0] * n
+
+
+async def latencies(url: str, headers: dict[str, str], n: int, concurrency: int, mean_ms: int = 0) -> list[float]:
+    """Per-call latency less the model time the upstream was asked to take (``DELAY_HEADER``)."""
     out: list[float] = []
     payload = json.dumps(BODY).encode()
+    delays = model_times(n, mean_ms)
     async with _session(concurrency) as client:
         queue = iter(range(n))
 
         async def worker() -> None:
-            for _ in queue:
+            for i in queue:
+                sent = {**headers, DELAY_HEADER: str(delays[i])} if delays[i] else headers
                 started = time.perf_counter()
-                async with client.post(url, data=payload, headers=headers) as r:
+                async with client.post(url, data=payload, headers=sent) as r:
                     await r.read()
-                    out.append(time.perf_counter() - started)
+                    out.append(time.perf_counter() - started - delays[i] / 1000)
                     assert r.status == 200, r.status
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -205,9 +226,9 @@ def render(result: dict[str, Any], command: str, hot: str) -> str:
         "",
         "| measure | direct | through the proxy | added | target |",
         "|---|---|---|---|---|",
-        f"| non-streaming, {r['concurrency']} in flight, p50 ms | {r['direct_p50_ms']} | {r['proxy_p50_ms']} | "
+        f"| non-streaming, {r['concurrency']} in flight, model time ~{r['upstream_ms']} ms, p50 ms | {r['direct_p50_ms']} | {r['proxy_p50_ms']} | "
         f"{r['added_p50_ms']} | <= 1 ms: {verdict(result['added_p50_ms'], 1)} |",
-        f"| non-streaming, {r['concurrency']} in flight, p99 ms | {r['direct_p99_ms']} | {r['proxy_p99_ms']} | "
+        f"| non-streaming, {r['concurrency']} in flight, model time ~{r['upstream_ms']} ms, p99 ms | {r['direct_p99_ms']} | {r['proxy_p99_ms']} | "
         f"{r['added_p99_ms']} | <= 5 ms: {verdict(result['added_p99_ms'], 5)} |",
         f"| stream time to first byte, p50 ms | {r['ttfb_direct_p50_ms']} | {r['ttfb_proxy_p50_ms']} | "
         f"{r['ttfb_added_p50_ms']} | <= 1 ms: {verdict(result['ttfb_added_p50_ms'], 1)} |",
@@ -233,10 +254,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few calls only: checks that the bench runs")
     parser.add_argument("--py-spy", type=Path, help="sample the gateway during the proxied rounds (raw output here)")
     parser.add_argument("--write-results", action="store_true", help='replace the "Proxy" section of bench/RESULTS.md')
+    parser.add_argument(
+        "--upstream-ms",
+        type=int,
+        default=0,
+        help="mean model time per non-streaming call: each call asks the fake upstream for its own, drawn "
+        "uniformly from [mean/2, 3 mean/2] (the same sequence both ways) and it is subtracted from the call's "
+        "latency; 0: the upstream answers at once, so the calls in flight saturate the gateway and the "
+        "figures are queueing under overload",
+    )
     parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.upstream:
-        serve_upstream(args.upstream)
+        serve_upstream(args.upstream, args.upstream_ms)
         return 0
     if args.smoke:
         args.requests, args.concurrency, args.rounds, args.streams = 40, 10, 1, 10
@@ -266,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         apply_migrations(client, settings, echo=lambda _: None)
         client.close()
         log = open(tmp / "children.log", "ab")  # noqa: SIM115
-        procs.append(subprocess.Popen([sys.executable, "-m", "bench.bench_proxy", "--upstream", str(up_port)],
+        procs.append(subprocess.Popen([sys.executable, "-m", "bench.bench_proxy", "--upstream", str(up_port),
+                                       "--upstream-ms", str(args.upstream_ms)],
                                       stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
         gateway = subprocess.Popen([sys.executable, "-m", "spendstream.cli", "gateway"],
                                    env={**os.environ, **child_env(settings)}, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
@@ -296,11 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         gateway_cpu = 0.0
         spy = None
         for i in range(args.rounds):
-            direct += asyncio.run(latencies(direct_url, headers, args.requests, args.concurrency))
+            direct += asyncio.run(latencies(direct_url, headers, args.requests, args.concurrency, args.upstream_ms))
             cpu_before, wall_before = cpu_seconds(gateway.pid), time.monotonic()
             if args.py_spy and i == 0:
                 spy = start_py_spy(gateway.pid, 600, args.py_spy, rate=200)
-            through += asyncio.run(latencies(proxy_url, proxied, args.requests, args.concurrency))
+            through += asyncio.run(latencies(proxy_url, proxied, args.requests, args.concurrency, args.upstream_ms))
             if spy is not None and i == 0:
                 spy.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
                 spy.wait(30)
@@ -314,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ms = 1000
         result = {
-            "concurrency": args.concurrency, "calls_each": len(direct),
+            "concurrency": args.concurrency,
+            "upstream_ms": args.upstream_ms, "calls_each": len(direct),
             "direct_p50_ms": pct(direct, 0.5) * ms, "proxy_p50_ms": pct(through, 0.5) * ms,
             "direct_p99_ms": pct(direct, 0.99) * ms, "proxy_p99_ms": pct(through, 0.99) * ms,
             "added_p50_ms": (pct(through, 0.5) - pct(direct, 0.5)) * ms,
