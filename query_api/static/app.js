@@ -177,6 +177,19 @@ async function memberAction(method, userId, json) {
   await showMembers();
 }
 
+// A table row of text cells: each cell is [value, class?, title?].
+function tableRow(cells) {
+  const tr = document.createElement("tr");
+  for (const [value, cls, title] of cells) {
+    const td = document.createElement("td");
+    td.textContent = value;
+    if (cls) td.className = cls;
+    if (title) td.title = title;
+    tr.append(td);
+  }
+  return tr;
+}
+
 function setStatus(text, isError) {
   const el = $("#status");
   el.textContent = text;
@@ -363,19 +376,11 @@ function showAnomalies(anomalies) {
   const body = $("#anomalies tbody");
   body.replaceChildren(...anomalies.slice(0, 20).map((a) => {
     const x = a.anomaly || {};
-    const tr = document.createElement("tr");
-    const cells = [
+    return tableRow([
       [x.episode_start || a.fired_at || ""], [scopeText(a.scope)], [x.ratio !== null && x.ratio !== undefined ? `${x.ratio}x` : "new"],
-      [`$${a.spent_usd} / $${a.limit_usd}`], [anomalyWhy(a), "why"], [a.delivery_status || ""],
-    ];
-    for (const [value, cls] of cells) {
-      const td = document.createElement("td");
-      td.textContent = value;
-      if (cls) td.className = cls;
-      if (cls === "why") td.title = `example events: ${(x.event_ids || []).join(", ")}`;
-      tr.append(td);
-    }
-    return tr;
+      [`$${a.spent_usd} / $${a.limit_usd}`], [anomalyWhy(a), "why", `example events: ${(x.event_ids || []).join(", ")}`],
+      [a.delivery_status || ""],
+    ]);
   }));
   $("#anomalies-panel").hidden = anomalies.length === 0;
 }
@@ -392,16 +397,9 @@ async function showAlerts() {
   const alerts = Array.isArray(listing) ? listing : listing.alerts || listing.items || [];
   const body = $("#alerts tbody");
   body.replaceChildren(...alerts.slice(0, 20).map((a) => {
-    const tr = document.createElement("tr");
     const delivery = a.delivery_status || (a.deliveries ? a.deliveries.map((d) => d.outcome).join(", ") : "");
-    const cells = [a.fired_at || a.window_start || "", a.budget_name || a.budget_id || "", a.kind || "",
-      alertLevel(a), a.spent_usd !== undefined ? `$${a.spent_usd}` : "", delivery];
-    for (const value of cells) {
-      const td = document.createElement("td");
-      td.textContent = value;
-      tr.append(td);
-    }
-    return tr;
+    return tableRow([[a.fired_at || a.window_start || ""], [a.budget_name || a.budget_id || ""], [a.kind || ""],
+      [alertLevel(a)], [a.spent_usd !== undefined ? `$${a.spent_usd}` : ""], [delivery]]);
   }));
   panel.hidden = alerts.length === 0;
 }
@@ -449,16 +447,8 @@ async function showRecommendations(params) {
   const items = listing.recommendations;
   const body = $("#recommendations tbody");
   body.replaceChildren(...items.map((r) => {
-    const tr = document.createElement("tr");
-    const cells = [[r.priority, `priority-${r.priority}`], [r.type.replaceAll("_", " ")], [r.agent], [r.title],
-      [formatUsd(Number(r.estimated_savings_monthly)), "num", `${r.estimated_savings_monthly} USD`]];
-    for (const [value, cls, title] of cells) {
-      const td = document.createElement("td");
-      td.textContent = value;
-      if (cls) td.className = cls;
-      if (title) td.title = title;
-      tr.append(td);
-    }
+    const tr = tableRow([[r.priority, `priority-${r.priority}`], [r.type.replaceAll("_", " ")], [r.agent], [r.title],
+      [formatUsd(Number(r.estimated_savings_monthly)), "num", `${r.estimated_savings_monthly} USD`]]);
     tr.title = r.description;
     return tr;
   }));
@@ -480,17 +470,9 @@ async function showReconciliation() {
   }
   const days = (answer.days || []).filter((d) => d.reported_cost_usd !== "0" || d.tracked_cost_usd !== "0").reverse();
   $("#reconciliation tbody").replaceChildren(...days.map((d) => {
-    const tr = document.createElement("tr");
-    const cells = [[d.date], [d.provider], [`$${d.tracked_cost_usd}`, "num"], [`$${d.reported_cost_usd}`, "num"],
+    return tableRow([[d.date], [d.provider], [`$${d.tracked_cost_usd}`, "num"], [`$${d.reported_cost_usd}`, "num"],
       [`$${d.difference_usd}`, "num"], [d.drift_pct === null ? "–" : `${d.drift_pct} %`, "num"],
-      [`$${d.unattributed_cost_usd}`, "num"]];
-    for (const [value, cls] of cells) {
-      const td = document.createElement("td");
-      td.textContent = value;
-      if (cls) td.className = cls;
-      tr.append(td);
-    }
-    return tr;
+      [`$${d.unattributed_cost_usd}`, "num"]]);
   }));
   panel.hidden = !(answer.days || []).some((d) => d.reported_cost_usd !== "0");
 }
@@ -498,14 +480,8 @@ async function showReconciliation() {
 function showUnpriced(models) {
   const body = $("#unpriced tbody");
   body.replaceChildren(...models.map((m) => {
-    const tr = document.createElement("tr");
-    for (const [value, cls] of [[m.provider], [m.model], [m.events.toLocaleString(), "num"], [m.last_seen.replace("T", " ").slice(0, 16)], [m.priced_now ? "yes" : "no"]]) {
-      const td = document.createElement("td");
-      td.textContent = value;
-      if (cls) td.className = cls;
-      tr.append(td);
-    }
-    return tr;
+    return tableRow([[m.provider], [m.model], [m.events.toLocaleString(), "num"],
+      [m.last_seen.replace("T", " ").slice(0, 16)], [m.priced_now ? "yes" : "no"]]);
   }));
   $("#unpriced-empty").hidden = models.length > 0;
 }
@@ -525,22 +501,14 @@ async function showRepricings() {
   const jobs = (answer.audit || []).filter((a) => !seen.has(a.job_id) && seen.add(a.job_id)).slice(0, 20);
   const usd = (nanos) => formatUsd(Number(nanos) / 1e9);
   $("#repricings tbody").replaceChildren(...jobs.map((a) => {
-    const tr = document.createElement("tr");
-    tr.dataset.job = a.job_id;
     const s = a.scope || {};
     const filters = ["provider", "model", "project"].filter((k) => s[k]).map((k) => `${k} ${s[k]}`);
     const scope = `${(s.from || "").slice(0, 10)} – ${(s.to || "").slice(0, 10)}${filters.length ? ", " + filters.join(", ") : ""}`;
-    const cells = [[a.at.replace("T", " ").slice(0, 16)], [a.actor], [a.reason], [scope],
+    const tr = tableRow([[a.at.replace("T", " ").slice(0, 16)], [a.actor], [a.reason], [scope],
       [Number(a.events_changed).toLocaleString(), "num"], [usd(a.old_nanos), "num", `${a.old_nanos} nano-USD`],
-      [usd(a.new_nanos), "num", `${a.new_nanos} nano-USD`], [a.status, `status-${a.status}`]];
-    for (const [value, cls, title] of cells) {
-      const td = document.createElement("td");
-      td.textContent = value;
-      if (cls) td.className = cls;
-      if (title) td.title = title;
-      tr.append(td);
-    }
+      [usd(a.new_nanos), "num", `${a.new_nanos} nano-USD`], [a.status, `status-${a.status}`]]);
     tr.title = a.job_id;
+    tr.dataset.job = a.job_id;
     return tr;
   }));
   panel.hidden = jobs.length === 0;
