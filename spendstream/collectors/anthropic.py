@@ -16,18 +16,17 @@ from datetime import datetime
 from typing import Any
 
 from spendstream.collectors.model import (
-    Bucket,
     CostRow,
     Page,
     PageError,
     UsageRow,
-    buckets_page,
     cents_nanos,
     count,
     from_rfc3339,
     model_name,
     name,
     obj,
+    parse_page,
 )
 
 PROVIDER = "anthropic"
@@ -69,73 +68,55 @@ def costs_params(start: datetime, end: datetime) -> list[tuple[str, str]]:
     ]
 
 
-def _buckets(answer: Any) -> tuple[list[tuple[datetime, datetime, list[Any], str]], bool, str | None]:
-    return buckets_page(answer, "starting_at", "ending_at", from_rfc3339)
+def _usage_row(r: dict[str, Any], start: datetime, end: datetime, at: str) -> UsageRow:
+    creation = r.get("cache_creation")
+    if creation is not None:
+        creation = obj(creation, f"{at}.cache_creation")
+    write_1h = count(creation, "ephemeral_1h_input_tokens", f"{at}.cache_creation")
+    write_5m = count(creation, "ephemeral_5m_input_tokens", f"{at}.cache_creation")
+    read = count(r, "cache_read_input_tokens", at)
+    tools = r.get("server_tool_use")
+    if tools is not None:
+        tools = obj(tools, f"{at}.server_tool_use")
+    return UsageRow(
+        provider=PROVIDER,
+        bucket_start=start,
+        bucket_end=end,
+        model=model_name(r, "model", at),
+        project_id=name(r, "workspace_id", at),
+        api_key_id=name(r, "api_key_id", at),
+        service_tier=name(r, "service_tier", at),
+        input_tokens=count(r, "uncached_input_tokens", at) + read + write_5m + write_1h,
+        output_tokens=count(r, "output_tokens", at),
+        cache_read_tokens=read,
+        cache_write_tokens=write_5m + write_1h,
+        cache_write_1h_tokens=write_1h,
+        web_search_requests=count(tools, "web_search_requests", f"{at}.server_tool_use"),
+    )
 
 
 def parse_usage_page(answer: Any) -> Page:
-    buckets, has_more, next_page = _buckets(answer)
-    parsed = []
-    for start, end, results, where in buckets:
-        rows = []
-        for j, raw in enumerate(results):
-            at = f"{where}.results[{j}]"
-            r = obj(raw, at)
-            creation = r.get("cache_creation")
-            if creation is not None:
-                creation = obj(creation, f"{at}.cache_creation")
-            write_1h = count(creation, "ephemeral_1h_input_tokens", f"{at}.cache_creation")
-            write_5m = count(creation, "ephemeral_5m_input_tokens", f"{at}.cache_creation")
-            read = count(r, "cache_read_input_tokens", at)
-            tools = r.get("server_tool_use")
-            if tools is not None:
-                tools = obj(tools, f"{at}.server_tool_use")
-            rows.append(
-                UsageRow(
-                    provider=PROVIDER,
-                    bucket_start=start,
-                    bucket_end=end,
-                    model=model_name(r, "model", at),
-                    project_id=name(r, "workspace_id", at),
-                    api_key_id=name(r, "api_key_id", at),
-                    service_tier=name(r, "service_tier", at),
-                    input_tokens=count(r, "uncached_input_tokens", at) + read + write_5m + write_1h,
-                    output_tokens=count(r, "output_tokens", at),
-                    cache_read_tokens=read,
-                    cache_write_tokens=write_5m + write_1h,
-                    cache_write_1h_tokens=write_1h,
-                    web_search_requests=count(tools, "web_search_requests", f"{at}.server_tool_use"),
-                )
-            )
-        parsed.append(Bucket(start, end, rows))
-    return Page(parsed, has_more, next_page)
+    return parse_page(answer, "starting_at", "ending_at", from_rfc3339, _usage_row)
+
+
+def _cost_row(r: dict[str, Any], start: datetime, end: datetime, at: str) -> CostRow:
+    currency = name(r, "currency", at).lower() or "usd"
+    if currency != "usd":
+        raise PageError(f"{at}.currency", f"only USD is supported, got {currency!r}")
+    return CostRow(
+        provider=PROVIDER,
+        bucket_start=start,
+        bucket_end=end,
+        amount_nanos=cents_nanos(r.get("amount"), f"{at}.amount"),
+        currency=currency,
+        model=model_name(r, "model", at),
+        project_id=name(r, "workspace_id", at),
+        line_item=name(r, "description", at),
+        cost_type=name(r, "cost_type", at),
+        token_type=name(r, "token_type", at),
+        service_tier=name(r, "service_tier", at),
+    )
 
 
 def parse_costs_page(answer: Any) -> Page:
-    buckets, has_more, next_page = _buckets(answer)
-    parsed = []
-    for start, end, results, where in buckets:
-        rows = []
-        for j, raw in enumerate(results):
-            at = f"{where}.results[{j}]"
-            r = obj(raw, at)
-            currency = name(r, "currency", at).lower() or "usd"
-            if currency != "usd":
-                raise PageError(f"{at}.currency", f"only USD is supported, got {currency!r}")
-            rows.append(
-                CostRow(
-                    provider=PROVIDER,
-                    bucket_start=start,
-                    bucket_end=end,
-                    amount_nanos=cents_nanos(r.get("amount"), f"{at}.amount"),
-                    currency=currency,
-                    model=model_name(r, "model", at),
-                    project_id=name(r, "workspace_id", at),
-                    line_item=name(r, "description", at),
-                    cost_type=name(r, "cost_type", at),
-                    token_type=name(r, "token_type", at),
-                    service_tier=name(r, "service_tier", at),
-                )
-            )
-        parsed.append(Bucket(start, end, rows))
-    return Page(parsed, has_more, next_page)
+    return parse_page(answer, "starting_at", "ending_at", from_rfc3339, _cost_row)

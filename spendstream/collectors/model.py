@@ -137,13 +137,17 @@ def page_cursor(answer: dict[str, Any]) -> tuple[bool, str | None]:
     return has_more, next_page if has_more else None
 
 
-def buckets_page(
-    answer: Any, start_key: str, end_key: str, parse_time: Callable[[Any, str], datetime]
-) -> tuple[list[tuple[datetime, datetime, list[Any], str]], bool, str | None]:
-    """A provider's page of time buckets: (start, end, results, where) per bucket, has_more, next_page.
-    Both providers page the same way and differ only in the bounds' names and time format."""
+RowOf = Callable[[dict[str, Any], datetime, datetime, str], Any]
+
+
+def parse_page(
+    answer: Any, start_key: str, end_key: str, parse_time: Callable[[Any, str], datetime], row_of: RowOf
+) -> Page:
+    """A provider's page of time buckets, each result made a row by ``row_of(result, bucket_start,
+    bucket_end, where)``. Both providers page the same way and differ only in the bounds' names,
+    their time format and the rows' fields."""
     answer = obj(answer, "page")
-    out = []
+    buckets = []
     for i, raw in enumerate(items(answer.get("data"), "data")):
         where = f"data[{i}]"
         bucket = obj(raw, where)
@@ -151,9 +155,14 @@ def buckets_page(
         end = parse_time(bucket.get(end_key), f"{where}.{end_key}")
         if end <= start:
             raise PageError(f"{where}.{end_key}", f"must be after {start_key}")
-        out.append((start, end, items(bucket.get("results"), f"{where}.results"), where))
+        results = items(bucket.get("results"), f"{where}.results")
+        rows = []
+        for j, result in enumerate(results):
+            at = f"{where}.results[{j}]"
+            rows.append(row_of(obj(result, at), start, end, at))
+        buckets.append(Bucket(start, end, rows))
     has_more, next_page = page_cursor(answer)
-    return out, has_more, next_page
+    return Page(buckets, has_more, next_page)
 
 
 def from_unix(value: Any, where: str) -> datetime:

@@ -15,18 +15,17 @@ from datetime import datetime
 from typing import Any
 
 from spendstream.collectors.model import (
-    Bucket,
     CostRow,
     Page,
     PageError,
     UsageRow,
-    buckets_page,
     count,
     dollars_nanos,
     from_unix,
     model_name,
     name,
     obj,
+    parse_page,
 )
 
 PROVIDER = "openai"
@@ -63,38 +62,27 @@ def costs_params(start: datetime, end: datetime) -> list[tuple[str, str]]:
     ]
 
 
-def _buckets(answer: Any) -> tuple[list[tuple[datetime, datetime, list[Any], str]], bool, str | None]:
-    return buckets_page(answer, "start_time", "end_time", from_unix)
+def _usage_row(r: dict[str, Any], start: datetime, end: datetime, at: str) -> UsageRow:
+    return UsageRow(
+        provider=PROVIDER,
+        bucket_start=start,
+        bucket_end=end,
+        model=model_name(r, "model", at),
+        project_id=name(r, "project_id", at),
+        api_key_id=name(r, "api_key_id", at),
+        service_tier=name(r, "service_tier", at),
+        input_tokens=count(r, "input_tokens", at),
+        output_tokens=count(r, "output_tokens", at),
+        cache_read_tokens=count(r, "input_cached_tokens", at),
+        cache_write_tokens=count(r, "input_cache_write_tokens", at),
+        input_audio_tokens=count(r, "input_audio_tokens", at),
+        output_audio_tokens=count(r, "output_audio_tokens", at),
+        requests=count(r, "num_model_requests", at),
+    )
 
 
 def parse_usage_page(answer: Any) -> Page:
-    buckets, has_more, next_page = _buckets(answer)
-    parsed = []
-    for start, end, results, where in buckets:
-        rows = []
-        for j, raw in enumerate(results):
-            at = f"{where}.results[{j}]"
-            r = obj(raw, at)
-            rows.append(
-                UsageRow(
-                    provider=PROVIDER,
-                    bucket_start=start,
-                    bucket_end=end,
-                    model=model_name(r, "model", at),
-                    project_id=name(r, "project_id", at),
-                    api_key_id=name(r, "api_key_id", at),
-                    service_tier=name(r, "service_tier", at),
-                    input_tokens=count(r, "input_tokens", at),
-                    output_tokens=count(r, "output_tokens", at),
-                    cache_read_tokens=count(r, "input_cached_tokens", at),
-                    cache_write_tokens=count(r, "input_cache_write_tokens", at),
-                    input_audio_tokens=count(r, "input_audio_tokens", at),
-                    output_audio_tokens=count(r, "output_audio_tokens", at),
-                    requests=count(r, "num_model_requests", at),
-                )
-            )
-        parsed.append(Bucket(start, end, rows))
-    return Page(parsed, has_more, next_page)
+    return parse_page(answer, "start_time", "end_time", from_unix, _usage_row)
 
 
 def model_of_line_item(line_item: str) -> str:
@@ -102,30 +90,23 @@ def model_of_line_item(line_item: str) -> str:
     return line_item.split(",", 1)[0].strip().lower()
 
 
+def _cost_row(r: dict[str, Any], start: datetime, end: datetime, at: str) -> CostRow:
+    amount = obj(r.get("amount"), f"{at}.amount")
+    currency = name(amount, "currency", f"{at}.amount").lower() or "usd"
+    if currency != "usd":
+        raise PageError(f"{at}.amount.currency", f"only usd is supported, got {currency!r}")
+    line_item = name(r, "line_item", at)
+    return CostRow(
+        provider=PROVIDER,
+        bucket_start=start,
+        bucket_end=end,
+        amount_nanos=dollars_nanos(amount.get("value"), f"{at}.amount.value"),
+        currency=currency,
+        model=model_of_line_item(line_item),
+        project_id=name(r, "project_id", at),
+        line_item=line_item,
+    )
+
+
 def parse_costs_page(answer: Any) -> Page:
-    buckets, has_more, next_page = _buckets(answer)
-    parsed = []
-    for start, end, results, where in buckets:
-        rows = []
-        for j, raw in enumerate(results):
-            at = f"{where}.results[{j}]"
-            r = obj(raw, at)
-            amount = obj(r.get("amount"), f"{at}.amount")
-            currency = name(amount, "currency", f"{at}.amount").lower() or "usd"
-            if currency != "usd":
-                raise PageError(f"{at}.amount.currency", f"only usd is supported, got {currency!r}")
-            line_item = name(r, "line_item", at)
-            rows.append(
-                CostRow(
-                    provider=PROVIDER,
-                    bucket_start=start,
-                    bucket_end=end,
-                    amount_nanos=dollars_nanos(amount.get("value"), f"{at}.amount.value"),
-                    currency=currency,
-                    model=model_of_line_item(line_item),
-                    project_id=name(r, "project_id", at),
-                    line_item=line_item,
-                )
-            )
-        parsed.append(Bucket(start, end, rows))
-    return Page(parsed, has_more, next_page)
+    return parse_page(answer, "start_time", "end_time", from_unix, _cost_row)
