@@ -19,8 +19,15 @@ from query_api.deps import CH, Reader
 from query_api.errors import QueryFailed, clickhouse_message
 from query_api.filters import Filters, Params
 from query_api.insights_sql import focus_sql
-from query_api.routers.analytics import NEWEST_ROW, FiltersDep, breakdown_order, events_select, net_events_select
-from query_api.usage_sql import COST_COLUMNS, MEASURES, TOKEN_COLUMNS, GroupBy, UsageQuery, build_usage_query
+from query_api.routers.analytics import (
+    EVENT_COLUMNS,
+    NEWEST_ROW,
+    FiltersDep,
+    breakdown_order,
+    events_select,
+    net_events_select,
+)
+from query_api.usage_sql import MEASURES, GroupBy, UsageQuery, build_usage_query
 
 router = APIRouter(prefix="/v1/analytics", tags=["analytics"])
 
@@ -40,27 +47,8 @@ _EXPORT_SETTINGS = {
     # row groups of 100k rows, so readers (and ClickHouse while writing) hold a slice, not the file
     "output_format_parquet_row_group_size": 100_000,
 }
-EVENT_EXPORT_COLUMNS = (
-    "event_id",
-    "timestamp",
-    "project",
-    "agent",
-    "user",
-    "session_id",
-    "session_label",
-    "session_type",
-    "operation",
-    "tags",
-    "provider",
-    "model",
-    *TOKEN_COLUMNS,
-    *COST_COLUMNS,
-    "price_id",
-    "pricing_status",
-    "price_source",
-    "status",
-    "latency_ms",
-)
+#: an exported event: the API's event columns but the gateway's receive time (an ingestion detail)
+EVENT_EXPORT_COLUMNS = tuple(c for c in EVENT_COLUMNS if c != "received_at")
 
 
 def events_export_sql(
