@@ -1,0 +1,189 @@
+"""A light HTTP/1.1 load generator for latency benchmarks: it measures the server, not itself.
+
+bench_proxy runs its calls through generator processes of this module, the same way for the
+direct and the proxied rounds:
+
+- its own processes (``Generators``; uvloop), so the bench's own work (the other side's
+  processes, result handling) is not in any call's time;
+- one keep-alive connection per call in flight, opened before the round starts: no call waits
+  for a pooled connection, and no connection is set up inside a timed call;
+- every request's bytes built before the round; a call's time starts right before its bytes are
+  written to the socket and ends in the protocol callback that parses the response's last byte
+  (httptools, the C parser uvicorn uses), with no task resumed or scheduled in between; for
+  time to first byte it ends at the response's first body byte;
+- the cyclic garbage collector off during a round (and the objects made at start frozen), so no
+  collection pause lands in a call.
+
+Protocol between the bench and a generator (JSON lines on stdin / stdout): the bench sends a
+round ``{"host", "port", "requests": [[index, request bytes as latin-1], ...], "concurrency",
+"first_byte"}``; the generator opens its connections and answers ``{"ready": true}``; the bench
+sends ``{"go": true}`` to every generator at once; each answers ``{"times": [[index, seconds,
+status], ...]}``. An empty line ends the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httptools
+
+
+def request_bytes(method: str, host: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: one call at a time, timed inside the protocol callbacks."""
+
+    def __init__(self, first_byte: bool):
+        self.first_byte = first_byte
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.started = 0.0
+        self.ended = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError(f"the server closed the connection: {exc!r}"))
+
+    # httptools callbacks
+    def on_body(self, body: bytes) -> None:
+        if self.first_byte and not self.ended:
+            self.ended = time.perf_counter()
+
+    def on_message_complete(self) -> None:
+        if not self.ended:
+            self.ended = time.perf_counter()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def call(self, request: bytes) -> tuple[float, int]:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.ended = 0.0
+        started = time.perf_counter()
+        self.transport.write(request)
+        await self.waiter
+        return self.ended - started, self.parser.get_status_code()
+
+
+async def _round(command: dict[str, Any], read_line: Any) -> list[list[Any]]:
+    loop = asyncio.get_running_loop()
+    requests = [(index, raw.encode("latin-1")) for index, raw in command["requests"]]
+    connections = []
+    for _ in range(min(command["concurrency"], len(requests))):
+        _, conn = await loop.create_connection(
+            lambda: _Connection(command["first_byte"]), command["host"], command["port"]
+        )
+        connections.append(conn)
+    print(json.dumps({"ready": True}), flush=True)
+    await read_line()  # "go": every generator starts at once
+    times: list[list[Any]] = []
+    work: Iterator[tuple[int, bytes]] = iter(requests)
+
+    async def run(conn: _Connection) -> None:
+        for index, request in work:
+            elapsed, status = await conn.call(request)
+            times.append([index, elapsed, status])
+
+    gc.disable()
+    try:
+        await asyncio.gather(*(run(conn) for conn in connections))
+    finally:
+        gc.enable()
+        for conn in connections:
+            if conn.transport is not None:
+                conn.transport.close()
+    return times
+
+
+async def _serve() -> None:
+    loop = asyncio.get_running_loop()
+
+    async def read_line() -> str:
+        return await loop.run_in_executor(None, sys.stdin.readline)
+
+    gc.collect()
+    gc.freeze()
+    while True:
+        line = (await read_line()).strip()
+        if not line:
+            return
+        times = await _round(json.loads(line), read_line)
+        print(json.dumps({"times": times}), flush=True)
+        gc.collect()
+
+
+class Generators:
+    """``n`` generator processes (``python -m bench.loadgen``); ``run`` splits a round among them."""
+
+    def __init__(self, n: int):
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "bench.loadgen"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+            for _ in range(n)
+        ]
+
+    def run(
+        self, host: str, port: int, requests: list[tuple[int, bytes]], concurrency: int, first_byte: bool = False
+    ) -> list[tuple[int, float, int]]:
+        """Every request, ``concurrency`` in flight over all generators: (index, seconds, status)."""
+        procs = self.procs[: max(1, min(len(self.procs), concurrency))]
+        n = len(procs)
+        for i, proc in enumerate(procs):
+            share = [[index, raw.decode("latin-1")] for index, raw in requests[i::n]]
+            command = {
+                "host": host, "port": port, "requests": share, "first_byte": first_byte,
+                "concurrency": concurrency // n + (1 if i < concurrency % n else 0),
+            }  # fmt: skip
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(command) + "\n")
+            proc.stdin.flush()
+        for proc in procs:
+            assert proc.stdout is not None
+            assert json.loads(proc.stdout.readline()).get("ready"), "a generator did not get ready"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({"go": True}) + "\n")
+            proc.stdin.flush()
+        out: list[tuple[int, float, int]] = []
+        for proc in procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError("a load generator died (see its stderr above)")
+            out += [(index, elapsed, status) for index, elapsed, status in json.loads(line)["times"]]
+        return out
+
+    def close(self) -> None:
+        for proc in self.procs:
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+                proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.kill()
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    uvloop.run(_serve())
