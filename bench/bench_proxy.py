@@ -17,7 +17,11 @@ load from other jobs on the machine hits both alike:
    calls of that length would (200 / M per ms) instead of saturating the gateway as an upstream
    that answers at once does. Every direct round and every proxied round holds the same calls,
    so the percentiles compare matched sets; the median of the per-call differences (call i
-   proxied less call i direct, same round pair) is printed as a cross-check;
+   proxied less call i direct, same round pair) is printed as a cross-check. The calls in flight
+   start one after another over one mean model time, as they are spread in the steady state:
+   started all at once (as before), each round opened with a burst of ``--concurrency``
+   simultaneous calls that the gateway serves one after another (~70 ms for 200), and that
+   burst was the p99;
 2. streamed chat completions, one at a time: time to the first body byte, direct and through
    the proxy;
 3. memory per open stream: ``--streams`` streams held open through the proxy (the upstream sends
@@ -129,6 +133,8 @@ def _session(connections: int) -> aiohttp.ClientSession:
 
 
 DELAY_HEADER = "x-bench-model-ms"
+#: ``--dump``: [port, call index, started (s into its round), latency less model time] of every timed call
+DUMP: list[list[Any]] | None = None
 
 
 def model_times(n: int, mean_ms: int, seed: int = 15) -> list[int]:
@@ -164,9 +170,13 @@ def latencies(
         for i in range(n)
     ]
     out: dict[int, float] = {}
-    for i, elapsed, status in gens.run("127.0.0.1", port, requests, concurrency):
+    # the calls in flight start spread over one mean model time, as they are spread in the steady
+    # state: all at once, the round would open with a burst of `concurrency` calls queueing
+    for i, elapsed, status, started in gens.run("127.0.0.1", port, requests, concurrency, ramp_s=mean_ms / 1000):
         assert status == 200, status
         out[i] = elapsed - delays[i] / 1000
+        if DUMP is not None:
+            DUMP.append([port, i, started, out[i]])
     assert len(out) == n, (len(out), n)
     return out
 
@@ -176,8 +186,8 @@ def ttfb(gens: Generators, port: int, path: str, headers: dict[str, str], n: int
     payload = json.dumps({**BODY, "stream": True}).encode()
     request = request_bytes("POST", f"127.0.0.1:{port}", path, headers, payload)
     times = gens.run("127.0.0.1", port, [(i, request) for i in range(n)], 1, first_byte=True)
-    assert all(status == 200 for _, _, status in times)
-    return [elapsed for _, elapsed, _ in times]
+    assert all(status == 200 for _, _, status, _ in times)
+    return [elapsed for _, elapsed, _, _ in times]
 
 
 def rss(pid: int) -> int:
@@ -284,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--generators", type=int, default=2, help="load generator processes (bench/loadgen.py)")
+    parser.add_argument("--dump", type=Path, help="write every timed non-streaming call here (JSON), for analysis")
     parser.add_argument("--smoke", action="store_true", help="a few calls only: checks that the bench runs")
     parser.add_argument("--py-spy", type=Path, help="sample the gateway during the proxied rounds (raw output here)")
     parser.add_argument("--write-results", action="store_true", help='replace the "Proxy" section of bench/RESULTS.md')
@@ -356,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(3)
         idle_rate = (cpu_seconds(gateway.pid) - idle_cpu) / (time.monotonic() - idle_started)
 
+        global DUMP
+        DUMP = [] if args.dump else None
         direct: list[float] = []
         through: list[float] = []
         pair_diffs: list[float] = []  # call i proxied less call i direct, same round pair
@@ -381,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             t_direct += ttfb(gens, up_port, direct_path, headers, n_streams)
             t_proxy += ttfb(gens, gw_port, proxy_path, proxied, n_streams)
         gens.close()
+        if args.dump:
+            args.dump.write_text(json.dumps({"direct_port": up_port, "proxy_port": gw_port, "calls": DUMP}))
 
         ms = 1000
         result = {

@@ -16,9 +16,10 @@ direct and the proxied rounds:
 
 Protocol between the bench and a generator (JSON lines on stdin / stdout): the bench sends a
 round ``{"host", "port", "requests": [[index, request bytes as latin-1], ...], "concurrency",
-"first_byte"}``; the generator opens its connections and answers ``{"ready": true}``; the bench
+"first_byte", "starts"}`` (``starts``: when each connection makes its first call, seconds
+after the round starts); the generator opens its connections and answers ``{"ready": true}``; the bench
 sends ``{"go": true}`` to every generator at once; each answers ``{"times": [[index, seconds,
-status], ...]}``. An empty line ends the process.
+status, started (seconds into the round)], ...]}``. An empty line ends the process.
 """
 
 from __future__ import annotations
@@ -73,14 +74,15 @@ class _Connection(asyncio.Protocol):
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def call(self, request: bytes) -> tuple[float, int]:
+    async def call(self, request: bytes) -> tuple[float, float, int]:
+        """(started, seconds, status)."""
         assert self.transport is not None
         self.waiter = asyncio.get_running_loop().create_future()
         self.ended = 0.0
         started = time.perf_counter()
         self.transport.write(request)
         await self.waiter
-        return self.ended - started, self.parser.get_status_code()
+        return started, self.ended - started, self.parser.get_status_code()
 
 
 async def _round(command: dict[str, Any], read_line: Any) -> list[list[Any]]:
@@ -96,15 +98,19 @@ async def _round(command: dict[str, Any], read_line: Any) -> list[list[Any]]:
     await read_line()  # "go": every generator starts at once
     times: list[list[Any]] = []
     work: Iterator[tuple[int, bytes]] = iter(requests)
+    round_started = time.perf_counter()
 
-    async def run(conn: _Connection) -> None:
+    async def run(conn: _Connection, start_after: float) -> None:
+        if start_after:
+            await asyncio.sleep(start_after)
         for index, request in work:
-            elapsed, status = await conn.call(request)
-            times.append([index, elapsed, status])
+            started, elapsed, status = await conn.call(request)
+            times.append([index, elapsed, status, started - round_started])
 
     gc.disable()
     try:
-        await asyncio.gather(*(run(conn) for conn in connections))
+        starts = command.get("starts") or [0.0] * len(connections)
+        await asyncio.gather(*(run(conn, start) for conn, start in zip(connections, starts, strict=False)))
     finally:
         gc.enable()
         for conn in connections:
@@ -142,16 +148,29 @@ class Generators:
         ]
 
     def run(
-        self, host: str, port: int, requests: list[tuple[int, bytes]], concurrency: int, first_byte: bool = False
-    ) -> list[tuple[int, float, int]]:
-        """Every request, ``concurrency`` in flight over all generators: (index, seconds, status)."""
+        self,
+        host: str,
+        port: int,
+        requests: list[tuple[int, bytes]],
+        concurrency: int,
+        first_byte: bool = False,
+        ramp_s: float = 0.0,
+    ) -> list[tuple[int, float, int, float]]:
+        """Every request, ``concurrency`` in flight over all generators: (index, seconds, status,
+        started: seconds into the round).
+
+        ``ramp_s``: the calls in flight start one after another over this time (evenly), not all
+        at once: with calls of about that length, the round is in its steady state from its start
+        instead of opening with a burst of ``concurrency`` simultaneous calls that queue."""  # fmt: skip
         procs = self.procs[: max(1, min(len(self.procs), concurrency))]
         n = len(procs)
         for i, proc in enumerate(procs):
             share = [[index, raw.decode("latin-1")] for index, raw in requests[i::n]]
+            slots = concurrency // n + (1 if i < concurrency % n else 0)
             command = {
-                "host": host, "port": port, "requests": share, "first_byte": first_byte,
-                "concurrency": concurrency // n + (1 if i < concurrency % n else 0),
+                "host": host, "port": port, "requests": share, "first_byte": first_byte, "concurrency": slots,
+                # slot j of generator i is slot j * n + i of all: the generators' starts interleave
+                "starts": [(j * n + i) / concurrency * ramp_s for j in range(slots)],
             }  # fmt: skip
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(command) + "\n")
@@ -163,13 +182,13 @@ class Generators:
             assert proc.stdin is not None
             proc.stdin.write(json.dumps({"go": True}) + "\n")
             proc.stdin.flush()
-        out: list[tuple[int, float, int]] = []
+        out: list[tuple[int, float, int, float]] = []
         for proc in procs:
             assert proc.stdout is not None
             line = proc.stdout.readline()
             if not line:
                 raise RuntimeError("a load generator died (see its stderr above)")
-            out += [(index, elapsed, status) for index, elapsed, status in json.loads(line)["times"]]
+            out += [tuple(t) for t in json.loads(line)["times"]]  # type: ignore[misc]
         return out
 
     def close(self) -> None:

@@ -130,6 +130,15 @@ async def run(args: argparse.Namespace, upstream_port: int, bootstrap: str, tmp:
             pauses.append(time.perf_counter() - pause_started)
 
     gc.callbacks.append(on_gc)
+    lags: list[float] = []  # how late a 1 ms sleep wakes up: the event loop's stalls
+
+    async def watch_loop() -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - started - 0.001)
+
+    watcher = asyncio.ensure_future(watch_loop())
     profiler = cProfile.Profile() if args.profile else None
     statuses.clear()
     cpu, wall = time.process_time(), time.perf_counter()
@@ -142,6 +151,8 @@ async def run(args: argparse.Namespace, upstream_port: int, bootstrap: str, tmp:
         profiler.disable()
         profiler.dump_stats(args.profile)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    watcher.cancel()
+    lags.sort()
     gc.callbacks.remove(on_gc)
     gc.unfreeze()
     assert statuses == [200] * args.calls, sorted(set(statuses))
@@ -152,6 +163,7 @@ async def run(args: argparse.Namespace, upstream_port: int, bootstrap: str, tmp:
     return {
         "cpu_us_per_call": cpu / args.calls * 1e6, "wall_s": wall, "published": published,
         "full_gc_pauses": len(pauses), "full_gc_max_ms": max(pauses, default=0) * 1000,
+        "loop_lag_p99_ms": lags[int(0.99 * len(lags))] * 1000, "loop_lag_max_ms": lags[-1] * 1000,
     }  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """Every proxied call becomes one usage event on usage.raw, without delaying the response.
 
-``record`` queues the event and returns. Every ``BATCH_S`` (20 ms) the queued events go to the
+``record`` queues the event and returns. Every ``BATCH_S`` (0.1 s) the queued events go to the
 gateway's publisher (the same path, envelopes and acks as ``POST /v1/events``), one record per
 tenant/project with the first event's ``received_at`` on the envelope, as contracts.py has it
 for coalesced requests: a produce request per proxied call cost the gateway more CPU than the
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 #: publishes waiting for acks; beyond, new events go to the spool straight away (bounded memory)
 MAX_PENDING = 10_000
 #: how long an event waits for others to share its record (the response never waits for it)
-BATCH_S = 0.02
+BATCH_S = 0.1
 DRAIN_INTERVAL_S = 0.5
 DRAIN_BATCH = 500
 

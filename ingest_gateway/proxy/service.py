@@ -509,18 +509,31 @@ class Forwarding:
         if not self.sse:
             await self._forward(send)
             return
-        forward = asyncio.ensure_future(self._forward(send))
+        # the forwarding runs in this task, from its first byte on (no task to start first); a
+        # watcher task cancels it when the client hangs up
+        task = asyncio.current_task()
+        assert task is not None
+        forwarding = True
+        hung_up = False
+
+        def on_watch_done(watch: asyncio.Task[None]) -> None:
+            nonlocal hung_up
+            if forwarding and not watch.cancelled() and watch.exception() is None:
+                hung_up = True
+                task.cancel()  # the client is gone: the event says error, with the usage so far
+
         watch = asyncio.ensure_future(_disconnected(receive))
+        watch.add_done_callback(on_watch_done)
         try:
-            await asyncio.wait((forward, watch), return_when=asyncio.FIRST_COMPLETED)
+            # its own finally (close upstream, settle, record) runs to its end; UpstreamCut
+            # propagates: the server aborts the client's connection
+            await self._forward(send)
+        except asyncio.CancelledError:
+            if not hung_up or task.uncancel() > 0:
+                raise  # cancelled from outside (the server shuts down)
         finally:
-            if not forward.done():
-                forward.cancel()  # the client is gone: the event says error, with the usage so far
+            forwarding = False
             watch.cancel()
-            # the forwarding's own finally (close upstream, settle, record) runs to its end
-            await asyncio.gather(forward, watch, return_exceptions=True)
-        if not forward.cancelled():
-            forward.result()  # UpstreamCut: the server aborts the client's connection
 
     async def _forward(self, send: Send) -> None:
         call, upstream, cfg = self.call, self.upstream, self.proxy._cfg
