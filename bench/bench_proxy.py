@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.bench_proxy [--requests 4000] [--concurrency 200] [--rounds 3]
                                           [--upstream-ms 0] [--generators 2] [--streams 200]
-                                          [--smoke] [--py-spy OUT] [--write-results]
+                                          [--smoke] [--py-spy OUT] [--dump OUT] [--write-results]
 
 Starts its own embedded broker and ClickHouse (migrated), a fake OpenAI upstream (uvicorn,
 uvloop, its own process, answering the recorded shapes of tests/fixtures/proxy/) and the gateway
@@ -260,7 +260,8 @@ def render(result: dict[str, Any], command: str, hot: str) -> str:
         "ClickHouse, a fake OpenAI upstream and the gateway in their own processes, direct and proxied rounds "
         "alternated with the same calls, passthrough auth) and `bench/loadgen.py` for the load generators "
         f"({r['generators']} processes of their own, a keep-alive connection per call in flight, each call timed "
-        "from right before its request is written to the parse of its response's last byte, GC off in a round).",
+        "from right before its request is written to the parse of its response's last byte, GC off in a round; "
+        "the calls in flight start spread over one mean model time, as in the steady state).",
         "",
         f"Command: `{command}`",
         f"Machine: {machine()}.",

@@ -8,9 +8,10 @@ direct and the proxied rounds:
 - one keep-alive connection per call in flight, opened before the round starts: no call waits
   for a pooled connection, and no connection is set up inside a timed call;
 - every request's bytes built before the round; a call's time starts right before its bytes are
-  written to the socket and ends in the protocol callback that parses the response's last byte
-  (httptools, the C parser uvicorn uses), with no task resumed or scheduled in between; for
-  time to first byte it ends at the response's first body byte;
+  written to the socket and ends in the protocol callback that receives the response's last byte
+  (``_Response``: just enough HTTP/1.1 for the servers measured, Content-Length and chunked
+  bodies), with no task resumed or scheduled in between; for time to first byte it ends at the
+  response's first body byte;
 - the cyclic garbage collector off during a round (and the objects made at start frozen), so no
   collection pause lands in a call.
 
@@ -33,8 +34,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import httptools
-
 
 def request_bytes(method: str, host: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
@@ -42,47 +41,96 @@ def request_bytes(method: str, host: str, path: str, headers: dict[str, str], bo
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+class _Response:
+    """An HTTP/1.1 response read as its bytes arrive: the status, when its body's first byte
+    came (``body_started``) and when it ended (``complete``). Content-Length and chunked bodies
+    (what uvicorn sends); one response at a time per connection."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.status = 0
+        self.state = "head"  # head, data (length), size, chunk, chunk_end, trailer, done
+        self.remaining = 0
+        self.body_started = False
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "done"
+
+    def feed(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        while buf and self.state != "done":
+            if self.state == "head":
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    break
+                lines = buf[:end].decode("latin-1").split("\r\n")
+                buf = buf[end + 4 :]
+                self.status = int(lines[0].split(" ", 2)[1])
+                fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+                if fields.get("transfer-encoding", "").lower() == "chunked":
+                    self.state = "size"
+                else:
+                    self.remaining = int(fields.get("content-length", "0"))
+                    self.state = "data" if self.remaining else "done"
+            elif self.state in ("data", "chunk"):
+                taken = min(len(buf), self.remaining)
+                self.body_started = True
+                self.remaining -= taken
+                buf = buf[taken:]
+                if not self.remaining:
+                    self.state = "done" if self.state == "data" else "chunk_end"
+            elif self.state in ("size", "chunk_end", "trailer"):
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    break
+                line, buf = buf[:end], buf[end + 2 :]
+                if self.state == "chunk_end":
+                    self.state = "size"
+                elif self.state == "trailer":
+                    self.state = "done" if not line else "trailer"
+                else:
+                    self.remaining = int(line.split(b";", 1)[0], 16)
+                    self.state = "chunk" if self.remaining else "trailer"
+        self.buf = buf
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: one call at a time, timed inside the protocol callbacks."""
 
     def __init__(self, first_byte: bool):
         self.first_byte = first_byte
-        self.parser = httptools.HttpResponseParser(self)
+        self.response = _Response()
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[None] | None = None
-        self.started = 0.0
         self.ended = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.parser.feed_data(data)
+        now = time.perf_counter()
+        response = self.response
+        response.feed(data)
+        if not self.ended and (response.complete or (self.first_byte and response.body_started)):
+            self.ended = now  # when these bytes arrived
+        if response.complete and self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(ConnectionError(f"the server closed the connection: {exc!r}"))
-
-    # httptools callbacks
-    def on_body(self, body: bytes) -> None:
-        if self.first_byte and not self.ended:
-            self.ended = time.perf_counter()
-
-    def on_message_complete(self) -> None:
-        if not self.ended:
-            self.ended = time.perf_counter()
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
 
     async def call(self, request: bytes) -> tuple[float, float, int]:
         """(started, seconds, status)."""
         assert self.transport is not None
         self.waiter = asyncio.get_running_loop().create_future()
         self.ended = 0.0
+        self.response = _Response()
         started = time.perf_counter()
         self.transport.write(request)
         await self.waiter
-        return started, self.ended - started, self.parser.get_status_code()
+        return started, self.ended - started, self.response.status
 
 
 async def _round(command: dict[str, Any], read_line: Any) -> list[list[Any]]:

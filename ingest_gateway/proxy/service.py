@@ -518,7 +518,9 @@ class Forwarding:
 
         def on_watch_done(watch: asyncio.Task[None]) -> None:
             nonlocal hung_up
-            if forwarding and not watch.cancelled() and watch.exception() is None:
+            if not watch.cancelled():
+                watch.exception()  # retrieved: whatever ended the watch, the forwarding stops
+            if forwarding and not watch.cancelled():
                 hung_up = True
                 task.cancel()  # the client is gone: the event says error, with the usage so far
 
