@@ -79,10 +79,13 @@ async def run(args: argparse.Namespace, upstream_port: int, bootstrap: str, tmp:
     }  # fmt: skip
     request = {"type": "http.request", "body": body, "more_body": False}
     statuses: list[int] = []
+    first_bytes: list[float] = []  # from the call's start to its first body byte sent, upstream included
     delays = model_times(args.calls, args.upstream_ms)
 
     async def one(i: int = -1) -> None:
         sent = False
+        started = time.perf_counter()
+        first = 0.0
         finished = asyncio.get_running_loop().create_future()
 
         async def receive() -> dict[str, Any]:
@@ -94,8 +97,11 @@ async def run(args: argparse.Namespace, upstream_port: int, bootstrap: str, tmp:
             return {"type": "http.disconnect"}
 
         async def send(message: dict[str, Any]) -> None:
+            nonlocal first
             if message["type"] == "http.response.start":
                 statuses.append(message["status"])
+            elif not first and message.get("body"):
+                first = time.perf_counter()
             elif not message.get("more_body") and not finished.done():
                 finished.set_result(None)
 
@@ -103,6 +109,8 @@ async def run(args: argparse.Namespace, upstream_port: int, bootstrap: str, tmp:
         if i >= 0 and delays[i]:  # the model time the fake upstream takes for this call
             call_scope["headers"] = [*headers, (DELAY_HEADER.encode(), str(delays[i]).encode())]
         await proxy.serve(call_scope, receive, send, "openai")
+        if i >= 0:
+            first_bytes.append(first - started)
 
     async def calls(n: int, timed: bool = False) -> None:
         work = iter(range(n))
@@ -164,6 +172,8 @@ async def run(args: argparse.Namespace, upstream_port: int, bootstrap: str, tmp:
         "cpu_us_per_call": cpu / args.calls * 1e6, "wall_s": wall, "published": published,
         "full_gc_pauses": len(pauses), "full_gc_max_ms": max(pauses, default=0) * 1000,
         "loop_lag_p99_ms": lags[int(0.99 * len(lags))] * 1000, "loop_lag_max_ms": lags[-1] * 1000,
+        "first_byte_p50_ms": sorted(first_bytes)[len(first_bytes) // 2] * 1000,
+        "first_byte_p99_ms": sorted(first_bytes)[int(0.99 * len(first_bytes))] * 1000,
     }  # fmt: skip
 
 
@@ -192,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_http(f"http://127.0.0.1:{port}/")
         for _ in range(args.repeat):
             result = uvloop.run(run(args, port, broker.bootstrap, tmp))
-            print(json.dumps({k: round(v, 1) for k, v in result.items()}), flush=True)
+            print(json.dumps({k: round(v, 3 if k.endswith("ms") else 1) for k, v in result.items()}), flush=True)
             gc.collect()
     finally:
         upstream.terminate()
