@@ -1,7 +1,8 @@
 """Proxy benchmark: the latency the gateway's AI API proxy adds over calling the upstream directly.
 
     .venv/bin/python -m bench.bench_proxy [--requests 4000] [--concurrency 200] [--rounds 3]
-                                          [--streams 200] [--smoke] [--py-spy OUT] [--write-results]
+                                          [--upstream-ms 0] [--generators 2] [--streams 200]
+                                          [--smoke] [--py-spy OUT] [--dump OUT] [--write-results]
 
 Starts its own embedded broker and ClickHouse (migrated), a fake OpenAI upstream (uvicorn,
 uvloop, its own process, answering the recorded shapes of tests/fixtures/proxy/) and the gateway
@@ -11,27 +12,45 @@ load from other jobs on the machine hits both alike:
 1. non-streaming chat completions at ``--concurrency`` calls in flight: per-call latency, direct
    and through the proxy; the added latency is the difference of the percentiles (p50, p99).
    With ``--upstream-ms M`` each call asks the upstream to take a model time drawn from
-   [M/2, 3M/2] ms (one seeded sequence, the same both ways), subtracted from its latency: 200
-   calls in flight then arrive at the rate real model calls of that length would (200 / M per ms)
-   instead of saturating the gateway as an upstream that answers at once does;
-2. streamed chat completions: time to the first body byte, direct and through the proxy;
+   [M/2, 3M/2] ms (one seeded sequence: call i asks for the same time in every round, direct or
+   proxied), subtracted from its latency: 200 calls in flight then arrive at the rate real model
+   calls of that length would (200 / M per ms) instead of saturating the gateway as an upstream
+   that answers at once does. Every direct round and every proxied round holds the same calls,
+   so the percentiles compare matched sets; the median of the per-call differences (call i
+   proxied less call i direct, same round pair) is printed as a cross-check. The calls in flight
+   start one after another over one mean model time, as they are spread in the steady state:
+   started all at once (as before), each round opened with a burst of ``--concurrency``
+   simultaneous calls that the gateway serves one after another (~70 ms for 200), and that
+   burst was the p99;
+2. streamed chat completions, one at a time: time to the first body byte, direct and through
+   the proxy;
 3. memory per open stream: ``--streams`` streams held open through the proxy (the upstream sends
    one chunk, then waits), the gateway's RSS before and while they are open (measured first, after
    50 warm-up calls, so that memory freed by the rounds does not hide it; RSS is page-granular);
 4. the gateway's CPU time per proxied call (user + system, its whole process tree, less what it
    spends idle over the same time: key and budget reloads): on a shared machine this varies far
-   less than the latencies, so speed work is judged by it.
+   less than the latencies, so speed work is judged by it (and, in one process, by
+   ``python -m bench.proxy_cpu``).
+
+The calls of 1 and 2 are made by ``--generators`` load generator processes (bench/loadgen.py,
+the same ones for both sides): one keep-alive connection per call in flight opened before the
+round, request bytes built before it, a call timed from right before its bytes are written to
+the socket to the protocol callback that parses its response's last (for 2: first body) byte,
+the garbage collector off during a round. An aiohttp client in the bench's own process, as
+before, put tens of ms of its own scheduling into both sides' p99 (direct p99 77 ms at 200 in
+flight). The fake upstream freezes its start-up objects out of the collector's view too.
 
 Targets (issue 15): added p50 <= 1 ms, p99 <= 5 ms; ``--write-results`` replaces the "Proxy"
-section of bench/RESULTS.md. The load generator is an aiohttp client in this process: its own cost
-is in both sides of each difference. ``--py-spy OUT`` samples the gateway during the proxied rounds
-(raw collapsed stacks to OUT) and prints where its CPU went.
+section of bench/RESULTS.md. ``--py-spy OUT`` samples the gateway during the first proxied
+round (raw collapsed stacks to OUT) and prints where its CPU went.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import random
@@ -48,6 +67,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.loadgen import Generators, request_bytes  # noqa: E402
 from bench.profile import cpu_seconds, hot_spots, start_py_spy  # noqa: E402
 from bench.stage_bench import machine, replace_section  # noqa: E402
 from spendstream.ports import free_port  # noqa: E402
@@ -88,7 +108,13 @@ def serve_upstream(port: int, delay_ms: int = 0) -> None:
 
         return StreamingResponse(gen(), media_type="text/event-stream")
 
-    app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> Any:
+        gc.collect()
+        gc.freeze()  # its start-up objects out of the collector's view (as the gateway's server does)
+        yield
+
+    app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])], lifespan=lifespan)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", loop="uvloop", http="httptools")
 
 
@@ -107,6 +133,8 @@ def _session(connections: int) -> aiohttp.ClientSession:
 
 
 DELAY_HEADER = "x-bench-model-ms"
+#: ``--dump``: [port, call index, started (s into its round), latency less model time] of every timed call
+DUMP: list[list[Any]] | None = None
 
 
 def model_times(n: int, mean_ms: int, seed: int = 15) -> list[int]:
@@ -116,39 +144,50 @@ def model_times(n: int, mean_ms: int, seed: int = 15) -> list[int]:
     return [rng.randint(mean_ms // 2, mean_ms * 3 // 2) for _ in range(n)] if mean_ms else [0] * n
 
 
-async def latencies(url: str, headers: dict[str, str], n: int, concurrency: int, mean_ms: int = 0) -> list[float]:
-    """Per-call latency less the model time the upstream was asked to take (``DELAY_HEADER``)."""
-    out: list[float] = []
+async def warm_up(url: str, headers: dict[str, str], n: int, concurrency: int) -> None:
+    """Calls through an aiohttp client (not timed): caches, the gateway's upstream connections."""
     payload = json.dumps(BODY).encode()
-    delays = model_times(n, mean_ms)
     async with _session(concurrency) as client:
         queue = iter(range(n))
 
         async def worker() -> None:
-            for i in queue:
-                sent = {**headers, DELAY_HEADER: str(delays[i])} if delays[i] else headers
-                started = time.perf_counter()
-                async with client.post(url, data=payload, headers=sent) as r:
+            for _ in queue:
+                async with client.post(url, data=payload, headers=headers) as r:
                     await r.read()
-                    out.append(time.perf_counter() - started - delays[i] / 1000)
                     assert r.status == 200, r.status
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def latencies(
+    gens: Generators, port: int, path: str, headers: dict[str, str], n: int, concurrency: int, mean_ms: int = 0
+) -> dict[int, float]:
+    """Call index -> latency less the model time the upstream was asked to take (``DELAY_HEADER``)."""
+    payload = json.dumps(BODY).encode()
+    delays = model_times(n, mean_ms)
+    requests = [
+        (i, request_bytes("POST", f"127.0.0.1:{port}", path, {**headers, DELAY_HEADER: str(delays[i])}, payload))
+        for i in range(n)
+    ]
+    out: dict[int, float] = {}
+    # the calls in flight start spread over one mean model time, as they are spread in the steady
+    # state: all at once, the round would open with a burst of `concurrency` calls queueing
+    for i, elapsed, status, started in gens.run("127.0.0.1", port, requests, concurrency, ramp_s=mean_ms / 1000):
+        assert status == 200, status
+        out[i] = elapsed - delays[i] / 1000
+        if DUMP is not None:
+            DUMP.append([port, i, started, out[i]])
+    assert len(out) == n, (len(out), n)
     return out
 
 
-async def ttfb(url: str, headers: dict[str, str], n: int) -> list[float]:
+def ttfb(gens: Generators, port: int, path: str, headers: dict[str, str], n: int) -> list[float]:
     """Time to the first body byte of a stream, one stream at a time."""
-    out = []
     payload = json.dumps({**BODY, "stream": True}).encode()
-    async with _session(4) as client:
-        for _ in range(n):
-            started = time.perf_counter()
-            async with client.post(url, data=payload, headers=headers) as r:
-                await r.content.readany()
-                out.append(time.perf_counter() - started)
-                await r.read()
-    return out
+    request = request_bytes("POST", f"127.0.0.1:{port}", path, headers, payload)
+    times = gens.run("127.0.0.1", port, [(i, request) for i in range(n)], 1, first_byte=True)
+    assert all(status == 200 for _, _, status, _ in times)
+    return [elapsed for _, elapsed, _, _ in times]
 
 
 def rss(pid: int) -> int:
@@ -219,7 +258,10 @@ def render(result: dict[str, Any], command: str, hot: str) -> str:
         "Latency the AI API proxy (`/proxy/openai/v1/...`, docs/proxy.md) adds over calling the fake upstream "
         "directly, and memory per open stream; see `bench/bench_proxy.py` for the method (own embedded broker and "
         "ClickHouse, a fake OpenAI upstream and the gateway in their own processes, direct and proxied rounds "
-        "alternated, passthrough auth, an aiohttp load generator).",
+        "alternated with the same calls, passthrough auth) and `bench/loadgen.py` for the load generators "
+        f"({r['generators']} processes of their own, a keep-alive connection per call in flight, each call timed "
+        "from right before its request is written to the parse of its response's last byte, GC off in a round; "
+        "the calls in flight start spread over one mean model time, as in the steady state).",
         "",
         f"Command: `{command}`",
         f"Machine: {machine()}.",
@@ -235,7 +277,8 @@ def render(result: dict[str, Any], command: str, hot: str) -> str:
         f"| stream time to first byte, p99 ms | {r['ttfb_direct_p99_ms']} | {r['ttfb_proxy_p99_ms']} | "
         f"{r['ttfb_added_p99_ms']} | <= 5 ms: {verdict(result['ttfb_added_p99_ms'], 5)} |",
         "",
-        f"{r['calls_each']} calls each way; {r['ttfb_streams']} streams each way for time to first byte. Gateway "
+        f"{r['calls_each']} calls each way; median of the per-call differences (call i proxied less call i "
+        f"direct): {r['paired_diff_p50_ms']} ms. {r['ttfb_streams']} streams each way for time to first byte. Gateway "
         f"CPU per proxied call: {r['gateway_cpu_us_per_call']} µs (its idle CPU over the same time subtracted). "
         f"Memory: {r['open_streams']} streams held open through the proxy raised the gateway's RSS from "
         f"{r['gateway_rss_before_mb']} to {r['gateway_rss_streams_mb']} MiB: {r['bytes_per_open_stream']:.0f} "
@@ -251,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--streams", type=int, default=200)
+    parser.add_argument("--generators", type=int, default=2, help="load generator processes (bench/loadgen.py)")
+    parser.add_argument("--dump", type=Path, help="write every timed non-streaming call here (JSON), for analysis")
     parser.add_argument("--smoke", action="store_true", help="a few calls only: checks that the bench runs")
     parser.add_argument("--py-spy", type=Path, help="sample the gateway during the proxied rounds (raw output here)")
     parser.add_argument("--write-results", action="store_true", help='replace the "Proxy" section of bench/RESULTS.md')
@@ -305,43 +350,53 @@ def main(argv: list[str] | None = None) -> int:
         gw = f"http://127.0.0.1:{settings.gateway.port}"
         wait_http(f"http://127.0.0.1:{up_port}/")
         wait_http(gw + "/healthz")
-        direct_url, proxy_url = (
-            f"http://127.0.0.1:{up_port}/v1/chat/completions",
-            gw + "/proxy/openai/v1/chat/completions",
-        )
+        gw_port = settings.gateway.port
+        direct_path, proxy_path = "/v1/chat/completions", "/proxy/openai/v1/chat/completions"
+        proxy_url = gw + proxy_path
         # passthrough mode: the same provider headers both ways, the Spendstream key added
         headers = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
         proxied = {**headers, "X-Spendstream-Key": ADMIN}
-        asyncio.run(latencies(proxy_url, proxied, 50, 10))  # warm up (catalog, connections)
+        asyncio.run(warm_up(proxy_url, proxied, 50, 10))  # warm up (catalog, connections)
         # memory per open stream first: the rounds below leave freed memory the process would reuse
         before, during = asyncio.run(stream_memory(proxy_url, proxied, args.streams, gateway.pid))
-        asyncio.run(latencies(proxy_url, proxied, 200, 20))
-        asyncio.run(latencies(direct_url, headers, 200, 20))
+        gens = Generators(args.generators)
+        procs.extend(gens.procs)
+        latencies(gens, gw_port, proxy_path, proxied, 400, args.concurrency)
+        latencies(gens, up_port, direct_path, headers, 400, args.concurrency)
         # what the gateway spends with no call (key, budget and provider-key reloads), per second
         idle_started, idle_cpu = time.monotonic(), cpu_seconds(gateway.pid)
         time.sleep(3)
         idle_rate = (cpu_seconds(gateway.pid) - idle_cpu) / (time.monotonic() - idle_started)
 
+        global DUMP
+        DUMP = [] if args.dump else None
         direct: list[float] = []
         through: list[float] = []
+        pair_diffs: list[float] = []  # call i proxied less call i direct, same round pair
         gateway_cpu = 0.0
         spy = None
         for i in range(args.rounds):
-            direct += asyncio.run(latencies(direct_url, headers, args.requests, args.concurrency, args.upstream_ms))
+            d = latencies(gens, up_port, direct_path, headers, args.requests, args.concurrency, args.upstream_ms)
             cpu_before, wall_before = cpu_seconds(gateway.pid), time.monotonic()
             if args.py_spy and i == 0:
                 spy = start_py_spy(gateway.pid, 600, args.py_spy, rate=200)
-            through += asyncio.run(latencies(proxy_url, proxied, args.requests, args.concurrency, args.upstream_ms))
+            p = latencies(gens, gw_port, proxy_path, proxied, args.requests, args.concurrency, args.upstream_ms)
             if spy is not None and i == 0:
                 spy.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
                 spy.wait(30)
             gateway_cpu += cpu_seconds(gateway.pid) - cpu_before - idle_rate * (time.monotonic() - wall_before)
+            direct += d.values()
+            through += p.values()
+            pair_diffs += [p[k] - d[k] for k in d]
         n_streams = max(20, args.requests // 20)
         t_direct: list[float] = []
         t_proxy: list[float] = []
         for _ in range(args.rounds):
-            t_direct += asyncio.run(ttfb(direct_url, headers, n_streams))
-            t_proxy += asyncio.run(ttfb(proxy_url, proxied, n_streams))
+            t_direct += ttfb(gens, up_port, direct_path, headers, n_streams)
+            t_proxy += ttfb(gens, gw_port, proxy_path, proxied, n_streams)
+        gens.close()
+        if args.dump:
+            args.dump.write_text(json.dumps({"direct_port": up_port, "proxy_port": gw_port, "calls": DUMP}))
 
         ms = 1000
         result = {
@@ -351,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             "direct_p99_ms": pct(direct, 0.99) * ms, "proxy_p99_ms": pct(through, 0.99) * ms,
             "added_p50_ms": (pct(through, 0.5) - pct(direct, 0.5)) * ms,
             "added_p99_ms": (pct(through, 0.99) - pct(direct, 0.99)) * ms,
+            "paired_diff_p50_ms": pct(pair_diffs, 0.5) * ms, "generators": args.generators,
             # CPU the gateway spent per proxied call (forwarding, metering, publishing): a shared box
             # does not inflate it, unlike the latencies
             "gateway_cpu_us_per_call": gateway_cpu / len(through) * 1e6,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import msgspec
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -120,6 +121,19 @@ def parse_tags(value: str) -> dict[str, str]:
     if len(tags) > logic.MAX_TAGS:
         raise ValueError(f"at most {logic.MAX_TAGS} tags")
     return tags
+
+
+def _read_headers(raw: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """One pass over a request's headers: all of them by name (the last of a repeated one), and
+    those that may go upstream, in order (auth headers included: ``_open`` replaces them)."""
+    headers: dict[str, str] = {}
+    forwarded: list[tuple[str, str]] = []
+    for k, v in raw:
+        name, value = k.decode("latin-1"), v.decode("latin-1")
+        headers[name] = value
+        if k not in _DROP_REQUEST and not k.startswith(_SPENDSTREAM):
+            forwarded.append((name, value))
+    return headers, forwarded
 
 
 def route(path: str) -> tuple[str, str] | None:
@@ -222,7 +236,7 @@ class Proxy:
         tenant_calls = self._tenant_calls
         tenant: str | None = None
         try:
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            headers, forwarded = _read_headers(scope["headers"])
             principal, auth, default_project = await self._authenticate(headers, provider)
             tenant = principal.tenant
             held = tenant_calls.get(tenant, 0)
@@ -233,8 +247,8 @@ class Proxy:
                     "retry shortly", retry_after_s=1,
                 )  # fmt: skip
             tenant_calls[tenant] = held + 1
-            call, upstream = await self._open(scope, receive, headers, provider, request_id, principal, auth,
-                                              default_project)  # fmt: skip
+            call, upstream = await self._open(scope, receive, headers, forwarded, provider, request_id, principal,
+                                              auth, default_project)  # fmt: skip
         except ProxyError as exc:
             if tenant is not None:
                 self._release_tenant(tenant)
@@ -321,8 +335,8 @@ class Proxy:
         return out
 
     async def _open(
-        self, scope: Scope, receive: Receive, headers: dict[str, str], provider: str, request_id: str,
-        principal: keys.Principal, auth: dict[str, str], default_project: str,
+        self, scope: Scope, receive: Receive, headers: dict[str, str], forwarded: list[tuple[str, str]],
+        provider: str, request_id: str, principal: keys.Principal, auth: dict[str, str], default_project: str,
     ) -> tuple[Call, aiohttp.ClientResponse]:  # fmt: skip
         """Read and check the request, reserve, send it upstream: the call and the upstream's
         response (its headers read, its body not yet)."""
@@ -344,12 +358,9 @@ class Proxy:
         )  # fmt: skip
         if method == "POST":
             call.reservation = await self._reserve(call, len(body))
-        forwarded = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in scope["headers"]
-            if k not in _DROP_REQUEST and not k.startswith(_SPENDSTREAM) and k.decode("latin-1") not in auth
-        ]
-        forwarded += [(k, v) for k, v in auth.items() if v]  # an empty value: the header is dropped
+        if auth:  # the auth headers replaced (an empty value: the header is dropped)
+            forwarded = [(k, v) for k, v in forwarded if k not in auth]
+            forwarded += [(k, v) for k, v in auth.items() if v]
         forwarded.append(_IDENTITY)
         url = f"{self._bases[provider]}/{_upstream_path(scope)}"
         data = call_req.rewritten or body
@@ -433,11 +444,13 @@ class Proxy:
                 "latency_ms": min(latency_ms, logic.MAX_LATENCY_MS),
                 "status": "ok" if call.ok else "error",
             }
-            normalised, errors = logic.validate_event(event, call.ctx)
+            # the contract's own checks, from the dict (validate_event's JSON round trip costs more)
+            validated = logic.validate_objects([event], call.ctx)
+            normalised = next(iter(validated.by_project.values()))[0] if validated.by_project else None
             if call.reservation is not None:
                 now_ms = time.time_ns() // 1_000_000
                 if call.tokens is not None and normalised is not None:
-                    cost = costs.cost_nanos(self._catalog, normalised)
+                    cost = costs.cost_nanos(self._catalog, msgspec.to_builtins(normalised))
                     self.ledger.settle(call.reservation, call.reservation.amount if cost is None else cost, now_ms)
                 elif 200 <= call.status < 300:
                     # answered, usage unknown (a stream cut before its usage): assume the most
@@ -446,6 +459,7 @@ class Proxy:
                     self.ledger.release(call.reservation)
             self._calls[call.provider, event["status"]].inc()
             if normalised is None:
+                errors = validated.rejected[0]["errors"] if validated.rejected else []
                 log.error("proxy call %s made an invalid event (%s); not recorded", call.request_id, errors)
                 self.metrics.invalid_events.inc()
                 return
@@ -495,18 +509,33 @@ class Forwarding:
         if not self.sse:
             await self._forward(send)
             return
-        forward = asyncio.ensure_future(self._forward(send))
+        # the forwarding runs in this task, from its first byte on (no task to start first); a
+        # watcher task cancels it when the client hangs up
+        task = asyncio.current_task()
+        assert task is not None
+        forwarding = True
+        hung_up = False
+
+        def on_watch_done(watch: asyncio.Task[None]) -> None:
+            nonlocal hung_up
+            if not watch.cancelled():
+                watch.exception()  # retrieved: whatever ended the watch, the forwarding stops
+            if forwarding and not watch.cancelled():
+                hung_up = True
+                task.cancel()  # the client is gone: the event says error, with the usage so far
+
         watch = asyncio.ensure_future(_disconnected(receive))
+        watch.add_done_callback(on_watch_done)
         try:
-            await asyncio.wait((forward, watch), return_when=asyncio.FIRST_COMPLETED)
+            # its own finally (close upstream, settle, record) runs to its end; UpstreamCut
+            # propagates: the server aborts the client's connection
+            await self._forward(send)
+        except asyncio.CancelledError:
+            if not hung_up or task.uncancel() > 0:
+                raise  # cancelled from outside (the server shuts down)
         finally:
-            if not forward.done():
-                forward.cancel()  # the client is gone: the event says error, with the usage so far
+            forwarding = False
             watch.cancel()
-            # the forwarding's own finally (close upstream, settle, record) runs to its end
-            await asyncio.gather(forward, watch, return_exceptions=True)
-        if not forward.cancelled():
-            forward.result()  # UpstreamCut: the server aborts the client's connection
 
     async def _forward(self, send: Send) -> None:
         call, upstream, cfg = self.call, self.upstream, self.proxy._cfg
@@ -520,7 +549,9 @@ class Forwarding:
         cut: BaseException | None = None
         try:
             await send({"type": "http.response.start", "status": upstream.status, "headers": self.raw_headers})
-            async for chunk in upstream.content.iter_any():
+            content = upstream.content
+            ended = False
+            while chunk := await content.readany():
                 if splitter is not None and meter is not None and ok_status:
                     out = [raw for raw, parse in splitter.feed(chunk) if not parse or meter.event(raw)]
                     if not out:
@@ -535,12 +566,18 @@ class Forwarding:
                             joined = b"".join(kept)
                             head, tail, kept = joined[:HEAD_BYTES], joined[-TAIL_BYTES:], []
                         tail = (tail + chunk)[-TAIL_BYTES:]
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if splitter is not None:
-                rest = splitter.flush()
-                if rest:
-                    await send({"type": "http.response.body", "body": rest, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                # the upstream's last bytes (a whole body usually comes with its headers): the
+                # response ends with them, not with one more, empty, message
+                ended = splitter is None and content.is_eof()
+                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+                if ended:
+                    break
+            if not ended:
+                if splitter is not None:
+                    rest = splitter.flush()
+                    if rest:
+                        await send({"type": "http.response.body", "body": rest, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
             complete = True
         except _CUT as exc:
             # the upstream cut the response: so is the client's (the server aborts the connection,
