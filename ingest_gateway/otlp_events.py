@@ -1,0 +1,463 @@
+"""OTLP protobuf trace exports -> finished contract v1 ``Event`` structs, in one pass per export.
+
+What ``POST /otlp/v1/traces`` does with a body between reading it and publishing. The result is
+what mapping each model-call span to an event object (spendstream/otel/mapping.py) and validating
+those objects like posted events (``logic.validate_objects``: the ``Event`` types and limits, then
+``_finish``) gives, event for event and rejection for rejection, at a fraction of the CPU:
+
+- The body is decoded once, as a ``TraceView`` (spendstream/otel/wire.py): the request's own
+  classes except that a span's attributes stay encoded, each distinct encoding decoded once by
+  ``mapping.attribute_pairs`` (which checks it as ``ExportTraceServiceRequest`` would). A body the
+  view cannot read, or an attribute that cannot be judged alone (nested very deep), is decoded
+  with ``ExportTraceServiceRequest``, which alone decides validity (400), and mapped by the
+  reference rules (``mapping.map_export_reference``).
+- A model-call span on the common route becomes the finished ``Event`` directly: the mapping
+  rules of ``mapping._event`` on the typed values, then the checks the ``Event`` conversion and
+  ``_finish`` would make (string lengths, token ranges and subsets, the future limit, provider and
+  model normal forms, the project from the tenant's rules or ``otel.default_project``), each on
+  the value as it is taken. What the resource gives its spans is checked once per resource, what
+  depends only on a span's attribute names once per tuple of names (``mapping.Shape``).
+- A span that one of those checks would reject, or on a less common route (client cost, a count
+  sent as a double or a string, a resource attribute too long, a missing provider...), is mapped
+  by ``mapping._event`` and validated by ``logic.validate_objects`` as before, so its event or its
+  rejection (reason, field, message) is the one the general path gives.
+
+tests/unit/test_otel_fast_path.py holds the two equal on a seeded corpus of every dialect, value
+type and failure, and ``bench.otlp_cpu`` measures the CPU per span in process.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from ingest_gateway import logic
+from ingest_gateway.errors import BodyError
+from ingest_gateway.logic import Event, RequestContext, Validated, normalise_names, validate_objects
+from spendstream.otel import mapping
+from spendstream.otel.mapping import (
+    ABSENT,
+    MODEL_OPERATIONS,
+    TAG_PREFIX,
+    MappedExport,
+    Shape,
+    UncheckedAttribute,
+    attributes,
+    first_at,
+    map_export_reference,
+    operation_of,
+    provider_id,
+    shape_of,
+)
+from spendstream.otel.wire import OtlpDecodeError, count_spans, decode_protobuf, decode_view, hex_id
+from spendstream.project_mappings import RuleSet
+
+_event = mapping._event
+_emitter = mapping._emitter
+_inherited = mapping._inherited
+_resource_defaults = mapping._resource_defaults
+_timestamp = mapping._timestamp
+_learn = mapping._learn
+_SpanError = mapping._SpanError
+_PAIRS = mapping._PAIRS
+_SHAPES = mapping._SHAPES
+_SECONDS = mapping._SECONDS
+_MAX_LATENCY_MS = mapping._MAX_LATENCY_MS
+_input_excludes_cache = mapping.input_excludes_cache
+_key = operator.itemgetter(0)
+
+_MAX_TOKENS = logic.MAX_TOKENS
+_MAX_ID = logic.MAX_ID_LEN
+_MAX_NAME = logic.MAX_MODEL_LEN
+_MAX_ATTRIBUTION = logic.MAX_ATTRIBUTION_LEN
+_MAX_SESSION_TYPE = logic.MAX_SESSION_TYPE_LEN
+_MAX_TAGS = logic.MAX_TAGS
+_MAX_TAG_KEY = logic.MAX_TAG_KEY_LEN
+_MAX_TAG_VALUE = logic.MAX_TAG_VALUE_LEN
+assert mapping.MAX_TOKENS_PER_EVENT == _MAX_TOKENS
+#: the count fields that are parts of input_tokens / of output_tokens (the Event's subset checks)
+_INPUT_PARTS = frozenset(("cache_read_tokens", "cache_write_tokens", "input_audio_tokens"))
+_OUTPUT_PARTS = frozenset(("reasoning_tokens", "output_audio_tokens"))
+_CACHE_FIELDS = mapping._CACHE_FIELDS
+assert logic.TOKEN_PARENTS.keys() == _INPUT_PARTS | _OUTPUT_PARTS | {"cache_write_1h_tokens"}
+
+#: a call span the mapping rejected (its reason is in ``MappedExport.rejected``)
+_REJECTED = object()
+#: ``_build``: this span takes the general route
+_GENERAL = object()
+
+
+class _Resource:
+    """What one resource gives its spans (``mapping._resource_defaults``), and whether all of it
+    passes the ``Event`` limits (else its spans take the general route)."""
+
+    __slots__ = ("defaults", "project", "agent", "user", "session_id", "label", "kind", "tags", "ok")
+
+    def __init__(self, resource: dict[str, Any]):
+        self.defaults = d = _resource_defaults(resource)
+        self.project, self.agent, self.user = d["project"], d["agent"], d["user"]
+        self.session_id, self.label, self.kind = d["session_id"], d["session_label"], d["session_type"]
+        tags: dict[str, str] = d["tags"]
+        self.tags = tags or None
+        self.ok = (
+            _fits(self.project, _MAX_ID)
+            and _fits(self.agent, _MAX_ID)
+            and _fits(self.user, _MAX_ATTRIBUTION)
+            and _fits(self.session_id, _MAX_ATTRIBUTION)
+            and _fits(self.label, _MAX_ATTRIBUTION)
+            and _fits(self.kind, _MAX_SESSION_TYPE)
+            and len(tags) <= _MAX_TAGS
+            and all(len(k) <= _MAX_TAG_KEY and len(v) <= _MAX_TAG_VALUE for k, v in tags.items())
+        )
+
+
+def _fits(value: str | None, limit: int) -> bool:
+    return value is None or len(value) <= limit
+
+
+class _Request:
+    """What every span of one export shares."""
+
+    __slots__ = ("client_cost", "ctx", "latest_ms", "rules", "default_project", "rejections")
+
+    def __init__(self, client_cost: bool, ctx: RequestContext, rules: RuleSet, default_project: str):
+        self.client_cost = client_cost
+        self.ctx = ctx
+        #: the latest event time accepted, ms (``_finish`` compares the canonical strings: the same)
+        self.latest_ms = ctx.received_ms + logic._MAX_FUTURE_MS
+        self.rules = rules
+        self.default_project = default_project
+        #: (position among the call spans, span ref, reason) of the mapping's rejections
+        self.rejections: list[tuple[int, str, str]] = []
+
+
+def map_and_validate(
+    body: bytes,
+    *,
+    client_cost: bool,
+    max_spans: int,
+    rules: RuleSet,
+    default_project: str,
+    ctx: RequestContext,
+) -> tuple[MappedExport, Validated]:
+    """The model-call spans of a protobuf ``ExportTraceServiceRequest`` as validated events (module
+    doc). ``MappedExport`` counts the spans and lists the mapping's rejections (its ``events`` stay
+    empty); ``Validated`` holds the events by project and the validation's rejections.
+    ``OtlpDecodeError`` for a malformed body, ``BodyError`` 413 for more than ``max_spans`` spans."""
+    req = _Request(client_cost, ctx, rules, default_project)
+    try:
+        view = decode_view(body)
+    except DecodeError:
+        return _general(body, req, max_spans)
+    if count_spans(view) > max_spans:
+        return _general(body, req, max_spans)
+    try:
+        return _map(view, req)
+    except UncheckedAttribute:
+        return _general(body, req, max_spans)
+
+
+def _general(body: bytes, req: _Request, max_spans: int) -> tuple[MappedExport, Validated]:
+    """The request decoded whole (400 when it is not valid) and mapped by the reference rules."""
+    request = decode_protobuf(body)
+    spans = count_spans(request)
+    if spans > max_spans:
+        raise BodyError(
+            413, "too_many_spans", f"{spans} spans in one export, more than {max_spans}: export smaller batches"
+        )
+    mapped = map_export_reference(request, client_cost=req.client_cost)
+    for ev in mapped.events:
+        _project_of_object(ev, req)
+    result = validate_objects(mapped.events, req.ctx)
+    mapped.events.clear()
+    return mapped, result
+
+
+def _project_of_object(ev: dict[str, Any], req: _Request) -> None:
+    if "project" not in ev:
+        ev["project"] = (
+            req.rules.project_for(ev.get("agent", "default"), ev.get("session_label")) or req.default_project
+        )
+
+
+def _map(view: Any, req: _Request) -> tuple[MappedExport, Validated]:
+    out = MappedExport()
+    pair_of = _PAIRS.get
+    shape_for = _SHAPES.get
+    # (span, its agent name, its conversation id) of every span, for inheritance
+    seen: list[tuple[Any, str | None, str | None]] = []
+    #: per model-call span in export order: its Event, its event object (general route) or _REJECTED
+    items: list[Any] = []
+    #: call spans that inherit their agent or conversation from an ancestor: built once all are seen
+    deferred: list[tuple[int, Any, list[Any], Shape, str | None, Any, Any, _Resource, str]] = []
+    for resource_spans in view.resource_spans:
+        resource = attributes(resource_spans.resource.attributes)
+        base = _Resource(resource)
+        for scope_spans in resource_spans.scope_spans:
+            emitter = _emitter(resource, scope_spans.scope.name)
+            for span in scope_spans.spans:
+                raws = span.attributes
+                pairs = list(map(pair_of, raws))
+                try:
+                    names = tuple(map(_key, pairs))
+                except TypeError:  # an encoding not seen yet (None)
+                    pairs = [pair or _learn(raw) for pair, raw in zip(pairs, raws)]
+                    names = tuple(map(_key, pairs))
+                pairs.append(ABSENT)  # index -1: an attribute the span does not have
+                shape = shape_for(names) or shape_of(names)
+                agent = pairs[shape.agent][1]
+                if agent is not None and (type(agent) is not str or not agent.strip()):
+                    agent = None  # as _first(attrs, _AGENT)
+                conversation = first_at(pairs, shape.sessions) if shape.sessions else None
+                seen.append((span, agent, conversation))
+                op = pairs[shape.op][1]
+                if type(op) is str and op:  # the common case of operation_of
+                    if op not in MODEL_OPERATIONS:
+                        continue
+                elif shape.other_call:
+                    op, is_call = operation_of(_attrs(pairs))
+                    if not is_call:
+                        continue
+                else:
+                    continue
+                if agent is None or conversation is None:
+                    deferred.append((len(items), span, pairs, shape, op, agent, conversation, base, emitter))
+                    items.append(None)
+                    continue
+                ev = _build(span, pairs, shape, op, agent, conversation, base, emitter, req)
+                if ev is _GENERAL:
+                    ev = _general_span(span, pairs, op, agent, conversation, base, emitter, req, len(items))
+                items.append(ev)
+    out.spans = len(seen)
+    out.ignored = len(seen) - len(items)
+    if deferred:
+        index = {(s.trace_id, s.span_id): (s.parent_span_id, a, c) for s, a, c in seen}
+        for position, span, pairs, shape, op, agent, conversation, base, emitter in deferred:
+            agent = agent or _inherited(span, index, 1)
+            conversation = conversation or _inherited(span, index, 2)
+            ev = _build(span, pairs, shape, op, agent, conversation, base, emitter, req)
+            if ev is _GENERAL:
+                ev = _general_span(span, pairs, op, agent, conversation, base, emitter, req, position)
+            items[position] = ev
+        req.rejections.sort(key=_position)
+    out.rejected = [(ref, reason) for _, ref, reason in req.rejections]
+    return out, _collect(items, req)
+
+
+def _attrs(pairs: list[Any]) -> dict[str, Any]:
+    """The ``{name: value}`` the rules of spendstream/otel/mapping.py read (``ABSENT`` left out)."""
+    attrs = dict(pairs)
+    attrs.pop(None, None)
+    return attrs
+
+
+def _position(rejection: tuple[int, str, str]) -> int:
+    return rejection[0]
+
+
+def _collect(items: list[Any], req: _Request) -> Validated:
+    """Group the events by project; validate the event objects of the general route as before."""
+    by_project: dict[str, list[Event]] = {}
+    event_ids: list[str] = []
+    rejected: list[dict[str, Any]] = []
+    index = 0  # among the mapped events, as validate_objects numbers them
+    for item in items:
+        if item is _REJECTED:
+            continue
+        if type(item) is not Event:  # an event object: the general route
+            _project_of_object(item, req)
+            one = validate_objects([item], req.ctx)
+            if one.rejected:
+                (r,) = one.rejected
+                r["index"] = index
+                rejected.append(r)
+                index += 1
+                continue
+            ((item,),) = one.by_project.values()
+        index += 1
+        event_ids.append(item.event_id)
+        group = by_project.get(item.project)
+        if group is None:
+            by_project[item.project] = [item]
+        else:
+            group.append(item)
+    return Validated(by_project, event_ids, rejected)
+
+
+def _general_span(
+    span: Any,
+    pairs: list[Any],
+    op: str | None,
+    agent: str | None,
+    conversation: str | None,
+    base: _Resource,
+    emitter: str,
+    req: _Request,
+    position: int,
+) -> Any:
+    """The span's event object by ``mapping._event`` (validated later), or _REJECTED with its
+    reason noted at the span's position among the calls."""
+    attrs = _attrs(pairs)
+    tags = {name: value for name, value in attrs.items() if name.startswith(TAG_PREFIX)} or None
+    try:
+        return _event(span, attrs, tags, op, agent, conversation, base.defaults, emitter, req.client_cost)
+    except _SpanError as exc:
+        req.rejections.append((position, f"{hex_id(span.trace_id)}/{hex_id(span.span_id)}", str(exc)))
+        return _REJECTED
+
+
+#: (model, provider name) as a span gives them -> (provider id, provider, model) of the finished
+#: event, or None when the Event checks would turn them down (bounded: emptied when full)
+_NAMES: dict[tuple[str, str | None], tuple[str | None, str, str] | None] = {}
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
+_SECONDS = mapping._SECONDS
+
+
+def _names(model: str, name: str | None) -> tuple[str | None, str, str] | None:
+    provider = provider_id(name) if name else None
+    names: tuple[str | None, str, str] | None = None
+    if len(model) <= _MAX_NAME and (not provider or len(provider) <= _MAX_NAME):
+        canonical_provider, canonical_model = normalise_names(provider or None, model)
+        if canonical_provider and canonical_model:
+            names = (provider, canonical_provider, canonical_model)
+    if len(_NAMES) >= 4096:
+        _NAMES.clear()
+    _NAMES[model, name] = names
+    return names
+
+
+def _build(
+    span: Any,
+    pairs: list[Any],
+    shape: Shape,
+    op: str | None,
+    agent: str | None,
+    conversation: str | None,
+    base: _Resource,
+    emitter: str,
+    req: _Request,
+) -> Any:
+    """The finished ``Event`` of a model-call span on the common route, else _GENERAL. Mirrors
+    ``mapping._event`` followed by the project rule, the ``Event`` conversion and
+    ``logic._finish``; each ``return _GENERAL`` is a place where those would take another turn."""
+    if not base.ok or (req.client_cost and pairs[shape.cost][1] is not None):
+        return _GENERAL
+    trace_id, span_id = span.trace_id, span.span_id
+    if len(trace_id) != 16 or len(span_id) != 8 or (op and len(op) > _MAX_ATTRIBUTION):
+        return _GENERAL
+    model = first_at(pairs, shape.models)
+    if model is None:
+        return _GENERAL
+    name = first_at(pairs, shape.providers)
+    names = _NAMES.get((model, name), _GENERAL)
+    if names is _GENERAL:
+        names = _names(model, name)
+    if names is None:
+        return _GENERAL
+    provider, canonical_provider, canonical_model = names
+
+    # input, output, cache read, cache write, reasoning, input audio, output audio (TOKEN_ATTRIBUTES)
+    counts = [0, 0, 0, 0, 0, 0, 0]
+    for at, position in shape.counts:
+        value = pairs[at][1]
+        if type(value) is not int or value < 0 or value > _MAX_TOKENS:
+            return _GENERAL  # a later name, a double or a digit string, or a rejection: mapping._event reads it
+        counts[position] = value
+    input_tokens, output_tokens, cache_read, cache_write, reasoning, input_audio, output_audio = counts
+    if (cache := cache_read + cache_write) and (_input_excludes_cache(provider, emitter) or cache > input_tokens):
+        input_tokens += cache
+    if input_tokens > _MAX_TOKENS or cache + input_audio > input_tokens or reasoning + output_audio > output_tokens:
+        return _GENERAL
+
+    start_ns, end_ns = span.start_time_unix_nano, span.end_time_unix_nano
+    if at_ns := end_ns or start_ns:
+        at_ms = at_ns // 1_000_000
+        if at_ms > req.latest_ms:
+            return _GENERAL
+        seconds, millis = divmod(at_ms, 1000)
+        prefix = _SECONDS.get(seconds)
+        timestamp = _timestamp(at_ns) if prefix is None else prefix + _MILLIS[millis]
+    else:
+        timestamp = req.ctx.received_at_str
+
+    if shape.attribution is not None:
+        projects, users, labels, kinds = shape.attribution
+        project = first_at(pairs, projects) or base.project
+        user = first_at(pairs, users) or base.user
+        label = first_at(pairs, labels) or base.label
+        kind = first_at(pairs, kinds) or base.kind
+        if not (
+            _fits(project, _MAX_ID)
+            and _fits(user, _MAX_ATTRIBUTION)
+            and _fits(label, _MAX_ATTRIBUTION)
+            and _fits(kind, _MAX_SESSION_TYPE)
+        ):
+            return _GENERAL
+    else:
+        project, user, label, kind = base.project, base.user, base.label, base.kind
+    agent = agent or base.agent or "default"
+    conversation = conversation or base.session_id
+    if len(agent) > _MAX_ID or (conversation and len(conversation) > _MAX_ATTRIBUTION):
+        return _GENERAL
+    if project is None:
+        project = req.rules.project_for(agent, label) or req.default_project
+        if not project or len(project) > _MAX_ID or project.isspace():
+            return _GENERAL
+
+    tags = base.tags
+    if shape.tags:
+        tags = dict(tags) if tags else {}
+        for at, key in shape.tags:
+            value = pairs[at][1]
+            if value is not None:
+                if type(value) is not str:
+                    value = str(value)
+                if len(value) > _MAX_TAG_VALUE or len(key) > _MAX_TAG_KEY:
+                    return _GENERAL
+                tags[key] = value
+        if len(tags) > _MAX_TAGS:
+            return _GENERAL
+
+    ev = Event(
+        event_id=f"otel-{trace_id.hex()}-{span_id.hex()}",
+        timestamp=timestamp,
+        project=project,
+        agent=agent,
+        provider=canonical_provider,
+        model=canonical_model,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        status="error" if span.status.code == 2 else "ok",  # STATUS_CODE_ERROR
+    )
+    # (set one by one: msgspec's keyword path slows down when a default is passed explicitly)
+    if start_ns and end_ns >= start_ns:
+        latency = (end_ns - start_ns) // 1_000_000
+        ev.latency_ms = latency if latency < _MAX_LATENCY_MS else _MAX_LATENCY_MS
+    if op:
+        ev.operation = op
+    if user:
+        ev.user = user
+    if conversation:
+        ev.session_id = conversation
+    if label:
+        ev.session_label = label
+    if kind:
+        ev.session_type = kind
+    if tags:
+        ev.tags = tags
+    if cache_read:
+        ev.cache_read_tokens = cache_read
+    if cache_write:
+        ev.cache_write_tokens = cache_write
+    if reasoning:
+        ev.reasoning_tokens = reasoning
+    if input_audio:
+        ev.input_audio_tokens = input_audio
+    if output_audio:
+        ev.output_audio_tokens = output_audio
+    return ev
+
+
+__all__ = ["OtlpDecodeError", "map_and_validate"]
