@@ -31,6 +31,7 @@ from __future__ import annotations
 import operator
 from typing import Any
 
+import msgspec
 from google.protobuf.message import DecodeError
 
 from ingest_gateway import logic
@@ -66,6 +67,8 @@ _SHAPES = mapping._SHAPES
 _SECONDS = mapping._SECONDS
 _MAX_LATENCY_MS = mapping._MAX_LATENCY_MS
 _input_excludes_cache = mapping.input_excludes_cache
+_is_error = mapping.is_error
+_replace = msgspec.structs.replace
 _key = operator.itemgetter(0)
 
 _MAX_TOKENS = logic.MAX_TOKENS
@@ -91,12 +94,13 @@ _GENERAL = object()
 
 class _Resource:
     """What one resource gives its spans (``mapping._resource_defaults``), and whether all of it
-    passes the ``Event`` limits (else its spans take the general route)."""
+    passes the ``Event`` limits (else its spans take the general route). One object per distinct
+    content (:func:`_resource`), so that templates keyed by it serve later exports too."""
 
     __slots__ = ("defaults", "project", "agent", "user", "session_id", "label", "kind", "tags", "ok")
 
-    def __init__(self, resource: dict[str, Any]):
-        self.defaults = d = _resource_defaults(resource)
+    def __init__(self, defaults: dict[str, Any]):
+        self.defaults = d = defaults
         self.project, self.agent, self.user = d["project"], d["agent"], d["user"]
         self.session_id, self.label, self.kind = d["session_id"], d["session_label"], d["session_type"]
         tags: dict[str, str] = d["tags"]
@@ -111,6 +115,21 @@ class _Resource:
             and len(tags) <= _MAX_TAGS
             and all(len(k) <= _MAX_TAG_KEY and len(v) <= _MAX_TAG_VALUE for k, v in tags.items())
         )
+
+
+#: the resource's defaults (as a hashable tuple) -> its _Resource (bounded: emptied when full)
+_RESOURCES: dict[tuple[Any, ...], _Resource] = {}
+
+
+def _resource(resource: dict[str, Any]) -> _Resource:
+    defaults = _resource_defaults(resource)
+    key = tuple(v if k != "tags" else tuple(v.items()) for k, v in defaults.items())
+    base = _RESOURCES.get(key)
+    if base is None:
+        if len(_RESOURCES) >= 1024:
+            _RESOURCES.clear()
+        base = _RESOURCES[key] = _Resource(defaults)
+    return base
 
 
 def _fits(value: str | None, limit: int) -> bool:
@@ -194,11 +213,11 @@ def _map(view: Any, req: _Request) -> tuple[MappedExport, Validated]:
     deferred: list[tuple[int, Any, list[Any], Shape, str | None, Any, Any, _Resource, str]] = []
     for resource_spans in view.resource_spans:
         resource = attributes(resource_spans.resource.attributes)
-        base = _Resource(resource)
+        base = _resource(resource)
         for scope_spans in resource_spans.scope_spans:
             emitter = _emitter(resource, scope_spans.scope.name)
             for span in scope_spans.spans:
-                raws = span.attributes
+                raws = span.attributes[:]  # (a list at once: cheaper than iterating the container)
                 pairs = list(map(pair_of, raws))
                 try:
                     names = tuple(map(_key, pairs))
@@ -210,7 +229,9 @@ def _map(view: Any, req: _Request) -> tuple[MappedExport, Validated]:
                 agent = pairs[shape.agent][1]
                 if agent is not None and (type(agent) is not str or not agent.strip()):
                     agent = None  # as _first(attrs, _AGENT)
-                conversation = first_at(pairs, shape.sessions) if shape.sessions else None
+                conversation = pairs[shape.session][1]
+                if type(conversation) is not str or not conversation.strip():
+                    conversation = first_at(pairs, shape.sessions[1:]) if len(shape.sessions) > 1 else None
                 seen.append((span, agent, conversation))
                 op = pairs[shape.op][1]
                 if type(op) is str and op:  # the common case of operation_of
@@ -308,24 +329,92 @@ def _general_span(
         return _REJECTED
 
 
-#: (model, provider name) as a span gives them -> (provider id, provider, model) of the finished
-#: event, or None when the Event checks would turn them down (bounded: emptied when full)
-_NAMES: dict[tuple[str, str | None], tuple[str | None, str, str] | None] = {}
+#: what a kind of span gives its event besides its counts, times, ids and conversation:
+#: (shape, resource, emitter, operation, agent, rules, default project, the categorical pairs)
+#: -> _Template, or None when the Event checks would turn it down (bounded: emptied when full)
+_TEMPLATES: dict[tuple[Any, ...], tuple[Any, ...] | None] = {}
+_MISSING = object()
 _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
-_SECONDS = mapping._SECONDS
 
 
-def _names(model: str, name: str | None) -> tuple[str | None, str, str] | None:
+def _template(
+    key: tuple[Any, ...],
+    pairs: list[Any],
+    shape: Shape,
+    op: str | None,
+    agent: str | None,
+    base: _Resource,
+    emitter: str,
+    req: _Request,
+) -> tuple[Any, ...] | None:
+    """(cache parts are to be added to the input, the finished event's fields that depend only on
+    the span's kind: project, agent, provider, model, operation, user, session label and type,
+    tags, as an ``Event`` to copy), as ``mapping._event``, the project rule, the Event conversion
+    and ``_finish`` would make them; None where they would turn it down."""
+    template = _template_of(pairs, shape, op, agent, base, emitter, req)
+    if len(_TEMPLATES) >= 4096:
+        _TEMPLATES.clear()
+    _TEMPLATES[key] = template
+    return template
+
+
+def _template_of(
+    pairs: list[Any], shape: Shape, op: str | None, agent: str | None, base: _Resource, emitter: str, req: _Request
+) -> tuple[Any, ...] | None:
+    if not base.ok or (op and len(op) > _MAX_ATTRIBUTION):
+        return None
+    model = first_at(pairs, shape.models)
+    if model is None:
+        return None
+    name = first_at(pairs, shape.providers)
     provider = provider_id(name) if name else None
-    names: tuple[str | None, str, str] | None = None
-    if len(model) <= _MAX_NAME and (not provider or len(provider) <= _MAX_NAME):
-        canonical_provider, canonical_model = normalise_names(provider or None, model)
-        if canonical_provider and canonical_model:
-            names = (provider, canonical_provider, canonical_model)
-    if len(_NAMES) >= 4096:
-        _NAMES.clear()
-    _NAMES[model, name] = names
-    return names
+    if len(model) > _MAX_NAME or (provider and len(provider) > _MAX_NAME):
+        return None
+    canonical_provider, canonical_model = normalise_names(provider or None, model)
+    if not canonical_provider or not canonical_model:
+        return None
+    if shape.attribution is not None:
+        projects, users, labels, kinds = shape.attribution
+        project = first_at(pairs, projects) or base.project
+        user = first_at(pairs, users) or base.user
+        label = first_at(pairs, labels) or base.label
+        kind = first_at(pairs, kinds) or base.kind
+        if not (
+            _fits(project, _MAX_ID)
+            and _fits(user, _MAX_ATTRIBUTION)
+            and _fits(label, _MAX_ATTRIBUTION)
+            and _fits(kind, _MAX_SESSION_TYPE)
+        ):
+            return None
+    else:
+        project, user, label, kind = base.project, base.user, base.label, base.kind
+    agent = agent or base.agent or "default"
+    if len(agent) > _MAX_ID:
+        return None
+    if project is None:
+        project = req.rules.project_for(agent, label) or req.default_project
+        if not project or len(project) > _MAX_ID or project.isspace():
+            return None
+    tags = base.tags
+    if shape.tags:
+        tags = dict(tags) if tags else {}
+        for at, key in shape.tags:
+            value = pairs[at][1]
+            if value is not None:
+                value = str(value)
+                if len(value) > _MAX_TAG_VALUE or len(key) > _MAX_TAG_KEY:
+                    return None
+                tags[key] = value
+        if len(tags) > _MAX_TAGS:
+            return None
+    excludes = _input_excludes_cache(provider, emitter)
+    proto = Event(project=project, agent=agent, provider=canonical_provider, model=canonical_model, status="ok")
+    for name, value in (("operation", op), ("user", user), ("session_label", label), ("session_type", kind)):
+        if value:
+            setattr(proto, name, value)
+    if tags:
+        proto.tags = tags
+    return excludes, proto
 
 
 def _build(
@@ -341,22 +430,23 @@ def _build(
 ) -> Any:
     """The finished ``Event`` of a model-call span on the common route, else _GENERAL. Mirrors
     ``mapping._event`` followed by the project rule, the ``Event`` conversion and
-    ``logic._finish``; each ``return _GENERAL`` is a place where those would take another turn."""
-    if not base.ok or (req.client_cost and pairs[shape.cost][1] is not None):
+    ``logic._finish``; each ``return _GENERAL`` / None template is a place where those would take
+    another turn. What depends only on the span's kind comes from its template."""
+    if req.client_cost and pairs[shape.cost][1] is not None:
         return _GENERAL
+    key = (shape, base, emitter, op, agent, req.rules, req.default_project, shape.categorical(pairs))
+    template = _TEMPLATES.get(key, _MISSING)
+    if template is _MISSING:
+        template = _template(key, pairs, shape, op, agent, base, emitter, req)
+    if template is None:
+        return _GENERAL
+    excludes, proto = template
     trace_id, span_id = span.trace_id, span.span_id
-    if len(trace_id) != 16 or len(span_id) != 8 or (op and len(op) > _MAX_ATTRIBUTION):
+    if len(trace_id) != 16 or len(span_id) != 8:
         return _GENERAL
-    model = first_at(pairs, shape.models)
-    if model is None:
-        return _GENERAL
-    name = first_at(pairs, shape.providers)
-    names = _NAMES.get((model, name), _GENERAL)
-    if names is _GENERAL:
-        names = _names(model, name)
-    if names is None:
-        return _GENERAL
-    provider, canonical_provider, canonical_model = names
+    if conversation := conversation or base.session_id:
+        if len(conversation) > _MAX_ATTRIBUTION:
+            return _GENERAL
 
     # input, output, cache read, cache write, reasoning, input audio, output audio (TOKEN_ATTRIBUTES)
     counts = [0, 0, 0, 0, 0, 0, 0]
@@ -366,12 +456,12 @@ def _build(
             return _GENERAL  # a later name, a double or a digit string, or a rejection: mapping._event reads it
         counts[position] = value
     input_tokens, output_tokens, cache_read, cache_write, reasoning, input_audio, output_audio = counts
-    if (cache := cache_read + cache_write) and (_input_excludes_cache(provider, emitter) or cache > input_tokens):
+    if (cache := cache_read + cache_write) and (excludes or cache > input_tokens):
         input_tokens += cache
     if input_tokens > _MAX_TOKENS or cache + input_audio > input_tokens or reasoning + output_audio > output_tokens:
         return _GENERAL
 
-    start_ns, end_ns = span.start_time_unix_nano, span.end_time_unix_nano
+    start_ns, end_ns, status = span.start_time_unix_nano, span.end_time_unix_nano, span.status
     if at_ns := end_ns or start_ns:
         at_ms = at_ns // 1_000_000
         if at_ms > req.latest_ms:
@@ -382,77 +472,23 @@ def _build(
     else:
         timestamp = req.ctx.received_at_str
 
-    if shape.attribution is not None:
-        projects, users, labels, kinds = shape.attribution
-        project = first_at(pairs, projects) or base.project
-        user = first_at(pairs, users) or base.user
-        label = first_at(pairs, labels) or base.label
-        kind = first_at(pairs, kinds) or base.kind
-        if not (
-            _fits(project, _MAX_ID)
-            and _fits(user, _MAX_ATTRIBUTION)
-            and _fits(label, _MAX_ATTRIBUTION)
-            and _fits(kind, _MAX_SESSION_TYPE)
-        ):
-            return _GENERAL
-    else:
-        project, user, label, kind = base.project, base.user, base.label, base.kind
-    agent = agent or base.agent or "default"
-    conversation = conversation or base.session_id
-    if len(agent) > _MAX_ID or (conversation and len(conversation) > _MAX_ATTRIBUTION):
-        return _GENERAL
-    if project is None:
-        project = req.rules.project_for(agent, label) or req.default_project
-        if not project or len(project) > _MAX_ID or project.isspace():
-            return _GENERAL
-
-    tags = base.tags
-    if shape.tags:
-        tags = dict(tags) if tags else {}
-        for at, key in shape.tags:
-            value = pairs[at][1]
-            if value is not None:
-                if type(value) is not str:
-                    value = str(value)
-                if len(value) > _MAX_TAG_VALUE or len(key) > _MAX_TAG_KEY:
-                    return _GENERAL
-                tags[key] = value
-        if len(tags) > _MAX_TAGS:
-            return _GENERAL
-
-    ev = Event(
+    ev = _replace(
+        proto,
         event_id=f"otel-{trace_id.hex()}-{span_id.hex()}",
         timestamp=timestamp,
-        project=project,
-        agent=agent,
-        provider=canonical_provider,
-        model=canonical_model,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
-        status="error" if span.status.code == 2 else "ok",  # STATUS_CODE_ERROR
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        reasoning_tokens=reasoning,
     )
-    # (set one by one: msgspec's keyword path slows down when a default is passed explicitly)
     if start_ns and end_ns >= start_ns:
         latency = (end_ns - start_ns) // 1_000_000
         ev.latency_ms = latency if latency < _MAX_LATENCY_MS else _MAX_LATENCY_MS
-    if op:
-        ev.operation = op
-    if user:
-        ev.user = user
     if conversation:
         ev.session_id = conversation
-    if label:
-        ev.session_label = label
-    if kind:
-        ev.session_type = kind
-    if tags:
-        ev.tags = tags
-    if cache_read:
-        ev.cache_read_tokens = cache_read
-    if cache_write:
-        ev.cache_write_tokens = cache_write
-    if reasoning:
-        ev.reasoning_tokens = reasoning
+    if status and _is_error(status):
+        ev.status = "error"
     if input_audio:
         ev.input_audio_tokens = input_audio
     if output_audio:

@@ -46,13 +46,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from operator import itemgetter
 from typing import Any
 
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from spendstream.money import MAX_TOKENS_PER_EVENT
-from spendstream.otel.wire import KeyValue, decode_view, hex_id
+from spendstream.otel.wire import KeyValue, Status, decode_view, hex_id
 from spendstream.timeutil import format_epoch_ms
 
 #: ``gen_ai.operation.name`` values of a model call (semconv), plus the legacy spellings
@@ -272,6 +273,29 @@ def _learn(raw: bytes) -> tuple[str, Any]:
     return pair
 
 
+#: a ``TraceView`` span's encoded status -> whether it is STATUS_CODE_ERROR (a handful of
+#: encodings: absent, OK, ERROR, with their messages; bounded: emptied when full)
+_STATUSES: dict[bytes, bool] = {b"": False}
+
+
+def is_error(status: Any) -> bool:
+    """Whether a span's status (a ``Status``, or its encoding from a ``TraceView``) is ERROR."""
+    if type(status) is not bytes:
+        return status.code == 2  # STATUS_CODE_ERROR
+    error = _STATUSES.get(status)
+    if error is None:
+        try:
+            error = Status.FromString(status).code == 2
+        except DecodeError:
+            raise UncheckedAttribute("a span status is not a valid Status") from None
+        if len(status) <= PAIR_CACHE_BYTES:
+            if len(_STATUSES) >= 1024:
+                _STATUSES.clear()
+                _STATUSES[b""] = False
+            _STATUSES[status] = error
+    return error
+
+
 def _too_deep(any_value: Any, budget: int) -> bool:
     if budget <= 0:
         return True
@@ -287,7 +311,7 @@ def _too_deep(any_value: Any, budget: int) -> bool:
 ABSENT = (None, None)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # (hashed and compared by identity: one per tuple of names)
 class Shape:
     """Where the rules find each attribute they read in a span's :func:`attribute_pairs` list, given
     only the names it has (whatever their values): computed once per distinct tuple of names (a
@@ -299,6 +323,7 @@ class Shape:
     #: another dialect's operation attribute is present, or a model and a count (``operation_of``)
     other_call: bool
     agent: int  #: ``gen_ai.agent.name``
+    session: int  #: the first of ``sessions`` (-1 when none)
     sessions: tuple[int, ...]
     models: tuple[int, ...]
     providers: tuple[int, ...]
@@ -309,6 +334,10 @@ class Shape:
     #: (index, tag key) of each ``spendstream.tag.*`` name, in the order the names first appear
     tags: tuple[tuple[int, str], ...]
     cost: int  #: ``gen_ai.usage.cost``
+    #: the pairs whose values decide what the gateway takes from the span besides its counts,
+    #: times, ids and conversation: operation, model, provider, attribution and tags
+    #: (``operator.itemgetter`` of their indexes; always a tuple)
+    categorical: Callable[[list[Any]], tuple[Any, ...]]
 
 
 _SHAPES: dict[tuple[str, ...], Shape] = {}
@@ -334,6 +363,7 @@ def shape_of(names: tuple[str, ...]) -> Shape:
             op=at(_OPERATION),
             other_call=not _OTHER_OPERATIONS.isdisjoint(last) or bool(models and tokens),
             agent=at(_AGENT[0]),
+            session=(present(_SESSION) or (-1,))[0],
             sessions=present(_SESSION),
             models=models,
             providers=present(_PROVIDER_ATTRIBUTES),
@@ -341,11 +371,22 @@ def shape_of(names: tuple[str, ...]) -> Shape:
             attribution=attribution if any(attribution) else None,
             tags=tuple((last[name], name[_TAG_PREFIX_LEN:]) for name in last if name.startswith(TAG_PREFIX)),
             cost=at(_COST),
+            categorical=_getter(
+                (at(_OPERATION), *models, *present(_PROVIDER_ATTRIBUTES), *(i for a in attribution for i in a))
+                + tuple(last[name] for name in last if name.startswith(TAG_PREFIX))
+            ),
         )
         if len(_SHAPES) >= 1024:
             _SHAPES.clear()
         _SHAPES[names] = shape
     return shape
+
+
+def _getter(indexes: tuple[int, ...]) -> Callable[[list[Any]], tuple[Any, ...]]:
+    if len(indexes) == 1:  # itemgetter of one index gives the item itself, not a tuple of it
+        (i,) = indexes
+        return lambda pairs: (pairs[i],)
+    return itemgetter(*indexes)
 
 
 def first_at(pairs: list[tuple[Any, Any]], indexes: tuple[int, ...]) -> str | None:
@@ -626,7 +667,7 @@ def _event(
     ev: dict[str, Any] = {
         "event_id": f"otel-{trace_id.hex()}-{span_id.hex()}",
         "model": model,
-        "status": "error" if span.status.code == 2 else "ok",  # STATUS_CODE_ERROR
+        "status": "error" if is_error(span.status) else "ok",
     }
     if provider:
         ev["provider"] = provider

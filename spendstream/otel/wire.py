@@ -10,12 +10,12 @@ fields are ignored, as the spec requires of receivers.
 The mapping reads spans through a second class of the same request, ``TraceView``
 (:func:`decode_view`): opentelemetry-proto's own descriptors, copied into a private pool with one
 change, ``Span.attributes`` read as ``repeated bytes`` (each attribute's ``KeyValue`` still
-encoded). That is the same wire format (a repeated message field is a repeated length-delimited
+encoded), and one more of the same kind, ``Span.status`` as ``bytes``. That is the same wire format (a repeated message field is a repeated length-delimited
 field, as ``bytes`` is), so protobuf's C decoder leaves the attributes in C until the mapping asks
 for a span's list of encodings, and the mapping decodes each distinct encoding once
 (spendstream/otel/mapping.py: a bounded cache), with :data:`KeyValue` itself. The view is laxer
-than ``ExportTraceServiceRequest`` in exactly one place, the attributes of spans; those are
-checked when they are decoded (see :func:`attribute_pairs <spendstream.otel.mapping.attribute_pairs>`).
+than ``ExportTraceServiceRequest`` in exactly these two places, the attributes and the status of
+spans; those are checked when they are decoded (see :func:`attribute_pairs <spendstream.otel.mapping.attribute_pairs>`).
 
 Answers: ``ExportTraceServiceResponse`` (with ``partial_success`` when spans were rejected) and,
 for failed requests, a ``google.rpc.Status`` ({code, message}), each in the request's encoding.
@@ -88,6 +88,10 @@ def _trace_view_class() -> Any:
     )
     attributes.type = _FDP.TYPE_BYTES
     attributes.ClearField("type_name")
+    (status,) = (f for f in span.field if f.name == "status")
+    assert (status.number, status.type_name) == (15, ".opentelemetry.proto.trace.v1.Status")
+    status.type = _FDP.TYPE_BYTES  # the same again: a span's status (mostly absent) as its encoding
+    status.ClearField("type_name")
     pool = descriptor_pool.DescriptorPool()  # private: the same names as the real classes
     for proto in files:
         pool.Add(proto)
@@ -98,6 +102,8 @@ def _trace_view_class() -> Any:
 TraceView: Any = _trace_view_class()
 #: what each element of a ``TraceView`` span's ``attributes`` decodes with
 KeyValue = common_pb2.KeyValue
+#: what a ``TraceView`` span's ``status`` decodes with
+Status = trace_pb2.Status
 
 
 def decode_view(body: bytes) -> Any:
