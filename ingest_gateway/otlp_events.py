@@ -88,8 +88,6 @@ assert logic.TOKEN_PARENTS.keys() == _INPUT_PARTS | _OUTPUT_PARTS | {"cache_writ
 
 #: a call span the mapping rejected (its reason is in ``MappedExport.rejected``)
 _REJECTED = object()
-#: ``_build``: this span takes the general route
-_GENERAL = object()
 
 
 class _Resource:
@@ -201,16 +199,19 @@ def _project_of_object(ev: dict[str, Any], req: _Request) -> None:
         )
 
 
+class _General(Exception):
+    """This span takes the general route (raised inside the building loop; rare)."""
+
+
 def _map(view: Any, req: _Request) -> tuple[MappedExport, Validated]:
     out = MappedExport()
     pair_of = _PAIRS.get
     shape_for = _SHAPES.get
     # (span, its agent name, its conversation id) of every span, for inheritance
     seen: list[tuple[Any, str | None, str | None]] = []
-    #: per model-call span in export order: its Event, its event object (general route) or _REJECTED
-    items: list[Any] = []
-    #: call spans that inherit their agent or conversation from an ancestor: built once all are seen
-    deferred: list[tuple[int, Any, list[Any], Shape, str | None, Any, Any, _Resource, str]] = []
+    # (span, pairs, shape, operation, agent, conversation, resource, emitter) of each model call
+    calls: list[tuple[Any, list[Any], Shape, Any, Any, Any, _Resource, str]] = []
+    inherit = False
     for resource_spans in view.resource_spans:
         resource = attributes(resource_spans.resource.attributes)
         base = _resource(resource)
@@ -244,25 +245,98 @@ def _map(view: Any, req: _Request) -> tuple[MappedExport, Validated]:
                 else:
                     continue
                 if agent is None or conversation is None:
-                    deferred.append((len(items), span, pairs, shape, op, agent, conversation, base, emitter))
-                    items.append(None)
-                    continue
-                ev = _build(span, pairs, shape, op, agent, conversation, base, emitter, req)
-                if ev is _GENERAL:
-                    ev = _general_span(span, pairs, op, agent, conversation, base, emitter, req, len(items))
-                items.append(ev)
+                    inherit = True
+                calls.append((span, pairs, shape, op, agent, conversation, base, emitter))
     out.spans = len(seen)
-    out.ignored = len(seen) - len(items)
-    if deferred:
-        index = {(s.trace_id, s.span_id): (s.parent_span_id, a, c) for s, a, c in seen}
-        for position, span, pairs, shape, op, agent, conversation, base, emitter in deferred:
+    out.ignored = len(seen) - len(calls)
+    index = {(s.trace_id, s.span_id): (s.parent_span_id, a, c) for s, a, c in seen} if inherit else None
+
+    # each call span's finished Event (the rules of mapping._event, then the project rule, the
+    # Event conversion and logic._finish, as checks on the values as they are taken; what depends
+    # only on the span's kind comes from its template), else the general route's answer: each
+    # `raise _General` is a place where those would take another turn
+    items: list[Any] = []  # Event, event object (general route) or _REJECTED, in call order
+    template_of = _TEMPLATES.get
+    seconds_text = _SECONDS.get
+    millis_text = _MILLIS
+    replace = _replace
+    client_cost = req.client_cost
+    rules = req.rules
+    default_project = req.default_project
+    latest_ms = req.latest_ms
+    for span, pairs, shape, op, agent, conversation, base, emitter in calls:
+        if index is not None:
             agent = agent or _inherited(span, index, 1)
             conversation = conversation or _inherited(span, index, 2)
-            ev = _build(span, pairs, shape, op, agent, conversation, base, emitter, req)
-            if ev is _GENERAL:
-                ev = _general_span(span, pairs, op, agent, conversation, base, emitter, req, position)
-            items[position] = ev
-        req.rejections.sort(key=_position)
+        try:
+            if client_cost and pairs[shape.cost][1] is not None:
+                raise _General
+            key = (shape, base, emitter, op, agent, rules, default_project, shape.categorical(pairs))
+            template = template_of(key, _MISSING)
+            if template is _MISSING:
+                template = _template(key, pairs, shape, op, agent, base, emitter, req)
+            if template is None:
+                raise _General
+            excludes, proto = template
+            trace_id, span_id = span.trace_id, span.span_id
+            if len(trace_id) != 16 or len(span_id) != 8:
+                raise _General
+            if session_id := conversation or base.session_id:
+                if len(session_id) > _MAX_ATTRIBUTION:
+                    raise _General
+
+            # input, output, cache read, cache write, reasoning, input audio, output audio
+            counts = [0, 0, 0, 0, 0, 0, 0]
+            for at, position in shape.counts:
+                value = pairs[at][1]
+                if type(value) is not int or value < 0 or value > _MAX_TOKENS:
+                    raise _General  # a later name, a double, a digit string or a rejection: _event reads it
+                counts[position] = value
+            input_tokens, output_tokens, cache_read, cache_write, reasoning, input_audio, output_audio = counts
+            if (cache := cache_read + cache_write) and (excludes or cache > input_tokens):
+                input_tokens += cache
+            if (
+                input_tokens > _MAX_TOKENS
+                or cache + input_audio > input_tokens
+                or reasoning + output_audio > output_tokens
+            ):
+                raise _General
+
+            start_ns, end_ns, status = span.start_time_unix_nano, span.end_time_unix_nano, span.status
+            if at_ns := end_ns or start_ns:
+                at_ms = at_ns // 1_000_000
+                if at_ms > latest_ms:
+                    raise _General
+                seconds, millis = divmod(at_ms, 1000)
+                prefix = seconds_text(seconds)
+                timestamp = _timestamp(at_ns) if prefix is None else prefix + millis_text[millis]
+            else:
+                timestamp = req.ctx.received_at_str
+
+            ev = replace(
+                proto,
+                event_id=f"otel-{trace_id.hex()}-{span_id.hex()}",
+                timestamp=timestamp,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cache_read_tokens=cache_read,
+                cache_write_tokens=cache_write,
+                reasoning_tokens=reasoning,
+            )
+            if start_ns and end_ns >= start_ns:
+                latency = (end_ns - start_ns) // 1_000_000
+                ev.latency_ms = latency if latency < _MAX_LATENCY_MS else _MAX_LATENCY_MS
+            if session_id:
+                ev.session_id = session_id
+            if status and _is_error(status):
+                ev.status = "error"
+            if input_audio:
+                ev.input_audio_tokens = input_audio
+            if output_audio:
+                ev.output_audio_tokens = output_audio
+        except _General:
+            ev = _general_span(span, pairs, op, agent, conversation, base, emitter, req, len(items))
+        items.append(ev)
     out.rejected = [(ref, reason) for _, ref, reason in req.rejections]
     return out, _collect(items, req)
 
@@ -272,10 +346,6 @@ def _attrs(pairs: list[Any]) -> dict[str, Any]:
     attrs = dict(pairs)
     attrs.pop(None, None)
     return attrs
-
-
-def _position(rejection: tuple[int, str, str]) -> int:
-    return rejection[0]
 
 
 def _collect(items: list[Any], req: _Request) -> Validated:
@@ -415,85 +485,6 @@ def _template_of(
     if tags:
         proto.tags = tags
     return excludes, proto
-
-
-def _build(
-    span: Any,
-    pairs: list[Any],
-    shape: Shape,
-    op: str | None,
-    agent: str | None,
-    conversation: str | None,
-    base: _Resource,
-    emitter: str,
-    req: _Request,
-) -> Any:
-    """The finished ``Event`` of a model-call span on the common route, else _GENERAL. Mirrors
-    ``mapping._event`` followed by the project rule, the ``Event`` conversion and
-    ``logic._finish``; each ``return _GENERAL`` / None template is a place where those would take
-    another turn. What depends only on the span's kind comes from its template."""
-    if req.client_cost and pairs[shape.cost][1] is not None:
-        return _GENERAL
-    key = (shape, base, emitter, op, agent, req.rules, req.default_project, shape.categorical(pairs))
-    template = _TEMPLATES.get(key, _MISSING)
-    if template is _MISSING:
-        template = _template(key, pairs, shape, op, agent, base, emitter, req)
-    if template is None:
-        return _GENERAL
-    excludes, proto = template
-    trace_id, span_id = span.trace_id, span.span_id
-    if len(trace_id) != 16 or len(span_id) != 8:
-        return _GENERAL
-    if conversation := conversation or base.session_id:
-        if len(conversation) > _MAX_ATTRIBUTION:
-            return _GENERAL
-
-    # input, output, cache read, cache write, reasoning, input audio, output audio (TOKEN_ATTRIBUTES)
-    counts = [0, 0, 0, 0, 0, 0, 0]
-    for at, position in shape.counts:
-        value = pairs[at][1]
-        if type(value) is not int or value < 0 or value > _MAX_TOKENS:
-            return _GENERAL  # a later name, a double or a digit string, or a rejection: mapping._event reads it
-        counts[position] = value
-    input_tokens, output_tokens, cache_read, cache_write, reasoning, input_audio, output_audio = counts
-    if (cache := cache_read + cache_write) and (excludes or cache > input_tokens):
-        input_tokens += cache
-    if input_tokens > _MAX_TOKENS or cache + input_audio > input_tokens or reasoning + output_audio > output_tokens:
-        return _GENERAL
-
-    start_ns, end_ns, status = span.start_time_unix_nano, span.end_time_unix_nano, span.status
-    if at_ns := end_ns or start_ns:
-        at_ms = at_ns // 1_000_000
-        if at_ms > req.latest_ms:
-            return _GENERAL
-        seconds, millis = divmod(at_ms, 1000)
-        prefix = _SECONDS.get(seconds)
-        timestamp = _timestamp(at_ns) if prefix is None else prefix + _MILLIS[millis]
-    else:
-        timestamp = req.ctx.received_at_str
-
-    ev = _replace(
-        proto,
-        event_id=f"otel-{trace_id.hex()}-{span_id.hex()}",
-        timestamp=timestamp,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        cache_read_tokens=cache_read,
-        cache_write_tokens=cache_write,
-        reasoning_tokens=reasoning,
-    )
-    if start_ns and end_ns >= start_ns:
-        latency = (end_ns - start_ns) // 1_000_000
-        ev.latency_ms = latency if latency < _MAX_LATENCY_MS else _MAX_LATENCY_MS
-    if conversation:
-        ev.session_id = conversation
-    if status and _is_error(status):
-        ev.status = "error"
-    if input_audio:
-        ev.input_audio_tokens = input_audio
-    if output_audio:
-        ev.output_audio_tokens = output_audio
-    return ev
 
 
 __all__ = ["OtlpDecodeError", "map_and_validate"]
