@@ -70,6 +70,7 @@ _input_excludes_cache = mapping.input_excludes_cache
 _is_error = mapping.is_error
 _replace = msgspec.structs.replace
 _key = operator.itemgetter(0)
+_span_fields = operator.attrgetter("trace_id", "span_id", "start_time_unix_nano", "end_time_unix_nano", "status")
 
 _MAX_TOKENS = logic.MAX_TOKENS
 _MAX_ID = logic.MAX_ID_LEN
@@ -146,8 +147,8 @@ class _Request:
         self.latest_ms = ctx.received_ms + logic._MAX_FUTURE_MS
         self.rules = rules
         self.default_project = default_project
-        #: (position among the call spans, span ref, reason) of the mapping's rejections
-        self.rejections: list[tuple[int, str, str]] = []
+        #: (span ref, reason) of the mapping's rejections, in export order
+        self.rejections: list[tuple[str, str]] = []
 
 
 def map_and_validate(
@@ -255,7 +256,10 @@ def _map(view: Any, req: _Request) -> tuple[MappedExport, Validated]:
     # Event conversion and logic._finish, as checks on the values as they are taken; what depends
     # only on the span's kind comes from its template), else the general route's answer: each
     # `raise _General` is a place where those would take another turn
-    items: list[Any] = []  # Event, event object (general route) or _REJECTED, in call order
+    by_project: dict[str, list[Event]] = {}
+    event_ids: list[str] = []
+    rejected: list[dict[str, Any]] = []  # by the validation, numbered among the mapped events
+    group_of = by_project.get
     template_of = _TEMPLATES.get
     seconds_text = _SECONDS.get
     millis_text = _MILLIS
@@ -278,7 +282,7 @@ def _map(view: Any, req: _Request) -> tuple[MappedExport, Validated]:
             if template is None:
                 raise _General
             excludes, proto = template
-            trace_id, span_id = span.trace_id, span.span_id
+            trace_id, span_id, start_ns, end_ns, status = _span_fields(span)
             if len(trace_id) != 16 or len(span_id) != 8:
                 raise _General
             if session_id := conversation or base.session_id:
@@ -302,7 +306,6 @@ def _map(view: Any, req: _Request) -> tuple[MappedExport, Validated]:
             ):
                 raise _General
 
-            start_ns, end_ns, status = span.start_time_unix_nano, span.end_time_unix_nano, span.status
             if at_ns := end_ns or start_ns:
                 at_ms = at_ns // 1_000_000
                 if at_ms > latest_ms:
@@ -335,10 +338,25 @@ def _map(view: Any, req: _Request) -> tuple[MappedExport, Validated]:
             if output_audio:
                 ev.output_audio_tokens = output_audio
         except _General:
-            ev = _general_span(span, pairs, op, agent, conversation, base, emitter, req, len(items))
-        items.append(ev)
-    out.rejected = [(ref, reason) for _, ref, reason in req.rejections]
-    return out, _collect(items, req)
+            ev = _general_span(span, pairs, op, agent, conversation, base, emitter, req)
+            if ev is _REJECTED:
+                continue
+            _project_of_object(ev, req)  # and validated as before
+            one = validate_objects([ev], req.ctx)
+            if one.rejected:
+                (r,) = one.rejected
+                r["index"] = len(event_ids) + len(rejected)
+                rejected.append(r)
+                continue
+            ((ev,),) = one.by_project.values()
+        event_ids.append(ev.event_id)
+        group = group_of(ev.project)
+        if group is None:
+            by_project[ev.project] = [ev]
+        else:
+            group.append(ev)
+    out.rejected = req.rejections
+    return out, Validated(by_project, event_ids, rejected)
 
 
 def _attrs(pairs: list[Any]) -> dict[str, Any]:
@@ -346,35 +364,6 @@ def _attrs(pairs: list[Any]) -> dict[str, Any]:
     attrs = dict(pairs)
     attrs.pop(None, None)
     return attrs
-
-
-def _collect(items: list[Any], req: _Request) -> Validated:
-    """Group the events by project; validate the event objects of the general route as before."""
-    by_project: dict[str, list[Event]] = {}
-    event_ids: list[str] = []
-    rejected: list[dict[str, Any]] = []
-    index = 0  # among the mapped events, as validate_objects numbers them
-    for item in items:
-        if item is _REJECTED:
-            continue
-        if type(item) is not Event:  # an event object: the general route
-            _project_of_object(item, req)
-            one = validate_objects([item], req.ctx)
-            if one.rejected:
-                (r,) = one.rejected
-                r["index"] = index
-                rejected.append(r)
-                index += 1
-                continue
-            ((item,),) = one.by_project.values()
-        index += 1
-        event_ids.append(item.event_id)
-        group = by_project.get(item.project)
-        if group is None:
-            by_project[item.project] = [item]
-        else:
-            group.append(item)
-    return Validated(by_project, event_ids, rejected)
 
 
 def _general_span(
@@ -386,16 +375,15 @@ def _general_span(
     base: _Resource,
     emitter: str,
     req: _Request,
-    position: int,
 ) -> Any:
-    """The span's event object by ``mapping._event`` (validated later), or _REJECTED with its
-    reason noted at the span's position among the calls."""
+    """The span's event object by ``mapping._event`` (to be validated), or _REJECTED with its
+    reason noted."""
     attrs = _attrs(pairs)
     tags = {name: value for name, value in attrs.items() if name.startswith(TAG_PREFIX)} or None
     try:
         return _event(span, attrs, tags, op, agent, conversation, base.defaults, emitter, req.client_cost)
     except _SpanError as exc:
-        req.rejections.append((position, f"{hex_id(span.trace_id)}/{hex_id(span.span_id)}", str(exc)))
+        req.rejections.append((f"{hex_id(span.trace_id)}/{hex_id(span.span_id)}", str(exc)))
         return _REJECTED
 
 
