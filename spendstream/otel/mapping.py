@@ -258,6 +258,7 @@ def _learn(raw: bytes) -> tuple[str, Any]:
     except DecodeError:
         raise UncheckedAttribute("a span attribute is not a valid KeyValue") from None
     key = kv.key
+    key = _KEYS.get(key) or _key(key)  # one object per name: tuples of names then compare by identity
     any_value = kv.value
     kind = any_value.WhichOneof("value")
     if kind in _NESTED_KINDS and len(raw) > _SHALLOW_BYTES and _too_deep(any_value, MAX_VALUE_NESTING):
@@ -294,6 +295,17 @@ def is_error(status: Any) -> bool:
                 _STATUSES[b""] = False
             _STATUSES[status] = error
     return error
+
+
+#: attribute name -> the one str object the pairs use for it (bounded: emptied when full)
+_KEYS: dict[str, str] = {}
+
+
+def _key(key: str) -> str:
+    if len(_KEYS) >= PAIR_CACHE_SIZE:
+        _KEYS.clear()
+    _KEYS[key] = key
+    return key
 
 
 def _too_deep(any_value: Any, budget: int) -> bool:
