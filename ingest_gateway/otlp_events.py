@@ -6,17 +6,19 @@ those objects like posted events (``logic.validate_objects``: the ``Event`` type
 ``_finish``) gives, event for event and rejection for rejection, at a fraction of the CPU:
 
 - The body is decoded once, as a ``TraceView`` (spendstream/otel/wire.py): the request's own
-  classes except that a span's attributes stay encoded, each distinct encoding decoded once by
-  ``mapping.attribute_pairs`` (which checks it as ``ExportTraceServiceRequest`` would). A body the
-  view cannot read, or an attribute that cannot be judged alone (nested very deep), is decoded
-  with ``ExportTraceServiceRequest``, which alone decides validity (400), and mapped by the
-  reference rules (``mapping.map_export_reference``).
+  classes except that a span's attributes and status stay encoded, each distinct encoding decoded
+  once by ``mapping.attribute_pairs`` / ``mapping.is_error`` (which check it as
+  ``ExportTraceServiceRequest`` would). A body the view cannot read, or an attribute that cannot be
+  judged alone (nested very deep), is decoded with ``ExportTraceServiceRequest``, which alone
+  decides validity (400), and mapped by the reference rules (``mapping.map_export_reference``).
 - A model-call span on the common route becomes the finished ``Event`` directly: the mapping
   rules of ``mapping._event`` on the typed values, then the checks the ``Event`` conversion and
   ``_finish`` would make (string lengths, token ranges and subsets, the future limit, provider and
   model normal forms, the project from the tenant's rules or ``otel.default_project``), each on
-  the value as it is taken. What the resource gives its spans is checked once per resource, what
-  depends only on a span's attribute names once per tuple of names (``mapping.Shape``).
+  the value as it is taken. Where the rules find each attribute is worked out once per tuple of
+  attribute names (``mapping.Shape``); what the span's kind gives its event (operation, model,
+  provider, agent, attribution, tags, project: checked, as an ``Event`` to copy) once per kind
+  (:func:`_template`); per span remain its counts, times, ids and conversation.
 - A span that one of those checks would reject, or on a less common route (client cost, a count
   sent as a double or a string, a resource attribute too long, a missing provider...), is mapped
   by ``mapping._event`` and validated by ``logic.validate_objects`` as before, so its event or its

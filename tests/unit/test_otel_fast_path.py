@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 import pytest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
 from otel_support import BASE_NS, export, merge, new_span_id, new_trace_id, semconv_chat, span
 
 from ingest_gateway import logic, otlp_events
@@ -279,13 +279,23 @@ def test_the_handler_builds_the_events_the_previous_handler_validated():
 def test_the_handler_matches_on_the_common_dialects_and_without_rules():
     trace, agent_id = new_trace_id(), new_span_id()
     spans = [
-        span("invoke_agent", {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "planner"}, trace_id=trace, span_id=agent_id),
+        span(
+            "invoke_agent",
+            {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "planner"},
+            trace_id=trace,
+            span_id=agent_id,
+        ),
         span("chat", semconv_chat(**{"gen_ai.usage.cache_read.input_tokens": 200}), trace_id=trace, parent=agent_id),
         span("chat", semconv_chat(**{"gen_ai.usage.reasoning.output_tokens": 100, "gen_ai.conversation.id": "c"})),
-        span("chat", semconv_chat(**{"gen_ai.usage.cache_write.input_tokens": 50, "spendstream.session.label": "peakpaws-x"})),
+        span(
+            "chat",
+            semconv_chat(**{"gen_ai.usage.cache_write.input_tokens": 50, "spendstream.session.label": "peakpaws-x"}),
+        ),
         span("chat", {**semconv_chat(), "gen_ai.system": "anthropic", "gen_ai.provider.name": ""}),
         span("chat", semconv_chat(**{"gen_ai.usage.output_tokens": 5, "gen_ai.usage.reasoning.output_tokens": 9})),
-        span("chat", semconv_chat(**{"gen_ai.request.model": "openai/gpt-4o", "gen_ai.response.model": ""}), error=True),
+        span(
+            "chat", semconv_chat(**{"gen_ai.request.model": "openai/gpt-4o", "gen_ai.response.model": ""}), error=True
+        ),
     ]
     openlit = span("chat", {**semconv_chat("claude-sonnet-4-20250514"), "gen_ai.system": "anthropic",
                             "gen_ai.usage.input_tokens": 10, "gen_ai.usage.cache_read_input_tokens": 1000})  # fmt: skip
@@ -426,9 +436,21 @@ def test_the_view_turns_down_exactly_the_bodies_the_request_class_does():
     bad_utf8 = export([span("chat", semconv_chat(**{"gen_ai.agent.name": "\u00e9"}))]).SerializeToString()
     bad_utf8 = bad_utf8.replace("\u00e9".encode(), b"\xff\xfe")
     not_kv = export([span("chat", semconv_chat())]).SerializeToString().replace(b"\x0a\x15gen_ai", b"\x0b\x15gen_ai")
-    for body in (bad_utf8, not_kv):
+    # a span status (read as its encoding by the view) whose message is not UTF-8, and a valid one
+    with_status = span("chat", semconv_chat(), error=True)
+    with_status.status.message = "\u00e9t\u00e9"
+    good_status = export([with_status]).SerializeToString()
+    bad_status = good_status.replace("\u00e9t\u00e9".encode(), b"\xfft\xfe\xff")
+    for body in (bad_utf8, not_kv, good_status, bad_status):
         mapping._PAIRS.clear()
-        assert _outcome(lambda body=body: _handled(body)) == _outcome(lambda body=body: _previously(body))
+        for _ in range(2):  # the first decode, then the cache
+            assert _outcome(lambda body=body: _handled(body)) == _outcome(lambda body=body: _previously(body))
+    assert _outcome(lambda: _previously(bad_status))[0] == "400"
+    _, result = otlp_events.map_and_validate(
+        good_status, client_cost=False, max_spans=10, rules=RULES, default_project="d", ctx=logic.RequestContext(NOW_NS)
+    )
+    ((ev,),) = result.by_project.values()
+    assert ev.status == "error"
     assert _outcome(lambda: _handled(base, max_spans=2)) == ("413", "too_many_spans")
 
 
