@@ -155,9 +155,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=40, help="passes over the 8 bodies per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--asgi", action="store_true", help="whole requests through the gateway's ASGI app")
+    ap.add_argument(
+        "--unique-response-ids", action="store_true", help="a gen_ai.response.id per span, as real calls have"
+    )
     args = ap.parse_args()
     rules = RuleSet([])
-    otlp_bodies = [otlp_body(args.batch, i) for i in range(8)]
+    otlp_bodies = [otlp_body(args.batch, i, args.unique_response_ids) for i in range(8)]
     event_bodies = [orjson.dumps([make_event(i * args.batch + j) for j in range(args.batch)]) for i in range(8)]
     run_otlp = _otlp_handler(rules, "default", 10_000)
 
@@ -172,8 +175,12 @@ def main() -> None:
         run_events(event_bodies[0])
     n = args.reps * len(otlp_bodies) * args.batch
     per_span, per_event = [], []
-    for _ in range(args.rounds):
-        per_span.append(_measure(run_otlp, otlp_bodies, args.reps) / n * 1e6)
+    for r in range(args.rounds):
+        if args.unique_response_ids:  # no response id seen before: every pass on new bodies
+            fresh = [otlp_body(args.batch, 100 + r * 1000 + i, True) for i in range(args.reps * len(otlp_bodies))]
+            per_span.append(_measure(run_otlp, fresh, 1) / n * 1e6)
+        else:
+            per_span.append(_measure(run_otlp, otlp_bodies, args.reps) / n * 1e6)
         per_event.append(_measure(run_events, event_bodies, args.reps) / n * 1e6)
     span_us, event_us = statistics.median(per_span), statistics.median(per_event)
     what = "request" if args.asgi else "handler"
