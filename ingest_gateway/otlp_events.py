@@ -208,7 +208,7 @@ class _General(Exception):
 
 def _map(view: Any, req: _Request) -> tuple[MappedExport, Validated]:
     out = MappedExport()
-    pair_of = _PAIRS.get
+    pair_of = _PAIRS.__getitem__
     shape_for = _SHAPES.get
     # (span, its agent name, its conversation id) of every span, for inheritance
     seen: list[tuple[Any, str | None, str | None]] = []
@@ -222,12 +222,8 @@ def _map(view: Any, req: _Request) -> tuple[MappedExport, Validated]:
             emitter = _emitter(resource, scope_spans.scope.name)
             for span in scope_spans.spans:
                 raws = span.attributes[:]  # (a list at once: cheaper than iterating the container)
-                pairs = list(map(pair_of, raws))
-                try:
-                    names = tuple(map(_key, pairs))
-                except TypeError:  # an encoding not seen yet (None)
-                    pairs = [pair or _learn(raw) for pair, raw in zip(pairs, raws)]
-                    names = tuple(map(_key, pairs))
+                pairs = list(map(pair_of, raws))  # (decoding the encodings not seen yet)
+                names = tuple(map(_key, pairs))
                 pairs.append(ABSENT)  # index -1: an attribute the span does not have
                 shape = shape_for(names) or shape_of(names)
                 agent = pairs[shape.agent][1]

@@ -219,9 +219,21 @@ def attributes(key_values: Any) -> dict[str, Any]:
 
 #: encoded ``KeyValue`` (one attribute of a ``TraceView`` span) -> ``(key, value)``, the value as
 #: :func:`_value` gives it for the names the rules read and ``spendstream.tag.*``, None for the rest
-#: (never converted). Bounded: emptied when full; a fleet repeats its models, operations, agents
-#: and many counts, while one-off values (response ids) only pass through.
-_PAIRS: dict[bytes, tuple[str, Any]] = {}
+#: (never converted), for the encodings seen at least twice. Bounded: emptied when full. A fleet
+#: repeats its models, operations, agents and many counts; one-off values (response ids) stay in
+#: ``_ONCE`` (encodings seen once, emptied on its own when full), so they never push out the rest.
+class _PairCache(dict[bytes, tuple[str, Any]]):
+    """``_PAIRS[raw]`` decodes an encoding it does not hold (:func:`_learn`), so that a span's
+    pairs are one ``map`` over its encodings, hits and misses alike."""
+
+    __slots__ = ()
+
+    def __missing__(self, raw: bytes) -> tuple[str, Any]:
+        return _learn(raw)
+
+
+_PAIRS = _PairCache()
+_ONCE: dict[bytes, tuple[str, Any]] = {}
 PAIR_CACHE_SIZE = 16_384
 #: longer encodings are decoded every time (a read attribute that long is rare: names and ids)
 PAIR_CACHE_BYTES = 256
@@ -246,31 +258,36 @@ def attribute_pairs(raws: Any) -> list[tuple[str, Any]]:
     Every encoding is decoded with ``KeyValue`` the first time it is seen, which checks it as the
     request's decode would (:class:`UncheckedAttribute` when that cannot be told alone); a cached
     encoding passed that check before."""
-    pairs = list(map(_PAIRS.get, raws))
-    if all(pairs):  # (a pair is a non-empty tuple; a miss is None)
-        return pairs
-    return [pair or _learn(raw) for pair, raw in zip(pairs, raws)]
+    return list(map(_PAIRS.__getitem__, raws))
 
 
 def _learn(raw: bytes) -> tuple[str, Any]:
+    pair = _ONCE.pop(raw, None)
+    if pair is not None:  # seen before: it recurs, keep it
+        if len(_PAIRS) >= PAIR_CACHE_SIZE:
+            _PAIRS.clear()
+        _PAIRS[raw] = pair
+        return pair
     try:
         kv = KeyValue.FromString(raw)
     except DecodeError:
         raise UncheckedAttribute("a span attribute is not a valid KeyValue") from None
     key = kv.key
     key = _KEYS.get(key) or _key(key)  # one object per name: tuples of names then compare by identity
-    any_value = kv.value
-    kind = any_value.WhichOneof("value")
-    if kind in _NESTED_KINDS and len(raw) > _SHALLOW_BYTES and _too_deep(any_value, MAX_VALUE_NESTING):
-        raise UncheckedAttribute(f"span attribute {key[:64]!r} nests deeper than {MAX_VALUE_NESTING} levels")
     value = None
-    if key in READ_ATTRIBUTES or key.startswith(TAG_PREFIX):
-        value = _value(any_value)
+    read = key in READ_ATTRIBUTES or key.startswith(TAG_PREFIX)
+    if read or len(raw) > _SHALLOW_BYTES:  # (a short unread one: its key is all that is needed)
+        any_value = kv.value
+        kind = any_value.WhichOneof("value")
+        if kind in _NESTED_KINDS and len(raw) > _SHALLOW_BYTES and _too_deep(any_value, MAX_VALUE_NESTING):
+            raise UncheckedAttribute(f"span attribute {key[:64]!r} nests deeper than {MAX_VALUE_NESTING} levels")
+        if read:
+            value = _value(any_value)
     pair = (key, value)
     if len(raw) <= PAIR_CACHE_BYTES:
-        if len(_PAIRS) >= PAIR_CACHE_SIZE:
-            _PAIRS.clear()
-        _PAIRS[raw] = pair
+        if len(_ONCE) >= PAIR_CACHE_SIZE:
+            _ONCE.clear()
+        _ONCE[raw] = pair
     return pair
 
 
