@@ -62,7 +62,6 @@ _emitter = mapping._emitter
 _inherited = mapping._inherited
 _resource_defaults = mapping._resource_defaults
 _timestamp = mapping._timestamp
-_learn = mapping._learn
 _SpanError = mapping._SpanError
 _PAIRS = mapping._PAIRS
 _SHAPES = mapping._SHAPES
@@ -83,11 +82,25 @@ _MAX_TAGS = logic.MAX_TAGS
 _MAX_TAG_KEY = logic.MAX_TAG_KEY_LEN
 _MAX_TAG_VALUE = logic.MAX_TAG_VALUE_LEN
 assert mapping.MAX_TOKENS_PER_EVENT == _MAX_TOKENS
-#: the count fields that are parts of input_tokens / of output_tokens (the Event's subset checks)
-_INPUT_PARTS = frozenset(("cache_read_tokens", "cache_write_tokens", "input_audio_tokens"))
-_OUTPUT_PARTS = frozenset(("reasoning_tokens", "output_audio_tokens"))
-_CACHE_FIELDS = mapping._CACHE_FIELDS
-assert logic.TOKEN_PARENTS.keys() == _INPUT_PARTS | _OUTPUT_PARTS | {"cache_write_1h_tokens"}
+# the Event's subset checks as the building loop makes them: cache read + cache write + input
+# audio <= input, reasoning + output audio <= output (cache_write_1h_tokens is never mapped)
+assert logic.TOKEN_PARENTS == {
+    "cache_read_tokens": "input_tokens",
+    "cache_write_tokens": "input_tokens",
+    "cache_write_1h_tokens": "cache_write_tokens",
+    "reasoning_tokens": "output_tokens",
+    "input_audio_tokens": "input_tokens",
+    "output_audio_tokens": "output_tokens",
+}
+assert mapping._COUNT_FIELDS == (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+)
 
 #: a call span the mapping rejected (its reason is in ``MappedExport.rejected``)
 _REJECTED = object()
