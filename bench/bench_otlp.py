@@ -95,7 +95,9 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2, help="gateway processes")
     ap.add_argument(
-        "--unique-response-ids", action="store_true", help="a gen_ai.response.id per span, as real calls have"
+        "--unique-response-ids",
+        action="store_true",
+        help="a gen_ai.response.id per span, as real calls have (64 bodies: an id recurs only every 32,768 spans)",
     )
     args = ap.parse_args()
     ensure_wrk()
@@ -107,7 +109,11 @@ def main() -> None:
         script.write_text(LUA.replace("PATH", path).replace("TYPE", ctype).replace("KEY", ADMIN_KEY))
         scripts[name] = script
     bodies = {
-        "otlp": write_bodies(work, "otlp", [otlp_body(args.batch, i, args.unique_response_ids) for i in range(32)]),
+        "otlp": write_bodies(
+            work,
+            "otlp",
+            [otlp_body(args.batch, i, args.unique_response_ids) for i in range(64 if args.unique_response_ids else 32)],
+        ),
         "events": write_bodies(
             work,
             "events",
