@@ -35,6 +35,7 @@ from typing import Any
 
 import msgspec
 from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from ingest_gateway import logic
 from ingest_gateway.errors import BodyError
@@ -174,27 +175,32 @@ def map_and_validate(
     rules: RuleSet,
     default_project: str,
     ctx: RequestContext,
+    request: ExportTraceServiceRequest | None = None,
 ) -> tuple[MappedExport, Validated]:
     """The model-call spans of a protobuf ``ExportTraceServiceRequest`` as validated events (module
     doc). ``MappedExport`` counts the spans and lists the mapping's rejections (its ``events`` stay
     empty); ``Validated`` holds the events by project and the validation's rejections.
-    ``OtlpDecodeError`` for a malformed body, ``BodyError`` 413 for more than ``max_spans`` spans."""
+    ``OtlpDecodeError`` for a malformed body, ``BodyError`` 413 for more than ``max_spans`` spans.
+    ``request``: ``body`` decoded already (OTLP JSON, ``body`` its encoding), for the general route."""
     req = _Request(client_cost, ctx, rules, default_project)
     try:
         view = decode_view(body)
     except DecodeError:
-        return _general(body, req, max_spans)
+        return _general(body, req, max_spans, request)
     if count_spans(view) > max_spans:
-        return _general(body, req, max_spans)
+        return _general(body, req, max_spans, request)
     try:
         return _map(view, req)
     except UncheckedAttribute:
-        return _general(body, req, max_spans)
+        return _general(body, req, max_spans, request)
 
 
-def _general(body: bytes, req: _Request, max_spans: int) -> tuple[MappedExport, Validated]:
+def _general(
+    body: bytes, req: _Request, max_spans: int, request: ExportTraceServiceRequest | None
+) -> tuple[MappedExport, Validated]:
     """The request decoded whole (400 when it is not valid) and mapped by the reference rules."""
-    request = decode_protobuf(body)
+    if request is None:
+        request = decode_protobuf(body)
     spans = count_spans(request)
     if spans > max_spans:
         raise BodyError(

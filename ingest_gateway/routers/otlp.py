@@ -85,8 +85,10 @@ def map_and_validate(
     """Decode, map and validate one export (ingest_gateway/otlp_events.py); BodyError 400/413.
     OTLP JSON is decoded with ``ExportTraceServiceRequest`` and goes on as its protobuf encoding."""
     try:
+        request = None
         if as_json:
-            body = decode_json(body).SerializeToString()
+            request = decode_json(body)
+            body = request.SerializeToString()
         return otlp_events.map_and_validate(
             body,
             client_cost=client_cost,
@@ -94,6 +96,7 @@ def map_and_validate(
             rules=rules,
             default_project=default_project,
             ctx=ctx or logic.RequestContext.now(),
+            request=request,
         )
     except OtlpDecodeError as exc:
         raise BodyError(400, "bad_otlp", exc.message, exc.field) from None
