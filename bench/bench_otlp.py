@@ -48,7 +48,9 @@ end
 """
 
 
-def otlp_body(batch: int, seed: int) -> bytes:
+def otlp_body(batch: int, seed: int, unique_response_ids: bool = False) -> bytes:
+    """``unique_response_ids``: each span its own ``gen_ai.response.id``, as real calls have (the
+    default repeats one, so every attribute encoding recurs across the bodies)."""
     from otel_support import export, semconv_chat, span
 
     now_ns = time.time_ns()
@@ -64,6 +66,7 @@ def otlp_body(batch: int, seed: int) -> bytes:
                     "gen_ai.agent.name": f"agent-{j % 25}",
                     "gen_ai.conversation.id": f"s-{j % 1000}",
                     "spendstream.tag.team": f"team-{j % 4}",
+                    **({"gen_ai.response.id": f"chatcmpl-{seed}-{j}-{now_ns}"} if unique_response_ids else {}),
                 },
             ),
             start_ns=now_ns - 2_000_000_000,
@@ -91,6 +94,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512, help="spans (events) per request")
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2, help="gateway processes")
+    ap.add_argument(
+        "--unique-response-ids",
+        action="store_true",
+        help="a gen_ai.response.id per span, as real calls have (64 bodies: an id recurs only every 32,768 spans)",
+    )
     args = ap.parse_args()
     ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="bench-otlp-"))
@@ -101,7 +109,11 @@ def main() -> None:
         script.write_text(LUA.replace("PATH", path).replace("TYPE", ctype).replace("KEY", ADMIN_KEY))
         scripts[name] = script
     bodies = {
-        "otlp": write_bodies(work, "otlp", [otlp_body(args.batch, i) for i in range(32)]),
+        "otlp": write_bodies(
+            work,
+            "otlp",
+            [otlp_body(args.batch, i, args.unique_response_ids) for i in range(64 if args.unique_response_ids else 32)],
+        ),
         "events": write_bodies(
             work,
             "events",

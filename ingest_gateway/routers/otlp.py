@@ -30,14 +30,15 @@ import logging
 
 from fastapi import APIRouter, Request, Response
 
-from ingest_gateway import logic
+from ingest_gateway import logic, otlp_events
 from ingest_gateway.errors import BodyError, GatewayError, to_http
 from ingest_gateway.ingest import authenticate, read_body
 from ingest_gateway.metrics import GatewayMetrics
 from ingest_gateway.publisher import Publisher
 from spendstream.asgi import ClientGone
-from spendstream.otel import MappedExport, OtlpDecodeError, decode_json, decode_protobuf, map_export
+from spendstream.otel import MappedExport, OtlpDecodeError, decode_json
 from spendstream.otel.wire import error_status, export_response
+from spendstream.project_mappings import RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,33 @@ def _error(exc: GatewayError, as_json: bool) -> Response:
     return _answer(status, error_status(status, body["message"], as_json, extra), as_json, headers)
 
 
-def _decode_and_map(body: bytes, as_json: bool, client_cost: bool, max_spans: int) -> MappedExport:
+def map_and_validate(
+    body: bytes,
+    as_json: bool,
+    client_cost: bool,
+    max_spans: int,
+    rules: RuleSet,
+    default_project: str,
+    ctx: logic.RequestContext | None = None,
+) -> tuple[MappedExport, logic.Validated]:
+    """Decode, map and validate one export (ingest_gateway/otlp_events.py); BodyError 400/413.
+    OTLP JSON is decoded with ``ExportTraceServiceRequest`` and goes on as its protobuf encoding."""
     try:
-        export = decode_json(body) if as_json else decode_protobuf(body)
+        request = None
+        if as_json:
+            request = decode_json(body)
+            body = request.SerializeToString()
+        return otlp_events.map_and_validate(
+            body,
+            client_cost=client_cost,
+            max_spans=max_spans,
+            rules=rules,
+            default_project=default_project,
+            ctx=ctx or logic.RequestContext.now(),
+            request=request,
+        )
     except OtlpDecodeError as exc:
         raise BodyError(400, "bad_otlp", exc.message, exc.field) from None
-    spans = sum(len(scope.spans) for resource in export.resource_spans for scope in resource.scope_spans)
-    if spans > max_spans:
-        raise BodyError(
-            413, "too_many_spans", f"{spans} spans in one export, more than {max_spans}: export smaller batches"
-        )
-    return map_export(export, client_cost=client_cost, body=None if as_json else body)
 
 
 @router.post(
@@ -131,28 +148,23 @@ async def _export(request: Request, content_type: str, as_json: bool) -> Respons
     max_spans = settings.gateway.max_events_per_request
     inline = len(body) <= INLINE_BYTES[content_type]
     # an inline export is decoded, mapped and validated with the cyclic GC paused: it makes a few
-    # GC-tracked objects per span (message wrappers, event dicts) and no cycles, all gone by the
+    # GC-tracked objects per span (message wrappers, attribute dicts) and no cycles, all gone by the
     # end (the validated events are untracked msgspec structs), so the collections it would trigger
     # only walk and promote short-lived objects: 25.7 -> 22.7 us of gateway CPU per span (bench_otlp,
     # medians of 3 under load). Bounded: at most INLINE_BYTES of body, and re-enabled in any case.
+    rules = state.project_rules.for_tenant(principal.tenant)
+    default_project = settings.otel.default_project
+    ctx = logic.RequestContext.now()
     paused = inline and gc.isenabled()
     if paused:
         gc.disable()
     try:
         if inline:
-            mapped = _decode_and_map(body, as_json, client_cost, max_spans)
+            mapped, result = map_and_validate(body, as_json, client_cost, max_spans, rules, default_project, ctx)
         else:  # the event loop keeps serving other requests meanwhile
-            mapped = await asyncio.to_thread(_decode_and_map, body, as_json, client_cost, max_spans)
-        rules = state.project_rules.for_tenant(principal.tenant)
-        default_project = settings.otel.default_project
-        for ev in mapped.events:
-            if "project" not in ev:
-                ev["project"] = (
-                    rules.project_for(ev.get("agent", "default"), ev.get("session_label")) or default_project
-                )
-        ctx = logic.RequestContext.now()
-        result = logic.validate_objects(mapped.events, ctx)
-        mapped.events.clear()  # the objects; the events go on as structs
+            mapped, result = await asyncio.to_thread(
+                map_and_validate, body, as_json, client_cost, max_spans, rules, default_project, ctx
+            )
     finally:
         if paused:
             gc.enable()

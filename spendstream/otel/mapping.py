@@ -26,12 +26,14 @@ Only model calls cost money, and each costs once:
 - ``gen_ai.usage.cost`` (OpenLIT's estimate; semconv has no cost attribute) becomes the event's
   client price only when the caller opts in (``client_cost``); by default Spendstream prices it.
 
-The attributes are read from a ``TraceView`` of the request (spendstream/otel/wire.py): only the
-names in :data:`READ_ATTRIBUTES` and ``spendstream.tag.*`` are looked at, each value decoded once per
-distinct encoding (a bounded cache: a fleet repeats its models, operations and agents). The rules
-below see the same ``{name: value}`` as :func:`attributes` gives for those names;
-:func:`map_export_reference` applies them to the fully decoded ``ExportTraceServiceRequest``
-instead, and the unit tests hold the two equal.
+The attributes are read from a ``TraceView`` of the request (spendstream/otel/wire.py): each span's
+attributes as their encodings, each distinct encoding decoded once (:func:`attribute_pairs`, a
+bounded cache), only the values of the names in :data:`READ_ATTRIBUTES` and ``spendstream.tag.*``
+converted; what depends only on which names a span has is computed once per tuple of names
+(:class:`Shape`). The rules below see the same ``{name: value}`` as :func:`attributes` gives for
+those names; :func:`map_export_reference` applies them to the fully decoded
+``ExportTraceServiceRequest`` instead, and the unit tests hold the two equal. The gateway builds
+its events straight from the same reading (ingest_gateway/otlp_events.py).
 
 What cannot be an event (a model call without a model, a token count that is not a count, no span
 id) is rejected with its reason; the gateway counts those in the OTLP partial-success answer.
@@ -44,14 +46,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from operator import itemgetter
 from typing import Any
 
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from spendstream.money import MAX_TOKENS_PER_EVENT
-from spendstream.otel.wire import decode_view, hex_id
+from spendstream.otel.wire import KeyValue, Status, decode_view, hex_id
 from spendstream.timeutil import format_epoch_ms
 
 #: ``gen_ai.operation.name`` values of a model call (semconv), plus the legacy spellings
@@ -107,6 +109,8 @@ TOKEN_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "output_audio_tokens": ("llm.token_count.completion_details.audio",),
 }
 _USAGE_NAMES = frozenset(name for names in TOKEN_ATTRIBUTES.values() for name in names)
+#: the count fields in TOKEN_ATTRIBUTES order (``Shape.counts`` names them by position)
+_COUNT_FIELDS = tuple(TOKEN_ATTRIBUTES)
 
 _PROVIDER_ATTRIBUTES = ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system", "ai.model.provider")
 _MODEL_ATTRIBUTES = (
@@ -213,46 +217,222 @@ def attributes(key_values: Any) -> dict[str, Any]:
     return {kv.key: _value(kv.value) for kv in key_values}
 
 
-_MISSING = object()
-#: encoded ``AnyValue`` -> its value, for the attributes the rules read (bounded: emptied when full)
-_VALUES: dict[bytes, Any] = {}
-VALUE_CACHE_SIZE = 16_384
+#: encoded ``KeyValue`` (one attribute of a ``TraceView`` span) -> ``(key, value)``, the value as
+#: :func:`_value` gives it for the names the rules read and ``spendstream.tag.*``, None for the rest
+#: (never converted), for the encodings seen at least twice. Bounded: emptied when full. A fleet
+#: repeats its models, operations, agents and many counts; one-off values (response ids) stay in
+#: ``_ONCE`` (encodings seen once, emptied on its own when full), so they never push out the rest.
+class _PairCache(dict[bytes, tuple[str, Any]]):
+    """``_PAIRS[raw]`` decodes an encoding it does not hold (:func:`_learn`), so that a span's
+    pairs are one ``map`` over its encodings, hits and misses alike."""
+
+    __slots__ = ()
+
+    def __missing__(self, raw: bytes) -> tuple[str, Any]:
+        return _learn(raw)
+
+
+_PAIRS = _PairCache()
+_ONCE: dict[bytes, tuple[str, Any]] = {}
+PAIR_CACHE_SIZE = 16_384
 #: longer encodings are decoded every time (a read attribute that long is rare: names and ids)
-VALUE_CACHE_BYTES = 256
+PAIR_CACHE_BYTES = 256
+#: an attribute encoding up to this long cannot nest deeper than protobuf's limit inside a request
+#: (each level of nesting takes at least 2 bytes: 128 bytes are at most 64 levels, under 100 - 5)
+_SHALLOW_BYTES = 128
+#: array/kvlist values nested deeper than this (each level up to 3 message levels) are left to
+#: ``ExportTraceServiceRequest`` to judge (:class:`UncheckedAttribute`)
+MAX_VALUE_NESTING = 20
+_NESTED_KINDS = frozenset(("array_value", "kvlist_value"))
 
 
-def _decoded(raw: bytes) -> Any:
-    """An encoded ``AnyValue`` -> what :func:`_value` gives for it."""
-    value = _VALUES.get(raw, _MISSING)
-    if value is _MISSING:
+class UncheckedAttribute(ValueError):
+    """A span attribute that decoding it alone cannot vouch for: not a valid ``KeyValue``, or nested
+    so deep that only the request's own decode says whether protobuf accepts it. The caller decodes
+    the request with ``ExportTraceServiceRequest`` (which alone decides validity) and maps that."""
+
+
+def attribute_pairs(raws: Any) -> list[tuple[str, Any]]:
+    """A ``TraceView`` span's ``attributes`` (encoded ``KeyValue`` s) -> ``[(key, value)]``.
+
+    Every encoding is decoded with ``KeyValue`` the first time it is seen, which checks it as the
+    request's decode would (:class:`UncheckedAttribute` when that cannot be told alone); a cached
+    encoding passed that check before."""
+    return list(map(_PAIRS.__getitem__, raws))
+
+
+def _learn(raw: bytes) -> tuple[str, Any]:
+    pair = _ONCE.pop(raw, None)
+    if pair is not None:  # seen before: it recurs, keep it
+        if len(_PAIRS) >= PAIR_CACHE_SIZE:
+            _PAIRS.clear()
+        _PAIRS[raw] = pair
+        return pair
+    try:
+        kv = KeyValue.FromString(raw)
+    except DecodeError:
+        raise UncheckedAttribute("a span attribute is not a valid KeyValue") from None
+    key = kv.key
+    key = _KEYS.get(key) or _key(key)  # one object per name: tuples of names then compare by identity
+    value = None
+    read = key in READ_ATTRIBUTES or key.startswith(TAG_PREFIX)
+    if read or len(raw) > _SHALLOW_BYTES:  # (a short unread one: its key is all that is needed)
+        any_value = kv.value
+        kind = any_value.WhichOneof("value")
+        if kind in _NESTED_KINDS and len(raw) > _SHALLOW_BYTES and _too_deep(any_value, MAX_VALUE_NESTING):
+            raise UncheckedAttribute(f"span attribute {key[:64]!r} nests deeper than {MAX_VALUE_NESTING} levels")
+        if read:
+            value = _value(any_value)
+    pair = (key, value)
+    if len(raw) <= PAIR_CACHE_BYTES:
+        if len(_ONCE) >= PAIR_CACHE_SIZE:
+            _ONCE.clear()
+        _ONCE[raw] = pair
+    return pair
+
+
+#: a ``TraceView`` span's encoded status -> whether it is STATUS_CODE_ERROR (a handful of
+#: encodings: absent, OK, ERROR, with their messages; bounded: emptied when full)
+_STATUSES: dict[bytes, bool] = {b"": False}
+
+
+def is_error(status: Any) -> bool:
+    """Whether a span's status (a ``Status``, or its encoding from a ``TraceView``) is ERROR."""
+    if type(status) is not bytes:
+        return status.code == 2  # STATUS_CODE_ERROR
+    error = _STATUSES.get(status)
+    if error is None:
         try:
-            value = _value(AnyValue.FromString(raw))
-        except DecodeError:  # not after ExportTraceServiceRequest decoded the same bytes
-            value = None
-        if len(raw) <= VALUE_CACHE_BYTES:
-            if len(_VALUES) >= VALUE_CACHE_SIZE:
-                _VALUES.clear()
-            _VALUES[raw] = value
-    return value
+            error = Status.FromString(status).code == 2
+        except DecodeError:
+            raise UncheckedAttribute("a span status is not a valid Status") from None
+        if len(status) <= PAIR_CACHE_BYTES:
+            if len(_STATUSES) >= 1024:
+                _STATUSES.clear()
+                _STATUSES[b""] = False
+            _STATUSES[status] = error
+    return error
+
+
+#: attribute name -> the one str object the pairs use for it (bounded: emptied when full)
+_KEYS: dict[str, str] = {}
+
+
+def _key(key: str) -> str:
+    if len(_KEYS) >= PAIR_CACHE_SIZE:
+        _KEYS.clear()
+    _KEYS[key] = key
+    return key
+
+
+def _too_deep(any_value: Any, budget: int) -> bool:
+    if budget <= 0:
+        return True
+    kind = any_value.WhichOneof("value")
+    if kind == "array_value":
+        return any(_too_deep(child, budget - 1) for child in any_value.array_value.values)
+    if kind == "kvlist_value":
+        return any(_too_deep(kv.value, budget - 1) for kv in any_value.kvlist_value.values)
+    return False
+
+
+#: ``attribute_pairs`` ends with this, so that index -1 of the list reads as an absent attribute
+ABSENT = (None, None)
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # (hashed and compared by identity: one per tuple of names)
+class Shape:
+    """Where the rules find each attribute they read in a span's :func:`attribute_pairs` list, given
+    only the names it has (whatever their values): computed once per distinct tuple of names (a
+    few per emitter; bounded against crafted spans). Indexes are of the last pair of a name (the
+    value that counts); -1 is the ``ABSENT`` pair at the end; tuples list the names present in
+    the rules' order of preference."""
+
+    op: int  #: ``gen_ai.operation.name``
+    #: another dialect's operation attribute is present, or a model and a count (``operation_of``)
+    other_call: bool
+    agent: int  #: ``gen_ai.agent.name``
+    session: int  #: the first of ``sessions`` (-1 when none)
+    sessions: tuple[int, ...]
+    models: tuple[int, ...]
+    providers: tuple[int, ...]
+    #: (index of the first name present of a count, the count's position in TOKEN_ATTRIBUTES)
+    counts: tuple[tuple[int, int], ...]
+    #: project, user, session label, session type names on the span, or None when it has none
+    attribution: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None
+    #: (index, tag key) of each ``spendstream.tag.*`` name, in the order the names first appear
+    tags: tuple[tuple[int, str], ...]
+    cost: int  #: ``gen_ai.usage.cost``
+    #: the pairs whose values decide what the gateway takes from the span besides its counts,
+    #: times, ids and conversation: operation, model, provider, attribution and tags
+    #: (``operator.itemgetter`` of their indexes; always a tuple)
+    categorical: Callable[[list[Any]], tuple[Any, ...]]
+
+
+_SHAPES: dict[tuple[str, ...], Shape] = {}
+_OTHER_OPERATIONS = frozenset((_VERCEL_OPERATION, _OPENINFERENCE_KIND, _TRACELOOP_KIND, _LEGACY_REQUEST_TYPE))
+
+
+def shape_of(names: tuple[str, ...]) -> Shape:
+    """The :class:`Shape` of a span whose pairs have these keys (``ABSENT`` not included)."""
+    shape = _SHAPES.get(names)
+    if shape is None:
+        last = {name: i for i, name in enumerate(names)}
+
+        def at(name: str) -> int:
+            return last.get(name, -1)
+
+        def present(candidates: tuple[str, ...]) -> tuple[int, ...]:
+            return tuple(last[name] for name in candidates if name in last)
+
+        tokens = _token_plan(frozenset(last) & _USAGE_NAMES)
+        models = present(_MODEL_ATTRIBUTES)
+        attribution = (present(_PROJECT), present(_USER), present(_SESSION_LABEL), present(_SESSION_TYPE))
+        shape = Shape(
+            op=at(_OPERATION),
+            other_call=not _OTHER_OPERATIONS.isdisjoint(last) or bool(models and tokens),
+            agent=at(_AGENT[0]),
+            session=(present(_SESSION) or (-1,))[0],
+            sessions=present(_SESSION),
+            models=models,
+            providers=present(_PROVIDER_ATTRIBUTES),
+            counts=tuple((last[names_present[0]], _COUNT_FIELDS.index(field)) for field, names_present in tokens),
+            attribution=attribution if any(attribution) else None,
+            tags=tuple((last[name], name[_TAG_PREFIX_LEN:]) for name in last if name.startswith(TAG_PREFIX)),
+            cost=at(_COST),
+            categorical=_getter(
+                (at(_OPERATION), *models, *present(_PROVIDER_ATTRIBUTES), *(i for a in attribution for i in a))
+                + tuple(last[name] for name in last if name.startswith(TAG_PREFIX))
+            ),
+        )
+        if len(_SHAPES) >= 1024:
+            _SHAPES.clear()
+        _SHAPES[names] = shape
+    return shape
+
+
+def _getter(indexes: tuple[int, ...]) -> Callable[[list[Any]], tuple[Any, ...]]:
+    if len(indexes) == 1:  # itemgetter of one index gives the item itself, not a tuple of it
+        (i,) = indexes
+        return lambda pairs: (pairs[i],)
+    return itemgetter(*indexes)
+
+
+def first_at(pairs: list[tuple[Any, Any]], indexes: tuple[int, ...]) -> str | None:
+    """:func:`_first` over the pairs at ``indexes``."""
+    for i in indexes:
+        value = pairs[i][1]
+        if type(value) is str and value.strip():
+            return value
+    return None
 
 
 def read_attributes(span: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """A ``TraceView`` span's attributes the rules read and its ``spendstream.tag.*`` ones, with
-    the values :func:`attributes` gives them."""
-    encoded = span.attributes  # map<string, bytes>, still in C
-    cached = _VALUES.get
-    attrs: dict[str, Any] = {}
-    tags: dict[str, Any] | None = None  # (dicts of scalars are not tracked by the cyclic GC)
-    for name in encoded:
-        if name in READ_ATTRIBUTES:
-            raw = encoded[name]
-            value = cached(raw, _MISSING)
-            attrs[name] = _decoded(raw) if value is _MISSING else value
-        elif name.startswith(TAG_PREFIX):
-            if tags is None:
-                tags = {}
-            tags[name] = _decoded(encoded[name])
-    return attrs, tags
+    """A ``TraceView`` span's attributes (the values of the names the rules do not read are None)
+    and its ``spendstream.tag.*`` ones, with the values :func:`attributes` gives them."""
+    attrs = dict(attribute_pairs(span.attributes))
+    tags = {name: value for name, value in attrs.items() if name.startswith(TAG_PREFIX)}
+    return attrs, tags or None
 
 
 def _all_attributes(span: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -398,7 +578,10 @@ def map_export(
     ``body``: the protobuf encoding ``request`` was decoded from, when the caller has it (the
     attributes are read from a ``TraceView`` of it; without it ``request`` is encoded again)."""
     view = decode_view(request.SerializeToString() if body is None else body)
-    return _map(view, read_attributes, client_cost)
+    try:
+        return _map(view, read_attributes, client_cost)
+    except UncheckedAttribute:  # nested deeper than a lone decode can judge: ``request`` has it decoded
+        return map_export_reference(request, client_cost=client_cost)
 
 
 def map_export_reference(request: ExportTraceServiceRequest, *, client_cost: bool = False) -> MappedExport:
@@ -513,7 +696,7 @@ def _event(
     ev: dict[str, Any] = {
         "event_id": f"otel-{trace_id.hex()}-{span_id.hex()}",
         "model": model,
-        "status": "error" if span.status.code == 2 else "ok",  # STATUS_CODE_ERROR
+        "status": "error" if is_error(span.status) else "ok",
     }
     if provider:
         ev["provider"] = provider

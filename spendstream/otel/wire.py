@@ -9,11 +9,13 @@ fields are ignored, as the spec requires of receivers.
 
 The mapping reads spans through a second class of the same request, ``TraceView``
 (:func:`decode_view`): opentelemetry-proto's own descriptors, copied into a private pool with one
-change, ``Span.attributes`` read as ``map<string, bytes>`` (key -> the ``AnyValue`` still encoded).
-That is the same wire format (a map entry is a message of ``key = 1`` and ``value = 2``, as
-``KeyValue`` is), so protobuf's C decoder keeps the attributes in C and Python touches only the
-keys and the values the mapping reads, instead of building three objects per attribute. Requests
-are still decoded with ``ExportTraceServiceRequest`` first: it alone decides what is valid.
+change, ``Span.attributes`` read as ``repeated bytes`` (each attribute's ``KeyValue`` still
+encoded), and one more of the same kind, ``Span.status`` as ``bytes``. That is the same wire format (a repeated message field is a repeated length-delimited
+field, as ``bytes`` is), so protobuf's C decoder leaves the attributes in C until the mapping asks
+for a span's list of encodings, and the mapping decodes each distinct encoding once
+(spendstream/otel/mapping.py: a bounded cache), with :data:`KeyValue` itself. The view is laxer
+than ``ExportTraceServiceRequest`` in exactly these two places, the attributes and the status of
+spans; those are checked when they are decoded (see :func:`attribute_pairs <spendstream.otel.mapping.attribute_pairs>`).
 
 Answers: ``ExportTraceServiceResponse`` (with ``partial_success`` when spans were rejected) and,
 for failed requests, a ``google.rpc.Status`` ({code, message}), each in the request's encoding.
@@ -71,20 +73,25 @@ def decode_protobuf(body: bytes) -> ExportTraceServiceRequest:
 
 
 def _trace_view_class() -> Any:
-    """``ExportTraceServiceRequest`` with ``Span.attributes`` as ``map<string, bytes>`` (module doc)."""
+    """``ExportTraceServiceRequest`` with ``Span.attributes`` as ``repeated bytes`` (module doc)."""
     files = []
     for module in (common_pb2, resource_pb2, trace_pb2, trace_service_pb2):
         proto = descriptor_pb2.FileDescriptorProto()
         module.DESCRIPTOR.CopyToProto(proto)
         files.append(proto)
     (span,) = (m for m in files[2].message_type if m.name == "Span")
-    entry = span.nested_type.add(name="AttributesEntry")
-    entry.options.map_entry = True
-    entry.field.add(name="key", number=1, type=_FDP.TYPE_STRING, label=_FDP.LABEL_OPTIONAL)
-    entry.field.add(name="value", number=2, type=_FDP.TYPE_BYTES, label=_FDP.LABEL_OPTIONAL)
     (attributes,) = (f for f in span.field if f.name == "attributes")
-    assert (attributes.number, attributes.type_name) == (9, ".opentelemetry.proto.common.v1.KeyValue")
-    attributes.type_name = ".opentelemetry.proto.trace.v1.Span.AttributesEntry"
+    assert (attributes.number, attributes.label, attributes.type_name) == (
+        9,
+        _FDP.LABEL_REPEATED,
+        ".opentelemetry.proto.common.v1.KeyValue",
+    )
+    attributes.type = _FDP.TYPE_BYTES
+    attributes.ClearField("type_name")
+    (status,) = (f for f in span.field if f.name == "status")
+    assert (status.number, status.type_name) == (15, ".opentelemetry.proto.trace.v1.Status")
+    status.type = _FDP.TYPE_BYTES  # the same again: a span's status (mostly absent) as its encoding
+    status.ClearField("type_name")
     pool = descriptor_pool.DescriptorPool()  # private: the same names as the real classes
     for proto in files:
         pool.Add(proto)
@@ -93,12 +100,20 @@ def _trace_view_class() -> Any:
 
 
 TraceView: Any = _trace_view_class()
+#: what each element of a ``TraceView`` span's ``attributes`` decodes with
+KeyValue = common_pb2.KeyValue
+#: what a ``TraceView`` span's ``status`` decodes with
+Status = trace_pb2.Status
 
 
 def decode_view(body: bytes) -> Any:
-    """A ``TraceView`` of an encoded request that ``ExportTraceServiceRequest`` decoded already
-    (the view is laxer: it leaves the attribute values undecoded)."""
+    """A ``TraceView`` of an encoded request (``DecodeError`` when even the view cannot read it)."""
     return TraceView.FromString(body)
+
+
+def count_spans(request: Any) -> int:
+    """Spans in a request or a view of one."""
+    return sum(len(scope.spans) for resource in request.resource_spans for scope in resource.scope_spans)
 
 
 _ID_KEYS = (("traceId", "trace_id"), ("spanId", "span_id"), ("parentSpanId", "parent_span_id"))
