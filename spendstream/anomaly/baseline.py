@@ -17,6 +17,7 @@ their usual values multiply to the cost ratio exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ WEEK_MS = 7 * DAY_MS
 WEEKLY_HISTORY_DAYS = 21
 #: MAD -> standard deviation of a normal distribution
 MAD_SCALE = 1.4826
+#: interquartile range -> standard deviation of a normal distribution
+IQR_SCALE = 1.349
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +47,23 @@ class Baseline:
     model_cost: dict[str, float]
     samples: int
     seasonality: str  # "hour_of_week" | "hour_of_day"
+    #: interquartile range of the minute spends (a spread that sees an hour of two halves)
+    iqr: int = 0
 
     @property
     def usual(self) -> float:
         """The usual spend of one minute: the median, or the mean for a scope that spends in
         few minutes (median 0)."""
         return max(float(self.median), self.mean_cost)
+
+    @property
+    def minute_spread(self) -> float:
+        """The robust spread of one minute's spend: :func:`spread`, but at least the spread of a
+        Poisson count of the scope's usual calls (sqrt(usual x cost per call)): a scope with a few
+        calls a minute has a MAD of about one call or of 0 (a median minute of 0), which would
+        make one call more a big score."""
+        per_call = self.mean_cost / self.mean_calls if self.mean_calls else 0.0
+        return max(spread(self.mad, self.usual), self.iqr / IQR_SCALE, math.sqrt(self.usual * per_call))
 
 
 @dataclass(slots=True)
@@ -112,6 +126,8 @@ def build_baseline(
         median = median_of(costs)
         mad = median_of([abs(c - median) for c in costs])
     n = len(samples)
+    ordered = sorted(costs)
+    iqr = ordered[(3 * (n - 1)) // 4] - ordered[(n - 1) // 4]
     model_sums: dict[str, int] = {}
     for s in kept:
         for model, cost in s.models.items():
@@ -126,6 +142,7 @@ def build_baseline(
         model_cost=model_cost,
         samples=n,
         seasonality=seasonality,
+        iqr=iqr,
     )
 
 
