@@ -10,17 +10,30 @@ minute with a baseline for every scope): CPU seconds (``time.process_time``) per
 minute closed; then a hostile tenant sending 1,000,000 distinct agent names: the scopes tracked
 and the peak memory of the detector (tracemalloc) stay bounded by ``max_series_per_tenant``.
 
-``replay``: the detector and the baseline builder in simulated time, no broker: a fleet of
-``--agents`` agents over ``--days`` days (the last ``--live-days`` scored live) with daily and weekly patterns (quiet nights and
-weekends), noise, agents that start mid-way, and injected spikes of several kinds (volume, size,
-price/mix) and sizes (3x..30x, 2..30 minutes). Minutes before each simulated hour are the
-history its baselines are built from (the same ``baseline.build_baseline`` the stage runs over
-``usage_minute``). Reports recall on spikes >= 5x for >= 5 minutes, false alerts per 100
-agent-days and the detection delay in simulated minutes from spike start to the alert minute
-(the stage adds ``anomaly.grace_s`` and notify's delivery; an open minute is scored early, so
-this is an upper bound at minute granularity). The acceptance run of issue 18 (history in
-ClickHouse, the last hours through the gateway, the delay to a webhook in wall time) is
-``bench/bench_anomaly_e2e.py``.
+``replay``: the detector and the baseline builder in simulated time, no broker, the same fleet
+model as ``bench_anomaly_e2e`` (its acceptance run on the whole stack): ``--agents`` agents in
+projects of 10, each with a time zone (half-hour ones too), an office or 24/7 daily pattern,
+weekends, a day-to-day level of 0.8-1.2x, Poisson calls at 1-40 a minute at the peak (so many
+agents make 0.3-5 calls a minute: the low-rate agents the end-to-end run missed) and log-normal
+tokens per call; 85 % exist from the first day, 8 % start 3-10 days before the live part (short
+history: same hour of the day), 7 % during it (new agents: no baseline; their project is scored).
+History (``--days`` - ``--live-days`` days) is generated per minute in numpy (Poisson calls, the
+token sum's spread) and is what the baselines are built from (``baseline.build_baseline``, the
+same samples the stage reads from ``usage_minute``). The live days are played call by call: each
+call is an event with its own millisecond, through ``Detector.add``, and the stage's timer runs
+every ``--tick-s`` (1) simulated seconds: ``close`` of the minute that ended ``anomaly.grace_s``
+ago, ``peek`` at the open minute. The live minutes join the history (later hours' baselines).
+
+Spikes start at any millisecond of a minute, and are sized against the baseline's usual minute at
+their start (as the e2e run does): targets F in 5..50 x for 5-30 minutes of kinds volume (calls x
+m), size (tokens per call x m) and price_mix (a share of the calls to a model 4-60x dearer), decoys
+that are not in the recall set (2-3x, and 8-20x for 2 minutes) and 1.3-1.8x noise bumps that must
+not alert. The figures use the e2e run's definitions: a spike is in the recall set when its
+measured spend is >= 5x its usual for >= 5 minutes on an agent whose usual minute is at least 1/8
+of the tenant's dollar floor ($0.10, the e2e's); an alert is false when no injected spike of its
+agent (for a project alert: of its agents) is running or ended under ``rearm_minutes`` before;
+agent-days are the live days of agents with a baseline. The delay is spike start -> the tick that
+alerted (sub-minute); notify's delivery comes on top (the e2e run measures it to a webhook).
 
 ``--write-results`` replaces the "Anomaly detector (cpu)" or "(replay)" section of bench/RESULTS.md
 (not "Anomaly detection": a heading that prefix would match, and that one is bench_anomaly_e2e's).
@@ -30,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import time
 import tracemalloc
@@ -363,6 +377,12 @@ def bench_replay(days: int, agents: int, live_days: int = 7, seed: int = 18, tic
                           f"{rate:.1f} calls/min"
                           + (f", UTC+{fleet[int(agent[1:])].tz_min} min at {(at // 1000 % 86400) / 3600:.2f} h UTC"
                              f"{' office' if fleet[int(agent[1:])].office else ''}" if agent else "") + ")")  # fmt: skip
+            if os.environ.get("REPLAY_DEBUG"):
+                row = int(agent[1:]) if agent else agents + int(project[1:])
+                mi = (at - T0) // MINUTE_MS
+                b = baseline_row(row, at - at % HOUR_MS)
+                print("FALSE", falses[-1], b, "minutes", list(cost[row, mi - 10 : mi + 1]), "calls",
+                      list(calls[row, mi - 10 : mi + 1]), "start_day", fleet[row].start_day if agent else None)
             continue
         for s in mine if agent else ():
             if s.detected_ms is None:
@@ -385,9 +405,19 @@ def bench_replay(days: int, agents: int, live_days: int = 7, seed: int = 18, tic
     def rate_of(group: list[Spike]) -> str:
         return f"{sum(s.detected_ms is not None for s in group)} of {len(group)}"
 
-    low = [s for s in recall_set if fleet[s.agent].calls(s.start_ms // MINUTE_MS - T0 // MINUTE_MS) < 5]
+    def rate(s: Spike) -> float:
+        return float(live_lam[s.agent, (s.start_ms - T0) // MINUTE_MS - live_from])
+
+    low = [s for s in recall_set if rate(s) < 5]
+    by_rate = []
+    for lo_rate, hi_rate in ((0, 2), (2, 5), (5, 1e9)):
+        d = sorted((s.detected_ms - s.start_ms) / 1000 for s in found if lo_rate <= rate(s) < hi_rate)
+        if d:
+            label = f">= {lo_rate}" if hi_rate > 1e8 else f"{lo_rate}-{hi_rate}"
+            by_rate.append(f"{label} calls/min: {len(d)}, p50 {d[len(d) // 2]:.0f} s, "
+                           f"p95 {d[min(len(d) - 1, math.ceil(0.95 * len(d)) - 1)]:.0f} s")  # fmt: skip
     missed = [f"a{s.agent} {s.kind} x{s.measured:.1f} usual ${s.usual_nanos / 1e9:.4f}/min "
-              f"{float(fleet[s.agent].calls((s.start_ms - T0) // MINUTE_MS)):.1f} calls/min"
+              f"{rate(s):.1f} calls/min"
               for s in recall_set if s.detected_ms is None]  # fmt: skip
     small = [s for s in real if s.factor <= 3]
     short = [s for s in real if s.minutes < 5 and s.factor > 3]
@@ -407,8 +437,9 @@ def bench_replay(days: int, agents: int, live_days: int = 7, seed: int = 18, tic
         f"- **false alerts**: **{false_alerts / max(live_agent_days, 1) * 100:.2f} per 100 agent-days** "
         f"({false_agent} on agents + {false_project} on projects in {live_agent_days:,.0f} agent-days with a baseline)\n"
         f"- **detection delay**, spike start -> the stage's alert (sub-minute: events at their own times, the timer's "
-        f"tick; notify's delivery not included): p50 {pct(0.5):.0f} s, **p95 {pct(0.95):.0f} s**, max {pct(1.0):.0f} s\n"
-        + (f"- slowest: {'; '.join(f'a{s.agent} {s.kind} x{s.measured:.1f} {float(fleet[s.agent].calls((s.start_ms - T0) // MINUTE_MS)):.1f} calls/min {(s.detected_ms - s.start_ms) / 1000:.0f} s' for s in slow)}\n" if slow else "")
+        f"tick; notify's delivery not included): p50 {pct(0.5):.0f} s, **p95 {pct(0.95):.0f} s**, max {pct(1.0):.0f} s; "
+        f"by the agent's usual calls a minute: {'; '.join(by_rate)}\n"
+        + (f"- slowest: {'; '.join(f'a{s.agent} {s.kind} x{s.measured:.1f} {rate(s):.1f} calls/min {(s.detected_ms - s.start_ms) / 1000:.0f} s' for s in slow)}\n" if slow else "")
         + (f"- missed: {'; '.join(missed[:10])}\n" if missed else "")
         + (f"- false alerts: {'; '.join(falses[:10])}\n" if falses else "")
         + f"- replay CPU {cpu:.0f} s\n"

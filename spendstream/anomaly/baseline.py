@@ -49,12 +49,22 @@ class Baseline:
     seasonality: str  # "hour_of_week" | "hour_of_day"
     #: interquartile range of the minute spends (a spread that sees an hour of two halves)
     iqr: int = 0
+    #: mean spend a minute in each quarter of the hour (an hour whose spend is in part of it)
+    quarters: tuple[float, ...] = ()
 
     @property
     def usual(self) -> float:
         """The usual spend of one minute: the median, or the mean for a scope that spends in
         few minutes (median 0)."""
         return max(float(self.median), self.mean_cost)
+
+    def usual_at(self, minute_ms: int) -> float:
+        """The usual spend of the minute starting at ``minute_ms``: :attr:`usual`, or the mean of
+        its quarter of the hour when that is higher (an office agent whose day starts at :30 is
+        busy in half of the hour: twice the hour's mean then, which is no anomaly)."""
+        if not self.quarters:
+            return self.usual
+        return max(self.usual, self.quarters[minute_ms % HOUR_MS // (15 * MINUTE_MS)])
 
     @property
     def minute_spread(self) -> float:
@@ -117,7 +127,13 @@ def build_baseline(
     mad = median_of([abs(c - median) for c in costs])
     mean = sum(costs) / len(costs)
     usual = max(float(median), mean)
-    scale = spread(mad, usual)
+    # the first estimate's spread as the detector's (minute_spread): a scope with a median minute
+    # of 0 (a call every few minutes) has a MAD of 0, and each of its calls would be trimmed
+    calls = sum(s.calls for s in samples)
+    first_sorted = sorted(costs)
+    first_iqr = first_sorted[(3 * (len(costs) - 1)) // 4] - first_sorted[(len(costs) - 1) // 4]
+    per_call = sum(costs) / calls if calls else 0.0
+    scale = max(spread(mad, usual), first_iqr / IQR_SCALE, math.sqrt(usual * per_call))
     # drop what this first estimate calls anomalous, then estimate again
     kept = [s for s in samples if not (s.cost >= ratio * usual and (s.cost - usual) / scale >= score)]
     trimmed = len(samples) - len(kept)
@@ -126,6 +142,12 @@ def build_baseline(
         median = median_of(costs)
         mad = median_of([abs(c - median) for c in costs])
     n = len(samples)
+    # the mean of each quarter of the hour (trimmed samples: an anomalous minute counts as the median)
+    quarter_sums = [0, 0, 0, 0]
+    for j, sample in enumerate(samples):
+        cost = sample.cost if not (sample.cost >= ratio * usual and (sample.cost - usual) / scale >= score) else median
+        quarter_sums[j % 60 // 15] += cost
+    quarters = tuple(total / (n / 4) for total in quarter_sums)
     ordered = sorted(costs)
     iqr = ordered[(3 * (n - 1)) // 4] - ordered[(n - 1) // 4]
     model_sums: dict[str, int] = {}
@@ -143,6 +165,7 @@ def build_baseline(
         samples=n,
         seasonality=seasonality,
         iqr=iqr,
+        quarters=quarters,
     )
 
 

@@ -388,7 +388,7 @@ def windows(minutes: dict[int, Bucket], m: int, baseline: Baseline, earlier: Bas
         cost = bucket.cost if bucket is not None else 0
         spent += cost
         top = max(top, cost)
-        usual = b.usual
+        usual = b.usual_at(minute)
         expected += usual
         variance += b.minute_spread**2
         if spent <= expected or spent < rule.ratio * expected:
