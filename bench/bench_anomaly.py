@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import time
 import tracemalloc
@@ -356,9 +355,10 @@ def bench_replay(days: int, agents: int, live_days: int = 7, seed: int = 18, tic
     cpu = time.process_time() - started
     # figures (the e2e run's definitions: bench_anomaly_e2e.score / render)
     rearm_ms = settings.rearm_minutes * MINUTE_MS
-    false_agent = false_project = 0
+    false_agent = false_project = false_short = false_joined = 0
     falses: list[str] = []
     for project, agent, at, x in alerts:
+
         def running(s: Spike, at: int = at) -> bool:
             return s.kind != "bump" and s.start_ms <= at <= s.end_ms + rearm_ms
 
@@ -369,20 +369,16 @@ def bench_replay(days: int, agents: int, live_days: int = 7, seed: int = 18, tic
         if not mine:
             if agent:
                 false_agent += 1
+                false_short += x.seasonality == "hour_of_day"
             else:
                 false_project += 1
+                false_joined += any(a.start_day > 0 for a in fleet if a.project == int(project[1:]))
             rate = float(live_lam[int(agent[1:]), (at - T0) // MINUTE_MS - live_from]) if agent else float("nan")
             falses.append(f"{project}/{agent} x{x.alert_window_nanos / (x.usual_minute_nanos or 1) / x.alert_window_minutes:.1f}"
                           f" over {x.alert_window_minutes} min (score {x.score:.1f}, usual ${x.usual_minute_nanos / 1e9:.4f}/min, "
                           f"{rate:.1f} calls/min"
                           + (f", UTC+{fleet[int(agent[1:])].tz_min} min at {(at // 1000 % 86400) / 3600:.2f} h UTC"
                              f"{' office' if fleet[int(agent[1:])].office else ''}" if agent else "") + ")")  # fmt: skip
-            if os.environ.get("REPLAY_DEBUG"):
-                row = int(agent[1:]) if agent else agents + int(project[1:])
-                mi = (at - T0) // MINUTE_MS
-                b = baseline_row(row, at - at % HOUR_MS)
-                print("FALSE", falses[-1], b, "minutes", list(cost[row, mi - 10 : mi + 1]), "calls",
-                      list(calls[row, mi - 10 : mi + 1]), "start_day", fleet[row].start_day if agent else None)
             continue
         for s in mine if agent else ():
             if s.detected_ms is None:
@@ -435,11 +431,19 @@ def bench_replay(days: int, agents: int, live_days: int = 7, seed: int = 18, tic
         f"minute: {rate_of(low)}); below the floor (not in the set): {rate_of(below)}; decoys alerted: 2-3x "
         f"{rate_of(small)}, 2-minute {rate_of(short)}\n"
         f"- **false alerts**: **{false_alerts / max(live_agent_days, 1) * 100:.2f} per 100 agent-days** "
-        f"({false_agent} on agents + {false_project} on projects in {live_agent_days:,.0f} agent-days with a baseline)\n"
+        f"({false_agent} on agents + {false_project} on projects in {live_agent_days:,.0f} agent-days with a baseline; "
+        f"{false_short} of the agents' on a same-hour-of-the-day baseline (under 3 weeks of history), "
+        f"{false_joined} of the projects' in a project with an agent younger than its history (started 3-10 days "
+        "before the live days or during them), which its same-hour-of-the-week baseline has in at most one "
+        "sample)\n"
         f"- **detection delay**, spike start -> the stage's alert (sub-minute: events at their own times, the timer's "
         f"tick; notify's delivery not included): p50 {pct(0.5):.0f} s, **p95 {pct(0.95):.0f} s**, max {pct(1.0):.0f} s; "
         f"by the agent's usual calls a minute: {'; '.join(by_rate)}\n"
-        + (f"- slowest: {'; '.join(f'a{s.agent} {s.kind} x{s.measured:.1f} {rate(s):.1f} calls/min {(s.detected_ms - s.start_ms) / 1000:.0f} s' for s in slow)}\n" if slow else "")
+        + (
+            f"- slowest: {'; '.join(f'a{s.agent} {s.kind} x{s.measured:.1f} {rate(s):.1f} calls/min {(s.detected_ms - s.start_ms) / 1000:.0f} s' for s in slow)}\n"
+            if slow
+            else ""
+        )
         + (f"- missed: {'; '.join(missed[:10])}\n" if missed else "")
         + (f"- false alerts: {'; '.join(falses[:10])}\n" if falses else "")
         + f"- replay CPU {cpu:.0f} s\n"

@@ -4,11 +4,18 @@ A scope is (project, agent) or (project, "") for the whole project. Its samples 
 of the same hour of the week over the last weeks once the scope has at least
 ``WEEKLY_HISTORY_DAYS`` of history, else of the same hour of the day over the last days; a minute
 without spend in that time is a sample of 0 (quiet nights stay quiet). The statistics are the
-median and the MAD (median absolute deviation) of the minute spends, robust to the odd spike.
+median, the MAD (median absolute deviation) and the interquartile range of the minute spends,
+robust to the odd spike, and the mean of each quarter of the hour (``Baseline.usual_at``: an
+hour whose spend is in part of it, e.g. a working day that starts at :30).
+
+The spread of one minute (``Baseline.minute_spread``) is 1.4826 x MAD, at least the interquartile
+range / 1.349 (an hour of two halves, one quiet, has a MAD of 0), a tenth of the usual minute and
+the spread of a Poisson count of the usual calls, sqrt(usual x cost per call) (a scope with a
+call every few minutes has a median and a MAD of 0).
 
 Anomalous minutes do not widen the baseline: a sample that would itself be scored anomalous
-against the first estimate (``Rule``'s score and ratio) is replaced by the median before the
-final statistics, so a past runaway does not hide the next one.
+against the first estimate (``Rule``'s score and ratio, with the spread above) is replaced by the
+median before the final statistics, so a past runaway does not hide the next one.
 
 The means (cost, calls, tokens, cost per model per minute) of the trimmed samples explain an
 alert: cost = calls x tokens per call x cost per token, so the ratios of the three factors to

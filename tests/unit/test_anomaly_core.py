@@ -349,7 +349,7 @@ def poisson(rng: random.Random, lam: float) -> int:
 
 
 def call_cost(rng: random.Random) -> int:
-    return int(CALL * rng.lognormvariate(-0.35**2 / 2, 0.35))
+    return int(CALL * rng.lognormvariate(-(0.35**2) / 2, 0.35))
 
 
 def low_rate_baseline(seed: int = 99):
