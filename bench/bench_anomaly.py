@@ -53,7 +53,7 @@ import orjson
 
 from bench.stage_bench import machine, replace_section
 from spendstream.anomaly import Anomaly, Baseline, Detector, MinuteSample, Rule, build_baseline
-from spendstream.anomaly.baseline import DAY_MS, HOUR_MS, MINUTE_MS, sample_days
+from spendstream.anomaly.baseline import DAY_MS, HOUR_MS, MINUTE_MS, sample_days, with_members
 from spendstream.settings import AnomalySettings
 from spendstream.timeutil import TimestampParser, format_epoch_ms
 from stream_processors.anomaly.logic import add_record
@@ -282,6 +282,9 @@ def bench_replay(days: int, agents: int, live_days: int = 7, seed: int = 18, tic
                                                                    int(tokens[row, i]), {"m": int(cost[row, i])})  # fmt: skip
             baselines[key] = build_baseline(samples, hours, seasonality, score=rule.score, ratio=rule.ratio,
                                             min_samples=settings.min_history_minutes)  # fmt: skip
+            if row >= agents and baselines[key] is not None:  # a project: as the stage's loader (store.py)
+                members = [baseline_row(a.index, hour) for a in fleet if a.project == row - agents]
+                baselines[key] = with_members(baselines[key], [b for b in members if b is not None])
         return baselines[key]
 
     def baseline_of(tenant: str, project: str, agent: str, ms: int) -> Baseline | None:

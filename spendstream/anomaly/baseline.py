@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
@@ -58,12 +58,14 @@ class Baseline:
     iqr: int = 0
     #: mean spend a minute in each quarter of the hour (an hour whose spend is in part of it)
     quarters: tuple[float, ...] = ()
+    #: a project's: the sum of its agents' usual minutes (:func:`with_members`)
+    members_usual: float = 0.0
 
     @property
     def usual(self) -> float:
         """The usual spend of one minute: the median, or the mean for a scope that spends in
         few minutes (median 0)."""
-        return max(float(self.median), self.mean_cost)
+        return max(float(self.median), self.mean_cost, self.members_usual)
 
     def usual_at(self, minute_ms: int) -> float:
         """The usual spend of the minute starting at ``minute_ms``: :attr:`usual`, or the mean of
@@ -174,6 +176,15 @@ def build_baseline(
         iqr=iqr,
         quarters=quarters,
     )
+
+
+def with_members(project: Baseline, members: Iterable[Baseline]) -> Baseline:
+    """A project's baseline whose usual minute is at least the sum of its agents' usual minutes.
+    A project's samples (same hour of the week over weeks) may predate an agent that joined it
+    since and now makes most of its spend; that agent's own baseline (same hour of the day while
+    its history is short) has it, and the project's spend is not 3x its usual for that."""
+    total = sum(b.usual for b in members)
+    return replace(project, members_usual=total) if total > project.usual else project
 
 
 def spread(mad: int, usual: float) -> float:

@@ -496,3 +496,37 @@ def test_an_alert_raised_early_has_the_same_id_when_the_events_are_replayed() ->
         found += replay.peek(minute_of(up_to), baseline_of, lambda t: LOW_RULE)
         assert [a.alert_id for a in found] == [first.alert_id], crash_after_s
         assert found[0].episode_start_ms == first.episode_start_ms
+
+
+def test_a_sparse_agent_keeps_its_calls_in_the_baseline() -> None:
+    # a call every three minutes: median and MAD 0; its calls are its usual spend, not anomalies
+    rng = random.Random(3)
+
+    def sparse(d: int, i: int) -> tuple[int, int, int]:
+        n = poisson(rng, 0.3)
+        return sum(call_cost(rng) for _ in range(n)), n, n * 1000
+
+    b = baseline_for(sparse)
+    assert b.median == 0 and b.mad == 0
+    assert 0.2 < b.mean_calls < 0.4 and b.usual > 0.2 * CALL
+    assert b.minute_spread >= math.sqrt(b.usual * CALL * 0.8)  # at least a Poisson count's spread
+
+
+def test_an_hour_busy_in_its_second_half_is_usual_there() -> None:
+    # an office agent whose day starts at :30: nothing, then 20 calls a minute
+    b = baseline_for(lambda d, i: (0, 0, 0) if i < 30 else (20 * USUAL // 10, 20, 20_000))
+    assert b.usual_at(T0 + 45 * MINUTE_MS) == 2 * USUAL and b.usual_at(T0 + 5 * MINUTE_MS) == b.usual
+    feed = Feed(b)
+    for m in range(30, 90):  # the busy half, every day's level: no alert
+        feed.minute(m, 20 if m % 60 >= 30 else 0, 1000, USUAL // 10)
+    assert feed.alerts == []
+
+
+def test_a_project_baseline_is_at_least_its_agents_usual() -> None:
+    from spendstream.anomaly.baseline import with_members
+
+    old = baseline_for()  # the project's samples, before a bigger agent joined it
+    joined = baseline_for(lambda d, i: (3 * USUAL, 30, 30_000), days=4)
+    project = with_members(old, [old, joined])
+    assert project.usual == 4 * USUAL and project.median == old.median
+    assert with_members(old, [old]).usual == old.usual
