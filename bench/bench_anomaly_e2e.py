@@ -68,9 +68,13 @@ clock, its last minutes are played in real time, and every delay below is wall t
    alert named the injected kind (volume / size / price_mix).
 
 The false-alert rate this run can show is coarse: 200 agents x ~7 minutes is about one agent-day,
-so a single false alert reads as ~100 per 100 agent-days. ``python -m bench.bench_anomaly replay``
-scores the same detector and baseline code over a week of simulated minutes (1,400 agent-days)
-for a finer estimate of that rate.
+so a single false alert reads as ~100 per 100 agent-days. The stage decides what is due by the
+wall clock (above), so the gateway hours cannot be scored in event time without a mode the product
+does not have. The report therefore gives this run's count with its agent-days, and no verdict
+under ``MEANINGFUL_AGENT_DAYS`` (100), and quotes the false-alert line of the "Anomaly detector
+(replay)" section of bench/RESULTS.md: ``python -m bench.bench_anomaly replay`` scores the same
+detector and baseline code over a week of simulated minutes (about 1,300 agent-days, every call an
+event at its own time, the stage's 1-second timer), the finer estimate of that rate.
 
 ``--write-results`` replaces the "Anomaly detection" section of bench/RESULTS.md.
 """
@@ -640,6 +644,24 @@ def p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)] if ordered else float("nan")
 
 
+#: agent-days under which a false-alert rate per 100 agent-days is not reported as measured
+MEANINGFUL_AGENT_DAYS = 100
+
+
+def replay_false_alerts() -> str:
+    """The false-alert line of bench/RESULTS.md's "Anomaly detector (replay)" section, if any."""
+    results = ROOT / "bench" / "RESULTS.md"
+    text = results.read_text() if results.exists() else ""
+    section = text.split("## Anomaly detector (replay)", 1)
+    if len(section) < 2:
+        return "not measured yet (run `python -m bench.bench_anomaly replay --write-results`)"
+    body = section[1].split("\n## ", 1)[0]
+    for line in body.splitlines():
+        if "false alerts" in line and "per 100 agent-days" in line:
+            return line.lstrip("- ").replace("**", "")
+    return "not found in its section"
+
+
 def render(out: Outcome) -> str:
     a = out.args
     # spikes on agents below the tenant's floor are what it asked not to hear about: reported, not in the set
@@ -678,6 +700,7 @@ def render(out: Outcome) -> str:
     command = (f".venv/bin/python -m bench.bench_anomaly_e2e --agents {a.agents} --days {a.days} --gateway-hours "
                f"{a.gateway_hours:g} --warmup-s {a.warmup_s:g} --spread-s {a.spread_s:g} --spike-minutes "
                f"{a.spike_minutes:g} --min-excess-usd {a.min_excess_usd} --seed {a.seed}")  # fmt: skip
+    replay_rate = replay_false_alerts()
     lines = [
         f"## {SECTION}",
         "",
@@ -708,8 +731,9 @@ def render(out: Outcome) -> str:
         "|---|---|---|---|",
         f"| recall, spikes >= 5x usual for >= 5 min | >= 95 % | {recall:.1%} ({len(found)} of {len(recall_set)}) "
         f"| {verdict(recall >= 0.95)} |",
-        f"| false alerts per 100 agent-days | <= 1 | {false_rate:.0f} ({len(out.false_alerts)} in "
-        f"{agent_days:.2f} agent-days) | {verdict(false_rate <= 1)}{' (too few agent-days to show it)' if not out.false_alerts and agent_days < 100 else ''} |",
+        f"| false alerts per 100 agent-days | <= 1 | {len(out.false_alerts)} in {agent_days:.2f} agent-days "
+        f"(= {false_rate:.0f} per 100){'' if agent_days >= MEANINGFUL_AGENT_DAYS else '; replay: ' + replay_rate} | "
+        f"{verdict(false_rate <= 1) if agent_days >= MEANINGFUL_AGENT_DAYS else 'see the replay'} |",
         f"| delay spike start -> webhook, p95 | <= 120 s | {p95(delays):.0f} s (p50 "
         f"{statistics.median(delays) if delays else float('nan'):.0f} s, max {max(delays, default=float('nan')):.0f} s) "
         f"| {verdict(p95(delays) <= 120)} |",
@@ -719,7 +743,11 @@ def render(out: Outcome) -> str:
         f"- a spike's first event went out at most {max(send_lag, default=0):.1f} s after its start (calls are "
         "Poisson: a low-rate agent's first spiked call comes later; the delay is counted from the start)",
         f"- agent-days: {out.baseline_agents} agents with a baseline x {out.realtime_minutes:.1f} real-time minutes "
-        "/ 1440 (agents without one cannot alert on their own)",
+        "/ 1440 (agents without one cannot alert on their own). The stage scores by the wall clock, so this run "
+        f"scores about one agent-day: a rate needs >= {MEANINGFUL_AGENT_DAYS} (one false alert in 100 agent-days is "
+        "the target), which only the replay has: `python -m bench.bench_anomaly replay` (the same detector and "
+        "baseline code, about 1,300 agent-days of Poisson calls at their own times through the stage's 1-second "
+        f"timer): {replay_rate}",
     ]
     slowest = sorted(found, key=lambda s: s.detected_wall - s.start_ms / 1000, reverse=True)[:8]
     if slowest:

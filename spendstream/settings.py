@@ -260,14 +260,14 @@ class AnomalySettings(BaseModel):
 
     enabled: bool = Field(True, description="default for tenants without their own anomaly settings")
     score_threshold: float = Field(
-        6.0, gt=0, description="robust score (minute spend - usual) / (1.4826 x MAD) a minute must reach"
+        6.0, gt=0, description="robust score (spend - usual) / spread a window of 1-10 minutes must reach"
     )
-    min_ratio: float = Field(3.0, gt=1, description="a minute's spend must be at least this multiple of the usual")
+    min_ratio: float = Field(3.0, gt=1, description="a window's spend must be at least this multiple of its usual")
     min_excess_usd: str = Field(
-        "1", description="the 10-minute window's spend above the usual must reach this many USD (decimal string)"
+        "1", description="the alerting window's spend above its usual must reach this many USD (decimal string)"
     )
     extreme_ratio: float = Field(
-        20.0, gt=1, description="a minute this many times the usual alerts at once (otherwise two minutes in a row)"
+        20.0, gt=1, description="a minute this many times the usual alerts alone (otherwise spread over two minutes)"
     )
     rearm_minutes: int = Field(
         15, ge=1, le=1440, description="an episode ends (and the scope can alert again) after this many normal minutes"

@@ -36,10 +36,12 @@ class AnomalySettingsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="detect and alert for this tenant")
-    score_threshold: float = Field(6.0, ge=1, le=1000, description="robust score a minute must reach")
-    min_ratio: float = Field(3.0, ge=1.1, le=10_000, description="a minute's spend / its usual spend")
-    min_excess_usd: str = Field("1", max_length=40, description="USD the 10-minute window must exceed its usual by")
-    extreme_ratio: float = Field(20.0, ge=1.1, le=1_000_000, description="a minute this far above alerts at once")
+    score_threshold: float = Field(6.0, ge=1, le=1000, description="robust score a window of 1-10 minutes must reach")
+    min_ratio: float = Field(3.0, ge=1.1, le=10_000, description="a window's spend / its usual spend must reach this")
+    min_excess_usd: str = Field("1", max_length=40, description="USD the alerting window must exceed its usual by")
+    extreme_ratio: float = Field(
+        20.0, ge=1.1, le=1_000_000, description="a minute this far above its usual alerts alone"
+    )
     channels: list[str] = Field(default_factory=list, max_length=MAX_CHANNELS,
                                 description="webhook ids and e-mail addresses")  # fmt: skip
     muted: list[str] = Field(default_factory=list, max_length=MAX_MUTED,

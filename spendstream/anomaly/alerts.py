@@ -51,6 +51,8 @@ def details(a: Anomaly) -> dict[str, Any]:
         "usual_episode_usd": nanos_to_usd_str(a.usual_episode_nanos),
         "ratio": _round(a.episode_ratio) if a.usual_episode_nanos else None,
         "score": _round(a.score, 1),
+        "alert_window_minutes": a.alert_window_minutes,
+        "alert_window_usd": nanos_to_usd_str(a.alert_window_nanos),
         "minute_usd": nanos_to_usd_str(a.minute_nanos),
         "usual_minute_usd": nanos_to_usd_str(a.usual_minute_nanos),
         "spike_type": a.spike_type,

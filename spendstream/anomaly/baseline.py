@@ -4,11 +4,18 @@ A scope is (project, agent) or (project, "") for the whole project. Its samples 
 of the same hour of the week over the last weeks once the scope has at least
 ``WEEKLY_HISTORY_DAYS`` of history, else of the same hour of the day over the last days; a minute
 without spend in that time is a sample of 0 (quiet nights stay quiet). The statistics are the
-median and the MAD (median absolute deviation) of the minute spends, robust to the odd spike.
+median, the MAD (median absolute deviation) and the interquartile range of the minute spends,
+robust to the odd spike, and the mean of each quarter of the hour (``Baseline.usual_at``: an
+hour whose spend is in part of it, e.g. a working day that starts at :30).
+
+The spread of one minute (``Baseline.minute_spread``) is 1.4826 x MAD, at least the interquartile
+range / 1.349 (an hour of two halves, one quiet, has a MAD of 0), a tenth of the usual minute and
+the spread of a Poisson count of the usual calls, sqrt(usual x cost per call) (a scope with a
+call every few minutes has a median and a MAD of 0).
 
 Anomalous minutes do not widen the baseline: a sample that would itself be scored anomalous
-against the first estimate (``Rule``'s score and ratio) is replaced by the median before the
-final statistics, so a past runaway does not hide the next one.
+against the first estimate (``Rule``'s score and ratio, with the spread above) is replaced by the
+median before the final statistics, so a past runaway does not hide the next one.
 
 The means (cost, calls, tokens, cost per model per minute) of the trimmed samples explain an
 alert: cost = calls x tokens per call x cost per token, so the ratios of the three factors to
@@ -17,8 +24,9 @@ their usual values multiply to the cost ratio exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
@@ -29,6 +37,8 @@ WEEK_MS = 7 * DAY_MS
 WEEKLY_HISTORY_DAYS = 21
 #: MAD -> standard deviation of a normal distribution
 MAD_SCALE = 1.4826
+#: interquartile range -> standard deviation of a normal distribution
+IQR_SCALE = 1.349
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +54,35 @@ class Baseline:
     model_cost: dict[str, float]
     samples: int
     seasonality: str  # "hour_of_week" | "hour_of_day"
+    #: interquartile range of the minute spends (a spread that sees an hour of two halves)
+    iqr: int = 0
+    #: mean spend a minute in each quarter of the hour (an hour whose spend is in part of it)
+    quarters: tuple[float, ...] = ()
+    #: a project's: the sum of its agents' usual minutes (:func:`with_members`)
+    members_usual: float = 0.0
 
     @property
     def usual(self) -> float:
         """The usual spend of one minute: the median, or the mean for a scope that spends in
         few minutes (median 0)."""
-        return max(float(self.median), self.mean_cost)
+        return max(float(self.median), self.mean_cost, self.members_usual)
+
+    def usual_at(self, minute_ms: int) -> float:
+        """The usual spend of the minute starting at ``minute_ms``: :attr:`usual`, or the mean of
+        its quarter of the hour when that is higher (an office agent whose day starts at :30 is
+        busy in half of the hour: twice the hour's mean then, which is no anomaly)."""
+        if not self.quarters:
+            return self.usual
+        return max(self.usual, self.quarters[minute_ms % HOUR_MS // (15 * MINUTE_MS)])
+
+    @property
+    def minute_spread(self) -> float:
+        """The robust spread of one minute's spend: :func:`spread`, but at least the spread of a
+        Poisson count of the scope's usual calls (sqrt(usual x cost per call)): a scope with a few
+        calls a minute has a MAD of about one call or of 0 (a median minute of 0), which would
+        make one call more a big score."""
+        per_call = self.mean_cost / self.mean_calls if self.mean_calls else 0.0
+        return max(spread(self.mad, self.usual), self.iqr / IQR_SCALE, math.sqrt(self.usual * per_call))
 
 
 @dataclass(slots=True)
@@ -103,7 +136,13 @@ def build_baseline(
     mad = median_of([abs(c - median) for c in costs])
     mean = sum(costs) / len(costs)
     usual = max(float(median), mean)
-    scale = spread(mad, usual)
+    # the first estimate's spread as the detector's (minute_spread): a scope with a median minute
+    # of 0 (a call every few minutes) has a MAD of 0, and each of its calls would be trimmed
+    calls = sum(s.calls for s in samples)
+    first_sorted = sorted(costs)
+    first_iqr = first_sorted[(3 * (len(costs) - 1)) // 4] - first_sorted[(len(costs) - 1) // 4]
+    per_call = sum(costs) / calls if calls else 0.0
+    scale = max(spread(mad, usual), first_iqr / IQR_SCALE, math.sqrt(usual * per_call))
     # drop what this first estimate calls anomalous, then estimate again
     kept = [s for s in samples if not (s.cost >= ratio * usual and (s.cost - usual) / scale >= score)]
     trimmed = len(samples) - len(kept)
@@ -112,6 +151,14 @@ def build_baseline(
         median = median_of(costs)
         mad = median_of([abs(c - median) for c in costs])
     n = len(samples)
+    # the mean of each quarter of the hour (trimmed samples: an anomalous minute counts as the median)
+    quarter_sums = [0, 0, 0, 0]
+    for j, sample in enumerate(samples):
+        cost = sample.cost if not (sample.cost >= ratio * usual and (sample.cost - usual) / scale >= score) else median
+        quarter_sums[j % 60 // 15] += cost
+    quarters = tuple(total / (n / 4) for total in quarter_sums)
+    ordered = sorted(costs)
+    iqr = ordered[(3 * (n - 1)) // 4] - ordered[(n - 1) // 4]
     model_sums: dict[str, int] = {}
     for s in kept:
         for model, cost in s.models.items():
@@ -126,7 +173,18 @@ def build_baseline(
         model_cost=model_cost,
         samples=n,
         seasonality=seasonality,
+        iqr=iqr,
+        quarters=quarters,
     )
+
+
+def with_members(project: Baseline, members: Iterable[Baseline]) -> Baseline:
+    """A project's baseline whose usual minute is at least the sum of its agents' usual minutes.
+    A project's samples (same hour of the week over weeks) may predate an agent that joined it
+    since and now makes most of its spend; that agent's own baseline (same hour of the day while
+    its history is short) has it, and the project's spend is not 3x its usual for that."""
+    total = sum(b.usual for b in members)
+    return replace(project, members_usual=total) if total > project.usual else project
 
 
 def spread(mad: int, usual: float) -> float:

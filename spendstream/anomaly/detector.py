@@ -4,17 +4,36 @@ Scopes: every (tenant, project, agent) and every (tenant, project) (agent ""). E
 event adds its cost, one call and its tokens to its minute in both scopes
 (:meth:`Detector.add`). When a minute has ended (plus a grace for late events) the caller
 closes it (:meth:`Detector.close`) and every tracked scope of every tenant is scored on it
-against its baseline for that hour (``baseline.py``):
+against its baseline for that hour (``baseline.py``); the minute still open is scored early
+(:meth:`Detector.peek`) for the scopes with new spend in it.
 
-- the minute is *elevated* when its spend is at least ``rule.ratio`` x the usual minute, and
-  its robust score ``(spend - usual) / (1.4826 x MAD)`` is at least ``rule.score``;
-- an alert fires when the minute is elevated and so was the minute before (two consecutive
-  windows; a one-minute blip never alerts) or the minute alone is ``rule.extreme_ratio`` x the
-  usual, AND the rolling 10-minute window's spend exceeds its usual (10 usual minutes) by at
-  least ``rule.min_excess_nanos``;
-- one alert per *episode*: after it, the scope alerts again only once ``rearm_minutes`` minutes
-  in a row were not elevated. The alert id is a hash of the scope and the episode's first
-  elevated minute, so a replay of the same events after a crash yields the same id.
+Scoring a minute m looks at the windows of k = 1..``WINDOW_MINUTES`` minutes ending with m
+(spend S, usual k x the usual minute U):
+
+- a window is *elevated* when S >= ``rule.ratio`` x U and its robust score
+  ``(S - U) / (sqrt(k) x spread)`` >= ``rule.score``, where ``spread`` is the robust spread of
+  one minute (:meth:`Baseline.minute_spread`: 1.4826 x MAD, at least the Poisson spread of the
+  scope's calls); a k-minute sum of independent minutes spreads sqrt(k) x one minute, so a
+  low-rate agent (a few calls a minute, empty minutes in a spike) is seen over a few minutes
+  where a single minute is mostly noise;
+- an alert fires when some window is elevated, it is not a blip, and its excess S - U is at
+  least ``rule.min_excess_nanos``. *Not a blip* (the issue's "two consecutive windows"): k >= 2
+  and the window without its largest minute is still clearly above its usual: at least
+  ``GUARD_RATIO`` x and a score of ``GUARD_SCORE_SHARE`` x ``rule.score`` over its k - 1
+  minutes, so a one-minute spike followed by normal minutes never alerts whatever its
+  size below ``rule.extreme_ratio``; a single minute (k = 1) at ``rule.extreme_ratio`` x the
+  usual alerts alone (the *extreme* path);
+- the open minute's spend only grows and every condition above only grows with it (the window
+  without its largest minute included), so an early peek that alerts is an alert its close
+  would also raise: the peek only makes it sooner;
+- one alert per *episode*: after it, the scope alerts again only once ``rearm_minutes`` closed
+  minutes in a row had no elevated window ending with them. The alert id is a hash of the scope
+  and the episode's start: the first of the run of closed minutes right before the alert minute
+  whose spend is at least ``EPISODE_RATIO`` x the usual (the alert minute itself when the minute
+  before it is not). It depends only on minutes closed before the alert minute, which a replay of
+  the same events after a crash rebuilds, and the alert minute is the same in the replay (the
+  minutes before it were scored the same, and an alert in an open minute is an alert at its
+  close), so the replay yields the same id.
 
 A scope without a baseline (less history than ``min_history_minutes`` for the hour: a new agent)
 is not scored itself; its project is.
@@ -33,9 +52,15 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from spendstream.anomaly.baseline import MINUTE_MS, Baseline, spread
+from spendstream.anomaly.baseline import HOUR_MS, MINUTE_MS, Baseline
 
 WINDOW_MINUTES = 10
+#: the blip guard: a window without its largest minute must still be this multiple of its usual ...
+GUARD_RATIO = 2.0
+#: ... and reach this share of the rule's score (over its k - 1 minutes)
+GUARD_SCORE_SHARE = 0.5
+#: an episode starts at the first of the minutes in a row, up to the alert, at this multiple of the usual
+EPISODE_RATIO = 2.0
 MAX_MODELS = 8
 MAX_EXAMPLES = 3
 OTHER = "(other)"
@@ -95,10 +120,19 @@ class Series:
     minutes: dict[int, Bucket] = field(default_factory=dict)
     #: newest minute scored (ms); the next close scores every minute after it
     scored_ms: int = 0
-    #: first minute of the current run of elevated minutes
-    run_start_ms: int | None = None
     episode: Episode | None = None
     last_spend_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """The window that alerts: its length (minutes), spend, robust score, and whether it is the
+    one-minute extreme path."""
+
+    minutes: int
+    spent: int
+    score: float
+    extreme: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,10 +183,13 @@ class Anomaly:
     seasonality: str
     baseline_samples: int
     extreme: bool
+    #: the elevated window that alerted: its length in minutes (ending with ``minute_ms``) and spend
+    alert_window_minutes: int = 1
+    alert_window_nanos: int = 0
 
 
 def anomaly_alert_id(tenant: str, project: str, agent: str, episode_start_ms: int) -> str:
-    """Stable per (scope, episode's first elevated minute)."""
+    """Stable per (scope, episode's start minute)."""
     digest = hashlib.sha256(f"anomaly|{tenant}|{project}|{agent}|{episode_start_ms}".encode()).hexdigest()
     return f"an_{digest[:32]}"
 
@@ -176,8 +213,9 @@ class Detector:
         self.dropped_series = 0
         #: newest minute closed
         self.closed_ms = 0
-        #: minute not closed yet -> the scopes with spend in it (what ``peek`` looks at)
-        self._open: dict[int, set[tuple[str, tuple[str, str]]]] = {}
+        #: minute not closed yet -> the scopes with new spend in it since the last peek (what
+        #: ``peek`` scores)
+        self._dirty: dict[int, set[tuple[str, tuple[str, str]]]] = {}
 
     # ----------------------------------------------------------------- input
 
@@ -197,8 +235,11 @@ class Detector:
             bucket = series.minutes.get(minute)
             if bucket is None:
                 bucket = series.minutes[minute] = Bucket()
-                if minute > self.closed_ms:
-                    self._open.setdefault(minute, set()).add((tenant, key))
+            if minute > self.closed_ms:
+                dirty = self._dirty.get(minute)
+                if dirty is None:
+                    dirty = self._dirty[minute] = set()
+                dirty.add((tenant, key))
             bucket.add(model, cost_nanos, tokens, event_id)
             if minute > series.last_spend_ms:
                 series.last_spend_ms = minute
@@ -241,8 +282,8 @@ class Detector:
         if minute_ms <= self.closed_ms:
             return []
         self.closed_ms = minute_ms
-        for done in [m for m in self._open if m <= minute_ms]:
-            del self._open[done]
+        for done in [m for m in self._dirty if m <= minute_ms]:
+            del self._dirty[done]
         out: list[Anomaly] = []
         horizon = minute_ms - WINDOW_MINUTES * MINUTE_MS
         for tenant, scopes in list(self.tenants.items()):
@@ -266,14 +307,15 @@ class Detector:
 
     def peek(self, minute_ms: int, baseline_of: BaselineOf, rule_of: RuleOf) -> list[Anomaly]:
         """Score the open minute ``minute_ms`` (the one after the newest closed) early, for the
-        scopes it already makes elevated: spend only grows while a minute is open, so such a
-        minute stays elevated; its closing then finds the episode open and alerts nothing twice.
-        A minute that is not elevated yet is left for :meth:`close`."""
+        scopes with new spend in it since the last peek: spend only grows while a minute is open
+        and the rule only grows with it, so a window that alerts now alerts at the minute's close
+        too; its closing then finds the episode open and alerts nothing twice. A minute that does
+        not alert yet is left for :meth:`close` (or the next peek, after more spend)."""
         minute_ms = minute_of(minute_ms)
         if minute_ms != self.closed_ms + MINUTE_MS:
             return []
         out: list[Anomaly] = []
-        for tenant, key in self._open.get(minute_ms, ()):
+        for tenant, key in self._dirty.pop(minute_ms, ()):
             series = self.tenants.get(tenant, {}).get(key)
             if series is None or series.episode is not None or series.scored_ms >= minute_ms:
                 continue
@@ -299,43 +341,25 @@ class Detector:
         project, agent = key
         baseline = baseline_of(tenant, project, agent, m) if OTHER not in key else None
         if baseline is None:
-            if open_minute:
-                return None
-            series.run_start_ms = None
-            if series.episode is not None:
+            if not open_minute and series.episode is not None:
                 self._quiet(series)
             return None
-        bucket = series.minutes.get(m)
-        spent = bucket.cost if bucket else 0
-        usual = baseline.usual
-        score = (spent - usual) / spread(baseline.mad, usual)
-        elevated = spent > usual and spent >= rule.ratio * usual and score >= rule.score
-        if not elevated:
-            if open_minute:
-                return None
-            series.run_start_ms = None
-            if series.episode is not None:
-                self._quiet(series)
-            return None
-        if series.run_start_ms is None:
-            series.run_start_ms = m
+        earlier = None
+        if m - (WINDOW_MINUTES - 1) * MINUTE_MS < m - m % HOUR_MS:
+            earlier = baseline_of(tenant, project, agent, m - m % HOUR_MS - MINUTE_MS)
+        elevated, hit = windows(series.minutes, m, baseline, earlier, rule)
         if series.episode is not None:
-            series.episode.quiet = 0
+            if not open_minute:
+                if elevated:
+                    series.episode.quiet = 0
+                else:
+                    self._quiet(series)
             return None
-        if not rule.enabled or rule.mutes(project, agent):
+        if hit is None or not rule.enabled or rule.mutes(project, agent):
             return None
-        extreme = spent >= rule.extreme_ratio * usual
-        if series.run_start_ms == m and not extreme:
-            return None
-        window_start = m - (WINDOW_MINUTES - 1) * MINUTE_MS
-        window = sum(b.cost for k, b in series.minutes.items() if window_start <= k <= m)
-        usual_window = usual * WINDOW_MINUTES
-        excess = window - usual_window
-        if excess < rule.min_excess_nanos:
-            return None
-        alert_id = anomaly_alert_id(tenant, project, agent, series.run_start_ms)
-        series.episode = Episode(series.run_start_ms, alert_id)
-        return explain(tenant, project, agent, series, m, baseline, score, extreme)
+        start = episode_start(series.minutes, m, baseline.usual)
+        series.episode = Episode(start, anomaly_alert_id(tenant, project, agent, start))
+        return explain(tenant, project, agent, series, m, baseline, start, hit)
 
     def _quiet(self, series: Series) -> None:
         assert series.episode is not None
@@ -344,11 +368,72 @@ class Detector:
             series.episode = None
 
 
-def explain(tenant: str, project: str, agent: str, series: Series, m: int, baseline: Baseline, score: float,
-            extreme: bool) -> Anomaly:  # fmt: skip
-    """The alert's figures: the window against the usual, and the episode's minutes decomposed
-    into calls x tokens per call x cost per token, and by model."""
-    start = series.run_start_ms if series.run_start_ms is not None else m
+def windows(minutes: dict[int, Bucket], m: int, baseline: Baseline, earlier: Baseline | None,
+            rule: Rule) -> tuple[bool, Hit | None]:  # fmt: skip
+    """Score the windows of 1..``WINDOW_MINUTES`` minutes ending with minute ``m`` (module
+    docstring): whether any is elevated, and the alerting window with the highest score, if any.
+    Each minute counts against its own hour's baseline: ``earlier`` is the previous hour's (a
+    window does not reach into it without one)."""
+    hour_start = m - m % HOUR_MS
+    spent = top = 0
+    expected = variance = 0.0
+    elevated = False
+    best: Hit | None = None
+    for k in range(1, WINDOW_MINUTES + 1):
+        minute = m - (k - 1) * MINUTE_MS
+        b = baseline if minute >= hour_start else earlier
+        if b is None:
+            break
+        bucket = minutes.get(minute)
+        cost = bucket.cost if bucket is not None else 0
+        spent += cost
+        top = max(top, cost)
+        usual = b.usual_at(minute)
+        expected += usual
+        variance += b.minute_spread**2
+        if spent <= expected or spent < rule.ratio * expected:
+            continue
+        score = (spent - expected) / math.sqrt(variance)
+        if score < rule.score:
+            continue
+        elevated = True
+        if spent - expected < rule.min_excess_nanos or (best is not None and best.score >= score):
+            continue
+        if k == 1:
+            if spent >= rule.extreme_ratio * usual:
+                best = Hit(1, spent, score, True)
+            continue
+        # the blip guard: without its largest minute the window is still clearly above its usual
+        # (its k - 1 other minutes: the usual and spread of a mean minute of the window)
+        rest = spent - top
+        rest_expected = expected * (k - 1) / k
+        rest_spread = math.sqrt(variance * (k - 1) / k)
+        if (
+            rest > rest_expected
+            and rest >= GUARD_RATIO * rest_expected
+            and rest - rest_expected >= GUARD_SCORE_SHARE * rule.score * rest_spread
+        ):
+            best = Hit(k, spent, score, False)
+    return elevated, best
+
+
+def episode_start(minutes: dict[int, Bucket], m: int, usual: float) -> int:
+    """The first of the closed minutes in a row right before ``m`` at ``EPISODE_RATIO`` x the
+    usual or more (``m`` when the minute before it is not): depends only on closed minutes."""
+    start = m
+    for k in range(1, WINDOW_MINUTES):
+        bucket = minutes.get(m - k * MINUTE_MS)
+        if bucket is None or bucket.cost <= 0 or bucket.cost < EPISODE_RATIO * usual:
+            break
+        start = m - k * MINUTE_MS
+    return start
+
+
+def explain(tenant: str, project: str, agent: str, series: Series, m: int, baseline: Baseline, start: int,
+            hit: Hit) -> Anomaly:  # fmt: skip
+    """The alert's figures: the 10-minute window against the usual, the window that alerted, and
+    the episode's minutes decomposed into calls x tokens per call x cost per token, and by model."""
+    score, extreme = hit.score, hit.extreme
     window_start = m - (WINDOW_MINUTES - 1) * MINUTE_MS
     window = sum(b.cost for k, b in series.minutes.items() if window_start <= k <= m)
     usual = baseline.usual
@@ -412,5 +497,6 @@ def explain(tenant: str, project: str, agent: str, series: Series, m: int, basel
         tokens_per_call=tpc, usual_tokens_per_call=usual_tpc, size_ratio=size_ratio,
         nanos_per_token=npt, usual_nanos_per_token=usual_npt, price_ratio=price_ratio,
         models=models, event_ids=tuple(examples), seasonality=baseline.seasonality,
-        baseline_samples=baseline.samples, extreme=extreme,
+        baseline_samples=baseline.samples, extreme=extreme, alert_window_minutes=hit.minutes,
+        alert_window_nanos=hit.spent,
     )  # fmt: skip

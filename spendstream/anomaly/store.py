@@ -26,6 +26,7 @@ from spendstream.anomaly.baseline import (
     MinuteSample,
     build_baseline,
     sample_days,
+    with_members,
 )
 from spendstream.anomaly.detector import Rule
 from spendstream.money import INT64_AMOUNT
@@ -180,6 +181,13 @@ def baselines_from_rows(
         )  # fmt: skip
         if baseline is not None:
             out[key] = baseline
+    members: dict[tuple[str, str], list[Baseline]] = {}
+    for (tenant, project, agent), baseline in out.items():
+        if agent:
+            members.setdefault((tenant, project), []).append(baseline)
+    for (tenant, project, agent), baseline in list(out.items()):
+        if not agent and (tenant, project) in members:
+            out[(tenant, project, agent)] = with_members(baseline, members[(tenant, project)])
     return out
 
 

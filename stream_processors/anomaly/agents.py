@@ -132,7 +132,9 @@ class Context:
             client = self._ch()
             self.rules = load_rules(client)
             scored = now_ms - int(a.grace_s * 1000) - MINUTE_MS
-            hours = {scored - scored % HOUR_MS, now_ms - now_ms % HOUR_MS}
+            # a window reaches back WINDOW_MINUTES minutes, each minute scored against its own hour
+            oldest = scored - WINDOW_MINUTES * MINUTE_MS
+            hours = {oldest - oldest % HOUR_MS, scored - scored % HOUR_MS, now_ms - now_ms % HOUR_MS}
             upcoming = now_ms - now_ms % HOUR_MS + HOUR_MS
             if upcoming - now_ms < 10 * MINUTE_MS:
                 hours.add(upcoming)

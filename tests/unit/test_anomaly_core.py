@@ -176,13 +176,15 @@ def test_the_episode_re_arms_after_normal_minutes() -> None:
     for m in range(18, 20):
         feed.minute(m, 100, 1000, USUAL // 10)
     assert len(feed.alerts) == 1
-    for m in range(20, 30):  # 10 normal minutes: re-armed
+    # normal minutes: the 10x minutes leave the elevated windows (up to 10 minutes ending with a
+    # minute), then 5 minutes without an elevated window: re-armed
+    for m in range(20, 35):
         feed.usual(m)
-    for m in range(30, 33):
+    for m in range(35, 38):
         feed.minute(m, 100, 1000, USUAL // 10)
     assert len(feed.alerts) == 2
     assert feed.alerts[1].alert_id != feed.alerts[0].alert_id
-    assert feed.alerts[1].episode_start_ms == T0 + 30 * MINUTE_MS
+    assert feed.alerts[1].episode_start_ms == T0 + 35 * MINUTE_MS
 
 
 def test_the_same_events_replayed_give_the_same_alert_id() -> None:
@@ -324,3 +326,207 @@ def test_the_stage_reads_priced_envelopes_and_refuses_what_it_cannot_read() -> N
             add_record(d, value, TimestampParser())
     # nothing of a refused record was counted
     assert d.tenants["t1"][("p1", "a1")].minutes[T0].calls == 1
+
+
+# ---------------------------------------------------------------- low-rate agents, sub-minute timing
+#
+# An agent with a few Poisson calls a minute, each at its own millisecond, and the stage's timer:
+# every second, close the minute that ended ``GRACE_MS`` ago and peek at the open one.
+
+GRACE_MS = 5_000
+CALL = 12_000_000  # $0.012 a call on average
+LOW_RATE = 2.0  # calls a minute
+LOW_RULE = Rule(min_excess_nanos=50_000_000)  # $0.05: about two usual minutes, so the floor is no shield
+
+
+def poisson(rng: random.Random, lam: float) -> int:
+    limit, k, p = math.exp(-lam), 0, 1.0
+    while True:
+        p *= rng.random()
+        if p <= limit:
+            return k
+        k += 1
+
+
+def call_cost(rng: random.Random) -> int:
+    return int(CALL * rng.lognormvariate(-(0.35**2) / 2, 0.35))
+
+
+def low_rate_baseline(seed: int = 99):
+    """7 days of the same hour of a Poisson agent at LOW_RATE calls a minute."""
+    rng = random.Random(seed)
+
+    def minute(d: int, i: int) -> tuple[int, int, int]:
+        n = poisson(rng, LOW_RATE)
+        cost = sum(call_cost(rng) for _ in range(n))
+        return cost, n, n * 1000
+
+    return baseline_for(minute)
+
+
+class Clock:
+    """Calls at their own times into a Detector, and the stage's 1-second timer."""
+
+    def __init__(self, baseline, rule: Rule = LOW_RULE):
+        self.detector = Detector()
+        self.baseline = baseline
+        self.rule = rule
+        self.pending: list[tuple[int, int]] = []  # (ms, cost)
+        self.now = T0
+        self.alerts: list[tuple[int, object]] = []  # (ms, anomaly)
+        self.n = 0
+
+    def calls(self, rng: random.Random, start_ms: int, end_ms: int, per_minute: float, x: float = 1.0) -> None:
+        for _ in range(poisson(rng, per_minute * (end_ms - start_ms) / MINUTE_MS)):
+            self.pending.append((rng.randrange(start_ms, end_ms), int(call_cost(rng) * x)))
+
+    def run_until(self, end_ms: int) -> None:
+        self.pending.sort()
+        i = 0
+        while self.now < end_ms:
+            self.now += 1000
+            while i < len(self.pending) and self.pending[i][0] < self.now:
+                ts, cost = self.pending[i]
+                self.n += 1
+                self.detector.add("t1", "p1", "a1", "openai/gpt-4o", ts, cost, 1000, f"ev{self.n}")
+                i += 1
+            due = minute_of(self.now - GRACE_MS) - MINUTE_MS
+
+            def baseline_of(t, p, a, ms):
+                return self.baseline if a else None
+
+            found = []
+            if due > self.detector.closed_ms:
+                found += self.detector.close(due, baseline_of, lambda t: self.rule)
+            found += self.detector.peek(minute_of(self.now), baseline_of, lambda t: self.rule)
+            self.alerts += [(self.now, a) for a in found]
+        self.pending = self.pending[i:]
+
+
+def minute_of(ms: int) -> int:
+    return ms - ms % MINUTE_MS
+
+
+def test_a_steady_low_rate_poisson_agent_never_alerts() -> None:
+    clock = Clock(low_rate_baseline())
+    rng = random.Random(5)
+    hours = 24
+    clock.calls(rng, T0, T0 + hours * HOUR_MS, LOW_RATE)  # the baseline's hour, all day long
+    clock.run_until(T0 + hours * HOUR_MS)
+    assert clock.alerts == []
+    assert clock.detector.closed_ms >= T0 + (hours * 60 - 2) * MINUTE_MS
+
+
+def test_one_minute_5x_blips_of_a_low_rate_agent_never_alert() -> None:
+    clock = Clock(low_rate_baseline())
+    rng = random.Random(6)
+    for b in range(40):  # a blip every 30 minutes: 5x its calls for one whole minute, then normal
+        start = T0 + b * 30 * MINUTE_MS
+        clock.calls(rng, start, start + 10 * MINUTE_MS, LOW_RATE)
+        clock.calls(rng, start + 10 * MINUTE_MS, start + 11 * MINUTE_MS, LOW_RATE * 5)
+        clock.calls(rng, start + 11 * MINUTE_MS, start + 30 * MINUTE_MS, LOW_RATE)
+    clock.run_until(T0 + 40 * 30 * MINUTE_MS)
+    assert clock.alerts == []
+
+
+def test_a_low_rate_5x_spike_alerts_within_about_two_minutes() -> None:
+    delays = []
+    for seed in range(20):
+        clock = Clock(low_rate_baseline())
+        rng = random.Random(seed)
+        start = T0 + 30 * MINUTE_MS + rng.randrange(MINUTE_MS)  # at any second of a minute
+        clock.calls(rng, T0, start, LOW_RATE)
+        clock.calls(rng, start, start + 10 * MINUTE_MS, LOW_RATE * 5)
+        clock.run_until(start + 10 * MINUTE_MS)
+        assert len(clock.alerts) == 1, seed
+        at, a = clock.alerts[0]
+        assert a.agent == "a1" and a.spike_type == "volume" and a.alert_window_minutes >= 2
+        delays.append((at - start) / 1000)
+    delays.sort()
+    # at 2 calls a minute a 5x spike needs a few calls more than its own noise (score 6 over the
+    # window, sqrt(k) x the spread of one minute): typically under two minutes, at worst about three
+    assert delays[len(delays) // 2] <= 120, delays
+    assert delays[-1] <= 200, delays
+
+
+def test_a_spike_starting_at_second_50_alerts_soon() -> None:
+    for seed in range(5):
+        clock = Clock(baseline_for())  # 10 calls a minute, $0.01
+        rng = random.Random(seed)
+        start = T0 + 20 * MINUTE_MS + 50_000
+        for m in range(20):
+            clock.pending += [(T0 + m * MINUTE_MS + c * 6000, USUAL // 10) for c in range(10)]
+        clock.pending += [(T0 + 20 * MINUTE_MS + c * 6000, USUAL // 10) for c in range(9)]
+        clock.pending += [(rng.randrange(start, start + 5 * MINUTE_MS), USUAL // 10) for _ in range(250)]  # 5x
+        clock.run_until(start + 5 * MINUTE_MS)
+        ((at, a),) = clock.alerts
+        # 10 s of the spike in its first minute, the next whole minute, then the window without
+        # that minute must show 2x: about 25 s into the third (with the calls' own noise)
+        assert (at - start) / 1000 <= 110, (seed, at - start)
+        # the minute the spike started in has only 10 s of it: the episode starts with it or the next
+        assert a.episode_start_ms in (T0 + 20 * MINUTE_MS, T0 + 21 * MINUTE_MS)
+
+
+def test_an_alert_raised_early_has_the_same_id_when_the_events_are_replayed() -> None:
+    """A crash after the alert was sent (by a peek) but before it was recorded: the restarted
+    stage replays the window's events at once and closes the minutes; same alert id."""
+    rng = random.Random(11)
+    events = []
+    start = T0 + 20 * MINUTE_MS + 37_000
+    for m in range(21):
+        events += [(T0 + m * MINUTE_MS + rng.randrange(MINUTE_MS), call_cost(rng)) for _ in range(poisson(rng, 10))]
+    events = [e for e in events if e[0] < start]
+    events += [(rng.randrange(start, start + 6 * MINUTE_MS), call_cost(rng)) for _ in range(60 * 6)]  # 6x
+    base = baseline_for(lambda d, i: (10 * CALL, 10, 10_000))
+    live = Clock(base)
+    live.pending = list(events)
+    live.run_until(start + 6 * MINUTE_MS)
+    ((at, first),) = live.alerts
+    for crash_after_s in (0, 30, 90, 200):  # the restart comes this long after the alert
+        replay = Detector()
+
+        def baseline_of(t, p, a, ms):
+            return base if a else None
+
+        up_to = at + crash_after_s * 1000
+        for n, (ts, cost) in enumerate(sorted(events)):
+            if ts < up_to:
+                replay.add("t1", "p1", "a1", "openai/gpt-4o", ts, cost, 1000, f"r{n}")
+        found = replay.close(minute_of(up_to - GRACE_MS) - MINUTE_MS, baseline_of, lambda t: LOW_RULE)
+        found += replay.peek(minute_of(up_to), baseline_of, lambda t: LOW_RULE)
+        assert [a.alert_id for a in found] == [first.alert_id], crash_after_s
+        assert found[0].episode_start_ms == first.episode_start_ms
+
+
+def test_a_sparse_agent_keeps_its_calls_in_the_baseline() -> None:
+    # a call every three minutes: median and MAD 0; its calls are its usual spend, not anomalies
+    rng = random.Random(3)
+
+    def sparse(d: int, i: int) -> tuple[int, int, int]:
+        n = poisson(rng, 0.3)
+        return sum(call_cost(rng) for _ in range(n)), n, n * 1000
+
+    b = baseline_for(sparse)
+    assert b.median == 0 and b.mad == 0
+    assert 0.2 < b.mean_calls < 0.4 and b.usual > 0.2 * CALL
+    assert b.minute_spread >= math.sqrt(b.usual * CALL * 0.8)  # at least a Poisson count's spread
+
+
+def test_an_hour_busy_in_its_second_half_is_usual_there() -> None:
+    # an office agent whose day starts at :30: nothing, then 20 calls a minute
+    b = baseline_for(lambda d, i: (0, 0, 0) if i < 30 else (20 * USUAL // 10, 20, 20_000))
+    assert b.usual_at(T0 + 45 * MINUTE_MS) == 2 * USUAL and b.usual_at(T0 + 5 * MINUTE_MS) == b.usual
+    feed = Feed(b)
+    for m in range(30, 90):  # the busy half, every day's level: no alert
+        feed.minute(m, 20 if m % 60 >= 30 else 0, 1000, USUAL // 10)
+    assert feed.alerts == []
+
+
+def test_a_project_baseline_is_at_least_its_agents_usual() -> None:
+    from spendstream.anomaly.baseline import with_members
+
+    old = baseline_for()  # the project's samples, before a bigger agent joined it
+    joined = baseline_for(lambda d, i: (3 * USUAL, 30, 30_000), days=4)
+    project = with_members(old, [old, joined])
+    assert project.usual == 4 * USUAL and project.median == old.median
+    assert with_members(old, [old]).usual == old.usual
