@@ -84,8 +84,17 @@ class Baseline:
         Poisson count of the scope's usual calls (sqrt(usual x cost per call)): a scope with a few
         calls a minute has a MAD of about one call or of 0 (a median minute of 0), which would
         make one call more a big score."""
+        return self._spread(self.usual)
+
+    def spread_at(self, minute_ms: int) -> float:
+        """:attr:`minute_spread` for the minute starting at ``minute_ms``: its tenth-of-usual and
+        Poisson parts from :meth:`usual_at` (a busy quarter of a half-quiet hour has the spread of
+        its own calls, not of the hour's mean)."""
+        return self._spread(self.usual_at(minute_ms))
+
+    def _spread(self, usual: float) -> float:
         per_call = self.mean_cost / self.mean_calls if self.mean_calls else 0.0
-        return max(spread(self.mad, self.usual), self.iqr / IQR_SCALE, math.sqrt(self.usual * per_call))
+        return max(spread(self.mad, usual), self.iqr / IQR_SCALE, math.sqrt(usual * per_call))
 
 
 @dataclass(slots=True)

@@ -438,7 +438,7 @@ def windows(minutes: dict[int, Bucket], m: int, baseline: Baseline, earlier: Bas
         top = max(top, cost)
         usual = b.usual_at(minute)
         expected += usual
-        variance += b.minute_spread**2
+        variance += b.spread_at(minute) ** 2
         if spent <= expected or spent < rule.ratio * expected:
             continue
         score = (spent - expected) / math.sqrt(variance)
