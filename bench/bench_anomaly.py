@@ -381,7 +381,11 @@ def bench_replay(days: int, agents: int, live_days: int = 7, seed: int = 18, tic
                           f" over {x.alert_window_minutes} min (score {x.score:.1f}, usual ${x.usual_minute_nanos / 1e9:.4f}/min, "
                           f"{rate:.1f} calls/min"
                           + (f", UTC+{fleet[int(agent[1:])].tz_min} min at {(at // 1000 % 86400) / 3600:.2f} h UTC"
-                             f"{' office' if fleet[int(agent[1:])].office else ''}" if agent else "") + ")")  # fmt: skip
+                             f"{' office' if fleet[int(agent[1:])].office else ''}" if agent else "")
+                          + (f", started day {fleet[int(agent[1:])].start_day}" if agent else "")
+                          + "".join(f"; {s.kind} x{s.factor:.1f} {(at - s.start_ms) / MINUTE_MS:.0f} min before"
+                                    for s in by_agent.get(int(agent[1:]), ()) if agent and 0 <= at - s.start_ms < 6 * HOUR_MS)
+                          + ")")  # fmt: skip
             continue
         for s in mine if agent else ():
             if s.detected_ms is None:

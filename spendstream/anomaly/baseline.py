@@ -35,6 +35,9 @@ WEEK_MS = 7 * DAY_MS
 #: history a scope needs before its baseline is the same hour of the WEEK (else of the day): three
 #: weeks, so that it has three past hours of the week (180 samples, ``min_history_minutes``)
 WEEKLY_HISTORY_DAYS = 21
+#: a young scope's same-hour-of-the-day samples are days of the scored day's type (weekday or
+#: weekend) when at least this many of them are in its short history (else all its days)
+SAME_TYPE_MIN_DAYS = 3
 #: MAD -> standard deviation of a normal distribution
 MAD_SCALE = 1.4826
 #: interquartile range -> standard deviation of a normal distribution
@@ -81,8 +84,17 @@ class Baseline:
         Poisson count of the scope's usual calls (sqrt(usual x cost per call)): a scope with a few
         calls a minute has a MAD of about one call or of 0 (a median minute of 0), which would
         make one call more a big score."""
+        return self._spread(self.usual)
+
+    def spread_at(self, minute_ms: int) -> float:
+        """:attr:`minute_spread` for the minute starting at ``minute_ms``: its tenth-of-usual and
+        Poisson parts from :meth:`usual_at` (a busy quarter of a half-quiet hour has the spread of
+        its own calls, not of the hour's mean)."""
+        return self._spread(self.usual_at(minute_ms))
+
+    def _spread(self, usual: float) -> float:
         per_call = self.mean_cost / self.mean_calls if self.mean_calls else 0.0
-        return max(spread(self.mad, self.usual), self.iqr / IQR_SCALE, math.sqrt(self.usual * per_call))
+        return max(spread(self.mad, usual), self.iqr / IQR_SCALE, math.sqrt(usual * per_call))
 
 
 @dataclass(slots=True)
@@ -112,7 +124,19 @@ def sample_days(hour_start_ms: int, first_seen_ms: int, lookback_days: int, shor
         starts = [hour_start_ms - k * DAY_MS for k in range(1, short_days + 1)]
         seasonality = "hour_of_day"
     # an hour that ended before the scope's first minute is no sample; the hour it started in is
-    return [s for s in starts if s + HOUR_MS > first_seen_ms], seasonality
+    starts = [s for s in starts if s + HOUR_MS > first_seen_ms]
+    if seasonality == "hour_of_day":
+        # days of the same type only (Monday-Friday or Saturday-Sunday, UTC) when there are
+        # ``SAME_TYPE_MIN_DAYS`` of them: a young scope's few days may be mostly a weekend
+        same = [s for s in starts if is_weekend(s) == is_weekend(hour_start_ms)]
+        if len(same) >= SAME_TYPE_MIN_DAYS:
+            starts = same
+    return starts, seasonality
+
+
+def is_weekend(ms: int) -> bool:
+    """Saturday or Sunday (UTC); the epoch was a Thursday."""
+    return (ms // DAY_MS + 3) % 7 >= 5
 
 
 def build_baseline(

@@ -36,7 +36,9 @@ Scoring a minute m looks at the windows of k = 1..``WINDOW_MINUTES`` minutes end
   close), so the replay yields the same id.
 
 A scope without a baseline (less history than ``min_history_minutes`` for the hour: a new agent)
-is not scored itself; its project is.
+is not scored itself, and its spend is left out of its project's score until it has one: the
+project's history has none of it, so a new agent's ordinary work would read as the project's
+spike (its project's alert still shows the project's whole spend).
 
 Memory is bounded: a scope keeps the minutes of one window; a scope without spend for a window
 and without an open episode is forgotten; a tenant tracks at most ``max_series_per_tenant``
@@ -49,7 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from spendstream.anomaly.baseline import HOUR_MS, MINUTE_MS, Baseline
@@ -288,10 +290,11 @@ class Detector:
         horizon = minute_ms - WINDOW_MINUTES * MINUTE_MS
         for tenant, scopes in list(self.tenants.items()):
             rule = rule_of(tenant)
+            members = _members(scopes)
             for key, series in list(scopes.items()):
                 m = max(series.scored_ms + MINUTE_MS, horizon + MINUTE_MS)
                 while m <= minute_ms:
-                    found = self._score(tenant, key, series, m, baseline_of, rule)
+                    found = self._score(tenant, key, series, m, baseline_of, rule, members=members)
                     if found is not None:
                         out.append(found)
                     m += MINUTE_MS
@@ -315,11 +318,18 @@ class Detector:
         if minute_ms != self.closed_ms + MINUTE_MS:
             return []
         out: list[Anomaly] = []
+        members_of: dict[str, dict[str, list[tuple[str, Series]]]] = {}
         for tenant, key in self._dirty.pop(minute_ms, ()):
             series = self.tenants.get(tenant, {}).get(key)
             if series is None or series.episode is not None or series.scored_ms >= minute_ms:
                 continue
-            found = self._score(tenant, key, series, minute_ms, baseline_of, rule_of(tenant), open_minute=True)
+            members = None
+            if not key[1]:
+                members = members_of.get(tenant)
+                if members is None:
+                    members = members_of[tenant] = _members(self.tenants[tenant])
+            found = self._score(tenant, key, series, minute_ms, baseline_of, rule_of(tenant), open_minute=True,
+                                members=members)  # fmt: skip
             if found is not None:
                 out.append(found)
         return self._one_per_incident(out)
@@ -337,7 +347,8 @@ class Detector:
         return out
 
     def _score(self, tenant: str, key: tuple[str, str], series: Series, m: int, baseline_of: BaselineOf,
-               rule: Rule, *, open_minute: bool = False) -> Anomaly | None:  # fmt: skip
+               rule: Rule, *, open_minute: bool = False,
+               members: dict[str, list[tuple[str, Series]]] | None = None) -> Anomaly | None:  # fmt: skip
         project, agent = key
         baseline = baseline_of(tenant, project, agent, m) if OTHER not in key else None
         if baseline is None:
@@ -347,7 +358,10 @@ class Detector:
         earlier = None
         if m - (WINDOW_MINUTES - 1) * MINUTE_MS < m - m % HOUR_MS:
             earlier = baseline_of(tenant, project, agent, m - m % HOUR_MS - MINUTE_MS)
-        elevated, hit = windows(series.minutes, m, baseline, earlier, rule)
+        unexplained = None
+        if not agent and members:
+            unexplained = unexplained_spend(tenant, project, members.get(project, ()), m, baseline_of)
+        elevated, hit = windows(series.minutes, m, baseline, earlier, rule, unexplained)
         if series.episode is not None:
             if not open_minute:
                 if elevated:
@@ -368,12 +382,44 @@ class Detector:
             series.episode = None
 
 
+def _members(scopes: dict[tuple[str, str], Series]) -> dict[str, list[tuple[str, Series]]]:
+    """project -> its agents' (name, series)."""
+    out: dict[str, list[tuple[str, Series]]] = {}
+    for (project, agent), series in scopes.items():
+        if agent:
+            out.setdefault(project, []).append((agent, series))
+    return out
+
+
+def unexplained_spend(tenant: str, project: str, members: Iterable[tuple[str, Series]], m: int,
+                      baseline_of: BaselineOf) -> dict[int, int] | None:  # fmt: skip
+    """The spend a minute of the window ending with ``m`` of the project's agents that have no
+    baseline for that minute's hour (new agents): left out of the project's score (module
+    docstring); None when there is none."""
+    out: dict[int, int] = {}
+    first = m - (WINDOW_MINUTES - 1) * MINUTE_MS
+    for agent, series in members:
+        if agent == OTHER:
+            continue
+        known: dict[int, bool] = {}
+        for minute, bucket in series.minutes.items():
+            if minute < first or minute > m or not bucket.cost:
+                continue
+            hour = minute - minute % HOUR_MS
+            if hour not in known:
+                known[hour] = baseline_of(tenant, project, agent, minute) is not None
+            if not known[hour]:
+                out[minute] = out.get(minute, 0) + bucket.cost
+    return out or None
+
+
 def windows(minutes: dict[int, Bucket], m: int, baseline: Baseline, earlier: Baseline | None,
-            rule: Rule) -> tuple[bool, Hit | None]:  # fmt: skip
+            rule: Rule, unexplained: dict[int, int] | None = None) -> tuple[bool, Hit | None]:  # fmt: skip
     """Score the windows of 1..``WINDOW_MINUTES`` minutes ending with minute ``m`` (module
     docstring): whether any is elevated, and the alerting window with the highest score, if any.
     Each minute counts against its own hour's baseline: ``earlier`` is the previous hour's (a
-    window does not reach into it without one)."""
+    window does not reach into it without one). ``unexplained``: spend a minute to leave out
+    (a project's new agents, :func:`unexplained_spend`)."""
     hour_start = m - m % HOUR_MS
     spent = top = 0
     expected = variance = 0.0
@@ -386,11 +432,13 @@ def windows(minutes: dict[int, Bucket], m: int, baseline: Baseline, earlier: Bas
             break
         bucket = minutes.get(minute)
         cost = bucket.cost if bucket is not None else 0
+        if unexplained:
+            cost -= unexplained.get(minute, 0)
         spent += cost
         top = max(top, cost)
         usual = b.usual_at(minute)
         expected += usual
-        variance += b.minute_spread**2
+        variance += b.spread_at(minute) ** 2
         if spent <= expected or spent < rule.ratio * expected:
             continue
         score = (spent - expected) / math.sqrt(variance)

@@ -8,7 +8,7 @@ import math
 import random
 
 from spendstream.anomaly import Detector, MinuteSample, Rule, anomaly_alert_value, build_baseline
-from spendstream.anomaly.baseline import DAY_MS, HOUR_MS, MINUTE_MS, sample_days
+from spendstream.anomaly.baseline import DAY_MS, HOUR_MS, MINUTE_MS, is_weekend, sample_days
 from spendstream.anomaly.detector import anomaly_alert_id
 from spendstream.anomaly.store import baselines_from_rows
 from spendstream.settings import AnomalySettings
@@ -34,8 +34,10 @@ def steady(d: int, i: int) -> tuple[int, int, int]:
 
 
 def baseline_for(per_minute=steady, days: int = 7):
-    hours, seasonality = sample_days(T0, T0 - days * DAY_MS, 28, 7)
-    return build_baseline(history(per_minute, days), hours, seasonality, score=6, ratio=3, min_samples=60)
+    """The baseline of the same hour on the ``days`` days before T0 (every one a sample: which
+    days ``sample_days`` picks is tested on its own)."""
+    hours = [T0 - d * DAY_MS for d in range(1, days + 1)]
+    return build_baseline(history(per_minute, days), hours, "hour_of_day", score=6, ratio=3, min_samples=60)
 
 
 class Feed:
@@ -72,9 +74,36 @@ def test_seasonal_baseline_uses_the_same_hour_of_week_with_long_history() -> Non
     hours, seasonality = sample_days(T0, T0 - 30 * DAY_MS, 28, 7)
     assert seasonality == "hour_of_week" and hours == [T0 - k * 7 * DAY_MS for k in range(1, 5)]
     hours, seasonality = sample_days(T0, T0 - 20 * DAY_MS, 28, 7)
-    assert seasonality == "hour_of_day" and len(hours) == 7  # under three weeks of history
+    # under three weeks of history: the same hour of the last 7 days, of T0's type (a Thursday:
+    # the 5 weekdays among them)
+    assert seasonality == "hour_of_day" and hours == [T0 - k * DAY_MS for k in (1, 2, 3, 6, 7)]
     hours, seasonality = sample_days(T0, T0 - 3 * DAY_MS - HOUR_MS, 28, 7)
     assert seasonality == "hour_of_day" and len(hours) == 3  # only days the scope existed
+
+
+def test_a_young_scope_compares_weekdays_with_weekdays_when_it_has_three() -> None:
+    assert not is_weekend(T0) and is_weekend(T0 + 2 * DAY_MS) and is_weekend(T0 + 3 * DAY_MS)
+    tuesday = T0 + 5 * DAY_MS
+    # started on the Saturday before: Sat, Sun, Mon are too few weekdays: every day counts
+    hours, _ = sample_days(tuesday, T0 + 2 * DAY_MS, 28, 7)
+    assert hours == [tuesday - k * DAY_MS for k in (1, 2, 3)]
+    # on Wednesday: Sat, Sun, Mon, Tue, still two weekdays only
+    hours, _ = sample_days(tuesday + DAY_MS, T0 + 2 * DAY_MS, 28, 7)
+    assert len(hours) == 4
+    # three weekdays (Mon-Wed): the weekend is left out of Thursday's samples
+    hours, _ = sample_days(tuesday + 2 * DAY_MS, T0 + 2 * DAY_MS, 28, 7)
+    assert hours == [tuesday + 2 * DAY_MS - k * DAY_MS for k in (1, 2, 3)]
+    # a weekend hour with only two weekend days in the last 7: every day counts
+    saturday = T0 + 9 * DAY_MS
+    hours, _ = sample_days(saturday, T0 - 10 * DAY_MS, 28, 7)
+    assert len(hours) == 7
+    # an office agent that started on a Saturday (weekends at a quarter of its weekday rate):
+    # from its third weekday on its weekday usual is a weekday's, and a weekday is no anomaly
+    level = {d: 0.25 if is_weekend(saturday + (5 - d) * DAY_MS) else 1.0 for d in range(1, 6)}
+    hours, _ = sample_days(saturday + 5 * DAY_MS, saturday, 28, 7)
+    samples = history(lambda d, i: (int(USUAL * level[d]), int(10 * level[d]), 1000), 5, saturday + 5 * DAY_MS)
+    b = build_baseline(samples, hours, "hour_of_day", score=6, ratio=3, min_samples=180)
+    assert b is not None and b.median == USUAL
 
 
 def test_past_spikes_do_not_widen_the_baseline() -> None:
@@ -273,6 +302,30 @@ def test_project_alert_is_left_out_when_an_agent_explains_it() -> None:
             d.add("t1", "p1", "a1", "openai/gpt-4o", T0 + m * MINUTE_MS + c, USUAL // 10, 1000, f"e{m}.{c}")
     found = d.close(T0 + 9 * MINUTE_MS, baseline_of, lambda t: RULE)
     assert [(a.project, a.agent) for a in found] == [("p1", "a1")]
+
+
+def test_a_new_agent_without_a_baseline_is_left_out_of_its_project() -> None:
+    base = baseline_for()  # the project's and its old agent's: $0.01 a minute
+
+    def baseline_of(t, p, a, ms):
+        return None if a == "new" else base
+
+    def run(new_agent: str) -> list:
+        d = Detector()
+        found = []
+        for m in range(15):
+            for c in range(10):
+                d.add("t1", "p1", "old", "openai/gpt-4o", T0 + m * MINUTE_MS + c, USUAL // 10, 1000, f"o{m}.{c}")
+            for c in range(50 if m >= 3 else 0):  # joins at 5x the project's usual spend
+                d.add("t1", "p1", new_agent, "openai/gpt-4o", T0 + m * MINUTE_MS + c, USUAL // 10, 1000, f"n{m}.{c}")
+            found += d.peek(T0 + m * MINUTE_MS, baseline_of, lambda t: RULE)
+            found += d.close(T0 + m * MINUTE_MS, baseline_of, lambda t: RULE)
+        return found
+
+    # its spend is not in the project's history: no project alert (and no agent alert: no baseline)
+    assert run("new") == []
+    # the same spend from an agent with a baseline is the project's spike (and the agent's)
+    assert {(a.project, a.agent) for a in run("other")} == {("p1", "other")}
 
 
 def test_baselines_from_aggregate_rows_cover_projects_and_new_agents() -> None:
