@@ -94,7 +94,7 @@ class Baseline:
 
     def _spread(self, usual: float) -> float:
         per_call = self.mean_cost / self.mean_calls if self.mean_calls else 0.0
-        return max(spread(self.mad, usual), self.iqr / IQR_SCALE, math.sqrt(usual * per_call))
+        return minute_spread(self.mad, self.iqr, usual, per_call)
 
 
 @dataclass(slots=True)
@@ -111,6 +111,14 @@ def median_of(values: list[int]) -> int:
         return 0
     ordered = sorted(values)
     return ordered[(len(ordered) - 1) // 2]
+
+
+def iqr_of(values: list[int]) -> int:
+    """The interquartile range (lower quartiles, as :func:`median_of`)."""
+    if not values:
+        return 0
+    ordered = sorted(values)
+    return ordered[(3 * (len(ordered) - 1)) // 4] - ordered[(len(ordered) - 1) // 4]
 
 
 def sample_days(hour_start_ms: int, first_seen_ms: int, lookback_days: int, short_days: int) -> tuple[list[int], str]:
@@ -163,12 +171,11 @@ def build_baseline(
     # the first estimate's spread as the detector's (minute_spread): a scope with a median minute
     # of 0 (a call every few minutes) has a MAD of 0, and each of its calls would be trimmed
     calls = sum(s.calls for s in samples)
-    first_sorted = sorted(costs)
-    first_iqr = first_sorted[(3 * (len(costs) - 1)) // 4] - first_sorted[(len(costs) - 1) // 4]
     per_call = sum(costs) / calls if calls else 0.0
-    scale = max(spread(mad, usual), first_iqr / IQR_SCALE, math.sqrt(usual * per_call))
+    scale = minute_spread(mad, iqr_of(costs), usual, per_call)
     # drop what this first estimate calls anomalous, then estimate again
-    kept = [s for s in samples if not (s.cost >= ratio * usual and (s.cost - usual) / scale >= score)]
+    anomalous = [s.cost >= ratio * usual and (s.cost - usual) / scale >= score for s in samples]
+    kept = [s for s, out in zip(samples, anomalous, strict=True) if not out]
     trimmed = len(samples) - len(kept)
     if trimmed:
         costs = [s.cost for s in kept] + [median] * trimmed
@@ -177,12 +184,9 @@ def build_baseline(
     n = len(samples)
     # the mean of each quarter of the hour (trimmed samples: an anomalous minute counts as the median)
     quarter_sums = [0, 0, 0, 0]
-    for j, sample in enumerate(samples):
-        cost = sample.cost if not (sample.cost >= ratio * usual and (sample.cost - usual) / scale >= score) else median
-        quarter_sums[j % 60 // 15] += cost
+    for j, (sample, out) in enumerate(zip(samples, anomalous, strict=True)):
+        quarter_sums[j % 60 // 15] += median if out else sample.cost
     quarters = tuple(total / (n / 4) for total in quarter_sums)
-    ordered = sorted(costs)
-    iqr = ordered[(3 * (n - 1)) // 4] - ordered[(n - 1) // 4]
     model_sums: dict[str, int] = {}
     for s in kept:
         for model, cost in s.models.items():
@@ -197,7 +201,7 @@ def build_baseline(
         model_cost=model_cost,
         samples=n,
         seasonality=seasonality,
-        iqr=iqr,
+        iqr=iqr_of(costs),
         quarters=quarters,
     )
 
@@ -209,6 +213,12 @@ def with_members(project: Baseline, members: Iterable[Baseline]) -> Baseline:
     its history is short) has it, and the project's spend is not 3x its usual for that."""
     total = sum(b.usual for b in members)
     return replace(project, members_usual=total) if total > project.usual else project
+
+
+def minute_spread(mad: int, iqr: int, usual: float, per_call: float) -> float:
+    """The spread of one minute's spend (module doc): :func:`spread`, at least the interquartile
+    range / 1.349 and the spread of a Poisson count of ``usual / per_call`` calls."""
+    return max(spread(mad, usual), iqr / IQR_SCALE, math.sqrt(usual * per_call))
 
 
 def spread(mad: int, usual: float) -> float:
