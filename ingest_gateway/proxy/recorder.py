@@ -25,8 +25,10 @@ import asyncio
 import fcntl
 import functools
 import logging
+import operator
 import os
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 MAX_PENDING = 10_000
 #: how long an event waits for others to share its record (the response never waits for it)
 BATCH_S = 0.1
+_tenant = operator.itemgetter(0)
 DRAIN_INTERVAL_S = 0.5
 DRAIN_BATCH = 500
 
@@ -101,16 +104,25 @@ class Spool:
         self._lock.close()  # releases the flock: another instance may adopt what is left
 
 
-def _by_project(items: list[tuple[str, str, Any]]) -> dict[str, list[Any]]:
-    by_project: dict[str, list[Any]] = {}
-    for _, _, event in items:
-        project = event["project"] if type(event) is dict else event.project
-        group = by_project.get(project)
+def _grouped(items: Iterable[Any], key: Callable[[Any], str]) -> dict[str, list[Any]]:
+    """``items`` by ``key(item)``, in order."""
+    groups: dict[str, list[Any]] = {}
+    for item in items:
+        k = key(item)
+        group = groups.get(k)
         if group is None:
-            by_project[project] = [event]
+            groups[k] = [item]
         else:
-            group.append(event)
-    return by_project
+            group.append(item)
+    return groups
+
+
+def _project(event: Any) -> str:
+    return event["project"] if type(event) is dict else event.project
+
+
+def _by_project(items: list[tuple[str, str, Any]]) -> dict[str, list[Any]]:
+    return _grouped((event for _, _, event in items), _project)
 
 
 class Recorder:
@@ -171,14 +183,7 @@ class Recorder:
             self._timer.cancel()
             self._timer = None
         items, self._queue = self._queue, []
-        by_tenant: dict[str, list[tuple[str, str, Any]]] = {}
-        for item in items:
-            group = by_tenant.get(item[0])
-            if group is None:
-                by_tenant[item[0]] = [item]
-            else:
-                group.append(item)
-        for tenant, group in by_tenant.items():
+        for tenant, group in _grouped(items, _tenant).items():
             try:
                 future = self._publisher.submit(tenant, group[0][1], _by_project(group), len(group))
             except GatewayError:  # saturated: the broker is not acknowledging fast enough
