@@ -166,6 +166,10 @@ class _Request:
         #: (span ref, reason) of the mapping's rejections, in export order
         self.rejections: list[tuple[str, str]] = []
 
+    def project_for(self, agent: str, session_label: str | None) -> str:
+        """The project of a span without one: the tenant's mapping rules, else ``otel.default_project``."""
+        return self.rules.project_for(agent, session_label) or self.default_project
+
 
 def map_and_validate(
     body: bytes,
@@ -216,9 +220,7 @@ def _general(
 
 def _project_of_object(ev: dict[str, Any], req: _Request) -> None:
     if "project" not in ev:
-        ev["project"] = (
-            req.rules.project_for(ev.get("agent", "default"), ev.get("session_label")) or req.default_project
-        )
+        ev["project"] = req.project_for(ev.get("agent", "default"), ev.get("session_label"))
 
 
 class _General(Exception):
@@ -467,7 +469,7 @@ def _template_of(
     if len(agent) > _MAX_ID:
         return None
     if project is None:
-        project = req.rules.project_for(agent, label) or req.default_project
+        project = req.project_for(agent, label)
         if not project or len(project) > _MAX_ID or project.isspace():
             return None
     tags = base.tags
