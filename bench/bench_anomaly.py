@@ -186,7 +186,9 @@ class Spike:
         return self.sent_nanos / (self.usual_nanos * self.minutes) if self.usual_nanos else math.inf
 
 
-def bench_replay(days: int, agents: int, live_days: int = 7, seed: int = 18, tick_s: int = 1) -> str:
+def bench_replay(
+    days: int, agents: int, live_days: int = 7, seed: int = 18, tick_s: int = 1, details: str | None = None
+) -> str:
     """See the module docstring: the fleet's minutes in numpy for the history, every call of the
     live days as an event with its own time, the stage's timer every ``tick_s`` seconds."""
     rng = random.Random(seed)
@@ -377,7 +379,7 @@ def bench_replay(days: int, agents: int, live_days: int = 7, seed: int = 18, tic
                 false_project += 1
                 false_joined += any(a.start_day > 0 for a in fleet if a.project == int(project[1:]))
             rate = float(live_lam[int(agent[1:]), (at - T0) // MINUTE_MS - live_from]) if agent else float("nan")
-            falses.append(f"{project}/{agent} x{x.alert_window_nanos / (x.usual_minute_nanos or 1) / x.alert_window_minutes:.1f}"
+            falses.append(f"{project}/{agent} {x.spike_type} x{x.alert_window_nanos / (x.usual_minute_nanos or 1) / x.alert_window_minutes:.1f}"
                           f" over {x.alert_window_minutes} min (score {x.score:.1f}, usual ${x.usual_minute_nanos / 1e9:.4f}/min, "
                           f"{rate:.1f} calls/min"
                           + (f", UTC+{fleet[int(agent[1:])].tz_min} min at {(at // 1000 % 86400) / 3600:.2f} h UTC"
@@ -422,6 +424,15 @@ def bench_replay(days: int, agents: int, live_days: int = 7, seed: int = 18, tic
     missed = [f"a{s.agent} {s.kind} x{s.measured:.1f} usual ${s.usual_nanos / 1e9:.4f}/min "
               f"{rate(s):.1f} calls/min"
               for s in recall_set if s.detected_ms is None]  # fmt: skip
+    if details:  # one JSON line per spike of the recall set and per false alert
+        with open(details, "wb") as out:
+            for s in recall_set:
+                out.write(orjson.dumps({"spike": f"a{s.agent}", "kind": s.kind, "measured": round(s.measured, 2),
+                                        "minutes": s.minutes, "calls_per_min": round(rate(s), 2), "start_ms": s.start_ms,
+                                        "delay_s": (s.detected_ms - s.start_ms) / 1000 if s.detected_ms else None})
+                          + b"\n")  # fmt: skip
+            for line in falses:
+                out.write(orjson.dumps({"false": line}) + b"\n")
     small = [s for s in real if s.factor <= 3]
     short = [s for s in real if s.minutes < 5 and s.factor > 3]
     bumps = [s for s in spikes if s.kind == "bump"]
@@ -466,13 +477,16 @@ def main() -> None:
     parser.add_argument("--live-days", type=int, default=7)
     parser.add_argument("--seed", type=int, default=18)
     parser.add_argument("--tick-s", type=int, default=1, help="replay: the stage's timer period (it runs every second)")
+    parser.add_argument(
+        "--details", help="replay: write each recall-set spike and false alert to this file (JSON lines)"
+    )
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args()
     if args.mode == "cpu":
         report = bench_cpu(args.events, args.agents)
         command = f"python -m bench.bench_anomaly cpu --events {args.events} --agents {args.agents}"
     else:
-        report = bench_replay(args.days, args.agents, args.live_days, args.seed, args.tick_s)
+        report = bench_replay(args.days, args.agents, args.live_days, args.seed, args.tick_s, args.details)
         command = (f"python -m bench.bench_anomaly replay --days {args.days} --live-days {args.live_days} "
                    f"--agents {args.agents} --seed {args.seed} --tick-s {args.tick_s}")  # fmt: skip
     print(report)

@@ -105,7 +105,7 @@ from spendstream.clickhouse import get_client  # noqa: E402
 from spendstream.devstack import Stack, local_settings  # noqa: E402
 from spendstream.pricing import default_catalog  # noqa: E402
 from spendstream.pricing.logic import price  # noqa: E402
-from spendstream.timeutil import format_epoch_ms  # noqa: E402
+from spendstream.timeutil import TimestampParser, format_epoch_ms  # noqa: E402
 from stream_processors.stages import STAGES  # noqa: E402
 
 SECTION = "Anomaly detection"
@@ -300,6 +300,8 @@ class Spike:
     sent_nanos: int = 0  # spend sent during the spike
     first_sent_wall: float | None = None
     detected_wall: float | None = None
+    #: the alert's created_at (the stage's clock when it raised it), seconds
+    raised_wall: float | None = None
     named: str | None = None  # the alert's spike_type
 
     @property
@@ -630,6 +632,8 @@ def score(out: Outcome) -> None:
             for s in mine:
                 if s.detected_wall is None:
                     s.detected_wall = alert["wall"]
+                    if alert.get("created_at"):
+                        s.raised_wall = TimestampParser()(alert["created_at"]) / 1000
                     s.named = (alert.get("anomaly") or {}).get("spike_type")
 
 
@@ -670,6 +674,8 @@ def render(out: Outcome) -> str:
     send_lag = [s.first_sent_wall - s.start_ms / 1000 for s in out.spikes if s.first_sent_wall is not None]
     found = [s for s in recall_set if s.detected_wall is not None]
     delays = [s.detected_wall - s.start_ms / 1000 for s in found]
+    raised = [s.raised_wall - s.start_ms / 1000 for s in found if s.raised_wall is not None]
+    delivery = [s.detected_wall - s.raised_wall for s in found if s.raised_wall is not None]
     recall = len(found) / len(recall_set) if recall_set else float("nan")
     agent_days = out.baseline_agents * out.realtime_minutes / 1440
     false_rate = len(out.false_alerts) / agent_days * 100 if agent_days else float("nan")
@@ -740,6 +746,9 @@ def render(out: Outcome) -> str:
         "",
         f"- by kind (detected / in the recall set): {', '.join(by_kind)}; the alert named the injected kind for "
         f"{named} of {len(found)}",
+        f"- the delay in two parts (p50 / p95): spike start -> the stage raised the alert (its `created_at`) "
+        f"{statistics.median(raised) if raised else float('nan'):.0f} / {p95(raised):.0f} s; raised -> received by "
+        f"the webhook {statistics.median(delivery) if delivery else float('nan'):.1f} / {p95(delivery):.1f} s",
         f"- a spike's first event went out at most {max(send_lag, default=0):.1f} s after its start (calls are "
         "Poisson: a low-rate agent's first spiked call comes later; the delay is counted from the start)",
         f"- agent-days: {out.baseline_agents} agents with a baseline x {out.realtime_minutes:.1f} real-time minutes "

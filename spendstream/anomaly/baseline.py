@@ -8,10 +8,13 @@ median, the MAD (median absolute deviation) and the interquartile range of the m
 robust to the odd spike, and the mean of each quarter of the hour (``Baseline.usual_at``: an
 hour whose spend is in part of it, e.g. a working day that starts at :30).
 
-The spread of one minute (``Baseline.minute_spread``) is 1.4826 x MAD, at least the interquartile
-range / 1.349 (an hour of two halves, one quiet, has a MAD of 0), a tenth of the usual minute and
-the spread of a Poisson count of the usual calls, sqrt(usual x cost per call) (a scope with a
-call every few minutes has a median and a MAD of 0).
+The level spread of one minute (``Baseline.level_spread_at``, the detector's level score) is
+1.4826 x MAD, at least the interquartile range / 1.349 (an hour of two halves, one quiet, has a
+MAD of 0) and a tenth of the usual minute; the call-count noise is judged apart, on the exact
+Poisson tail (:func:`poisson_score`, with ``Baseline.call_unit``), and the cost of single calls
+against ``Baseline.call_cv`` (:func:`call_cv_of`). ``Baseline.minute_spread`` adds the Gaussian
+spread of a Poisson count of the usual calls, sqrt(usual x cost per call), for the first
+estimate's trimming below (a scope with a call every few minutes has a median and a MAD of 0).
 
 Anomalous minutes do not widen the baseline: a sample that would itself be scored anomalous
 against the first estimate (``Rule``'s score and ratio, with the spread above) is replaced by the
@@ -42,6 +45,10 @@ SAME_TYPE_MIN_DAYS = 3
 MAD_SCALE = 1.4826
 #: interquartile range -> standard deviation of a normal distribution
 IQR_SCALE = 1.349
+#: the least spread of one call's cost (a tenth of it, as ``spread``'s tenth of the usual minute)
+MIN_CALL_CV = 0.1
+#: minutes with calls a scope needs for its own call spread (else ``Baseline.call_cv``'s 1.0)
+MIN_CALL_SAMPLES = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +70,20 @@ class Baseline:
     quarters: tuple[float, ...] = ()
     #: a project's: the sum of its agents' usual minutes (:func:`with_members`)
     members_usual: float = 0.0
+    #: the spread of one call's cost over the usual cost per call (:func:`call_cv_of`)
+    call_cv: float = 1.0
+
+    @property
+    def per_call(self) -> float:
+        """The usual cost of one call (nano-USD; 0 without calls)."""
+        return self.mean_cost / self.mean_calls if self.mean_calls else 0.0
+
+    @property
+    def call_unit(self) -> float:
+        """The cost of one call of the compound-Poisson count that has the spend's variance:
+        per call x (1 + cv^2) (E[c^2] / E[c]), so that spend / unit is a Poisson count of mean
+        usual / unit (:func:`poisson_score`)."""
+        return self.per_call * (1.0 + max(self.call_cv, MIN_CALL_CV) ** 2)
 
     @property
     def usual(self) -> float:
@@ -92,9 +113,14 @@ class Baseline:
         its own calls, not of the hour's mean)."""
         return self._spread(self.usual_at(minute_ms))
 
+    def level_spread_at(self, minute_ms: int) -> float:
+        """The spread of the minute's spend from the scope's level (the day-to-day and within-hour
+        movement the samples show: 1.4826 x MAD, the interquartile range / 1.349, a tenth of the
+        usual), without the call-count noise, which :func:`poisson_score` judges exactly."""
+        return max(spread(self.mad, self.usual_at(minute_ms)), self.iqr / IQR_SCALE)
+
     def _spread(self, usual: float) -> float:
-        per_call = self.mean_cost / self.mean_calls if self.mean_calls else 0.0
-        return minute_spread(self.mad, self.iqr, usual, per_call)
+        return minute_spread(self.mad, self.iqr, usual, self.per_call)
 
 
 @dataclass(slots=True)
@@ -192,18 +218,53 @@ def build_baseline(
         for model, cost in s.models.items():
             model_sums[model] = model_sums.get(model, 0) + cost
     model_cost = {model: total / n for model, total in model_sums.items()}
+    kept_calls = sum(s.calls for s in kept)
     return Baseline(
         median=median,
         mad=mad,
         mean_cost=sum(costs) / n,
-        mean_calls=sum(s.calls for s in kept) / n,
+        mean_calls=kept_calls / n,
         mean_tokens=sum(s.tokens for s in kept) / n,
         model_cost=model_cost,
         samples=n,
         seasonality=seasonality,
         iqr=iqr_of(costs),
         quarters=quarters,
+        call_cv=call_cv_of(kept, sum(s.cost for s in kept) / kept_calls if kept_calls else 0.0),
     )
+
+
+def call_cv_of(samples: Iterable[MinuteSample], per_call: float) -> float:
+    """The robust spread of one call's cost over the usual cost per call, from minute sums: a
+    minute of n calls has a mean cost per call that spreads 1/sqrt(n) times one call's, so
+    d = (cost / n - per call) x sqrt(n) spreads like one call. The spread is the larger of
+    1.4826 x their MAD and the distance from their median to their 84th percentile (one standard
+    deviation of a normal): call costs are skewed to the right (a few big calls), which the MAD
+    understates and the per-call path (``detector.per_call_score``) tests. Over per call; 1.0
+    (wide) with fewer than ``MIN_CALL_SAMPLES`` minutes with calls."""
+    if per_call <= 0:
+        return 1.0
+    deviations = sorted((s.cost / s.calls - per_call) * math.sqrt(s.calls) for s in samples if s.calls)
+    n = len(deviations)
+    if n < MIN_CALL_SAMPLES:
+        return 1.0
+    middle = deviations[(n - 1) // 2]
+    mad = sorted(abs(d - middle) for d in deviations)[(n - 1) // 2]
+    upper = deviations[min(n - 1, round(0.8413 * (n - 1)))] - middle
+    return max(MAD_SCALE * mad, upper) / per_call
+
+
+def poisson_score(count: float, mean: float) -> float:
+    """The normal score of a Poisson count at least ``count`` when ``mean`` is usual: the signed
+    root of the deviance, sqrt(2 (x ln(x / mean) - x + mean)), within about 0.1 of the exact
+    tail's normal quantile down to a mean of 0.5 (where the Gaussian (x - mean) / sqrt(mean) is
+    1.5-2 too high: 8 calls in a window that usually has 1.8 is 4.6 on it but 3.3 exactly).
+    0 at or below the mean; infinite for a mean of 0."""
+    if count <= mean:
+        return 0.0
+    if mean <= 0:
+        return math.inf
+    return math.sqrt(2.0 * (count * math.log(count / mean) - count + mean))
 
 
 def with_members(project: Baseline, members: Iterable[Baseline]) -> Baseline:

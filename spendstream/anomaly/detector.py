@@ -10,22 +10,29 @@ against its baseline for that hour (``baseline.py``); the minute still open is s
 Scoring a minute m looks at the windows of k = 1..``WINDOW_MINUTES`` minutes ending with m
 (spend S, usual k x the usual minute U):
 
-- a window is *elevated* when S >= ``rule.ratio`` x U and its robust score
-  ``(S - U) / (sqrt(k) x spread)`` >= ``rule.score``, where ``spread`` is the robust spread of
-  one minute (:meth:`Baseline.minute_spread`: 1.4826 x MAD, at least the Poisson spread of the
-  scope's calls); a k-minute sum of independent minutes spreads sqrt(k) x one minute, so a
-  low-rate agent (a few calls a minute, empty minutes in a spike) is seen over a few minutes
-  where a single minute is mostly noise;
+- a window is *elevated* when S >= ``rule.ratio`` x U and one of two scores reaches
+  ``rule.score``: the *spend score*, the smaller of the level score ``(S - U) / (sqrt(k) x
+  level spread)`` (:meth:`Baseline.level_spread_at`: 1.4826 x MAD, the day-to-day movement; a
+  k-minute sum spreads sqrt(k) x one minute) and the *count score*, the normal quantile of the
+  exact Poisson tail of S / u calls of the unit u (:attr:`Baseline.call_unit`) where U / u are
+  usual (:func:`poisson_score`), judged at ``POISSON_SHARE`` of ``rule.score``; or the
+  *per-call score* (:func:`per_call_score`: the window's cost per call against the usual, a
+  size or price/mix spike, which an agent with a call or two a minute shows in a few calls,
+  long before their spend stands out of the count's noise);
 - an alert fires when some window is elevated, it is not a blip, and its excess S - U is at
   least ``rule.min_excess_nanos``. *Not a blip* (the issue's "two consecutive windows"): k >= 2
   and the window without its largest minute is still clearly above its usual: at least
   ``GUARD_RATIO`` x and a score of ``GUARD_SCORE_SHARE`` x ``rule.score`` over its k - 1
-  minutes, so a one-minute spike followed by normal minutes never alerts whatever its
+  minutes on the same score (for the per-call score: its calls still cost ``GUARD_RATIO`` x
+  the usual), so a one-minute spike followed by normal minutes never alerts whatever its
   size below ``rule.extreme_ratio``; a single minute (k = 1) at ``rule.extreme_ratio`` x the
   usual alerts alone (the *extreme* path);
-- the open minute's spend only grows and every condition above only grows with it (the window
-  without its largest minute included), so an early peek that alerts is an alert its close
-  would also raise: the peek only makes it sooner;
+- the open minute's spend only grows and every spend condition above only grows with it (the
+  window without its largest minute included), so an early peek that alerts is an alert its
+  close would also raise: the peek only makes it sooner. The per-call score can fall with more
+  ordinary calls, so a peek counts the open minute's calls so far plus twice its usual number
+  of calls (and one) at the usual cost, the most its remaining seconds bring but for a rare
+  Poisson draw;
 - one alert per *episode*: after it, the scope alerts again only once ``rearm_minutes`` closed
   minutes in a row had no elevated window ending with them. The alert id is a hash of the scope
   and the episode's start: the first of the run of closed minutes right before the alert minute
@@ -54,13 +61,17 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from spendstream.anomaly.baseline import HOUR_MS, MINUTE_MS, Baseline
+from spendstream.anomaly.baseline import HOUR_MS, MIN_CALL_CV, MINUTE_MS, Baseline, poisson_score
 
 WINDOW_MINUTES = 10
 #: the blip guard: a window without its largest minute must still be this multiple of its usual ...
 GUARD_RATIO = 2.0
 #: ... and reach this share of the rule's score (over its k - 1 minutes)
 GUARD_SCORE_SHARE = 0.5
+#: the count score (an exact Poisson tail's normal quantile) is judged at this share of the
+#: rule's score: 5 at the default 6, a one-in-3.5-million window; the level score's threshold
+#: keeps room for day-to-day moves its MAD does not see, which an exact tail does not need
+POISSON_SHARE = 5 / 6
 #: an episode starts at the first of the minutes in a row, up to the alert, at this multiple of the usual
 EPISODE_RATIO = 2.0
 MAX_MODELS = 8
@@ -361,7 +372,7 @@ class Detector:
         unexplained = None
         if not agent and members:
             unexplained = unexplained_spend(tenant, project, members.get(project, ()), m, baseline_of)
-        elevated, hit = windows(series.minutes, m, baseline, earlier, rule, unexplained)
+        elevated, hit = windows(series.minutes, m, baseline, earlier, rule, unexplained, open_minute)
         if series.episode is not None:
             if not open_minute:
                 if elevated:
@@ -414,15 +425,23 @@ def unexplained_spend(tenant: str, project: str, members: Iterable[tuple[str, Se
 
 
 def windows(minutes: dict[int, Bucket], m: int, baseline: Baseline, earlier: Baseline | None,
-            rule: Rule, unexplained: dict[int, int] | None = None) -> tuple[bool, Hit | None]:  # fmt: skip
+            rule: Rule, unexplained: dict[int, int] | None = None,
+            open_minute: bool = False) -> tuple[bool, Hit | None]:  # fmt: skip
     """Score the windows of 1..``WINDOW_MINUTES`` minutes ending with minute ``m`` (module
     docstring): whether any is elevated, and the alerting window with the highest score, if any.
     Each minute counts against its own hour's baseline: ``earlier`` is the previous hour's (a
     window does not reach into it without one). ``unexplained``: spend a minute to leave out
-    (a project's new agents, :func:`unexplained_spend`)."""
+    (a project's new agents, :func:`unexplained_spend`). ``open_minute``: ``m`` is still open:
+    the per-call path, whose mean can fall with more calls, counts it with its calls so far plus
+    twice its usual number of calls (and one) at the usual cost, the most its remaining seconds
+    bring but for a rare Poisson draw, so that what alerts early is what its close would raise."""
     hour_start = m - m % HOUR_MS
-    spent = top = 0
-    expected = variance = 0.0
+    spent = top = calls = top_calls = 0
+    expected = variance = count = usual_count = usual_calls = 0.0
+    call_cv = MIN_CALL_CV
+    #: the open minute's projected remaining calls (count, cost) and whether it is the largest minute
+    phantom_calls = phantom_cost = 0.0
+    top_open = False
     elevated = False
     best: Hit | None = None
     for k in range(1, WINDOW_MINUTES + 1):
@@ -432,37 +451,86 @@ def windows(minutes: dict[int, Bucket], m: int, baseline: Baseline, earlier: Bas
             break
         bucket = minutes.get(minute)
         cost = bucket.cost if bucket is not None else 0
-        if unexplained:
-            cost -= unexplained.get(minute, 0)
+        n = bucket.calls if bucket is not None else 0
+        if unexplained and minute in unexplained:
+            cost -= unexplained[minute]
+            n = -1  # the minute's own calls are not known: no per-call path for this window
         spent += cost
-        top = max(top, cost)
+        calls = -1 if n < 0 or calls < 0 else calls + n
+        if cost > top:
+            top, top_calls, top_open = cost, n, k == 1 and open_minute
         usual = b.usual_at(minute)
         expected += usual
-        variance += b.spread_at(minute) ** 2
+        variance += b.level_spread_at(minute) ** 2
+        unit = b.call_unit
+        if unit > 0:
+            count += cost / unit
+            usual_count += usual / unit
+        per_call = b.per_call
+        usual_calls += usual / per_call if per_call > 0 else 0.0
+        if k == 1 and open_minute and per_call > 0:
+            phantom_calls = 2.0 * usual / per_call + 1.0
+            phantom_cost = phantom_calls * per_call
+        call_cv = max(call_cv, b.call_cv)
         if spent <= expected or spent < rule.ratio * expected:
             continue
-        score = (spent - expected) / math.sqrt(variance)
-        if score < rule.score:
+        score = min((spent - expected) / math.sqrt(variance), poisson_score(count, usual_count) / POISSON_SHARE)
+        call_score = 0.0
+        if calls > 0 and usual_calls > 0:
+            call_score = per_call_score(spent + phantom_cost, calls + phantom_calls, expected / usual_calls, call_cv)
+        if score < rule.score and call_score < rule.score:
             continue
         elevated = True
-        if spent - expected < rule.min_excess_nanos or (best is not None and best.score >= score):
+        if spent - expected < rule.min_excess_nanos:
             continue
         if k == 1:
-            if spent >= rule.extreme_ratio * usual:
+            if score >= rule.score and spent >= rule.extreme_ratio * usual and (best is None or best.score < score):
                 best = Hit(1, spent, score, True)
             continue
         # the blip guard: without its largest minute the window is still clearly above its usual
-        # (its k - 1 other minutes: the usual and spread of a mean minute of the window)
+        # (its k - 1 other minutes: the usual and spread of a mean minute of the window), by its
+        # spend or by the cost of its calls
         rest = spent - top
         rest_expected = expected * (k - 1) / k
-        rest_spread = math.sqrt(variance * (k - 1) / k)
+        if rest <= rest_expected or rest < GUARD_RATIO * rest_expected:
+            continue
+        guard = GUARD_SCORE_SHARE * rule.score
+        if score >= rule.score and (best is None or best.score < score):
+            rest_score = min(
+                (rest - rest_expected) / math.sqrt(variance * (k - 1) / k),
+                poisson_score(count * rest / spent, usual_count * (k - 1) / k) / POISSON_SHARE,
+            )
+            if rest_score >= guard:
+                best = Hit(k, spent, score, False)
+                continue
+        # the per-call path's guard: the other minutes' calls still cost GUARD_RATIO x the usual
+        rest_calls = calls - top_calls
+        rest_calls_all = rest_calls + (0.0 if top_open else phantom_calls)
+        rest_all = rest + (0.0 if top_open else phantom_cost)
+        per_call = expected / usual_calls if usual_calls else 0.0
         if (
-            rest > rest_expected
-            and rest >= GUARD_RATIO * rest_expected
-            and rest - rest_expected >= GUARD_SCORE_SHARE * rule.score * rest_spread
+            call_score >= rule.score
+            and (best is None or best.score < call_score)
+            and rest_calls > 0
+            and rest_all >= GUARD_RATIO * per_call * rest_calls_all
+            and per_call_score(rest_all, rest_calls_all, per_call, call_cv) >= guard
         ):
-            best = Hit(k, spent, score, False)
+            best = Hit(k, spent, call_score, False)
     return elevated, best
+
+
+def per_call_score(spent: float, calls: float, per_call: float, cv: float) -> float:
+    """The normal score of ``calls`` calls costing ``spent`` when one usually costs ``per_call``
+    with a spread of ``cv`` x that: bigger or dearer calls (a size or price/mix spike), which a
+    scope with a call or two a minute shows in its first few calls, long before their count or
+    spend stands out from its Poisson noise. Costs are positive and skewed (a few big calls),
+    so the mean of ``calls`` calls is taken as log-normal with the mean's spread,
+    sigma^2 = ln(1 + cv^2 / calls): a Gaussian on the mean would make two calls at 2.5x the usual
+    a score of 6 at a cv of 0.36, which such calls reach a few times a day."""
+    if per_call <= 0 or calls <= 0 or spent <= 0:
+        return 0.0
+    sigma = math.sqrt(math.log1p(cv * cv / calls))
+    return (math.log(spent / (calls * per_call)) + sigma * sigma / 2) / sigma
 
 
 def episode_start(minutes: dict[int, Bucket], m: int, usual: float) -> int:
