@@ -3,6 +3,8 @@ tenant, and the detector's quality on a replayed synthetic fleet.
 
     .venv/bin/python -m bench.bench_anomaly cpu [--events 200000] [--agents 200] [--write-results]
     .venv/bin/python -m bench.bench_anomaly replay [--days 28] [--live-days 7] [--agents 200] [--write-results]
+        [--details FILE]  (each recall-set spike - kind, size, calls a minute, start, delay - and each
+        false alert as JSON lines)
 
 ``cpu``: in this process, the stage's pure hot path (``stream_processors/anomaly/logic.add_record``
 on priced envelopes of 50 events, as usage.priced carries them, then ``Detector.close`` of each

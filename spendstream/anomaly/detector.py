@@ -475,9 +475,10 @@ def windows(minutes: dict[int, Bucket], m: int, baseline: Baseline, earlier: Bas
         if spent <= expected or spent < rule.ratio * expected:
             continue
         score = min((spent - expected) / math.sqrt(variance), poisson_score(count, usual_count) / POISSON_SHARE)
+        usual_per_call = expected / usual_calls if usual_calls > 0 else 0.0
         call_score = 0.0
-        if calls > 0 and usual_calls > 0:
-            call_score = per_call_score(spent + phantom_cost, calls + phantom_calls, expected / usual_calls, call_cv)
+        if calls > 0 and usual_per_call > 0:
+            call_score = per_call_score(spent + phantom_cost, calls + phantom_calls, usual_per_call, call_cv)
         if score < rule.score and call_score < rule.score:
             continue
         elevated = True
@@ -507,13 +508,12 @@ def windows(minutes: dict[int, Bucket], m: int, baseline: Baseline, earlier: Bas
         rest_calls = calls - top_calls
         rest_calls_all = rest_calls + (0.0 if top_open else phantom_calls)
         rest_all = rest + (0.0 if top_open else phantom_cost)
-        per_call = expected / usual_calls if usual_calls else 0.0
         if (
             call_score >= rule.score
             and (best is None or best.score < call_score)
             and rest_calls > 0
-            and rest_all >= GUARD_RATIO * per_call * rest_calls_all
-            and per_call_score(rest_all, rest_calls_all, per_call, call_cv) >= guard
+            and rest_all >= GUARD_RATIO * usual_per_call * rest_calls_all
+            and per_call_score(rest_all, rest_calls_all, usual_per_call, call_cv) >= guard
         ):
             best = Hit(k, spent, call_score, False)
     return elevated, best
