@@ -523,13 +523,7 @@ def test_poisson_score_is_the_normal_quantile_of_the_exact_tail() -> None:
 
 
 def test_the_spread_of_one_call_comes_from_the_minute_sums() -> None:
-    rng = random.Random(8)
-
-    def minute(d: int, i: int) -> tuple[int, int, int]:
-        n = poisson(rng, 4)
-        return sum(call_cost(rng) for _ in range(n)), n, n * 1000
-
-    b = baseline_for(minute)
+    b = low_rate_baseline(seed=8, rate=4.0)
     # log-normal calls of sigma 0.35 spread 0.36 x their mean; the upper side a little more
     assert 0.33 <= b.call_cv <= 0.5, b.call_cv
     assert abs(b.per_call - CALL) <= 0.1 * CALL
