@@ -8,11 +8,11 @@ median, the MAD (median absolute deviation) and the interquartile range of the m
 robust to the odd spike, and the mean of each quarter of the hour (``Baseline.usual_at``: an
 hour whose spend is in part of it, e.g. a working day that starts at :30).
 
-The level spread of one minute (``Baseline.level_spread_at``, the detector's level score) is
+The level spread of one minute (``Baseline.level_spread``, the detector's level score) is
 1.4826 x MAD, at least the interquartile range / 1.349 (an hour of two halves, one quiet, has a
 MAD of 0) and a tenth of the usual minute; the call-count noise is judged apart, on the exact
 Poisson tail (:func:`poisson_score`, with ``Baseline.call_unit``), and the cost of single calls
-against ``Baseline.call_cv`` (:func:`call_cv_of`). ``Baseline.minute_spread`` adds the Gaussian
+against ``Baseline.call_cv`` (:func:`call_cv_of`). :func:`minute_spread` adds the Gaussian
 spread of a Poisson count of the usual calls, sqrt(usual x cost per call), for the first
 estimate's trimming below (a scope with a call every few minutes has a median and a MAD of 0).
 
@@ -99,28 +99,12 @@ class Baseline:
             return self.usual
         return max(self.usual, self.quarters[minute_ms % HOUR_MS // (15 * MINUTE_MS)])
 
-    @property
-    def minute_spread(self) -> float:
-        """The robust spread of one minute's spend: :func:`spread`, but at least the spread of a
-        Poisson count of the scope's usual calls (sqrt(usual x cost per call)): a scope with a few
-        calls a minute has a MAD of about one call or of 0 (a median minute of 0), which would
-        make one call more a big score."""
-        return self._spread(self.usual)
-
-    def spread_at(self, minute_ms: int) -> float:
-        """:attr:`minute_spread` for the minute starting at ``minute_ms``: its tenth-of-usual and
-        Poisson parts from :meth:`usual_at` (a busy quarter of a half-quiet hour has the spread of
-        its own calls, not of the hour's mean)."""
-        return self._spread(self.usual_at(minute_ms))
-
-    def level_spread_at(self, minute_ms: int) -> float:
-        """The spread of the minute's spend from the scope's level (the day-to-day and within-hour
-        movement the samples show: 1.4826 x MAD, the interquartile range / 1.349, a tenth of the
-        usual), without the call-count noise, which :func:`poisson_score` judges exactly."""
-        return max(spread(self.mad, self.usual_at(minute_ms)), self.iqr / IQR_SCALE)
-
-    def _spread(self, usual: float) -> float:
-        return minute_spread(self.mad, self.iqr, usual, self.per_call)
+    def level_spread(self, usual: float) -> float:
+        """The spread of a minute's spend from the scope's level, for a minute whose usual spend is
+        ``usual`` (:meth:`usual_at`): the day-to-day and within-hour movement the samples show
+        (1.4826 x MAD, the interquartile range / 1.349, a tenth of the usual), without the
+        call-count noise, which :func:`poisson_score` judges exactly."""
+        return max(spread(self.mad, usual), self.iqr / IQR_SCALE)
 
 
 @dataclass(slots=True)

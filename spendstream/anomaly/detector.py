@@ -12,7 +12,7 @@ Scoring a minute m looks at the windows of k = 1..``WINDOW_MINUTES`` minutes end
 
 - a window is *elevated* when S >= ``rule.ratio`` x U and one of two scores reaches
   ``rule.score``: the *spend score*, the smaller of the level score ``(S - U) / (sqrt(k) x
-  level spread)`` (:meth:`Baseline.level_spread_at`: 1.4826 x MAD, the day-to-day movement; a
+  level spread)`` (:meth:`Baseline.level_spread`: 1.4826 x MAD, the day-to-day movement; a
   k-minute sum spreads sqrt(k) x one minute) and the *count score*, the normal quantile of the
   exact Poisson tail of S / u calls of the unit u (:attr:`Baseline.call_unit`) where U / u are
   usual (:func:`poisson_score`), judged at ``POISSON_SHARE`` of ``rule.score``; or the
@@ -461,7 +461,7 @@ def windows(minutes: dict[int, Bucket], m: int, baseline: Baseline, earlier: Bas
             top, top_calls, top_open = cost, n, k == 1 and open_minute
         usual = b.usual_at(minute)
         expected += usual
-        variance += b.level_spread_at(minute) ** 2
+        variance += b.level_spread(usual) ** 2
         unit = b.call_unit
         if unit > 0:
             count += cost / unit

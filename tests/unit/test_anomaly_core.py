@@ -9,7 +9,15 @@ import random
 from statistics import NormalDist
 
 from spendstream.anomaly import Detector, MinuteSample, Rule, anomaly_alert_value, build_baseline
-from spendstream.anomaly.baseline import DAY_MS, HOUR_MS, MINUTE_MS, is_weekend, poisson_score, sample_days
+from spendstream.anomaly.baseline import (
+    DAY_MS,
+    HOUR_MS,
+    MINUTE_MS,
+    is_weekend,
+    minute_spread,
+    poisson_score,
+    sample_days,
+)
 from spendstream.anomaly.detector import anomaly_alert_id
 from spendstream.anomaly.store import baselines_from_rows
 from spendstream.settings import AnomalySettings
@@ -656,7 +664,8 @@ def test_a_sparse_agent_keeps_its_calls_in_the_baseline() -> None:
     b = baseline_for(sparse)
     assert b.median == 0 and b.mad == 0
     assert 0.2 < b.mean_calls < 0.4 and b.usual > 0.2 * CALL
-    assert b.minute_spread >= math.sqrt(b.usual * CALL * 0.8)  # at least a Poisson count's spread
+    # the first estimate's spread, which decides what is trimmed: at least a Poisson count's
+    assert minute_spread(b.mad, b.iqr, b.usual, b.per_call) >= math.sqrt(b.usual * CALL * 0.8)
 
 
 def test_an_hour_busy_in_its_second_half_is_usual_there() -> None:
