@@ -643,6 +643,10 @@ def traffic_level(s: Spike) -> float:
     return random.Random(hash(key)).uniform(0.8, 1.2)
 
 
+def p50(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 def p95(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)] if ordered else float("nan")
@@ -700,7 +704,7 @@ def render(out: Outcome) -> str:
         if group:
             d = [s.detected_wall - s.start_ms / 1000 for s in group if s.detected_wall is not None]
             by_kind.append(f"{kind} {sum(s.detected_wall is not None for s in group)}/{len(group)}"
-                           f" (delay p50 {statistics.median(d) if d else float('nan'):.0f} s)")  # fmt: skip
+                           f" (delay p50 {p50(d):.0f} s)")  # fmt: skip
     missed = [f"{s.agent.name} {s.kind} x{s.measured_ratio:.1f} usual ${s.usual_nanos / 1e9:.4f}/min"
               for s in recall_set if s.detected_wall is None]  # fmt: skip
     falses = [f"{(x.get('scope') or {}).get('project')}/{(x.get('scope') or {}).get('agent', '')} "
@@ -743,16 +747,16 @@ def render(out: Outcome) -> str:
         f"(= {false_rate:.0f} per 100){'' if agent_days >= MEANINGFUL_AGENT_DAYS else '; replay: ' + replay_rate} | "
         f"{verdict(false_rate <= 1) if agent_days >= MEANINGFUL_AGENT_DAYS else 'see the replay'} |",
         f"| delay spike start -> webhook, p95 | <= 120 s | {p95(delays):.0f} s (p50 "
-        f"{statistics.median(delays) if delays else float('nan'):.0f} s, max {max(delays, default=float('nan')):.0f} s) "
+        f"{p50(delays):.0f} s, max {max(delays, default=float('nan')):.0f} s) "
         f"| {verdict(p95(delays) <= 120)} |",
         "",
         f"- by kind (detected / in the recall set): {', '.join(by_kind)}; the alert named the injected kind for "
         f"{named} of {len(found)}",
         f"- the delay in two parts (p50 / p95): spike start -> the stage raised the alert (its `created_at`) "
-        f"{statistics.median(raised) if raised else float('nan'):.0f} / {p95(raised):.0f} s; raised -> received by "
-        f"the webhook {statistics.median(delivery) if delivery else float('nan'):.1f} / {p95(delivery):.1f} s; "
+        f"{p50(raised):.0f} / {p95(raised):.0f} s; raised -> received by "
+        f"the webhook {p50(delivery):.1f} / {p95(delivery):.1f} s; "
         f"from the spike's first spiked call sent to the webhook "
-        f"{statistics.median(after_first) if after_first else float('nan'):.0f} / {p95(after_first):.0f} s",
+        f"{p50(after_first):.0f} / {p95(after_first):.0f} s",
         f"- a spike's first event went out at most {max(send_lag, default=0):.1f} s after its start (calls are "
         "Poisson: a low-rate agent's first spiked call comes later; the delay is counted from the start)",
         f"- agent-days: {out.baseline_agents} agents with a baseline x {out.realtime_minutes:.1f} real-time minutes "
