@@ -30,9 +30,9 @@ Scoring a minute m looks at the windows of k = 1..``WINDOW_MINUTES`` minutes end
 - the open minute's spend only grows and every spend condition above only grows with it (the
   window without its largest minute included), so an early peek that alerts is an alert its
   close would also raise: the peek only makes it sooner. The per-call score can fall with more
-  ordinary calls, so a peek counts the open minute's calls so far plus twice its usual number
-  of calls (and one) at the usual cost, the most its remaining seconds bring but for a rare
-  Poisson draw;
+  ordinary calls, so a peek counts the open minute's calls so far plus twice the usual number
+  of calls of the time left before its close (and one) at the usual cost, the most those
+  seconds bring but for a rare Poisson draw;
 - one alert per *episode*: after it, the scope alerts again only once ``rearm_minutes`` closed
   minutes in a row had no elevated window ending with them. The alert id is a hash of the scope
   and the episode's start: the first of the run of closed minutes right before the alert minute
@@ -319,12 +319,16 @@ class Detector:
                 del self.tenants[tenant]
         return self._one_per_incident(out)
 
-    def peek(self, minute_ms: int, baseline_of: BaselineOf, rule_of: RuleOf) -> list[Anomaly]:
+    def peek(
+        self, minute_ms: int, baseline_of: BaselineOf, rule_of: RuleOf, *, remaining: float = 1.0
+    ) -> list[Anomaly]:
         """Score the open minute ``minute_ms`` (the one after the newest closed) early, for the
         scopes with new spend in it since the last peek: spend only grows while a minute is open
         and the rule only grows with it, so a window that alerts now alerts at the minute's close
         too; its closing then finds the episode open and alerts nothing twice. A minute that does
-        not alert yet is left for :meth:`close` (or the next peek, after more spend)."""
+        not alert yet is left for :meth:`close` (or the next peek, after more spend).
+        ``remaining``: the share of a minute still to come before its close
+        (:func:`remaining_share`), whose ordinary calls the per-call path projects."""
         minute_ms = minute_of(minute_ms)
         if minute_ms != self.closed_ms + MINUTE_MS:
             return []
@@ -340,7 +344,7 @@ class Detector:
                 if members is None:
                     members = members_of[tenant] = _members(self.tenants[tenant])
             found = self._score(tenant, key, series, minute_ms, baseline_of, rule_of(tenant), open_minute=True,
-                                members=members)  # fmt: skip
+                                members=members, remaining=remaining)  # fmt: skip
             if found is not None:
                 out.append(found)
         return self._one_per_incident(out)
@@ -358,8 +362,8 @@ class Detector:
         return out
 
     def _score(self, tenant: str, key: tuple[str, str], series: Series, m: int, baseline_of: BaselineOf,
-               rule: Rule, *, open_minute: bool = False,
-               members: dict[str, list[tuple[str, Series]]] | None = None) -> Anomaly | None:  # fmt: skip
+               rule: Rule, *, open_minute: bool = False, members: dict[str, list[tuple[str, Series]]] | None = None,
+               remaining: float = 1.0) -> Anomaly | None:  # fmt: skip
         project, agent = key
         baseline = baseline_of(tenant, project, agent, m) if OTHER not in key else None
         if baseline is None:
@@ -372,7 +376,7 @@ class Detector:
         unexplained = None
         if not agent and members:
             unexplained = unexplained_spend(tenant, project, members.get(project, ()), m, baseline_of)
-        elevated, hit = windows(series.minutes, m, baseline, earlier, rule, unexplained, open_minute)
+        elevated, hit = windows(series.minutes, m, baseline, earlier, rule, unexplained, open_minute, remaining)
         if series.episode is not None:
             if not open_minute:
                 if elevated:
@@ -426,15 +430,16 @@ def unexplained_spend(tenant: str, project: str, members: Iterable[tuple[str, Se
 
 def windows(minutes: dict[int, Bucket], m: int, baseline: Baseline, earlier: Baseline | None,
             rule: Rule, unexplained: dict[int, int] | None = None,
-            open_minute: bool = False) -> tuple[bool, Hit | None]:  # fmt: skip
+            open_minute: bool = False, remaining: float = 1.0) -> tuple[bool, Hit | None]:  # fmt: skip
     """Score the windows of 1..``WINDOW_MINUTES`` minutes ending with minute ``m`` (module
     docstring): whether any is elevated, and the alerting window with the highest score, if any.
     Each minute counts against its own hour's baseline: ``earlier`` is the previous hour's (a
     window does not reach into it without one). ``unexplained``: spend a minute to leave out
     (a project's new agents, :func:`unexplained_spend`). ``open_minute``: ``m`` is still open:
     the per-call path, whose mean can fall with more calls, counts it with its calls so far plus
-    twice its usual number of calls (and one) at the usual cost, the most its remaining seconds
-    bring but for a rare Poisson draw, so that what alerts early is what its close would raise."""
+    twice the usual number of calls of the ``remaining`` share of a minute still to come before
+    its close (and one) at the usual cost, the most those seconds bring but for a rare Poisson
+    draw, so that what alerts early is what its close would raise."""
     hour_start = m - m % HOUR_MS
     spent = top = calls = top_calls = 0
     expected = variance = count = usual_count = usual_calls = 0.0
@@ -469,7 +474,7 @@ def windows(minutes: dict[int, Bucket], m: int, baseline: Baseline, earlier: Bas
         per_call = b.per_call
         usual_calls += usual / per_call if per_call > 0 else 0.0
         if k == 1 and open_minute and per_call > 0:
-            phantom_calls = 2.0 * usual / per_call + 1.0
+            phantom_calls = 2.0 * usual * remaining / per_call + 1.0
             phantom_cost = phantom_calls * per_call
         call_cv = max(call_cv, b.call_cv)
         if spent <= expected or spent < rule.ratio * expected:
@@ -517,6 +522,13 @@ def windows(minutes: dict[int, Bucket], m: int, baseline: Baseline, earlier: Bas
         ):
             best = Hit(k, spent, call_score, False)
     return elevated, best
+
+
+def remaining_share(now_ms: int, grace_ms: int) -> float:
+    """The share of a minute still to come before the open minute (the one holding ``now_ms``)
+    closes, ``grace_ms`` after its end: its calls not counted yet (at most a minute's)."""
+    end = minute_of(now_ms) + MINUTE_MS + grace_ms
+    return min(1.0, max(0.0, (end - now_ms) / MINUTE_MS))
 
 
 def per_call_score(spent: float, calls: float, per_call: float, cv: float) -> float:

@@ -18,7 +18,7 @@ from spendstream.anomaly.baseline import (
     poisson_score,
     sample_days,
 )
-from spendstream.anomaly.detector import anomaly_alert_id
+from spendstream.anomaly.detector import anomaly_alert_id, remaining_share
 from spendstream.anomaly.store import baselines_from_rows
 from spendstream.settings import AnomalySettings
 
@@ -462,7 +462,8 @@ class Clock:
             found = []
             if due > self.detector.closed_ms:
                 found += self.detector.close(due, baseline_of, lambda t: self.rule)
-            found += self.detector.peek(minute_of(self.now), baseline_of, lambda t: self.rule)
+            remaining = remaining_share(self.now, GRACE_MS)  # as the stage's timer
+            found += self.detector.peek(minute_of(self.now), baseline_of, lambda t: self.rule, remaining=remaining)
             self.alerts += [(self.now, a) for a in found]
         self.pending = self.pending[i:]
 
@@ -618,7 +619,9 @@ def test_an_alert_raised_early_has_the_same_id_when_the_events_are_replayed() ->
             if ts < up_to:
                 replay.add("t1", "p1", "a1", "openai/gpt-4o", ts, cost, 1000, f"r{n}")
         found = replay.close(minute_of(up_to - GRACE_MS) - MINUTE_MS, baseline_of, lambda t: LOW_RULE)
-        found += replay.peek(minute_of(up_to), baseline_of, lambda t: LOW_RULE)
+        found += replay.peek(
+            minute_of(up_to), baseline_of, lambda t: LOW_RULE, remaining=remaining_share(up_to, GRACE_MS)
+        )
         assert [a.alert_id for a in found] == [first.alert_id], crash_after_s
         assert found[0].episode_start_ms == first.episode_start_ms
 
@@ -686,3 +689,11 @@ def test_a_project_baseline_is_at_least_its_agents_usual() -> None:
     project = with_members(old, [old, joined])
     assert project.usual == 4 * USUAL and project.median == old.median
     assert with_members(old, [old]).usual == old.usual
+
+
+def test_the_remaining_share_counts_down_to_the_close() -> None:
+    minute = T0 + 7 * MINUTE_MS
+    assert remaining_share(minute, GRACE_MS) == 1.0  # a whole minute (and the grace) to come
+    assert math.isclose(remaining_share(minute + 35_000, GRACE_MS), 0.5)  # 25 s + the 5 s grace
+    assert math.isclose(remaining_share(minute + MINUTE_MS - 1, GRACE_MS), 5_001 / MINUTE_MS)
+    assert math.isclose(remaining_share(minute + 30_000, 0), 0.5)
