@@ -58,7 +58,9 @@ clock, its last minutes are played in real time, and every delay below is wall t
    its minutes) is >= 5x the baseline's usual spend for those minutes and it ran >= 5 minutes;
    spikes on agents whose usual minute is under 1/8 of the floor are reported apart (10x, not in
    the set: whether and when they alert depends on when their excess reaches the tenant's dollar
-   floor; an alert on them is not a false one).
+   floor; an alert on them is not a false one), and so are spikes planned on an agent above it
+   that start in the next hour, where its usual minute is under it (a run that crosses an hour:
+   an office agent's last working hour before a quiet one; as the replay's recall set).
    It is detected by the first anomaly alert on its agent's scope that arrives after its start.
    Delay = arrival at the receiver (wall clock) - the spike's start (the event time of its first
    spiked events; they are sent within the next second). False alerts: alerts on a scope with no
@@ -478,6 +480,8 @@ class Outcome:
     realtime_events: int = 0
     realtime_minutes: float = 0.0
     baseline_agents: int = 0
+    #: the tenant's dollar floor (its rule's min_excess), nano-USD
+    floor_nanos: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -556,7 +560,7 @@ async def run(args: argparse.Namespace) -> Outcome:
                     # the baselines the stage scores with (its own loader, the same hours)
                     rt_start = cursor
                     rules = await asyncio.to_thread(load_rules, client)
-                    floor = rules[TENANT].min_excess_nanos
+                    floor = out.floor_nanos = rules[TENANT].min_excess_nanos
                     usual: dict[str, dict[int, float]] = {}
                     end_guess = rt_start + int((args.warmup_s + args.spread_s + 15) * 1000) + 8 * MINUTE_MS
                     for hour in range(rt_start - rt_start % HOUR_MS, end_guess, HOUR_MS):
@@ -672,9 +676,13 @@ def replay_false_alerts() -> str:
 
 def render(out: Outcome) -> str:
     a = out.args
-    # spikes on agents below the tenant's floor are what it asked not to hear about: reported, not in the set
+    # spikes on agents below the tenant's floor are what it asked not to hear about: reported, not in
+    # the set; so are those planned on an agent above it whose spike falls in the next hour, where its
+    # usual minute is below it (an office agent's last working hour before a quiet one)
+    floor_usual = out.floor_nanos / 8
     recall_set = [s for s in out.spikes if s.role in ("target", "small", "short") and s.measured_ratio >= 5
-                  and s.minutes >= 5]  # fmt: skip
+                  and s.minutes >= 5 and s.usual_nanos >= floor_usual]  # fmt: skip
+    moved_below = [s for s in out.spikes if s.role in ("target", "small", "short") and s.usual_nanos < floor_usual]
     send_lag = [s.first_sent_wall - s.start_ms / 1000 for s in out.spikes if s.first_sent_wall is not None]
     found = [s for s in recall_set if s.detected_wall is not None]
     delays = [s.detected_wall - s.start_ms / 1000 for s in found]
@@ -772,6 +780,12 @@ def render(out: Outcome) -> str:
             f"{s.kind} x{s.measured_ratio:.1f} "
             f"{s.agent.usual_calls(s.start_ms) * traffic_level(s):.1f}/min {s.detected_wall - s.start_ms / 1000:.0f} s"
             for s in slowest))  # fmt: skip
+    if moved_below:
+        lines.append(f"- not in the recall set: {len(moved_below)} planned spikes fell in an hour whose usual minute is "
+                     f"under floor/8 (${floor_usual / 1e9:.4f}) for their agent ("
+                     + "; ".join(f"{s.agent.name} {s.kind} usual ${s.usual_nanos / 1e9:.4f}/min, "
+                                 f"{'alerted' if s.detected_wall is not None else 'no alert'}" for s in moved_below[:10])
+                     + ")")  # fmt: skip
     if missed:
         lines.append(f"- missed: {'; '.join(missed[:10])}")
     if falses:
