@@ -55,7 +55,7 @@ import orjson
 
 from bench.stage_bench import machine, replace_section
 from spendstream.anomaly import Anomaly, Baseline, Detector, MinuteSample, Rule, build_baseline
-from spendstream.anomaly.baseline import DAY_MS, HOUR_MS, MINUTE_MS, sample_days, with_members
+from spendstream.anomaly.baseline import DAY_MS, HOUR_MS, MINUTE_MS, sample_days, seasonal_baseline, with_members
 from spendstream.anomaly.detector import remaining_share
 from spendstream.settings import AnomalySettings
 from spendstream.timeutil import TimestampParser, format_epoch_ms
@@ -287,7 +287,7 @@ def bench_replay(
     def baseline_row(row: int, hour: int) -> Baseline | None:
         key = (row, hour)
         if key not in baselines:
-            hours, seasonality = sample_days(hour, first_ms(row), settings.lookback_days, settings.short_history_days)
+            hours, _ = sample_days(hour, first_ms(row), settings.lookback_days, settings.short_history_days)
             samples = {}
             for h in hours:
                 i0 = (h - T0) // MINUTE_MS
@@ -295,8 +295,9 @@ def bench_replay(
                     if 0 <= i < total and calls[row, i]:
                         samples[T0 + i * MINUTE_MS] = MinuteSample(int(cost[row, i]), int(calls[row, i]),
                                                                    int(tokens[row, i]), {"m": int(cost[row, i])})  # fmt: skip
-            baselines[key] = build_baseline(samples, hours, seasonality, score=rule.score, ratio=rule.ratio,
-                                            min_samples=settings.min_history_minutes)  # fmt: skip
+            baselines[key] = seasonal_baseline(samples, hour, first_ms(row), lookback_days=settings.lookback_days,
+                                               short_days=settings.short_history_days, score=rule.score,
+                                               ratio=rule.ratio, min_samples=settings.min_history_minutes)  # fmt: skip
             if row >= agents and baselines[key] is not None:  # a project: as the stage's loader (store.py)
                 members = [baseline_row(a.index, hour) for a in fleet if a.project == row - agents]
                 baselines[key] = with_members(baselines[key], [b for b in members if b is not None])

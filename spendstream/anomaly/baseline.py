@@ -218,6 +218,36 @@ def build_baseline(
     )
 
 
+def seasonal_baseline(
+    minutes: dict[int, MinuteSample],
+    hour_start_ms: int,
+    first_seen_ms: int,
+    *,
+    lookback_days: int,
+    short_days: int,
+    score: float,
+    ratio: float,
+    min_samples: int,
+) -> Baseline | None:
+    """A scope's baseline for the hour starting at ``hour_start_ms``: its samples
+    (:func:`sample_days`) through :func:`build_baseline`. A young scope with fewer than
+    ``SAME_TYPE_MIN_DAYS`` days of the scored day's type takes every day, and when its days of
+    that type alone (one or two) show a higher usual minute, their baseline: an office agent that
+    started on a Saturday spends at weekdays' rate from its first Monday on, which its weekend
+    days would otherwise make read as 3-4x its usual until its third weekday. A lower usual from
+    them is not taken (a weekend hour against weekdays reads low: a missed spike, not a false
+    alert)."""
+    hours, seasonality = sample_days(hour_start_ms, first_seen_ms, lookback_days, short_days)
+    baseline = build_baseline(minutes, hours, seasonality, score=score, ratio=ratio, min_samples=min_samples)
+    if baseline is None or seasonality != "hour_of_day":
+        return baseline
+    same = [h for h in hours if is_weekend(h) == is_weekend(hour_start_ms)]
+    if not same or len(same) == len(hours):
+        return baseline
+    alone = build_baseline(minutes, same, seasonality, score=score, ratio=ratio, min_samples=1)
+    return alone if alone is not None and alone.usual > baseline.usual else baseline
+
+
 def call_cv_of(samples: Iterable[MinuteSample], per_call: float) -> float:
     """The robust spread of one call's cost over the usual cost per call, from minute sums: a
     minute of n calls has a mean cost per call that spreads 1/sqrt(n) times one call's, so

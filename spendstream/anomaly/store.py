@@ -24,8 +24,7 @@ from spendstream.anomaly.baseline import (
     HOUR_MS,
     Baseline,
     MinuteSample,
-    build_baseline,
-    sample_days,
+    seasonal_baseline,
     with_members,
 )
 from spendstream.anomaly.detector import Rule
@@ -173,10 +172,10 @@ def baselines_from_rows(
     defaults = default_rule(settings)
     out: Baselines = {}
     for key, first_ms in first.items():
-        hours, seasonality = sample_days(hour_start_ms, first_ms, settings.lookback_days, settings.short_history_days)
         rule = rules.get(key[0], defaults)
-        baseline = build_baseline(
-            minutes.get(key, {}), hours, seasonality, score=rule.score, ratio=rule.ratio,
+        baseline = seasonal_baseline(
+            minutes.get(key, {}), hour_start_ms, first_ms, lookback_days=settings.lookback_days,
+            short_days=settings.short_history_days, score=rule.score, ratio=rule.ratio,
             min_samples=settings.min_history_minutes,
         )  # fmt: skip
         if baseline is not None:

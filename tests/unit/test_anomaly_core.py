@@ -17,6 +17,7 @@ from spendstream.anomaly.baseline import (
     minute_spread,
     poisson_score,
     sample_days,
+    seasonal_baseline,
 )
 from spendstream.anomaly.detector import anomaly_alert_id, remaining_share
 from spendstream.anomaly.store import baselines_from_rows
@@ -113,6 +114,42 @@ def test_a_young_scope_compares_weekdays_with_weekdays_when_it_has_three() -> No
     samples = history(lambda d, i: (int(USUAL * level[d]), int(10 * level[d]), 1000), 5, saturday + 5 * DAY_MS)
     b = build_baseline(samples, hours, "hour_of_day", score=6, ratio=3, min_samples=180)
     assert b is not None and b.median == USUAL
+
+
+def test_a_young_scope_s_first_weekdays_are_its_usual_when_its_weekend_was_quieter() -> None:
+    """An office agent that started on a Saturday (weekends at a quarter of its weekday rate):
+    on Tuesday its three days are Sat, Sun and Mon, too few weekdays for weekdays only; Monday
+    alone is its usual (the three days' median is a weekend minute, and every weekday would read
+    as 4x it)."""
+    saturday = T0 + 2 * DAY_MS
+    assert is_weekend(saturday) and not is_weekend(saturday + 3 * DAY_MS)
+
+    def office(start: int):
+        def minute(d: int, i: int) -> tuple[int, int, int]:
+            level = 0.25 if is_weekend(start - d * DAY_MS) else 1.0
+            return int(USUAL * level), int(10 * level), 1000
+
+        return minute
+
+    def baseline(hour: int, first_seen: int):
+        return seasonal_baseline(history(office(hour), 7, hour), hour, first_seen, lookback_days=28, short_days=7,
+                                 score=6, ratio=3, min_samples=180)  # fmt: skip
+
+    tuesday = saturday + 3 * DAY_MS
+    hours, _ = sample_days(tuesday, saturday, 28, 7)
+    assert len(hours) == 3  # every day: only one weekday
+    mixed = build_baseline(history(office(tuesday), 7, tuesday), hours, "hour_of_day", score=6, ratio=3,
+                           min_samples=180)  # fmt: skip
+    assert mixed is not None and mixed.median == USUAL // 4
+    b = baseline(tuesday, saturday)
+    assert b is not None and b.median == USUAL and b.samples == 60
+    # a weekend hour of an agent that started on a Wednesday: its Saturday alone is lower than
+    # every day's; every day is kept (a weekend against weekdays reads low, never a false alert)
+    sunday = saturday + DAY_MS
+    b = baseline(sunday, sunday - 4 * DAY_MS)
+    assert b is not None and b.samples == 4 * 60 and b.median == USUAL
+    # too young for any baseline: still none
+    assert baseline(tuesday, tuesday - 2 * DAY_MS) is None
 
 
 def test_past_spikes_do_not_widen_the_baseline() -> None:
