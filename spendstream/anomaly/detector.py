@@ -64,8 +64,10 @@ from dataclasses import dataclass, field
 from spendstream.anomaly.baseline import HOUR_MS, MIN_CALL_CV, MINUTE_MS, Baseline, poisson_score
 
 WINDOW_MINUTES = 10
-#: the blip guard: a window without its largest minute must still be this multiple of its usual ...
-GUARD_RATIO = 2.0
+#: the blip guard: a window without its largest minute must still be this multiple of its usual
+#: (1.5: at 2x, spikes whose first minute had few of their calls waited for a third; the score below
+#: keeps a normal minute out) ...
+GUARD_RATIO = 1.5
 #: ... and reach this share of the rule's score (over its k - 1 minutes)
 GUARD_SCORE_SHARE = 0.5
 #: the count score (an exact Poisson tail's normal quantile) is judged at this share of the

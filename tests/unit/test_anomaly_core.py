@@ -624,7 +624,7 @@ def test_a_spike_starting_at_second_50_alerts_soon() -> None:
         clock.run_until(start + 5 * MINUTE_MS)
         ((at, a),) = clock.alerts
         # 10 s of the spike in its first minute, the next whole minute, then the window without
-        # that minute must show 2x: about 25 s into the third (with the calls' own noise)
+        # that minute must show 1.5x: about 25 s into the third (with the calls' own noise)
         assert (at - start) / 1000 <= 110, (seed, at - start)
         # the minute the spike started in has only 10 s of it: the episode starts with it or the next
         assert a.episode_start_ms in (T0 + 20 * MINUTE_MS, T0 + 21 * MINUTE_MS)
