@@ -101,7 +101,7 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 import httpx  # noqa: E402
 from notify_support import Receiver  # noqa: E402
 
-from spendstream.anomaly.baseline import DAY_MS, HOUR_MS, MINUTE_MS  # noqa: E402
+from spendstream.anomaly.baseline import DAY_MS, HOUR_MS, MINUTE_MS, Baseline  # noqa: E402
 from spendstream.anomaly.store import load_baselines, load_rules  # noqa: E402
 from spendstream.clickhouse import get_client  # noqa: E402
 from spendstream.devstack import Stack, local_settings  # noqa: E402
@@ -299,6 +299,9 @@ class Spike:
     role: str  # "target" | "small" | "short" | "sub_floor" | "noise"
     multiplier: float = 1.0  # calls x, tokens x, or the dear model's share (price_mix)
     usual_nanos: float = 0.0  # the stage's baseline: usual spend a minute
+    #: the usual of the spike's own minutes, as the detector compares each (``Baseline.usual_at``:
+    #: the minute's quarter of the hour when busier than the hour), a mean over them
+    minute_usual_nanos: float = 0.0
     sent_nanos: int = 0  # spend sent during the spike
     first_sent_wall: float | None = None
     detected_wall: float | None = None
@@ -450,6 +453,16 @@ def plan_spikes(agents: list[Agent], usual: dict[str, float], floor_nanos: int, 
     return spikes
 
 
+def minute_usual(bases: dict[int, Baseline], s: Spike) -> float:
+    """The mean usual of the spike's minutes as the detector has it (per minute, its hour's baseline)."""
+    values = []
+    for m in range(s.start_ms - s.start_ms % MINUTE_MS, s.end_ms, MINUTE_MS):
+        b = bases.get(m - m % HOUR_MS)
+        if b is not None:
+            values.append(b.usual_at(m))
+    return sum(values) / len(values) if values else 0.0
+
+
 def size_spike(s: Spike, usual_nanos: float, traffic: Traffic) -> None:
     """The multiplier that makes the spike's expected spend factor x the baseline's usual minute."""
     a = s.agent
@@ -562,12 +575,14 @@ async def run(args: argparse.Namespace) -> Outcome:
                     rules = await asyncio.to_thread(load_rules, client)
                     floor = out.floor_nanos = rules[TENANT].min_excess_nanos
                     usual: dict[str, dict[int, float]] = {}
+                    bases: dict[str, dict[int, Baseline]] = {}
                     end_guess = rt_start + int((args.warmup_s + args.spread_s + 15) * 1000) + 8 * MINUTE_MS
                     for hour in range(rt_start - rt_start % HOUR_MS, end_guess, HOUR_MS):
                         for (_, _, agent), b in (await asyncio.to_thread(
                             load_baselines, client, hour, settings.anomaly, rules)).items():  # fmt: skip
                             if agent:
                                 usual.setdefault(agent, {})[hour] = b.usual
+                                bases.setdefault(agent, {})[hour] = b
                     first_hour = rt_start - rt_start % HOUR_MS
                     usual_now = {a: v[first_hour] for a, v in usual.items() if first_hour in v}
                     out.baseline_agents = len(usual_now)
@@ -575,6 +590,7 @@ async def run(args: argparse.Namespace) -> Outcome:
                     for s in spikes:
                         hour = s.start_ms - s.start_ms % HOUR_MS
                         size_spike(s, usual.get(s.agent.name, {}).get(hour, usual_now.get(s.agent.name, 0.0)), traffic)
+                        s.minute_usual_nanos = minute_usual(bases.get(s.agent.name, {}), s)
                         traffic.add_spike(s)
                     out.spikes = spikes
                     rt_end = max(s.end_ms for s in spikes if s.role != "noise") + 15_000
@@ -674,6 +690,10 @@ def replay_false_alerts() -> str:
     return "not found in its section"
 
 
+def minute_ratio(s: Spike) -> float:
+    return s.sent_nanos / (s.minute_usual_nanos * s.minutes) if s.minute_usual_nanos else math.inf
+
+
 def render(out: Outcome) -> str:
     a = out.args
     # spikes on agents below the tenant's floor are what it asked not to hear about: reported, not in
@@ -713,7 +733,8 @@ def render(out: Outcome) -> str:
             d = [s.detected_wall - s.start_ms / 1000 for s in group if s.detected_wall is not None]
             by_kind.append(f"{kind} {sum(s.detected_wall is not None for s in group)}/{len(group)}"
                            f" (delay p50 {p50(d):.0f} s)")  # fmt: skip
-    missed = [f"{s.agent.name} {s.kind} x{s.measured_ratio:.1f} usual ${s.usual_nanos / 1e9:.4f}/min"
+    missed = [f"{s.agent.name} {s.kind} x{s.measured_ratio:.1f} usual ${s.usual_nanos / 1e9:.4f}/min "
+              f"(its minutes' usual ${s.minute_usual_nanos / 1e9:.4f}/min: x{minute_ratio(s):.1f})"
               for s in recall_set if s.detected_wall is None]  # fmt: skip
     falses = [f"{(x.get('scope') or {}).get('project')}/{(x.get('scope') or {}).get('agent', '')} "
               f"x{(x.get('anomaly') or {}).get('ratio', 0):.1f}" for x in out.false_alerts]  # fmt: skip
@@ -780,6 +801,13 @@ def render(out: Outcome) -> str:
             f"{s.kind} x{s.measured_ratio:.1f} "
             f"{s.agent.usual_calls(s.start_ms) * traffic_level(s):.1f}/min {s.detected_wall - s.start_ms / 1000:.0f} s"
             for s in slowest))  # fmt: skip
+    under_minutes = [s for s in recall_set if minute_ratio(s) < 5]
+    lines.append(f"- against the usual of their own minutes (the detector compares each minute with its quarter of "
+                 f"the hour when that is busier than the hour), {len(under_minutes)} of the {len(recall_set)} spikes "
+                 f"of the recall set measured under 5x"
+                 + (" (" + "; ".join(f"{s.agent.name} x{minute_ratio(s):.1f}, "
+                                     f"{'alerted' if s.detected_wall is not None else 'no alert'}"
+                                     for s in under_minutes[:10]) + ")" if under_minutes else ""))  # fmt: skip
     if moved_below:
         lines.append(f"- not in the recall set: {len(moved_below)} planned spikes fell in an hour whose usual minute is "
                      f"under floor/8 (${floor_usual / 1e9:.4f}) for their agent ("
