@@ -56,7 +56,6 @@ import orjson
 from bench.stage_bench import machine, replace_section
 from spendstream.anomaly import Anomaly, Baseline, Detector, MinuteSample, Rule, build_baseline
 from spendstream.anomaly.baseline import DAY_MS, HOUR_MS, MINUTE_MS, sample_days, seasonal_baseline, with_members
-from spendstream.anomaly.detector import remaining_share
 from spendstream.settings import AnomalySettings
 from spendstream.timeutil import TimestampParser, format_epoch_ms
 from stream_processors.anomaly.logic import add_record
@@ -372,9 +371,7 @@ def bench_replay(
             found = []
             if due > detector.closed_ms:
                 found += detector.close(due, baseline_of, lambda t: rule)
-            found += detector.peek(
-                now - now % MINUTE_MS, baseline_of, lambda t: rule, remaining=remaining_share(now, grace_ms)
-            )
+            found += detector.peek(now, baseline_of, lambda t: rule, grace_ms=grace_ms)
             alerts += [(x.project, x.agent, now, x) for x in found]
     cpu = time.process_time() - started
     # figures (the e2e run's definitions: bench_anomaly_e2e.score / render)

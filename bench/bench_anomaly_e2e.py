@@ -574,22 +574,21 @@ async def run(args: argparse.Namespace) -> Outcome:
                     rt_start = cursor
                     rules = await asyncio.to_thread(load_rules, client)
                     floor = out.floor_nanos = rules[TENANT].min_excess_nanos
-                    usual: dict[str, dict[int, float]] = {}
                     bases: dict[str, dict[int, Baseline]] = {}
                     end_guess = rt_start + int((args.warmup_s + args.spread_s + 15) * 1000) + 8 * MINUTE_MS
                     for hour in range(rt_start - rt_start % HOUR_MS, end_guess, HOUR_MS):
                         for (_, _, agent), b in (await asyncio.to_thread(
                             load_baselines, client, hour, settings.anomaly, rules)).items():  # fmt: skip
                             if agent:
-                                usual.setdefault(agent, {})[hour] = b.usual
                                 bases.setdefault(agent, {})[hour] = b
                     first_hour = rt_start - rt_start % HOUR_MS
-                    usual_now = {a: v[first_hour] for a, v in usual.items() if first_hour in v}
+                    usual_now = {a: v[first_hour].usual for a, v in bases.items() if first_hour in v}
                     out.baseline_agents = len(usual_now)
                     spikes = plan_spikes(agents, usual_now, floor, rt_start, args, rng)
                     for s in spikes:
                         hour = s.start_ms - s.start_ms % HOUR_MS
-                        size_spike(s, usual.get(s.agent.name, {}).get(hour, usual_now.get(s.agent.name, 0.0)), traffic)
+                        b = bases.get(s.agent.name, {}).get(hour)
+                        size_spike(s, b.usual if b is not None else usual_now.get(s.agent.name, 0.0), traffic)
                         s.minute_usual_nanos = minute_usual(bases.get(s.agent.name, {}), s)
                         traffic.add_spike(s)
                     out.spikes = spikes

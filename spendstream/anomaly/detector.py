@@ -321,17 +321,16 @@ class Detector:
                 del self.tenants[tenant]
         return self._one_per_incident(out)
 
-    def peek(
-        self, minute_ms: int, baseline_of: BaselineOf, rule_of: RuleOf, *, remaining: float = 1.0
-    ) -> list[Anomaly]:
-        """Score the open minute ``minute_ms`` (the one after the newest closed) early, for the
+    def peek(self, now_ms: int, baseline_of: BaselineOf, rule_of: RuleOf, *, grace_ms: int = 0) -> list[Anomaly]:
+        """Score the open minute (the one holding ``now_ms``, after the newest closed) early, for the
         scopes with new spend in it since the last peek: spend only grows while a minute is open
         and the rule only grows with it, so a window that alerts now alerts at the minute's close
         too; its closing then finds the episode open and alerts nothing twice. A minute that does
-        not alert yet is left for :meth:`close` (or the next peek, after more spend).
-        ``remaining``: the share of a minute still to come before its close
-        (:func:`remaining_share`), whose ordinary calls the per-call path projects."""
-        minute_ms = minute_of(minute_ms)
+        not alert yet is left for :meth:`close` (or the next peek, after more spend). The per-call
+        path projects the ordinary calls of the time left before the minute closes, ``grace_ms``
+        after its end (:func:`remaining_share`)."""
+        minute_ms = minute_of(now_ms)
+        remaining = remaining_share(now_ms, grace_ms)
         if minute_ms != self.closed_ms + MINUTE_MS:
             return []
         out: list[Anomaly] = []

@@ -44,7 +44,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from spendstream.anomaly import Anomaly, Baseline, Detector, Rule, anomaly_alert_value
 from spendstream.anomaly.baseline import HOUR_MS, MINUTE_MS
-from spendstream.anomaly.detector import WINDOW_MINUTES, minute_of, remaining_share
+from spendstream.anomaly.detector import WINDOW_MINUTES, minute_of
 from spendstream.anomaly.store import Baselines, default_rule, load_baselines, load_episodes, load_rules
 from spendstream.budgets.store import insert_alerts
 from spendstream.clickhouse import get_client
@@ -264,8 +264,7 @@ def register(app: faust.App, settings: Settings) -> None:
             if due > detector.closed_ms:
                 found += detector.close(due, ctx.baseline_of, ctx.rule_of)
                 SCORE_SECONDS.observe(time.perf_counter() - started)
-            remaining = remaining_share(now_ms, int(a.grace_s * 1000))
-            found += detector.peek(minute_of(now_ms), ctx.baseline_of, ctx.rule_of, remaining=remaining)
+            found += detector.peek(now_ms, ctx.baseline_of, ctx.rule_of, grace_ms=int(a.grace_s * 1000))
             await emit(found)
             SERIES.set(detector.series_count)
             DROPPED_SERIES.set(detector.dropped_series)

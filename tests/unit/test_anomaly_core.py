@@ -499,8 +499,7 @@ class Clock:
             found = []
             if due > self.detector.closed_ms:
                 found += self.detector.close(due, baseline_of, lambda t: self.rule)
-            remaining = remaining_share(self.now, GRACE_MS)  # as the stage's timer
-            found += self.detector.peek(minute_of(self.now), baseline_of, lambda t: self.rule, remaining=remaining)
+            found += self.detector.peek(self.now, baseline_of, lambda t: self.rule, grace_ms=GRACE_MS)  # as the stage
             self.alerts += [(self.now, a) for a in found]
         self.pending = self.pending[i:]
 
@@ -656,9 +655,7 @@ def test_an_alert_raised_early_has_the_same_id_when_the_events_are_replayed() ->
             if ts < up_to:
                 replay.add("t1", "p1", "a1", "openai/gpt-4o", ts, cost, 1000, f"r{n}")
         found = replay.close(minute_of(up_to - GRACE_MS) - MINUTE_MS, baseline_of, lambda t: LOW_RULE)
-        found += replay.peek(
-            minute_of(up_to), baseline_of, lambda t: LOW_RULE, remaining=remaining_share(up_to, GRACE_MS)
-        )
+        found += replay.peek(up_to, baseline_of, lambda t: LOW_RULE, grace_ms=GRACE_MS)
         assert [a.alert_id for a in found] == [first.alert_id], crash_after_s
         assert found[0].episode_start_ms == first.episode_start_ms
 
