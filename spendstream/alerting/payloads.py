@@ -170,7 +170,7 @@ def _summary(alert: Alert) -> str:
         return (
             f"Spend anomaly in {_scope_text(f.get('scope'))}: spending {times} the usual since "
             f"{a.get('episode_start')} ({a.get('spike_type', '?')} spike); {human_usd(f.get('spent_usd'))} USD in "
-            f"10 minutes, usually {limit} USD"
+            f"{a.get('window_minutes') or 10} minutes, usually {limit} USD"
         )
     if alert.kind == "reconciliation":
         return (

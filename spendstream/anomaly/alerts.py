@@ -3,8 +3,9 @@
 The value keeps the budget alert fields (contracts.py, "budget alerts") so the notify stage, the
 channels and the alert history take it unchanged, read as:
 - ``budget_id`` "anomaly", ``budget_name`` "Spend anomaly: <project>[/<agent>]", ``scope`` the
-  project (and agent), ``window`` "rolling_10m", ``window_start``/``window_end`` the 10 minutes;
-- ``spent_*`` the window's spend, ``limit_*`` its usual spend (10 usual minutes for that hour),
+  project (and agent), ``window`` "rolling_10m", ``window_start``/``window_end`` the 10 minutes
+  (fewer, ``anomaly.window_minutes``, when the stage has counted the stream for less than 10 minutes);
+- ``spent_*`` the window's spend, ``limit_*`` its usual spend (as many usual minutes for that hour),
   ``percent_used`` the ratio in percent; ``threshold`` and ``projected_*`` null;
 - ``top`` the models by share of the excess, ``event_id`` an example event of the episode;
 plus ``anomaly``: the explanation (see :func:`details`).
@@ -15,6 +16,7 @@ from __future__ import annotations
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
+from spendstream.anomaly.baseline import MINUTE_MS
 from spendstream.anomaly.detector import Anomaly
 from spendstream.contracts import SCHEMA_VERSION, nanos_to_usd_str
 from spendstream.timeutil import format_epoch_ms
@@ -43,6 +45,7 @@ def details(a: Anomaly) -> dict[str, Any]:
         "project": a.project,
         "agent": a.agent or None,
         "episode_start": format_epoch_ms(a.episode_start_ms),
+        "window_minutes": (a.window_end_ms - a.window_start_ms) // MINUTE_MS,
         "window_usd": nanos_to_usd_str(a.window_nanos),
         "usual_usd": nanos_to_usd_str(a.usual_window_nanos),
         "excess_usd": nanos_to_usd_str(a.excess_nanos),

@@ -228,6 +228,9 @@ class Detector:
         self.dropped_series = 0
         #: newest minute closed
         self.closed_ms = 0
+        #: oldest minute counted (0: none yet): an alert's window starts no earlier, so a stage started
+        #: on a stream without the minutes before it does not show them as spend-free minutes
+        self.since_ms = 0
         #: minute not closed yet -> the scopes with new spend in it since the last peek (what
         #: ``peek`` scores)
         self._dirty: dict[int, set[tuple[str, tuple[str, str]]]] = {}
@@ -258,6 +261,8 @@ class Detector:
             bucket.add(model, cost_nanos, tokens, event_id)
             if minute > series.last_spend_ms:
                 series.last_spend_ms = minute
+        if not self.since_ms or minute < self.since_ms:
+            self.since_ms = minute
         return True
 
     def _series(self, scopes: dict[tuple[str, str], Series], key: tuple[str, str], minute: int) -> Series | None:
@@ -389,7 +394,7 @@ class Detector:
             return None
         start = episode_start(series.minutes, m, baseline.usual)
         series.episode = Episode(start, anomaly_alert_id(tenant, project, agent, start))
-        return explain(tenant, project, agent, series, m, baseline, start, hit)
+        return explain(tenant, project, agent, series, m, baseline, start, hit, since_ms=self.since_ms)
 
     def _quiet(self, series: Series) -> None:
         assert series.episode is not None
@@ -559,11 +564,13 @@ def episode_start(minutes: dict[int, Bucket], m: int, usual: float) -> int:
 
 
 def explain(tenant: str, project: str, agent: str, series: Series, m: int, baseline: Baseline, start: int,
-            hit: Hit) -> Anomaly:  # fmt: skip
+            hit: Hit, *, since_ms: int = 0) -> Anomaly:  # fmt: skip
     """The alert's figures: the 10-minute window against the usual, the window that alerted, and
-    the episode's minutes decomposed into calls x tokens per call x cost per token, and by model."""
+    the episode's minutes decomposed into calls x tokens per call x cost per token, and by model.
+    The window starts no earlier than ``since_ms``, the oldest minute the detector has counted:
+    minutes before it were not seen, not spend-free."""
     score, extreme = hit.score, hit.extreme
-    window_start = m - (WINDOW_MINUTES - 1) * MINUTE_MS
+    window_start = max(m - (WINDOW_MINUTES - 1) * MINUTE_MS, min(since_ms, start))
     window = sum(b.cost for k, b in series.minutes.items() if window_start <= k <= m)
     usual = baseline.usual
     episode = [b for k, b in sorted(series.minutes.items()) if start <= k <= m]
@@ -612,7 +619,7 @@ def explain(tenant: str, project: str, agent: str, series: Series, m: int, basel
     examples: list[str] = []
     for b in reversed(episode):
         examples.extend(e for e in b.examples if len(examples) < MAX_EXAMPLES)
-    usual_window = round(usual * WINDOW_MINUTES)
+    usual_window = round(usual * ((m - window_start) // MINUTE_MS + 1))
     last = series.minutes.get(m)
     return Anomaly(
         tenant=tenant, project=project, agent=agent, alert_id=anomaly_alert_id(tenant, project, agent, start),

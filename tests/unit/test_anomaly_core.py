@@ -192,8 +192,23 @@ def test_a_20x_runaway_alerts_once_at_once_with_a_volume_explanation() -> None:
     value = anomaly_alert_value(a, ("wh1",), T0 + 21 * MINUTE_MS)
     assert value["kind"] == "anomaly" and value["scope"] == {"project": "p1", "agent": "a1"}
     assert value["spent_usd"] == "0.290000000" and value["limit_usd"] == "0.100000000"
+    assert value["anomaly"]["window_minutes"] == 10
     assert value["anomaly"]["spike_type"] == "volume" and value["anomaly"]["models"][0]["excess_usd"] == "0.190000000"
     assert value["channels"] == ["wh1"] and value["event_id"] == a.event_ids[0]
+
+
+def test_a_runaway_right_after_the_stage_starts_is_told_over_the_minutes_it_has_seen() -> None:
+    # the stage starts on a stream without the minutes before it: those are not spend-free minutes,
+    # so the alert's window is the 2 minutes it has counted, not 10 with 8 of them at $0
+    feed = Feed(baseline_for())
+    feed.usual(0)
+    assert feed.minute(1, 200, 1000, USUAL // 10)
+    (a,) = feed.alerts
+    assert a.window_start_ms == T0 and a.window_end_ms == T0 + 2 * MINUTE_MS
+    assert a.window_nanos == 21 * USUAL and a.usual_window_nanos == 2 * USUAL and math.isclose(a.ratio, 10.5)
+    value = anomaly_alert_value(a, (), T0 + 2 * MINUTE_MS)
+    assert value["anomaly"]["window_minutes"] == 2
+    assert value["spent_usd"] == "0.210000000" and value["limit_usd"] == "0.020000000"
 
 
 def test_a_size_spike_is_told_from_a_volume_spike() -> None:
