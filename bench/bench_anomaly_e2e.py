@@ -111,6 +111,8 @@ from spendstream.timeutil import TimestampParser, format_epoch_ms  # noqa: E402
 from stream_processors.stages import STAGES  # noqa: E402
 
 SECTION = "Anomaly detection"
+#: the agent's usual calls a minute: the recall and delay of each band (low rates are slow for any detector)
+RATE_BANDS = ((0.0, 2.0), (2.0, 5.0), (5.0, math.inf))
 TENANT = "dev"  # the bootstrap admin key's tenant
 COMPONENTS = ("kafka", "clickhouse", "query-api", "gateway", "pricing", "sink", "anomaly", "notify")
 #: (main model, dearer model) pairs; a price_mix spike moves a share of the calls to the dearer one
@@ -732,6 +734,14 @@ def render(out: Outcome) -> str:
             d = [s.detected_wall - s.start_ms / 1000 for s in group if s.detected_wall is not None]
             by_kind.append(f"{kind} {sum(s.detected_wall is not None for s in group)}/{len(group)}"
                            f" (delay p50 {p50(d):.0f} s)")  # fmt: skip
+    by_rate = []
+    for lo_rate, hi_rate in RATE_BANDS:
+        group = [s for s in recall_set if lo_rate <= s.agent.usual_calls(s.start_ms) * traffic_level(s) < hi_rate]
+        if group:
+            d = [s.detected_wall - s.start_ms / 1000 for s in group if s.detected_wall is not None]
+            label = f">= {lo_rate:g}" if hi_rate == math.inf else f"{lo_rate:g}-{hi_rate:g}"
+            delay = f", delay p50 {p50(d):.0f} s, p95 {p95(d):.0f} s" if d else ""
+            by_rate.append(f"{label} calls/min: found {len(d)} of {len(group)}{delay}")
     missed = [f"{s.agent.name} {s.kind} x{s.measured_ratio:.1f} usual ${s.usual_nanos / 1e9:.4f}/min "
               f"(its minutes' usual ${s.minute_usual_nanos / 1e9:.4f}/min: x{minute_ratio(s):.1f})"
               for s in recall_set if s.detected_wall is None]  # fmt: skip
@@ -780,6 +790,8 @@ def render(out: Outcome) -> str:
         "",
         f"- by kind (detected / in the recall set): {', '.join(by_kind)}; the alert named the injected kind for "
         f"{named} of {len(found)}",
+        f"- by the agent's usual calls a minute at the spike's start: {'; '.join(by_rate)} (the fastest any "
+        "detector can be on a low-rate agent's spike: `python -m bench.bench_anomaly oracle`)",
         f"- the delay in two parts (p50 / p95): spike start -> the stage raised the alert (its `created_at`) "
         f"{p50(raised):.0f} / {p95(raised):.0f} s; raised -> received by "
         f"the webhook {p50(delivery):.1f} / {p95(delivery):.1f} s; "
