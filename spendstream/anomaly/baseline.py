@@ -146,10 +146,16 @@ def sample_days(hour_start_ms: int, first_seen_ms: int, lookback_days: int, shor
     if seasonality == "hour_of_day":
         # days of the same type only (Monday-Friday or Saturday-Sunday, UTC) when there are
         # ``SAME_TYPE_MIN_DAYS`` of them: a young scope's few days may be mostly a weekend
-        same = [s for s in starts if is_weekend(s) == is_weekend(hour_start_ms)]
+        same = same_day_type(starts, hour_start_ms)
         if len(same) >= SAME_TYPE_MIN_DAYS:
             starts = same
     return starts, seasonality
+
+
+def same_day_type(starts: Iterable[int], hour_start_ms: int) -> list[int]:
+    """The ``starts`` on the same type of day as ``hour_start_ms``: Monday-Friday or Saturday-Sunday (UTC)."""
+    weekend = is_weekend(hour_start_ms)
+    return [s for s in starts if is_weekend(s) == weekend]
 
 
 def is_weekend(ms: int) -> bool:
@@ -241,7 +247,7 @@ def seasonal_baseline(
     baseline = build_baseline(minutes, hours, seasonality, score=score, ratio=ratio, min_samples=min_samples)
     if baseline is None or seasonality != "hour_of_day":
         return baseline
-    same = [h for h in hours if is_weekend(h) == is_weekend(hour_start_ms)]
+    same = same_day_type(hours, hour_start_ms)
     if not same or len(same) == len(hours):
         return baseline
     alone = build_baseline(minutes, same, seasonality, score=score, ratio=ratio, min_samples=1)
