@@ -62,6 +62,7 @@ import orjson
 from bench.stage_bench import machine, replace_section
 from spendstream.anomaly import Anomaly, Baseline, Detector, MinuteSample, Rule, build_baseline
 from spendstream.anomaly.baseline import DAY_MS, HOUR_MS, MINUTE_MS, sample_days, seasonal_baseline, with_members
+from spendstream.anomaly.detector import POISSON_SHARE
 from spendstream.settings import AnomalySettings
 from spendstream.timeutil import TimestampParser, format_epoch_ms
 from stream_processors.anomaly.logic import add_record
@@ -518,7 +519,9 @@ def poisson_tail(count: int, mean: float) -> float:
 #: the oracle's rates (calls a minute), spike sizes and false-alarm levels (a window's Poisson tail)
 ORACLE_RATES = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
 ORACLE_SIZES = (5.0, 8.0)
-ORACLE_ALPHAS = (1e-4, 1e-5, 2.87e-7)
+#: the stage's count-score line: the normal tail at POISSON_SHARE x the default rule's score (5: 2.87e-7)
+STAGE_ALPHA = 0.5 * math.erfc(POISSON_SHARE * Rule().score / math.sqrt(2))
+ORACLE_ALPHAS = (1e-4, 1e-5, STAGE_ALPHA)
 
 
 def bench_oracle(spikes: int, seed: int) -> str:
@@ -549,7 +552,7 @@ def bench_oracle(spikes: int, seed: int) -> str:
     head = " | ".join(f"alpha {a:.3g}: p50 / p95, found by 120 s" for a in ORACLE_ALPHAS)
     return (
         f"{spikes} volume spikes per row (Poisson calls at x the rate from a known start; "
-        f"alpha 2.87e-07 is the stage's count-score line, a normal score of 5)\n\n"
+        f"alpha {STAGE_ALPHA:.3g} is the stage's count-score line, a normal score of {POISSON_SHARE * Rule().score:g})\n\n"
         f"| calls a minute | spike | {head} |\n|---|---|"
         + "---|" * len(ORACLE_ALPHAS)
         + "\n"

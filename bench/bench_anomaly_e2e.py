@@ -664,6 +664,11 @@ def traffic_level(s: Spike) -> float:
     return random.Random(hash(key)).uniform(0.8, 1.2)
 
 
+def calls_a_minute(s: Spike) -> float:
+    """The agent's usual calls a minute at the spike's start, at that day's level."""
+    return s.agent.usual_calls(s.start_ms) * traffic_level(s)
+
+
 def p50(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -736,7 +741,7 @@ def render(out: Outcome) -> str:
                            f" (delay p50 {p50(d):.0f} s)")  # fmt: skip
     by_rate = []
     for lo_rate, hi_rate in RATE_BANDS:
-        group = [s for s in recall_set if lo_rate <= s.agent.usual_calls(s.start_ms) * traffic_level(s) < hi_rate]
+        group = [s for s in recall_set if lo_rate <= calls_a_minute(s) < hi_rate]
         if group:
             d = [s.detected_wall - s.start_ms / 1000 for s in group if s.detected_wall is not None]
             label = f">= {lo_rate:g}" if hi_rate == math.inf else f"{lo_rate:g}-{hi_rate:g}"
@@ -810,7 +815,7 @@ def render(out: Outcome) -> str:
     if slowest:
         lines.append("- slowest detections (kind, measured x usual, the agent's usual calls a minute then, delay): " + "; ".join(
             f"{s.kind} x{s.measured_ratio:.1f} "
-            f"{s.agent.usual_calls(s.start_ms) * traffic_level(s):.1f}/min {s.detected_wall - s.start_ms / 1000:.0f} s"
+            f"{calls_a_minute(s):.1f}/min {s.detected_wall - s.start_ms / 1000:.0f} s"
             for s in slowest))  # fmt: skip
     under_minutes = [s for s in recall_set if minute_ratio(s) < 5]
     lines.append(f"- against the usual of their own minutes (the detector compares each minute with its quarter of "

@@ -570,7 +570,7 @@ def explain(tenant: str, project: str, agent: str, series: Series, m: int, basel
     The window starts no earlier than ``since_ms``, the oldest minute the detector has counted:
     minutes before it were not seen, not spend-free."""
     score, extreme = hit.score, hit.extreme
-    window_start = max(m - (WINDOW_MINUTES - 1) * MINUTE_MS, min(since_ms, start))
+    window_start = max(m - (WINDOW_MINUTES - 1) * MINUTE_MS, since_ms)
     window = sum(b.cost for k, b in series.minutes.items() if window_start <= k <= m)
     usual = baseline.usual
     episode = [b for k, b in sorted(series.minutes.items()) if start <= k <= m]
